@@ -1,0 +1,9 @@
+//! CUDA paths (feature `cuda`): the same operations as the CPU side, on cudarc buffers,
+//! launched on [`Gpu::stream`](tritter_kernels_cuda::Gpu::stream). Every kernel here is
+//! checked bit-exact (integer results) against the CPU reference by the crate's GPU tests.
+
+mod act_quant;
+
+pub use act_quant::{
+    absmax_quantize_rows_cuda, absmax_quantize_rows_into, DeviceActivation, QuantizedActivationsGpu,
+};

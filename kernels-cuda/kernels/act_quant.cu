@@ -1,0 +1,153 @@
+// Per-token absmax int8 activation quantization (BitNet b1.58 "A8"), DESIGN.md section 4.
+//
+//   x      [M, K]  f32 | bf16 | f16, row-major, row stride K
+//   codes  [M, K]  int8    q = clamp(round(x * s), -128, 127)   (round half away from zero)
+//   scales [M]     f32     s = 127 / max(max_k |x[m, k]|, 1e-5)
+//   nonfinite_rows [1] u32 incremented once per row holding NaN or +-Inf; that row's scale is
+//                          written as NaN so it can never be used silently.
+//
+// Algorithm: one CTA of 256 threads per row (token). The row is read with 16-byte vector
+// loads; rows of up to 256 x 4 vectors (K <= 8192 for bf16/f16, 4096 for f32) stay in
+// registers, all four loads of a thread in flight before the first use, so each element is
+// read from HBM once. max|x| is reduced with warp shuffles, then across the 8 warps through
+// shared memory. Codes are x * s rounded with roundf (identical to Rust's f32::round, so
+// the CPU reference is bit-exact), VEC int8 codes stored per thread at once. Longer rows
+// re-read the row for the second pass (L1/L2 resident); the scalar path handles K not a
+// multiple of the vector width and unaligned pointers.
+// Division and multiply are IEEE (no --use_fast_math), so codes and scales match the CPU
+// reference exactly.
+//
+// Bound: memory. Traffic = M*K*(sizeof(T) + 1) + 4*M bytes from/to HBM; the second read
+// hits cache. Grid = M CTAs, so decode-size M (1..8) is latency bound; the ternary GEMV
+// fuses this step for that case.
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRegVecs = 4;  // 16-byte vectors per thread kept in registers
+constexpr float kQMax = 127.0f;
+constexpr float kEps = 1e-5f;
+
+template <typename T> struct Vec16;
+template <> struct Vec16<float> { static constexpr int N = 4; };
+template <> struct Vec16<__nv_bfloat16> { static constexpr int N = 8; };
+template <> struct Vec16<__half> { static constexpr int N = 8; };
+
+__device__ __forceinline__ int8_t quantize_one(float v, float s) {
+    float q = roundf(__fmul_rn(v, s));
+    q = fminf(fmaxf(q, -128.0f), 127.0f);
+    return static_cast<int8_t>(q);
+}
+
+template <typename T>
+__device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* __restrict__ codes,
+                                              float* __restrict__ scales,
+                                              unsigned* __restrict__ nonfinite_rows, int rows,
+                                              int cols) {
+    __shared__ float scratch_f[32];
+    __shared__ unsigned scratch_u[32];
+    constexpr int VEC = Vec16<T>::N;
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const T* xr = x + static_cast<size_t>(row) * cols;
+    int8_t* qr = codes + static_cast<size_t>(row) * cols;
+
+    // Vector path needs 16-byte aligned input rows and VEC-byte aligned output rows.
+    const bool vec_ok = (cols % VEC == 0) && ((reinterpret_cast<uintptr_t>(x) & 15) == 0) &&
+                        ((reinterpret_cast<uintptr_t>(codes) & (VEC - 1)) == 0);
+
+    float amax = 0.0f;
+    unsigned bad = 0;  // set when any |x| is NaN or Inf: !(a <= FLT_MAX) catches both
+    auto absorb = [&](float v) {
+        const float a = fabsf(v);
+        amax = fmaxf(amax, a);
+        bad |= !(a <= 3.402823466e38f);
+    };
+    const int nvec = cols / VEC;
+    const uint4* xv = reinterpret_cast<const uint4*>(xr);
+    // Rows up to kThreads * kRegVecs vectors (8192 bf16/f16, 4096 f32) are held in registers:
+    // one HBM read per element, all loads of a thread in flight at once.
+    const bool in_regs = vec_ok && nvec <= kThreads * kRegVecs;
+    uint4 held[kRegVecs];
+
+    if (in_regs) {
+#pragma unroll
+        for (int it = 0; it < kRegVecs; ++it) {
+            const int i = threadIdx.x + it * kThreads;
+            if (i < nvec) held[it] = xv[i];
+        }
+#pragma unroll
+        for (int it = 0; it < kRegVecs; ++it) {
+            if (threadIdx.x + it * kThreads < nvec) {
+                const T* e = reinterpret_cast<const T*>(&held[it]);
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) absorb(tritter::to_float(e[j]));
+            }
+        }
+    } else if (vec_ok) {
+        for (int i = threadIdx.x; i < nvec; i += kThreads) {
+            uint4 raw = xv[i];
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) absorb(tritter::to_float(e[j]));
+        }
+    } else {
+        for (int i = threadIdx.x; i < cols; i += kThreads) absorb(tritter::to_float(xr[i]));
+    }
+    amax = tritter::block_max(amax, scratch_f);
+    bad = tritter::block_or(bad, scratch_u);
+
+    if (bad) {
+        if (threadIdx.x == 0) {
+            scales[row] = __int_as_float(0x7fc00000);  // NaN: this row must not be used
+            atomicAdd(nonfinite_rows, 1u);
+        }
+        for (int i = threadIdx.x; i < cols; i += kThreads) qr[i] = 0;
+        return;
+    }
+    const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
+    if (threadIdx.x == 0) scales[row] = s;
+
+    // Quantizes one 16-byte vector of inputs and stores its VEC codes with one store.
+    auto store_vec = [&](const uint4& raw, int i) {
+        const T* e = reinterpret_cast<const T*>(&raw);
+        union {
+            int8_t q[VEC];
+            uint32_t w[VEC / 4];
+        } out;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out.q[j] = quantize_one(tritter::to_float(e[j]), s);
+        if constexpr (VEC == 8) {
+            reinterpret_cast<uint2*>(qr)[i] = make_uint2(out.w[0], out.w[1]);
+        } else {
+            reinterpret_cast<uint32_t*>(qr)[i] = out.w[0];
+        }
+    };
+    if (in_regs) {
+#pragma unroll
+        for (int it = 0; it < kRegVecs; ++it) {
+            const int i = threadIdx.x + it * kThreads;
+            if (i < nvec) store_vec(held[it], i);
+        }
+    } else if (vec_ok) {
+        // Second read of the row: L1/L2 resident right after pass 1.
+        for (int i = threadIdx.x; i < nvec; i += kThreads) store_vec(xv[i], i);
+    } else {
+        for (int i = threadIdx.x; i < cols; i += kThreads) qr[i] = quantize_one(tritter::to_float(xr[i]), s);
+    }
+}
+
+}  // namespace
+
+#define ACT_QUANT_ENTRY(NAME, T)                                                              \
+    extern "C" __global__ void __launch_bounds__(kThreads)                                    \
+        NAME(const T* __restrict__ x, int8_t* __restrict__ codes, float* __restrict__ scales, \
+             unsigned* __restrict__ nonfinite_rows, int rows, int cols) {                     \
+        act_quant_row<T>(x, codes, scales, nonfinite_rows, rows, cols);                       \
+    }
+
+ACT_QUANT_ENTRY(act_quant_f32, float)
+ACT_QUANT_ENTRY(act_quant_bf16, __nv_bfloat16)
+ACT_QUANT_ENTRY(act_quant_f16, __half)

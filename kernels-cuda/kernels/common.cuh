@@ -1,0 +1,59 @@
+// Shared device helpers for every Tritter kernel: element conversions, warp and block
+// reductions. Header-only; each .cu that includes it compiles it into its own module.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace tritter {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// Max over the 32 lanes of a warp; every lane gets the result.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    }
+    return v;
+}
+
+__device__ __forceinline__ unsigned warp_or(unsigned v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        v |= __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// Max over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets
+// the result. `scratch` needs 32 floats of shared memory; one __syncthreads pair.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0f;
+    v = warp_max(v);
+    __syncthreads();  // scratch may be reused by the caller right after
+    return v;
+}
+
+__device__ __forceinline__ unsigned block_or(unsigned v, unsigned* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    v = warp_or(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0u;
+    v = warp_or(v);
+    __syncthreads();
+    return v;
+}
+
+}  // namespace tritter

@@ -1,0 +1,90 @@
+//! CUDA-event timing for criterion benches.
+//!
+//! Device work is asynchronous, so host clocks around a launch measure the launch, not the
+//! kernel. These helpers record events on the stream around a batch of launches and read
+//! the elapsed device time. Inputs are rotated among several buffer sets so that repeated
+//! launches stream from HBM rather than from the 50 MB L2 of an H100.
+
+use std::time::Duration;
+
+use cudarc::driver::sys::CUevent_flags;
+use tritter_kernels_cuda::{Gpu, KernelError};
+
+/// Per-launch device time statistics over the timed samples, milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Median per-launch time.
+    pub median_ms: f64,
+    /// Fastest sample's per-launch time.
+    pub min_ms: f64,
+}
+
+impl Timing {
+    /// Achieved bandwidth for `bytes` moved per launch, GB/s (1e9 bytes).
+    pub fn gb_per_s(&self, bytes: f64) -> f64 {
+        bytes / (self.median_ms * 1e-3) / 1e9
+    }
+
+    /// Achieved rate for `ops` operations per launch, TOP/s (1e12).
+    pub fn tops(&self, ops: f64) -> f64 {
+        ops / (self.median_ms * 1e-3) / 1e12
+    }
+}
+
+/// How many input sets to rotate among so their total is at least twice the L2 size
+/// (at most 64 sets): each launch then reads its inputs from device memory.
+pub fn rotation_sets(gpu: &Gpu, bytes_per_set: usize) -> usize {
+    let l2 = gpu.info().l2_bytes as usize;
+    (2 * l2).div_ceil(bytes_per_set.max(1)).clamp(1, 64)
+}
+
+/// Device time of `n` launches in a row, measured with two events on `gpu.stream()`.
+/// `launch(i)` gets the running launch index (use `i % sets` to rotate inputs).
+pub fn time_batch<E: std::fmt::Debug>(
+    gpu: &Gpu,
+    n: usize,
+    mut launch: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Duration, KernelError> {
+    let stream = gpu.stream();
+    let start = stream
+        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(KernelError::driver("recording the start event"))?;
+    for i in 0..n {
+        launch(i).unwrap_or_else(|e| panic!("launch {i} failed during timing: {e:?}"));
+    }
+    let end = stream
+        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(KernelError::driver("recording the end event"))?;
+    end.synchronize()
+        .map_err(KernelError::driver("waiting for the end event"))?;
+    let ms = start
+        .elapsed_ms(&end)
+        .map_err(KernelError::driver("reading event time"))?;
+    Ok(Duration::from_secs_f64(f64::from(ms) * 1e-3))
+}
+
+/// Warm-up (module load, clocks), then `samples` batches of `batch` launches; per-launch stats.
+pub fn time_launches<E: std::fmt::Debug>(
+    gpu: &Gpu,
+    samples: usize,
+    batch: usize,
+    mut launch: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Timing, KernelError> {
+    time_batch(gpu, batch.max(10), &mut launch)?;
+    let mut per_launch: Vec<f64> = (0..samples.max(1))
+        .map(|_| time_batch(gpu, batch, &mut launch).map(|d| d.as_secs_f64() * 1e3 / batch as f64))
+        .collect::<Result<_, _>>()?;
+    per_launch.sort_by(f64::total_cmp);
+    Ok(Timing {
+        median_ms: per_launch[per_launch.len() / 2],
+        min_ms: per_launch[0],
+    })
+}
+
+/// Prints one comparison line: our figure, the peer's from the same run, and the ratio.
+pub fn print_vs_peer(label: &str, unit: &str, ours: f64, peer_name: &str, peer: f64) {
+    println!(
+        "RESULT {label}: {ours:.1} {unit} | {peer_name}: {peer:.1} {unit} | ratio {:.2}x",
+        ours / peer
+    );
+}
