@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
-use ternary_gemm::{absmax_quantize_rows, Activation};
+use ternary_gemm::{absmax_quantize_rows, Element};
 use tritter_suite::random_f32;
 
 /// (M, K): decode (M = 1), a decode batch, prefill chunks at the 3B/7B hidden sizes.
@@ -19,7 +19,7 @@ fn bytes_moved<T>(m: usize, k: usize) -> u64 {
     (m * k * (std::mem::size_of::<T>() + 1) + 4 * m) as u64
 }
 
-fn cpu<T: Activation>(c: &mut Criterion, convert: fn(f32) -> T) {
+fn cpu<T: Element>(c: &mut Criterion, convert: fn(f32) -> T) {
     let mut group = c.benchmark_group(format!("act_quant_cpu_{}", T::NAME));
     group
         .warm_up_time(Duration::from_millis(500))

@@ -6,10 +6,9 @@
 //! so all inner products run in integers and one f32 multiply per output rescales them.
 //! The 1e-5 floor keeps an all-zero row finite (s = 1.27e7, every code 0), as BitNet does.
 
-use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::{Result, TernaryError};
+use crate::{Element, Result, TernaryError};
 
 /// Largest code magnitude; the row maximum maps to ±127.
 pub const ACT_QUANT_QMAX: f32 = 127.0;
@@ -18,35 +17,6 @@ pub const ACT_QUANT_EPS: f32 = 1e-5;
 
 /// Rows per rayon task: below this, threading costs more than it saves.
 const PAR_MIN_ELEMS: usize = 1 << 14;
-
-/// An activation element type the quantizer accepts (f32, bf16, f16).
-pub trait Activation: Copy + Send + Sync + 'static {
-    /// Name used in messages and benchmark labels.
-    const NAME: &'static str;
-    /// Exact widening to f32.
-    fn to_f32(self) -> f32;
-}
-
-impl Activation for f32 {
-    const NAME: &'static str = "f32";
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl Activation for bf16 {
-    const NAME: &'static str = "bf16";
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
-impl Activation for f16 {
-    const NAME: &'static str = "f16";
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-}
 
 /// Int8 activations with one scale per row. `codes` is `(rows, cols)` row-major, `scales`
 /// is `(rows,)`; the real value of a code is `code / scale`.
@@ -66,11 +36,7 @@ pub struct QuantizedActivations {
 ///
 /// This is the scalar reference every fast path (CPU threads, CUDA) must match bit for bit.
 /// `row` is only used in the error for a non-finite value.
-pub fn absmax_quantize_row_ref<T: Activation>(
-    x: &[T],
-    codes: &mut [i8],
-    row: usize,
-) -> Result<f32> {
+pub fn absmax_quantize_row_ref<T: Element>(x: &[T], codes: &mut [i8], row: usize) -> Result<f32> {
     if codes.len() != x.len() {
         return Err(TernaryError::LengthMismatch {
             what: "codes",
@@ -103,7 +69,7 @@ pub fn absmax_quantize_row_ref<T: Activation>(
 /// The fast row kernel behind [`absmax_quantize_rows`]: same result as the reference, written
 /// so LLVM vectorizes both passes (8 independent max lanes; rounding through an exact
 /// truncate-and-compare instead of a libm `roundf` call per element).
-fn absmax_quantize_row_fast<T: Activation>(x: &[T], codes: &mut [i8], row: usize) -> Result<f32> {
+fn absmax_quantize_row_fast<T: Element>(x: &[T], codes: &mut [i8], row: usize) -> Result<f32> {
     const LANES: usize = 8;
     let mut lanes = [0f32; LANES];
     let mut bad = false;
@@ -147,7 +113,7 @@ fn round_half_away_to_i8(y: f32) -> i8 {
 /// spread over rayon threads. Same result as calling [`absmax_quantize_row_ref`] per row.
 ///
 /// Errors: `x.len() != rows * cols`, `cols == 0`, or any NaN/Inf (named by row and column).
-pub fn absmax_quantize_rows<T: Activation>(
+pub fn absmax_quantize_rows<T: Element>(
     x: &[T],
     rows: usize,
     cols: usize,

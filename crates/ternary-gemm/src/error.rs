@@ -51,6 +51,59 @@ pub enum TernaryError {
         /// Rows in the batch.
         total: usize,
     },
+    /// A packed word holds code 3, which is not a ternary value.
+    #[error("packed code 3 (invalid) at row {row}, column {col}; codes must be 0, 1 or 2 (w + 1)")]
+    InvalidCode {
+        /// Output row.
+        row: usize,
+        /// Input column.
+        col: usize,
+    },
+    /// The padding codes after `k_in` in a row's last word are not code 1 (zero weight).
+    #[error("row {row} padding codes are {actual:#x} but must be zero-weight codes {expected:#x}")]
+    BadPadding {
+        /// Output row.
+        row: usize,
+        /// Padding bits found (shifted down).
+        actual: u32,
+        /// Padding bits required.
+        expected: u32,
+    },
+    /// A value to pack is not in {-1, 0, 1}.
+    #[error("value {value} at row {row}, column {col} is not ternary; expected -1, 0 or 1")]
+    NotTernary {
+        /// Output row.
+        row: usize,
+        /// Input column.
+        col: usize,
+        /// The value.
+        value: i8,
+    },
+    /// Two operands disagree on a shared dimension.
+    #[error("{what}: {actual} but the weight expects {expected}")]
+    ShapeMismatch {
+        /// What disagrees, e.g. "x columns (k_in)".
+        what: &'static str,
+        /// Value given.
+        actual: usize,
+        /// Value required.
+        expected: usize,
+    },
+    /// A safetensors file could not be read or written, or lacks what a ternary matrix needs.
+    #[error("safetensors: {0}")]
+    Format(String),
+    /// An I/O error while saving or loading.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// File involved.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The requested kernel or feature is not available here.
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
     /// A CUDA runtime error (driver, module load, launch).
     #[error(transparent)]
     Cuda(#[from] tritter_kernels_cuda::KernelError),

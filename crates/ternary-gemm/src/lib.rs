@@ -11,15 +11,33 @@
 //! * `cuda::absmax_quantize_rows_cuda` (feature `cuda`): the same on the GPU, bit-exact.
 
 mod act_quant;
+mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod element;
 mod error;
+mod gemm_ref;
+mod io;
+mod ternary;
 
 pub use act_quant::{
-    absmax_quantize_row_ref, absmax_quantize_rows, dequantize_rows, Activation,
-    QuantizedActivations, ACT_QUANT_EPS, ACT_QUANT_QMAX,
+    absmax_quantize_row_ref, absmax_quantize_rows, dequantize_rows, QuantizedActivations,
+    ACT_QUANT_EPS, ACT_QUANT_QMAX,
 };
+pub use cpu::{ternary_matmul_a8, ternary_matmul_a8_acc, CpuKernel};
+pub use element::Element;
 pub use error::TernaryError;
+pub use gemm_ref::{
+    a8_epilogue, ternary_matmul_a8_acc_ref, ternary_matmul_a8_ref, ternary_matmul_f32_ref,
+};
+pub use io::{
+    load_ternary_safetensors, save_ternary_safetensors, ternary_from_safetensors,
+    ternary_to_safetensors, TERNARY_FORMAT_TAG,
+};
+pub use ternary::{
+    absmean_quantize, pack_ternary_rows, unpack_ternary_rows, words_per_row, ScaleGranularity,
+    TernaryMatrix, TernaryScales, ABSMEAN_EPS, CODES_PER_WORD, ZERO_CODE, ZERO_WORD,
+};
 
 /// Result type of this crate.
 pub type Result<T, E = TernaryError> = std::result::Result<T, E>;

@@ -5,8 +5,8 @@
 use half::{bf16, f16};
 use proptest::prelude::*;
 use ternary_gemm::{
-    absmax_quantize_row_ref, absmax_quantize_rows, dequantize_rows, Activation,
-    QuantizedActivations, ACT_QUANT_EPS, ACT_QUANT_QMAX,
+    absmax_quantize_row_ref, absmax_quantize_rows, dequantize_rows, Element, QuantizedActivations,
+    ACT_QUANT_EPS, ACT_QUANT_QMAX,
 };
 use tritter_kernels_cuda::testing::random_f32;
 
@@ -26,7 +26,7 @@ fn matrix(max_rows: usize, max_cols: usize) -> impl Strategy<Value = (usize, usi
     })
 }
 
-fn reference<T: Activation>(x: &[T], rows: usize, cols: usize) -> QuantizedActivations {
+fn reference<T: Element>(x: &[T], rows: usize, cols: usize) -> QuantizedActivations {
     let mut codes = vec![0i8; rows * cols];
     let scales = (0..rows)
         .map(|r| {
@@ -42,7 +42,7 @@ fn reference<T: Activation>(x: &[T], rows: usize, cols: usize) -> QuantizedActiv
     }
 }
 
-fn check_bound<T: Activation>(x: &[T], q: &QuantizedActivations) -> Result<(), TestCaseError> {
+fn check_bound<T: Element>(x: &[T], q: &QuantizedActivations) -> Result<(), TestCaseError> {
     let deq = dequantize_rows(q).unwrap();
     for r in 0..q.rows {
         let s = q.scales[r];
@@ -76,7 +76,7 @@ fn check_bound<T: Activation>(x: &[T], q: &QuantizedActivations) -> Result<(), T
     Ok(())
 }
 
-fn props<T: Activation>(
+fn props<T: Element>(
     rows: usize,
     cols: usize,
     xs: Vec<f32>,

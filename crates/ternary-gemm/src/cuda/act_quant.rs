@@ -5,13 +5,13 @@ use half::{bf16, f16};
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use crate::act_quant::check_shape;
-use crate::{Activation, QuantizedActivations, Result, TernaryError};
+use crate::{Element, QuantizedActivations, Result, TernaryError};
 
 /// Threads per CTA of `act_quant_*` (one CTA per row); must match `kThreads` in the kernel.
 const THREADS: u32 = 256;
 
 /// An activation type with a GPU quantization kernel.
-pub trait DeviceActivation: Activation + DeviceRepr {
+pub trait DeviceActivation: Element + DeviceRepr {
     /// `extern "C"` name of the kernel instance for this type.
     const ACT_QUANT_KERNEL: &'static str;
 }
