@@ -7,7 +7,9 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ternary_gemm::{absmax_quantize_rows, absmean_quantize, ternary_matmul_a8_acc, CpuKernel, ScaleGranularity};
+use ternary_gemm::{
+    absmax_quantize_rows, absmean_quantize, ternary_matmul_a8_acc, CpuKernel, ScaleGranularity,
+};
 use tritter_suite::random_f32;
 
 /// (n_out, k_in): 3B and 7B hidden projections, and the 7B MLP up/down pair.
@@ -60,8 +62,21 @@ fn median(reps: usize, mut f: impl FnMut()) -> Duration {
 }
 
 fn cpu(c: &mut Criterion) {
-    println!("{}", tritter_suite::build_info::header(&format!("CPU ({} threads)", rayon::current_num_threads())));
-    println!("CPU kernel: {}", if CpuKernel::avx2_available() { "AVX2" } else { "scalar" });
+    println!(
+        "{}",
+        tritter_suite::build_info::header(&format!(
+            "CPU ({} threads)",
+            rayon::current_num_threads()
+        ))
+    );
+    println!(
+        "CPU kernel: {}",
+        if CpuKernel::avx2_available() {
+            "AVX2"
+        } else {
+            "scalar"
+        }
+    );
     for &(n, k) in CPU_SHAPES {
         let wf = random_f32(n * k, 3);
         let w = absmean_quantize(&wf, n, k, ScaleGranularity::PerTensor).unwrap();
@@ -70,7 +85,9 @@ fn cpu(c: &mut Criterion) {
             let xq = absmax_quantize_rows(&x, m, k).unwrap();
             let mut y = vec![0f32; m * n];
             let ours = median(15, || {
-                std::hint::black_box(ternary_matmul_a8_acc(&w, &xq.codes, m, CpuKernel::Auto).unwrap());
+                std::hint::black_box(
+                    ternary_matmul_a8_acc(&w, &xq.codes, m, CpuKernel::Auto).unwrap(),
+                );
             });
             let peer = median(15, || f32_gemm(&mut y, &x, &wf, m, n, k));
             println!(
@@ -83,7 +100,10 @@ fn cpu(c: &mut Criterion) {
             );
 
             let mut group = c.benchmark_group(format!("ternary_cpu_M{m}"));
-            group.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1)).sample_size(10);
+            group
+                .warm_up_time(Duration::from_millis(300))
+                .measurement_time(Duration::from_secs(1))
+                .sample_size(10);
             group.throughput(Throughput::Bytes(w.packed_bytes() as u64));
             group.bench_function(BenchmarkId::new("w2a8", format!("{n}x{k}")), |b| {
                 b.iter(|| ternary_matmul_a8_acc(&w, &xq.codes, m, CpuKernel::Auto).unwrap())
@@ -97,5 +117,240 @@ fn cpu(c: &mut Criterion) {
     }
 }
 
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use cudarc::cublas::sys::cublasOperation_t;
+    use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+    use cudarc::driver::CudaSlice;
+    use half::bf16;
+    use ternary_gemm::cuda::{
+        absmax_quantize_rows_into, ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu,
+    };
+    use tritter_kernels_cuda::testing::gpu_for_test;
+    use tritter_kernels_cuda::Gpu;
+    use tritter_suite::gpu_bench::{rotation_sets, time_batch, time_graph, time_launches, Timing};
+
+    /// (n_out, k_in): 3B (hidden 2560) and 7B (hidden 4096) projections, the 16384x4096 /
+    /// 4096x16384 MLP pair; decode M = 1 and a batch of 8.
+    const SHAPES: &[(usize, usize)] = &[(2560, 2560), (4096, 4096), (16384, 4096), (4096, 16384)];
+    const MS: &[usize] = &[1, 8];
+
+    struct Ours {
+        w: TernaryMatrixGpu,
+        x: CudaSlice<bf16>,
+        codes: CudaSlice<i8>,
+        scales: CudaSlice<f32>,
+        flag: CudaSlice<u32>,
+        y: CudaSlice<f32>,
+        ws: GemvWorkspace,
+    }
+
+    struct Peer {
+        w: CudaSlice<bf16>,
+        x: CudaSlice<bf16>,
+        y: CudaSlice<bf16>,
+    }
+
+    /// Device-to-device copy bandwidth (bytes read + written), the practical HBM ceiling.
+    fn copy_bandwidth(gpu: &Gpu) -> f64 {
+        let bytes = 1usize << 30;
+        let src = gpu.stream().alloc_zeros::<u8>(bytes).unwrap();
+        let mut dst = gpu.stream().alloc_zeros::<u8>(bytes).unwrap();
+        let t = time_launches(gpu, 5, 5, |_| gpu.stream().memcpy_dtod(&src, &mut dst)).unwrap();
+        t.gb_per_s(2.0 * bytes as f64)
+    }
+
+    fn shape(
+        c: &mut Criterion,
+        gpu: &Gpu,
+        blas: &CudaBlas,
+        hbm: f64,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) {
+        let stream = gpu.stream();
+        let wf = random_f32(n * k, 3);
+        let w = absmean_quantize(&wf, n, k, ScaleGranularity::PerTensor).unwrap();
+        let sets = rotation_sets(gpu, w.packed_bytes());
+        let mut ours: Vec<Ours> = (0..sets)
+            .map(|i| Ours {
+                w: TernaryMatrixGpu::upload(gpu, &w).unwrap(),
+                x: stream
+                    .clone_htod(
+                        &random_f32(m * k, i as u64)
+                            .into_iter()
+                            .map(bf16::from_f32)
+                            .collect::<Vec<_>>(),
+                    )
+                    .unwrap(),
+                codes: stream.alloc_zeros(m * k).unwrap(),
+                scales: stream.alloc_zeros(m).unwrap(),
+                flag: stream.alloc_zeros(1).unwrap(),
+                y: stream.alloc_zeros(m * n).unwrap(),
+                ws: GemvWorkspace::new(gpu, n).unwrap(),
+            })
+            .collect();
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let peer_sets = rotation_sets(gpu, 2 * n * k);
+        let mut peers: Vec<Peer> = (0..peer_sets)
+            .map(|i| Peer {
+                w: stream.clone_htod(&wb).unwrap(),
+                x: stream
+                    .clone_htod(
+                        &random_f32(m * k, i as u64)
+                            .into_iter()
+                            .map(bf16::from_f32)
+                            .collect::<Vec<_>>(),
+                    )
+                    .unwrap(),
+                y: stream.alloc_zeros(m * n).unwrap(),
+            })
+            .collect();
+        for o in ours.iter_mut() {
+            absmax_quantize_rows_into(
+                gpu,
+                &o.x.as_view(),
+                m,
+                k,
+                &mut o.codes.as_view_mut(),
+                &mut o.scales.as_view_mut(),
+                &mut o.flag.as_view_mut(),
+            )
+            .unwrap();
+        }
+
+        let t_full = {
+            let mut full = |i: usize| {
+                let o = &mut ours[i % sets];
+                absmax_quantize_rows_into(
+                    gpu,
+                    &o.x.as_view(),
+                    m,
+                    k,
+                    &mut o.codes.as_view_mut(),
+                    &mut o.scales.as_view_mut(),
+                    &mut o.flag.as_view_mut(),
+                )?;
+                ternary_matmul_a8_cuda(
+                    gpu,
+                    &o.w,
+                    &o.codes.as_view(),
+                    &o.scales.as_view(),
+                    m,
+                    &mut o.y.as_view_mut(),
+                    &mut o.ws,
+                )
+            };
+            time_launches(gpu, 20, 50, &mut full).unwrap()
+        };
+        let mut gemv = |i: usize| {
+            let o = &mut ours[i % sets];
+            ternary_matmul_a8_cuda(
+                gpu,
+                &o.w,
+                &o.codes.as_view(),
+                &o.scales.as_view(),
+                m,
+                &mut o.y.as_view_mut(),
+                &mut o.ws,
+            )
+        };
+        let t_ours = time_launches(gpu, 20, 50, &mut gemv).unwrap();
+        // cuBLAS: y^T (n x m, col-major) = W (k x n col-major, transposed) * x^T (k x m).
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: bf16::ONE,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        };
+        let mut cublas = |i: usize| {
+            let p = &mut peers[i % peer_sets];
+            // SAFETY: W is (n, k) bf16, x is (m, k), y is (m, n); cfg describes exactly them.
+            unsafe { blas.gemm(cfg, &p.w, &p.x, &mut p.y) }
+        };
+        let t_peer = time_launches(gpu, 20, 50, &mut cublas).unwrap();
+        // The same launches replayed from a CUDA graph (how a decode step runs): device time
+        // without the host's per-launch cost, for both sides.
+        let graph = |name: &str, r: Result<Timing, String>, fallback: Timing| {
+            r.unwrap_or_else(|e| {
+                println!("note: {name} graph capture failed ({e}); using stream timing");
+                fallback
+            })
+        };
+        let g_ours = graph("ternary", time_graph(gpu, 20, 64, &mut gemv), t_ours);
+        let g_peer = graph("cuBLAS", time_graph(gpu, 20, 64, &mut cublas), t_peer);
+
+        let packed = w.packed_bytes() as f64;
+        let gbs = t_ours.gb_per_s(packed);
+        println!(
+            "RESULT ternary_gemv M={m} {n}x{k}: {:.2} us, {gbs:.0} GB/s packed = {:.0}% of d2d copy {hbm:.0} GB/s | incl. A8 quant {:.2} us | cuBLAS bf16 {:.2} us ({:.0} GB/s) | speed-up {:.2}x ({:.2}x incl. quant)",
+            t_ours.median_ms * 1e3,
+            100.0 * gbs / hbm,
+            t_full.median_ms * 1e3,
+            t_peer.median_ms * 1e3,
+            t_peer.gb_per_s(2.0 * (n * k) as f64),
+            t_peer.median_ms / t_ours.median_ms,
+            t_peer.median_ms / t_full.median_ms,
+        );
+        let g_gbs = g_ours.gb_per_s(packed);
+        println!(
+            "RESULT ternary_gemv_graph M={m} {n}x{k}: {:.2} us, {g_gbs:.0} GB/s packed = {:.0}% of d2d copy | cuBLAS bf16 (graph) {:.2} us ({:.0} GB/s) | speed-up {:.2}x",
+            g_ours.median_ms * 1e3,
+            100.0 * g_gbs / hbm,
+            g_peer.median_ms * 1e3,
+            g_peer.gb_per_s(2.0 * (n * k) as f64),
+            g_peer.median_ms / g_ours.median_ms,
+        );
+
+        let mut group = c.benchmark_group(format!("ternary_gpu_M{m}"));
+        group
+            .warm_up_time(Duration::from_millis(200))
+            .measurement_time(Duration::from_millis(600))
+            .sample_size(10);
+        group.throughput(Throughput::Bytes(packed as u64));
+        group.bench_function(BenchmarkId::new("w2a8", format!("{n}x{k}")), |b| {
+            b.iter_custom(|it| time_batch(gpu, it as usize, &mut gemv).unwrap())
+        });
+        group.throughput(Throughput::Bytes(2 * (n * k) as u64));
+        group.bench_function(BenchmarkId::new("cublas_bf16", format!("{n}x{k}")), |b| {
+            b.iter_custom(|it| time_batch(gpu, it as usize, &mut cublas).unwrap())
+        });
+        group.finish();
+    }
+
+    pub fn benches(c: &mut Criterion) {
+        let Some(gpu) = gpu_for_test("ternary_gemm GPU bench") else {
+            return;
+        };
+        let info = gpu.info();
+        println!(
+            "{}",
+            tritter_suite::build_info::header(&format!(
+                "{} (sm_{}{}, {} SMs)",
+                info.name, info.compute_capability.0, info.compute_capability.1, info.sm_count
+            ))
+        );
+        let blas = CudaBlas::new(gpu.stream().clone())
+            .expect("cuBLAS (libcublas) must load for the peer baseline");
+        let hbm = copy_bandwidth(&gpu);
+        for &(n, k) in SHAPES {
+            for &m in MS {
+                shape(c, &gpu, &blas, hbm, n, k, m);
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+criterion_group!(benches, cpu, gpu::benches);
+#[cfg(not(feature = "cuda"))]
 criterion_group!(benches, cpu);
 criterion_main!(benches);

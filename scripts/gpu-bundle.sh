@@ -76,6 +76,14 @@ out="${OUT:-$here/logs}"
 mkdir -p "$out"
 what="${1:-all}"; shift || true
 export TRITTER_REQUIRE_GPU=1 CRITERION_HOME="${TMPDIR:-/tmp}/criterion"
+# cuBLAS (the benches' peer baseline) is loaded at run time; find it where the CUDA toolkit or
+# the nvidia-* pip wheels put it when the loader does not know it already.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+  cands="$(python3 -c 'import os, nvidia; [print(os.path.join(p, "cu13", "lib")) for p in nvidia.__path__]' 2>/dev/null || true)"
+  for d in $cands /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    if compgen -G "$d/libcublas.so*" >/dev/null; then export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; break; fi
+  done
+fi
 summary="$out/summary.txt"
 echo "bundle $(cat "$here/GIT_REV") on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)" | tee "$summary"
 failed=0

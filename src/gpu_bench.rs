@@ -81,6 +81,42 @@ pub fn time_launches<E: std::fmt::Debug>(
     })
 }
 
+/// Like [`time_launches`], but the `batch` launches are captured once into a CUDA graph
+/// and the graph is replayed: device time without the host's per-launch cost, which is how a
+/// decode step runs in an engine. `launch(i)` is called `batch` times during capture only.
+pub fn time_graph<E: std::fmt::Debug>(
+    gpu: &Gpu,
+    samples: usize,
+    batch: usize,
+    mut launch: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Timing, String> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let stream = gpu.stream();
+    launch(0).map_err(|e| format!("warm-up launch: {e:?}"))?; // module load outside capture
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| format!("begin capture: {e}"))?;
+    let mut captured = Ok(());
+    for i in 0..batch {
+        if let Err(e) = launch(i) {
+            captured = Err(format!("launch {i} during capture: {e:?}"));
+            break;
+        }
+    }
+    // Always end the capture, so the stream is usable afterwards whatever happened.
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    captured?;
+    let graph = graph
+        .map_err(|e| format!("instantiate graph: {e}"))?
+        .ok_or("capture recorded no work")?;
+    let per_graph =
+        time_launches(gpu, samples, 3, |_| graph.launch()).map_err(|e| e.to_string())?;
+    Ok(Timing {
+        median_ms: per_graph.median_ms / batch as f64,
+        min_ms: per_graph.min_ms / batch as f64,
+    })
+}
+
 /// Prints one comparison line: our figure, the peer's from the same run, and the ratio.
 pub fn print_vs_peer(label: &str, unit: &str, ours: f64, peer_name: &str, peer: f64) {
     println!(

@@ -59,14 +59,18 @@ pub struct DeviceInfo {
     pub total_mem: usize,
 }
 
-/// A CUDA device ready to run this workspace's kernels: context, default stream and the
+/// A CUDA device ready to run this workspace's kernels: context, one owned stream and the
 /// module/function cache. Create it once (`Gpu::shared(0)`) and pass `&Gpu` to the ops.
+///
+/// All ops launch on [`Gpu::stream`], in order. cudarc's automatic cross-stream event
+/// tracking is off for this context (it costs an event record per kernel argument), so work
+/// you put on other streams of [`Gpu::context`] must be ordered with events by hand.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -115,7 +119,17 @@ impl Gpu {
                 .total_mem()
                 .map_err(KernelError::driver("reading device memory size"))?,
         };
-        let stream = ctx.default_stream();
+        // An owned stream, not the legacy default one: it can be captured into CUDA graphs
+        // (decode steps) and does not serialize against other libraries' streams.
+        let stream = ctx
+            .new_stream()
+            .map_err(KernelError::driver("creating a stream"))?;
+        // SAFETY: every op of this workspace runs on `stream`, one stream per `Gpu`, so slices
+        // are never used across streams without ordering; cudarc's per-launch event records
+        // (one per argument, enabled because a second stream now exists) would only add CPU
+        // cost on the decode hot path. Users who add streams on `context()` synchronize
+        // them explicitly (documented on `Gpu`).
+        unsafe { ctx.disable_event_tracking() };
         Ok(Arc::new(Gpu {
             ctx,
             stream,
@@ -181,12 +195,15 @@ impl Gpu {
     }
 
     /// The kernel `function` (an `extern "C"` name) of `image`, cached after the first call.
+    ///
+    /// The lookup hashes two static strings under a mutex (no allocation), cheap enough for
+    /// every launch.
     pub fn function(
         &self,
         image: &KernelImage,
-        function: &str,
+        function: &'static str,
     ) -> Result<CudaFunction, KernelError> {
-        let key = (image.name, function.to_owned());
+        let key = (image.name, function);
         if let Some(f) = self
             .functions
             .lock()

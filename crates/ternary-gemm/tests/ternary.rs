@@ -160,3 +160,128 @@ fn safetensors_file_and_corruption() {
     assert!(ternary_from_safetensors(b"not a safetensors file", "w").is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// GPU conformance cases (n_out, k_in, M): degenerate ends, k_in not a multiple of 16 / 64
+/// (word-load kernel), one partial 16-row tile, split-K shapes, M above one 8-row chunk, and
+/// the 3B/7B projection shapes.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const GEMV_CASES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (1, 16, 1),
+    (17, 33, 3),
+    (16, 64, 8),
+    (33, 130, 5),
+    (100, 1000, 11),
+    (3, 2560, 16),
+    (2560, 2560, 1),
+    (4096, 4096, 1),
+    (4096, 4096, 8),
+    (1024, 16384, 8),
+    (4096, 16384, 1),
+    (16384, 4096, 2),
+];
+
+/// GPU W2A8 product equals the CPU reference bit for bit (exact integer accumulation, same
+/// f32 epilogue) for per-tensor and per-row scales over the case table.
+#[test]
+fn gemv_gpu_matches_cpu_reference() {
+    let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test("gemv_gpu_matches_cpu_reference")
+    else {
+        return;
+    };
+    gemv_conformance::run(&gpu);
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gemv_conformance {
+    pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
+        match *gpu {}
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gemv_conformance {
+    use super::*;
+    use ternary_gemm::cuda::{ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu};
+    use ternary_gemm::TernaryError;
+    use tritter_kernels_cuda::testing::random_f32;
+    use tritter_kernels_cuda::Gpu;
+
+    pub fn run(gpu: &Gpu) {
+        let stream = gpu.stream();
+        // One workspace for every case: also checks the kernel leaves it zeroed between calls.
+        let max_n = GEMV_CASES.iter().map(|c| c.0).max().unwrap();
+        let mut ws = GemvWorkspace::new(gpu, max_n).unwrap();
+        for (i, &(n, k, m)) in GEMV_CASES.iter().enumerate() {
+            for per_row in [false, true] {
+                let g = if per_row {
+                    ScaleGranularity::PerRow
+                } else {
+                    ScaleGranularity::PerTensor
+                };
+                let w = absmean_quantize(&random_f32(n * k, i as u64), n, k, g).unwrap();
+                let xq = absmax_quantize_rows(&random_f32(m * k, 100 + i as u64), m, k).unwrap();
+                let want = ternary_matmul_a8_ref(&w, &xq).unwrap();
+
+                let wg = TernaryMatrixGpu::upload(gpu, &w).unwrap();
+                let codes = stream.clone_htod(&xq.codes).unwrap();
+                let scales = stream.clone_htod(&xq.scales).unwrap();
+                // Poison the output so an unwritten element cannot pass.
+                let mut y = stream.clone_htod(&vec![f32::NAN; m * n]).unwrap();
+                ternary_matmul_a8_cuda(
+                    gpu,
+                    &wg,
+                    &codes.as_view(),
+                    &scales.as_view(),
+                    m,
+                    &mut y.as_view_mut(),
+                    &mut ws,
+                )
+                .unwrap();
+                let got = stream.clone_dtoh(&y).unwrap();
+                let mismatches = got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                let max_diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                println!(
+                    "gemv_w2a8 n_out {n:>5} k_in {k:>5} M {m:>2} {}: mismatches {mismatches}, max |diff| {max_diff:e}",
+                    if per_row { "per-row   " } else { "per-tensor" }
+                );
+                assert_eq!(mismatches, 0, "n {n} k {k} m {m} per_row {per_row}");
+            }
+        }
+        // Shape errors are typed, before any launch.
+        let w =
+            absmean_quantize(&random_f32(32 * 64, 1), 32, 64, ScaleGranularity::PerTensor).unwrap();
+        let wg = TernaryMatrixGpu::upload(gpu, &w).unwrap();
+        let codes = stream.clone_htod(&vec![0i8; 63]).unwrap();
+        let scales = stream.clone_htod(&[1f32]).unwrap();
+        let mut y = stream.alloc_zeros::<f32>(32).unwrap();
+        let err = ternary_matmul_a8_cuda(
+            gpu,
+            &wg,
+            &codes.as_view(),
+            &scales.as_view(),
+            1,
+            &mut y.as_view_mut(),
+            &mut ws,
+        );
+        assert!(
+            matches!(
+                err,
+                Err(TernaryError::LengthMismatch {
+                    actual: 63,
+                    expected: 64,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+    }
+}

@@ -3,7 +3,9 @@
 //! checked bit-exact (integer results) against the CPU reference by the crate's GPU tests.
 
 mod act_quant;
+mod gemv;
 
 pub use act_quant::{
     absmax_quantize_rows_cuda, absmax_quantize_rows_into, DeviceActivation, QuantizedActivationsGpu,
 };
+pub use gemv::{ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu, GEMV_MAX_M};

@@ -1,0 +1,185 @@
+//! GPU W2A8 products for decode: `y = (Wq · q) * gamma / s` with int8 activations already on
+//! the device; kernel `kernels-cuda/kernels/ternary_gemv.cu` (mma.sync m16n8k32 s8).
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use tritter_kernels_cuda::{images, Gpu, KernelError};
+
+use crate::{Result, ScaleGranularity, TernaryError, TernaryMatrix};
+
+/// Activation rows one launch handles (the MMA's N); larger M runs in chunks of this.
+pub const GEMV_MAX_M: usize = 8;
+const ROWS_PER_CTA: usize = 32;
+const WARPS: usize = 8;
+const THREADS: u32 = 32 * WARPS as u32;
+const QUAD: usize = 128;
+/// Shared-memory budget for one CTA's activation range (the rest of the 48 KB default).
+const X_SMEM_BUDGET: usize = 32 * 1024;
+const ROW_PAD: usize = 16;
+
+/// A ternary matrix resident on the GPU in the canonical packed layout: `packed`
+/// `(n_out, ceil(k_in/16))` u32 and `scales` `(1,)` or `(n_out,)` f32.
+#[derive(Debug)]
+pub struct TernaryMatrixGpu {
+    n_out: usize,
+    k_in: usize,
+    per_row: bool,
+    /// Canonical packed codes.
+    pub packed: CudaSlice<u32>,
+    /// Weight scales (gamma).
+    pub scales: CudaSlice<f32>,
+}
+
+impl TernaryMatrixGpu {
+    /// Copies a validated host matrix to the device (asynchronous on `gpu.stream()`).
+    pub fn upload(gpu: &Gpu, w: &TernaryMatrix) -> Result<Self> {
+        let s = gpu.stream();
+        Ok(TernaryMatrixGpu {
+            n_out: w.n_out(),
+            k_in: w.k_in(),
+            per_row: w.scales().granularity() == ScaleGranularity::PerRow,
+            packed: s
+                .clone_htod(w.packed())
+                .map_err(KernelError::driver("uploading packed weights"))?,
+            scales: s
+                .clone_htod(w.scales().as_slice())
+                .map_err(KernelError::driver("uploading weight scales"))?,
+        })
+    }
+
+    /// Output features.
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+
+    /// Input features.
+    pub fn k_in(&self) -> usize {
+        self.k_in
+    }
+}
+
+/// Split-K scratch of the GEMV: `(8, n_out)` int32 accumulators and one arrival counter per
+/// 32-row tile, zero between calls (the kernel's last CTA per tile resets what it used).
+///
+/// Allocate one per stream, sized for the largest `n_out` it will serve (llm.c style: no
+/// allocation per call). Two launches sharing a workspace must be ordered on one stream.
+#[derive(Debug)]
+pub struct GemvWorkspace {
+    max_n_out: usize,
+    acc: CudaSlice<i32>,
+    tiles: CudaSlice<u32>,
+}
+
+impl GemvWorkspace {
+    /// Zeroed scratch for matrices with up to `max_n_out` output rows.
+    pub fn new(gpu: &Gpu, max_n_out: usize) -> Result<Self> {
+        let s = gpu.stream();
+        Ok(GemvWorkspace {
+            max_n_out,
+            acc: s
+                .alloc_zeros(GEMV_MAX_M * max_n_out.max(1))
+                .map_err(KernelError::driver("allocating the GEMV workspace"))?,
+            tiles: s
+                .alloc_zeros(max_n_out.div_ceil(ROWS_PER_CTA).max(1))
+                .map_err(KernelError::driver("allocating the GEMV tile counters"))?,
+        })
+    }
+}
+
+/// Launch geometry: K is split across `ksplit` CTAs per 16-row tile so that (a) one CTA's
+/// activation range fits [`X_SMEM_BUDGET`] and (b) the grid has about two CTAs per SM.
+fn plan(gpu: &Gpu, m: usize, n_out: usize, k_in: usize) -> (usize, usize) {
+    let quads = k_in.div_ceil(16).div_ceil(8);
+    let max_qps = ((X_SMEM_BUDGET / m - ROW_PAD) / QUAD).max(1);
+    let row_tiles = n_out.div_ceil(ROWS_PER_CTA);
+    let want_split = (2 * gpu.info().sm_count as usize)
+        .div_ceil(row_tiles)
+        .max(1);
+    let max_split_by_work = (quads / WARPS).max(1); // keep >= one quad per warp
+    let ksplit = want_split
+        .min(max_split_by_work)
+        .max(quads.div_ceil(max_qps));
+    let qps = quads.div_ceil(ksplit);
+    (qps, quads.div_ceil(qps))
+}
+
+/// `y = (Wq · q) * gamma / s` for int8 activations on the device: `codes` `(m, k_in)`,
+/// `scales` `(m,)`, `y` `(m, n_out)` f32. Integer accumulation is exact; the epilogue is
+/// [`a8_epilogue`](crate::a8_epilogue), so results equal the CPU reference bit for bit.
+/// Any `m >= 1` (launched in chunks of [`GEMV_MAX_M`] rows; M >= 16 will move to the GEMM).
+/// `ws` must have been made for at least `w.n_out()` rows.
+pub fn ternary_matmul_a8_cuda(
+    gpu: &Gpu,
+    w: &TernaryMatrixGpu,
+    codes: &CudaView<'_, i8>,
+    scales: &CudaView<'_, f32>,
+    m: usize,
+    y: &mut CudaViewMut<'_, f32>,
+    ws: &mut GemvWorkspace,
+) -> Result<()> {
+    let (n_out, k) = (w.n_out, w.k_in);
+    if m == 0 || m > i32::MAX as usize {
+        return Err(TernaryError::BadDimension {
+            what: "M (activation rows)",
+            actual: m,
+            expected: "1 ..= 2^31 - 1",
+        });
+    }
+    crate::act_quant::check_shape("codes", codes.len(), m, k)?;
+    crate::act_quant::check_shape("activation scales", scales.len(), m, 1)?;
+    crate::act_quant::check_shape("y", y.len(), m, n_out)?;
+    if ws.max_n_out < n_out {
+        return Err(TernaryError::ShapeMismatch {
+            what: "GemvWorkspace max_n_out",
+            actual: ws.max_n_out,
+            expected: n_out,
+        });
+    }
+    let vec_ok = k.div_ceil(16) % 4 == 0;
+    let name = if vec_ok {
+        "gemv_w2a8_vec"
+    } else {
+        "gemv_w2a8_word"
+    };
+    let func = gpu.function(&images::TERNARY_GEMV, name)?;
+    let stream = gpu.stream();
+    let per_row = i32::from(w.per_row);
+
+    for m0 in (0..m).step_by(GEMV_MAX_M) {
+        let mc = GEMV_MAX_M.min(m - m0);
+        let (qps, ksplit) = plan(gpu, mc, n_out, k);
+        let x_bytes = (mc * (qps * QUAD + ROW_PAD)).next_multiple_of(16);
+        let smem = x_bytes + WARPS * ROWS_PER_CTA * GEMV_MAX_M * 4;
+        let cfg = LaunchConfig {
+            grid_dim: (n_out.div_ceil(ROWS_PER_CTA) as u32, ksplit as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let xc = codes.slice(m0 * k..(m0 + mc) * k);
+        let sc = scales.slice(m0..m0 + mc);
+        let mut yc = y.slice_mut(m0 * n_out..(m0 + mc) * n_out);
+        let (mc_i, n_i, k_i, qps_i) = (mc as i32, n_out as i32, k as i32, qps as i32);
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&w.packed)
+            .arg(&w.scales)
+            .arg(&per_row)
+            .arg(&xc)
+            .arg(&sc)
+            .arg(&mut yc)
+            .arg(&mut ws.acc)
+            .arg(&mut ws.tiles)
+            .arg(&mc_i)
+            .arg(&n_i)
+            .arg(&k_i)
+            .arg(&qps_i);
+        // SAFETY: arguments match `gemv_w2a8_*(const u32*, const float*, int, const i8*,
+        // const float*, float*, int*, unsigned*, int, int, int, int)`; lengths were checked
+        // above (ws holds 8 x n_out accumulators and ceil(n_out / 32) counters), the grid covers
+        // ceil(n_out / 32) x ksplit tiles and the kernel bounds-checks n < n_out, m < M and
+        // k < K; shared memory matches the kernel's layout (x range + reduction).
+        // Error context built only on failure: this is the decode hot path.
+        unsafe { launch.launch(cfg) }
+            .map_err(|e| KernelError::driver(format!("launching {name}"))(e))?;
+    }
+    Ok(())
+}
