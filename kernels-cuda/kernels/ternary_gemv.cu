@@ -13,28 +13,35 @@
 // with A = 16 weight rows x 32 k (codes 0..2 as s8) and B = 32 k x 8 activation rows (M <= 8;
 // columns >= M are zero registers). dot(w, x) = dot(code, x) - sum(x), so the codes feed the
 // MMA directly and one subtraction per output removes the offset.
-// Decode is 2 instructions per A register: the MMA's k order inside each 16-weight word is
-// permuted so that a thread's register is (word >> 2*t) & 0x03030303 (t = lane % 4), i.e. the
-// codes of weights {t, t+4, t+8, t+12} of the word. The activations are stored in shared
-// memory with the same permutation (xp[16c + 4t + e] = x[16c + 4e + t], a 4x4 byte transpose
-// per 16 bytes done with PRMT), so each B register is one 32-bit shared load. The weight
-// stream is read exactly as stored: no repacking.
+// Decode is at most 2 instructions per A register: the MMA's k order inside each 128-weight
+// quad (8 words per row) is permuted so that in k-step j lane (g, t) feeds the MMA
+// (word[t] >> 2j) & 0x03030303 and (word[t+4] >> 2j) & 0x03030303, i.e. the codes of weights
+// {16t + j, 16t + 4 + j, 16t + 8 + j, 16t + 12 + j}: the shift is an immediate and two
+// 32-bit shared loads per row cover all four k-steps. The activations are stored in shared
+// memory in the same order (xp[32j + 4t + e] = x[16t + 4e + j] per 128 codes: a 4x4 byte
+// transpose per 16 codes with PRMT), so each B register is one 32-bit shared load. The
+// weight stream is read exactly as stored: no repacking.
 //
-// Tiling. A CTA owns 32 output rows (two 16-row MMA tiles per warp, sharing each B fragment)
-// and one K range (blockIdx.y of ksplit). Its 8 warps split that range into 128-weight quads
-// (4 MMA k-steps, 8 words per row); each warp keeps its 2 x 16 x 8 int32 tile in registers and
-// prefetches the next quad's 32 words (16-byte loads when K % 64 == 0). The first quad is
-// requested before the activation prologue, so HBM latency overlaps it. The 8 warp tiles are
-// summed through shared memory. Shared memory holds only this CTA's x range (M x range bytes,
-// rows padded by 16 bytes so the 8 activation rows hit distinct banks); the host picks ksplit
-// so that stays <= 32 KB and the grid has >= 2 CTAs per SM.
+// Tiling and pipeline. A CTA owns 32 output rows (two 16-row MMA tiles per warp, sharing each
+// B fragment) and one K range of up to 4096 weights (blockIdx.y of ksplit). The CTA's whole
+// weight tile (32 rows x range, <= 33 KB) is requested at once with 16-byte cp.async in 4
+// commit groups along k, before the activation prologue runs, so every byte a CTA needs is in
+// flight after its first instructions and HBM latency is paid about once per CTA; the warps
+// then consume the groups in order as they land. Every weight byte is fetched once
+// (coalesced, no per-lane redundancy); the four lanes of an MMA row group read it from shared
+// memory by broadcast. Weight rows in shared memory are padded by 4 words so the 8 row groups
+// of a warp hit distinct banks; activation rows by 16 bytes for the same reason.
+// The 8 warps split each group's k-steps; their 32 x 8 int32 tiles are summed through shared
+// memory (reusing the weight buffer).
 // Split-K (ksplit > 1) is serial and deterministic: each CTA adds its int32 tile into ws with
 // atomics (integer addition: order does not matter), and the last CTA of a row tile, found
 // with an arrival counter, applies the epilogue and zeroes ws and the counter for the next
 // call. One launch per call.
 //
-// Bound: memory (weight bytes). Per 128 packed bytes a warp issues 1 MMA, 8 SHF/LOP and 1 LDS
-// per thread: far below the issue rate needed to stream ~15 B/clk/SM on an H100 or RTX 5080.
+// Bound: memory (weight bytes). Per 128 packed bytes (one MMA) a warp issues about 12
+// instructions (1 MMA, <= 8 SHF/LOP, 1 LDS for A, 1-2 for B), within the issue rate needed
+// to stream ~15 B/clk/SM on an H100 or RTX 5080; the copies and the activation prologue are
+// issued once per CTA.
 
 #include "common.cuh"
 
@@ -46,7 +53,9 @@ constexpr int kTiles = 2;              // 16-row MMA tiles per warp
 constexpr int kRows = 16 * kTiles;     // output rows per CTA
 constexpr int kMaxM = 8;               // activation rows (MMA N)
 constexpr int kQuadWords = 8;          // 128 weights = 4 MMA k-steps = 8 words per row
-constexpr int kRowPad = 16;            // bytes of padding per activation row in shared memory
+constexpr int kStages = 4;             // cp.async commit groups per CTA range
+constexpr int kRowPadX = 16;           // bytes of padding per activation row in shared memory
+constexpr int kRowPadW = 4;            // words of padding per weight row in shared memory
 
 __device__ __forceinline__ void mma_s8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                        unsigned b0, unsigned b1) {
@@ -57,25 +66,19 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], unsigned a0, unsigned a1, un
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// The 8 words of quad q of one row; zeros past the row's end (code 0 against zero-padded
-// activations adds nothing) and for rows past n_out.
-template <bool kVec>
-__device__ __forceinline__ void load_quad(const uint32_t* __restrict__ row, int q, int wpr, bool valid,
-                                          uint32_t* w) {
-    const int base = q * kQuadWords;
-    if (kVec) {
-        // wpr % 4 == 0 and 16-byte aligned rows: two 16-byte loads, each all in or all out.
-        const uint4* r4 = reinterpret_cast<const uint4*>(row + base);
-        uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
-        if (valid && base < wpr) lo = __ldg(r4);
-        if (valid && base + 4 < wpr) hi = __ldg(r4 + 1);
-        w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
-        w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
+// cp.async of `bytes` (4 or 16) with zero fill of the part past src_bytes (0 = all zeros).
+template <int kBytes>
+__device__ __forceinline__ void cp_async_zfill(void* smem_dst, const void* gmem_src, int src_bytes) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+    if (kBytes == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
     } else {
-#pragma unroll
-        for (int i = 0; i < kQuadWords; ++i) w[i] = (valid && base + i < wpr) ? __ldg(row + base + i) : 0u;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
     }
 }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
 
 // 4x4 byte transpose of 16 activation codes: out word t = bytes t of w0..w3.
 __device__ __forceinline__ uint4 permute16(uint4 v) {
@@ -91,6 +94,15 @@ __device__ __forceinline__ uint4 permute16(uint4 v) {
     return o;
 }
 
+__device__ __forceinline__ void wait_stage(int pending) {
+    // wait_group needs an immediate: dispatch on the (small, uniform) number still pending.
+    if (pending >= 3) cp_async_wait<3>();
+    else if (pending == 2) cp_async_wait<2>();
+    else if (pending == 1) cp_async_wait<1>();
+    else cp_async_wait<0>();
+}
+
+// kVec: rows are 16-byte aligned (wpr % 4 == 0): 16-byte copies; else 4-byte copies.
 template <bool kVec>
 __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
                                const int8_t* __restrict__ xq, const float* __restrict__ xs,
@@ -103,100 +115,130 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     const int wpr = (K + 15) / 16;
     const int total_quads = (wpr + kQuadWords - 1) / kQuadWords;
     const int q_begin = blockIdx.y * quads_per_split;
-    const int q_end = min(total_quads, q_begin + quads_per_split);
-    const int nq = q_end - q_begin;
-    const int span = nq * 128;             // weights (k) covered by this CTA
+    const int nq = min(total_quads, q_begin + quads_per_split) - q_begin;
+    const int words = nq * kQuadWords;          // words per row in this CTA's range
+    const int w_stride = words + kRowPadW;      // smem words per weight row
+    const int x_stride = nq * 128 + kRowPadX;   // smem bytes per activation row
     const int k0 = q_begin * 128;
-    const int stride = span + kRowPad;     // bytes per activation row in smem
-    int8_t* xp = reinterpret_cast<int8_t*>(smem);
-    int* red = reinterpret_cast<int*>(smem + ((M * stride + 15) & ~15));  // [kWarps][kRows*8]
+    const int word0 = q_begin * kQuadWords;
+
+    // Layout: [weights 32 x w_stride words | reused as kWarps x 32 x 8 int after compute]
+    //         [activations M x x_stride bytes]. The host computes the same sizes.
+    const int w_bytes = max(4 * kRows * w_stride, 4 * kWarps * kRows * kMaxM);
+    uint32_t* wsm = reinterpret_cast<uint32_t*>(smem);
+    int8_t* xp = reinterpret_cast<int8_t*>(smem + w_bytes);
+    int* red = reinterpret_cast<int*>(smem);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * kRows;
 
-    // This warp's quads: a contiguous share of the CTA's range.
-    const int per_warp = (nq + kWarps - 1) / kWarps;
-    const int wq0 = q_begin + min(nq, warp * per_warp);
-    const int wq1 = q_begin + min(nq, (warp + 1) * per_warp);
+    // 0. Epilogue operands early, so their latency hides under the main loop.
+    const int er = tid / kMaxM, em = tid % kMaxM;  // this thread's (row, m) output slot
+    const int en = row0 + er;
+    const bool live = em < M && en < n_out;
+    const float out_scale = live ? __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]) : 0.0f;
 
-    // Rows g, g+8 of each 16-row tile.
-    const uint32_t* wrow[2 * kTiles];
-    bool wvalid[2 * kTiles];
-#pragma unroll
-    for (int r = 0; r < 2 * kTiles; ++r) {
-        const int n = blockIdx.x * kRows + 8 * r + g;
-        wvalid[r] = n < n_out;
-        wrow[r] = W + static_cast<size_t>(wvalid[r] ? n : 0) * wpr;
-    }
-
-    // Request the first quad of weights before the activation prologue.
-    uint32_t cur[2 * kTiles][kQuadWords], nxt[2 * kTiles][kQuadWords];
-    if (wq0 < wq1) {
-#pragma unroll
-        for (int r = 0; r < 2 * kTiles; ++r) load_quad<kVec>(wrow[r], wq0, wpr, wvalid[r], cur[r]);
-    }
-
-    // Activation prologue: this CTA's x range -> shared memory, permuted per 16 codes, with
-    // sum(x) per row for the code offset. 16-byte chunks; byte loads only at the ragged end
-    // or when rows are not 16-byte aligned.
     if (tid < kMaxM) sumx[tid] = 0;
-    __syncthreads();
-    const bool x_vec = (K % 16 == 0) && ((reinterpret_cast<uintptr_t>(xq) & 15) == 0);
-    const int chunks = span / 16;
-    for (int m = 0; m < M; ++m) {
-        int local = 0;
-        const int8_t* xr = xq + static_cast<size_t>(m) * K;
-        for (int c = tid; c < chunks; c += kThreads) {
-            const int k = k0 + 16 * c;
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (x_vec && k + 16 <= K) {
-                v = __ldg(reinterpret_cast<const uint4*>(xr + k));
-            } else {
-                unsigned char* vb = reinterpret_cast<unsigned char*>(&v);
-#pragma unroll
-                for (int i = 0; i < 16; ++i) vb[i] = (k + i < K) ? static_cast<unsigned char>(xr[k + i]) : 0;
-            }
-            local = __dp4a(static_cast<int>(v.x), 0x01010101, local);
-            local = __dp4a(static_cast<int>(v.y), 0x01010101, local);
-            local = __dp4a(static_cast<int>(v.z), 0x01010101, local);
-            local = __dp4a(static_cast<int>(v.w), 0x01010101, local);
-            *reinterpret_cast<uint4*>(xp + m * stride + 16 * c) = permute16(v);
-        }
-        local = __reduce_add_sync(0xffffffffu, local);
-        if (lane == 0 && local != 0) atomicAdd(&sumx[m], local);
-    }
-    __syncthreads();
 
-    const bool has_b = g < M;
-    const int8_t* xg = xp + (has_b ? g : 0) * stride + 4 * t;
-    const int shift = 2 * t;
-    int c[kTiles][4] = {};
-    for (int q = wq0; q < wq1; ++q) {
-        if (q + 1 < wq1) {
-#pragma unroll
-            for (int r = 0; r < 2 * kTiles; ++r) load_quad<kVec>(wrow[r], q + 1, wpr, wvalid[r], nxt[r]);
-        }
-        const int8_t* xs_q = xg + (q - q_begin) * 128;
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-            unsigned b0 = 0, b1 = 0;
-            if (has_b) {
-                b0 = *reinterpret_cast<const unsigned*>(xs_q + 32 * s);
-                b1 = *reinterpret_cast<const unsigned*>(xs_q + 32 * s + 16);
+    // 1. The whole weight tile, in kStages commit groups along k. Thread (row tid/8, lane
+    // tid%8) copies 16-byte chunks tid%8, tid%8 + 8, ... of its row: coalesced, pointers
+    // computed once.
+    const int stage_quads = (nq + kStages - 1) / kStages;
+    {
+        const int r = tid / 8, c8 = tid % 8;
+        const int n = row0 + r;
+        const bool row_ok = n < n_out;
+        const uint32_t* src = W + static_cast<size_t>(row_ok ? n : 0) * wpr + word0;
+        uint32_t* dst = wsm + r * w_stride;
+        for (int st = 0; st < kStages; ++st) {
+            const int sw0 = min(nq, st * stage_quads) * kQuadWords;
+            const int sw1 = min(nq, (st + 1) * stage_quads) * kQuadWords;
+            if (kVec) {
+                for (int c = sw0 + 4 * c8; c < sw1; c += 32) {
+                    const bool ok = row_ok && word0 + c < wpr;  // wpr % 4 == 0: chunks all in or out
+                    cp_async_zfill<16>(dst + c, ok ? src + c : W, ok ? 16 : 0);
+                }
+            } else {
+                for (int c = sw0 + c8; c < sw1; c += 8) {
+                    const bool ok = row_ok && word0 + c < wpr;
+                    cp_async_zfill<4>(dst + c, ok ? src + c : W, ok ? 4 : 0);
+                }
             }
-#pragma unroll
-            for (int tile = 0; tile < kTiles; ++tile) {
-                const uint32_t* ra = cur[2 * tile];
-                const uint32_t* rb = cur[2 * tile + 1];
-                mma_s8(c[tile], (ra[2 * s] >> shift) & 0x03030303u, (rb[2 * s] >> shift) & 0x03030303u,
-                       (ra[2 * s + 1] >> shift) & 0x03030303u, (rb[2 * s + 1] >> shift) & 0x03030303u, b0, b1);
-            }
+            cp_async_commit();
         }
-#pragma unroll
-        for (int r = 0; r < 2 * kTiles; ++r)
-#pragma unroll
-            for (int i = 0; i < kQuadWords; ++i) cur[r][i] = nxt[r][i];
     }
+    __syncthreads();  // sumx zeroed
+
+    // 2. Activation prologue (overlaps the weight copies): this CTA's x range -> shared
+    // memory in the MMA's k order, with sum(x) per row for the code offset. Within each
+    // 128-code block, xp[32 j + 4 t + e] = x[16 t + 4 e + j]: a 4x4 byte transpose per 16
+    // codes (PRMT), then word (t, j) goes to slot (j, t).
+    const bool x_vec = (K % 16 == 0) && ((reinterpret_cast<uintptr_t>(xq) & 15) == 0);
+    const int groups = nq * 8;  // 16-code groups per row
+    for (int i = tid; i < M * groups; i += kThreads) {
+        const int m = i / groups, gi = i - m * groups;
+        const int k = k0 + 16 * gi;
+        const int8_t* xr = xq + static_cast<size_t>(m) * K;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (x_vec && k + 16 <= K) {
+            v = __ldg(reinterpret_cast<const uint4*>(xr + k));
+        } else {
+            unsigned char* vb = reinterpret_cast<unsigned char*>(&v);
+#pragma unroll
+            for (int b = 0; b < 16; ++b) vb[b] = (k + b < K) ? static_cast<unsigned char>(xr[k + b]) : 0;
+        }
+        int local = __dp4a(static_cast<int>(v.x), 0x01010101, 0);
+        local = __dp4a(static_cast<int>(v.y), 0x01010101, local);
+        local = __dp4a(static_cast<int>(v.z), 0x01010101, local);
+        local = __dp4a(static_cast<int>(v.w), 0x01010101, local);
+        if (local != 0) atomicAdd(&sumx[m], local);
+        const uint4 p = permute16(v);
+        unsigned* blk = reinterpret_cast<unsigned*>(xp + m * x_stride + 128 * (gi >> 3));
+        const int tg = gi & 7;
+        blk[tg] = p.x;
+        blk[8 + tg] = p.y;
+        blk[16 + tg] = p.z;
+        blk[24 + tg] = p.w;
+    }
+
+    // 3. Consume the stages as they land; warps split each stage's quads. In k-step j of a
+    // quad, lane (g, t) feeds the MMA (word t >> 2j) & 0x03030303 and (word t+4 >> 2j) of
+    // rows g and g+8: the shift is an immediate and one pair of shared loads per row covers
+    // all 4 k-steps of the quad.
+    const bool has_b = g < M;
+    const int8_t* xg = xp + (has_b ? g : 0) * x_stride + 4 * t;
+    int c[kTiles][4] = {};
+    for (int st = 0; st < kStages; ++st) {
+        wait_stage(kStages - 1 - st);
+        __syncthreads();
+        const int qa = min(nq, st * stage_quads);
+        const int qb = min(nq, (st + 1) * stage_quads);
+        for (int q = qa + warp; q < qb; q += kWarps) {
+            uint32_t lo[2 * kTiles], hi[2 * kTiles];
+#pragma unroll
+            for (int r = 0; r < 2 * kTiles; ++r) {
+                const uint32_t* wr = wsm + (8 * r + g) * w_stride + 8 * q + t;
+                lo[r] = wr[0];
+                hi[r] = wr[4];
+            }
+            const int8_t* xb = xg + 128 * q;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                unsigned b0 = 0, b1 = 0;
+                if (has_b) {
+                    b0 = *reinterpret_cast<const unsigned*>(xb + 32 * j);
+                    b1 = *reinterpret_cast<const unsigned*>(xb + 32 * j + 16);
+                }
+#pragma unroll
+                for (int tile = 0; tile < kTiles; ++tile) {
+                    mma_s8(c[tile], (lo[2 * tile] >> (2 * j)) & 0x03030303u, (lo[2 * tile + 1] >> (2 * j)) & 0x03030303u,
+                           (hi[2 * tile] >> (2 * j)) & 0x03030303u, (hi[2 * tile + 1] >> (2 * j)) & 0x03030303u, b0, b1);
+                }
+            }
+        }
+    }
+    __syncthreads();  // all warps done with wsm: reuse it for the reduction
 
     // C fragment of tile j: c0,c1 -> (row 16j + g, m 2t, 2t+1); c2,c3 -> (row 16j + g + 8).
     int* mine = red + warp * (kRows * kMaxM);
@@ -211,20 +253,17 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     __syncthreads();
 
     // One thread per (row, m) of the CTA tile: 32 x 8 = 256 = kThreads.
-    const int r = tid / kMaxM, m = tid % kMaxM;
-    const int n = blockIdx.x * kRows + r;
-    const bool live = m < M && n < n_out;
     int acc = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) acc += red[w * (kRows * kMaxM) + tid];
-    acc -= sumx[m < M ? m : 0];
+    acc -= sumx[em < M ? em : 0];
 
     if (gridDim.y == 1) {
-        if (live) y[static_cast<size_t>(m) * n_out + n] = static_cast<float>(acc) * (gamma[gamma_per_row ? n : 0] / xs[m]);
+        if (live) y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(acc) * out_scale;
         return;
     }
     // Serial split-K: accumulate, then the last CTA of this row tile finishes.
-    if (live) atomicAdd(&ws[static_cast<size_t>(m) * n_out + n], acc);
+    if (live) atomicAdd(&ws[static_cast<size_t>(em) * n_out + en], acc);
     __threadfence();
     __syncthreads();
     if (tid == 0) last_cta = atomicAdd(&tiles[blockIdx.x], 1u) == gridDim.y - 1;
@@ -232,9 +271,9 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     if (!last_cta) return;
     __threadfence();
     if (live) {
-        int* slot = &ws[static_cast<size_t>(m) * n_out + n];
+        int* slot = &ws[static_cast<size_t>(em) * n_out + en];
         const int total = atomicExch(slot, 0);  // read the final sum and reset for the next call
-        y[static_cast<size_t>(m) * n_out + n] = static_cast<float>(total) * (gamma[gamma_per_row ? n : 0] / xs[m]);
+        y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(total) * out_scale;
     }
     if (tid == 0) tiles[blockIdx.x] = 0;
 }

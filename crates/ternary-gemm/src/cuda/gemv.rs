@@ -12,9 +12,14 @@ const ROWS_PER_CTA: usize = 32;
 const WARPS: usize = 8;
 const THREADS: u32 = 32 * WARPS as u32;
 const QUAD: usize = 128;
-/// Shared-memory budget for one CTA's activation range (the rest of the 48 KB default).
-const X_SMEM_BUDGET: usize = 32 * 1024;
+/// Dynamic shared memory per CTA: under the 48 KB that needs no opt-in, and small enough
+/// for two CTAs per SM on sm_120 (100 KB per SM).
+const SMEM_BUDGET: usize = 44 * 1024;
+/// At most 32 quads (4096 weights) of K per CTA.
+const MAX_QUADS_PER_CTA: usize = 32;
+/// Padding of an activation row (bytes) and of a weight row (words) in shared memory.
 const ROW_PAD: usize = 16;
+const W_ROW_PAD_WORDS: usize = 4;
 
 /// A ternary matrix resident on the GPU in the canonical packed layout: `packed`
 /// `(n_out, ceil(k_in/16))` u32 and `scales` `(1,)` or `(n_out,)` f32.
@@ -85,19 +90,28 @@ impl GemvWorkspace {
     }
 }
 
-/// Launch geometry: K is split across `ksplit` CTAs per 16-row tile so that (a) one CTA's
-/// activation range fits [`X_SMEM_BUDGET`] and (b) the grid has about two CTAs per SM.
+/// Shared memory of one CTA handling `qps` quads for `m` rows (the kernel's layout: the
+/// weight tile, at least the 8 KB reduction buffer that reuses it, then the activations).
+fn smem_bytes(m: usize, qps: usize) -> usize {
+    let w =
+        (4 * ROWS_PER_CTA * (8 * qps + W_ROW_PAD_WORDS)).max(4 * WARPS * ROWS_PER_CTA * GEMV_MAX_M);
+    w + (m * (qps * QUAD + ROW_PAD)).next_multiple_of(16)
+}
+
+/// Launch geometry `(quads per split, ksplit)`: K is split across `ksplit` CTAs per 32-row
+/// tile so that (a) one CTA's weight tile and activation range fit [`SMEM_BUDGET`] (at most
+/// [`MAX_QUADS_PER_CTA`] quads, 4096 weights) and (b) the grid has about two CTAs per SM.
 fn plan(gpu: &Gpu, m: usize, n_out: usize, k_in: usize) -> (usize, usize) {
     let quads = k_in.div_ceil(16).div_ceil(8);
-    let max_qps = ((X_SMEM_BUDGET / m - ROW_PAD) / QUAD).max(1);
+    let mut max_qps = MAX_QUADS_PER_CTA;
+    while max_qps > 1 && smem_bytes(m, max_qps) > SMEM_BUDGET {
+        max_qps -= 1;
+    }
     let row_tiles = n_out.div_ceil(ROWS_PER_CTA);
     let want_split = (2 * gpu.info().sm_count as usize)
         .div_ceil(row_tiles)
         .max(1);
-    let max_split_by_work = (quads / WARPS).max(1); // keep >= one quad per warp
-    let ksplit = want_split
-        .min(max_split_by_work)
-        .max(quads.div_ceil(max_qps));
+    let ksplit = want_split.min(quads).max(quads.div_ceil(max_qps));
     let qps = quads.div_ceil(ksplit);
     (qps, quads.div_ceil(qps))
 }
@@ -147,8 +161,7 @@ pub fn ternary_matmul_a8_cuda(
     for m0 in (0..m).step_by(GEMV_MAX_M) {
         let mc = GEMV_MAX_M.min(m - m0);
         let (qps, ksplit) = plan(gpu, mc, n_out, k);
-        let x_bytes = (mc * (qps * QUAD + ROW_PAD)).next_multiple_of(16);
-        let smem = x_bytes + WARPS * ROWS_PER_CTA * GEMV_MAX_M * 4;
+        let smem = smem_bytes(mc, qps);
         let cfg = LaunchConfig {
             grid_dim: (n_out.div_ceil(ROWS_PER_CTA) as u32, ksplit as u32, 1),
             block_dim: (THREADS, 1, 1),
