@@ -176,30 +176,46 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     // codes (PRMT), then word (t, j) goes to slot (j, t).
     const bool x_vec = (K % 16 == 0) && ((reinterpret_cast<uintptr_t>(xq) & 15) == 0);
     const int groups = nq * 8;  // 16-code groups per row
-    for (int i = tid; i < M * groups; i += kThreads) {
-        const int m = i / groups, gi = i - m * groups;
-        const int k = k0 + 16 * gi;
-        const int8_t* xr = xq + static_cast<size_t>(m) * K;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (x_vec && k + 16 <= K) {
-            v = __ldg(reinterpret_cast<const uint4*>(xr + k));
-        } else {
-            unsigned char* vb = reinterpret_cast<unsigned char*>(&v);
+    const int total = M * groups;
+    // Loads of up to 4 groups are issued before any is used, so a thread waits for one
+    // round trip per 4 groups instead of one per group (M = 8 has ~5 groups per thread).
+    for (int base = tid; base < total; base += 4 * kThreads) {
+        uint4 v[4];
 #pragma unroll
-            for (int b = 0; b < 16; ++b) vb[b] = (k + b < K) ? static_cast<unsigned char>(xr[k + b]) : 0;
+        for (int u = 0; u < 4; ++u) {
+            const int i = base + u * kThreads;
+            v[u] = make_uint4(0, 0, 0, 0);
+            if (i < total) {
+                const int m = i / groups, gi = i - m * groups;
+                const int k = k0 + 16 * gi;
+                const int8_t* xr = xq + static_cast<size_t>(m) * K;
+                if (x_vec && k + 16 <= K) {
+                    v[u] = __ldg(reinterpret_cast<const uint4*>(xr + k));
+                } else {
+                    unsigned char* vb = reinterpret_cast<unsigned char*>(&v[u]);
+#pragma unroll
+                    for (int b = 0; b < 16; ++b) vb[b] = (k + b < K) ? static_cast<unsigned char>(xr[k + b]) : 0;
+                }
+            }
         }
-        int local = __dp4a(static_cast<int>(v.x), 0x01010101, 0);
-        local = __dp4a(static_cast<int>(v.y), 0x01010101, local);
-        local = __dp4a(static_cast<int>(v.z), 0x01010101, local);
-        local = __dp4a(static_cast<int>(v.w), 0x01010101, local);
-        if (local != 0) atomicAdd(&sumx[m], local);
-        const uint4 p = permute16(v);
-        unsigned* blk = reinterpret_cast<unsigned*>(xp + m * x_stride + 128 * (gi >> 3));
-        const int tg = gi & 7;
-        blk[tg] = p.x;
-        blk[8 + tg] = p.y;
-        blk[16 + tg] = p.z;
-        blk[24 + tg] = p.w;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = base + u * kThreads;
+            if (i >= total) break;
+            const int m = i / groups, gi = i - m * groups;
+            int local = __dp4a(static_cast<int>(v[u].x), 0x01010101, 0);
+            local = __dp4a(static_cast<int>(v[u].y), 0x01010101, local);
+            local = __dp4a(static_cast<int>(v[u].z), 0x01010101, local);
+            local = __dp4a(static_cast<int>(v[u].w), 0x01010101, local);
+            if (local != 0) atomicAdd(&sumx[m], local);
+            const uint4 p = permute16(v[u]);
+            unsigned* blk = reinterpret_cast<unsigned*>(xp + m * x_stride + 128 * (gi >> 3));
+            const int tg = gi & 7;
+            blk[tg] = p.x;
+            blk[8 + tg] = p.y;
+            blk[16 + tg] = p.z;
+            blk[24 + tg] = p.w;
+        }
     }
 
     // 3. Consume the stages as they land; warps split each stage's quads. In k-step j of a
