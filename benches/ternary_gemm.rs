@@ -125,7 +125,7 @@ mod gpu {
     use cudarc::driver::CudaSlice;
     use half::bf16;
     use ternary_gemm::cuda::{
-        absmax_quantize_rows_into, ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu,
+        ternary_matmul_a8_cuda, GemvActivations, GemvWorkspace, TernaryMatrixGpu,
     };
     use tritter_kernels_cuda::testing::gpu_for_test;
     use tritter_kernels_cuda::Gpu;
@@ -146,9 +146,7 @@ mod gpu {
     struct Ours {
         w: TernaryMatrixGpu,
         x: CudaSlice<bf16>,
-        codes: CudaSlice<i8>,
-        scales: CudaSlice<f32>,
-        flag: CudaSlice<u32>,
+        acts: GemvActivations,
         y: CudaSlice<f32>,
         ws: GemvWorkspace,
     }
@@ -192,9 +190,7 @@ mod gpu {
                             .collect::<Vec<_>>(),
                     )
                     .unwrap(),
-                codes: stream.alloc_zeros(m * k).unwrap(),
-                scales: stream.alloc_zeros(m).unwrap(),
-                flag: stream.alloc_zeros(1).unwrap(),
+                acts: GemvActivations::new(gpu, m, k).unwrap(),
                 y: stream.alloc_zeros(m * n).unwrap(),
                 ws: GemvWorkspace::new(gpu, n).unwrap(),
             })
@@ -216,53 +212,20 @@ mod gpu {
             })
             .collect();
         for o in ours.iter_mut() {
-            absmax_quantize_rows_into(
-                gpu,
-                &o.x.as_view(),
-                m,
-                k,
-                &mut o.codes.as_view_mut(),
-                &mut o.scales.as_view_mut(),
-                &mut o.flag.as_view_mut(),
-            )
-            .unwrap();
+            o.acts.quantize_from(gpu, &o.x.as_view()).unwrap();
         }
 
         let t_full = {
             let mut full = |i: usize| {
                 let o = &mut ours[i % sets];
-                absmax_quantize_rows_into(
-                    gpu,
-                    &o.x.as_view(),
-                    m,
-                    k,
-                    &mut o.codes.as_view_mut(),
-                    &mut o.scales.as_view_mut(),
-                    &mut o.flag.as_view_mut(),
-                )?;
-                ternary_matmul_a8_cuda(
-                    gpu,
-                    &o.w,
-                    &o.codes.as_view(),
-                    &o.scales.as_view(),
-                    m,
-                    &mut o.y.as_view_mut(),
-                    &mut o.ws,
-                )
+                o.acts.quantize_from(gpu, &o.x.as_view())?;
+                ternary_matmul_a8_cuda(gpu, &o.w, &o.acts, &mut o.y.as_view_mut(), &mut o.ws)
             };
             time_launches(gpu, 20, 50, &mut full).unwrap()
         };
         let mut gemv = |i: usize| {
             let o = &mut ours[i % sets];
-            ternary_matmul_a8_cuda(
-                gpu,
-                &o.w,
-                &o.codes.as_view(),
-                &o.scales.as_view(),
-                m,
-                &mut o.y.as_view_mut(),
-                &mut o.ws,
-            )
+            ternary_matmul_a8_cuda(gpu, &o.w, &o.acts, &mut o.y.as_view_mut(), &mut o.ws)
         };
         let t_ours = time_launches(gpu, 20, 50, &mut gemv).unwrap();
         // cuBLAS: y^T (n x m, col-major) = W (k x n col-major, transposed) * x^T (k x m).

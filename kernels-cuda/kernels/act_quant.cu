@@ -17,6 +17,8 @@
 // Division and multiply are IEEE (no --use_fast_math), so codes and scales match the CPU
 // reference exactly.
 //
+// act_quant_mma_* (below) write the same codes in the ternary GEMV's operand order.
+//
 // Bound: memory. Traffic = M*K*(sizeof(T) + 1) + 4*M bytes from/to HBM; the second read
 // hits cache. Grid = M CTAs, so decode-size M (1..8) is latency bound; the ternary GEMV
 // fuses this step for that case.
@@ -141,6 +143,104 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------
+// GEMV-ready variant: the same codes and scales, written in the ternary GEMV's MMA k order,
+// plus the row sums the GEMV subtracts (dot(w, x) = dot(w + 1, x) - sum(x)).
+//
+//   codes_mma [M, Kp] int8, Kp = ceil(K / 128) * 128, zero padded; within each 128-code
+//             block, word (j, t) (byte offset 32 j + 4 t, j < 4, t < 8) holds the codes of
+//             k = 16 t + 4 e + j for e = 0..3 (see ternary_gemv.cu)
+//   sums      [M] int32, sum of the row's codes
+//
+// Pass 1 is the absmax reduction above (16-byte loads when aligned); pass 2 writes one
+// permuted 32-bit word per thread and step (coalesced), gathering its 4 inputs from the
+// L1-resident row. `Src` is an activation type (quantize) or int8 codes (permute only).
+template <typename T>
+__device__ __forceinline__ void row_absmax(const T* __restrict__ xr, int cols, bool vec_ok, float& amax, unsigned& bad) {
+    constexpr int VEC = Vec16<T>::N;
+    if (vec_ok) {
+        const uint4* xv = reinterpret_cast<const uint4*>(xr);
+        for (int i = threadIdx.x; i < cols / VEC; i += kThreads) {
+            uint4 raw = xv[i];
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                const float a = fabsf(tritter::to_float(e[j]));
+                amax = fmaxf(amax, a);
+                bad |= !(a <= 3.402823466e38f);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < cols; i += kThreads) {
+            const float a = fabsf(tritter::to_float(xr[i]));
+            amax = fmaxf(amax, a);
+            bad |= !(a <= 3.402823466e38f);
+        }
+    }
+}
+
+// Writes row `row` of codes_mma / sums from codes produced by `code_of(k)` (k < cols).
+template <typename CodeOf>
+__device__ __forceinline__ void store_mma_row(int8_t* __restrict__ codes_mma, int* __restrict__ sums, int row,
+                                              int cols, int cols_pad, CodeOf code_of) {
+    __shared__ unsigned scratch_sum[32];
+    unsigned* out = reinterpret_cast<unsigned*>(codes_mma + static_cast<size_t>(row) * cols_pad);
+    int local = 0;
+    for (int wd = threadIdx.x; wd < cols_pad / 4; wd += kThreads) {
+        const int blk = wd >> 5, j = (wd >> 3) & 3, t = wd & 7;
+        const int kb = 128 * blk + 16 * t + j;
+        unsigned word = 0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int k = kb + 4 * e;
+            const int q = k < cols ? code_of(k) : 0;
+            word |= (static_cast<unsigned>(q) & 0xffu) << (8 * e);
+        }
+        local = __dp4a(static_cast<int>(word), 0x01010101, local);
+        out[wd] = word;
+    }
+    // block sum (two's complement: an unsigned OR-free add is exact for the int sum)
+    local = __reduce_add_sync(0xffffffffu, local);
+    if ((threadIdx.x & 31) == 0) scratch_sum[threadIdx.x >> 5] = static_cast<unsigned>(local);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int w = 0; w < kThreads / 32; ++w) total += static_cast<int>(scratch_sum[w]);
+        sums[row] = total;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_t* __restrict__ codes_mma,
+                                                  int* __restrict__ sums, float* __restrict__ scales,
+                                                  unsigned* __restrict__ nonfinite_rows, int rows, int cols,
+                                                  int cols_pad) {
+    __shared__ float scratch_f[32];
+    __shared__ unsigned scratch_u[32];
+    constexpr int VEC = Vec16<T>::N;
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const T* xr = x + static_cast<size_t>(row) * cols;
+    const bool vec_ok = (cols % VEC == 0) && ((reinterpret_cast<uintptr_t>(x) & 15) == 0);
+    float amax = 0.0f;
+    unsigned bad = 0;
+    row_absmax(xr, cols, vec_ok, amax, bad);
+    amax = tritter::block_max(amax, scratch_f);
+    bad = tritter::block_or(bad, scratch_u);
+    if (bad) {
+        if (threadIdx.x == 0) {
+            scales[row] = __int_as_float(0x7fc00000);  // NaN: this row must not be used
+            atomicAdd(nonfinite_rows, 1u);
+        }
+        store_mma_row(codes_mma, sums, row, cols, cols_pad, [](int) { return 0; });
+        return;
+    }
+    const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
+    if (threadIdx.x == 0) scales[row] = s;
+    store_mma_row(codes_mma, sums, row, cols, cols_pad,
+                  [&](int k) { return static_cast<int>(quantize_one(tritter::to_float(xr[k]), s)); });
+}
+
 #define ACT_QUANT_ENTRY(NAME, T)                                                              \
     extern "C" __global__ void __launch_bounds__(kThreads)                                    \
         NAME(const T* __restrict__ x, int8_t* __restrict__ codes, float* __restrict__ scales, \
@@ -151,3 +251,25 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
 ACT_QUANT_ENTRY(act_quant_f32, float)
 ACT_QUANT_ENTRY(act_quant_bf16, __nv_bfloat16)
 ACT_QUANT_ENTRY(act_quant_f16, __half)
+
+#define ACT_QUANT_MMA_ENTRY(NAME, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(kThreads)                                            \
+        NAME(const T* __restrict__ x, int8_t* __restrict__ codes_mma, int* __restrict__ sums,         \
+             float* __restrict__ scales, unsigned* __restrict__ nonfinite_rows, int rows, int cols,   \
+             int cols_pad) {                                                                          \
+        act_quant_mma_row<T>(x, codes_mma, sums, scales, nonfinite_rows, rows, cols, cols_pad);       \
+    }
+
+ACT_QUANT_MMA_ENTRY(act_quant_mma_f32, float)
+ACT_QUANT_MMA_ENTRY(act_quant_mma_bf16, __nv_bfloat16)
+ACT_QUANT_MMA_ENTRY(act_quant_mma_f16, __half)
+
+// Already-quantized int8 codes [M, K] -> codes_mma [M, Kp] + sums [M] (permutation only).
+extern "C" __global__ void __launch_bounds__(kThreads)
+    a8_to_mma(const int8_t* __restrict__ codes, int8_t* __restrict__ codes_mma, int* __restrict__ sums, int rows,
+              int cols, int cols_pad) {
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const int8_t* cr = codes + static_cast<size_t>(row) * cols;
+    store_mma_row(codes_mma, sums, row, cols, cols_pad, [&](int k) { return static_cast<int>(cr[k]); });
+}

@@ -3,7 +3,9 @@
 //   W      [n_out, wpr]  u32, canonical 2-bit codes (code = w + 1; weight k of a row at bits
 //                        2*(k%16) of word k/16; rows padded with code 1), wpr = ceil(K/16)
 //   gamma  [1] or [n_out] f32 weight scales
-//   xq     [M, K] int8 activation codes, xs [M] f32 activation scales (s = 127 / absmax)
+//   xq     [M, Kp] int8 activation codes in MMA k order (Kp = ceil(K/128)*128, zero padded;
+//          written by act_quant_mma_* / a8_to_mma), xsum [M] int32 row sums of the codes,
+//          xs [M] f32 activation scales (s = 127 / absmax)
 //   y      [M, n_out] f32   y[m, n] = acc[m, n] * (gamma_n / s_m),
 //                           acc[m, n] = sum_k (code[n, k] - 1) * xq[m, k]   (exact, int32)
 //   ws     [8, n_out] int32 split-K accumulators, zero between calls (the last CTA resets them)
@@ -17,31 +19,31 @@
 // quad (8 words per row) is permuted so that in k-step j lane (g, t) feeds the MMA
 // (word[t] >> 2j) & 0x03030303 and (word[t+4] >> 2j) & 0x03030303, i.e. the codes of weights
 // {16t + j, 16t + 4 + j, 16t + 8 + j, 16t + 12 + j}: the shift is an immediate and two
-// 32-bit shared loads per row cover all four k-steps. The activations are stored in shared
-// memory in the same order (xp[32j + 4t + e] = x[16t + 4e + j] per 128 codes: a 4x4 byte
-// transpose per 16 codes with PRMT), so each B register is one 32-bit shared load. The
-// weight stream is read exactly as stored: no repacking.
+// 32-bit shared loads per row cover all four k-steps. The activations arrive in the same
+// order from the quantization kernel (xq[128b + 32j + 4t + e] = x[128b + 16t + 4e + j]), so
+// each B register is one 32-bit load from L1/L2 and no CTA spends shared memory or a
+// prologue on them. The weight stream is read exactly as stored: no repacking.
 //
 // Tiling and pipeline. A CTA owns 32 output rows (two 16-row MMA tiles per warp, sharing each
 // B fragment) and one K range of up to 4096 weights (blockIdx.y of ksplit). The CTA's whole
 // weight tile (32 rows x range, <= 33 KB) is requested at once with 16-byte cp.async in 4
-// commit groups along k, before the activation prologue runs, so every byte a CTA needs is in
-// flight after its first instructions and HBM latency is paid about once per CTA; the warps
+// commit groups along k, so every byte a CTA needs is in flight after its first
+// instructions and HBM latency is paid about once per CTA; the warps
 // then consume the groups in order as they land. Every weight byte is fetched once
 // (coalesced, no per-lane redundancy); the four lanes of an MMA row group read it from shared
 // memory by broadcast. Weight rows in shared memory are padded by 4 words so the 8 row groups
-// of a warp hit distinct banks; activation rows by 16 bytes for the same reason.
+// of a warp hit distinct banks.
 // The 8 warps split each group's k-steps; their 32 x 8 int32 tiles are summed through shared
 // memory (reusing the weight buffer).
-// Split-K (ksplit > 1) is serial and deterministic: each CTA adds its int32 tile into ws with
+// Split-K (ksplit > 1) is serial and deterministic: each CTA adds its int32 sum(code * x)
+// tile into ws with
 // atomics (integer addition: order does not matter), and the last CTA of a row tile, found
-// with an arrival counter, applies the epilogue and zeroes ws and the counter for the next
-// call. One launch per call.
+// with an arrival counter, subtracts the row sums, applies the epilogue and zeroes ws and
+// the counter for the next call. One launch per call.
 //
 // Bound: memory (weight bytes). Per 128 packed bytes (one MMA) a warp issues about 12
-// instructions (1 MMA, <= 8 SHF/LOP, 1 LDS for A, 1-2 for B), within the issue rate needed
-// to stream ~15 B/clk/SM on an H100 or RTX 5080; the copies and the activation prologue are
-// issued once per CTA.
+// instructions (1 MMA, <= 8 SHF/LOP, 1 LDS for A, 1 L1 load for B), within the issue rate
+// needed to stream ~15 B/clk/SM on an H100 or RTX 5080; the copies are issued once per CTA.
 
 #include "common.cuh"
 
@@ -54,7 +56,6 @@ constexpr int kRows = 16 * kTiles;     // output rows per CTA
 constexpr int kMaxM = 8;               // activation rows (MMA N)
 constexpr int kQuadWords = 8;          // 128 weights = 4 MMA k-steps = 8 words per row
 constexpr int kStages = 4;             // cp.async commit groups per CTA range
-constexpr int kRowPadX = 16;           // bytes of padding per activation row in shared memory
 constexpr int kRowPadW = 4;            // words of padding per weight row in shared memory
 
 __device__ __forceinline__ void mma_s8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
@@ -105,11 +106,10 @@ __device__ __forceinline__ void wait_stage(int pending) {
 // kVec: rows are 16-byte aligned (wpr % 4 == 0): 16-byte copies; else 4-byte copies.
 template <bool kVec>
 __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
-                               const int8_t* __restrict__ xq, const float* __restrict__ xs,
+                               const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,
                                float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles, int M,
                                int n_out, int K, int quads_per_split) {
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ int sumx[kMaxM];
     __shared__ bool last_cta;
 
     const int wpr = (K + 15) / 16;
@@ -118,15 +118,13 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     const int nq = min(total_quads, q_begin + quads_per_split) - q_begin;
     const int words = nq * kQuadWords;          // words per row in this CTA's range
     const int w_stride = words + kRowPadW;      // smem words per weight row
-    const int x_stride = nq * 128 + kRowPadX;   // smem bytes per activation row
+    const int kp = total_quads * 128;           // padded activation row length (codes_mma)
     const int k0 = q_begin * 128;
     const int word0 = q_begin * kQuadWords;
 
-    // Layout: [weights 32 x w_stride words | reused as kWarps x 32 x 8 int after compute]
-    //         [activations M x x_stride bytes]. The host computes the same sizes.
-    const int w_bytes = max(4 * kRows * w_stride, 4 * kWarps * kRows * kMaxM);
+    // Layout: weights 32 x w_stride words, reused as kWarps x 32 x 8 int after compute.
+    // The host computes the same size.
     uint32_t* wsm = reinterpret_cast<uint32_t*>(smem);
-    int8_t* xp = reinterpret_cast<int8_t*>(smem + w_bytes);
     int* red = reinterpret_cast<int*>(smem);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -138,8 +136,6 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     const int en = row0 + er;
     const bool live = em < M && en < n_out;
     const float out_scale = live ? __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]) : 0.0f;
-
-    if (tid < kMaxM) sumx[tid] = 0;
 
     // 1. The whole weight tile, in kStages commit groups along k. Thread (row tid/8, lane
     // tid%8) copies 16-byte chunks tid%8, tid%8 + 8, ... of its row: coalesced, pointers
@@ -168,62 +164,14 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
             cp_async_commit();
         }
     }
-    __syncthreads();  // sumx zeroed
-
-    // 2. Activation prologue (overlaps the weight copies): this CTA's x range -> shared
-    // memory in the MMA's k order, with sum(x) per row for the code offset. Within each
-    // 128-code block, xp[32 j + 4 t + e] = x[16 t + 4 e + j]: a 4x4 byte transpose per 16
-    // codes (PRMT), then word (t, j) goes to slot (j, t).
-    const bool x_vec = (K % 16 == 0) && ((reinterpret_cast<uintptr_t>(xq) & 15) == 0);
-    const int groups = nq * 8;  // 16-code groups per row
-    const int total = M * groups;
-    // Loads of up to 4 groups are issued before any is used, so a thread waits for one
-    // round trip per 4 groups instead of one per group (M = 8 has ~5 groups per thread).
-    for (int base = tid; base < total; base += 4 * kThreads) {
-        uint4 v[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int i = base + u * kThreads;
-            v[u] = make_uint4(0, 0, 0, 0);
-            if (i < total) {
-                const int m = i / groups, gi = i - m * groups;
-                const int k = k0 + 16 * gi;
-                const int8_t* xr = xq + static_cast<size_t>(m) * K;
-                if (x_vec && k + 16 <= K) {
-                    v[u] = __ldg(reinterpret_cast<const uint4*>(xr + k));
-                } else {
-                    unsigned char* vb = reinterpret_cast<unsigned char*>(&v[u]);
-#pragma unroll
-                    for (int b = 0; b < 16; ++b) vb[b] = (k + b < K) ? static_cast<unsigned char>(xr[k + b]) : 0;
-                }
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int i = base + u * kThreads;
-            if (i >= total) break;
-            const int m = i / groups, gi = i - m * groups;
-            int local = __dp4a(static_cast<int>(v[u].x), 0x01010101, 0);
-            local = __dp4a(static_cast<int>(v[u].y), 0x01010101, local);
-            local = __dp4a(static_cast<int>(v[u].z), 0x01010101, local);
-            local = __dp4a(static_cast<int>(v[u].w), 0x01010101, local);
-            if (local != 0) atomicAdd(&sumx[m], local);
-            const uint4 p = permute16(v[u]);
-            unsigned* blk = reinterpret_cast<unsigned*>(xp + m * x_stride + 128 * (gi >> 3));
-            const int tg = gi & 7;
-            blk[tg] = p.x;
-            blk[8 + tg] = p.y;
-            blk[16 + tg] = p.z;
-            blk[24 + tg] = p.w;
-        }
-    }
-
     // 3. Consume the stages as they land; warps split each stage's quads. In k-step j of a
     // quad, lane (g, t) feeds the MMA (word t >> 2j) & 0x03030303 and (word t+4 >> 2j) of
     // rows g and g+8: the shift is an immediate and one pair of shared loads per row covers
     // all 4 k-steps of the quad.
+    // B operands come straight from the GEMV-ready activations (already in MMA k order,
+    // L1/L2 resident: M x K bytes shared by every CTA).
     const bool has_b = g < M;
-    const int8_t* xg = xp + (has_b ? g : 0) * x_stride + 4 * t;
+    const int8_t* xg = xq + static_cast<size_t>(has_b ? g : 0) * kp + 4 * t;
     int c[kTiles][4] = {};
     for (int st = 0; st < kStages; ++st) {
         wait_stage(kStages - 1 - st);
@@ -238,14 +186,13 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
                 lo[r] = wr[0];
                 hi[r] = wr[4];
             }
-            const int8_t* xb = xg + 128 * q;
+            const int8_t* xb = xg + 128 * (q_begin + q);
+            unsigned bq[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) bq[j] = has_b ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                unsigned b0 = 0, b1 = 0;
-                if (has_b) {
-                    b0 = *reinterpret_cast<const unsigned*>(xb + 32 * j);
-                    b1 = *reinterpret_cast<const unsigned*>(xb + 32 * j + 16);
-                }
+                const unsigned b0 = bq[2 * j], b1 = bq[2 * j + 1];
 #pragma unroll
                 for (int tile = 0; tile < kTiles; ++tile) {
                     mma_s8(c[tile], (lo[2 * tile] >> (2 * j)) & 0x03030303u, (lo[2 * tile + 1] >> (2 * j)) & 0x03030303u,
@@ -269,13 +216,13 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     __syncthreads();
 
     // One thread per (row, m) of the CTA tile: 32 x 8 = 256 = kThreads.
+    // acc = sum(code * x) over this CTA's range; dot(w, x) subtracts the row sum once.
     int acc = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) acc += red[w * (kRows * kMaxM) + tid];
-    acc -= sumx[em < M ? em : 0];
 
     if (gridDim.y == 1) {
-        if (live) y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(acc) * out_scale;
+        if (live) y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(acc - xsum[em]) * out_scale;
         return;
     }
     // Serial split-K: accumulate, then the last CTA of this row tile finishes.
@@ -289,7 +236,7 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     if (live) {
         int* slot = &ws[static_cast<size_t>(em) * n_out + en];
         const int total = atomicExch(slot, 0);  // read the final sum and reset for the next call
-        y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(total) * out_scale;
+        y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(total - xsum[em]) * out_scale;
     }
     if (tid == 0) tiles[blockIdx.x] = 0;
 }
@@ -298,14 +245,14 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
 
 extern "C" __global__ void __launch_bounds__(kThreads) gemv_w2a8_vec(
     const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
-    const int8_t* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ y, int* __restrict__ ws,
-    unsigned* __restrict__ tiles, int M, int n_out, int K, int quads_per_split) {
-    gemv_w2a8_impl<true>(W, gamma, gamma_per_row, xq, xs, y, ws, tiles, M, n_out, K, quads_per_split);
+    const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs, float* __restrict__ y,
+    int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, int quads_per_split) {
+    gemv_w2a8_impl<true>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K, quads_per_split);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads) gemv_w2a8_word(
     const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
-    const int8_t* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ y, int* __restrict__ ws,
-    unsigned* __restrict__ tiles, int M, int n_out, int K, int quads_per_split) {
-    gemv_w2a8_impl<false>(W, gamma, gamma_per_row, xq, xs, y, ws, tiles, M, n_out, K, quads_per_split);
+    const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs, float* __restrict__ y,
+    int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, int quads_per_split) {
+    gemv_w2a8_impl<false>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K, quads_per_split);
 }

@@ -178,6 +178,43 @@ pub fn dequantize_rows(q: &QuantizedActivations) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Codes per block of the GEMV's MMA k order: activation rows are padded to a multiple.
+pub const GEMV_K_BLOCK: usize = 128;
+
+/// Row length of GEMV-ready activations: `cols` rounded up to a multiple of 128.
+pub fn gemv_padded_cols(cols: usize) -> usize {
+    cols.div_ceil(GEMV_K_BLOCK) * GEMV_K_BLOCK
+}
+
+/// Position of code `k` of a row in the GEMV's MMA k order: within each 128-code block,
+/// code `16 t + 4 e + j` (t < 8, e < 4, j < 4) sits at byte `32 j + 4 t + e`.
+///
+/// Why: with this order a GPU thread's 32-bit MMA operand for k-step `j` is one aligned
+/// load, matching weights decoded as `(word[t] >> 2 j) & 0x03030303` from the canonical
+/// packed layout, so neither operand is shuffled at run time.
+#[inline]
+pub fn gemv_code_position(k: usize) -> usize {
+    let (blk, r) = (k / GEMV_K_BLOCK, k % GEMV_K_BLOCK);
+    let (t, e, j) = (r / 16, (r % 16) / 4, r % 4);
+    GEMV_K_BLOCK * blk + 32 * j + 4 * t + e
+}
+
+/// Reference of the GEMV-ready layout: `(rows, cols)` codes -> `(rows, gemv_padded_cols)`
+/// codes in MMA k order (zero padded) and the `(rows,)` row sums.
+pub fn gemv_order_codes(codes: &[i8], rows: usize, cols: usize) -> Result<(Vec<i8>, Vec<i32>)> {
+    check_shape("codes", codes.len(), rows, cols)?;
+    let kp = gemv_padded_cols(cols);
+    let mut out = vec![0i8; rows * kp];
+    let mut sums = vec![0i32; rows];
+    for (r, row) in codes.chunks_exact(cols).enumerate() {
+        for (k, &q) in row.iter().enumerate() {
+            out[r * kp + gemv_code_position(k)] = q;
+        }
+        sums[r] = row.iter().map(|&q| i32::from(q)).sum();
+    }
+    Ok((out, sums))
+}
+
 /// Checks `len == rows * cols` and `cols` in `1..=i32::MAX` (the kernels index with i32).
 pub(crate) fn check_shape(what: &'static str, len: usize, rows: usize, cols: usize) -> Result<()> {
     if cols == 0 || cols > i32::MAX as usize {
@@ -269,6 +306,21 @@ mod tests {
                 "y = {y}"
             );
         }
+    }
+
+    /// The GEMV order is a permutation of each 128-block (every position hit once).
+    #[test]
+    fn gemv_order_is_a_block_permutation() {
+        let mut seen = [false; GEMV_K_BLOCK];
+        for k in 0..GEMV_K_BLOCK {
+            let p = gemv_code_position(k + GEMV_K_BLOCK) - GEMV_K_BLOCK;
+            assert!(!seen[p], "position {p} hit twice");
+            seen[p] = true;
+        }
+        assert_eq!(gemv_code_position(16 * 2 + 4 + 3), 32 * 3 + 4 * 2 + 1);
+        let (codes, sums) = gemv_order_codes(&[1, -2, 3], 1, 3).unwrap();
+        assert_eq!(codes.len(), GEMV_K_BLOCK);
+        assert_eq!(sums, vec![2]);
     }
 
     /// Zero columns are refused (a kernel cannot quantize an empty row).

@@ -21,8 +21,9 @@ mod io;
 mod ternary;
 
 pub use act_quant::{
-    absmax_quantize_row_ref, absmax_quantize_rows, dequantize_rows, QuantizedActivations,
-    ACT_QUANT_EPS, ACT_QUANT_QMAX,
+    absmax_quantize_row_ref, absmax_quantize_rows, dequantize_rows, gemv_code_position,
+    gemv_order_codes, gemv_padded_cols, QuantizedActivations, ACT_QUANT_EPS, ACT_QUANT_QMAX,
+    GEMV_K_BLOCK,
 };
 pub use cpu::{ternary_matmul_a8, ternary_matmul_a8_acc, CpuKernel};
 pub use element::Element;

@@ -202,8 +202,11 @@ mod gemv_conformance {
 #[cfg(feature = "cuda")]
 mod gemv_conformance {
     use super::*;
-    use ternary_gemm::cuda::{ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu};
-    use ternary_gemm::TernaryError;
+    use half::bf16;
+    use ternary_gemm::cuda::{
+        ternary_matmul_a8_cuda, GemvActivations, GemvWorkspace, TernaryMatrixGpu,
+    };
+    use ternary_gemm::{gemv_order_codes, TernaryError};
     use tritter_kernels_cuda::testing::random_f32;
     use tritter_kernels_cuda::Gpu;
 
@@ -226,18 +229,23 @@ mod gemv_conformance {
                 let wg = TernaryMatrixGpu::upload(gpu, &w).unwrap();
                 let codes = stream.clone_htod(&xq.codes).unwrap();
                 let scales = stream.clone_htod(&xq.scales).unwrap();
+                let mut acts = GemvActivations::new(gpu, m, k).unwrap();
+                acts.load_codes(gpu, &codes.as_view(), &scales.as_view())
+                    .unwrap();
+                let (want_mma, want_sums) = gemv_order_codes(&xq.codes, m, k).unwrap();
+                assert_eq!(
+                    stream.clone_dtoh(&acts.codes_mma).unwrap(),
+                    want_mma,
+                    "a8_to_mma layout"
+                );
+                assert_eq!(
+                    stream.clone_dtoh(&acts.sums).unwrap(),
+                    want_sums,
+                    "a8_to_mma sums"
+                );
                 // Poison the output so an unwritten element cannot pass.
                 let mut y = stream.clone_htod(&vec![f32::NAN; m * n]).unwrap();
-                ternary_matmul_a8_cuda(
-                    gpu,
-                    &wg,
-                    &codes.as_view(),
-                    &scales.as_view(),
-                    m,
-                    &mut y.as_view_mut(),
-                    &mut ws,
-                )
-                .unwrap();
+                ternary_matmul_a8_cuda(gpu, &wg, &acts, &mut y.as_view_mut(), &mut ws).unwrap();
                 let got = stream.clone_dtoh(&y).unwrap();
                 let mismatches = got
                     .iter()
@@ -256,26 +264,18 @@ mod gemv_conformance {
                 assert_eq!(mismatches, 0, "n {n} k {k} m {m} per_row {per_row}");
             }
         }
+        quantize_for_gemv(gpu);
         // Shape errors are typed, before any launch.
         let w =
             absmean_quantize(&random_f32(32 * 64, 1), 32, 64, ScaleGranularity::PerTensor).unwrap();
         let wg = TernaryMatrixGpu::upload(gpu, &w).unwrap();
-        let codes = stream.clone_htod(&vec![0i8; 63]).unwrap();
-        let scales = stream.clone_htod(&[1f32]).unwrap();
+        let acts = GemvActivations::new(gpu, 1, 63).unwrap();
         let mut y = stream.alloc_zeros::<f32>(32).unwrap();
-        let err = ternary_matmul_a8_cuda(
-            gpu,
-            &wg,
-            &codes.as_view(),
-            &scales.as_view(),
-            1,
-            &mut y.as_view_mut(),
-            &mut ws,
-        );
+        let err = ternary_matmul_a8_cuda(gpu, &wg, &acts, &mut y.as_view_mut(), &mut ws);
         assert!(
             matches!(
                 err,
-                Err(TernaryError::LengthMismatch {
+                Err(TernaryError::ShapeMismatch {
                     actual: 63,
                     expected: 64,
                     ..
@@ -283,5 +283,82 @@ mod gemv_conformance {
             ),
             "{err:?}"
         );
+    }
+
+    /// The fused quantize-into-GEMV-layout kernel equals CPU quantization + layout (codes,
+    /// sums, scales bit-exact) for f32 and bf16, flags NaN rows, and the GEMV on its output
+    /// equals the CPU reference.
+    fn quantize_for_gemv(gpu: &Gpu) {
+        let stream = gpu.stream();
+        for &(m, k) in &[(1usize, 4096usize), (3, 1000), (8, 2560), (2, 7)] {
+            let xf = random_f32(m * k, (m * k) as u64);
+            let want = absmax_quantize_rows(&xf, m, k).unwrap();
+            let (want_mma, want_sums) = gemv_order_codes(&want.codes, m, k).unwrap();
+            let mut acts = GemvActivations::new(gpu, m, k).unwrap();
+            acts.quantize_from(gpu, &stream.clone_htod(&xf).unwrap().as_view())
+                .unwrap();
+            acts.check_finite(gpu).unwrap();
+            assert_eq!(
+                stream.clone_dtoh(&acts.codes_mma).unwrap(),
+                want_mma,
+                "f32 {m}x{k} codes"
+            );
+            assert_eq!(
+                stream.clone_dtoh(&acts.sums).unwrap(),
+                want_sums,
+                "f32 {m}x{k} sums"
+            );
+            assert_eq!(
+                stream.clone_dtoh(&acts.scales).unwrap(),
+                want.scales,
+                "f32 {m}x{k} scales"
+            );
+
+            let xb: Vec<bf16> = xf.iter().map(|&v| bf16::from_f32(v)).collect();
+            let want_b = absmax_quantize_rows(&xb, m, k).unwrap();
+            acts.quantize_from(gpu, &stream.clone_htod(&xb).unwrap().as_view())
+                .unwrap();
+            assert_eq!(
+                stream.clone_dtoh(&acts.codes_mma).unwrap(),
+                gemv_order_codes(&want_b.codes, m, k).unwrap().0
+            );
+            assert_eq!(
+                stream.clone_dtoh(&acts.scales).unwrap(),
+                want_b.scales,
+                "bf16 {m}x{k} scales"
+            );
+
+            let n = 40;
+            let w =
+                absmean_quantize(&random_f32(n * k, 9), n, k, ScaleGranularity::PerTensor).unwrap();
+            let mut ws = GemvWorkspace::new(gpu, n).unwrap();
+            let mut y = stream.alloc_zeros::<f32>(m * n).unwrap();
+            ternary_matmul_a8_cuda(
+                gpu,
+                &TernaryMatrixGpu::upload(gpu, &w).unwrap(),
+                &acts,
+                &mut y.as_view_mut(),
+                &mut ws,
+            )
+            .unwrap();
+            assert_eq!(
+                stream.clone_dtoh(&y).unwrap(),
+                ternary_matmul_a8_ref(&w, &want_b).unwrap(),
+                "bf16 {m}x{k} GEMV"
+            );
+        }
+        let mut xf = random_f32(3 * 64, 4);
+        xf[64 + 5] = f32::NAN;
+        let mut acts = GemvActivations::new(gpu, 3, 64).unwrap();
+        acts.quantize_from(gpu, &stream.clone_htod(&xf).unwrap().as_view())
+            .unwrap();
+        assert!(matches!(
+            acts.check_finite(gpu),
+            Err(TernaryError::NonFiniteRows {
+                rows: 1,
+                total: 3,
+                ..
+            })
+        ));
     }
 }

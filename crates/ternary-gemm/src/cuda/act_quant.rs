@@ -5,6 +5,7 @@ use half::{bf16, f16};
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use crate::act_quant::check_shape;
+use crate::gemv_padded_cols;
 use crate::{Element, QuantizedActivations, Result, TernaryError};
 
 /// Threads per CTA of `act_quant_*` (one CTA per row); must match `kThreads` in the kernel.
@@ -12,18 +13,23 @@ const THREADS: u32 = 256;
 
 /// An activation type with a GPU quantization kernel.
 pub trait DeviceActivation: Element + DeviceRepr {
-    /// `extern "C"` name of the kernel instance for this type.
+    /// `extern "C"` name of the kernel instance for this type (row-major codes).
     const ACT_QUANT_KERNEL: &'static str;
+    /// `extern "C"` name of the instance writing the GEMV layout.
+    const ACT_QUANT_MMA_KERNEL: &'static str;
 }
 
 impl DeviceActivation for f32 {
     const ACT_QUANT_KERNEL: &'static str = "act_quant_f32";
+    const ACT_QUANT_MMA_KERNEL: &'static str = "act_quant_mma_f32";
 }
 impl DeviceActivation for bf16 {
     const ACT_QUANT_KERNEL: &'static str = "act_quant_bf16";
+    const ACT_QUANT_MMA_KERNEL: &'static str = "act_quant_mma_bf16";
 }
 impl DeviceActivation for f16 {
     const ACT_QUANT_KERNEL: &'static str = "act_quant_f16";
+    const ACT_QUANT_MMA_KERNEL: &'static str = "act_quant_mma_f16";
 }
 
 /// Device-resident int8 activations: `codes` `(rows, cols)` i8, `scales` `(rows,)` f32, and
@@ -160,4 +166,165 @@ pub fn absmax_quantize_rows_into<T: DeviceActivation>(
         T::ACT_QUANT_KERNEL
     )))?;
     Ok(())
+}
+
+/// Activations ready for the GPU GEMV: int8 codes in the GEMV's MMA k order
+/// (`codes_mma` `(rows, gemv_padded_cols(cols))`, see [`gemv_code_position`](crate::gemv_code_position)),
+/// their row sums `(rows,)` i32, the scales `(rows,)` f32 and a non-finite row counter.
+///
+/// Why a separate layout: the GEMV then reads its activation operand with one aligned 32-bit
+/// load per MMA k-step, with no shared-memory staging or shuffle in every CTA; producing it
+/// costs the quantization kernel nothing extra (one write of the codes either way).
+/// Allocate once per batch size and refill per step (no allocation on the hot path).
+#[derive(Debug)]
+pub struct GemvActivations {
+    rows: usize,
+    cols: usize,
+    /// `(rows, gemv_padded_cols(cols))` codes in MMA k order, zero padded.
+    pub codes_mma: CudaSlice<i8>,
+    /// `(rows,)` sum of each row's codes.
+    pub sums: CudaSlice<i32>,
+    /// `(rows,)` scales `s = 127 / max|x_row|`.
+    pub scales: CudaSlice<f32>,
+    /// `(1,)` rows of the last fill that held NaN/Inf.
+    pub nonfinite_rows: CudaSlice<u32>,
+}
+
+impl GemvActivations {
+    /// Zeroed buffers for `rows` activation rows of `cols` features.
+    pub fn new(gpu: &Gpu, rows: usize, cols: usize) -> Result<Self> {
+        check_shape("activations", rows * cols, rows, cols)?;
+        let s = gpu.stream();
+        let alloc = |what: &str| KernelError::driver(format!("allocating {what}"));
+        Ok(GemvActivations {
+            rows,
+            cols,
+            codes_mma: s
+                .alloc_zeros(rows * gemv_padded_cols(cols))
+                .map_err(alloc("GEMV activation codes"))?,
+            sums: s
+                .alloc_zeros(rows.max(1))
+                .map_err(alloc("activation row sums"))?,
+            scales: s
+                .alloc_zeros(rows.max(1))
+                .map_err(alloc("activation scales"))?,
+            nonfinite_rows: s.alloc_zeros(1).map_err(alloc("the non-finite counter"))?,
+        })
+    }
+
+    /// Activation rows, M.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Features per row, K.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Quantizes `x` `(rows, cols)` (per-token absmax, same codes and scales as
+    /// [`absmax_quantize_rows`](crate::absmax_quantize_rows)) straight into the GEMV layout;
+    /// asynchronous. Resets the non-finite counter first.
+    pub fn quantize_from<T: DeviceActivation>(
+        &mut self,
+        gpu: &Gpu,
+        x: &CudaView<'_, T>,
+    ) -> Result<()> {
+        check_shape("x", x.len(), self.rows, self.cols)?;
+        if self.rows == 0 {
+            return Ok(());
+        }
+        let stream = gpu.stream();
+        stream
+            .memset_zeros(&mut self.nonfinite_rows)
+            .map_err(KernelError::driver("resetting the non-finite counter"))?;
+        let func = gpu.function(&images::ACT_QUANT, T::ACT_QUANT_MMA_KERNEL)?;
+        let (rows_i, cols_i, kp_i) = (
+            self.rows as i32,
+            self.cols as i32,
+            gemv_padded_cols(self.cols) as i32,
+        );
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(x)
+            .arg(&mut self.codes_mma)
+            .arg(&mut self.sums)
+            .arg(&mut self.scales)
+            .arg(&mut self.nonfinite_rows)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&kp_i);
+        // SAFETY: matches `act_quant_mma_*(const T*, int8_t*, int*, float*, unsigned*, int,
+        // int, int)`; x holds rows * cols elements (checked), codes_mma rows * kp, sums and
+        // scales rows (allocated by `new` for this shape); one CTA per row, bounds-checked.
+        unsafe { launch.launch(row_launch(self.rows)) }.map_err(|e| {
+            KernelError::driver(format!("launching {}", T::ACT_QUANT_MMA_KERNEL))(e)
+        })?;
+        Ok(())
+    }
+
+    /// Fills the GEMV layout from int8 codes `(rows, cols)` and scales `(rows,)` that are
+    /// already on the device (permutation and row sums only).
+    pub fn load_codes(
+        &mut self,
+        gpu: &Gpu,
+        codes: &CudaView<'_, i8>,
+        scales: &CudaView<'_, f32>,
+    ) -> Result<()> {
+        check_shape("codes", codes.len(), self.rows, self.cols)?;
+        check_shape("scales", scales.len(), self.rows, 1)?;
+        if self.rows == 0 {
+            return Ok(());
+        }
+        let stream = gpu.stream();
+        stream
+            .memset_zeros(&mut self.nonfinite_rows)
+            .map_err(KernelError::driver("resetting the non-finite counter"))?;
+        stream
+            .memcpy_dtod(scales, &mut self.scales.slice_mut(..self.rows))
+            .map_err(KernelError::driver("copying activation scales"))?;
+        let func = gpu.function(&images::ACT_QUANT, "a8_to_mma")?;
+        let (rows_i, cols_i, kp_i) = (
+            self.rows as i32,
+            self.cols as i32,
+            gemv_padded_cols(self.cols) as i32,
+        );
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(codes)
+            .arg(&mut self.codes_mma)
+            .arg(&mut self.sums)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&kp_i);
+        // SAFETY: matches `a8_to_mma(const int8_t*, int8_t*, int*, int, int, int)`; lengths
+        // checked above and at allocation; one CTA per row, bounds-checked.
+        unsafe { launch.launch(row_launch(self.rows)) }
+            .map_err(KernelError::driver("launching a8_to_mma"))?;
+        Ok(())
+    }
+
+    /// Synchronizes and fails if the last fill saw NaN or Inf (those rows' scales are NaN).
+    pub fn check_finite(&self, gpu: &Gpu) -> Result<()> {
+        let bad = gpu
+            .stream()
+            .clone_dtoh(&self.nonfinite_rows)
+            .map_err(KernelError::driver("reading the non-finite row count"))?;
+        match bad[0] {
+            0 => Ok(()),
+            rows => Err(TernaryError::NonFiniteRows {
+                what: "x",
+                rows,
+                total: self.rows,
+            }),
+        }
+    }
+}
+
+fn row_launch(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }

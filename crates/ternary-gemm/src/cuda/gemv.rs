@@ -1,24 +1,23 @@
 //! GPU W2A8 products for decode: `y = (Wq · q) * gamma / s` with int8 activations already on
 //! the device; kernel `kernels-cuda/kernels/ternary_gemv.cu` (mma.sync m16n8k32 s8).
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig, PushKernelArg};
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
-use crate::{Result, ScaleGranularity, TernaryError, TernaryMatrix};
+use super::GemvActivations;
+use crate::{gemv_padded_cols, Result, ScaleGranularity, TernaryError, TernaryMatrix};
 
 /// Activation rows one launch handles (the MMA's N); larger M runs in chunks of this.
 pub const GEMV_MAX_M: usize = 8;
 const ROWS_PER_CTA: usize = 32;
 const WARPS: usize = 8;
 const THREADS: u32 = 32 * WARPS as u32;
-const QUAD: usize = 128;
 /// Dynamic shared memory per CTA: under the 48 KB that needs no opt-in, and small enough
 /// for two CTAs per SM on sm_120 (100 KB per SM).
 const SMEM_BUDGET: usize = 44 * 1024;
 /// At most 32 quads (4096 weights) of K per CTA.
 const MAX_QUADS_PER_CTA: usize = 32;
-/// Padding of an activation row (bytes) and of a weight row (words) in shared memory.
-const ROW_PAD: usize = 16;
+/// Padding of a weight row in shared memory, words.
 const W_ROW_PAD_WORDS: usize = 4;
 
 /// A ternary matrix resident on the GPU in the canonical packed layout: `packed`
@@ -90,21 +89,19 @@ impl GemvWorkspace {
     }
 }
 
-/// Shared memory of one CTA handling `qps` quads for `m` rows (the kernel's layout: the
-/// weight tile, at least the 8 KB reduction buffer that reuses it, then the activations).
-fn smem_bytes(m: usize, qps: usize) -> usize {
-    let w =
-        (4 * ROWS_PER_CTA * (8 * qps + W_ROW_PAD_WORDS)).max(4 * WARPS * ROWS_PER_CTA * GEMV_MAX_M);
-    w + (m * (qps * QUAD + ROW_PAD)).next_multiple_of(16)
+/// Shared memory of one CTA handling `qps` quads (the kernel's layout: the weight tile,
+/// at least the 8 KB reduction buffer that reuses it).
+fn smem_bytes(qps: usize) -> usize {
+    (4 * ROWS_PER_CTA * (8 * qps + W_ROW_PAD_WORDS)).max(4 * WARPS * ROWS_PER_CTA * GEMV_MAX_M)
 }
 
 /// Launch geometry `(quads per split, ksplit)`: K is split across `ksplit` CTAs per 32-row
-/// tile so that (a) one CTA's weight tile and activation range fit [`SMEM_BUDGET`] (at most
+/// tile so that (a) one CTA's weight tile fits [`SMEM_BUDGET`] (at most
 /// [`MAX_QUADS_PER_CTA`] quads, 4096 weights) and (b) the grid has about two CTAs per SM.
-fn plan(gpu: &Gpu, m: usize, n_out: usize, k_in: usize) -> (usize, usize) {
+fn plan(gpu: &Gpu, n_out: usize, k_in: usize) -> (usize, usize) {
     let quads = k_in.div_ceil(16).div_ceil(8);
     let mut max_qps = MAX_QUADS_PER_CTA;
-    while max_qps > 1 && smem_bytes(m, max_qps) > SMEM_BUDGET {
+    while max_qps > 1 && smem_bytes(max_qps) > SMEM_BUDGET {
         max_qps -= 1;
     }
     let row_tiles = n_out.div_ceil(ROWS_PER_CTA);
@@ -116,30 +113,29 @@ fn plan(gpu: &Gpu, m: usize, n_out: usize, k_in: usize) -> (usize, usize) {
     (qps, quads.div_ceil(qps))
 }
 
-/// `y = (Wq · q) * gamma / s` for int8 activations on the device: `codes` `(m, k_in)`,
-/// `scales` `(m,)`, `y` `(m, n_out)` f32. Integer accumulation is exact; the epilogue is
+/// `y = (Wq · q) * gamma / s` for GEMV-ready int8 activations `x` (M = `x.rows()`,
+/// K = `w.k_in()`), `y` `(M, n_out)` f32. Integer accumulation is exact and the epilogue is
 /// [`a8_epilogue`](crate::a8_epilogue), so results equal the CPU reference bit for bit.
-/// Any `m >= 1` (launched in chunks of [`GEMV_MAX_M`] rows; M >= 16 will move to the GEMM).
+/// Any M >= 1 (launched in chunks of [`GEMV_MAX_M`] rows; M >= 16 will move to the GEMM).
 /// `ws` must have been made for at least `w.n_out()` rows.
 pub fn ternary_matmul_a8_cuda(
     gpu: &Gpu,
     w: &TernaryMatrixGpu,
-    codes: &CudaView<'_, i8>,
-    scales: &CudaView<'_, f32>,
-    m: usize,
+    x: &GemvActivations,
     y: &mut CudaViewMut<'_, f32>,
     ws: &mut GemvWorkspace,
 ) -> Result<()> {
-    let (n_out, k) = (w.n_out, w.k_in);
-    if m == 0 || m > i32::MAX as usize {
-        return Err(TernaryError::BadDimension {
-            what: "M (activation rows)",
-            actual: m,
-            expected: "1 ..= 2^31 - 1",
+    let (n_out, k, m) = (w.n_out, w.k_in, x.rows());
+    if x.cols() != k {
+        return Err(TernaryError::ShapeMismatch {
+            what: "activation columns (k_in)",
+            actual: x.cols(),
+            expected: k,
         });
     }
-    crate::act_quant::check_shape("codes", codes.len(), m, k)?;
-    crate::act_quant::check_shape("activation scales", scales.len(), m, 1)?;
+    if m == 0 {
+        return Ok(());
+    }
     crate::act_quant::check_shape("y", y.len(), m, n_out)?;
     if ws.max_n_out < n_out {
         return Err(TernaryError::ShapeMismatch {
@@ -157,18 +153,19 @@ pub fn ternary_matmul_a8_cuda(
     let func = gpu.function(&images::TERNARY_GEMV, name)?;
     let stream = gpu.stream();
     let per_row = i32::from(w.per_row);
+    let kp = gemv_padded_cols(k);
 
     for m0 in (0..m).step_by(GEMV_MAX_M) {
         let mc = GEMV_MAX_M.min(m - m0);
-        let (qps, ksplit) = plan(gpu, mc, n_out, k);
-        let smem = smem_bytes(mc, qps);
+        let (qps, ksplit) = plan(gpu, n_out, k);
         let cfg = LaunchConfig {
             grid_dim: (n_out.div_ceil(ROWS_PER_CTA) as u32, ksplit as u32, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
+            shared_mem_bytes: smem_bytes(qps) as u32,
         };
-        let xc = codes.slice(m0 * k..(m0 + mc) * k);
-        let sc = scales.slice(m0..m0 + mc);
+        let xc = x.codes_mma.slice(m0 * kp..(m0 + mc) * kp);
+        let sums = x.sums.slice(m0..m0 + mc);
+        let sc = x.scales.slice(m0..m0 + mc);
         let mut yc = y.slice_mut(m0 * n_out..(m0 + mc) * n_out);
         let (mc_i, n_i, k_i, qps_i) = (mc as i32, n_out as i32, k as i32, qps as i32);
         let mut launch = stream.launch_builder(&func);
@@ -177,6 +174,7 @@ pub fn ternary_matmul_a8_cuda(
             .arg(&w.scales)
             .arg(&per_row)
             .arg(&xc)
+            .arg(&sums)
             .arg(&sc)
             .arg(&mut yc)
             .arg(&mut ws.acc)
@@ -186,10 +184,11 @@ pub fn ternary_matmul_a8_cuda(
             .arg(&k_i)
             .arg(&qps_i);
         // SAFETY: arguments match `gemv_w2a8_*(const u32*, const float*, int, const i8*,
-        // const float*, float*, int*, unsigned*, int, int, int, int)`; lengths were checked
-        // above (ws holds 8 x n_out accumulators and ceil(n_out / 32) counters), the grid covers
-        // ceil(n_out / 32) x ksplit tiles and the kernel bounds-checks n < n_out, m < M and
-        // k < K; shared memory matches the kernel's layout (x range + reduction).
+        // const int*, const float*, float*, int*, unsigned*, int, int, int, int)`; x holds
+        // mc rows of kp = ceil(k/128)*128 codes (GemvActivations layout) and mc sums/scales,
+        // y holds mc x n_out (checked), ws 8 x n_out accumulators and ceil(n_out/32)
+        // counters; the grid covers ceil(n_out/32) x ksplit tiles and the kernel
+        // bounds-checks n < n_out and m < M; shared memory matches `smem_bytes`.
         // Error context built only on failure: this is the decode hot path.
         unsafe { launch.launch(cfg) }
             .map_err(|e| KernelError::driver(format!("launching {name}"))(e))?;

@@ -6,6 +6,7 @@ mod act_quant;
 mod gemv;
 
 pub use act_quant::{
-    absmax_quantize_rows_cuda, absmax_quantize_rows_into, DeviceActivation, QuantizedActivationsGpu,
+    absmax_quantize_rows_cuda, absmax_quantize_rows_into, DeviceActivation, GemvActivations,
+    QuantizedActivationsGpu,
 };
 pub use gemv::{ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu, GEMV_MAX_M};
