@@ -239,3 +239,63 @@ mod avx2 {
         _mm_cvtsi128_si32(s)
     }
 }
+
+/// Columns of `dx` per rayon task in [`ternary_matmul_t`]: a multiple of 16 (whole words).
+const T_COLS_PER_TASK: usize = 256;
+
+/// Fast CPU transposed product `dx = dy · (Wq * gamma)`, `dy` `(m, n_out)` f32 ->
+/// `(m, k_in)` f32 (the STE backward of a ternary layer). Tasks own disjoint column blocks of
+/// `dx`; each decodes its slice of a weight row once into {-1, 0, 1} and applies it to all
+/// `m` rows as an AXPY, which LLVM vectorizes. Accumulates in f32 in row order, so it
+/// matches [`ternary_matmul_t_ref`](crate::ternary_matmul_t_ref) to f32 rounding.
+pub fn ternary_matmul_t(w: &TernaryMatrix, dy: &[f32], m: usize) -> Result<Vec<f32>> {
+    crate::gemm_ref::check_dy(w, dy.len(), m)?;
+    if let Some((i, v)) = dy.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(TernaryError::NonFinite {
+            what: "dy",
+            row: i / w.n_out(),
+            col: i % w.n_out(),
+            value: v.to_string(),
+        });
+    }
+    let (n_out, k) = (w.n_out(), w.k_in());
+    let blocks = k.div_ceil(T_COLS_PER_TASK);
+    // Computed per column block as (m, block) tiles, then scattered into (m, k).
+    let tiles: Vec<Vec<f32>> = (0..blocks)
+        .into_par_iter()
+        .map(|b| {
+            let k0 = b * T_COLS_PER_TASK;
+            let width = T_COLS_PER_TASK.min(k - k0);
+            let mut tile = vec![0f32; m * width];
+            let mut wrow = vec![0f32; width];
+            for n in 0..n_out {
+                let row = w.packed_row(n);
+                for (j, v) in wrow.iter_mut().enumerate() {
+                    let kk = k0 + j;
+                    *v = ((row[kk / CODES_PER_WORD] >> (2 * (kk % CODES_PER_WORD))) & 3) as f32
+                        - 1.0;
+                }
+                let g = w.scales().row(n);
+                for mi in 0..m {
+                    let s = dy[mi * n_out + n] * g;
+                    if s != 0.0 {
+                        for (t, &v) in tile[mi * width..(mi + 1) * width].iter_mut().zip(&wrow) {
+                            *t += s * v;
+                        }
+                    }
+                }
+            }
+            tile
+        })
+        .collect();
+    let mut dx = vec![0f32; m * k];
+    for (b, tile) in tiles.iter().enumerate() {
+        let k0 = b * T_COLS_PER_TASK;
+        let width = T_COLS_PER_TASK.min(k - k0);
+        for mi in 0..m {
+            dx[mi * k + k0..mi * k + k0 + width]
+                .copy_from_slice(&tile[mi * width..(mi + 1) * width]);
+        }
+    }
+    Ok(dx)
+}

@@ -121,3 +121,46 @@ pub(crate) fn apply_a8_epilogue(w: &TernaryMatrix, scales: &[f32], acc: &[i32]) 
         })
         .collect()
 }
+
+/// The transposed product of the straight-through-estimator backward pass:
+/// `dx = dy · (Wq * gamma)`, `dy` `(m, n_out)` f32, returns `(m, k_in)` f32, accumulated in
+/// f64 (the reference for every fast path).
+pub fn ternary_matmul_t_ref(w: &TernaryMatrix, dy: &[f32], m: usize) -> Result<Vec<f32>> {
+    check_dy(w, dy.len(), m)?;
+    let (n_out, k) = (w.n_out(), w.k_in());
+    let mut acc = vec![0f64; m * k];
+    for n in 0..n_out {
+        let row = w.packed_row(n);
+        let g = f64::from(w.scales().row(n));
+        for mi in 0..m {
+            let s = f64::from(dy[mi * n_out + n]) * g;
+            if s == 0.0 {
+                continue;
+            }
+            for (kk, a) in acc[mi * k..(mi + 1) * k].iter_mut().enumerate() {
+                let code = (row[kk / CODES_PER_WORD] >> (2 * (kk % CODES_PER_WORD))) & 3;
+                *a += (f64::from(code) - 1.0) * s;
+            }
+        }
+    }
+    Ok(acc.into_iter().map(|v| v as f32).collect())
+}
+
+/// Checks `dy` is `(m, n_out)` with `m >= 1`.
+pub(crate) fn check_dy(w: &TernaryMatrix, len: usize, m: usize) -> Result<()> {
+    if m == 0 || m > i32::MAX as usize {
+        return Err(TernaryError::BadDimension {
+            what: "M (gradient rows)",
+            actual: m,
+            expected: "1 ..= 2^31 - 1",
+        });
+    }
+    if len % m != 0 || len / m != w.n_out() {
+        return Err(TernaryError::ShapeMismatch {
+            what: "dy columns (n_out) = dy.len() / M",
+            actual: len / m,
+            expected: w.n_out(),
+        });
+    }
+    Ok(())
+}

@@ -18,6 +18,7 @@ mod element;
 mod error;
 mod gemm_ref;
 mod io;
+mod mlp;
 mod ternary;
 
 pub use act_quant::{
@@ -25,16 +26,18 @@ pub use act_quant::{
     gemv_order_codes, gemv_padded_cols, QuantizedActivations, ACT_QUANT_EPS, ACT_QUANT_QMAX,
     GEMV_K_BLOCK,
 };
-pub use cpu::{ternary_matmul_a8, ternary_matmul_a8_acc, CpuKernel};
+pub use cpu::{ternary_matmul_a8, ternary_matmul_a8_acc, ternary_matmul_t, CpuKernel};
 pub use element::Element;
 pub use error::TernaryError;
 pub use gemm_ref::{
     a8_epilogue, ternary_matmul_a8_acc_ref, ternary_matmul_a8_ref, ternary_matmul_f32_ref,
+    ternary_matmul_t_ref,
 };
 pub use io::{
     load_ternary_safetensors, save_ternary_safetensors, ternary_from_safetensors,
     ternary_to_safetensors, TERNARY_FORMAT_TAG,
 };
+pub use mlp::TernaryMlp;
 pub use ternary::{
     absmean_quantize, pack_ternary_rows, unpack_ternary_rows, words_per_row, ScaleGranularity,
     TernaryMatrix, TernaryScales, ABSMEAN_EPS, CODES_PER_WORD, ZERO_CODE, ZERO_WORD,

@@ -1,13 +1,14 @@
 //! Ternary matrices and CPU products: pack/unpack and absmean round trips, validation, and
-//! the fast W2A8 kernels (scalar and AVX2) against the scalar reference, exactly.
+//! the fast W2A8 kernels (scalar and AVX2) against the scalar reference, exactly; the
+//! transposed (STE backward) product and the squared-ReLU GLU MLP; the GPU GEMV table.
 
 use proptest::prelude::*;
 use ternary_gemm::{
     absmax_quantize_rows, absmean_quantize, load_ternary_safetensors, pack_ternary_rows,
     save_ternary_safetensors, ternary_from_safetensors, ternary_matmul_a8, ternary_matmul_a8_acc,
-    ternary_matmul_a8_acc_ref, ternary_matmul_a8_ref, ternary_matmul_f32_ref,
-    ternary_to_safetensors, unpack_ternary_rows, words_per_row, CpuKernel, ScaleGranularity,
-    TernaryMatrix, TernaryScales, CODES_PER_WORD,
+    ternary_matmul_a8_acc_ref, ternary_matmul_a8_ref, ternary_matmul_f32_ref, ternary_matmul_t,
+    ternary_matmul_t_ref, ternary_to_safetensors, unpack_ternary_rows, words_per_row, CpuKernel,
+    ScaleGranularity, TernaryMatrix, TernaryMlp, TernaryScales, CODES_PER_WORD,
 };
 
 /// Largest k_in drawn: several 128-weight SIMD blocks plus a partial one.
@@ -95,6 +96,74 @@ proptest! {
             }
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// The transposed product is the adjoint of the forward product,
+    /// <dy, x·(Wq γ)ᵀ> = <dy·(Wq γ), x>, and the fast CPU path matches the f64 reference.
+    #[test]
+    fn transposed_is_adjoint_and_fast_matches((n, k, m) in shape(), wv in prop::collection::vec(-1.0f32..1.0, MAX_N * MAX_K), x in prop::collection::vec(-2.0f32..2.0, MAX_M * MAX_K), dy in prop::collection::vec(-2.0f32..2.0, MAX_M * MAX_N)) {
+        let w = absmean_quantize(&wv[..n * k], n, k, ScaleGranularity::PerRow).unwrap();
+        let (x, dy) = (&x[..m * k], &dy[..m * n]);
+        let y = ternary_matmul_f32_ref(&w, x, m).unwrap();
+        let dx = ternary_matmul_t_ref(&w, dy, m).unwrap();
+        let lhs: f64 = dy.iter().zip(&y).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+        let rhs: f64 = dx.iter().zip(x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+        let scale: f64 = 1.0 + dy.iter().map(|v| f64::from(v.abs())).sum::<f64>() * x.iter().map(|v| f64::from(v.abs())).fold(0.0, f64::max);
+        prop_assert!((lhs - rhs).abs() <= 1e-5 * scale, "adjoint: {} vs {}", lhs, rhs);
+        let fast = ternary_matmul_t(&w, dy, m).unwrap();
+        for (i, (a, b)) in fast.iter().zip(&dx).enumerate() {
+            // f32 accumulation over n_out terms of magnitude <= |dy| * gamma
+            let bound = 1e-5 * (1.0 + (n as f32) * 2.0 * w.scales().as_slice().iter().fold(0f32, |m, g| m.max(*g)));
+            prop_assert!((a - b).abs() <= bound, "dx[{}]: {} vs {}", i, a, b);
+        }
+    }
+
+    /// The squared-ReLU GLU MLP: fast CPU forward equals the reference bit for bit, and stays
+    /// within activation-quantization error of the same MLP computed in f64 without A8.
+    #[test]
+    fn mlp_fast_equals_reference_and_tracks_f64(hidden in 1usize..=96, inter in 1usize..=160, m in 1usize..=MAX_M, seed in any::<u64>()) {
+        use tritter_kernels_cuda::testing::random_f32;
+        let q = |r, c, s| absmean_quantize(&random_f32(r * c, s), r, c, ScaleGranularity::PerTensor).unwrap();
+        let mlp = TernaryMlp::new(q(inter, hidden, seed), q(inter, hidden, seed ^ 1), q(hidden, inter, seed ^ 2)).unwrap();
+        let x = random_f32(m * hidden, seed ^ 3);
+        let y = mlp.forward(&x, m).unwrap();
+        prop_assert_eq!(&y, &mlp.forward_ref(&x, m).unwrap());
+        // f64 without activation quantization
+        let (g, u, d) = mlp.parts();
+        let (gd, ud, dd) = (g.dequantize(), u.dequantize(), d.dequantize());
+        let mut yf = vec![0f64; m * hidden];
+        for mi in 0..m {
+            let h: Vec<f64> = (0..inter).map(|i| {
+                let dot = |w: &[f32]| (0..hidden).map(|k| f64::from(w[i * hidden + k]) * f64::from(x[mi * hidden + k])).sum::<f64>();
+                dot(&gd).max(0.0).powi(2) * dot(&ud)
+            }).collect();
+            for o in 0..hidden {
+                yf[mi * hidden + o] = (0..inter).map(|i| f64::from(dd[o * inter + i]) * h[i]).sum();
+            }
+        }
+        let err: f64 = y.iter().zip(&yf).map(|(a, b)| (f64::from(*a) - b).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = yf.iter().map(|b| b * b).sum::<f64>().sqrt();
+        // each A8 step perturbs inputs by <= 1/254 of the row max: a few percent end to end
+        prop_assert!(err <= 0.08 * norm + 1e-6, "relative error {}", err / norm.max(1e-30));
+    }
+}
+
+/// MLP projections with inconsistent shapes are refused, naming the mismatch.
+#[test]
+fn mlp_shape_mismatch_is_typed() {
+    let z = |r: usize, c: usize| {
+        TernaryMatrix::from_values(r, c, &vec![0; r * c], TernaryScales::PerTensor(1.0)).unwrap()
+    };
+    let err = TernaryMlp::new(z(8, 4), z(8, 4), z(4, 7)).unwrap_err();
+    assert!(
+        err.to_string().contains('7') && err.to_string().contains('8'),
+        "{err}"
+    );
+    assert!(ternary_matmul_t(&z(8, 4), &[0.0; 7], 1).is_err());
+    assert!(ternary_matmul_t(&z(8, 4), &[f32::NAN; 8], 1).is_err());
 }
 
 /// Shape and value errors are typed and name the numbers involved.
