@@ -11,6 +11,8 @@
 //! * `cuda::absmax_quantize_rows_cuda` (feature `cuda`): the same on the GPU, bit-exact.
 
 mod act_quant;
+#[cfg(feature = "candle")]
+pub mod candle_ops;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -1,0 +1,189 @@
+//! candle integration (feature `candle`): the ternary ops as `candle_core::CustomOp1`, so a
+//! candle model calls `x.apply_op1(TernaryLinear::new(w))` the way candle-flash-attn plugs in.
+//!
+//! CPU forward only; the CUDA forward is the crate's cudarc API (a `candle-cuda` feature
+//! needs a candle build with CUDA, which links libcuda at build time: DESIGN.md section 2).
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+use crate::{
+    absmax_quantize_rows, ternary_matmul_a8, ternary_matmul_t, Element, TernaryMatrix, TernaryMlp,
+};
+
+/// Contiguous input as f32 (widening bf16/f16 exactly), with its dims.
+fn input_f32(storage: &CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<Vec<f32>> {
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::msg(format!(
+            "{op}: input must be contiguous (call .contiguous() first)"
+        ))
+    })?;
+    fn widen<T: Element>(s: &[T]) -> Vec<f32> {
+        s.iter().map(|v| v.to_f32()).collect()
+    }
+    Ok(match storage {
+        CpuStorage::F32(v) => v[start..end].to_vec(),
+        CpuStorage::BF16(v) => widen(&v[start..end]),
+        CpuStorage::F16(v) => widen(&v[start..end]),
+        other => {
+            return Err(candle_core::Error::msg(format!(
+                "{op}: dtype {:?} is not supported; expected f32, bf16 or f16",
+                other.dtype()
+            )))
+        }
+    })
+}
+
+/// Output storage in the input's dtype.
+fn output(values: Vec<f32>, dtype: DType) -> CpuStorage {
+    match dtype {
+        DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
+        _ => CpuStorage::F32(values),
+    }
+}
+
+/// `(rows, last)` of a `(..., last)` layout, checking `last == expected`.
+fn rows_of(
+    layout: &Layout,
+    expected: usize,
+    what: &'static str,
+    op: &str,
+) -> candle_core::Result<(usize, Vec<usize>)> {
+    let dims = layout.dims().to_vec();
+    match dims.last() {
+        Some(&last) if last == expected => {
+            Ok((layout.shape().elem_count() / expected.max(1), dims))
+        }
+        last => Err(candle_core::Error::msg(format!(
+            "{op}: input last dim is {last:?} but the weight expects {what} = {expected}"
+        ))),
+    }
+}
+
+/// BitLinear inference: per-token A8 quantization of `x` `(..., k_in)` then the W2A8
+/// product, giving `(..., n_out)` in `x`'s dtype. The backward pass is the
+/// straight-through estimator for the activations: `dx = dy · (Wq * gamma)`.
+#[derive(Debug, Clone)]
+pub struct TernaryLinear {
+    weight: Arc<TernaryMatrix>,
+}
+
+impl TernaryLinear {
+    /// Wraps a ternary weight `(n_out, k_in)`.
+    pub fn new(weight: Arc<TernaryMatrix>) -> Self {
+        TernaryLinear { weight }
+    }
+}
+
+impl CustomOp1 for TernaryLinear {
+    fn name(&self) -> &'static str {
+        "ternary-linear-a8"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = &self.weight;
+        let (m, mut dims) = rows_of(layout, w.k_in(), "k_in", self.name())?;
+        let x = input_f32(storage, layout, self.name())?;
+        let xq = absmax_quantize_rows(&x, m, w.k_in()).map_err(candle_core::Error::wrap)?;
+        let y = if m == 0 {
+            Vec::new()
+        } else {
+            ternary_matmul_a8(w, &xq).map_err(candle_core::Error::wrap)?
+        };
+        *dims.last_mut().expect("rows_of checked a last dim") = w.n_out();
+        Ok((output(y, storage.dtype()), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1(
+            TernaryLinearBackward {
+                weight: self.weight.clone(),
+            },
+        )?))
+    }
+}
+
+/// `dx = dy · (Wq * gamma)` for `dy` `(..., n_out)`, giving `(..., k_in)`: the backward of
+/// [`TernaryLinear`] with respect to its input.
+#[derive(Debug, Clone)]
+pub struct TernaryLinearBackward {
+    weight: Arc<TernaryMatrix>,
+}
+
+impl TernaryLinearBackward {
+    /// Wraps a ternary weight `(n_out, k_in)`.
+    pub fn new(weight: Arc<TernaryMatrix>) -> Self {
+        TernaryLinearBackward { weight }
+    }
+}
+
+impl CustomOp1 for TernaryLinearBackward {
+    fn name(&self) -> &'static str {
+        "ternary-linear-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = &self.weight;
+        let (m, mut dims) = rows_of(layout, w.n_out(), "n_out", self.name())?;
+        let dy = input_f32(storage, layout, self.name())?;
+        let dx = if m == 0 {
+            Vec::new()
+        } else {
+            ternary_matmul_t(w, &dy, m).map_err(candle_core::Error::wrap)?
+        };
+        *dims.last_mut().expect("rows_of checked a last dim") = w.k_in();
+        Ok((output(dx, storage.dtype()), Shape::from(dims)))
+    }
+}
+
+/// The squared-ReLU GLU MLP `down(relu(gate(x))^2 * up(x))` on ternary weights with A8
+/// activations; `x` `(..., hidden)` -> `(..., hidden)`. Forward only.
+#[derive(Debug, Clone)]
+pub struct TernaryMlpOp {
+    mlp: Arc<TernaryMlp>,
+}
+
+impl TernaryMlpOp {
+    /// Wraps an MLP block.
+    pub fn new(mlp: Arc<TernaryMlp>) -> Self {
+        TernaryMlpOp { mlp }
+    }
+}
+
+impl CustomOp1 for TernaryMlpOp {
+    fn name(&self) -> &'static str {
+        "ternary-mlp-sqrelu-glu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, dims) = rows_of(layout, self.mlp.hidden(), "hidden", self.name())?;
+        let x = input_f32(storage, layout, self.name())?;
+        let y = if m == 0 {
+            Vec::new()
+        } else {
+            self.mlp.forward(&x, m).map_err(candle_core::Error::wrap)?
+        };
+        Ok((output(y, storage.dtype()), Shape::from(dims)))
+    }
+}
