@@ -144,14 +144,7 @@ mod gpu {
         let Some(gpu) = gpu_for_test("act_quant GPU bench") else {
             return;
         };
-        let info = gpu.info();
-        println!(
-            "{}",
-            tritter_suite::build_info::header(&format!(
-                "{} (sm_{}{}, {} SMs)",
-                info.name, info.compute_capability.0, info.compute_capability.1, info.sm_count
-            ))
-        );
+        println!("{}", tritter_suite::gpu_bench::device_header(&gpu));
         for &(m, k) in GPU_SHAPES {
             shape::<bf16>(c, &gpu, m, k, bf16::from_f32);
             shape::<f32>(c, &gpu, m, k, |v| v);

@@ -157,6 +157,15 @@ mod gpu {
         y: CudaSlice<bf16>,
     }
 
+    /// Deterministic bf16 activations on the device.
+    fn random_bf16(gpu: &Gpu, n: usize, seed: u64) -> CudaSlice<bf16> {
+        let host: Vec<bf16> = random_f32(n, seed)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        gpu.stream().clone_htod(&host).unwrap()
+    }
+
     /// Device-to-device copy bandwidth (bytes read + written), the practical HBM ceiling.
     fn copy_bandwidth(gpu: &Gpu) -> f64 {
         let bytes = 1usize << 30;
@@ -182,14 +191,7 @@ mod gpu {
         let mut ours: Vec<Ours> = (0..sets)
             .map(|i| Ours {
                 w: TernaryMatrixGpu::upload(gpu, &w).unwrap(),
-                x: stream
-                    .clone_htod(
-                        &random_f32(m * k, i as u64)
-                            .into_iter()
-                            .map(bf16::from_f32)
-                            .collect::<Vec<_>>(),
-                    )
-                    .unwrap(),
+                x: random_bf16(gpu, m * k, i as u64),
                 acts: GemvActivations::new(gpu, m, k).unwrap(),
                 y: stream.alloc_zeros(m * n).unwrap(),
                 ws: GemvWorkspace::new(gpu, n).unwrap(),
@@ -200,14 +202,7 @@ mod gpu {
         let mut peers: Vec<Peer> = (0..peer_sets)
             .map(|i| Peer {
                 w: stream.clone_htod(&wb).unwrap(),
-                x: stream
-                    .clone_htod(
-                        &random_f32(m * k, i as u64)
-                            .into_iter()
-                            .map(bf16::from_f32)
-                            .collect::<Vec<_>>(),
-                    )
-                    .unwrap(),
+                x: random_bf16(gpu, m * k, i as u64),
                 y: stream.alloc_zeros(m * n).unwrap(),
             })
             .collect();
@@ -326,14 +321,7 @@ mod gpu {
         let Some(gpu) = gpu_for_test("ternary_gemm GPU bench") else {
             return;
         };
-        let info = gpu.info();
-        println!(
-            "{}",
-            tritter_suite::build_info::header(&format!(
-                "{} (sm_{}{}, {} SMs)",
-                info.name, info.compute_capability.0, info.compute_capability.1, info.sm_count
-            ))
-        );
+        println!("{}", tritter_suite::gpu_bench::device_header(&gpu));
         let blas = CudaBlas::new(gpu.stream().clone())
             .expect("cuBLAS (libcublas) must load for the peer baseline");
         let hbm = copy_bandwidth(&gpu);

@@ -117,6 +117,15 @@ pub fn time_graph<E: std::fmt::Debug>(
     })
 }
 
+/// The report header naming this GPU (name, compute capability, SM count) and the build.
+pub fn device_header(gpu: &Gpu) -> String {
+    let info = gpu.info();
+    crate::build_info::header(&format!(
+        "{} (sm_{}{}, {} SMs)",
+        info.name, info.compute_capability.0, info.compute_capability.1, info.sm_count
+    ))
+}
+
 /// Prints one comparison line: our figure, the peer's from the same run, and the ratio.
 pub fn print_vs_peer(label: &str, unit: &str, ours: f64, peer_name: &str, peer: f64) {
     println!(

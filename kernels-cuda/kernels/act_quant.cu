@@ -44,6 +44,40 @@ __device__ __forceinline__ int8_t quantize_one(float v, float s) {
 }
 
 template <typename T>
+__device__ __forceinline__ void row_absmax(const T* __restrict__ xr, int cols, bool vec_ok, float& amax, unsigned& bad) {
+    constexpr int VEC = Vec16<T>::N;
+    if (vec_ok) {
+        const uint4* xv = reinterpret_cast<const uint4*>(xr);
+        for (int i = threadIdx.x; i < cols / VEC; i += kThreads) {
+            uint4 raw = xv[i];
+            const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                const float a = fabsf(tritter::to_float(e[j]));
+                amax = fmaxf(amax, a);
+                bad |= !(a <= 3.402823466e38f);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < cols; i += kThreads) {
+            const float a = fabsf(tritter::to_float(xr[i]));
+            amax = fmaxf(amax, a);
+            bad |= !(a <= 3.402823466e38f);
+        }
+    }
+}
+
+// A row holding NaN/Inf: its scale becomes NaN (never usable silently) and the counter the
+// host checks is incremented.
+__device__ __forceinline__ void flag_nonfinite_row(float* __restrict__ scales, unsigned* __restrict__ nonfinite_rows,
+                                                   int row) {
+    if (threadIdx.x == 0) {
+        scales[row] = __int_as_float(0x7fc00000);
+        atomicAdd(nonfinite_rows, 1u);
+    }
+}
+
+template <typename T>
 __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* __restrict__ codes,
                                               float* __restrict__ scales,
                                               unsigned* __restrict__ nonfinite_rows, int rows,
@@ -62,11 +96,6 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
 
     float amax = 0.0f;
     unsigned bad = 0;  // set when any |x| is NaN or Inf: !(a <= FLT_MAX) catches both
-    auto absorb = [&](float v) {
-        const float a = fabsf(v);
-        amax = fmaxf(amax, a);
-        bad |= !(a <= 3.402823466e38f);
-    };
     const int nvec = cols / VEC;
     const uint4* xv = reinterpret_cast<const uint4*>(xr);
     // Rows up to kThreads * kRegVecs vectors (8192 bf16/f16, 4096 f32) are held in registers:
@@ -85,27 +114,21 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
             if (threadIdx.x + it * kThreads < nvec) {
                 const T* e = reinterpret_cast<const T*>(&held[it]);
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) absorb(tritter::to_float(e[j]));
+                for (int j = 0; j < VEC; ++j) {
+                    const float a = fabsf(tritter::to_float(e[j]));
+                    amax = fmaxf(amax, a);
+                    bad |= !(a <= 3.402823466e38f);
+                }
             }
         }
-    } else if (vec_ok) {
-        for (int i = threadIdx.x; i < nvec; i += kThreads) {
-            uint4 raw = xv[i];
-            const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) absorb(tritter::to_float(e[j]));
-        }
     } else {
-        for (int i = threadIdx.x; i < cols; i += kThreads) absorb(tritter::to_float(xr[i]));
+        row_absmax(xr, cols, vec_ok, amax, bad);
     }
     amax = tritter::block_max(amax, scratch_f);
     bad = tritter::block_or(bad, scratch_u);
 
     if (bad) {
-        if (threadIdx.x == 0) {
-            scales[row] = __int_as_float(0x7fc00000);  // NaN: this row must not be used
-            atomicAdd(nonfinite_rows, 1u);
-        }
+        flag_nonfinite_row(scales, nonfinite_rows, row);
         for (int i = threadIdx.x; i < cols; i += kThreads) qr[i] = 0;
         return;
     }
@@ -155,30 +178,6 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
 // Pass 1 is the absmax reduction above (16-byte loads when aligned); pass 2 writes one
 // permuted 32-bit word per thread and step (coalesced), gathering its 4 inputs from the
 // L1-resident row. `Src` is an activation type (quantize) or int8 codes (permute only).
-template <typename T>
-__device__ __forceinline__ void row_absmax(const T* __restrict__ xr, int cols, bool vec_ok, float& amax, unsigned& bad) {
-    constexpr int VEC = Vec16<T>::N;
-    if (vec_ok) {
-        const uint4* xv = reinterpret_cast<const uint4*>(xr);
-        for (int i = threadIdx.x; i < cols / VEC; i += kThreads) {
-            uint4 raw = xv[i];
-            const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-                const float a = fabsf(tritter::to_float(e[j]));
-                amax = fmaxf(amax, a);
-                bad |= !(a <= 3.402823466e38f);
-            }
-        }
-    } else {
-        for (int i = threadIdx.x; i < cols; i += kThreads) {
-            const float a = fabsf(tritter::to_float(xr[i]));
-            amax = fmaxf(amax, a);
-            bad |= !(a <= 3.402823466e38f);
-        }
-    }
-}
-
 // Writes row `row` of codes_mma / sums from codes produced by `code_of(k)` (k < cols).
 template <typename CodeOf>
 __device__ __forceinline__ void store_mma_row(int8_t* __restrict__ codes_mma, int* __restrict__ sums, int row,
@@ -228,10 +227,7 @@ __device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_
     amax = tritter::block_max(amax, scratch_f);
     bad = tritter::block_or(bad, scratch_u);
     if (bad) {
-        if (threadIdx.x == 0) {
-            scales[row] = __int_as_float(0x7fc00000);  // NaN: this row must not be used
-            atomicAdd(nonfinite_rows, 1u);
-        }
+        flag_nonfinite_row(scales, nonfinite_rows, row);
         store_mma_row(codes_mma, sums, row, cols, cols_pad, [](int) { return 0; });
         return;
     }

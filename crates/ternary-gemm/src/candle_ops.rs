@@ -46,22 +46,35 @@ fn output(values: Vec<f32>, dtype: DType) -> CpuStorage {
     }
 }
 
-/// `(rows, last)` of a `(..., last)` layout, checking `last == expected`.
-fn rows_of(
+/// Applies a row-wise op to a `(..., in_last)` input: checks the last dim (named `what`
+/// in the error), widens to f32, runs `f(rows_f32, rows)` and returns `(..., out_last)` in
+/// the input's dtype. Empty inputs give empty outputs without calling `f`.
+fn map_rows(
+    storage: &CpuStorage,
     layout: &Layout,
-    expected: usize,
-    what: &'static str,
     op: &str,
-) -> candle_core::Result<(usize, Vec<usize>)> {
-    let dims = layout.dims().to_vec();
+    (in_last, what): (usize, &'static str),
+    out_last: usize,
+    f: impl FnOnce(&[f32], usize) -> crate::Result<Vec<f32>>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let mut dims = layout.dims().to_vec();
     match dims.last() {
-        Some(&last) if last == expected => {
-            Ok((layout.shape().elem_count() / expected.max(1), dims))
+        Some(&last) if last == in_last => {}
+        last => {
+            return Err(candle_core::Error::msg(format!(
+                "{op}: input last dim is {last:?} but the weight expects {what} = {in_last}"
+            )))
         }
-        last => Err(candle_core::Error::msg(format!(
-            "{op}: input last dim is {last:?} but the weight expects {what} = {expected}"
-        ))),
     }
+    let rows = layout.shape().elem_count() / in_last.max(1);
+    let x = input_f32(storage, layout, op)?;
+    let y = if rows == 0 {
+        Vec::new()
+    } else {
+        f(&x, rows).map_err(candle_core::Error::wrap)?
+    };
+    *dims.last_mut().expect("checked above") = out_last;
+    Ok((output(y, storage.dtype()), Shape::from(dims)))
 }
 
 /// BitLinear inference: per-token A8 quantization of `x` `(..., k_in)` then the W2A8
@@ -90,16 +103,14 @@ impl CustomOp1 for TernaryLinear {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = &self.weight;
-        let (m, mut dims) = rows_of(layout, w.k_in(), "k_in", self.name())?;
-        let x = input_f32(storage, layout, self.name())?;
-        let xq = absmax_quantize_rows(&x, m, w.k_in()).map_err(candle_core::Error::wrap)?;
-        let y = if m == 0 {
-            Vec::new()
-        } else {
-            ternary_matmul_a8(w, &xq).map_err(candle_core::Error::wrap)?
-        };
-        *dims.last_mut().expect("rows_of checked a last dim") = w.n_out();
-        Ok((output(y, storage.dtype()), Shape::from(dims)))
+        map_rows(
+            storage,
+            layout,
+            self.name(),
+            (w.k_in(), "k_in"),
+            w.n_out(),
+            |x, m| ternary_matmul_a8(w, &absmax_quantize_rows(x, m, w.k_in())?),
+        )
     }
 
     fn bwd(
@@ -141,15 +152,14 @@ impl CustomOp1 for TernaryLinearBackward {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = &self.weight;
-        let (m, mut dims) = rows_of(layout, w.n_out(), "n_out", self.name())?;
-        let dy = input_f32(storage, layout, self.name())?;
-        let dx = if m == 0 {
-            Vec::new()
-        } else {
-            ternary_matmul_t(w, &dy, m).map_err(candle_core::Error::wrap)?
-        };
-        *dims.last_mut().expect("rows_of checked a last dim") = w.k_in();
-        Ok((output(dx, storage.dtype()), Shape::from(dims)))
+        map_rows(
+            storage,
+            layout,
+            self.name(),
+            (w.n_out(), "n_out"),
+            w.k_in(),
+            |dy, m| ternary_matmul_t(w, dy, m),
+        )
     }
 }
 
@@ -177,13 +187,14 @@ impl CustomOp1 for TernaryMlpOp {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, dims) = rows_of(layout, self.mlp.hidden(), "hidden", self.name())?;
-        let x = input_f32(storage, layout, self.name())?;
-        let y = if m == 0 {
-            Vec::new()
-        } else {
-            self.mlp.forward(&x, m).map_err(candle_core::Error::wrap)?
-        };
-        Ok((output(y, storage.dtype()), Shape::from(dims)))
+        let hidden = self.mlp.hidden();
+        map_rows(
+            storage,
+            layout,
+            self.name(),
+            (hidden, "hidden"),
+            hidden,
+            |x, m| self.mlp.forward(x, m),
+        )
     }
 }

@@ -95,16 +95,7 @@ impl TernaryMatrix {
         scales: TernaryScales,
     ) -> Result<Self> {
         check_dims(n_out, k_in)?;
-        let wpr = words_per_row(k_in);
-        if packed.len() != n_out * wpr {
-            return Err(TernaryError::LengthMismatch {
-                what: "packed words",
-                rows: n_out,
-                cols: wpr,
-                actual: packed.len(),
-                expected: n_out * wpr,
-            });
-        }
+        let wpr = check_packed_len(packed.len(), n_out, k_in)?;
         check_scales(&scales, n_out)?;
         let pad = wpr * CODES_PER_WORD - k_in;
         for (n, row) in packed.chunks_exact(wpr).enumerate() {
@@ -221,6 +212,21 @@ fn check_dims(n_out: usize, k_in: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks a packed buffer holds `n_out * words_per_row(k_in)` words; returns words per row.
+fn check_packed_len(len: usize, n_out: usize, k_in: usize) -> Result<usize> {
+    let wpr = words_per_row(k_in);
+    if len != n_out * wpr {
+        return Err(TernaryError::LengthMismatch {
+            what: "packed words",
+            rows: n_out,
+            cols: wpr,
+            actual: len,
+            expected: n_out * wpr,
+        });
+    }
+    Ok(wpr)
+}
+
 fn check_scales(scales: &TernaryScales, n_out: usize) -> Result<()> {
     if let TernaryScales::PerRow(g) = scales {
         if g.len() != n_out {
@@ -282,16 +288,7 @@ pub fn pack_ternary_rows(values: &[i8], n_out: usize, k_in: usize) -> Result<Vec
 /// rejects code 3.
 pub fn unpack_ternary_rows(packed: &[u32], n_out: usize, k_in: usize) -> Result<Vec<i8>> {
     check_dims(n_out, k_in)?;
-    let wpr = words_per_row(k_in);
-    if packed.len() != n_out * wpr {
-        return Err(TernaryError::LengthMismatch {
-            what: "packed words",
-            rows: n_out,
-            cols: wpr,
-            actual: packed.len(),
-            expected: n_out * wpr,
-        });
-    }
+    let wpr = check_packed_len(packed.len(), n_out, k_in)?;
     let mut out = Vec::with_capacity(n_out * k_in);
     for (n, row) in packed.chunks_exact(wpr).enumerate() {
         for k in 0..k_in {

@@ -54,18 +54,7 @@ impl QuantizedActivationsGpu {
     /// Kept separate from the launch so a pipeline can check once per step instead of
     /// stalling the stream after every quantization.
     pub fn check_finite(&self, gpu: &Gpu) -> Result<()> {
-        let bad = gpu
-            .stream()
-            .clone_dtoh(&self.nonfinite_rows)
-            .map_err(KernelError::driver("reading the non-finite row count"))?;
-        match bad[0] {
-            0 => Ok(()),
-            rows => Err(TernaryError::NonFiniteRows {
-                what: "x",
-                rows,
-                total: self.rows,
-            }),
-        }
+        read_nonfinite(gpu, &self.nonfinite_rows, self.rows)
     }
 
     /// Copies to the host after [`check_finite`](Self::check_finite).
@@ -306,18 +295,23 @@ impl GemvActivations {
 
     /// Synchronizes and fails if the last fill saw NaN or Inf (those rows' scales are NaN).
     pub fn check_finite(&self, gpu: &Gpu) -> Result<()> {
-        let bad = gpu
-            .stream()
-            .clone_dtoh(&self.nonfinite_rows)
-            .map_err(KernelError::driver("reading the non-finite row count"))?;
-        match bad[0] {
-            0 => Ok(()),
-            rows => Err(TernaryError::NonFiniteRows {
-                what: "x",
-                rows,
-                total: self.rows,
-            }),
-        }
+        read_nonfinite(gpu, &self.nonfinite_rows, self.rows)
+    }
+}
+
+/// Synchronizes, reads a non-finite row counter and turns a non-zero count into an error.
+fn read_nonfinite(gpu: &Gpu, counter: &CudaSlice<u32>, total: usize) -> Result<()> {
+    let bad = gpu
+        .stream()
+        .clone_dtoh(counter)
+        .map_err(KernelError::driver("reading the non-finite row count"))?;
+    match bad[0] {
+        0 => Ok(()),
+        rows => Err(TernaryError::NonFiniteRows {
+            what: "x",
+            rows,
+            total,
+        }),
     }
 }
 
