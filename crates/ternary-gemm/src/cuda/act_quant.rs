@@ -182,7 +182,14 @@ pub struct GemvActivations {
 impl GemvActivations {
     /// Zeroed buffers for `rows` activation rows of `cols` features.
     pub fn new(gpu: &Gpu, rows: usize, cols: usize) -> Result<Self> {
-        check_shape("activations", rows * cols, rows, cols)?;
+        check_shape("activations", rows.saturating_mul(cols), rows, cols)?;
+        if gemv_padded_cols(cols) > i32::MAX as usize {
+            return Err(TernaryError::BadDimension {
+                what: "cols",
+                actual: cols,
+                expected: "at most 2^31 - 128 (rows are padded to a multiple of 128)",
+            });
+        }
         let s = gpu.stream();
         let alloc = |what: &str| KernelError::driver(format!("allocating {what}"));
         Ok(GemvActivations {
@@ -223,16 +230,9 @@ impl GemvActivations {
         if self.rows == 0 {
             return Ok(());
         }
+        let (rows_i, cols_i, kp_i) = self.begin_fill(gpu)?;
         let stream = gpu.stream();
-        stream
-            .memset_zeros(&mut self.nonfinite_rows)
-            .map_err(KernelError::driver("resetting the non-finite counter"))?;
         let func = gpu.function(&images::ACT_QUANT, T::ACT_QUANT_MMA_KERNEL)?;
-        let (rows_i, cols_i, kp_i) = (
-            self.rows as i32,
-            self.cols as i32,
-            gemv_padded_cols(self.cols) as i32,
-        );
         let mut launch = stream.launch_builder(&func);
         launch
             .arg(x)
@@ -265,19 +265,12 @@ impl GemvActivations {
         if self.rows == 0 {
             return Ok(());
         }
+        let (rows_i, cols_i, kp_i) = self.begin_fill(gpu)?;
         let stream = gpu.stream();
-        stream
-            .memset_zeros(&mut self.nonfinite_rows)
-            .map_err(KernelError::driver("resetting the non-finite counter"))?;
         stream
             .memcpy_dtod(scales, &mut self.scales.slice_mut(..self.rows))
             .map_err(KernelError::driver("copying activation scales"))?;
         let func = gpu.function(&images::ACT_QUANT, "a8_to_mma")?;
-        let (rows_i, cols_i, kp_i) = (
-            self.rows as i32,
-            self.cols as i32,
-            gemv_padded_cols(self.cols) as i32,
-        );
         let mut launch = stream.launch_builder(&func);
         launch
             .arg(codes)
@@ -291,6 +284,19 @@ impl GemvActivations {
         unsafe { launch.launch(row_launch(self.rows)) }
             .map_err(KernelError::driver("launching a8_to_mma"))?;
         Ok(())
+    }
+
+    /// Starts a fill: resets the non-finite counter; returns (rows, cols, padded cols) as the
+    /// kernels' `int` arguments (all bounded by `check_shape` in `new`).
+    fn begin_fill(&mut self, gpu: &Gpu) -> Result<(i32, i32, i32)> {
+        gpu.stream()
+            .memset_zeros(&mut self.nonfinite_rows)
+            .map_err(KernelError::driver("resetting the non-finite counter"))?;
+        Ok((
+            self.rows as i32,
+            self.cols as i32,
+            gemv_padded_cols(self.cols) as i32,
+        ))
     }
 
     /// Synchronizes and fails if the last fill saw NaN or Inf (those rows' scales are NaN).
