@@ -133,7 +133,7 @@ mod gpu {
 
     /// (n_out, k_in): 3B (hidden 2560) and 7B (hidden 4096) projections, the 16384x4096 /
     /// 4096x16384 MLP pair, and 32768x16384 (134 MB packed) where fixed launch and latency
-    /// costs no longer hide the streaming rate; decode M = 1 and a batch of 8.
+    /// costs no longer hide the streaming rate; decode M = 1 and batches of 8 and 32.
     const SHAPES: &[(usize, usize)] = &[
         (2560, 2560),
         (4096, 4096),
@@ -141,7 +141,7 @@ mod gpu {
         (4096, 16384),
         (32768, 16384),
     ];
-    const MS: &[usize] = &[1, 8];
+    const MS: &[usize] = &[1, 8, 32];
 
     struct Ours {
         w: TernaryMatrixGpu,

@@ -1,4 +1,5 @@
-// W2A8 ternary GEMV for decode (M = 1..8 activation rows), DESIGN.md section 4.
+// W2A8 ternary GEMV for decode and small batches (M = 1..8, and 9..32 with the _m32
+// variants), DESIGN.md section 4.
 //
 //   W      [n_out, wpr]  u32, canonical 2-bit codes (code = w + 1; weight k of a row at bits
 //                        2*(k%16) of word k/16; rows padded with code 1), wpr = ceil(K/16)
@@ -8,12 +9,12 @@
 //          xs [M] f32 activation scales (s = 127 / absmax)
 //   y      [M, n_out] f32   y[m, n] = acc[m, n] * (gamma_n / s_m),
 //                           acc[m, n] = sum_k (code[n, k] - 1) * xq[m, k]   (exact, int32)
-//   ws     [8, n_out] int32 split-K accumulators, zero between calls (the last CTA resets them)
+//   ws     [32, n_out] int32 split-K accumulators, zero between calls (the last CTA resets them)
 //   tiles  [ceil(n_out/32)] u32 split-K arrival counters, zero between calls
 //
 // Algorithm. The integer dot product runs on the tensor cores: mma.sync.m16n8k32.s8.s8.s32
-// with A = 16 weight rows x 32 k (codes 0..2 as s8) and B = 32 k x 8 activation rows (M <= 8;
-// columns >= M are zero registers). dot(w, x) = dot(code, x) - sum(x), so the codes feed the
+// with A = 16 weight rows x 32 k (codes 0..2 as s8) and B = 32 k x 8 activation rows
+// (columns >= M are zero registers; the _m32 variants issue 4 MMAs per decoded A fragment). dot(w, x) = dot(code, x) - sum(x), so the codes feed the
 // MMA directly and one subtraction per output removes the offset.
 // Decode is at most 2 instructions per A register: the MMA's k order inside each 128-weight
 // quad (8 words per row) is permuted so that in k-step j lane (g, t) feeds the MMA
@@ -53,7 +54,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTiles = 2;              // 16-row MMA tiles per warp
 constexpr int kRows = 16 * kTiles;     // output rows per CTA
-constexpr int kMaxM = 8;               // activation rows (MMA N)
+constexpr int kN = 8;                  // activation rows per MMA (MMA N)
 constexpr int kQuadWords = 8;          // 128 weights = 4 MMA k-steps = 8 words per row
 constexpr int kStages = 4;             // cp.async commit groups per CTA range
 constexpr int kRowPadW = 4;            // words of padding per weight row in shared memory
@@ -104,7 +105,9 @@ __device__ __forceinline__ void wait_stage(int pending) {
 }
 
 // kVec: rows are 16-byte aligned (wpr % 4 == 0): 16-byte copies; else 4-byte copies.
-template <bool kVec>
+// kNT: MMA n-tiles of 8 activation rows (1: M <= 8, 4: M <= 32); every decoded A fragment
+// feeds kNT MMAs, so a batch of up to 32 rows streams the weights once.
+template <bool kVec, int kNT>
 __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
                                const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,
                                float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles, int M,
@@ -122,7 +125,8 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     const int k0 = q_begin * 128;
     const int word0 = q_begin * kQuadWords;
 
-    // Layout: weights 32 x w_stride words, reused as kWarps x 32 x 8 int after compute.
+    constexpr int kMT = kN * kNT;               // activation rows per launch
+    // Layout: weights 32 x w_stride words, reused as kWarps x 32 x kMT int after compute.
     // The host computes the same size.
     uint32_t* wsm = reinterpret_cast<uint32_t*>(smem);
     int* red = reinterpret_cast<int*>(smem);
@@ -131,11 +135,14 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     const int g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * kRows;
 
-    // 0. Epilogue operands early, so their latency hides under the main loop.
-    const int er = tid / kMaxM, em = tid % kMaxM;  // this thread's (row, m) output slot
-    const int en = row0 + er;
-    const bool live = em < M && en < n_out;
-    const float out_scale = live ? __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]) : 0.0f;
+    // 0. Epilogue operands early, so their latency hides under the main loop. Thread tid
+    // owns outputs (row, m) = ((tid + 256 o) / kMT, (tid + 256 o) % kMT), o < kNT.
+    float out_scale[kNT];
+#pragma unroll
+    for (int o = 0; o < kNT; ++o) {
+        const int idx = tid + kThreads * o, er = idx / kMT, em = idx % kMT, en = row0 + er;
+        out_scale[o] = (em < M && en < n_out) ? __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]) : 0.0f;
+    }
 
     // 1. The whole weight tile, in kStages commit groups along k. Thread (row tid/8, lane
     // tid%8) copies 16-byte chunks tid%8, tid%8 + 8, ... of its row: coalesced, pointers
@@ -164,15 +171,20 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
             cp_async_commit();
         }
     }
-    // 3. Consume the stages as they land; warps split each stage's quads. In k-step j of a
+    // 2. Consume the stages as they land; warps split each stage's quads. In k-step j of a
     // quad, lane (g, t) feeds the MMA (word t >> 2j) & 0x03030303 and (word t+4 >> 2j) of
     // rows g and g+8: the shift is an immediate and one pair of shared loads per row covers
     // all 4 k-steps of the quad.
     // B operands come straight from the GEMV-ready activations (already in MMA k order,
     // L1/L2 resident: M x K bytes shared by every CTA).
-    const bool has_b = g < M;
-    const int8_t* xg = xq + static_cast<size_t>(has_b ? g : 0) * kp + 4 * t;
-    int c[kTiles][4] = {};
+    bool has_b[kNT];
+    const int8_t* xg[kNT];
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+        has_b[nt] = kN * nt + g < M;
+        xg[nt] = xq + static_cast<size_t>(has_b[nt] ? kN * nt + g : 0) * kp + 4 * t;
+    }
+    int c[kTiles][kNT][4] = {};
     for (int st = 0; st < kStages; ++st) {
         wait_stage(kStages - 1 - st);
         __syncthreads();
@@ -186,73 +198,101 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
                 lo[r] = wr[0];
                 hi[r] = wr[4];
             }
-            const int8_t* xb = xg + 128 * (q_begin + q);
-            unsigned bq[8];
+            unsigned bq[kNT][8];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) bq[j] = has_b ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
+            for (int nt = 0; nt < kNT; ++nt) {
+                const int8_t* xb = xg[nt] + 128 * (q_begin + q);
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    bq[nt][j] = has_b[nt] ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
+            }
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const unsigned b0 = bq[2 * j], b1 = bq[2 * j + 1];
 #pragma unroll
                 for (int tile = 0; tile < kTiles; ++tile) {
-                    mma_s8(c[tile], (lo[2 * tile] >> (2 * j)) & 0x03030303u, (lo[2 * tile + 1] >> (2 * j)) & 0x03030303u,
-                           (hi[2 * tile] >> (2 * j)) & 0x03030303u, (hi[2 * tile + 1] >> (2 * j)) & 0x03030303u, b0, b1);
+                    const unsigned a0 = (lo[2 * tile] >> (2 * j)) & 0x03030303u;
+                    const unsigned a1 = (lo[2 * tile + 1] >> (2 * j)) & 0x03030303u;
+                    const unsigned a2 = (hi[2 * tile] >> (2 * j)) & 0x03030303u;
+                    const unsigned a3 = (hi[2 * tile + 1] >> (2 * j)) & 0x03030303u;
+#pragma unroll
+                    for (int nt = 0; nt < kNT; ++nt) mma_s8(c[tile][nt], a0, a1, a2, a3, bq[nt][2 * j], bq[nt][2 * j + 1]);
                 }
             }
         }
     }
     __syncthreads();  // all warps done with wsm: reuse it for the reduction
 
-    // C fragment of tile j: c0,c1 -> (row 16j + g, m 2t, 2t+1); c2,c3 -> (row 16j + g + 8).
-    int* mine = red + warp * (kRows * kMaxM);
+    // C fragment of (tile, nt): c0,c1 -> (row 16 tile + g, m 8 nt + 2t, +1); c2,c3 -> row + 8.
+    int* mine = red + warp * (kRows * kMT);
 #pragma unroll
     for (int tile = 0; tile < kTiles; ++tile) {
         const int r0 = 16 * tile + g;
-        mine[r0 * kMaxM + 2 * t] = c[tile][0];
-        mine[r0 * kMaxM + 2 * t + 1] = c[tile][1];
-        mine[(r0 + 8) * kMaxM + 2 * t] = c[tile][2];
-        mine[(r0 + 8) * kMaxM + 2 * t + 1] = c[tile][3];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+            const int m0 = kN * nt + 2 * t;
+            mine[r0 * kMT + m0] = c[tile][nt][0];
+            mine[r0 * kMT + m0 + 1] = c[tile][nt][1];
+            mine[(r0 + 8) * kMT + m0] = c[tile][nt][2];
+            mine[(r0 + 8) * kMT + m0 + 1] = c[tile][nt][3];
+        }
     }
     __syncthreads();
 
-    // One thread per (row, m) of the CTA tile: 32 x 8 = 256 = kThreads.
     // acc = sum(code * x) over this CTA's range; dot(w, x) subtracts the row sum once.
-    int acc = 0;
+    int acc[kNT];
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) acc += red[w * (kRows * kMaxM) + tid];
+    for (int o = 0; o < kNT; ++o) {
+        acc[o] = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) acc[o] += red[w * (kRows * kMT) + tid + kThreads * o];
+    }
 
     if (gridDim.y == 1) {
-        if (live) y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(acc - xsum[em]) * out_scale;
+#pragma unroll
+        for (int o = 0; o < kNT; ++o) {
+            const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
+            if (em < M && en < n_out)
+                y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(acc[o] - xsum[em]) * out_scale[o];
+        }
         return;
     }
     // Serial split-K: accumulate, then the last CTA of this row tile finishes.
-    if (live) atomicAdd(&ws[static_cast<size_t>(em) * n_out + en], acc);
+#pragma unroll
+    for (int o = 0; o < kNT; ++o) {
+        const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
+        if (em < M && en < n_out) atomicAdd(&ws[static_cast<size_t>(em) * n_out + en], acc[o]);
+    }
     __threadfence();
     __syncthreads();
     if (tid == 0) last_cta = atomicAdd(&tiles[blockIdx.x], 1u) == gridDim.y - 1;
     __syncthreads();
     if (!last_cta) return;
     __threadfence();
-    if (live) {
-        int* slot = &ws[static_cast<size_t>(em) * n_out + en];
-        const int total = atomicExch(slot, 0);  // read the final sum and reset for the next call
-        y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(total - xsum[em]) * out_scale;
+#pragma unroll
+    for (int o = 0; o < kNT; ++o) {
+        const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
+        if (em < M && en < n_out) {
+            // read the final sum and reset the slot for the next call
+            const int total = atomicExch(&ws[static_cast<size_t>(em) * n_out + en], 0);
+            y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(total - xsum[em]) * out_scale[o];
+        }
     }
     if (tid == 0) tiles[blockIdx.x] = 0;
 }
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kThreads) gemv_w2a8_vec(
-    const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
-    const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs, float* __restrict__ y,
-    int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, int quads_per_split) {
-    gemv_w2a8_impl<true>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K, quads_per_split);
-}
+#define GEMV_ENTRY(NAME, VEC, NT)                                                                         \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                          \
+        const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,               \
+        const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,         \
+        float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, \
+        int quads_per_split) {                                                                            \
+        gemv_w2a8_impl<VEC, NT>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K,         \
+                                quads_per_split);                                                         \
+    }
 
-extern "C" __global__ void __launch_bounds__(kThreads) gemv_w2a8_word(
-    const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
-    const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs, float* __restrict__ y,
-    int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, int quads_per_split) {
-    gemv_w2a8_impl<false>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K, quads_per_split);
-}
+GEMV_ENTRY(gemv_w2a8_vec, true, 1)
+GEMV_ENTRY(gemv_w2a8_word, false, 1)
+GEMV_ENTRY(gemv_w2a8_vec_m32, true, 4)
+GEMV_ENTRY(gemv_w2a8_word_m32, false, 4)

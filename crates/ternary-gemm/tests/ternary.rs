@@ -255,8 +255,8 @@ fn safetensors_file_and_corruption() {
 }
 
 /// GPU conformance cases (n_out, k_in, M): degenerate ends, k_in not a multiple of 16 / 64
-/// (word-load kernel), one partial 16-row tile, split-K shapes, M above one 8-row chunk, and
-/// the 3B/7B projection shapes.
+/// (word-load kernel), one partial 16-row tile, split-K shapes, M in the 8-row and 32-row
+/// kernels and above one 32-row chunk, and the 3B/7B projection shapes.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const GEMV_CASES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
@@ -272,6 +272,9 @@ const GEMV_CASES: &[(usize, usize, usize)] = &[
     (1024, 16384, 8),
     (4096, 16384, 1),
     (16384, 4096, 2),
+    (48, 256, 32),
+    (40, 2560, 21),
+    (1024, 4096, 70),
 ];
 
 /// GPU W2A8 product equals the CPU reference bit for bit (exact integer accumulation, same

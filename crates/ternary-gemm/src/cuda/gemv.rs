@@ -7,8 +7,11 @@ use tritter_kernels_cuda::{images, Gpu, KernelError};
 use super::GemvActivations;
 use crate::{gemv_padded_cols, Result, ScaleGranularity, TernaryError, TernaryMatrix};
 
-/// Activation rows one launch handles (the MMA's N); larger M runs in chunks of this.
-pub const GEMV_MAX_M: usize = 8;
+/// Activation rows one launch handles; larger M runs in chunks of this. Up to 8 rows use
+/// one MMA n-tile per decoded weight fragment, 9..32 rows four.
+pub const GEMV_MAX_M: usize = 32;
+/// Rows of one MMA n-tile.
+const N_TILE: usize = 8;
 const ROWS_PER_CTA: usize = 32;
 const WARPS: usize = 8;
 const THREADS: u32 = 32 * WARPS as u32;
@@ -61,7 +64,7 @@ impl TernaryMatrixGpu {
     }
 }
 
-/// Split-K scratch of the GEMV: `(8, n_out)` int32 accumulators and one arrival counter per
+/// Split-K scratch of the GEMV: `(32, n_out)` int32 accumulators and one arrival counter per
 /// 32-row tile, zero between calls (the kernel's last CTA per tile resets what it used).
 ///
 /// Allocate one per stream, sized for the largest `n_out` it will serve (llm.c style: no
@@ -89,10 +92,10 @@ impl GemvWorkspace {
     }
 }
 
-/// Shared memory of one CTA handling `qps` quads (the kernel's layout: the weight tile,
-/// at least the 8 KB reduction buffer that reuses it).
-fn smem_bytes(qps: usize) -> usize {
-    (4 * ROWS_PER_CTA * (8 * qps + W_ROW_PAD_WORDS)).max(4 * WARPS * ROWS_PER_CTA * GEMV_MAX_M)
+/// Shared memory of one CTA handling `qps` quads for `m_tile` rows per launch (the kernel's
+/// layout: the weight tile, at least the reduction buffer that reuses it).
+fn smem_bytes(qps: usize, m_tile: usize) -> usize {
+    (4 * ROWS_PER_CTA * (8 * qps + W_ROW_PAD_WORDS)).max(4 * WARPS * ROWS_PER_CTA * m_tile)
 }
 
 /// Launch geometry `(quads per split, ksplit)`: K is split across `ksplit` CTAs per 32-row
@@ -101,7 +104,7 @@ fn smem_bytes(qps: usize) -> usize {
 fn plan(gpu: &Gpu, n_out: usize, k_in: usize) -> (usize, usize) {
     let quads = k_in.div_ceil(16).div_ceil(8);
     let mut max_qps = MAX_QUADS_PER_CTA;
-    while max_qps > 1 && smem_bytes(max_qps) > SMEM_BUDGET {
+    while max_qps > 1 && smem_bytes(max_qps, GEMV_MAX_M) > SMEM_BUDGET {
         max_qps -= 1;
     }
     let row_tiles = n_out.div_ceil(ROWS_PER_CTA);
@@ -116,7 +119,7 @@ fn plan(gpu: &Gpu, n_out: usize, k_in: usize) -> (usize, usize) {
 /// `y = (Wq · q) * gamma / s` for GEMV-ready int8 activations `x` (M = `x.rows()`,
 /// K = `w.k_in()`), `y` `(M, n_out)` f32. Integer accumulation is exact and the epilogue is
 /// [`a8_epilogue`](crate::a8_epilogue), so results equal the CPU reference bit for bit.
-/// Any M >= 1 (launched in chunks of [`GEMV_MAX_M`] rows; M >= 16 will move to the GEMM).
+/// Any M >= 1 (launched in chunks of [`GEMV_MAX_M`] rows; large M belongs to the GEMM).
 /// `ws` must have been made for at least `w.n_out()` rows.
 pub fn ternary_matmul_a8_cuda(
     gpu: &Gpu,
@@ -145,23 +148,25 @@ pub fn ternary_matmul_a8_cuda(
         });
     }
     let vec_ok = k.div_ceil(16) % 4 == 0;
-    let name = if vec_ok {
-        "gemv_w2a8_vec"
-    } else {
-        "gemv_w2a8_word"
-    };
-    let func = gpu.function(&images::TERNARY_GEMV, name)?;
     let stream = gpu.stream();
     let per_row = i32::from(w.per_row);
     let kp = gemv_padded_cols(k);
 
     for m0 in (0..m).step_by(GEMV_MAX_M) {
         let mc = GEMV_MAX_M.min(m - m0);
+        let m_tile = if mc <= N_TILE { N_TILE } else { GEMV_MAX_M };
+        let name = match (vec_ok, m_tile == N_TILE) {
+            (true, true) => "gemv_w2a8_vec",
+            (false, true) => "gemv_w2a8_word",
+            (true, false) => "gemv_w2a8_vec_m32",
+            (false, false) => "gemv_w2a8_word_m32",
+        };
+        let func = gpu.function(&images::TERNARY_GEMV, name)?;
         let (qps, ksplit) = plan(gpu, n_out, k);
         let cfg = LaunchConfig {
             grid_dim: (n_out.div_ceil(ROWS_PER_CTA) as u32, ksplit as u32, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem_bytes(qps) as u32,
+            shared_mem_bytes: smem_bytes(qps, m_tile) as u32,
         };
         let xc = x.codes_mma.slice(m0 * kp..(m0 + mc) * kp);
         let sums = x.sums.slice(m0..m0 + mc);
@@ -186,7 +191,7 @@ pub fn ternary_matmul_a8_cuda(
         // SAFETY: arguments match `gemv_w2a8_*(const u32*, const float*, int, const i8*,
         // const int*, const float*, float*, int*, unsigned*, int, int, int, int)`; x holds
         // mc rows of kp = ceil(k/128)*128 codes (GemvActivations layout) and mc sums/scales,
-        // y holds mc x n_out (checked), ws 8 x n_out accumulators and ceil(n_out/32)
+        // y holds mc x n_out (checked), ws 32 x n_out accumulators and ceil(n_out/32)
         // counters; the grid covers ceil(n_out/32) x ksplit tiles and the kernel
         // bounds-checks n < n_out and m < M; shared memory matches `smem_bytes`.
         // Error context built only on failure: this is the decode hot path.
