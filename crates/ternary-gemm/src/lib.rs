@@ -5,10 +5,16 @@
 //! that are checked against it. Formats follow the workspace contract (DESIGN.md section 4).
 //!
 //! Available now:
-//! * [`absmax_quantize_rows`] / [`absmax_quantize_row_ref`]: per-token absmax int8
-//!   activation quantization, `s = 127 / max|x|`, `q = clamp(round(x * s), -128, 127)`;
-//!   [`dequantize_rows`] is its inverse up to rounding.
-//! * `cuda::absmax_quantize_rows_cuda` (feature `cuda`): the same on the GPU, bit-exact.
+//! * [`TernaryMatrix`] in the canonical 2-bit layout, [`absmean_quantize`], pack/unpack,
+//!   safetensors I/O ([`save_ternary_safetensors`]);
+//! * [`absmax_quantize_rows`]: per-token absmax int8 activation quantization,
+//!   `s = 127 / max|x|`, `q = clamp(round(x * s), -128, 127)`;
+//! * products `y = x · (Wq γ)ᵀ`: references ([`ternary_matmul_a8_ref`],
+//!   [`ternary_matmul_f32_ref`]) and the AVX2/rayon CPU kernel ([`ternary_matmul_a8`]);
+//!   the STE backward [`ternary_matmul_t`]; the squared-ReLU GLU [`TernaryMlp`];
+//! * feature `cuda`: `cuda::ternary_matmul_a8_cuda` (mma.sync W2A8 GEMV, M <= 32 per
+//!   launch) and GPU activation quantization, bit-exact with the CPU references;
+//! * feature `candle`: `candle_ops::{TernaryLinear, TernaryMlpOp}` custom ops.
 
 mod act_quant;
 #[cfg(feature = "candle")]
