@@ -280,6 +280,128 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     if (tid == 0) tiles[blockIdx.x] = 0;
 }
 
+// Persistent variant (M <= 8, rows 16-byte aligned): a grid of about one wave of CTAs loops
+// over (row tile, K split) work items. The next item's weight tile is copied into the other
+// half of a double buffer while the current one is computed, so a CTA's copy issue, wait and
+// epilogue overlap with streaming instead of adding up per item. Same math, operand order
+// and split-K protocol as gemv_w2a8_impl.
+__device__ void gemv_w2a8_persistent_impl(const uint32_t* __restrict__ W, const float* __restrict__ gamma,
+                                          int gamma_per_row, const int8_t* __restrict__ xq,
+                                          const int* __restrict__ xsum, const float* __restrict__ xs,
+                                          float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles,
+                                          int M, int n_out, int K, int quads_per_split, int ksplit) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ bool last_cta;
+    const int wpr = (K + 15) / 16;
+    const int total_quads = (wpr + kQuadWords - 1) / kQuadWords;
+    const int kp = total_quads * 128;
+    const int w_stride = quads_per_split * kQuadWords + kRowPadW;
+    const int buf_words = kRows * w_stride;
+    uint32_t* const buf0 = reinterpret_cast<uint32_t*>(smem);  // buffer b at buf0 + b * buf_words
+    int* red = reinterpret_cast<int*>(smem + 2 * 4 * buf_words);  // [kWarps][32 * 8]
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int row_tiles = (n_out + kRows - 1) / kRows;
+    const int items = row_tiles * ksplit;
+
+    auto issue = [&](int item, uint32_t* dst_base) {
+        const int tile = item / ksplit, split = item % ksplit;
+        const int q_begin = split * quads_per_split;
+        const int nq = min(total_quads, q_begin + quads_per_split) - q_begin;
+        const int word0 = q_begin * kQuadWords, words = nq * kQuadWords;
+        const int r = tid / 8, c8 = tid % 8;
+        const int n = tile * kRows + r;
+        const bool row_ok = n < n_out;
+        const uint32_t* src = W + static_cast<size_t>(row_ok ? n : 0) * wpr + word0;
+        uint32_t* dst = dst_base + r * w_stride;
+        for (int c = 4 * c8; c < words; c += 32) {
+            const bool ok = row_ok && word0 + c < wpr;
+            cp_async_zfill<16>(dst + c, ok ? src + c : W, ok ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+
+    const bool has_b = g < M;
+    int item = blockIdx.x;
+    int cur = 0;
+    if (item < items) issue(item, buf0);
+    for (; item < items; item += gridDim.x, cur ^= 1) {
+        const int next = item + gridDim.x;
+        if (next < items) issue(next, buf0 + (cur ^ 1) * buf_words);
+        else cp_async_commit();  // keep the group count uniform
+        cp_async_wait<1>();      // the current item's copies have landed
+        __syncthreads();
+
+        const int tile = item / ksplit, split = item % ksplit;
+        const int q_begin = split * quads_per_split;
+        const int nq = min(total_quads, q_begin + quads_per_split) - q_begin;
+        const int row0 = tile * kRows;
+        const uint32_t* wsm = buf0 + cur * buf_words;
+        const int8_t* xg = xq + static_cast<size_t>(has_b ? g : 0) * kp + 4 * t;
+        int c[kTiles][4] = {};
+        for (int q = warp; q < nq; q += kWarps) {
+            uint32_t lo[2 * kTiles], hi[2 * kTiles];
+#pragma unroll
+            for (int r = 0; r < 2 * kTiles; ++r) {
+                const uint32_t* wr = wsm + (8 * r + g) * w_stride + 8 * q + t;
+                lo[r] = wr[0];
+                hi[r] = wr[4];
+            }
+            const int8_t* xb = xg + 128 * (q_begin + q);
+            unsigned bq[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) bq[j] = has_b ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                for (int tl = 0; tl < kTiles; ++tl) {
+                    mma_s8(c[tl], (lo[2 * tl] >> (2 * j)) & 0x03030303u, (lo[2 * tl + 1] >> (2 * j)) & 0x03030303u,
+                           (hi[2 * tl] >> (2 * j)) & 0x03030303u, (hi[2 * tl + 1] >> (2 * j)) & 0x03030303u,
+                           bq[2 * j], bq[2 * j + 1]);
+                }
+            }
+        }
+        int* mine = red + warp * (kRows * kN);
+#pragma unroll
+        for (int tl = 0; tl < kTiles; ++tl) {
+            const int r0 = 16 * tl + g;
+            mine[r0 * kN + 2 * t] = c[tl][0];
+            mine[r0 * kN + 2 * t + 1] = c[tl][1];
+            mine[(r0 + 8) * kN + 2 * t] = c[tl][2];
+            mine[(r0 + 8) * kN + 2 * t + 1] = c[tl][3];
+        }
+        __syncthreads();  // tiles written; all warps done reading buf[cur]
+        const int er = tid / kN, em = tid % kN, en = row0 + er;
+        const bool live = em < M && en < n_out;
+        int acc = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) acc += red[w * (kRows * kN) + tid];
+        if (ksplit == 1) {
+            if (live)
+                y[static_cast<size_t>(em) * n_out + en] =
+                    static_cast<float>(acc - xsum[em]) * __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]);
+        } else {
+            if (live) atomicAdd(&ws[static_cast<size_t>(em) * n_out + en], acc);
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) last_cta = atomicAdd(&tiles[tile], 1u) == ksplit - 1;
+            __syncthreads();
+            if (last_cta) {
+                __threadfence();
+                if (live) {
+                    const int total = atomicExch(&ws[static_cast<size_t>(em) * n_out + en], 0);
+                    y[static_cast<size_t>(em) * n_out + en] =
+                        static_cast<float>(total - xsum[em]) * __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]);
+                }
+                if (tid == 0) tiles[tile] = 0;
+            }
+        }
+        __syncthreads();  // red is rewritten by the next item
+    }
+    cp_async_wait<0>();
+}
+
 }  // namespace
 
 #define GEMV_ENTRY(NAME, VEC, NT)                                                                         \
@@ -296,3 +418,11 @@ GEMV_ENTRY(gemv_w2a8_vec, true, 1)
 GEMV_ENTRY(gemv_w2a8_word, false, 1)
 GEMV_ENTRY(gemv_w2a8_vec_m32, true, 4)
 GEMV_ENTRY(gemv_w2a8_word_m32, false, 4)
+
+extern "C" __global__ void __launch_bounds__(kThreads) gemv_w2a8_persistent(
+    const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
+    const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs, float* __restrict__ y,
+    int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, int quads_per_split, int ksplit) {
+    gemv_w2a8_persistent_impl(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K, quads_per_split,
+                              ksplit);
+}
