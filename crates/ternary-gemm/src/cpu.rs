@@ -125,7 +125,7 @@ pub fn ternary_matmul_a8_acc(
         .for_each(|(task, out)| {
             for (i, out_row) in out.chunks_exact_mut(m).enumerate() {
                 let n = task * ROWS_PER_TASK + i;
-                row_dot(kernel, w.packed_row(n), &prep, out_row);
+                row_dot(kernel, w.row_words(n), &prep, out_row);
             }
         });
     let mut acc = vec![0i32; m * n_out];
@@ -269,7 +269,7 @@ pub fn ternary_matmul_t(w: &TernaryMatrix, dy: &[f32], m: usize) -> Result<Vec<f
             let mut tile = vec![0f32; m * width];
             let mut wrow = vec![0f32; width];
             for n in 0..n_out {
-                let row = w.packed_row(n);
+                let row = w.row_words(n);
                 for (j, v) in wrow.iter_mut().enumerate() {
                     let kk = k0 + j;
                     *v = ((row[kk / CODES_PER_WORD] >> (2 * (kk % CODES_PER_WORD))) & 3) as f32

@@ -68,7 +68,7 @@ pub fn ternary_matmul_f32_ref(w: &TernaryMatrix, x: &[f32], m: usize) -> Result<
     let (n_out, k) = (w.n_out(), w.k_in());
     let mut y = vec![0f32; m * n_out];
     for n in 0..n_out {
-        let row = w.packed_row(n);
+        let row = w.row_words(n);
         let g = f64::from(w.scales().row(n));
         for (mi, xr) in x.chunks_exact(k).enumerate() {
             let mut acc = 0f64;
@@ -90,7 +90,7 @@ pub fn ternary_matmul_a8_acc_ref(w: &TernaryMatrix, codes: &[i8], m: usize) -> R
     let (n_out, k) = (w.n_out(), w.k_in());
     let mut acc = vec![0i32; m * n_out];
     for n in 0..n_out {
-        let row = w.packed_row(n);
+        let row = w.row_words(n);
         for (mi, qr) in codes.chunks_exact(k).enumerate() {
             let mut a = 0i32;
             for (kk, &q) in qr.iter().enumerate() {
@@ -130,7 +130,7 @@ pub fn ternary_matmul_t_ref(w: &TernaryMatrix, dy: &[f32], m: usize) -> Result<V
     let (n_out, k) = (w.n_out(), w.k_in());
     let mut acc = vec![0f64; m * k];
     for n in 0..n_out {
-        let row = w.packed_row(n);
+        let row = w.row_words(n);
         let g = f64::from(w.scales().row(n));
         for mi in 0..m {
             let s = f64::from(dy[mi * n_out + n]) * g;

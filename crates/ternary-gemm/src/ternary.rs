@@ -48,6 +48,9 @@ pub enum TernaryScales {
 
 impl TernaryScales {
     /// The scale of output row `n`.
+    ///
+    /// # Panics
+    /// If the scales are per row and `n >= n_out` (an index out of bounds, as with slices).
     #[inline]
     pub fn row(&self, n: usize) -> f32 {
         match self {
@@ -161,8 +164,13 @@ impl TernaryMatrix {
         &self.packed
     }
 
-    /// One packed row.
-    pub fn packed_row(&self, n: usize) -> &[u32] {
+    /// Packed row `n` (`words_per_row` words), or `None` when `n >= n_out`.
+    pub fn packed_row(&self, n: usize) -> Option<&[u32]> {
+        (n < self.n_out).then(|| self.row_words(n))
+    }
+
+    /// Packed row `n` for the crate's kernels, which only iterate `0..n_out`.
+    pub(crate) fn row_words(&self, n: usize) -> &[u32] {
         let wpr = self.words_per_row();
         &self.packed[n * wpr..(n + 1) * wpr]
     }
