@@ -317,6 +317,61 @@ mod gpu {
         group.finish();
     }
 
+    /// Prefill / training GEMM: (n_out, k_in, M) on the 7B projection shapes.
+    const GEMM_SHAPES: &[(usize, usize, usize)] = &[
+        (4096, 4096, 128),
+        (4096, 4096, 512),
+        (4096, 4096, 4096),
+        (16384, 4096, 4096),
+    ];
+
+    /// Tiled GEMM (M > 32) against cuBLAS bf16 GEMM of the same shape, TOP/s = 2 M N K / t.
+    fn gemm_shape(gpu: &Gpu, blas: &CudaBlas, n: usize, k: usize, m: usize) {
+        let stream = gpu.stream();
+        let w = absmean_quantize(&random_f32(n * k, 3), n, k, ScaleGranularity::PerTensor).unwrap();
+        let wg = TernaryMatrixGpu::upload(gpu, &w).unwrap();
+        let mut acts = GemvActivations::new(gpu, m, k).unwrap();
+        acts.quantize_from(gpu, &random_bf16(gpu, m * k, 1).as_view())
+            .unwrap();
+        let mut ws = GemvWorkspace::new(gpu, n).unwrap();
+        let mut y = stream.alloc_zeros::<f32>(m * n).unwrap();
+        let ours = time_launches(gpu, 10, 5, |_| {
+            ternary_matmul_a8_cuda(gpu, &wg, &acts, &mut y.as_view_mut(), &mut ws)
+        })
+        .unwrap();
+        let wb: Vec<bf16> = random_f32(n * k, 3)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let pw = stream.clone_htod(&wb).unwrap();
+        let px = random_bf16(gpu, m * k, 1);
+        let mut py = stream.alloc_zeros::<bf16>(m * n).unwrap();
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: bf16::ONE,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        };
+        // SAFETY: W is (n, k) bf16, x is (m, k), y is (m, n); cfg describes exactly them.
+        let peer =
+            time_launches(gpu, 10, 5, |_| unsafe { blas.gemm(cfg, &pw, &px, &mut py) }).unwrap();
+        let ops = 2.0 * (m * n * k) as f64;
+        println!(
+            "RESULT ternary_gemm M={m} {n}x{k}: {:.1} us, {:.1} TOP/s | cuBLAS bf16 {:.1} us, {:.1} TFLOP/s | speed-up {:.2}x",
+            ours.median_ms * 1e3,
+            ours.tops(ops),
+            peer.median_ms * 1e3,
+            peer.tops(ops),
+            peer.median_ms / ours.median_ms
+        );
+    }
+
     pub fn benches(c: &mut Criterion) {
         let Some(gpu) = gpu_for_test("ternary_gemm GPU bench") else {
             return;
@@ -324,6 +379,9 @@ mod gpu {
         println!("{}", tritter_suite::gpu_bench::device_header(&gpu));
         let blas = CudaBlas::new(gpu.stream().clone())
             .expect("cuBLAS (libcublas) must load for the peer baseline");
+        for &(n, k, m) in GEMM_SHAPES {
+            gemm_shape(&gpu, &blas, n, k, m);
+        }
         let hbm = copy_bandwidth(&gpu);
         for &(n, k) in SHAPES {
             for &m in MS {

@@ -256,7 +256,8 @@ fn safetensors_file_and_corruption() {
 
 /// GPU conformance cases (n_out, k_in, M): degenerate ends, k_in not a multiple of 16 / 64
 /// (word-load kernel), one partial 16-row tile, split-K shapes, M in the 8-row and 32-row
-/// kernels and above one 32-row chunk, and the 3B/7B projection shapes.
+/// kernels, the tiled GEMM (M > 32, K % 64 == 0, partial 64 x 64 tiles) and the word path
+/// above one 32-row chunk, and the 3B/7B projection shapes.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const GEMV_CASES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
@@ -275,6 +276,10 @@ const GEMV_CASES: &[(usize, usize, usize)] = &[
     (48, 256, 32),
     (40, 2560, 21),
     (1024, 4096, 70),
+    (100, 640, 64),
+    (256, 1024, 130),
+    (70, 4096, 257),
+    (30, 1000, 45),
 ];
 
 /// GPU W2A8 product equals the CPU reference bit for bit (exact integer accumulation, same

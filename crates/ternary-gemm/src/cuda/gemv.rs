@@ -165,6 +165,9 @@ pub fn ternary_matmul_a8_cuda(
     let per_row = i32::from(w.per_row);
     let kp = gemv_padded_cols(k);
 
+    if m > GEMV_MAX_M && vec_ok {
+        return launch_gemm(gpu, w, x, y);
+    }
     for m0 in (0..m).step_by(GEMV_MAX_M) {
         let mc = GEMV_MAX_M.min(m - m0);
         let m_tile = if mc <= N_TILE { N_TILE } else { GEMV_MAX_M };
@@ -244,5 +247,52 @@ pub fn ternary_matmul_a8_cuda(
         unsafe { launch.launch(cfg) }
             .map_err(|e| KernelError::driver(format!("launching {name}"))(e))?;
     }
+    Ok(())
+}
+
+/// Tile of the GEMM kernel: weight rows x tokens per CTA (`ternary_gemm.cu`).
+const GEMM_TILE: usize = 64;
+/// Shared memory of the GEMM kernel: 3 stages of 64 x 12-word weight rows and 64 x 144-byte
+/// activation rows.
+const GEMM_SMEM: usize = 3 * (4 * GEMM_TILE * 12 + GEMM_TILE * 144);
+
+/// M > 32 with 16-byte aligned rows: one launch of the tiled GEMM (weights read once per
+/// 64 tokens instead of once per 32).
+fn launch_gemm(
+    gpu: &Gpu,
+    w: &TernaryMatrixGpu,
+    x: &GemvActivations,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (n_out, k, m) = (w.n_out, w.k_in, x.rows());
+    let func = gpu.function(&images::TERNARY_GEMM, "gemm_w2a8")?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            n_out.div_ceil(GEMM_TILE) as u32,
+            m.div_ceil(GEMM_TILE) as u32,
+            1,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: GEMM_SMEM as u32,
+    };
+    let per_row = i32::from(w.per_row);
+    let (m_i, n_i, k_i) = (m as i32, n_out as i32, k as i32);
+    let mut launch = gpu.stream().launch_builder(&func);
+    launch
+        .arg(&w.packed)
+        .arg(&w.scales)
+        .arg(&per_row)
+        .arg(&x.codes_mma)
+        .arg(&x.sums)
+        .arg(&x.scales)
+        .arg(y)
+        .arg(&m_i)
+        .arg(&n_i)
+        .arg(&k_i);
+    // SAFETY: matches `gemm_w2a8(const u32*, const float*, int, const i8*, const int*,
+    // const float*, float*, int, int, int)`; x holds m rows of ceil(k/128)*128 codes with m
+    // sums and scales (GemvActivations), y holds m x n_out (checked by the caller), the
+    // weights n_out x k/16 words with k % 64 == 0 (vec_ok); the kernel bounds-checks n and m.
+    unsafe { launch.launch(cfg) }.map_err(|e| KernelError::driver("launching gemm_w2a8")(e))?;
     Ok(())
 }
