@@ -20,8 +20,9 @@
 // act_quant_mma_* (below) write the same codes in the ternary GEMV's operand order.
 //
 // Bound: memory. Traffic = M*K*(sizeof(T) + 1) + 4*M bytes from/to HBM; the second read
-// hits cache. Grid = M CTAs, so decode-size M (1..8) is latency bound; the ternary GEMV
-// fuses this step for that case.
+// hits cache. Grid = M CTAs, so decode-size M (1..8) is latency bound (a few microseconds
+// per launch: the "incl. A8 quant" figures of the GEMV bench); fusing it into the previous
+// kernel's epilogue is left to the engine.
 
 #include "common.cuh"
 
