@@ -157,6 +157,23 @@ mod gpu {
         y: CudaSlice<bf16>,
     }
 
+    /// cuBLAS bf16 `y = x · Wᵀ` for row-major W (n, k), x (m, k), y (m, n): in column-major
+    /// terms y^T (n x m) = W (k x n col-major, transposed) · x^T (k x m).
+    fn cublas_config(n: usize, k: usize, m: usize) -> GemmConfig<bf16> {
+        GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: bf16::ONE,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        }
+    }
+
     /// Deterministic bf16 activations on the device.
     fn random_bf16(gpu: &Gpu, n: usize, seed: u64) -> CudaSlice<bf16> {
         let host: Vec<bf16> = random_f32(n, seed)
@@ -223,19 +240,7 @@ mod gpu {
             ternary_matmul_a8_cuda(gpu, &o.w, &o.acts, &mut o.y.as_view_mut(), &mut o.ws)
         };
         let t_ours = time_launches(gpu, 20, 50, &mut gemv).unwrap();
-        // cuBLAS: y^T (n x m, col-major) = W (k x n col-major, transposed) * x^T (k x m).
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: bf16::ONE,
-            lda: k as i32,
-            ldb: k as i32,
-            beta: bf16::ZERO,
-            ldc: n as i32,
-        };
+        let cfg = cublas_config(n, k, m);
         let mut cublas = |i: usize| {
             let p = &mut peers[i % peer_sets];
             // SAFETY: W is (n, k) bf16, x is (m, k), y is (m, n); cfg describes exactly them.
@@ -265,11 +270,7 @@ mod gpu {
                     y: stream.alloc_zeros(m * nf).unwrap(),
                 })
                 .collect();
-            let fcfg = GemmConfig {
-                m: nf as i32,
-                ldc: nf as i32,
-                ..cfg
-            };
+            let fcfg = cublas_config(nf, k, m);
             let mut f = |i: usize| {
                 let p = &mut fl[i % fsets];
                 // SAFETY: W is (nf, k) bf16, x is (m, k), y is (m, nf); fcfg describes them.
@@ -346,18 +347,7 @@ mod gpu {
         let pw = stream.clone_htod(&wb).unwrap();
         let px = random_bf16(gpu, m * k, 1);
         let mut py = stream.alloc_zeros::<bf16>(m * n).unwrap();
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: bf16::ONE,
-            lda: k as i32,
-            ldb: k as i32,
-            beta: bf16::ZERO,
-            ldc: n as i32,
-        };
+        let cfg = cublas_config(n, k, m);
         // SAFETY: W is (n, k) bf16, x is (m, k), y is (m, n); cfg describes exactly them.
         let peer =
             time_launches(gpu, 10, 5, |_| unsafe { blas.gemm(cfg, &pw, &px, &mut py) }).unwrap();

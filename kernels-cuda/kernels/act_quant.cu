@@ -44,6 +44,14 @@ __device__ __forceinline__ int8_t quantize_one(float v, float s) {
     return static_cast<int8_t>(q);
 }
 
+// Folds |v| into the running row maximum; `bad` is set for NaN or +-Inf, since
+// !(a <= FLT_MAX) catches both (fmaxf alone would silently drop a NaN).
+__device__ __forceinline__ void absorb_absmax(float v, float& amax, unsigned& bad) {
+    const float a = fabsf(v);
+    amax = fmaxf(amax, a);
+    bad |= !(a <= 3.402823466e38f);
+}
+
 template <typename T>
 __device__ __forceinline__ void row_absmax(const T* __restrict__ xr, int cols, bool vec_ok, float& amax, unsigned& bad) {
     constexpr int VEC = Vec16<T>::N;
@@ -54,16 +62,12 @@ __device__ __forceinline__ void row_absmax(const T* __restrict__ xr, int cols, b
             const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
-                const float a = fabsf(tritter::to_float(e[j]));
-                amax = fmaxf(amax, a);
-                bad |= !(a <= 3.402823466e38f);
+                absorb_absmax(tritter::to_float(e[j]), amax, bad);
             }
         }
     } else {
         for (int i = threadIdx.x; i < cols; i += kThreads) {
-            const float a = fabsf(tritter::to_float(xr[i]));
-            amax = fmaxf(amax, a);
-            bad |= !(a <= 3.402823466e38f);
+            absorb_absmax(tritter::to_float(xr[i]), amax, bad);
         }
     }
 }
@@ -116,9 +120,7 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
                 const T* e = reinterpret_cast<const T*>(&held[it]);
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) {
-                    const float a = fabsf(tritter::to_float(e[j]));
-                    amax = fmaxf(amax, a);
-                    bad |= !(a <= 3.402823466e38f);
+                    absorb_absmax(tritter::to_float(e[j]), amax, bad);
                 }
             }
         }

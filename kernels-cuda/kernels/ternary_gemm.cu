@@ -20,6 +20,7 @@
 // shared loads for both operands (no ldmatrix yet).
 
 #include "common.cuh"
+#include "ternary_mma.cuh"
 
 namespace {
 
@@ -33,19 +34,10 @@ constexpr int kXStride = 128 + 16; // bytes per token row in smem (128 data + 16
 constexpr int kWStageWords = kBN * kWStride;
 constexpr int kXStageBytes = kBM * kXStride;
 
-__device__ __forceinline__ void mma_s8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                       unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void cp16(void* smem_dst, const void* gmem_src, bool ok) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(ok ? 16 : 0));
-}
+using tritter::cp_async_commit;
+using tritter::cp_async_zfill;
+using tritter::mma_s8;
+using tritter::ternary_a_reg;
 
 }  // namespace
 
@@ -73,7 +65,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
             const int n = n0 + r;
             const int word = 8 * q + 4 * c;
             const bool ok = n < n_out && word < wpr;
-            cp16(wsm + stage * kWStageWords + r * kWStride + 4 * c, ok ? W + static_cast<size_t>(n) * wpr + word : W, ok);
+            cp_async_zfill<16>(wsm + stage * kWStageWords + r * kWStride + 4 * c, ok ? W + static_cast<size_t>(n) * wpr + word : W, ok ? 16 : 0);
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -81,23 +73,23 @@ extern "C" __global__ void __launch_bounds__(kThreads)
             const int r = idx >> 3, c = idx & 7;
             const int m = m0 + r;
             const bool ok = m < M;
-            cp16(xsm + stage * kXStageBytes + r * kXStride + 16 * c,
-                 ok ? xq + static_cast<size_t>(m) * kp + 128 * q + 16 * c : xq, ok);
+            cp_async_zfill<16>(xsm + stage * kXStageBytes + r * kXStride + 16 * c,
+                 ok ? xq + static_cast<size_t>(m) * kp + 128 * q + 16 * c : xq, ok ? 16 : 0);
         }
-        asm volatile("cp.async.commit_group;\n" ::);
+        cp_async_commit();
     };
 
     int c[2][4][4] = {};
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
         if (s < quads) issue(s, s);
-        else asm volatile("cp.async.commit_group;\n" ::);
+        else cp_async_commit();
     }
     for (int q = 0; q < quads; ++q) {
         const int pre = q + kStages - 1;
         if (pre < quads) issue(pre, pre % kStages);
-        else asm volatile("cp.async.commit_group;\n" ::);
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 1));
+        else cp_async_commit();
+        tritter::cp_async_wait<kStages - 1>();
         __syncthreads();
 
         const int stage = q % kStages;
@@ -123,17 +115,15 @@ extern "C" __global__ void __launch_bounds__(kThreads)
             }
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt) {
-                const unsigned a0 = (lo[mt][0] >> (2 * j)) & 0x03030303u;
-                const unsigned a1 = (lo[mt][1] >> (2 * j)) & 0x03030303u;
-                const unsigned a2 = (hi[mt][0] >> (2 * j)) & 0x03030303u;
-                const unsigned a3 = (hi[mt][1] >> (2 * j)) & 0x03030303u;
+                const unsigned a0 = ternary_a_reg(lo[mt][0], j), a1 = ternary_a_reg(lo[mt][1], j);
+                const unsigned a2 = ternary_a_reg(hi[mt][0], j), a3 = ternary_a_reg(hi[mt][1], j);
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) mma_s8(c[mt][nt], a0, a1, a2, a3, b[nt][0], b[nt][1]);
             }
         }
         __syncthreads();  // the stage is refilled by the next iteration's issue
     }
-    asm volatile("cp.async.wait_group 0;\n" ::);
+    tritter::cp_async_wait<0>();
 
     // Epilogue: c[mt][nt] = (rows wn + 16 mt + g (+8), tokens wm + 8 nt + 2t (+1)).
 #pragma unroll

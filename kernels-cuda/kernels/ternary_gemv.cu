@@ -47,8 +47,13 @@
 // needed to stream ~15 B/clk/SM on an H100 or RTX 5080; the copies are issued once per CTA.
 
 #include "common.cuh"
+#include "ternary_mma.cuh"
 
 namespace {
+
+using tritter::cp_async_commit;
+using tritter::cp_async_wait;
+using tritter::cp_async_zfill;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
@@ -58,29 +63,6 @@ constexpr int kN = 8;                  // activation rows per MMA (MMA N)
 constexpr int kQuadWords = 8;          // 128 weights = 4 MMA k-steps = 8 words per row
 constexpr int kStages = 4;             // cp.async commit groups per CTA range
 constexpr int kRowPadW = 4;            // words of padding per weight row in shared memory
-
-__device__ __forceinline__ void mma_s8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                       unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// cp.async of `bytes` (4 or 16) with zero fill of the part past src_bytes (0 = all zeros).
-template <int kBytes>
-__device__ __forceinline__ void cp_async_zfill(void* smem_dst, const void* gmem_src, int src_bytes) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-    if (kBytes == 16) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
-    } else {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
-    }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
 
 // 4x4 byte transpose of 16 activation codes: out word t = bytes t of w0..w3.
 __device__ __forceinline__ uint4 permute16(uint4 v) {
@@ -191,13 +173,6 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
         const int qa = min(nq, st * stage_quads);
         const int qb = min(nq, (st + 1) * stage_quads);
         for (int q = qa + warp; q < qb; q += kWarps) {
-            uint32_t lo[2 * kTiles], hi[2 * kTiles];
-#pragma unroll
-            for (int r = 0; r < 2 * kTiles; ++r) {
-                const uint32_t* wr = wsm + (8 * r + g) * w_stride + 8 * q + t;
-                lo[r] = wr[0];
-                hi[r] = wr[4];
-            }
             unsigned bq[kNT][8];
 #pragma unroll
             for (int nt = 0; nt < kNT; ++nt) {
@@ -206,18 +181,7 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
                 for (int j = 0; j < 8; ++j)
                     bq[nt][j] = has_b[nt] ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
             }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-#pragma unroll
-                for (int tile = 0; tile < kTiles; ++tile) {
-                    const unsigned a0 = (lo[2 * tile] >> (2 * j)) & 0x03030303u;
-                    const unsigned a1 = (lo[2 * tile + 1] >> (2 * j)) & 0x03030303u;
-                    const unsigned a2 = (hi[2 * tile] >> (2 * j)) & 0x03030303u;
-                    const unsigned a3 = (hi[2 * tile + 1] >> (2 * j)) & 0x03030303u;
-#pragma unroll
-                    for (int nt = 0; nt < kNT; ++nt) mma_s8(c[tile][nt], a0, a1, a2, a3, bq[nt][2 * j], bq[nt][2 * j + 1]);
-                }
-            }
+            tritter::ternary_quad_mma(c, wsm + 8 * q, w_stride, g, t, bq);
         }
     }
     __syncthreads();  // all warps done with wsm: reuse it for the reduction
@@ -339,37 +303,22 @@ __device__ void gemv_w2a8_persistent_impl(const uint32_t* __restrict__ W, const 
         const int row0 = tile * kRows;
         const uint32_t* wsm = buf0 + cur * buf_words;
         const int8_t* xg = xq + static_cast<size_t>(has_b ? g : 0) * kp + 4 * t;
-        int c[kTiles][4] = {};
+        int c[kTiles][1][4] = {};
         for (int q = warp; q < nq; q += kWarps) {
-            uint32_t lo[2 * kTiles], hi[2 * kTiles];
-#pragma unroll
-            for (int r = 0; r < 2 * kTiles; ++r) {
-                const uint32_t* wr = wsm + (8 * r + g) * w_stride + 8 * q + t;
-                lo[r] = wr[0];
-                hi[r] = wr[4];
-            }
             const int8_t* xb = xg + 128 * (q_begin + q);
-            unsigned bq[8];
+            unsigned bq[1][8];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) bq[j] = has_b ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-#pragma unroll
-                for (int tl = 0; tl < kTiles; ++tl) {
-                    mma_s8(c[tl], (lo[2 * tl] >> (2 * j)) & 0x03030303u, (lo[2 * tl + 1] >> (2 * j)) & 0x03030303u,
-                           (hi[2 * tl] >> (2 * j)) & 0x03030303u, (hi[2 * tl + 1] >> (2 * j)) & 0x03030303u,
-                           bq[2 * j], bq[2 * j + 1]);
-                }
-            }
+            for (int j = 0; j < 8; ++j) bq[0][j] = has_b ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
+            tritter::ternary_quad_mma(c, wsm + 8 * q, w_stride, g, t, bq);
         }
         int* mine = red + warp * (kRows * kN);
 #pragma unroll
         for (int tl = 0; tl < kTiles; ++tl) {
             const int r0 = 16 * tl + g;
-            mine[r0 * kN + 2 * t] = c[tl][0];
-            mine[r0 * kN + 2 * t + 1] = c[tl][1];
-            mine[(r0 + 8) * kN + 2 * t] = c[tl][2];
-            mine[(r0 + 8) * kN + 2 * t + 1] = c[tl][3];
+            mine[r0 * kN + 2 * t] = c[tl][0][0];
+            mine[r0 * kN + 2 * t + 1] = c[tl][0][1];
+            mine[(r0 + 8) * kN + 2 * t] = c[tl][0][2];
+            mine[(r0 + 8) * kN + 2 * t + 1] = c[tl][0][3];
         }
         __syncthreads();  // tiles written; all warps done reading buf[cur]
         const int er = tid / kN, em = tid % kN, en = row0 + er;

@@ -19,6 +19,7 @@
 use rayon::prelude::*;
 
 use crate::gemm_ref::{apply_a8_epilogue, check_x};
+use crate::ternary::code_at;
 use crate::{QuantizedActivations, Result, TernaryError, TernaryMatrix, CODES_PER_WORD};
 
 /// Weights per SIMD block: 8 words of 16 codes.
@@ -271,9 +272,7 @@ pub fn ternary_matmul_t(w: &TernaryMatrix, dy: &[f32], m: usize) -> Result<Vec<f
             for n in 0..n_out {
                 let row = w.row_words(n);
                 for (j, v) in wrow.iter_mut().enumerate() {
-                    let kk = k0 + j;
-                    *v = ((row[kk / CODES_PER_WORD] >> (2 * (kk % CODES_PER_WORD))) & 3) as f32
-                        - 1.0;
+                    *v = code_at(row, k0 + j) as f32 - 1.0;
                 }
                 let g = w.scales().row(n);
                 for mi in 0..m {

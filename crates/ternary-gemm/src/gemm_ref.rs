@@ -6,7 +6,8 @@
 //! * int8 activations (A8): `acc[m, n] = Σ_k Wq[n, k] q[m, k]` exactly in i32, then
 //!   `y[m, n] = acc * (gamma_n / s_m)` ([`a8_epilogue`]).
 
-use crate::{QuantizedActivations, Result, TernaryError, TernaryMatrix, CODES_PER_WORD};
+use crate::ternary::code_at;
+use crate::{QuantizedActivations, Result, TernaryError, TernaryMatrix};
 
 pub(crate) fn check_x(w: &TernaryMatrix, len: usize, m: usize) -> Result<()> {
     let k = w.k_in();
@@ -73,7 +74,7 @@ pub fn ternary_matmul_f32_ref(w: &TernaryMatrix, x: &[f32], m: usize) -> Result<
         for (mi, xr) in x.chunks_exact(k).enumerate() {
             let mut acc = 0f64;
             for (kk, &xv) in xr.iter().enumerate() {
-                let code = (row[kk / CODES_PER_WORD] >> (2 * (kk % CODES_PER_WORD))) & 3;
+                let code = code_at(row, kk);
                 acc += (f64::from(code) - 1.0) * f64::from(xv);
             }
             y[mi * n_out + n] = (acc * g) as f32;
@@ -94,7 +95,7 @@ pub fn ternary_matmul_a8_acc_ref(w: &TernaryMatrix, codes: &[i8], m: usize) -> R
         for (mi, qr) in codes.chunks_exact(k).enumerate() {
             let mut a = 0i32;
             for (kk, &q) in qr.iter().enumerate() {
-                let code = (row[kk / CODES_PER_WORD] >> (2 * (kk % CODES_PER_WORD))) & 3;
+                let code = code_at(row, kk);
                 a += (code as i32 - 1) * i32::from(q);
             }
             acc[mi * n_out + n] = a;
@@ -138,7 +139,7 @@ pub fn ternary_matmul_t_ref(w: &TernaryMatrix, dy: &[f32], m: usize) -> Result<V
                 continue;
             }
             for (kk, a) in acc[mi * k..(mi + 1) * k].iter_mut().enumerate() {
-                let code = (row[kk / CODES_PER_WORD] >> (2 * (kk % CODES_PER_WORD))) & 3;
+                let code = code_at(row, kk);
                 *a += (f64::from(code) - 1.0) * s;
             }
         }

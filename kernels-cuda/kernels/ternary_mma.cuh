@@ -1,0 +1,63 @@
+// Shared primitives of the ternary W2A8 kernels (ternary_gemv.cu, ternary_gemm.cu): the int8
+// tensor-core MMA, the 2-bit weight decode in the kernels' k order, and cp.async helpers.
+#pragma once
+#include <stdint.h>
+
+namespace tritter {
+
+// D += A (16 x 32 s8, row) * B (32 x 8 s8, col), int32 accumulate.
+__device__ __forceinline__ void mma_s8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                       unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// cp.async of `bytes` (4 or 16) with zero fill of the part past src_bytes (0 = all zeros).
+template <int kBytes>
+__device__ __forceinline__ void cp_async_zfill(void* smem_dst, const void* gmem_src, int src_bytes) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+    if (kBytes == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+    }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
+
+// A register of k-step j (0..3) from a canonical weight word: the codes of weights
+// {j, 4 + j, 8 + j, 12 + j} of the word, one per byte (values 0..2).
+__device__ __forceinline__ unsigned ternary_a_reg(uint32_t word, int j) { return (word >> (2 * j)) & 0x03030303u; }
+
+// One 128-weight quad of 32 weight rows (kTiles = 2 MMA row tiles) against kNT tiles of 8
+// activation rows, as lane (g, t) of a warp: rows g, g+8, g+16, g+24 of `wq` (the quad's
+// first word in shared memory, rows `w_stride` words apart), B registers bq[nt][0..7] (the
+// quad's 128 activation codes of row 8 nt + g at byte offsets 16 i + 4 t). Each decoded A
+// fragment feeds kNT MMAs.
+template <int kTiles, int kNT>
+__device__ __forceinline__ void ternary_quad_mma(int (&c)[kTiles][kNT][4], const uint32_t* wq, int w_stride, int g,
+                                                 int t, const unsigned (&bq)[kNT][8]) {
+    uint32_t lo[2 * kTiles], hi[2 * kTiles];
+#pragma unroll
+    for (int r = 0; r < 2 * kTiles; ++r) {
+        const uint32_t* wr = wq + (8 * r + g) * w_stride + t;
+        lo[r] = wr[0];
+        hi[r] = wr[4];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int tile = 0; tile < kTiles; ++tile) {
+            const unsigned a0 = ternary_a_reg(lo[2 * tile], j), a1 = ternary_a_reg(lo[2 * tile + 1], j);
+            const unsigned a2 = ternary_a_reg(hi[2 * tile], j), a3 = ternary_a_reg(hi[2 * tile + 1], j);
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) mma_s8(c[tile][nt], a0, a1, a2, a3, bq[nt][2 * j], bq[nt][2 * j + 1]);
+        }
+    }
+}
+
+}  // namespace tritter
