@@ -173,6 +173,8 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
         const int qa = min(nq, st * stage_quads);
         const int qb = min(nq, (st + 1) * stage_quads);
         for (int q = qa + warp; q < qb; q += kWarps) {
+            uint32_t lo[2 * kTiles], hi[2 * kTiles];
+            tritter::ternary_quad_words(lo, hi, wsm + 8 * q, w_stride, g, t);
             unsigned bq[kNT][8];
 #pragma unroll
             for (int nt = 0; nt < kNT; ++nt) {
@@ -181,7 +183,7 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
                 for (int j = 0; j < 8; ++j)
                     bq[nt][j] = has_b[nt] ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
             }
-            tritter::ternary_quad_mma(c, wsm + 8 * q, w_stride, g, t, bq);
+            tritter::ternary_quad_mma(c, lo, hi, bq);
         }
     }
     __syncthreads();  // all warps done with wsm: reuse it for the reduction
@@ -305,11 +307,13 @@ __device__ void gemv_w2a8_persistent_impl(const uint32_t* __restrict__ W, const 
         const int8_t* xg = xq + static_cast<size_t>(has_b ? g : 0) * kp + 4 * t;
         int c[kTiles][1][4] = {};
         for (int q = warp; q < nq; q += kWarps) {
+            uint32_t lo[2 * kTiles], hi[2 * kTiles];
+            tritter::ternary_quad_words(lo, hi, wsm + 8 * q, w_stride, g, t);
             const int8_t* xb = xg + 128 * (q_begin + q);
             unsigned bq[1][8];
 #pragma unroll
             for (int j = 0; j < 8; ++j) bq[0][j] = has_b ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
-            tritter::ternary_quad_mma(c, wsm + 8 * q, w_stride, g, t, bq);
+            tritter::ternary_quad_mma(c, lo, hi, bq);
         }
         int* mine = red + warp * (kRows * kN);
 #pragma unroll

@@ -33,21 +33,26 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // {j, 4 + j, 8 + j, 12 + j} of the word, one per byte (values 0..2).
 __device__ __forceinline__ unsigned ternary_a_reg(uint32_t word, int j) { return (word >> (2 * j)) & 0x03030303u; }
 
-// One 128-weight quad of 32 weight rows (kTiles = 2 MMA row tiles) against kNT tiles of 8
-// activation rows, as lane (g, t) of a warp: rows g, g+8, g+16, g+24 of `wq` (the quad's
-// first word in shared memory, rows `w_stride` words apart), B registers bq[nt][0..7] (the
-// quad's 128 activation codes of row 8 nt + g at byte offsets 16 i + 4 t). Each decoded A
-// fragment feeds kNT MMAs.
-template <int kTiles, int kNT>
-__device__ __forceinline__ void ternary_quad_mma(int (&c)[kTiles][kNT][4], const uint32_t* wq, int w_stride, int g,
-                                                 int t, const unsigned (&bq)[kNT][8]) {
-    uint32_t lo[2 * kTiles], hi[2 * kTiles];
+// The words of one 128-weight quad that lane (g, t) needs: rows g, g+8, g+16, ... (2 kTiles
+// rows, `w_stride` words apart from the quad's first word `wq` in shared memory), word t
+// (lo) and word t+4 (hi) of each.
+template <int kR>  // kR = 2 kTiles rows
+__device__ __forceinline__ void ternary_quad_words(uint32_t (&lo)[kR], uint32_t (&hi)[kR], const uint32_t* wq,
+                                                   int w_stride, int g, int t) {
 #pragma unroll
-    for (int r = 0; r < 2 * kTiles; ++r) {
+    for (int r = 0; r < kR; ++r) {
         const uint32_t* wr = wq + (8 * r + g) * w_stride + t;
         lo[r] = wr[0];
         hi[r] = wr[4];
     }
+}
+
+// The quad's 4 k-steps for kTiles MMA row tiles against kNT tiles of 8 activation rows:
+// B registers bq[nt][0..7] hold the quad's activation codes of row 8 nt + g at byte offsets
+// 16 i + 4 t. Each decoded A fragment feeds kNT MMAs.
+template <int kTiles, int kNT>
+__device__ __forceinline__ void ternary_quad_mma(int (&c)[kTiles][kNT][4], const uint32_t (&lo)[2 * kTiles],
+                                                 const uint32_t (&hi)[2 * kTiles], const unsigned (&bq)[kNT][8]) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
 #pragma unroll
