@@ -101,6 +101,16 @@ pub enum TernaryError {
         #[source]
         source: std::io::Error,
     },
+    /// The device lacks a resource a kernel needs (e.g. opt-in shared memory per block).
+    #[error("{what} needs {needed} but the device offers {available}; sm_90 and sm_120 suffice")]
+    DeviceLimit {
+        /// The resource, e.g. "gemm_w2a8 shared memory per block (bytes)".
+        what: &'static str,
+        /// What the kernel needs.
+        needed: usize,
+        /// What the device offers.
+        available: usize,
+    },
     /// The requested kernel or feature is not available here.
     #[error("unsupported: {0}")]
     Unsupported(&'static str),

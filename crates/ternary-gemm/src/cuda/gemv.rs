@@ -1,6 +1,7 @@
 //! GPU W2A8 products for decode: `y = (Wq · q) * gamma / s` with int8 activations already on
 //! the device; kernel `kernels-cuda/kernels/ternary_gemv.cu` (mma.sync m16n8k32 s8).
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig, PushKernelArg};
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
@@ -51,6 +52,11 @@ impl TernaryMatrixGpu {
                 .clone_htod(w.scales().as_slice())
                 .map_err(KernelError::driver("uploading weight scales"))?,
         })
+    }
+
+    /// Whether the scales are per output row (`(n_out,)`) rather than one per tensor.
+    pub fn per_row(&self) -> bool {
+        self.per_row
     }
 
     /// Output features.
@@ -250,14 +256,37 @@ pub fn ternary_matmul_a8_cuda(
     Ok(())
 }
 
-/// Tile of the GEMM kernel: weight rows x tokens per CTA (`ternary_gemm.cu`).
-const GEMM_TILE: usize = 64;
-/// Shared memory of the GEMM kernel: 3 stages of 64 x 12-word weight rows and 64 x 144-byte
-/// activation rows.
-const GEMM_SMEM: usize = 3 * (4 * GEMM_TILE * 12 + GEMM_TILE * 144);
+/// A tile configuration of the GEMM kernel (`GemmTile` in `ternary_gemm.cu`).
+struct GemmConfig {
+    /// Kernel entry point.
+    name: &'static str,
+    /// Weight rows x tokens per CTA.
+    tile: (usize, usize),
+    /// Threads per CTA.
+    threads: u32,
+    /// Dynamic shared memory: stages x (tile.0 x 12-word weight rows + tile.1 x 144-byte
+    /// activation rows).
+    smem: usize,
+}
+
+/// 128 x 128 tiles, 3 stages (72 KB: above the 48 KB default, so the launch opts in).
+const GEMM_LARGE: GemmConfig = GemmConfig {
+    name: "gemm_w2a8",
+    tile: (128, 128),
+    threads: 128,
+    smem: 3 * (4 * 128 * 12 + 128 * 144),
+};
+/// 64 x 64 tiles, 4 stages, for grids the large tile would leave mostly idle.
+const GEMM_SMALL: GemmConfig = GemmConfig {
+    name: "gemm_w2a8_small",
+    tile: (64, 64),
+    threads: 128,
+    smem: 4 * (4 * 64 * 12 + 64 * 144),
+};
 
 /// M > 32 with 16-byte aligned rows: one launch of the tiled GEMM (weights read once per
-/// 64 tokens instead of once per 32).
+/// 128 tokens instead of once per 32). The large tile unless its grid would fill fewer than
+/// two waves of one CTA per SM, where the small tile's 4x more CTAs finish sooner.
 fn launch_gemm(
     gpu: &Gpu,
     w: &TernaryMatrixGpu,
@@ -265,15 +294,35 @@ fn launch_gemm(
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (n_out, k, m) = (w.n_out, w.k_in, x.rows());
-    let func = gpu.function(&images::TERNARY_GEMM, "gemm_w2a8")?;
+    let large_ctas = n_out.div_ceil(GEMM_LARGE.tile.0) * m.div_ceil(GEMM_LARGE.tile.1);
+    let conf = if large_ctas < 2 * gpu.info().sm_count as usize {
+        &GEMM_SMALL
+    } else {
+        &GEMM_LARGE
+    };
+    let optin = gpu.info().max_shared_per_block_optin as usize;
+    if optin < conf.smem {
+        return Err(TernaryError::DeviceLimit {
+            what: "ternary GEMM shared memory per block (bytes)",
+            needed: conf.smem,
+            available: optin,
+        });
+    }
+    let func = gpu.function(&images::TERNARY_GEMM, conf.name)?;
+    // A per-function attribute, idempotent and cheap next to a GEMM launch.
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        conf.smem as i32,
+    )
+    .map_err(|e| KernelError::driver(format!("raising {}'s shared memory limit", conf.name))(e))?;
     let cfg = LaunchConfig {
         grid_dim: (
-            n_out.div_ceil(GEMM_TILE) as u32,
-            m.div_ceil(GEMM_TILE) as u32,
+            n_out.div_ceil(conf.tile.0) as u32,
+            m.div_ceil(conf.tile.1) as u32,
             1,
         ),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: GEMM_SMEM as u32,
+        block_dim: (conf.threads, 1, 1),
+        shared_mem_bytes: conf.smem as u32,
     };
     let per_row = i32::from(w.per_row);
     let (m_i, n_i, k_i) = (m as i32, n_out as i32, k as i32);
@@ -289,10 +338,11 @@ fn launch_gemm(
         .arg(&m_i)
         .arg(&n_i)
         .arg(&k_i);
-    // SAFETY: matches `gemm_w2a8(const u32*, const float*, int, const i8*, const int*,
+    // SAFETY: matches `gemm_w2a8[_small](const u32*, const float*, int, const i8*, const int*,
     // const float*, float*, int, int, int)`; x holds m rows of ceil(k/128)*128 codes with m
     // sums and scales (GemvActivations), y holds m x n_out (checked by the caller), the
     // weights n_out x k/16 words with k % 64 == 0 (vec_ok); the kernel bounds-checks n and m.
-    unsafe { launch.launch(cfg) }.map_err(|e| KernelError::driver("launching gemm_w2a8")(e))?;
+    unsafe { launch.launch(cfg) }
+        .map_err(|e| KernelError::driver(format!("launching {}", conf.name))(e))?;
     Ok(())
 }
