@@ -125,7 +125,8 @@ mod gpu {
     use cudarc::driver::CudaSlice;
     use half::bf16;
     use ternary_gemm::cuda::{
-        ternary_matmul_a8_cuda, GemvActivations, GemvWorkspace, TernaryMatrixGpu,
+        ternary_matmul_a8_cuda, ternary_matmul_t_cuda, GemvActivations, GemvWorkspace,
+        TernaryMatrixGpu,
     };
     use tritter_kernels_cuda::testing::gpu_for_test;
     use tritter_kernels_cuda::Gpu;
@@ -362,6 +363,35 @@ mod gpu {
         );
     }
 
+    /// Transposed product for the STE backward, `dx (m, k) = dy (m, n) · (Wq * gamma)`
+    /// (bf16 dy, f32 dx), against a cuBLAS bf16 GEMM of the same dimensions (M x n x k).
+    fn gemm_t_shape(gpu: &Gpu, blas: &CudaBlas, n: usize, k: usize, m: usize) {
+        let stream = gpu.stream();
+        let w = absmean_quantize(&random_f32(n * k, 5), n, k, ScaleGranularity::PerTensor).unwrap();
+        let wg = TernaryMatrixGpu::upload(gpu, &w).unwrap();
+        let dy = random_bf16(gpu, m * n, 2);
+        let mut dx = stream.alloc_zeros::<f32>(m * k).unwrap();
+        let ours = time_launches(gpu, 10, 5, |_| {
+            ternary_matmul_t_cuda(gpu, &wg, &dy.as_view(), m, &mut dx.as_view_mut())
+        })
+        .unwrap();
+        let pw = random_bf16(gpu, n * k, 3);
+        let mut py = stream.alloc_zeros::<bf16>(m * k).unwrap();
+        let cfg = cublas_config(k, n, m);
+        // SAFETY: cfg describes y (m, k) = x (m, n) · W^T with W (k, n): exactly these buffers.
+        let peer =
+            time_launches(gpu, 10, 5, |_| unsafe { blas.gemm(cfg, &pw, &dy, &mut py) }).unwrap();
+        let ops = 2.0 * (m * n * k) as f64;
+        println!(
+            "RESULT ternary_gemm_t M={m} {n}x{k}: {:.1} us, {:.1} TFLOP/s | cuBLAS bf16 {:.1} us, {:.1} TFLOP/s | speed-up {:.2}x",
+            ours.median_ms * 1e3,
+            ours.tops(ops),
+            peer.median_ms * 1e3,
+            peer.tops(ops),
+            peer.median_ms / ours.median_ms
+        );
+    }
+
     pub fn benches(c: &mut Criterion) {
         let Some(gpu) = gpu_for_test("ternary_gemm GPU bench") else {
             return;
@@ -371,6 +401,9 @@ mod gpu {
             .expect("cuBLAS (libcublas) must load for the peer baseline");
         for &(n, k, m) in GEMM_SHAPES {
             gemm_shape(&gpu, &blas, n, k, m);
+        }
+        for &(n, k, m) in GEMM_SHAPES {
+            gemm_t_shape(&gpu, &blas, n, k, m);
         }
         let hbm = copy_bandwidth(&gpu);
         for &(n, k) in SHAPES {

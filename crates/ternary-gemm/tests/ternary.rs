@@ -280,6 +280,10 @@ const GEMV_CASES: &[(usize, usize, usize)] = &[
     (256, 1024, 130),
     (70, 4096, 257),
     (30, 1000, 45),
+    // Grid of 17 x 17 large (128 x 128) tiles, above the small-tile threshold of two CTAs
+    // per SM on any GPU with <= 144 SMs: the large GEMM configuration, ragged in n_out and
+    // M, and K = 1088 ends in half a 128-weight quad.
+    (2100, 1088, 2049),
 ];
 
 /// GPU W2A8 product equals the CPU reference bit for bit (exact integer accumulation, same
@@ -461,5 +465,135 @@ mod gemv_conformance {
                 ..
             })
         ));
+    }
+}
+
+/// GPU transposed-product cases (n_out, k_in, M): degenerate ends, n_out not a multiple of
+/// 8 (the unaligned-dY kernel), partial 128 x 128 output tiles and 64-row reduction stages,
+/// k_in not a multiple of 16, and a 7B-shaped backward slice.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const GEMM_T_CASES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (17, 33, 3),
+    (64, 128, 128),
+    (100, 1000, 130),
+    (256, 1024, 257),
+    (72, 2049, 33),
+    (2560, 2560, 64),
+    (4096, 1024, 256),
+];
+
+/// GPU `dx = dy · (Wq * gamma)` (bf16 dy, f32 accumulation) matches the f64 CPU reference
+/// computed on the same bf16 inputs and bf16-rounded per-row scales, within the worst-case
+/// bound of f32 summation (n_out * 2^-23 times the terms' absolute sum: bf16 products are
+/// exact in f32, so summation is the only error), for per-tensor and per-row scales; every
+/// output element is written.
+#[test]
+fn gemm_t_gpu_matches_cpu_reference() {
+    let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test("gemm_t_gpu_matches_cpu_reference")
+    else {
+        return;
+    };
+    gemm_t_conformance::run(&gpu);
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gemm_t_conformance {
+    pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
+        match *gpu {}
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gemm_t_conformance {
+    use super::*;
+    use half::bf16;
+    use ternary_gemm::cuda::{ternary_matmul_t_cuda, TernaryMatrixGpu};
+    use ternary_gemm::{TernaryError, TernaryMatrix, TernaryScales};
+    use tritter_kernels_cuda::testing::random_f32;
+    use tritter_kernels_cuda::Gpu;
+
+    /// `w` with its scales rounded to bf16 when per row (what the kernel folds into the
+    /// decoded tile), and `|w|` with `|gamma|` for the error bound.
+    fn as_kernel_sees(w: &TernaryMatrix) -> (TernaryMatrix, TernaryMatrix) {
+        let (n, k) = (w.n_out(), w.k_in());
+        let scales = match w.scales() {
+            TernaryScales::PerTensor(g) => TernaryScales::PerTensor(*g),
+            TernaryScales::PerRow(g) => {
+                TernaryScales::PerRow(g.iter().map(|&v| bf16::from_f32(v).to_f32()).collect())
+            }
+        };
+        let abs_scales = match &scales {
+            TernaryScales::PerTensor(g) => TernaryScales::PerTensor(g.abs()),
+            TernaryScales::PerRow(g) => TernaryScales::PerRow(g.iter().map(|v| v.abs()).collect()),
+        };
+        let values = w.values();
+        let abs: Vec<i8> = values.iter().map(|v| v.abs()).collect();
+        (
+            TernaryMatrix::from_values(n, k, &values, scales).unwrap(),
+            TernaryMatrix::from_values(n, k, &abs, abs_scales).unwrap(),
+        )
+    }
+
+    pub fn run(gpu: &Gpu) {
+        let stream = gpu.stream();
+        for (i, &(n, k, m)) in GEMM_T_CASES.iter().enumerate() {
+            for per_row in [false, true] {
+                let g = if per_row {
+                    ScaleGranularity::PerRow
+                } else {
+                    ScaleGranularity::PerTensor
+                };
+                let w = absmean_quantize(&random_f32(n * k, 7 + i as u64), n, k, g).unwrap();
+                let dy: Vec<bf16> = random_f32(m * n, 300 + i as u64)
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect();
+                let dy_f32: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
+                let dy_abs: Vec<f32> = dy_f32.iter().map(|v| v.abs()).collect();
+                let (w_seen, w_abs) = as_kernel_sees(&w);
+                let want = ternary_matmul_t_ref(&w_seen, &dy_f32, m).unwrap();
+                let bound = ternary_matmul_t_ref(&w_abs, &dy_abs, m).unwrap();
+
+                let wg = TernaryMatrixGpu::upload(gpu, &w).unwrap();
+                let dyg = stream.clone_htod(&dy).unwrap();
+                let mut dx = stream.clone_htod(&vec![f32::NAN; m * k]).unwrap();
+                ternary_matmul_t_cuda(gpu, &wg, &dyg.as_view(), m, &mut dx.as_view_mut()).unwrap();
+                let got = stream.clone_dtoh(&dx).unwrap();
+                let mut worst = 0f64;
+                for ((&a, &b), &s) in got.iter().zip(&want).zip(&bound) {
+                    let tol =
+                        f64::from(s) * n as f64 * 2f64.powi(-23) + f64::from(f32::MIN_POSITIVE);
+                    let err = (f64::from(a) - f64::from(b)).abs();
+                    assert!(
+                        err <= tol,
+                        "n {n} k {k} m {m} per_row {per_row}: got {a}, want {b} (tolerance {tol:e})"
+                    );
+                    worst = worst.max(err / tol);
+                }
+                println!(
+                    "gemm_t_bf16 n_out {n:>5} k_in {k:>5} M {m:>3} {}: max error / tolerance {worst:.3}",
+                    if per_row { "per-row   " } else { "per-tensor" }
+                );
+            }
+        }
+        // Shape errors are typed, before any launch.
+        let w =
+            absmean_quantize(&random_f32(32 * 64, 1), 32, 64, ScaleGranularity::PerTensor).unwrap();
+        let wg = TernaryMatrixGpu::upload(gpu, &w).unwrap();
+        let dy = stream.alloc_zeros::<bf16>(2 * 31).unwrap();
+        let mut dx = stream.alloc_zeros::<f32>(2 * 64).unwrap();
+        let err = ternary_matmul_t_cuda(gpu, &wg, &dy.as_view(), 2, &mut dx.as_view_mut());
+        assert!(
+            matches!(
+                err,
+                Err(TernaryError::LengthMismatch {
+                    actual: 62,
+                    expected: 64,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -3,10 +3,12 @@
 //! checked bit-exact (integer results) against the CPU reference by the crate's GPU tests.
 
 mod act_quant;
+mod gemm_t;
 mod gemv;
 
 pub use act_quant::{
     absmax_quantize_rows_cuda, absmax_quantize_rows_into, DeviceActivation, GemvActivations,
     QuantizedActivationsGpu,
 };
+pub use gemm_t::ternary_matmul_t_cuda;
 pub use gemv::{ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu, GEMV_MAX_M};
