@@ -15,8 +15,8 @@ const TILE: (usize, usize) = (128, 128);
 /// Threads per CTA (4 warps).
 const THREADS: u32 = 128;
 /// Dynamic shared memory: 3 stages of dY (128 x 144 B) and packed W (64 x 8 words), the
-/// decoded bf16 tile (64 x 272 B) and the 16-entry decode table (`kSmemBytes`).
-const SMEM: usize = 3 * (128 * 144 + 4 * 64 * 8) + 64 * 272 + 16 * 8;
+/// two decoded bf16 tiles (64 x 272 B) and the 16-entry decode table (`kSmemBytes`).
+const SMEM: usize = 3 * (128 * 144 + 4 * 64 * 8) + 2 * 64 * 272 + 16 * 8;
 
 /// `dx = dy · (Wq * gamma)`: `dy` `(m, n_out)` bf16, `dx` `(m, k_in)` f32, on
 /// [`Gpu::stream`].
