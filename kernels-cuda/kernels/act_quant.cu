@@ -90,6 +90,8 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
     __shared__ float scratch_f[32];
     __shared__ unsigned scratch_u[32];
     constexpr int VEC = Vec16<T>::N;
+    tritter::pdl_wait();  // x is the previous kernel's output
+    tritter::pdl_launch_dependents();
     const int row = blockIdx.x;
     if (row >= rows) return;
     const T* xr = x + static_cast<size_t>(row) * cols;
@@ -220,6 +222,8 @@ __device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_
     __shared__ float scratch_f[32];
     __shared__ unsigned scratch_u[32];
     constexpr int VEC = Vec16<T>::N;
+    tritter::pdl_wait();  // x is the previous kernel's output
+    tritter::pdl_launch_dependents();
     const int row = blockIdx.x;
     if (row >= rows) return;
     const T* xr = x + static_cast<size_t>(row) * cols;
@@ -267,8 +271,74 @@ ACT_QUANT_MMA_ENTRY(act_quant_mma_f16, __half)
 extern "C" __global__ void __launch_bounds__(kThreads)
     a8_to_mma(const int8_t* __restrict__ codes, int8_t* __restrict__ codes_mma, int* __restrict__ sums, int rows,
               int cols, int cols_pad) {
+    tritter::pdl_wait();
+    tritter::pdl_launch_dependents();
     const int row = blockIdx.x;
     if (row >= rows) return;
     const int8_t* cr = codes + static_cast<size_t>(row) * cols;
     store_mma_row(codes_mma, sums, row, cols, cols_pad, [&](int k) { return static_cast<int>(cr[k]); });
+}
+
+// ---------------------------------------------------------------------------------------
+// GEMV-ready quantization of f32 rows whose absmax is already known: the fused MLP's hidden
+// vector h, whose gate/up GEMV epilogue folds max|h| of each row into amax_bits (f32 bits;
+// non-negative floats order like their bit patterns, so atomicMax on the bits is a float
+// max). With the reduction done, a row no longer needs one CTA: blockIdx.x covers 256
+// output words (1024 codes) of row blockIdx.y, so decode-size M still fills the GPU.
+//
+//   x [M, K] f32, amax_bits [M] u32, codes_mma [M, Kp] (as act_quant_mma_*),
+//   sums [M] int32 (zeroed before the launch; CTAs add their part), scales [M] f32,
+//   arrivals [1] u32 (zero between calls): the last CTA zeroes amax_bits and arrivals
+//
+// Same scale and rounding as act_quant_row (bit-exact with the CPU reference). A row whose
+// max is NaN/Inf gets zero codes, a NaN scale and one count in nonfinite_rows.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    act_quant_mma_absmax_f32(const float* __restrict__ x, unsigned* __restrict__ amax_bits,
+                             int8_t* __restrict__ codes_mma, int* __restrict__ sums, float* __restrict__ scales,
+                             unsigned* __restrict__ nonfinite_rows, unsigned* __restrict__ arrivals, int rows,
+                             int cols, int cols_pad) {
+    __shared__ int scratch_sum[kThreads / 32];
+    tritter::pdl_wait();  // h, amax_bits and the zeroed sums come from the gate/up pass
+    tritter::pdl_launch_dependents();
+    const int row = blockIdx.y;  // the grid has exactly `rows` rows of CTAs
+    const float amax = __uint_as_float(amax_bits[row]);
+    const bool bad = !(amax <= 3.402823466e38f);
+    const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
+    if (blockIdx.x == 0) {
+        if (bad) flag_nonfinite_row(scales, nonfinite_rows, row);
+        else if (threadIdx.x == 0) scales[row] = s;
+    }
+    const float* xr = x + static_cast<size_t>(row) * cols;
+    const int wd = blockIdx.x * kThreads + threadIdx.x;
+    int local = 0;
+    if (wd < cols_pad / 4) {
+        const int blk = wd >> 5, j = (wd >> 3) & 3, t = wd & 7;
+        const int kb = 128 * blk + 16 * t + j;
+        unsigned word = 0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int k = kb + 4 * e;
+            const int q = (k < cols && !bad) ? static_cast<int>(quantize_one(xr[k], s)) : 0;
+            word |= (static_cast<unsigned>(q) & 0xffu) << (8 * e);
+        }
+        local = __dp4a(static_cast<int>(word), 0x01010101, 0);
+        reinterpret_cast<unsigned*>(codes_mma + static_cast<size_t>(row) * cols_pad)[wd] = word;
+    }
+    local = __reduce_add_sync(0xffffffffu, local);
+    if ((threadIdx.x & 31) == 0) scratch_sum[threadIdx.x >> 5] = local;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int total = 0;
+#pragma unroll
+        for (int w = 0; w < kThreads / 32; ++w) total += scratch_sum[w];
+        atomicAdd(&sums[row], total);
+        // The last CTA to finish (every CTA has read its row's max by now) resets the maxima
+        // and the counter for the next call, so no memset sits between the MLP's kernels.
+        __threadfence();
+        const unsigned ctas = gridDim.x * gridDim.y;
+        if (atomicAdd(arrivals, 1u) == ctas - 1) {
+            for (int r = 0; r < rows; ++r) amax_bits[r] = 0u;
+            *arrivals = 0u;
+        }
+    }
 }

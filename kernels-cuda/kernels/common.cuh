@@ -11,6 +11,23 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
+// Programmatic dependent launch (sm_90+; Gpu::launch_pdl). pdl_wait: blocks until the
+// previous kernel on the stream has completed and its writes are visible (a no-op when the
+// kernel was launched without the PDL attribute). Nothing a previous kernel writes may be
+// read, and nothing it reads may be written, before this call. pdl_launch_dependents: lets
+// the next PDL kernel start its own pre-wait part once every CTA of this grid has called it
+// (or exited).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // Max over the 32 lanes of a warp; every lane gets the result.
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

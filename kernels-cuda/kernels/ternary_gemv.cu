@@ -64,20 +64,6 @@ constexpr int kQuadWords = 8;          // 128 weights = 4 MMA k-steps = 8 words 
 constexpr int kStages = 4;             // cp.async commit groups per CTA range
 constexpr int kRowPadW = 4;            // words of padding per weight row in shared memory
 
-// 4x4 byte transpose of 16 activation codes: out word t = bytes t of w0..w3.
-__device__ __forceinline__ uint4 permute16(uint4 v) {
-    uint4 o;
-    unsigned* op = reinterpret_cast<unsigned*>(&o);
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        const unsigned sel = ((4 + t) << 4) | t;
-        const unsigned p01 = __byte_perm(v.x, v.y, sel);
-        const unsigned p23 = __byte_perm(v.z, v.w, sel);
-        op[t] = __byte_perm(p01, p23, 0x5410);
-    }
-    return o;
-}
-
 __device__ __forceinline__ void wait_stage(int pending) {
     // wait_group needs an immediate: dispatch on the (small, uniform) number still pending.
     if (pending >= 3) cp_async_wait<3>();
@@ -89,11 +75,46 @@ __device__ __forceinline__ void wait_stage(int pending) {
 // kVec: rows are 16-byte aligned (wpr % 4 == 0): 16-byte copies; else 4-byte copies.
 // kNT: MMA n-tiles of 8 activation rows (1: M <= 8, 4: M <= 32); every decoded A fragment
 // feeds kNT MMAs, so a batch of up to 32 rows streams the weights once.
-template <bool kVec, int kNT>
+// The fused MLP's gate/up epilogue. The gate/up matrix interleaves 16-row tiles, so a CTA's
+// 32 rows are gate rows i0..i0+15 (tile 0) and the up rows of the same i (tile 1), i0 =
+// 16 blockIdx.x. v[o] holds the CTA's finished outputs (the GEMV epilogue's values) for
+// (row, m) = ((tid + 256 o) / kMT, (tid + 256 o) % kMT). Writes h[m, i] = relu(g)^2 * u with
+// the CPU reference's f32 operations (no contraction) and folds max|h| of each row into
+// amax_bits, first in shared memory, then one global atomicMax per (CTA, row).
+template <int kNT>
+__device__ __forceinline__ void glu_epilogue(const float (&v)[kNT], float* __restrict__ h,
+                                             unsigned* __restrict__ amax_bits, int M, int inter) {
+    constexpr int kMT = kN * kNT;
+    __shared__ float vals[kRows * kMT];
+    __shared__ unsigned row_max[kMT];
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int o = 0; o < kNT; ++o) vals[tid + kThreads * o] = v[o];
+    if (tid < kMT) row_max[tid] = 0u;
+    __syncthreads();
+    const int i0 = blockIdx.x * (kRows / 2);
+    for (int idx = tid; idx < (kRows / 2) * kMT; idx += kThreads) {
+        const int er = idx / kMT, em = idx % kMT, i = i0 + er;
+        if (em < M && i < inter) {
+            const float g = vals[er * kMT + em], u = vals[(er + kRows / 2) * kMT + em];
+            const float r = fmaxf(g, 0.0f);
+            const float hv = __fmul_rn(__fmul_rn(r, r), u);
+            h[static_cast<size_t>(em) * inter + i] = hv;
+            atomicMax(&row_max[em], __float_as_uint(fabsf(hv)));
+        }
+    }
+    __syncthreads();
+    if (tid < M && tid < kMT) atomicMax(&amax_bits[tid], row_max[tid]);
+}
+
+// kGlu: the fused MLP's gate/up pass (see glu_epilogue); y is then h [M, inter].
+template <bool kVec, int kNT, bool kGlu = false>
 __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
                                const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,
                                float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles, int M,
-                               int n_out, int K, int quads_per_split) {
+                               int n_out, int K, int quads_per_split, unsigned* __restrict__ amax_bits = nullptr,
+                               int inter = 0, int* __restrict__ glu_sums = nullptr,
+                               unsigned* __restrict__ glu_nonfinite = nullptr) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ bool last_cta;
 
@@ -104,7 +125,6 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     const int words = nq * kQuadWords;          // words per row in this CTA's range
     const int w_stride = words + kRowPadW;      // smem words per weight row
     const int kp = total_quads * 128;           // padded activation row length (codes_mma)
-    const int k0 = q_begin * 128;
     const int word0 = q_begin * kQuadWords;
 
     constexpr int kMT = kN * kNT;               // activation rows per launch
@@ -116,15 +136,6 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * kRows;
-
-    // 0. Epilogue operands early, so their latency hides under the main loop. Thread tid
-    // owns outputs (row, m) = ((tid + 256 o) / kMT, (tid + 256 o) % kMT), o < kNT.
-    float out_scale[kNT];
-#pragma unroll
-    for (int o = 0; o < kNT; ++o) {
-        const int idx = tid + kThreads * o, er = idx / kMT, em = idx % kMT, en = row0 + er;
-        out_scale[o] = (em < M && en < n_out) ? __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]) : 0.0f;
-    }
 
     // 1. The whole weight tile, in kStages commit groups along k. Thread (row tid/8, lane
     // tid%8) copies 16-byte chunks tid%8, tid%8 + 8, ... of its row: coalesced, pointers
@@ -153,6 +164,26 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
             cp_async_commit();
         }
     }
+    // PDL: the weight copies above read only constant data, so they may overlap the end of
+    // the previous kernel (Gpu::launch_pdl); the next kernel's CTAs may start theirs now.
+    // Activations, scales, y and the split-K workspace are touched only after the wait.
+    tritter::pdl_launch_dependents();
+    tritter::pdl_wait();
+    if (kGlu && blockIdx.x == 0 && blockIdx.y == 0) {
+        // The fused MLP's A8 pass over h adds into these; this call's pass runs after us.
+        for (int i = tid; i < M; i += kThreads) glu_sums[i] = 0;
+        if (tid == 0) *glu_nonfinite = 0u;
+    }
+
+    // Epilogue operands early, so their latency hides under the main loop. Thread tid
+    // owns outputs (row, m) = ((tid + 256 o) / kMT, (tid + 256 o) % kMT), o < kNT.
+    float out_scale[kNT];
+#pragma unroll
+    for (int o = 0; o < kNT; ++o) {
+        const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
+        out_scale[o] = (em < M && en < n_out) ? __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]) : 0.0f;
+    }
+
     // 2. Consume the stages as they land; warps split each stage's quads. In k-step j of a
     // quad, lane (g, t) feeds the MMA (word t >> 2j) & 0x03030303 and (word t+4 >> 2j) of
     // rows g and g+8: the shift is an immediate and one pair of shared loads per row covers
@@ -214,12 +245,17 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     }
 
     if (gridDim.y == 1) {
+        float v[kNT];
 #pragma unroll
         for (int o = 0; o < kNT; ++o) {
             const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
-            if (em < M && en < n_out)
-                y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(acc[o] - xsum[em]) * out_scale[o];
+            v[o] = 0.0f;
+            if (em < M && en < n_out) {
+                v[o] = static_cast<float>(acc[o] - xsum[em]) * out_scale[o];
+                if (!kGlu) y[static_cast<size_t>(em) * n_out + en] = v[o];
+            }
         }
+        if (kGlu) glu_epilogue<kNT>(v, y, amax_bits, M, inter);
         return;
     }
     // Serial split-K: accumulate, then the last CTA of this row tile finishes.
@@ -234,16 +270,20 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     __syncthreads();
     if (!last_cta) return;
     __threadfence();
+    float v[kNT];
 #pragma unroll
     for (int o = 0; o < kNT; ++o) {
         const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
+        v[o] = 0.0f;
         if (em < M && en < n_out) {
             // read the final sum and reset the slot for the next call
             const int total = atomicExch(&ws[static_cast<size_t>(em) * n_out + en], 0);
-            y[static_cast<size_t>(em) * n_out + en] = static_cast<float>(total - xsum[em]) * out_scale[o];
+            v[o] = static_cast<float>(total - xsum[em]) * out_scale[o];
+            if (!kGlu) y[static_cast<size_t>(em) * n_out + en] = v[o];
         }
     }
     if (tid == 0) tiles[blockIdx.x] = 0;
+    if (kGlu) glu_epilogue<kNT>(v, y, amax_bits, M, inter);
 }
 
 // Persistent variant (M <= 8, rows 16-byte aligned): a grid of about one wave of CTAs loops
@@ -292,6 +332,9 @@ __device__ void gemv_w2a8_persistent_impl(const uint32_t* __restrict__ W, const 
     int item = blockIdx.x;
     int cur = 0;
     if (item < items) issue(item, buf0);
+    // PDL: as in gemv_w2a8_impl, only the first weight tile is requested before the wait.
+    tritter::pdl_launch_dependents();
+    tritter::pdl_wait();
     for (; item < items; item += gridDim.x, cur ^= 1) {
         const int next = item + gridDim.x;
         if (next < items) issue(next, buf0 + (cur ^ 1) * buf_words);
@@ -366,6 +409,25 @@ __device__ void gemv_w2a8_persistent_impl(const uint32_t* __restrict__ W, const 
         gemv_w2a8_impl<VEC, NT>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K,         \
                                 quads_per_split);                                                         \
     }
+
+// Gate/up pass of the fused MLP: y is h [M, inter]; the trailing arguments are the row
+// maxima (zero on entry; act_quant_mma_absmax_f32 resets them), inter, and the row sums and
+// non-finite counter of h's GEMV-ready codes, which this kernel zeroes for the A8 pass.
+#define GEMV_GLU_ENTRY(NAME, VEC, NT)                                                                     \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                          \
+        const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,               \
+        const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,         \
+        float* __restrict__ h, int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, \
+        int quads_per_split, unsigned* __restrict__ amax_bits, int inter, int* __restrict__ glu_sums,     \
+        unsigned* __restrict__ glu_nonfinite) {                                                           \
+        gemv_w2a8_impl<VEC, NT, true>(W, gamma, gamma_per_row, xq, xsum, xs, h, ws, tiles, M, n_out, K,   \
+                                      quads_per_split, amax_bits, inter, glu_sums, glu_nonfinite);        \
+    }
+
+GEMV_GLU_ENTRY(gemv_w2a8_glu_vec, true, 1)
+GEMV_GLU_ENTRY(gemv_w2a8_glu_word, false, 1)
+GEMV_GLU_ENTRY(gemv_w2a8_glu_vec_m32, true, 4)
+GEMV_GLU_ENTRY(gemv_w2a8_glu_word_m32, false, 4)
 
 GEMV_ENTRY(gemv_w2a8_vec, true, 1)
 GEMV_ENTRY(gemv_w2a8_word, false, 1)

@@ -17,11 +17,15 @@
 mod error;
 #[cfg(feature = "cuda")]
 mod gpu;
+#[cfg(feature = "cuda")]
+mod pdl;
 pub mod testing;
 
 pub use error::KernelError;
 #[cfg(feature = "cuda")]
 pub use gpu::{driver_available, DeviceInfo, Gpu};
+#[cfg(feature = "cuda")]
+pub use pdl::{KernelArgs, MAX_KERNEL_ARGS};
 
 /// Uninhabited stand-in for the GPU handle when feature `cuda` is off, so that GPU test
 /// entry points compile (and report skipped or failed) in every build.

@@ -597,3 +597,135 @@ mod gemm_t_conformance {
         );
     }
 }
+
+/// GPU fused MLP cases (hidden, inter, M): inter not a multiple of the 16-row GLU tile,
+/// hidden not a multiple of 64 (word-load kernels), M in the 8-row and 32-row kernels and
+/// past one 32-row chunk (the down projection then runs the GEMM), and a 7B decode shape.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const MLP_CASES: &[(usize, usize, usize)] = &[
+    (64, 48, 1),
+    (100, 70, 3),
+    (256, 1000, 8),
+    (130, 64, 20),
+    (512, 1024, 40),
+    (4096, 16384, 2),
+];
+
+/// The GPU squared-ReLU GLU MLP (interleaved gate/up GEMV with the relu²⊙ epilogue and the
+/// per-token max, A8 of the hidden vector, down projection) equals
+/// `TernaryMlp::forward_ref` bit for bit, for f32 and bf16 inputs and per-tensor/per-row
+/// scales; a NaN input row is reported by `check_finite`.
+#[test]
+fn mlp_gpu_matches_cpu_reference() {
+    let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test("mlp_gpu_matches_cpu_reference")
+    else {
+        return;
+    };
+    mlp_conformance::run(&gpu);
+}
+
+#[cfg(not(feature = "cuda"))]
+mod mlp_conformance {
+    pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
+        match *gpu {}
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod mlp_conformance {
+    use super::*;
+    use half::bf16;
+    use ternary_gemm::cuda::{ternary_mlp_cuda, MlpWorkspace, TernaryMlpGpu};
+    use ternary_gemm::{TernaryError, TernaryMlp};
+    use tritter_kernels_cuda::testing::random_f32;
+    use tritter_kernels_cuda::Gpu;
+
+    pub fn run(gpu: &Gpu) {
+        let stream = gpu.stream();
+        for (i, &(h, inter, m)) in MLP_CASES.iter().enumerate() {
+            for per_row in [false, true] {
+                let g = if per_row {
+                    ScaleGranularity::PerRow
+                } else {
+                    ScaleGranularity::PerTensor
+                };
+                let seed = 1000 + 10 * i as u64;
+                let mlp = TernaryMlp::new(
+                    absmean_quantize(&random_f32(inter * h, seed), inter, h, g).unwrap(),
+                    absmean_quantize(&random_f32(inter * h, seed + 1), inter, h, g).unwrap(),
+                    absmean_quantize(&random_f32(h * inter, seed + 2), h, inter, g).unwrap(),
+                )
+                .unwrap();
+                let x = random_f32(m * h, seed + 3);
+                let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                let xb_f32: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+                let gm = TernaryMlpGpu::upload(gpu, &mlp).unwrap();
+                let mut ws = MlpWorkspace::new(gpu, &gm, m).unwrap();
+                for (dtype, want) in [
+                    ("f32 ", mlp.forward_ref(&x, m).unwrap()),
+                    ("bf16", mlp.forward_ref(&xb_f32, m).unwrap()),
+                ] {
+                    let mut y = stream.clone_htod(&vec![f32::NAN; m * h]).unwrap();
+                    if dtype == "f32 " {
+                        let xd = stream.clone_htod(&x).unwrap();
+                        ternary_mlp_cuda(gpu, &gm, &xd.as_view(), &mut y.as_view_mut(), &mut ws)
+                    } else {
+                        let xd = stream.clone_htod(&xb).unwrap();
+                        ternary_mlp_cuda(gpu, &gm, &xd.as_view(), &mut y.as_view_mut(), &mut ws)
+                    }
+                    .unwrap();
+                    ws.check_finite(gpu).unwrap();
+                    let got = stream.clone_dtoh(&y).unwrap();
+                    let mismatches = got
+                        .iter()
+                        .zip(&want)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    println!(
+                        "ternary_mlp hidden {h:>5} inter {inter:>5} M {m:>2} {dtype} {}: mismatches {mismatches}",
+                        if per_row { "per-row   " } else { "per-tensor" }
+                    );
+                    assert_eq!(
+                        mismatches, 0,
+                        "hidden {h} inter {inter} m {m} per_row {per_row} {dtype}"
+                    );
+                }
+            }
+        }
+        // A NaN input row surfaces as an error, and shape errors are typed.
+        let (h, inter, m) = (64, 48, 2);
+        let mk = |s| {
+            absmean_quantize(
+                &random_f32(inter * h, s),
+                inter,
+                h,
+                ScaleGranularity::PerTensor,
+            )
+            .unwrap()
+        };
+        let down = absmean_quantize(
+            &random_f32(h * inter, 9),
+            h,
+            inter,
+            ScaleGranularity::PerTensor,
+        )
+        .unwrap();
+        let gm = TernaryMlpGpu::upload(gpu, &TernaryMlp::new(mk(7), mk(8), down).unwrap()).unwrap();
+        let mut ws = MlpWorkspace::new(gpu, &gm, m).unwrap();
+        let mut x = random_f32(m * h, 5);
+        x[h + 3] = f32::NAN;
+        let xd = stream.clone_htod(&x).unwrap();
+        let mut y = stream.alloc_zeros::<f32>(m * h).unwrap();
+        ternary_mlp_cuda(gpu, &gm, &xd.as_view(), &mut y.as_view_mut(), &mut ws).unwrap();
+        assert!(matches!(
+            ws.check_finite(gpu),
+            Err(TernaryError::NonFiniteRows { .. })
+        ));
+        let mut short = stream.alloc_zeros::<f32>(m * h - 1).unwrap();
+        let err = ternary_mlp_cuda(gpu, &gm, &xd.as_view(), &mut short.as_view_mut(), &mut ws);
+        assert!(
+            matches!(err, Err(TernaryError::LengthMismatch { what: "y", .. })),
+            "{err:?}"
+        );
+    }
+}

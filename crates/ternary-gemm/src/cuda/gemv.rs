@@ -3,7 +3,7 @@
 
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig, PushKernelArg};
-use tritter_kernels_cuda::{images, Gpu, KernelError};
+use tritter_kernels_cuda::{images, Gpu, KernelArgs, KernelError};
 
 use super::GemvActivations;
 use crate::{gemv_padded_cols, Result, ScaleGranularity, TernaryError, TernaryMatrix};
@@ -147,33 +147,67 @@ pub fn ternary_matmul_a8_cuda(
     y: &mut CudaViewMut<'_, f32>,
     ws: &mut GemvWorkspace,
 ) -> Result<()> {
-    let (n_out, k, m) = (w.n_out, w.k_in, x.rows());
-    if x.cols() != k {
+    check_gemv(w, x, ws)?;
+    if x.rows() == 0 {
+        return Ok(());
+    }
+    crate::act_quant::check_shape("y", y.len(), x.rows(), w.n_out)?;
+    if x.rows() > GEMV_MAX_M && w.k_in.div_ceil(16) % 4 == 0 {
+        return launch_gemm(gpu, w, x, y);
+    }
+    launch_gemv(gpu, w, x, y, ws, None)
+}
+
+/// Shapes shared by the GEMV entry points: `x` has `w.k_in()` columns and `ws` covers
+/// `w.n_out()` rows.
+pub(super) fn check_gemv(
+    w: &TernaryMatrixGpu,
+    x: &GemvActivations,
+    ws: &GemvWorkspace,
+) -> Result<()> {
+    if x.cols() != w.k_in {
         return Err(TernaryError::ShapeMismatch {
             what: "activation columns (k_in)",
             actual: x.cols(),
-            expected: k,
+            expected: w.k_in,
         });
     }
-    if m == 0 {
-        return Ok(());
-    }
-    crate::act_quant::check_shape("y", y.len(), m, n_out)?;
-    if ws.max_n_out < n_out {
+    if ws.max_n_out < w.n_out {
         return Err(TernaryError::ShapeMismatch {
             what: "GemvWorkspace max_n_out",
             actual: ws.max_n_out,
-            expected: n_out,
+            expected: w.n_out,
         });
     }
+    Ok(())
+}
+
+/// The fused MLP's gate/up epilogue (`gemv_w2a8_glu_*`): instead of `y`, the launch writes
+/// `h` `(M, inter)` = relu(gate)^2 * up from a gate/up matrix interleaved in 16-row tiles,
+/// and folds max|h| per row into `amax_bits` `(M,)` (zeroed by the caller).
+pub(super) struct GluOut<'a> {
+    pub amax_bits: &'a CudaSlice<u32>,
+    pub inter: usize,
+    /// Row sums and non-finite counter of `h`'s GEMV-ready codes: zeroed by the launch.
+    pub sums: &'a CudaSlice<i32>,
+    pub nonfinite: &'a CudaSlice<u32>,
+}
+
+/// The GEMV launches (chunks of [`GEMV_MAX_M`] rows) for `y` `(M, n_out)`, or for `h`
+/// `(M, inter)` with `glu`. Shapes checked by the caller.
+pub(super) fn launch_gemv(
+    gpu: &Gpu,
+    w: &TernaryMatrixGpu,
+    x: &GemvActivations,
+    y: &mut CudaViewMut<'_, f32>,
+    ws: &mut GemvWorkspace,
+    glu: Option<GluOut<'_>>,
+) -> Result<()> {
+    let (n_out, k, m) = (w.n_out, w.k_in, x.rows());
     let vec_ok = k.div_ceil(16) % 4 == 0;
-    let stream = gpu.stream();
     let per_row = i32::from(w.per_row);
     let kp = gemv_padded_cols(k);
-
-    if m > GEMV_MAX_M && vec_ok {
-        return launch_gemm(gpu, w, x, y);
-    }
+    let y_cols = glu.as_ref().map_or(n_out, |g| g.inter);
     for m0 in (0..m).step_by(GEMV_MAX_M) {
         let mc = GEMV_MAX_M.min(m - m0);
         let m_tile = if mc <= N_TILE { N_TILE } else { GEMV_MAX_M };
@@ -182,14 +216,21 @@ pub fn ternary_matmul_a8_cuda(
         // double-buffered weight tiles) hides the per-CTA fixed cost that dominates small
         // matrices; larger ones stream faster with every CTA's whole tile in flight at once
         // (H100: 4096x4096 6.2 vs 7.6 us; 16384x4096 13.9 vs 11.1 us).
-        let persistent =
-            vec_ok && m_tile == N_TILE && 4 * n_out * k.div_ceil(16) <= PERSISTENT_MAX_BYTES;
-        let name = match (vec_ok, m_tile == N_TILE) {
+        // The GLU epilogue exists only in the tiled kernels.
+        let persistent = glu.is_none()
+            && vec_ok
+            && m_tile == N_TILE
+            && 4 * n_out * k.div_ceil(16) <= PERSISTENT_MAX_BYTES;
+        let name = match (glu.is_some(), vec_ok, m_tile == N_TILE) {
             _ if persistent => "gemv_w2a8_persistent",
-            (true, true) => "gemv_w2a8_vec",
-            (false, true) => "gemv_w2a8_word",
-            (true, false) => "gemv_w2a8_vec_m32",
-            (false, false) => "gemv_w2a8_word_m32",
+            (false, true, true) => "gemv_w2a8_vec",
+            (false, false, true) => "gemv_w2a8_word",
+            (false, true, false) => "gemv_w2a8_vec_m32",
+            (false, false, false) => "gemv_w2a8_word_m32",
+            (true, true, true) => "gemv_w2a8_glu_vec",
+            (true, false, true) => "gemv_w2a8_glu_word",
+            (true, true, false) => "gemv_w2a8_glu_vec_m32",
+            (true, false, false) => "gemv_w2a8_glu_word_m32",
         };
         let func = gpu.function(&images::TERNARY_GEMV, name)?;
         let (qps, ksplit, cfg) = if persistent {
@@ -221,37 +262,43 @@ pub fn ternary_matmul_a8_cuda(
         let xc = x.codes_mma.slice(m0 * kp..(m0 + mc) * kp);
         let sums = x.sums.slice(m0..m0 + mc);
         let sc = x.scales.slice(m0..m0 + mc);
-        let mut yc = y.slice_mut(m0 * n_out..(m0 + mc) * n_out);
-        let (mc_i, n_i, k_i, qps_i) = (mc as i32, n_out as i32, k as i32, qps as i32);
-        let mut launch = stream.launch_builder(&func);
-        launch
-            .arg(&w.packed)
-            .arg(&w.scales)
-            .arg(&per_row)
-            .arg(&xc)
-            .arg(&sums)
-            .arg(&sc)
-            .arg(&mut yc)
-            .arg(&mut ws.acc)
-            .arg(&mut ws.tiles)
-            .arg(&mc_i)
-            .arg(&n_i)
-            .arg(&k_i)
-            .arg(&qps_i);
-        let ksplit_i = ksplit as i32;
+        let yc = y.slice_mut(m0 * y_cols..(m0 + mc) * y_cols);
+        let mut args = KernelArgs::new();
+        args.ptr(gpu, &w.packed)
+            .ptr(gpu, &w.scales)
+            .i32(per_row)
+            .ptr(gpu, &xc)
+            .ptr(gpu, &sums)
+            .ptr(gpu, &sc)
+            .ptr(gpu, &yc)
+            .ptr(gpu, &ws.acc)
+            .ptr(gpu, &ws.tiles)
+            .i32(mc as i32)
+            .i32(n_out as i32)
+            .i32(k as i32)
+            .i32(qps as i32);
         if persistent {
-            launch.arg(&ksplit_i);
+            args.i32(ksplit as i32);
+        }
+        if let Some(g) = glu.as_ref() {
+            args.ptr(gpu, &g.amax_bits.slice(m0..m0 + mc))
+                .i32(y_cols as i32)
+                .ptr(gpu, &g.sums.slice(m0..m0 + mc))
+                .ptr(gpu, g.nonfinite);
         }
         // SAFETY: arguments match `gemv_w2a8_*(const u32*, const float*, int, const i8*,
         // const int*, const float*, float*, int*, unsigned*, int, int, int, int)` (plus the
-        // trailing `int ksplit` of gemv_w2a8_persistent); x holds
+        // trailing `int ksplit` of gemv_w2a8_persistent, or `unsigned* amax_bits, int inter,
+        // int* sums, unsigned* nonfinite` of gemv_w2a8_glu_*, whose float* is h: mc rows of
+        // inter, and whose interleaved tiles put every h index i < inter at gate row
+        // 32 (i / 16) + i % 16 < n_out; sums holds mc slots); x holds
         // mc rows of kp = ceil(k/128)*128 codes (GemvActivations layout) and mc sums/scales,
         // y holds mc x n_out (checked), ws 32 x n_out accumulators and ceil(n_out/32)
         // counters; the grid covers ceil(n_out/32) x ksplit tiles and the kernel
-        // bounds-checks n < n_out and m < M; shared memory matches `smem_bytes`.
+        // bounds-checks n < n_out and m < M; shared memory matches `smem_bytes`. Before its
+        // griddepcontrol.wait the kernel only reads W (PDL contract).
         // Error context built only on failure: this is the decode hot path.
-        unsafe { launch.launch(cfg) }
-            .map_err(|e| KernelError::driver(format!("launching {name}"))(e))?;
+        unsafe { gpu.launch_pdl(&func, name, cfg, &mut args) }?;
     }
     Ok(())
 }

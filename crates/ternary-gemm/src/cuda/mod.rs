@@ -5,6 +5,7 @@
 mod act_quant;
 mod gemm_t;
 mod gemv;
+mod mlp;
 
 pub use act_quant::{
     absmax_quantize_rows_cuda, absmax_quantize_rows_into, DeviceActivation, GemvActivations,
@@ -12,3 +13,4 @@ pub use act_quant::{
 };
 pub use gemm_t::ternary_matmul_t_cuda;
 pub use gemv::{ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu, GEMV_MAX_M};
+pub use mlp::{ternary_mlp_cuda, MlpWorkspace, TernaryMlpGpu};

@@ -1,0 +1,138 @@
+//! Programmatic dependent launch (PDL, sm_90+): a kernel launched with
+//! [`Gpu::launch_pdl`] may start while the previous kernel on the stream is finishing. Its
+//! CTAs run the part before `griddepcontrol.wait` (`tritter::pdl_wait()` in
+//! `kernels/common.cuh`) early: the decode kernels issue their weight loads there, which
+//! depend on nothing a previous kernel writes, and so hide the launch and ramp-up latency
+//! that dominates small decode GEMVs. Everything after the wait sees the previous kernel's
+//! writes, exactly as with a plain launch; a kernel without the wait, or a previous operation
+//! that is not a kernel (a memset, a copy), simply serializes as usual. CUDA graphs capture
+//! the programmatic edges.
+//!
+//! cudarc's launch builder has no launch attributes, so this goes through `cuLaunchKernelEx`
+//! directly, with the arguments collected in [`KernelArgs`].
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys::{
+    self, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig,
+};
+use cudarc::driver::{CudaFunction, DevicePtr, LaunchConfig};
+
+use crate::{Gpu, KernelError};
+
+/// Most arguments a [`KernelArgs`] holds.
+pub const MAX_KERNEL_ARGS: usize = 24;
+
+/// Kernel arguments by value, in order: device pointers and scalars, each in an 8-byte slot
+/// (a 4-byte scalar occupies the low half, which is where the driver reads it on the
+/// little-endian hosts CUDA supports).
+#[derive(Debug)]
+pub struct KernelArgs {
+    slots: [u64; MAX_KERNEL_ARGS],
+    len: usize,
+}
+
+impl Default for KernelArgs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KernelArgs {
+    /// No arguments yet.
+    pub fn new() -> Self {
+        KernelArgs {
+            slots: [0; MAX_KERNEL_ARGS],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, v: u64) -> &mut Self {
+        assert!(
+            self.len < MAX_KERNEL_ARGS,
+            "a kernel takes at most {MAX_KERNEL_ARGS} arguments here"
+        );
+        self.slots[self.len] = v;
+        self.len += 1;
+        self
+    }
+
+    /// The device address of `buf` (a `CudaSlice`, `CudaView` or `CudaViewMut`), read on
+    /// `gpu`'s stream. Whether the kernel reads or writes through it is the kernel's
+    /// contract, stated at the unsafe launch.
+    pub fn ptr<T>(&mut self, gpu: &Gpu, buf: &impl DevicePtr<T>) -> &mut Self {
+        let (p, _sync) = buf.device_ptr(gpu.stream());
+        self.push(p)
+    }
+
+    /// A null device pointer (an optional buffer the kernel does not touch).
+    pub fn null(&mut self) -> &mut Self {
+        self.push(0)
+    }
+
+    /// An `int` argument.
+    pub fn i32(&mut self, v: i32) -> &mut Self {
+        self.push(u64::from(v as u32))
+    }
+}
+
+impl Gpu {
+    /// Launches `func` on [`Gpu::stream`] with programmatic dependent launch allowed (see the
+    /// module docs).
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameter list in number, order and size (pointers as
+    /// device addresses of buffers large enough for everything the kernel touches under
+    /// `cfg`), and the kernel must not read data written by the previous kernel on the
+    /// stream, nor write data that kernel reads, before its `griddepcontrol.wait`.
+    ///
+    /// `name` (the kernel's name) only enters the error message; nothing is allocated on
+    /// success (this is the decode hot path).
+    pub unsafe fn launch_pdl(
+        &self,
+        func: &CudaFunction,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &mut KernelArgs,
+    ) -> Result<(), KernelError> {
+        let mut params: [*mut c_void; MAX_KERNEL_ARGS] = [std::ptr::null_mut(); MAX_KERNEL_ARGS];
+        for (p, slot) in params.iter_mut().zip(args.slots.iter_mut()).take(args.len) {
+            *p = slot as *mut u64 as *mut c_void;
+        }
+        // SAFETY: a plain C union of integers and structs of integers; all zeros is valid.
+        let mut value: CUlaunchAttributeValue = std::mem::zeroed();
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = CUlaunchAttribute {
+            id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream().cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.context()
+            .bind_to_thread()
+            .map_err(|e| KernelError::driver("binding the context for a PDL launch")(e))?;
+        // SAFETY: config, attribute and the params array live across the call; params point
+        // at args' slots (the caller vouches for their match with the kernel, see above).
+        sys::cuLaunchKernelEx(
+            &config,
+            func.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+        .map_err(|e| {
+            KernelError::driver(format!("launching {name} (programmatic dependent launch)"))(e)
+        })
+    }
+}
