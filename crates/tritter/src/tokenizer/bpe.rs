@@ -365,3 +365,19 @@ impl BpeVocab {
         self.bpe_end
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our byte-to-character table is the GPT-2 alphabet HF's `ByteLevel` uses, one char per byte.
+    #[test]
+    fn byte_chars_match_hf_byte_level_alphabet() {
+        let ours: std::collections::HashSet<char> = byte_chars().iter().copied().collect();
+        let hf: std::collections::HashSet<char> = ByteLevel::alphabet().into_iter().collect();
+        assert_eq!(ours.len(), NUM_BYTE_TOKENS as usize);
+        assert_eq!(ours, hf);
+        assert_eq!(byte_chars()[usize::from(b'a')], 'a');
+        assert_eq!(byte_chars()[usize::from(b' ')], '\u{120}'); // 'Ġ'
+    }
+}
