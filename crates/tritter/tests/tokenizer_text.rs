@@ -264,8 +264,8 @@ mod tokenizer_text {
         })
     }
 
-    /// Training fills ids 264.. with at most `num_merges` tokens, compresses its corpus, and
-    /// save/load through tokenizer.json gives the same JSON and the same ids.
+    /// Training fills ids 264.. with at most `num_merges` tokens, compresses its corpus, is
+    /// deterministic, and save/load through tokenizer.json gives the same JSON and ids.
     #[test]
     fn bpe_train_save_load_round_trip() {
         let (layout, bpe) = trained();
@@ -292,6 +292,16 @@ mod tokenizer_text {
             sample.len()
         );
         assert!(ids[1..].iter().any(|id| layout.bpe_range().contains(id)));
+
+        let config = BpeTrainingConfig {
+            num_merges: TEST_MERGES,
+            min_frequency: 2,
+        };
+        let retrained = BpeVocab::train(corpus().into_iter(), layout, &config).unwrap();
+        assert_eq!(
+            retrained.to_json(false).unwrap(),
+            bpe.to_json(false).unwrap()
+        );
 
         let dir = std::env::temp_dir().join(format!("tritter-bpe-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -158,16 +158,6 @@ pub enum TokenizerError {
     /// Undecodable or unsupported image bytes (only PNG and JPEG are built in).
     #[error("could not decode the image (PNG and JPEG are supported): {0}")]
     ImageDecode(#[source] image::ImageError),
-    /// Resize target of zero pixels.
-    #[error("cannot resize to {width}x{height}: {reason}")]
-    InvalidResize {
-        /// Requested width.
-        width: u32,
-        /// Requested height.
-        height: u32,
-        /// Why it is rejected.
-        reason: String,
-    },
     /// Patch size that cannot form patches.
     #[error("patch size {patch} is invalid: expected 1..={max}")]
     InvalidPatchSize {
