@@ -167,10 +167,11 @@ impl BpeVocab {
         );
         let mut next = MIN_VOCAB_SIZE as u32;
         for (token, _) in hf_vocab {
-            if token.chars().count() == 1
-                && char_bytes().contains_key(&token.chars().next().unwrap_or('\0'))
-            {
-                continue; // single bytes already placed
+            let mut chars = token.chars();
+            if let (Some(c), None) = (chars.next(), chars.next()) {
+                if char_bytes().contains_key(&c) {
+                    continue; // single bytes already placed at 8 + b
+                }
             }
             vocab.insert(token, next);
             next += 1;
