@@ -6,3 +6,5 @@
 //!
 //! Status: the crate is part of the workspace build and CI; the model arrives with the
 //! tritter issues. Nothing is exported yet, so nothing can be called by mistake.
+
+pub mod tokenizer;
