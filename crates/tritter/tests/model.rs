@@ -142,7 +142,10 @@ fn bad_input_is_a_typed_error() {
     let nan = Tensor::new(&[[[f32::NAN; 64]; 3]], &Device::Cpu).unwrap();
     assert_eq!(nan.dim(2).unwrap(), cfg.hidden_size);
     let e = model.forward_embeddings(&nan, &pos, &mask).unwrap_err();
-    assert!(e.to_string().contains("non-finite"), "{e}");
+    assert!(
+        matches!(e, TritterError::NonFinite { index: 0, .. }) && e.to_string().contains("NaN"),
+        "{e}"
+    );
     let e = TritterModel::new(&cfg, DType::F16, &Device::Cpu, 0).unwrap_err();
     assert!(e.to_string().contains("f32 or bf16"), "{e}");
 }
