@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds every test and bench executable of the workspace in release with feature `cuda`
-# and copies them into the git-ignored folder .gpu/ together with run.sh, for the GPU
-# machine (which has the NVIDIA driver but no Rust). DESIGN.md section 3.
+# and copies the benches and the test executables that hold GPU tests into the git-ignored
+# folder .gpu/ together with run.sh, for the GPU machine (which has the NVIDIA driver but
+# no Rust). DESIGN.md section 3.
 #
 #   scripts/gpu-bundle.sh                 # build the bundle (stays under 64 MiB)
 #   # on the GPU machine, from the repo root, with .gpu carried:
@@ -51,16 +52,22 @@ benches="$(cargo bench --workspace --features cuda --no-run -j "$jobs" --message
 
 rm -rf "$bundle"
 mkdir -p "$bundle/tests" "$bundle/benches"
-copy() { # $1 = dest dir; stdin = name<TAB>path lines
+copy() { # $1 = dest dir; $2 = only GPU tests (1) or everything (0); stdin = name<TAB>path lines
   while IFS=$'\t' read -r name path; do
     [[ -n "$name" ]] || continue
+    # A test binary without a GPU test has nothing to do on the GPU machine (CI runs it):
+    # GPU tests go through testing::gpu_for_test, whose TRITTER_REQUIRE_GPU literal the
+    # linker keeps only where it is called. Keeps the bundle under the 64 MiB a run carries.
+    if [[ "$2" == 1 ]] && ! grep -q TRITTER_REQUIRE_GPU "$path"; then
+      continue
+    fi
     # <crate folder>.<target>: unique even when two crates have a tests/gpu.rs.
     cp "$path" "$1/$name"
     strip --strip-debug "$1/$name" 2>/dev/null || true
   done
 }
-copy "$bundle/tests" <<<"$tests"
-copy "$bundle/benches" <<<"$benches"
+copy "$bundle/tests" 1 <<<"$tests"
+copy "$bundle/benches" 0 <<<"$benches"
 
 ru="$(ls -t target/release/build/tritter-kernels-cuda-*/out/resource-usage.txt 2>/dev/null | head -1 || true)"
 [[ -n "$ru" ]] && cp "$ru" "$bundle/resource-usage.txt"
