@@ -179,6 +179,8 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
 //             block, word (j, t) (byte offset 32 j + 4 t, j < 4, t < 8) holds the codes of
 //             k = 16 t + 4 e + j for e = 0..3 (see ternary_gemv.cu)
 //   sums      [M] int32, sum of the row's codes
+//   nonfinite_flags [M] u32: 1 where the row held NaN/Inf (its scale is then NaN and its
+//             codes zero), else 0; written every fill, so never reset
 //
 // Pass 1 is the absmax reduction above (16-byte loads when aligned); pass 2 writes one
 // permuted 32-bit word per thread and step (coalesced), gathering its 4 inputs from the
@@ -217,7 +219,7 @@ __device__ __forceinline__ void store_mma_row(int8_t* __restrict__ codes_mma, in
 template <typename T>
 __device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_t* __restrict__ codes_mma,
                                                   int* __restrict__ sums, float* __restrict__ scales,
-                                                  unsigned* __restrict__ nonfinite_rows, int rows, int cols,
+                                                  unsigned* __restrict__ nonfinite_flags, int rows, int cols,
                                                   int cols_pad) {
     __shared__ float scratch_f[32];
     __shared__ unsigned scratch_u[32];
@@ -233,8 +235,10 @@ __device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_
     row_absmax(xr, cols, vec_ok, amax, bad);
     amax = tritter::block_max(amax, scratch_f);
     bad = tritter::block_or(bad, scratch_u);
+    // Per-row flag (written for every row, so no reset is needed between fills).
+    if (threadIdx.x == 0) nonfinite_flags[row] = bad ? 1u : 0u;
     if (bad) {
-        flag_nonfinite_row(scales, nonfinite_rows, row);
+        if (threadIdx.x == 0) scales[row] = __int_as_float(0x7fc00000);
         store_mma_row(codes_mma, sums, row, cols, cols_pad, [](int) { return 0; });
         return;
     }
@@ -258,23 +262,25 @@ ACT_QUANT_ENTRY(act_quant_f16, __half)
 #define ACT_QUANT_MMA_ENTRY(NAME, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(kThreads)                                            \
         NAME(const T* __restrict__ x, int8_t* __restrict__ codes_mma, int* __restrict__ sums,         \
-             float* __restrict__ scales, unsigned* __restrict__ nonfinite_rows, int rows, int cols,   \
+             float* __restrict__ scales, unsigned* __restrict__ nonfinite_flags, int rows, int cols,  \
              int cols_pad) {                                                                          \
-        act_quant_mma_row<T>(x, codes_mma, sums, scales, nonfinite_rows, rows, cols, cols_pad);       \
+        act_quant_mma_row<T>(x, codes_mma, sums, scales, nonfinite_flags, rows, cols, cols_pad);      \
     }
 
 ACT_QUANT_MMA_ENTRY(act_quant_mma_f32, float)
 ACT_QUANT_MMA_ENTRY(act_quant_mma_bf16, __nv_bfloat16)
 ACT_QUANT_MMA_ENTRY(act_quant_mma_f16, __half)
 
-// Already-quantized int8 codes [M, K] -> codes_mma [M, Kp] + sums [M] (permutation only).
+// Already-quantized int8 codes [M, K] -> codes_mma [M, Kp] + sums [M] (permutation only);
+// clears the rows' non-finite flags.
 extern "C" __global__ void __launch_bounds__(kThreads)
-    a8_to_mma(const int8_t* __restrict__ codes, int8_t* __restrict__ codes_mma, int* __restrict__ sums, int rows,
-              int cols, int cols_pad) {
+    a8_to_mma(const int8_t* __restrict__ codes, int8_t* __restrict__ codes_mma, int* __restrict__ sums,
+              unsigned* __restrict__ nonfinite_flags, int rows, int cols, int cols_pad) {
     tritter::pdl_wait();
     tritter::pdl_launch_dependents();
     const int row = blockIdx.x;
     if (row >= rows) return;
+    if (threadIdx.x == 0) nonfinite_flags[row] = 0u;  // int8 codes are finite by construction
     const int8_t* cr = codes + static_cast<size_t>(row) * cols;
     store_mma_row(codes_mma, sums, row, cols, cols_pad, [&](int k) { return static_cast<int>(cr[k]); });
 }
@@ -291,11 +297,11 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 //   arrivals [1] u32 (zero between calls): the last CTA zeroes amax_bits and arrivals
 //
 // Same scale and rounding as act_quant_row (bit-exact with the CPU reference). A row whose
-// max is NaN/Inf gets zero codes, a NaN scale and one count in nonfinite_rows.
+// max is NaN/Inf gets zero codes, a NaN scale and nonfinite_flags[row] = 1 (else 0).
 extern "C" __global__ void __launch_bounds__(kThreads)
     act_quant_mma_absmax_f32(const float* __restrict__ x, unsigned* __restrict__ amax_bits,
                              int8_t* __restrict__ codes_mma, int* __restrict__ sums, float* __restrict__ scales,
-                             unsigned* __restrict__ nonfinite_rows, unsigned* __restrict__ arrivals, int rows,
+                             unsigned* __restrict__ nonfinite_flags, unsigned* __restrict__ arrivals, int rows,
                              int cols, int cols_pad) {
     __shared__ int scratch_sum[kThreads / 32];
     tritter::pdl_wait();  // h, amax_bits and the zeroed sums come from the gate/up pass
@@ -304,9 +310,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const float amax = __uint_as_float(amax_bits[row]);
     const bool bad = !(amax <= 3.402823466e38f);
     const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
-    if (blockIdx.x == 0) {
-        if (bad) flag_nonfinite_row(scales, nonfinite_rows, row);
-        else if (threadIdx.x == 0) scales[row] = s;
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        nonfinite_flags[row] = bad ? 1u : 0u;
+        scales[row] = bad ? __int_as_float(0x7fc00000) : s;
     }
     const float* xr = x + static_cast<size_t>(row) * cols;
     const int wd = blockIdx.x * kThreads + threadIdx.x;

@@ -113,8 +113,7 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
                                const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,
                                float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles, int M,
                                int n_out, int K, int quads_per_split, unsigned* __restrict__ amax_bits = nullptr,
-                               int inter = 0, int* __restrict__ glu_sums = nullptr,
-                               unsigned* __restrict__ glu_nonfinite = nullptr) {
+                               int inter = 0, int* __restrict__ glu_sums = nullptr) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ bool last_cta;
 
@@ -172,7 +171,6 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     if (kGlu && blockIdx.x == 0 && blockIdx.y == 0) {
         // The fused MLP's A8 pass over h adds into these; this call's pass runs after us.
         for (int i = tid; i < M; i += kThreads) glu_sums[i] = 0;
-        if (tid == 0) *glu_nonfinite = 0u;
     }
 
     // Epilogue operands early, so their latency hides under the main loop. Thread tid
@@ -416,17 +414,16 @@ __device__ void gemv_w2a8_persistent_impl(const uint32_t* __restrict__ W, const 
     }
 
 // Gate/up pass of the fused MLP: y is h [M, inter]; the trailing arguments are the row
-// maxima (zero on entry; act_quant_mma_absmax_f32 resets them), inter, and the row sums and
-// non-finite counter of h's GEMV-ready codes, which this kernel zeroes for the A8 pass.
+// maxima (zero on entry; act_quant_mma_absmax_f32 resets them), inter, and the row sums of
+// h's GEMV-ready codes, which this kernel zeroes for the A8 pass.
 #define GEMV_GLU_ENTRY(NAME, VEC, NT)                                                                     \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                          \
         const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,               \
         const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,         \
         float* __restrict__ h, int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, \
-        int quads_per_split, unsigned* __restrict__ amax_bits, int inter, int* __restrict__ glu_sums,     \
-        unsigned* __restrict__ glu_nonfinite) {                                                           \
+        int quads_per_split, unsigned* __restrict__ amax_bits, int inter, int* __restrict__ glu_sums) {   \
         gemv_w2a8_impl<VEC, NT, true>(W, gamma, gamma_per_row, xq, xsum, xs, h, ws, tiles, M, n_out, K,   \
-                                      quads_per_split, amax_bits, inter, glu_sums, glu_nonfinite);        \
+                                      quads_per_split, amax_bits, inter, glu_sums);                       \
     }
 
 GEMV_GLU_ENTRY(gemv_w2a8_glu_vec, true, 1)

@@ -95,30 +95,7 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal).map_err(KernelError::driver(format!(
             "creating a context on device {ordinal}"
         )))?;
-        let attr = |a: Attr| -> Result<u32, KernelError> {
-            ctx.attribute(a)
-                .map(|v| v.max(0) as u32)
-                .map_err(KernelError::driver(format!(
-                    "reading device attribute {a:?}"
-                )))
-        };
-        let info = DeviceInfo {
-            name: ctx
-                .name()
-                .map_err(KernelError::driver("reading the device name"))?,
-            compute_capability: (
-                attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-                attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
-            ),
-            sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
-            max_shared_per_block_optin: attr(
-                Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            )?,
-            l2_bytes: attr(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
-            total_mem: ctx
-                .total_mem()
-                .map_err(KernelError::driver("reading device memory size"))?,
-        };
+        let info = read_info(&ctx)?;
         // An owned stream, not the legacy default one: it can be captured into CUDA graphs
         // (decode steps) and does not serialize against other libraries' streams.
         let stream = ctx
@@ -130,6 +107,22 @@ impl Gpu {
         // cost on the decode hot path. Users who add streams on `context()` synchronize
         // them explicitly (documented on `Gpu`).
         unsafe { ctx.disable_event_tracking() };
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            info,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// A handle that launches on an existing stream (and its context), e.g. the stream of a
+    /// candle `CudaDevice`, so this workspace's kernels order with another library's work
+    /// without events. The context's event-tracking setting is left as the owner set it.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Arc<Self>, KernelError> {
+        probe_driver()?;
+        let ctx = stream.context().clone();
+        let info = read_info(&ctx)?;
         Ok(Arc::new(Gpu {
             ctx,
             stream,
@@ -225,4 +218,33 @@ impl Gpu {
             .insert(key, f.clone());
         Ok(f)
     }
+}
+
+/// Device facts of `ctx`'s device.
+fn read_info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo, KernelError> {
+    let attr = |a: Attr| -> Result<u32, KernelError> {
+        ctx.attribute(a)
+            .map(|v| v.max(0) as u32)
+            .map_err(KernelError::driver(format!(
+                "reading device attribute {a:?}"
+            )))
+    };
+    let info = DeviceInfo {
+        name: ctx
+            .name()
+            .map_err(KernelError::driver("reading the device name"))?,
+        compute_capability: (
+            attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        ),
+        sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        max_shared_per_block_optin: attr(
+            Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )?,
+        l2_bytes: attr(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
+        total_mem: ctx
+            .total_mem()
+            .map_err(KernelError::driver("reading device memory size"))?,
+    };
+    Ok(info)
 }

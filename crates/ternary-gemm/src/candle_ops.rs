@@ -1,8 +1,10 @@
 //! candle integration (feature `candle`): the ternary ops as `candle_core::CustomOp1`, so a
 //! candle model calls `x.apply_op1(TernaryLinear::new(w))` the way candle-flash-attn plugs in.
 //!
-//! CPU forward only; the CUDA forward is the crate's cudarc API (a `candle-cuda` feature
-//! needs a candle build with CUDA, which links libcuda at build time: DESIGN.md section 2).
+//! CPU forward always; with feature `candle-cuda` (a candle built with CUDA) also
+//! `cuda_fwd`, running the crate's kernels on the candle device's stream
+//! (`src/candle_cuda.rs`). Our own builds leave that feature off: candle's CUDA build links
+//! libcuda at build time (DESIGN.md section 2).
 
 use std::sync::Arc;
 
@@ -83,12 +85,18 @@ fn map_rows(
 #[derive(Debug, Clone)]
 pub struct TernaryLinear {
     weight: Arc<TernaryMatrix>,
+    #[cfg(feature = "candle-cuda")]
+    cache: Arc<crate::candle_cuda::DeviceCache<crate::cuda::TernaryMatrixGpu>>,
 }
 
 impl TernaryLinear {
     /// Wraps a ternary weight `(n_out, k_in)`.
     pub fn new(weight: Arc<TernaryMatrix>) -> Self {
-        TernaryLinear { weight }
+        TernaryLinear {
+            weight,
+            #[cfg(feature = "candle-cuda")]
+            cache: Default::default(),
+        }
     }
 }
 
@@ -122,8 +130,19 @@ impl CustomOp1 for TernaryLinear {
         Ok(Some(grad_res.contiguous()?.apply_op1(
             TernaryLinearBackward {
                 weight: self.weight.clone(),
+                #[cfg(feature = "candle-cuda")]
+                cache: self.cache.clone(),
             },
         )?))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::candle_cuda::linear_fwd(&self.weight, &self.cache, storage, layout, self.name())
     }
 }
 
@@ -132,12 +151,18 @@ impl CustomOp1 for TernaryLinear {
 #[derive(Debug, Clone)]
 pub struct TernaryLinearBackward {
     weight: Arc<TernaryMatrix>,
+    #[cfg(feature = "candle-cuda")]
+    cache: Arc<crate::candle_cuda::DeviceCache<crate::cuda::TernaryMatrixGpu>>,
 }
 
 impl TernaryLinearBackward {
     /// Wraps a ternary weight `(n_out, k_in)`.
     pub fn new(weight: Arc<TernaryMatrix>) -> Self {
-        TernaryLinearBackward { weight }
+        TernaryLinearBackward {
+            weight,
+            #[cfg(feature = "candle-cuda")]
+            cache: Default::default(),
+        }
     }
 }
 
@@ -161,6 +186,15 @@ impl CustomOp1 for TernaryLinearBackward {
             |dy, m| ternary_matmul_t(w, dy, m),
         )
     }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::candle_cuda::linear_bwd(&self.weight, &self.cache, storage, layout, self.name())
+    }
 }
 
 /// The squared-ReLU GLU MLP `down(relu(gate(x))^2 * up(x))` on ternary weights with A8
@@ -168,12 +202,18 @@ impl CustomOp1 for TernaryLinearBackward {
 #[derive(Debug, Clone)]
 pub struct TernaryMlpOp {
     mlp: Arc<TernaryMlp>,
+    #[cfg(feature = "candle-cuda")]
+    cache: Arc<crate::candle_cuda::DeviceCache<crate::cuda::TernaryMlpGpu>>,
 }
 
 impl TernaryMlpOp {
     /// Wraps an MLP block.
     pub fn new(mlp: Arc<TernaryMlp>) -> Self {
-        TernaryMlpOp { mlp }
+        TernaryMlpOp {
+            mlp,
+            #[cfg(feature = "candle-cuda")]
+            cache: Default::default(),
+        }
     }
 }
 
@@ -196,5 +236,14 @@ impl CustomOp1 for TernaryMlpOp {
             hidden,
             |x, m| self.mlp.forward(x, m),
         )
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::candle_cuda::mlp_fwd(&self.mlp, &self.cache, storage, layout, self.name())
     }
 }

@@ -17,6 +17,8 @@
 //! * feature `candle`: `candle_ops::{TernaryLinear, TernaryMlpOp}` custom ops.
 
 mod act_quant;
+#[cfg(feature = "candle-cuda")]
+mod candle_cuda;
 #[cfg(feature = "candle")]
 pub mod candle_ops;
 mod cpu;

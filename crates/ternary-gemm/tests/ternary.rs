@@ -465,6 +465,11 @@ mod gemv_conformance {
                 ..
             })
         ));
+        // Flags are per row and rewritten by every fill: a clean refill clears them.
+        xf[64 + 5] = 0.5;
+        acts.quantize_from(gpu, &stream.clone_htod(&xf).unwrap().as_view())
+            .unwrap();
+        acts.check_finite(gpu).unwrap();
     }
 }
 
@@ -721,6 +726,11 @@ mod mlp_conformance {
             ws.check_finite(gpu),
             Err(TernaryError::NonFiniteRows { .. })
         ));
+        // The next clean call reports clean (flags rewritten, maxima reset).
+        x[h + 3] = 0.25;
+        let xd = stream.clone_htod(&x).unwrap();
+        ternary_mlp_cuda(gpu, &gm, &xd.as_view(), &mut y.as_view_mut(), &mut ws).unwrap();
+        ws.check_finite(gpu).unwrap();
         let mut short = stream.alloc_zeros::<f32>(m * h - 1).unwrap();
         let err = ternary_mlp_cuda(gpu, &gm, &xd.as_view(), &mut short.as_view_mut(), &mut ws);
         assert!(

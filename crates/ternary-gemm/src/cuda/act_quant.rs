@@ -175,7 +175,8 @@ pub struct GemvActivations {
     pub sums: CudaSlice<i32>,
     /// `(rows,)` scales `s = 127 / max|x_row|`.
     pub scales: CudaSlice<f32>,
-    /// `(1,)` rows of the last fill that held NaN/Inf.
+    /// `(rows,)` flags: 1 where the last fill's row held NaN/Inf, else 0. Written by every
+    /// fill, so no reset (no memset) sits between a decode step's kernels.
     pub nonfinite_rows: CudaSlice<u32>,
 }
 
@@ -204,7 +205,9 @@ impl GemvActivations {
             scales: s
                 .alloc_zeros(rows.max(1))
                 .map_err(alloc("activation scales"))?,
-            nonfinite_rows: s.alloc_zeros(1).map_err(alloc("the non-finite counter"))?,
+            nonfinite_rows: s
+                .alloc_zeros(rows.max(1))
+                .map_err(alloc("the non-finite row flags"))?,
         })
     }
 
@@ -220,7 +223,7 @@ impl GemvActivations {
 
     /// Quantizes `x` `(rows, cols)` (per-token absmax, same codes and scales as
     /// [`absmax_quantize_rows`](crate::absmax_quantize_rows)) straight into the GEMV layout;
-    /// asynchronous. Resets the non-finite counter first.
+    /// asynchronous; writes every row's non-finite flag.
     pub fn quantize_from<T: DeviceActivation>(
         &mut self,
         gpu: &Gpu,
@@ -230,7 +233,7 @@ impl GemvActivations {
         if self.rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, kp_i) = self.begin_fill(gpu)?;
+        let (rows_i, cols_i, kp_i) = self.fill_args();
         let stream = gpu.stream();
         let func = gpu.function(&images::ACT_QUANT, T::ACT_QUANT_MMA_KERNEL)?;
         let mut launch = stream.launch_builder(&func);
@@ -265,7 +268,7 @@ impl GemvActivations {
         if self.rows == 0 {
             return Ok(());
         }
-        let (rows_i, cols_i, kp_i) = self.begin_fill(gpu)?;
+        let (rows_i, cols_i, kp_i) = self.fill_args();
         let stream = gpu.stream();
         stream
             .memcpy_dtod(scales, &mut self.scales.slice_mut(..self.rows))
@@ -276,32 +279,43 @@ impl GemvActivations {
             .arg(codes)
             .arg(&mut self.codes_mma)
             .arg(&mut self.sums)
+            .arg(&mut self.nonfinite_rows)
             .arg(&rows_i)
             .arg(&cols_i)
             .arg(&kp_i);
-        // SAFETY: matches `a8_to_mma(const int8_t*, int8_t*, int*, int, int, int)`; lengths
-        // checked above and at allocation; one CTA per row, bounds-checked.
+        // SAFETY: matches `a8_to_mma(const int8_t*, int8_t*, int*, unsigned*, int, int, int)`;
+        // lengths checked above and at allocation (rows flags); one CTA per row, bounds-checked.
         unsafe { launch.launch(row_launch(self.rows)) }
             .map_err(KernelError::driver("launching a8_to_mma"))?;
         Ok(())
     }
 
-    /// Starts a fill: resets the non-finite counter; returns (rows, cols, padded cols) as the
-    /// kernels' `int` arguments (all bounded by `check_shape` in `new`).
-    fn begin_fill(&mut self, gpu: &Gpu) -> Result<(i32, i32, i32)> {
-        gpu.stream()
-            .memset_zeros(&mut self.nonfinite_rows)
-            .map_err(KernelError::driver("resetting the non-finite counter"))?;
-        Ok((
+    /// (rows, cols, padded cols) as the kernels' `int` arguments (all bounded by
+    /// `check_shape` in `new`).
+    fn fill_args(&self) -> (i32, i32, i32) {
+        (
             self.rows as i32,
             self.cols as i32,
             gemv_padded_cols(self.cols) as i32,
-        ))
+        )
     }
 
     /// Synchronizes and fails if the last fill saw NaN or Inf (those rows' scales are NaN).
     pub fn check_finite(&self, gpu: &Gpu) -> Result<()> {
-        read_nonfinite(gpu, &self.nonfinite_rows, self.rows)
+        let flags = gpu
+            .stream()
+            .clone_dtoh(&self.nonfinite_rows.slice(..self.rows.max(1)))
+            .map_err(KernelError::driver("reading the non-finite row flags"))?;
+        let bad = flags.iter().take(self.rows).filter(|&&f| f != 0).count();
+        if bad == 0 {
+            Ok(())
+        } else {
+            Err(TernaryError::NonFiniteRows {
+                what: "x",
+                rows: bad as u32,
+                total: self.rows,
+            })
+        }
     }
 }
 

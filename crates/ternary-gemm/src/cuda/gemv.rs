@@ -188,9 +188,8 @@ pub(super) fn check_gemv(
 pub(super) struct GluOut<'a> {
     pub amax_bits: &'a CudaSlice<u32>,
     pub inter: usize,
-    /// Row sums and non-finite counter of `h`'s GEMV-ready codes: zeroed by the launch.
+    /// Row sums of `h`'s GEMV-ready codes: zeroed by the launch.
     pub sums: &'a CudaSlice<i32>,
-    pub nonfinite: &'a CudaSlice<u32>,
 }
 
 /// The GEMV launches (chunks of [`GEMV_MAX_M`] rows) for `y` `(M, n_out)`, or for `h`
@@ -283,13 +282,12 @@ pub(super) fn launch_gemv(
         if let Some(g) = glu.as_ref() {
             args.ptr(gpu, &g.amax_bits.slice(m0..m0 + mc))
                 .i32(y_cols as i32)
-                .ptr(gpu, &g.sums.slice(m0..m0 + mc))
-                .ptr(gpu, g.nonfinite);
+                .ptr(gpu, &g.sums.slice(m0..m0 + mc));
         }
         // SAFETY: arguments match `gemv_w2a8_*(const u32*, const float*, int, const i8*,
         // const int*, const float*, float*, int*, unsigned*, int, int, int, int)` (plus the
         // trailing `int ksplit` of gemv_w2a8_persistent, or `unsigned* amax_bits, int inter,
-        // int* sums, unsigned* nonfinite` of gemv_w2a8_glu_*, whose float* is h: mc rows of
+        // int* sums` of gemv_w2a8_glu_*, whose float* is h: mc rows of
         // inter, and whose interleaved tiles put every h index i < inter at gate row
         // 32 (i / 16) + i % 16 < n_out; sums holds mc slots); x holds
         // mc rows of kp = ceil(k/128)*128 codes (GemvActivations layout) and mc sums/scales,

@@ -161,8 +161,8 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
     }
     check_gemv(&mlp.gate_up, &ws.x_acts, &ws.gemv)?;
     ws.x_acts.quantize_from(gpu, x)?;
-    // The gate/up pass zeroes h's row sums and non-finite counter; the A8 pass over h resets
-    // the row maxima. No memset between the launches, so each PDL launch (Gpu::launch_pdl)
+    // The gate/up pass zeroes h's row sums; the A8 pass over h resets the row maxima and
+    // writes every row's non-finite flag. No memset between the launches, so each PDL launch (Gpu::launch_pdl)
     // can prefetch its weights while the previous kernel finishes.
     launch_gemv(
         gpu,
@@ -174,7 +174,6 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
             amax_bits: &ws.amax_bits,
             inter: mlp.inter,
             sums: &ws.h_acts.sums,
-            nonfinite: &ws.h_acts.nonfinite_rows,
         }),
     )?;
 
