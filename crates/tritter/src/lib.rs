@@ -1,10 +1,40 @@
 //! # tritter
 //!
-//! The Tritter model assembled from the kernel crates: config and presets (test to 7B),
-//! multimodal tokenizer, a candle reference model with BitLinear (straight-through
-//! estimator), the trainer, the GPU engine and the `tritter` CLI (DESIGN.md section 5).
+//! The Tritter model assembled from the kernel crates (DESIGN.md section 5): a BitNet b1.58
+//! transformer with QK-Norm, RoPE, GQA, squared-ReLU GLU and Chameleon norm placement.
 //!
-//! Status: the crate is part of the workspace build and CI; the model arrives with the
-//! tritter issues. Nothing is exported yet, so nothing can be called by mistake.
+//! Available now:
+//! * [`TritterConfig`]: hyper-parameters (serde JSON), presets `test` to `7b`, validation,
+//!   analytic [`TritterConfig::param_count`];
+//! * [`MemoryEstimate`]: weights (packed ternary / bf16), KV cache (fp16 / INT4, full or
+//!   windowed) and activations, printable as a table;
+//! * [`model`]: the candle reference model ([`TritterModel`], [`model::BitLinear`] with the
+//!   straight-through estimator, attention masks in [`MaskSpec`]);
+//! * [`checkpoint`]: safetensors + `config.json` directories, atomic writes, verified loads;
+//! * [`tokenizer`]: the multimodal tokenizer (bytes, optional BPE, image and audio codes);
+//! * [`TritterError`]: one error type with actual and expected values.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use tritter::{MaskSpec, TritterConfig, TritterModel};
+//!
+//! let cfg = TritterConfig::preset("test")?;
+//! let model = TritterModel::new(&cfg, DType::F32, &Device::Cpu, 0)?;
+//! let ids = Tensor::new(&[[1u32, 72, 105, 2]], &Device::Cpu)?; // (B, L) = (1, 4)
+//! let pos = model.default_positions(1, 4)?;
+//! let logits = model.forward(&ids, &pos, &MaskSpec::causal())?; // (1, 4, V)
+//! assert_eq!(logits.dims(), &[1, 4, cfg.vocab_size]);
+//! # Ok::<(), tritter::TritterError>(())
+//! ```
 
+pub mod checkpoint;
+pub mod config;
+mod error;
+pub mod memory;
+pub mod model;
 pub mod tokenizer;
+
+pub use config::{AttentionMode, Modality, ParamBreakdown, TritterConfig};
+pub use error::{Result, TritterError};
+pub use memory::{KvFormat, MemoryEstimate};
+pub use model::{MaskSpec, TritterModel};

@@ -1,0 +1,249 @@
+//! The crate's error type (DESIGN.md section 6): every message states the actual value, the
+//! expected one and, where obvious, the fix.
+
+use std::path::PathBuf;
+
+/// Result type of this crate.
+pub type Result<T, E = TritterError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `tritter`: bad configs, bad model input, bad checkpoints,
+/// and errors of the libraries underneath (candle, ternary-gemm, safetensors, I/O).
+///
+/// Bad user input always comes back as one of these, never as a panic.
+#[derive(Debug, thiserror::Error)]
+pub enum TritterError {
+    /// A config field breaks a rule; `expected` says what would be valid.
+    #[error("invalid config: {field} is {actual} but {expected}")]
+    InvalidConfig {
+        /// The offending field (or relation, e.g. `hidden_size % num_heads`).
+        field: &'static str,
+        /// Its value.
+        actual: String,
+        /// The rule, phrased as the fix.
+        expected: String,
+    },
+
+    /// `TritterConfig::preset` got a name it does not know.
+    #[error("unknown preset {name:?}; expected one of {expected}")]
+    UnknownPreset {
+        /// The name asked for.
+        name: String,
+        /// The known names, comma separated.
+        expected: &'static str,
+    },
+
+    /// A token id does not index the embedding table.
+    #[error("token id {id} (batch {batch}, position {position}) >= vocab_size {vocab_size}")]
+    TokenOutOfRange {
+        /// The id.
+        id: u32,
+        /// Sequence index in the batch.
+        batch: usize,
+        /// Position in the sequence.
+        position: usize,
+        /// The config's vocabulary size.
+        vocab_size: usize,
+    },
+
+    /// A sequence is longer than the model's position range.
+    #[error("sequence length {len} > max_position_embeddings {max}; split the input or raise max_position_embeddings")]
+    SequenceTooLong {
+        /// Tokens in the sequence.
+        len: usize,
+        /// The config's maximum.
+        max: usize,
+    },
+
+    /// A position id is outside `0..max_position_embeddings`.
+    #[error(
+        "position id {position} (batch {batch}, index {index}) >= max_position_embeddings {max}"
+    )]
+    PositionOutOfRange {
+        /// The position id.
+        position: u32,
+        /// Sequence index in the batch.
+        batch: usize,
+        /// Index along the sequence.
+        index: usize,
+        /// The config's maximum.
+        max: usize,
+    },
+
+    /// A tensor has the wrong shape.
+    #[error("{what} has shape {actual:?} but expected {expected}")]
+    ShapeMismatch {
+        /// Which tensor.
+        what: String,
+        /// Its dims.
+        actual: Vec<usize>,
+        /// The expected dims, in words where they depend on the input.
+        expected: String,
+    },
+
+    /// A tensor has the wrong dtype.
+    #[error("{what} has dtype {actual:?} but expected {expected}")]
+    DTypeMismatch {
+        /// Which tensor.
+        what: String,
+        /// Its dtype.
+        actual: candle_core::DType,
+        /// The accepted dtypes.
+        expected: String,
+    },
+
+    /// A `MaskSpec` does not fit the batch it is applied to.
+    #[error("invalid mask: {0}")]
+    InvalidMask(String),
+
+    /// A checkpoint does not match what it is loaded into, or is internally inconsistent.
+    #[error("checkpoint {path}: {detail}")]
+    CheckpointMismatch {
+        /// The checkpoint directory or file.
+        path: PathBuf,
+        /// What differs (actual and expected).
+        detail: String,
+    },
+
+    /// A checkpoint's bytes are damaged (bad header, checksum, truncated data).
+    #[error("checkpoint {path} is corrupt: {detail}")]
+    CorruptCheckpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What was found.
+        detail: String,
+    },
+
+    /// A file could not be read or written.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+
+    /// `config.json` could not be parsed or written.
+    #[error("config JSON {path}: {source}")]
+    ConfigJson {
+        /// The file (empty when parsing a string).
+        path: PathBuf,
+        /// The serde error.
+        source: serde_json::Error,
+    },
+
+    /// An error from candle (tensor ops, autograd).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// An error from the ternary kernels.
+    #[error(transparent)]
+    Ternary(#[from] ternary_gemm::TernaryError),
+
+    /// An error of the multimodal tokenizer.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+
+    /// A data path is missing, unreadable or of an unsupported kind.
+    #[error("data {path}: {detail}")]
+    Data {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong and what was expected.
+        detail: String,
+    },
+
+    /// A JSONL line is not valid JSON or lacks the text field (with `--malformed fail`).
+    #[error("{path}:{line}: {detail}; fix the line or skip malformed lines (--malformed skip)")]
+    MalformedRecord {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (JSONL) or row (parquet) number.
+        line: usize,
+        /// What was found and what was expected.
+        detail: String,
+    },
+
+    /// A dataset produced no usable tokens (or too few for one training sequence).
+    #[error("empty dataset {what}: {detail}")]
+    EmptyDataset {
+        /// Which data (a path, "built-in corpus", "validation split").
+        what: String,
+        /// What was found and what is needed.
+        detail: String,
+    },
+
+    /// A training option is out of range.
+    #[error("invalid training option: {field} is {actual} but {expected}")]
+    InvalidTrainOption {
+        /// The option (CLI flag name).
+        field: &'static str,
+        /// Its value.
+        actual: String,
+        /// The rule, phrased as the fix.
+        expected: String,
+    },
+
+    /// The requested device cannot run this step (yet).
+    #[error("device {device} is not available: {detail}")]
+    DeviceUnavailable {
+        /// The device asked for.
+        device: String,
+        /// Why, and what to use instead.
+        detail: String,
+    },
+
+    /// Training diverged (a loss or gradient norm is not finite).
+    #[error("training diverged at step {step}: {what} is {value}; lower --lr or raise --warmup")]
+    Diverged {
+        /// The optimizer step.
+        step: u64,
+        /// Which quantity.
+        what: &'static str,
+        /// Its value.
+        value: f64,
+    },
+}
+
+impl TritterError {
+    /// An `InvalidConfig` error with formatted actual/expected values.
+    pub(crate) fn config(
+        field: &'static str,
+        actual: impl ToString,
+        expected: impl ToString,
+    ) -> Self {
+        TritterError::InvalidConfig {
+            field,
+            actual: actual.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// An `InvalidTrainOption` error with formatted actual/expected values.
+    pub(crate) fn option(
+        field: &'static str,
+        actual: impl ToString,
+        expected: impl ToString,
+    ) -> Self {
+        TritterError::InvalidTrainOption {
+            field,
+            actual: actual.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// A `Data` error for `path`.
+    pub(crate) fn data(path: impl Into<PathBuf>, detail: impl ToString) -> Self {
+        TritterError::Data {
+            path: path.into(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// An `Io` error for `path`.
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TritterError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
