@@ -90,7 +90,11 @@ pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededR
 /// Continues `prompt` (token ids, at least one) by up to `options.max_new_tokens` sampled
 /// tokens; returns only the new tokens (ending with `<eos>` if it was sampled and
 /// `stop_at_eos` is set).
-pub fn generate(model: &TritterModel, prompt: &[u32], options: &SamplingOptions) -> Result<Vec<u32>> {
+pub fn generate(
+    model: &TritterModel,
+    prompt: &[u32],
+    options: &SamplingOptions,
+) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(TritterError::ShapeMismatch {
             what: "prompt".into(),

@@ -48,13 +48,19 @@ enum Command {
     #[command(after_help = EXAMPLES)]
     Train(Box<TrainArgs>),
     /// Validation loss and perplexity of a checkpoint.
-    #[command(after_help = "Examples:\n  tritter eval --checkpoint runs/test\n  tritter eval --checkpoint runs/test/checkpoints/step-00000400 --data held-out.jsonl")]
+    #[command(
+        after_help = "Examples:\n  tritter eval --checkpoint runs/test\n  tritter eval --checkpoint runs/test/checkpoints/step-00000400 --data held-out.jsonl"
+    )]
     Eval(EvalArgs),
     /// Sample a continuation of a prompt from a checkpoint.
-    #[command(after_help = "Example:\n  tritter generate --checkpoint runs/test --prompt 'pub fn ' --max-tokens 200 --top-k 40")]
+    #[command(
+        after_help = "Example:\n  tritter generate --checkpoint runs/test --prompt 'pub fn ' --max-tokens 200 --top-k 40"
+    )]
     Generate(GenerateArgs),
     /// Print the token ids of a text or file.
-    #[command(after_help = "Examples:\n  tritter tokenize --text 'hello'\n  tritter tokenize --file src/main.rs --modality code --tokenizer tokenizer.json")]
+    #[command(
+        after_help = "Examples:\n  tritter tokenize --text 'hello'\n  tritter tokenize --file src/main.rs --modality code --tokenizer tokenizer.json"
+    )]
     Tokenize(TokenizeArgs),
 }
 
@@ -290,7 +296,16 @@ fn info(a: &InfoArgs) -> Result<()> {
     );
     println!(
         "{:<6} {:>6} {:>6} {:>8} {:>10} {:>12} {:>12} {:>11} {:>11} {:>10}",
-        "preset", "hidden", "layers", "heads/kv", "params", "ternary GB", "bf16 GB", "INT4 KV GB", "fp16 KV GB", "total GB"
+        "preset",
+        "hidden",
+        "layers",
+        "heads/kv",
+        "params",
+        "ternary GB",
+        "bf16 GB",
+        "INT4 KV GB",
+        "fp16 KV GB",
+        "total GB"
     );
     for name in ["test", "100m", "500m", "1b", "3b", "7b"] {
         let cfg = TritterConfig::preset(name)?;
@@ -455,12 +470,13 @@ fn train(a: &TrainArgs) -> Result<()> {
     let tok = make_tokenizer(config.vocab_size, a.data.tokenizer.as_deref())?;
     let (train_docs, val_docs, desc) = documents(&a.data, options.seed)?;
     println!("data: {desc}");
-    let train_set = pack(&train_docs, &tok, options.seq_len, "training split")?.ok_or_else(|| {
-        TritterError::EmptyDataset {
-            what: "training split".into(),
-            detail: "no documents".into(),
-        }
-    })?;
+    let train_set =
+        pack(&train_docs, &tok, options.seq_len, "training split")?.ok_or_else(|| {
+            TritterError::EmptyDataset {
+                what: "training split".into(),
+                detail: "no documents".into(),
+            }
+        })?;
     let val_set = pack(&val_docs, &tok, options.seq_len, "validation split")?;
     println!(
         "packed: {} train sequences of {} tokens ({} tokens, unigram entropy {:.3} nats), {} validation sequences",
@@ -495,7 +511,9 @@ fn train(a: &TrainArgs) -> Result<()> {
     println!(
         "model: {:.3}M parameters ({}), {} steps x {} x {} x {} tokens, lr {:.1e}, run dir {}",
         config.param_count() as f64 / 1e6,
-        a.config.as_ref().map_or(a.preset.clone(), |p| p.display().to_string()),
+        a.config
+            .as_ref()
+            .map_or(a.preset.clone(), |p| p.display().to_string()),
         trainer.options().steps,
         trainer.options().grad_accum,
         trainer.options().batch_size,
@@ -508,8 +526,10 @@ fn train(a: &TrainArgs) -> Result<()> {
     } else {
         let b = ProgressBar::new(trainer.options().steps);
         b.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}, ETA {eta}]")
-                .expect("a valid template"),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed_precise}, ETA {eta}]",
+            )
+            .expect("a valid template"),
         );
         b
     };
@@ -553,7 +573,10 @@ fn train(a: &TrainArgs) -> Result<()> {
             },
         )?;
         ids.extend(new);
-        println!("sample (prompt {prompt:?}, temperature 0.7, top-k 40):\n{}", render(&tok, &ids)?);
+        println!(
+            "sample (prompt {prompt:?}, temperature 0.7, top-k 40):\n{}",
+            render(&tok, &ids)?
+        );
     }
     Ok(())
 }

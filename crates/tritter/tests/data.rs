@@ -12,8 +12,8 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 use tritter::data::{
-    corpus, load_documents, split_documents, DataLoader, Document, MalformedPolicy,
-    PackedDataset, SourceOptions, PAD_DOC,
+    corpus, load_documents, split_documents, DataLoader, Document, MalformedPolicy, PackedDataset,
+    SourceOptions, PAD_DOC,
 };
 use tritter::tokenizer::{Modality, MultimodalTokenizer, SpecialToken, VocabLayout};
 use tritter::TritterError;
@@ -56,7 +56,10 @@ fn directory_loader_classifies_by_extension() {
         ]
     );
     assert_eq!(report.documents, 3);
-    assert_eq!(report.skipped, 2, "image.png (extension) and empty.txt (empty)");
+    assert_eq!(
+        report.skipped, 2,
+        "image.png (extension) and empty.txt (empty)"
+    );
     let ids = docs[1].tokenize(&bytes_tokenizer()).unwrap();
     assert_eq!(ids[0], SpecialToken::Code.id());
     assert_eq!(*ids.last().unwrap(), SpecialToken::Eos.id());
@@ -163,12 +166,19 @@ fn packing_respects_document_boundaries_and_covers_every_token() {
         .iter()
         .enumerate()
         .map(|(i, t)| Document {
-            modality: if i % 2 == 0 { Modality::Code } else { Modality::Text },
+            modality: if i % 2 == 0 {
+                Modality::Code
+            } else {
+                Modality::Text
+            },
             bytes: t.as_bytes().to_vec(),
             source: format!("doc{i}"),
         })
         .collect();
-    let stream: Vec<u32> = docs.iter().flat_map(|d| d.tokenize(&tok).unwrap()).collect();
+    let stream: Vec<u32> = docs
+        .iter()
+        .flat_map(|d| d.tokenize(&tok).unwrap())
+        .collect();
     let eos = SpecialToken::Eos.id();
     for seq_len in [1, 2, 7, 16, stream.len() - 1, stream.len() + 5] {
         let packed = PackedDataset::from_documents(&docs, &tok, seq_len).unwrap();
@@ -198,7 +208,10 @@ fn packing_respects_document_boundaries_and_covers_every_token() {
                     .map(|(&tok, _)| tok),
             );
         }
-        assert_eq!(rebuilt, stream, "seq_len {seq_len}: every token exactly once");
+        assert_eq!(
+            rebuilt, stream,
+            "seq_len {seq_len}: every token exactly once"
+        );
         let batch = packed.batch(&[0], &Device::Cpu).unwrap();
         let (t, _) = packed.sequence(0).unwrap();
         assert_eq!(batch.inputs.to_vec2::<u32>().unwrap()[0], t[..seq_len]);
@@ -230,7 +243,10 @@ fn split_is_seeded_disjoint_and_complete() {
     assert_ne!(val, other_val, "another seed holds out other documents");
     let one = vec![docs[5].clone()];
     let (t, v) = split_documents(one, 0.25, 0).unwrap();
-    assert_eq!([t[0].bytes.clone(), v[0].bytes.clone()].concat(), docs[5].bytes);
+    assert_eq!(
+        [t[0].bytes.clone(), v[0].bytes.clone()].concat(),
+        docs[5].bytes
+    );
     assert!(matches!(
         split_documents(docs, 1.0, 0),
         Err(TritterError::InvalidTrainOption { .. })
@@ -247,10 +263,16 @@ fn loader_epochs_and_cursor_resume() {
     let n = packed.len();
     let batch = 3;
     let mut a = DataLoader::new(packed.clone(), batch, 42).unwrap();
-    let epoch0: Vec<usize> = (0..n.div_ceil(batch)).flat_map(|_| a.next_indices()).collect();
+    let epoch0: Vec<usize> = (0..n.div_ceil(batch))
+        .flat_map(|_| a.next_indices())
+        .collect();
     let mut sorted = epoch0[..n].to_vec();
     sorted.sort_unstable();
-    assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "epoch 0 is a permutation");
+    assert_eq!(
+        sorted,
+        (0..n).collect::<Vec<_>>(),
+        "epoch 0 is a permutation"
+    );
     let cursor = a.cursor();
     let cursor_json = serde_json::to_string(&cursor).unwrap();
     let expected: Vec<Vec<usize>> = (0..2 * n).map(|_| a.next_indices()).collect();
@@ -318,5 +340,7 @@ fn builtin_corpus_has_sources_and_a_validation_part() {
     let (train, val) = corpus::builtin_documents();
     assert!(!train.is_empty() && !val.is_empty());
     assert_eq!(train.len() + val.len(), files.len());
-    assert!(val.iter().all(|v| !train.iter().any(|t| t.source == v.source)));
+    assert!(val
+        .iter()
+        .all(|v| !train.iter().any(|t| t.source == v.source)));
 }

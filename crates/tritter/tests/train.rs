@@ -34,7 +34,11 @@ fn small() -> (TritterConfig, TrainOptions) {
 }
 
 /// (train, validation) packed from the first few built-in corpus files of each split.
-fn corpus_sets(cfg: &TritterConfig, seq_len: usize, files: usize) -> (PackedDataset, PackedDataset) {
+fn corpus_sets(
+    cfg: &TritterConfig,
+    seq_len: usize,
+    files: usize,
+) -> (PackedDataset, PackedDataset) {
     let tok = MultimodalTokenizer::new(VocabLayout::new(cfg.vocab_size).unwrap());
     let (train, val) = corpus::builtin_documents();
     let n = files.min(train.len());
@@ -73,12 +77,30 @@ fn resume_matches_uninterrupted_run_exactly() {
     let half = opts.steps / 2;
     let (train, val) = corpus_sets(&cfg, opts.seq_len, 3);
 
-    let mut a = Trainer::new(&cfg, opts.clone(), train.clone(), Some(val.clone()), &Device::Cpu).unwrap();
-    let full: Vec<u64> = (0..opts.steps).map(|_| a.train_step().unwrap().loss.to_bits()).collect();
+    let mut a = Trainer::new(
+        &cfg,
+        opts.clone(),
+        train.clone(),
+        Some(val.clone()),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let full: Vec<u64> = (0..opts.steps)
+        .map(|_| a.train_step().unwrap().loss.to_bits())
+        .collect();
 
     let dir = scratch("resume");
-    let mut b = Trainer::new(&cfg, opts.clone(), train.clone(), Some(val.clone()), &Device::Cpu).unwrap();
-    let mut split: Vec<u64> = (0..half).map(|_| b.train_step().unwrap().loss.to_bits()).collect();
+    let mut b = Trainer::new(
+        &cfg,
+        opts.clone(),
+        train.clone(),
+        Some(val.clone()),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut split: Vec<u64> = (0..half)
+        .map(|_| b.train_step().unwrap().loss.to_bits())
+        .collect();
     let ckpt = b.save_checkpoint(&dir).unwrap();
     drop(b);
     assert_eq!(latest_checkpoint(&dir).unwrap(), ckpt);
@@ -116,7 +138,10 @@ fn training_on_builtin_corpus_beats_unigram_entropy() {
     let summary = t.run(opts.steps, None, &mut Silent).unwrap();
     let before = summary.val_before.unwrap().loss;
     let after = summary.val_after.unwrap().loss;
-    assert!(before > entropy, "an untrained model is worse than unigram: {before} vs {entropy}");
+    assert!(
+        before > entropy,
+        "an untrained model is worse than unigram: {before} vs {entropy}"
+    );
     assert!(
         after < entropy,
         "validation loss {after} nats should be below the unigram entropy {entropy} (was {before})"
@@ -135,8 +160,18 @@ fn gradient_checkpointing_matches_full_backprop() {
     let mut recompute = Trainer::new(&ckpt_cfg, opts, train, None, &Device::Cpu).unwrap();
     for _ in 0..2 {
         let (p, r) = (plain.train_step().unwrap(), recompute.train_step().unwrap());
-        assert!((p.loss - r.loss).abs() < 1e-5 * p.loss, "{} vs {}", p.loss, r.loss);
-        assert!((p.grad_norm - r.grad_norm).abs() < 1e-4 * p.grad_norm, "{} vs {}", p.grad_norm, r.grad_norm);
+        assert!(
+            (p.loss - r.loss).abs() < 1e-5 * p.loss,
+            "{} vs {}",
+            p.loss,
+            r.loss
+        );
+        assert!(
+            (p.grad_norm - r.grad_norm).abs() < 1e-4 * p.grad_norm,
+            "{} vs {}",
+            p.grad_norm,
+            r.grad_norm
+        );
     }
     let (wp, wr) = (weights(&plain), weights(&recompute));
     let mut max_diff = 0f32;
@@ -147,7 +182,10 @@ fn gradient_checkpointing_matches_full_backprop() {
         }
     }
     // One AdamW step moves a weight by at most ~lr; the paths must agree far below that.
-    assert!(max_diff < 1e-2 * TrainOptions::default().lr as f32, "max weight difference {max_diff}");
+    assert!(
+        max_diff < 1e-2 * TrainOptions::default().lr as f32,
+        "max weight difference {max_diff}"
+    );
 }
 
 /// Warmup is linear to the peak, cosine decays to `min_lr_ratio * peak` at the last step;
@@ -181,7 +219,14 @@ fn bad_resume_inputs_are_typed_errors_and_keep_the_last_checkpoint() {
     let (cfg, opts) = small();
     let (train, val) = corpus_sets(&cfg, opts.seq_len, 2);
     let dir = scratch("bad");
-    let mut t = Trainer::new(&cfg, opts.clone(), train.clone(), Some(val.clone()), &Device::Cpu).unwrap();
+    let mut t = Trainer::new(
+        &cfg,
+        opts.clone(),
+        train.clone(),
+        Some(val.clone()),
+        &Device::Cpu,
+    )
+    .unwrap();
     t.train_step().unwrap();
     let good = t.save_checkpoint(&dir).unwrap();
 
@@ -220,7 +265,15 @@ fn bad_resume_inputs_are_typed_errors_and_keep_the_last_checkpoint() {
     std::fs::remove_file(torn.join(OPTIMIZER_FILE)).unwrap();
     assert!(Trainer::resume(&torn, &cfg, train.clone(), None, None, &Device::Cpu).is_err());
     // The good checkpoint is intact: it resumes at its step with its weights.
-    let r = Trainer::resume(&latest_checkpoint(&dir).unwrap(), &cfg, train, Some(val), None, &Device::Cpu).unwrap();
+    let r = Trainer::resume(
+        &latest_checkpoint(&dir).unwrap(),
+        &cfg,
+        train,
+        Some(val),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(r.step(), 1);
     let loaded = tritter::TritterModel::load(&good, &Device::Cpu).unwrap();
     assert_eq!(loaded.dtype(), DType::F32);

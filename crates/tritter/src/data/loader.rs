@@ -60,7 +60,11 @@ impl DataLoader {
 
     /// A loader resuming at `cursor`. Errors when the cursor belongs to another dataset
     /// (different sequence count or fingerprint) or points past the epoch's end.
-    pub fn with_cursor(dataset: PackedDataset, batch_size: usize, cursor: DataCursor) -> Result<Self> {
+    pub fn with_cursor(
+        dataset: PackedDataset,
+        batch_size: usize,
+        cursor: DataCursor,
+    ) -> Result<Self> {
         if batch_size == 0 {
             return Err(TritterError::option("batch_size", 0, "expected >= 1"));
         }
@@ -125,7 +129,8 @@ impl DataLoader {
             if self.cursor.position >= self.order.len() {
                 self.cursor.epoch += 1;
                 self.cursor.position = 0;
-                self.order = Self::permutation(self.dataset.len(), self.cursor.seed, self.cursor.epoch);
+                self.order =
+                    Self::permutation(self.dataset.len(), self.cursor.seed, self.cursor.epoch);
             }
             out.push(self.order[self.cursor.position]);
             self.cursor.position += 1;

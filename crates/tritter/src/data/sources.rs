@@ -77,7 +77,9 @@ pub fn load_documents(path: &Path, options: &SourceOptions) -> Result<(Vec<Docum
     let meta = fs::metadata(path).map_err(|e| {
         TritterError::data(
             path,
-            format!("cannot read it ({e}); expected a directory, a .jsonl, a .parquet or a text file"),
+            format!(
+                "cannot read it ({e}); expected a directory, a .jsonl, a .parquet or a text file"
+            ),
         )
     })?;
     let mut report = LoadReport::default();
@@ -101,7 +103,13 @@ pub fn load_documents(path: &Path, options: &SourceOptions) -> Result<(Vec<Docum
             };
             let bytes = fs::read(&file).map_err(|e| TritterError::io(&file, e))?;
             report.files += 1;
-            push_doc(&mut docs, &mut report, modality, bytes, file.display().to_string());
+            push_doc(
+                &mut docs,
+                &mut report,
+                modality,
+                bytes,
+                file.display().to_string(),
+            );
         }
     } else {
         report.files = 1;
@@ -217,7 +225,13 @@ fn read_jsonl(
         let value: serde_json::Value = match serde_json::from_slice(line) {
             Ok(v) => v,
             Err(e) => {
-                malformed(options, report, path, line_no, format!("not valid JSON ({e})"))?;
+                malformed(
+                    options,
+                    report,
+                    path,
+                    line_no,
+                    format!("not valid JSON ({e})"),
+                )?;
                 continue;
             }
         };

@@ -78,14 +78,18 @@ pub fn latest_checkpoint(path: &Path) -> Result<PathBuf> {
     for dir in [path.to_path_buf(), path.join("checkpoints")] {
         let latest = dir.join(LATEST_FILE);
         if latest.is_file() {
-            let name = std::fs::read_to_string(&latest).map_err(|e| TritterError::io(&latest, e))?;
+            let name =
+                std::fs::read_to_string(&latest).map_err(|e| TritterError::io(&latest, e))?;
             let ckpt = dir.join(name.trim());
             if ckpt.join(TRAINER_STATE_FILE).is_file() {
                 return Ok(ckpt);
             }
             return Err(TritterError::CheckpointMismatch {
                 path: latest,
-                detail: format!("names {:?}, which holds no {TRAINER_STATE_FILE}", name.trim()),
+                detail: format!(
+                    "names {:?}, which holds no {TRAINER_STATE_FILE}",
+                    name.trim()
+                ),
             });
         }
     }

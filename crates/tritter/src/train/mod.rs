@@ -64,16 +64,16 @@ pub struct TrainOptions {
 impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
-            steps: 400,
+            steps: 1200,
             batch_size: 16,
             seq_len: 128,
             grad_accum: 1,
             lr: 3e-3,
             min_lr_ratio: 0.1,
-            warmup_steps: 20,
+            warmup_steps: 50,
             adamw: AdamWConfig::default(),
             grad_clip: 1.0,
-            eval_every: 100,
+            eval_every: 300,
             eval_batches: 16,
             checkpoint_every: 0,
             seed: 0,
@@ -107,7 +107,11 @@ impl TrainOptions {
             ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(TritterError::option("lr", self.lr, "expected a finite value > 0"));
+            return Err(TritterError::option(
+                "lr",
+                self.lr,
+                "expected a finite value > 0",
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return Err(TritterError::option(
@@ -189,12 +193,15 @@ pub struct Trainer {
 pub fn device_from_name(name: &str) -> Result<Device> {
     match name.to_ascii_lowercase().as_str() {
         "cpu" => Ok(Device::Cpu),
-        other if other.starts_with("cuda") || other == "gpu" => Err(TritterError::DeviceUnavailable {
-            device: name.to_string(),
-            detail: "the GPU training engine (issue 10, DESIGN.md section 5) is not available yet; \
+        other if other.starts_with("cuda") || other == "gpu" => {
+            Err(TritterError::DeviceUnavailable {
+                device: name.to_string(),
+                detail:
+                    "the GPU training engine (issue 10, DESIGN.md section 5) is not available yet; \
                      train with --device cpu (checkpoints will move to the GPU engine unchanged)"
-                .into(),
-        }),
+                        .into(),
+            })
+        }
         _ => Err(TritterError::option("device", name, "expected cpu or cuda")),
     }
 }
@@ -285,7 +292,9 @@ impl Trainer {
         train: &PackedDataset,
         validation: Option<&PackedDataset>,
     ) -> Result<()> {
-        for (name, d) in std::iter::once(("training data", train)).chain(validation.map(|v| ("validation data", v))) {
+        for (name, d) in std::iter::once(("training data", train))
+            .chain(validation.map(|v| ("validation data", v)))
+        {
             if d.seq_len() != options.seq_len {
                 return Err(TritterError::option(
                     "seq_len",
@@ -434,7 +443,12 @@ impl Trainer {
     /// steps, checkpointing every `checkpoint_every` steps and at the end into
     /// `run_dir/checkpoints`, appending metrics to `run_dir/metrics.jsonl` and reporting
     /// through `progress`.
-    pub fn run(&mut self, until: u64, run_dir: Option<&Path>, progress: &mut dyn Progress) -> Result<RunSummary> {
+    pub fn run(
+        &mut self,
+        until: u64,
+        run_dir: Option<&Path>,
+        progress: &mut dyn Progress,
+    ) -> Result<RunSummary> {
         let until = until.min(self.options.steps);
         let mut metrics = match run_dir {
             Some(dir) => {
@@ -461,7 +475,9 @@ impl Trainer {
         let first_step = self.step;
         let val_before = self.evaluate()?;
         if let Some(v) = val_before {
-            log(serde_json::json!({"step": self.step, "val_loss": v.loss, "val_ppl": v.perplexity}))?;
+            log(
+                serde_json::json!({"step": self.step, "val_loss": v.loss, "val_ppl": v.perplexity}),
+            )?;
             progress.on_eval(self.step, &v);
         }
         let mut last = val_before;
@@ -478,7 +494,9 @@ impl Trainer {
             let at_end = self.step == until;
             if self.options.eval_every > 0 && self.step % self.options.eval_every == 0 && !at_end {
                 if let Some(v) = self.evaluate()? {
-                    log(serde_json::json!({"step": self.step, "val_loss": v.loss, "val_ppl": v.perplexity}))?;
+                    log(
+                        serde_json::json!({"step": self.step, "val_loss": v.loss, "val_ppl": v.perplexity}),
+                    )?;
                     progress.on_eval(self.step, &v);
                     last = Some(v);
                 }
@@ -492,7 +510,9 @@ impl Trainer {
         }
         if self.step > first_step {
             if let Some(v) = self.evaluate()? {
-                log(serde_json::json!({"step": self.step, "val_loss": v.loss, "val_ppl": v.perplexity}))?;
+                log(
+                    serde_json::json!({"step": self.step, "val_loss": v.loss, "val_ppl": v.perplexity}),
+                )?;
                 progress.on_eval(self.step, &v);
                 last = Some(v);
             }
@@ -555,7 +575,11 @@ pub fn evaluate(
     if batch_size == 0 {
         return Err(TritterError::option("batch_size", 0, "expected >= 1"));
     }
-    let limit = if max_batches == 0 { usize::MAX } else { max_batches };
+    let limit = if max_batches == 0 {
+        usize::MAX
+    } else {
+        max_batches
+    };
     let (mut nll, mut tokens) = (0.0f64, 0usize);
     let indices: Vec<usize> = (0..data.len()).collect();
     for chunk in indices.chunks(batch_size).take(limit) {
@@ -593,7 +617,10 @@ fn named_vars(model: &TritterModel) -> Vec<(String, Var)> {
 /// of the logits `(B, L, V)` for `batch`.
 fn nll_sum_of_logits(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let (b, l, v) = logits.dims3()?;
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?.reshape((b * l, v))?, D::Minus1)?;
+    let logp = candle_nn::ops::log_softmax(
+        &logits.to_dtype(DType::F32)?.reshape((b * l, v))?,
+        D::Minus1,
+    )?;
     let picked = logp
         .gather(&batch.targets.reshape((b * l, 1))?, 1)?
         .reshape(b * l)?; // (B*L,)
@@ -602,7 +629,11 @@ fn nll_sum_of_logits(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
 }
 
 /// The summed NLL of `batch` under `mask` (no gradient needed; the graph is dropped).
-pub(crate) fn masked_nll_sum(model: &TritterModel, batch: &Batch, mask: &MaskSpec) -> Result<Tensor> {
+pub(crate) fn masked_nll_sum(
+    model: &TritterModel,
+    batch: &Batch,
+    mask: &MaskSpec,
+) -> Result<Tensor> {
     let (b, l) = batch.inputs.dims2()?;
     let pos = model.default_positions(b, l)?;
     let logits = model.forward(&batch.inputs, &pos, mask)?;

@@ -218,7 +218,10 @@ impl AdamW {
             .ok_or_else(|| mismatch("update count t is missing".into()))?
             .to_vec1::<u32>()?;
         let [lo, hi] = t[..] else {
-            return Err(mismatch(format!("t has {} entries but expected 2", t.len())));
+            return Err(mismatch(format!(
+                "t has {} entries but expected 2",
+                t.len()
+            )));
         };
         for (p, pair) in self.params.iter_mut().zip(staged) {
             let mut it = pair.into_iter();
