@@ -91,6 +91,19 @@ pub enum TritterError {
         expected: String,
     },
 
+    /// A floating-point input holds NaN or infinity.
+    #[error(
+        "{what} has the non-finite value {value} at flat index {index}; expected finite values"
+    )]
+    NonFinite {
+        /// Which tensor.
+        what: String,
+        /// Row-major index of the first offending element.
+        index: usize,
+        /// The value, as text (NaN, inf or -inf).
+        value: String,
+    },
+
     /// A `MaskSpec` does not fit the batch it is applied to.
     #[error("invalid mask: {0}")]
     InvalidMask(String),

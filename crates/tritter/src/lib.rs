@@ -27,6 +27,8 @@
 //! # Ok::<(), tritter::TritterError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -41,3 +43,8 @@ pub use config::{AttentionMode, Modality, ParamBreakdown, TritterConfig};
 pub use error::{Result, TritterError};
 pub use memory::{KvFormat, MemoryEstimate};
 pub use model::{MaskSpec, TritterModel};
+
+/// Compiles and runs the README's examples as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

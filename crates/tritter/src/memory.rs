@@ -240,7 +240,7 @@ impl fmt::Display for MemoryEstimate {
         let row = |f: &mut fmt::Formatter<'_>, name: &str, bytes: u64| {
             writeln!(
                 f,
-                "{name:<44} {:>10.3} GB {:>10.3} GiB",
+                "{name:<46} {:>9.3} GB {:>9.3} GiB",
                 gb(bytes),
                 gib(bytes)
             )

@@ -243,10 +243,10 @@ impl TritterModel {
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(TritterError::ShapeMismatch {
-                what: format!("embeds (non-finite value {} at flat index {i})", values[i]),
-                actual: embeds.dims().to_vec(),
-                expected: "finite values".into(),
+            return Err(TritterError::NonFinite {
+                what: "embeds".into(),
+                index: i,
+                value: values[i].to_string(),
             });
         }
         self.forward_hidden(embeds, positions, mask)
