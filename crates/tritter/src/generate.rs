@@ -62,7 +62,7 @@ pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededR
         .map_or(logits.len(), |l| (l as usize).clamp(1, logits.len()));
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    if !(options.temperature > 0.0) {
+    if options.temperature.is_nan() || options.temperature <= 0.0 {
         return Ok(order[0] as u32);
     }
     let k = if options.top_k == 0 {

@@ -128,7 +128,10 @@ impl TrainOptions {
                 "expected 0 <= beta < 1",
             ));
         }
-        if !(a.eps > 0.0) || !(a.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
+        let ok = |v: f64, min_exclusive: bool| {
+            v.is_finite() && (v > 0.0 || (!min_exclusive && v == 0.0))
+        };
+        if !ok(a.eps, true) || !ok(a.weight_decay, false) || !ok(self.grad_clip, false) {
             return Err(TritterError::option(
                 "eps / weight_decay / grad_clip",
                 format!("{} / {} / {}", a.eps, a.weight_decay, self.grad_clip),
