@@ -152,9 +152,69 @@ pub enum TritterError {
     #[error(transparent)]
     Ternary(#[from] ternary_gemm::TernaryError),
 
-    /// An error from the multimodal tokenizer ([`crate::tokenizer`]).
+    /// An error of the multimodal tokenizer.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
+
+    /// A data path is missing, unreadable or of an unsupported kind.
+    #[error("data {path}: {detail}")]
+    Data {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong and what was expected.
+        detail: String,
+    },
+
+    /// A JSONL line is not valid JSON or lacks the text field (with `--malformed fail`).
+    #[error("{path}:{line}: {detail}; fix the line or skip malformed lines (--malformed skip)")]
+    MalformedRecord {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (JSONL) or row (parquet) number.
+        line: usize,
+        /// What was found and what was expected.
+        detail: String,
+    },
+
+    /// A dataset produced no usable tokens (or too few for one training sequence).
+    #[error("empty dataset {what}: {detail}")]
+    EmptyDataset {
+        /// Which data (a path, "built-in corpus", "validation split").
+        what: String,
+        /// What was found and what is needed.
+        detail: String,
+    },
+
+    /// A training option is out of range.
+    #[error("invalid training option: {field} is {actual} but {expected}")]
+    InvalidTrainOption {
+        /// The option (CLI flag name).
+        field: &'static str,
+        /// Its value.
+        actual: String,
+        /// The rule, phrased as the fix.
+        expected: String,
+    },
+
+    /// The requested device cannot run this step (yet).
+    #[error("device {device} is not available: {detail}")]
+    DeviceUnavailable {
+        /// The device asked for.
+        device: String,
+        /// Why, and what to use instead.
+        detail: String,
+    },
+
+    /// Training diverged (a loss or gradient norm is not finite).
+    #[error("training diverged at step {step}: {what} is {value}; lower --lr or raise --warmup")]
+    Diverged {
+        /// The optimizer step.
+        step: u64,
+        /// Which quantity.
+        what: &'static str,
+        /// Its value.
+        value: f64,
+    },
 }
 
 impl TritterError {
@@ -168,6 +228,27 @@ impl TritterError {
             field,
             actual: actual.to_string(),
             expected: expected.to_string(),
+        }
+    }
+
+    /// An `InvalidTrainOption` error with formatted actual/expected values.
+    pub(crate) fn option(
+        field: &'static str,
+        actual: impl ToString,
+        expected: impl ToString,
+    ) -> Self {
+        TritterError::InvalidTrainOption {
+            field,
+            actual: actual.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// A `Data` error for `path`.
+    pub(crate) fn data(path: impl Into<PathBuf>, detail: impl ToString) -> Self {
+        TritterError::Data {
+            path: path.into(),
+            detail: detail.to_string(),
         }
     }
 

@@ -32,10 +32,13 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 mod error;
+pub mod generate;
 pub mod memory;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
 
 pub use config::{AttentionMode, Modality, ParamBreakdown, TritterConfig};
 pub use error::{Result, TritterError};

@@ -262,6 +262,35 @@ impl TritterModel {
 
     fn forward_hidden(&self, x: &Tensor, positions: &Tensor, mask: &MaskSpec) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
+        let (rope, bias) = self.layer_context(b, l, positions, mask)?;
+        let mut h = x.clone();
+        for layer in &self.layers {
+            h = layer.forward(&h, &rope, &bias, self.training)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// The final RMSNorm (applied after the last layer, before the LM head).
+    pub fn final_norm(&self) -> &RmsNorm {
+        &self.norm
+    }
+
+    /// Whether training mode (dropout) is on.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// What every layer of a `(b, l)` batch needs, after the checks of
+    /// [`forward`](Self::forward): RoPE tables for `positions` `(b, l)` u32 and the additive
+    /// mask `(b, 1, l, l)` of `mask`. For callers that run the layers one at a time (the
+    /// trainer's gradient checkpointing).
+    pub fn layer_context(
+        &self,
+        b: usize,
+        l: usize,
+        positions: &Tensor,
+        mask: &MaskSpec,
+    ) -> Result<(RopeTables, Tensor)> {
         if l > self.config.max_position_embeddings {
             return Err(TritterError::SequenceTooLong {
                 len: l,
@@ -296,11 +325,7 @@ impl TritterModel {
         }
         let bias = mask.to_bias(b, l, &self.device)?;
         let rope = self.rope.tables(&pos, self.dtype, &self.device)?;
-        let mut h = x.clone();
-        for layer in &self.layers {
-            h = layer.forward(&h, &rope, &bias, self.training)?;
-        }
-        self.norm.forward(&h)
+        Ok((rope, bias))
     }
 }
 

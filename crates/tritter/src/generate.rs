@@ -1,0 +1,129 @@
+//! Simple sampling from the reference model (until the inference engine with its INT4 KV
+//! cache lands): every new token re-runs the forward pass over the last
+//! `max_position_embeddings` tokens, then samples with temperature and top-k.
+
+use candle_core::{DType, Tensor};
+
+use crate::model::{MaskSpec, SeededRng};
+use crate::tokenizer::SpecialToken;
+use crate::{Result, TritterError, TritterModel};
+
+/// Sampling settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingOptions {
+    /// New tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 picks the most likely token (greedy).
+    pub temperature: f64,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Seed of the sampler.
+    pub seed: u64,
+    /// Stop after generating `<eos>`.
+    pub stop_at_eos: bool,
+    /// Never sample ids `>= vocab_limit` (e.g. 264 for a byte-level tokenizer, whose BPE
+    /// and media ids would not decode); `None`: the whole vocabulary.
+    pub vocab_limit: Option<u32>,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> Self {
+        SamplingOptions {
+            max_new_tokens: 200,
+            temperature: 0.8,
+            top_k: 40,
+            seed: 0,
+            stop_at_eos: true,
+            vocab_limit: None,
+        }
+    }
+}
+
+/// Picks a token from `logits` (one row, `V` values): greedy at temperature 0, else a draw
+/// from `softmax(logits / temperature)` restricted to the `top_k` largest (ties broken by
+/// the lower id), among ids below `vocab_limit`.
+pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededRng) -> Result<u32> {
+    if logits.is_empty() {
+        return Err(TritterError::ShapeMismatch {
+            what: "logits".into(),
+            actual: vec![0],
+            expected: "(V,) with V >= 1".into(),
+        });
+    }
+    if let Some(i) = logits.iter().position(|v| v.is_nan()) {
+        return Err(TritterError::ShapeMismatch {
+            what: format!("logits (NaN at index {i})"),
+            actual: vec![logits.len()],
+            expected: "finite values".into(),
+        });
+    }
+    let n = options
+        .vocab_limit
+        .map_or(logits.len(), |l| (l as usize).clamp(1, logits.len()));
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if options.temperature.is_nan() || options.temperature <= 0.0 {
+        return Ok(order[0] as u32);
+    }
+    let k = if options.top_k == 0 {
+        order.len()
+    } else {
+        options.top_k.min(order.len())
+    };
+    let kept = &order[..k];
+    let max = f64::from(logits[kept[0]]);
+    let weights: Vec<f64> = kept
+        .iter()
+        .map(|&i| ((f64::from(logits[i]) - max) / options.temperature).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut r = rng.uniform() * total;
+    for (&i, w) in kept.iter().zip(&weights) {
+        if r < *w {
+            return Ok(i as u32);
+        }
+        r -= w;
+    }
+    Ok(kept[k - 1] as u32)
+}
+
+/// Continues `prompt` (token ids, at least one) by up to `options.max_new_tokens` sampled
+/// tokens; returns only the new tokens (ending with `<eos>` if it was sampled and
+/// `stop_at_eos` is set).
+pub fn generate(
+    model: &TritterModel,
+    prompt: &[u32],
+    options: &SamplingOptions,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(TritterError::ShapeMismatch {
+            what: "prompt".into(),
+            actual: vec![0],
+            expected: "at least one token (e.g. <code> or <text>)".into(),
+        });
+    }
+    let max_len = model.config().max_position_embeddings;
+    let mask = MaskSpec::from_config(model.config());
+    let mut rng = SeededRng::new(options.seed);
+    let mut ids = prompt.to_vec();
+    let mut out = Vec::with_capacity(options.max_new_tokens);
+    for _ in 0..options.max_new_tokens {
+        let window = &ids[ids.len().saturating_sub(max_len)..];
+        let l = window.len();
+        let input = Tensor::from_slice(window, (1, l), model.device())?;
+        let pos = model.default_positions(1, l)?;
+        let logits = model.forward(&input, &pos, &mask)?; // (1, l, V)
+        let last = logits
+            .get(0)?
+            .get(l - 1)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let next = sample_token(&last, options, &mut rng)?;
+        ids.push(next);
+        out.push(next);
+        if options.stop_at_eos && next == SpecialToken::Eos.id() {
+            break;
+        }
+    }
+    Ok(out)
+}

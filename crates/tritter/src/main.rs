@@ -1,0 +1,705 @@
+//! `tritter`: train, evaluate and sample the Tritter BitNet b1.58 model on the CPU, inspect
+//! presets and memory budgets, and tokenize files. Run `tritter --help` for examples.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use tritter::data::{
+    corpus, load_documents, split_documents, Document, MalformedPolicy, PackedDataset,
+    SourceOptions,
+};
+use tritter::generate::{generate, SamplingOptions};
+use tritter::tokenizer::{BpeVocab, Modality, MultimodalTokenizer, Segment, VocabLayout};
+use tritter::train::{
+    device_from_name, evaluate, latest_checkpoint, EvalMetrics, Progress, StepMetrics,
+    TrainOptions, Trainer, TrainerState,
+};
+use tritter::{MemoryEstimate, Result, TritterConfig, TritterError, TritterModel};
+
+const EXAMPLES: &str = "\
+Examples:
+  tritter train                                  # test preset on the built-in corpus (CPU, minutes)
+  tritter train --data ./my-code --steps 2000 --out runs/code
+  tritter train --data data.jsonl --text-field content --malformed fail
+  tritter train --data shard-000.parquet --preset 100m --seq-len 512 --grad-accum 4
+  tritter train --resume runs/test               # continue from runs/test/checkpoints/latest
+  tritter eval --checkpoint runs/test
+  tritter generate --checkpoint runs/test --prompt 'fn main() {' --temperature 0.7
+  tritter info --context 131072
+  tritter tokenize --file src/lib.rs --modality code";
+
+/// Train, evaluate and sample Tritter (BitNet b1.58) models on the CPU.
+#[derive(Parser, Debug)]
+#[command(name = "tritter", version, about, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Presets, parameter counts and the memory budget at a context length.
+    #[command(after_help = "Example:\n  tritter info --context 131072 --batch 1")]
+    Info(InfoArgs),
+    /// Train a model (the built-in corpus when --data is not given).
+    #[command(after_help = EXAMPLES)]
+    Train(Box<TrainArgs>),
+    /// Validation loss and perplexity of a checkpoint.
+    #[command(
+        after_help = "Examples:\n  tritter eval --checkpoint runs/test\n  tritter eval --checkpoint runs/test/checkpoints/step-00000400 --data held-out.jsonl"
+    )]
+    Eval(EvalArgs),
+    /// Sample a continuation of a prompt from a checkpoint.
+    #[command(
+        after_help = "Example:\n  tritter generate --checkpoint runs/test --prompt 'pub fn ' --max-tokens 200 --top-k 40"
+    )]
+    Generate(GenerateArgs),
+    /// Print the token ids of a text or file.
+    #[command(
+        after_help = "Examples:\n  tritter tokenize --text 'hello'\n  tritter tokenize --file src/main.rs --modality code --tokenizer tokenizer.json"
+    )]
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args, Debug)]
+struct InfoArgs {
+    /// Context length of the KV-cache budget.
+    #[arg(long, default_value_t = 131_072)]
+    context: usize,
+    /// Sequences of the budget.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Print the full estimate of this preset only.
+    #[arg(long)]
+    preset: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Malformed {
+    Skip,
+    Fail,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModalityArg {
+    Text,
+    Code,
+}
+
+impl From<ModalityArg> for Modality {
+    fn from(m: ModalityArg) -> Self {
+        match m {
+            ModalityArg::Text => Modality::Text,
+            ModalityArg::Code => Modality::Code,
+        }
+    }
+}
+
+/// Where training/eval data comes from and how it is tokenized.
+#[derive(Args, Debug, Clone)]
+struct DataArgs {
+    /// A directory of text/code files, a .jsonl, a .parquet or a text file (default: the
+    /// built-in corpus of this project's Rust and CUDA sources).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// JSON field / parquet column holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Malformed JSONL lines / parquet rows: skip (counted) or fail.
+    #[arg(long, value_enum, default_value_t = Malformed::Skip)]
+    malformed: Malformed,
+    /// Modality prefix of JSONL/parquet records and single files.
+    #[arg(long, value_enum, default_value_t = ModalityArg::Text)]
+    modality: ModalityArg,
+    /// Fraction of --data held out for validation (the built-in corpus has its own split).
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// A BPE tokenizer.json trained by the tritter tokenizer (default: bytes).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Model preset (test, 100m, 500m, 1b, 3b, 7b).
+    #[arg(long, default_value = "test")]
+    preset: String,
+    /// A config.json instead of a preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run directory: metrics.jsonl and checkpoints/.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Resume from a checkpoint (a step-* directory or a run directory).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Optimizer steps of the whole run.
+    #[arg(long, default_value_t = TrainOptions::default().steps)]
+    steps: u64,
+    /// Stop after this step (the schedule still spans --steps); resume later.
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = TrainOptions::default().batch_size)]
+    batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = TrainOptions::default().seq_len)]
+    seq_len: usize,
+    /// Micro-batches per step.
+    #[arg(long, default_value_t = TrainOptions::default().grad_accum)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = TrainOptions::default().lr)]
+    lr: f64,
+    /// Warmup steps.
+    #[arg(long, default_value_t = TrainOptions::default().warmup_steps)]
+    warmup: u64,
+    /// Final learning rate as a fraction of --lr.
+    #[arg(long, default_value_t = TrainOptions::default().min_lr_ratio)]
+    min_lr_ratio: f64,
+    /// AdamW weight decay of the linear layers (norms and embeddings get none).
+    #[arg(long, default_value_t = TrainOptions::default().adamw.weight_decay)]
+    weight_decay: f64,
+    /// Global gradient-norm clip (0: off).
+    #[arg(long, default_value_t = TrainOptions::default().grad_clip)]
+    grad_clip: f64,
+    /// Validate every N steps (0: before and after only).
+    #[arg(long, default_value_t = TrainOptions::default().eval_every)]
+    eval_every: u64,
+    /// Validation batches per evaluation (0: all).
+    #[arg(long, default_value_t = TrainOptions::default().eval_batches)]
+    eval_batches: usize,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long, default_value_t = TrainOptions::default().checkpoint_every)]
+    checkpoint_every: u64,
+    /// Seed of init and data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Let packed documents attend to each other.
+    #[arg(long)]
+    no_document_mask: bool,
+    /// Recompute layer activations in the backward pass (less memory, ~1.3x time).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// cpu, or cuda (the GPU engine, not available yet).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Tokens of the sample printed after training (0: none).
+    #[arg(long, default_value_t = 200)]
+    sample_tokens: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// Checkpoint (a step-* directory, a run directory, or a model checkpoint directory).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Tokens per sequence (default: the checkpoint's training value, else 128).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Batches to evaluate (0: all).
+    #[arg(long, default_value_t = 0)]
+    max_batches: usize,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// Checkpoint (a step-* directory, a run directory, or a model checkpoint directory).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The prompt.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Modality prefix of the prompt.
+    #[arg(long, value_enum, default_value_t = ModalityArg::Code)]
+    modality: ModalityArg,
+    /// New tokens at most.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Top-k (0: all tokens).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A BPE tokenizer.json (default: bytes).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct TokenizeArgs {
+    /// Text to tokenize.
+    #[arg(long, conflicts_with = "file")]
+    text: Option<String>,
+    /// File to tokenize.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Modality prefix.
+    #[arg(long, value_enum, default_value_t = ModalityArg::Text)]
+    modality: ModalityArg,
+    /// A BPE tokenizer.json (default: bytes).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Vocabulary size of the layout.
+    #[arg(long, default_value_t = 65_536)]
+    vocab_size: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(a) => info(&a),
+        Command::Train(a) => train(&a),
+        Command::Eval(a) => eval(&a),
+        Command::Generate(a) => generate_cmd(&a),
+        Command::Tokenize(a) => tokenize(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn gb(bytes: u64) -> f64 {
+    bytes as f64 / 1e9
+}
+
+fn info(a: &InfoArgs) -> Result<()> {
+    if let Some(name) = &a.preset {
+        let cfg = TritterConfig::preset(name)?;
+        print!("{}", MemoryEstimate::new(&cfg, a.context, a.batch)?);
+        return Ok(());
+    }
+    println!(
+        "Presets (memory at context {} tokens, batch {}; GB = 1e9 bytes)",
+        a.context, a.batch
+    );
+    println!(
+        "{:<6} {:>6} {:>6} {:>8} {:>10} {:>12} {:>12} {:>11} {:>11} {:>10}",
+        "preset",
+        "hidden",
+        "layers",
+        "heads/kv",
+        "params",
+        "ternary GB",
+        "bf16 GB",
+        "INT4 KV GB",
+        "fp16 KV GB",
+        "total GB"
+    );
+    for name in ["test", "100m", "500m", "1b", "3b", "7b"] {
+        let cfg = TritterConfig::preset(name)?;
+        let context = a.context.min(cfg.max_position_embeddings);
+        let m = MemoryEstimate::new(&cfg, context, a.batch)?;
+        println!(
+            "{:<6} {:>6} {:>6} {:>8} {:>9.1}M {:>12.3} {:>12.3} {:>11.3} {:>11.3} {:>10.3}",
+            name,
+            cfg.hidden_size,
+            cfg.num_layers,
+            format!("{}/{}", cfg.num_heads, cfg.num_kv_heads),
+            cfg.param_count() as f64 / 1e6,
+            gb(m.ternary_weight_bytes()),
+            gb(cfg.param_count() * 2),
+            gb(m.kv_bytes(tritter::KvFormat::Int4, false)),
+            gb(m.kv_bytes(tritter::KvFormat::Fp16, false)),
+            gb(m.inference_total_bytes()),
+        );
+    }
+    println!("(test preset capped at its max_position_embeddings; `tritter info --preset 7b` prints the full breakdown)");
+    Ok(())
+}
+
+/// The model config of `preset`/`config`.
+fn load_config(preset: &str, config: Option<&Path>) -> Result<TritterConfig> {
+    match config {
+        Some(p) => TritterConfig::load(p),
+        None => TritterConfig::preset(preset),
+    }
+}
+
+fn make_tokenizer(vocab_size: usize, bpe: Option<&Path>) -> Result<MultimodalTokenizer> {
+    let layout = VocabLayout::new(vocab_size)?;
+    let tok = MultimodalTokenizer::new(layout.clone());
+    Ok(match bpe {
+        Some(p) => tok.with_bpe(BpeVocab::load(p, &layout)?)?,
+        None => tok,
+    })
+}
+
+/// (train, validation) documents of `--data`, or the built-in corpus.
+fn documents(d: &DataArgs, seed: u64) -> Result<(Vec<Document>, Vec<Document>, String)> {
+    match &d.data {
+        None => {
+            let (train, val) = corpus::builtin_documents();
+            let desc = format!(
+                "built-in corpus: {} files, {:.0} KiB ({} train / {} validation files)",
+                train.len() + val.len(),
+                corpus::total_bytes() as f64 / 1024.0,
+                train.len(),
+                val.len()
+            );
+            Ok((train, val, desc))
+        }
+        Some(path) => {
+            let options = SourceOptions {
+                text_field: d.text_field.clone(),
+                malformed: match d.malformed {
+                    Malformed::Skip => MalformedPolicy::Skip,
+                    Malformed::Fail => MalformedPolicy::Fail,
+                },
+                record_modality: d.modality.into(),
+            };
+            let (docs, report) = load_documents(path, &options)?;
+            let desc = format!(
+                "{}: {} files, {} documents, {} malformed records skipped, {} other files skipped",
+                path.display(),
+                report.files,
+                report.documents,
+                report.malformed,
+                report.skipped
+            );
+            let (train, val) = split_documents(docs, d.val_fraction, seed)?;
+            Ok((train, val, desc))
+        }
+    }
+}
+
+fn pack(
+    docs: &[Document],
+    tok: &MultimodalTokenizer,
+    seq_len: usize,
+    what: &str,
+) -> Result<Option<PackedDataset>> {
+    if docs.is_empty() {
+        return Ok(None);
+    }
+    match PackedDataset::from_documents(docs, tok, seq_len) {
+        Ok(d) => Ok(Some(d)),
+        Err(TritterError::EmptyDataset { detail, .. }) => Err(TritterError::EmptyDataset {
+            what: what.into(),
+            detail,
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+struct Bar {
+    bar: ProgressBar,
+    quiet: bool,
+}
+
+impl Progress for Bar {
+    fn on_step(&mut self, m: &StepMetrics, until: u64) {
+        self.bar.set_length(until);
+        self.bar.set_position(m.step);
+        self.bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s",
+            m.loss,
+            m.lr,
+            m.tokens as f64 / m.seconds.max(1e-9)
+        ));
+    }
+    fn on_eval(&mut self, step: u64, v: &EvalMetrics) {
+        let line = format!(
+            "step {step:>6}: val loss {:.4} (ppl {:.2}, {} tokens)",
+            v.loss, v.perplexity, v.tokens
+        );
+        if self.quiet {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+}
+
+fn train(a: &TrainArgs) -> Result<()> {
+    let device = device_from_name(&a.device)?;
+    let resume_dir = a.resume.as_deref().map(latest_checkpoint).transpose()?;
+    let mut config = match &resume_dir {
+        Some(dir) => TritterConfig::load(dir.join(tritter::checkpoint::CONFIG_FILE))?,
+        None => load_config(&a.preset, a.config.as_deref())?,
+    };
+    if a.gradient_checkpointing {
+        config.gradient_checkpointing = true;
+    }
+    let state = resume_dir.as_deref().map(TrainerState::load).transpose()?;
+    let options = match &state {
+        Some(s) => s.options.clone(),
+        None => {
+            let mut o = TrainOptions {
+                steps: a.steps,
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+                grad_accum: a.grad_accum,
+                lr: a.lr,
+                min_lr_ratio: a.min_lr_ratio,
+                warmup_steps: a.warmup,
+                grad_clip: a.grad_clip,
+                eval_every: a.eval_every,
+                eval_batches: a.eval_batches,
+                checkpoint_every: a.checkpoint_every,
+                seed: a.seed,
+                document_mask: !a.no_document_mask,
+                ..TrainOptions::default()
+            };
+            o.adamw.weight_decay = a.weight_decay;
+            o
+        }
+    };
+    options.validate(&config)?;
+    let tok = make_tokenizer(config.vocab_size, a.data.tokenizer.as_deref())?;
+    let (train_docs, val_docs, desc) = documents(&a.data, options.seed)?;
+    println!("data: {desc}");
+    let train_set =
+        pack(&train_docs, &tok, options.seq_len, "training split")?.ok_or_else(|| {
+            TritterError::EmptyDataset {
+                what: "training split".into(),
+                detail: "no documents".into(),
+            }
+        })?;
+    let val_set = pack(&val_docs, &tok, options.seq_len, "validation split")?;
+    println!(
+        "packed: {} train sequences of {} tokens ({} tokens, unigram entropy {:.3} nats), {} validation sequences",
+        train_set.len(),
+        options.seq_len,
+        train_set.num_tokens(),
+        train_set.unigram_entropy(),
+        val_set.as_ref().map_or(0, PackedDataset::len)
+    );
+    let mut trainer = match &resume_dir {
+        Some(dir) => {
+            let steps = (a.steps != TrainOptions::default().steps).then_some(a.steps);
+            let t = Trainer::resume(dir, &config, train_set, val_set, steps, &device)?;
+            println!("resumed from {} at step {}", dir.display(), t.step());
+            t
+        }
+        None => Trainer::new(&config, options, train_set, val_set, &device)?,
+    };
+    let out = a
+        .out
+        .clone()
+        .or_else(|| {
+            resume_dir
+                .as_ref()
+                .and_then(|d| d.parent()?.parent().map(Path::to_path_buf))
+        })
+        .unwrap_or_else(|| PathBuf::from("runs").join(&a.preset));
+    if resume_dir.is_none() {
+        // A fresh run starts a fresh metrics log.
+        let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+    }
+    println!(
+        "model: {:.3}M parameters ({}), {} steps x {} x {} x {} tokens, lr {:.1e}, run dir {}",
+        config.param_count() as f64 / 1e6,
+        a.config
+            .as_ref()
+            .map_or(a.preset.clone(), |p| p.display().to_string()),
+        trainer.options().steps,
+        trainer.options().grad_accum,
+        trainer.options().batch_size,
+        trainer.options().seq_len,
+        trainer.options().lr,
+        out.display()
+    );
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(trainer.options().steps);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed_precise}, ETA {eta}]",
+            )
+            .expect("a valid template"),
+        );
+        b
+    };
+    let mut progress = Bar {
+        bar,
+        quiet: a.quiet,
+    };
+    let until = a.stop_after.unwrap_or(u64::MAX);
+    let summary = trainer.run(until, Some(&out), &mut progress)?;
+    progress.bar.finish_and_clear();
+    let tokens: usize = summary.steps as usize
+        * trainer.options().batch_size
+        * trainer.options().grad_accum
+        * trainer.options().seq_len;
+    println!(
+        "trained {} steps in {:.1} s ({:.0} tokens/s)",
+        summary.steps,
+        summary.seconds,
+        tokens as f64 / summary.seconds.max(1e-9)
+    );
+    if let (Some(b), Some(e)) = (summary.val_before, summary.val_after) {
+        println!(
+            "validation loss: {:.4} -> {:.4} nats/token (perplexity {:.2} -> {:.2})",
+            b.loss, e.loss, b.perplexity, e.perplexity
+        );
+    }
+    if let Some(c) = &summary.last_checkpoint {
+        println!("checkpoint: {}", c.display());
+    }
+    if a.sample_tokens > 0 {
+        let prompt = "pub fn ";
+        let mut ids = tok.encode_code(prompt)?;
+        let new = generate(
+            trainer.model(),
+            &ids,
+            &SamplingOptions {
+                max_new_tokens: a.sample_tokens,
+                temperature: 0.7,
+                vocab_limit: Some(sample_limit(&tok)),
+                ..SamplingOptions::default()
+            },
+        )?;
+        ids.extend(new);
+        println!(
+            "sample (prompt {prompt:?}, temperature 0.7, top-k 40):\n{}",
+            render(&tok, &ids)?
+        );
+    }
+    Ok(())
+}
+
+/// One past the largest id `tok` can decode as text: the BPE range's end with a BPE
+/// vocabulary, the byte range's end without.
+fn sample_limit(tok: &MultimodalTokenizer) -> u32 {
+    match tok.bpe() {
+        Some(b) => b.bpe_end(),
+        None => tok.layout().byte_range().end,
+    }
+}
+
+/// Human-readable text of `ids` (text/code segments as lossy UTF-8, specials by name).
+fn render(tok: &MultimodalTokenizer, ids: &[u32]) -> Result<String> {
+    let mut s = String::new();
+    for seg in tok.decode(ids)? {
+        match seg {
+            Segment::Text(b) | Segment::Code(b) => s.push_str(&String::from_utf8_lossy(&b)),
+            Segment::Special(t) => s.push_str(t.as_str()),
+            Segment::Image(_) => s.push_str("<image segment>"),
+            Segment::Audio { .. } => s.push_str("<audio segment>"),
+        }
+    }
+    Ok(s)
+}
+
+/// The model checkpoint directory and, for training checkpoints, their state.
+fn open_checkpoint(path: &Path) -> Result<(TritterModel, Option<TrainerState>)> {
+    let dir = if path.join(tritter::checkpoint::CONFIG_FILE).is_file() {
+        path.to_path_buf()
+    } else {
+        latest_checkpoint(path)?
+    };
+    let model = TritterModel::load(&dir, &candle_core::Device::Cpu)?;
+    let state = dir
+        .join(tritter::train::TRAINER_STATE_FILE)
+        .is_file()
+        .then(|| TrainerState::load(&dir))
+        .transpose()?;
+    Ok((model, state))
+}
+
+fn eval(a: &EvalArgs) -> Result<()> {
+    let (model, state) = open_checkpoint(&a.checkpoint)?;
+    let seq_len = a
+        .seq_len
+        .or(state.as_ref().map(|s| s.options.seq_len))
+        .unwrap_or(TrainOptions::default().seq_len);
+    let seed = state.as_ref().map_or(0, |s| s.options.seed);
+    let doc_mask = state.as_ref().is_none_or(|s| s.options.document_mask);
+    let tok = make_tokenizer(model.config().vocab_size, a.data.tokenizer.as_deref())?;
+    let (_, val_docs, desc) = documents(&a.data, seed)?;
+    let docs = if a.data.data.is_some() && a.data.val_fraction == 0.0 {
+        documents(&a.data, seed)?.0
+    } else {
+        val_docs
+    };
+    println!("data: {desc} (evaluating the validation split)");
+    let set = pack(&docs, &tok, seq_len, "evaluation data")?.ok_or_else(|| TritterError::EmptyDataset {
+        what: "evaluation data".into(),
+        detail: "the validation split has no documents; pass --val-fraction 0 to evaluate all of --data".into(),
+    })?;
+    match evaluate(&model, &set, a.batch_size, a.max_batches, doc_mask)? {
+        Some(m) => println!(
+            "loss {:.4} nats/token, perplexity {:.2}, {} tokens",
+            m.loss, m.perplexity, m.tokens
+        ),
+        None => println!("no targets to evaluate"),
+    }
+    Ok(())
+}
+
+fn generate_cmd(a: &GenerateArgs) -> Result<()> {
+    let (model, _) = open_checkpoint(&a.checkpoint)?;
+    let tok = make_tokenizer(model.config().vocab_size, a.tokenizer.as_deref())?;
+    let mut ids = match a.modality {
+        ModalityArg::Code => tok.encode_code(&a.prompt)?,
+        ModalityArg::Text => tok.encode_text(&a.prompt)?,
+    };
+    let new = generate(
+        &model,
+        &ids,
+        &SamplingOptions {
+            max_new_tokens: a.max_tokens,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            seed: a.seed,
+            stop_at_eos: true,
+            vocab_limit: Some(sample_limit(&tok)),
+        },
+    )?;
+    ids.extend(new);
+    println!("{}", render(&tok, &ids)?);
+    Ok(())
+}
+
+fn tokenize(a: &TokenizeArgs) -> Result<()> {
+    let bytes = match (&a.text, &a.file) {
+        (Some(t), _) => t.as_bytes().to_vec(),
+        (None, Some(p)) => std::fs::read(p).map_err(|e| TritterError::Data {
+            path: p.clone(),
+            detail: format!("cannot read it ({e})"),
+        })?,
+        (None, None) => {
+            return Err(TritterError::InvalidTrainOption {
+                field: "tokenize input",
+                actual: "nothing".into(),
+                expected: "pass --text or --file".into(),
+            })
+        }
+    };
+    let tok = make_tokenizer(a.vocab_size, a.tokenizer.as_deref())?;
+    let ids = match a.modality {
+        ModalityArg::Code => tok.encode_code(&bytes)?,
+        ModalityArg::Text => tok.encode_text(&bytes)?,
+    };
+    println!(
+        "{} bytes -> {} tokens ({:.3} bytes/token)",
+        bytes.len(),
+        ids.len(),
+        bytes.len() as f64 / ids.len() as f64
+    );
+    println!("{ids:?}");
+    Ok(())
+}

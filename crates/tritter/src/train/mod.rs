@@ -1,0 +1,729 @@
+//! CPU training of the reference model: AdamW with parameter groups, warmup + cosine
+//! schedule, gradient clipping and accumulation, optional gradient checkpointing,
+//! validation loss/perplexity, JSONL metrics and atomic, exactly resumable checkpoints.
+//!
+//! Exact resume: everything a step depends on is saved (weights, AdamW moments and update
+//! count, step, data cursor, options) and every operation is deterministic on the CPU, so a
+//! run interrupted after `N` steps and resumed produces the same losses, bit for bit, as an
+//! uninterrupted one (`tests/train.rs`). Dropout is the exception: candle's CPU dropout
+//! cannot be seeded, so a config with `dropout > 0` resumes statistically, not exactly.
+
+mod checkpoint;
+mod optim;
+
+pub use checkpoint::{
+    latest_checkpoint, TrainerState, LATEST_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE,
+};
+pub use optim::{clip_global_norm, decays, global_norm, AdamW, AdamWConfig, LrSchedule};
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TritterConfig;
+use crate::data::{Batch, DataLoader, PackedDataset};
+use crate::model::MaskSpec;
+use crate::{Result, TritterError, TritterModel};
+
+/// Hyper-parameters of a training run (saved with every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Optimizer steps of the whole run (the schedule's length).
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// AdamW settings.
+    pub adamw: AdamWConfig,
+    /// Global gradient-norm clip (0: off).
+    pub grad_clip: f64,
+    /// Validate every this many steps (0: only before and after).
+    pub eval_every: u64,
+    /// Validation batches per evaluation (0: the whole validation set).
+    pub eval_batches: usize,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Seed of the model init and the data order.
+    pub seed: u64,
+    /// Mask attention across packed documents.
+    pub document_mask: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            steps: 1200,
+            batch_size: 16,
+            seq_len: 128,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 50,
+            adamw: AdamWConfig::default(),
+            grad_clip: 1.0,
+            eval_every: 300,
+            eval_batches: 16,
+            checkpoint_every: 0,
+            seed: 0,
+            document_mask: true,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// Checks every option; messages name the flag, its value and the rule.
+    pub fn validate(&self, config: &TritterConfig) -> Result<()> {
+        let positive = [
+            ("steps", self.steps as usize),
+            ("batch_size", self.batch_size),
+            ("seq_len", self.seq_len),
+            ("grad_accum", self.grad_accum),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(TritterError::option(name, v, "expected >= 1"));
+            }
+        }
+        if self.seq_len > config.max_position_embeddings {
+            return Err(TritterError::option(
+                "seq_len",
+                self.seq_len,
+                format!(
+                    "expected <= max_position_embeddings {}",
+                    config.max_position_embeddings
+                ),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(TritterError::option(
+                "lr",
+                self.lr,
+                "expected a finite value > 0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(TritterError::option(
+                "min_lr_ratio",
+                self.min_lr_ratio,
+                "expected 0 <= min_lr_ratio <= 1",
+            ));
+        }
+        let a = &self.adamw;
+        if !(0.0..1.0).contains(&a.beta1) || !(0.0..1.0).contains(&a.beta2) {
+            return Err(TritterError::option(
+                "adamw betas",
+                format!("({}, {})", a.beta1, a.beta2),
+                "expected 0 <= beta < 1",
+            ));
+        }
+        let ok = |v: f64, min_exclusive: bool| {
+            v.is_finite() && (v > 0.0 || (!min_exclusive && v == 0.0))
+        };
+        if !ok(a.eps, true) || !ok(a.weight_decay, false) || !ok(self.grad_clip, false) {
+            return Err(TritterError::option(
+                "eps / weight_decay / grad_clip",
+                format!("{} / {} / {}", a.eps, a.weight_decay, self.grad_clip),
+                "expected eps > 0, weight_decay >= 0, grad_clip >= 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The learning-rate schedule of these options.
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            peak: self.lr,
+            warmup: self.warmup_steps,
+            total: self.steps,
+            min_ratio: self.min_lr_ratio,
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// The step's 1-based number (equals the number of updates applied).
+    pub step: u64,
+    /// Mean cross-entropy per target token (nats) over the step's micro-batches.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Target tokens in the step.
+    pub tokens: usize,
+    /// Wall time of the step in seconds.
+    pub seconds: f64,
+}
+
+/// Validation result.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Mean cross-entropy per target token (nats).
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Target tokens evaluated.
+    pub tokens: usize,
+}
+
+/// The trainer: a model, its optimizer, the training loader and the validation set.
+#[derive(Debug)]
+pub struct Trainer {
+    model: TritterModel,
+    optimizer: AdamW,
+    loader: DataLoader,
+    validation: Option<PackedDataset>,
+    options: TrainOptions,
+    step: u64,
+    tokens_seen: u64,
+}
+
+/// The device named `name` (`cpu`; `cuda` is the GPU engine of a later issue).
+pub fn device_from_name(name: &str) -> Result<Device> {
+    match name.to_ascii_lowercase().as_str() {
+        "cpu" => Ok(Device::Cpu),
+        other if other.starts_with("cuda") || other == "gpu" => {
+            Err(TritterError::DeviceUnavailable {
+                device: name.to_string(),
+                detail:
+                    "the GPU training engine (issue 10, DESIGN.md section 5) is not available yet; \
+                     train with --device cpu (checkpoints will move to the GPU engine unchanged)"
+                        .into(),
+            })
+        }
+        _ => Err(TritterError::option("device", name, "expected cpu or cuda")),
+    }
+}
+
+impl Trainer {
+    /// A fresh run: model initialized from `options.seed`, data order from the same seed.
+    pub fn new(
+        config: &TritterConfig,
+        options: TrainOptions,
+        train: PackedDataset,
+        validation: Option<PackedDataset>,
+        device: &Device,
+    ) -> Result<Self> {
+        options.validate(config)?;
+        Self::check_data(config, &options, &train, validation.as_ref())?;
+        let model = TritterModel::new(config, DType::F32, device, options.seed)?;
+        let optimizer = AdamW::new(named_vars(&model), options.adamw)?;
+        let loader = DataLoader::new(train, options.batch_size, options.seed)?;
+        Ok(Trainer {
+            model,
+            optimizer,
+            loader,
+            validation,
+            options,
+            step: 0,
+            tokens_seen: 0,
+        })
+    }
+
+    /// Resumes from checkpoint directory `dir` (a `step-*` directory written by
+    /// [`save_checkpoint`](Self::save_checkpoint)): weights, moments, step, data cursor and
+    /// options come from the checkpoint; `train`/`validation` must be the data it was
+    /// trained on (checked through the cursor's fingerprint). `steps` may extend the run.
+    pub fn resume(
+        dir: &Path,
+        config: &TritterConfig,
+        train: PackedDataset,
+        validation: Option<PackedDataset>,
+        steps: Option<u64>,
+        device: &Device,
+    ) -> Result<Self> {
+        let state = TrainerState::load(dir)?;
+        let mut options = state.options.clone();
+        if let Some(s) = steps {
+            options.steps = s;
+        }
+        options.validate(config)?;
+        Self::check_data(config, &options, &train, validation.as_ref())?;
+        let model = TritterModel::new(config, DType::F32, device, options.seed)?;
+        model.load_weights(dir)?;
+        let mut optimizer = AdamW::new(named_vars(&model), options.adamw)?;
+        optimizer.load(&dir.join(OPTIMIZER_FILE))?;
+        if optimizer.num_updates() != state.step {
+            return Err(TritterError::CheckpointMismatch {
+                path: dir.to_path_buf(),
+                detail: format!(
+                    "the optimizer has {} updates but the trainer state says step {}",
+                    optimizer.num_updates(),
+                    state.step
+                ),
+            });
+        }
+        let loader = DataLoader::with_cursor(train, options.batch_size, state.cursor).map_err(
+            |e| match e {
+                TritterError::CheckpointMismatch { detail, .. } => {
+                    TritterError::CheckpointMismatch {
+                        path: dir.join(TRAINER_STATE_FILE),
+                        detail,
+                    }
+                }
+                other => other,
+            },
+        )?;
+        Ok(Trainer {
+            model,
+            optimizer,
+            loader,
+            validation,
+            options,
+            step: state.step,
+            tokens_seen: state.tokens_seen,
+        })
+    }
+
+    fn check_data(
+        config: &TritterConfig,
+        options: &TrainOptions,
+        train: &PackedDataset,
+        validation: Option<&PackedDataset>,
+    ) -> Result<()> {
+        for (name, d) in std::iter::once(("training data", train))
+            .chain(validation.map(|v| ("validation data", v)))
+        {
+            if d.seq_len() != options.seq_len {
+                return Err(TritterError::option(
+                    "seq_len",
+                    options.seq_len,
+                    format!("expected the {name}'s packed length {}", d.seq_len()),
+                ));
+            }
+            if let Some(max) = (0..d.len())
+                .filter_map(|i| d.sequence(i))
+                .flat_map(|(t, _)| t.iter().copied())
+                .max()
+            {
+                if max as usize >= config.vocab_size {
+                    return Err(TritterError::TokenOutOfRange {
+                        id: max,
+                        batch: 0,
+                        position: 0,
+                        vocab_size: config.vocab_size,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The model.
+    pub fn model(&self) -> &TritterModel {
+        &self.model
+    }
+
+    /// The options.
+    pub fn options(&self) -> &TrainOptions {
+        &self.options
+    }
+
+    /// Optimizer steps done.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Target tokens trained on so far.
+    pub fn tokens_seen(&self) -> u64 {
+        self.tokens_seen
+    }
+
+    /// The training loader (its cursor is what a checkpoint saves).
+    pub fn loader(&self) -> &DataLoader {
+        &self.loader
+    }
+
+    fn mask(&self, batch: &Batch) -> MaskSpec {
+        let mask = MaskSpec::from_config(self.model.config());
+        if self.options.document_mask {
+            mask.with_doc_ids(batch.doc_ids.clone())
+        } else {
+            mask
+        }
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches, loss normalized by the step's total
+    /// target count, clipping, AdamW update with the scheduled learning rate.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let start = Instant::now();
+        let device = self.model.device().clone();
+        let batches = (0..self.options.grad_accum)
+            .map(|_| self.loader.next_batch(&device))
+            .collect::<Result<Vec<_>>>()?;
+        let total: usize = batches.iter().map(|b| b.num_targets).sum();
+        let n_params = self.optimizer.params().count();
+        let mut grads: Vec<Option<Tensor>> = vec![None; n_params];
+        let mut loss_sum = 0.0f64;
+        for batch in &batches {
+            let mask = self.mask(batch);
+            let (loss, micro) = if self.model.config().gradient_checkpointing {
+                checkpointed_grads(&self.model, &self.optimizer, batch, &mask, total)?
+            } else {
+                full_grads(&self.model, &self.optimizer, batch, &mask, total)?
+            };
+            loss_sum += loss;
+            for (acc, g) in grads.iter_mut().zip(micro) {
+                *acc = match (acc.take(), g) {
+                    (Some(a), Some(g)) => Some((a + g)?),
+                    (a, g) => a.or(g),
+                };
+            }
+        }
+        let step = self.step + 1;
+        if !loss_sum.is_finite() {
+            return Err(TritterError::Diverged {
+                step,
+                what: "loss",
+                value: loss_sum,
+            });
+        }
+        let grad_norm = clip_global_norm(&mut grads, self.options.grad_clip)?;
+        if !grad_norm.is_finite() {
+            return Err(TritterError::Diverged {
+                step,
+                what: "gradient norm",
+                value: grad_norm,
+            });
+        }
+        let lr = self.options.schedule().lr(self.step);
+        self.optimizer.step(&grads, lr)?;
+        self.step = step;
+        self.tokens_seen += total as u64;
+        Ok(StepMetrics {
+            step,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            tokens: total,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Mean validation loss over the first `eval_batches` batches of the validation set
+    /// in order (all of it when `eval_batches == 0`); `None` without a validation set.
+    pub fn evaluate(&self) -> Result<Option<EvalMetrics>> {
+        match &self.validation {
+            None => Ok(None),
+            Some(val) => evaluate(
+                &self.model,
+                val,
+                self.options.batch_size,
+                self.options.eval_batches,
+                self.options.document_mask,
+            ),
+        }
+    }
+
+    /// Saves a checkpoint `step-{step:08}` under `checkpoints_dir` atomically (written to a
+    /// temporary directory, fsynced, renamed) and points `latest` at it. Returns its path.
+    /// On failure the previous checkpoints and `latest` are untouched.
+    pub fn save_checkpoint(&self, checkpoints_dir: &Path) -> Result<PathBuf> {
+        let state = TrainerState {
+            step: self.step,
+            tokens_seen: self.tokens_seen,
+            cursor: self.loader.cursor(),
+            options: self.options.clone(),
+        };
+        checkpoint::save(checkpoints_dir, &self.model, &self.optimizer, &state)
+    }
+
+    /// Runs steps until `until` (at most `options.steps`), validating every `eval_every`
+    /// steps, checkpointing every `checkpoint_every` steps and at the end into
+    /// `run_dir/checkpoints`, appending metrics to `run_dir/metrics.jsonl` and reporting
+    /// through `progress`.
+    pub fn run(
+        &mut self,
+        until: u64,
+        run_dir: Option<&Path>,
+        progress: &mut dyn Progress,
+    ) -> Result<RunSummary> {
+        let until = until.min(self.options.steps);
+        let mut metrics = match run_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| TritterError::io(dir, e))?;
+                let path = dir.join("metrics.jsonl");
+                Some((
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .map_err(|e| TritterError::io(&path, e))?,
+                    path,
+                ))
+            }
+            None => None,
+        };
+        let mut log = |value: serde_json::Value| -> Result<()> {
+            if let Some((f, path)) = metrics.as_mut() {
+                writeln!(f, "{value}").map_err(|e| TritterError::io(&*path, e))?;
+            }
+            Ok(())
+        };
+        let start = Instant::now();
+        let first_step = self.step;
+        let val_before = self.evaluate()?;
+        if let Some(v) = val_before {
+            log(
+                serde_json::json!({"step": self.step, "val_loss": v.loss, "val_ppl": v.perplexity}),
+            )?;
+            progress.on_eval(self.step, &v);
+        }
+        let mut last = val_before;
+        let mut losses = Vec::new();
+        let mut last_checkpoint = None;
+        while self.step < until {
+            let m = self.train_step()?;
+            losses.push(m.loss);
+            log(serde_json::json!({
+                "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
+                "tokens": m.tokens, "tokens_per_s": m.tokens as f64 / m.seconds.max(1e-9),
+            }))?;
+            progress.on_step(&m, until);
+            let at_end = self.step == until;
+            if self.options.eval_every > 0 && self.step % self.options.eval_every == 0 && !at_end {
+                if let Some(v) = self.evaluate()? {
+                    log(
+                        serde_json::json!({"step": self.step, "val_loss": v.loss, "val_ppl": v.perplexity}),
+                    )?;
+                    progress.on_eval(self.step, &v);
+                    last = Some(v);
+                }
+            }
+            if let Some(dir) = run_dir {
+                let every = self.options.checkpoint_every;
+                if at_end || (every > 0 && self.step % every == 0) {
+                    last_checkpoint = Some(self.save_checkpoint(&dir.join("checkpoints"))?);
+                }
+            }
+        }
+        if self.step > first_step {
+            if let Some(v) = self.evaluate()? {
+                log(
+                    serde_json::json!({"step": self.step, "val_loss": v.loss, "val_ppl": v.perplexity}),
+                )?;
+                progress.on_eval(self.step, &v);
+                last = Some(v);
+            }
+        }
+        Ok(RunSummary {
+            steps: self.step - first_step,
+            losses,
+            val_before,
+            val_after: last,
+            seconds: start.elapsed().as_secs_f64(),
+            last_checkpoint,
+        })
+    }
+}
+
+/// What [`Trainer::run`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    /// Steps run in this call.
+    pub steps: u64,
+    /// Training loss of each of them.
+    pub losses: Vec<f64>,
+    /// Validation before the first step of this call.
+    pub val_before: Option<EvalMetrics>,
+    /// Validation after the last step.
+    pub val_after: Option<EvalMetrics>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// The last checkpoint written.
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// Receives progress events of [`Trainer::run`] (the CLI draws an indicatif bar).
+pub trait Progress {
+    /// After each optimizer step; `until` is the last step of this run.
+    fn on_step(&mut self, metrics: &StepMetrics, until: u64);
+    /// After each validation.
+    fn on_eval(&mut self, step: u64, metrics: &EvalMetrics);
+}
+
+/// A [`Progress`] that reports nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+
+impl Progress for Silent {
+    fn on_step(&mut self, _: &StepMetrics, _: u64) {}
+    fn on_eval(&mut self, _: u64, _: &EvalMetrics) {}
+}
+
+/// Mean cross-entropy of `model` over the sequences of `data` in order, in batches of
+/// `batch_size`, at most `max_batches` batches (0: all); `None` when there is no target.
+/// `document_mask` keeps packed documents apart, as in training.
+pub fn evaluate(
+    model: &TritterModel,
+    data: &PackedDataset,
+    batch_size: usize,
+    max_batches: usize,
+    document_mask: bool,
+) -> Result<Option<EvalMetrics>> {
+    if batch_size == 0 {
+        return Err(TritterError::option("batch_size", 0, "expected >= 1"));
+    }
+    let limit = if max_batches == 0 {
+        usize::MAX
+    } else {
+        max_batches
+    };
+    let (mut nll, mut tokens) = (0.0f64, 0usize);
+    let indices: Vec<usize> = (0..data.len()).collect();
+    for chunk in indices.chunks(batch_size).take(limit) {
+        let batch = data.batch(chunk, model.device())?;
+        let mut mask = MaskSpec::from_config(model.config());
+        if document_mask {
+            mask = mask.with_doc_ids(batch.doc_ids.clone());
+        }
+        let sum = masked_nll_sum(model, &batch, &mask)?;
+        nll += f64::from(sum.to_scalar::<f32>()?);
+        tokens += batch.num_targets;
+    }
+    if tokens == 0 {
+        return Ok(None);
+    }
+    let loss = nll / tokens as f64;
+    Ok(Some(EvalMetrics {
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+    }))
+}
+
+/// `(name, var)` of every model parameter.
+fn named_vars(model: &TritterModel) -> Vec<(String, Var)> {
+    let data = model
+        .varmap()
+        .data()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    data.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+}
+
+/// `sum over real targets of -log p(target)` (a scalar f32 tensor on the autograd graph)
+/// of the logits `(B, L, V)` for `batch`.
+fn nll_sum_of_logits(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let (b, l, v) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(
+        &logits.to_dtype(DType::F32)?.reshape((b * l, v))?,
+        D::Minus1,
+    )?;
+    let picked = logp
+        .gather(&batch.targets.reshape((b * l, 1))?, 1)?
+        .reshape(b * l)?; // (B*L,)
+    let masked = (picked * batch.loss_mask.reshape(b * l)?)?;
+    Ok(masked.sum_all()?.neg()?)
+}
+
+/// The summed NLL of `batch` under `mask` (no gradient needed; the graph is dropped).
+pub(crate) fn masked_nll_sum(
+    model: &TritterModel,
+    batch: &Batch,
+    mask: &MaskSpec,
+) -> Result<Tensor> {
+    let (b, l) = batch.inputs.dims2()?;
+    let pos = model.default_positions(b, l)?;
+    let logits = model.forward(&batch.inputs, &pos, mask)?;
+    Ok(nll_sum_of_logits(&logits, batch)?.detach())
+}
+
+/// Loss contribution (`nll_sum / total`) and gradients of one micro-batch, by plain
+/// backpropagation through the whole graph.
+fn full_grads(
+    model: &TritterModel,
+    opt: &AdamW,
+    batch: &Batch,
+    mask: &MaskSpec,
+    total: usize,
+) -> Result<(f64, Vec<Option<Tensor>>)> {
+    let (b, l) = batch.inputs.dims2()?;
+    let pos = model.default_positions(b, l)?;
+    let logits = model.forward(&batch.inputs, &pos, mask)?;
+    let loss = (nll_sum_of_logits(&logits, batch)? / total.max(1) as f64)?;
+    let value = f64::from(loss.to_scalar::<f32>()?);
+    let store = loss.backward()?;
+    let grads = opt
+        .params()
+        .map(|(_, var, _)| store.get(var.as_tensor()).cloned())
+        .collect();
+    Ok((value, grads))
+}
+
+/// As [`full_grads`], with gradient checkpointing: the forward pass keeps only each
+/// layer's input (no graph); the backward pass recomputes one layer at a time from its
+/// input and backpropagates the incoming gradient through it (`sum(out * g_out)` as the
+/// surrogate loss), so peak activation memory is one layer's graph plus `L + 1` hidden
+/// states instead of every layer's graph. Same gradients up to float rounding.
+fn checkpointed_grads(
+    model: &TritterModel,
+    opt: &AdamW,
+    batch: &Batch,
+    mask: &MaskSpec,
+    total: usize,
+) -> Result<(f64, Vec<Option<Tensor>>)> {
+    let (b, l) = batch.inputs.dims2()?;
+    let pos = model.default_positions(b, l)?;
+    let (rope, bias) = model.layer_context(b, l, &pos, mask)?;
+    let train = model.is_training();
+    // Forward without graph, keeping each layer's input.
+    let embeds = model.embed(&batch.inputs)?; // on the graph of the embedding table
+    let mut inputs = vec![embeds.detach()];
+    for layer in model.layers() {
+        let x = inputs.last().expect("non-empty");
+        inputs.push(layer.forward(x, &rope, &bias, train)?.detach());
+    }
+    let mut acc: Vec<Option<Tensor>> = vec![None; opt.params().count()];
+    let mut add = |store: &candle_core::backprop::GradStore| -> Result<()> {
+        for (a, (_, var, _)) in acc.iter_mut().zip(opt.params()) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                *a = Some(match a.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    };
+    // Head: final norm, logits, loss.
+    let h = Var::from_tensor(inputs.last().expect("non-empty"))?;
+    let hidden = model.final_norm().forward(h.as_tensor())?;
+    let loss = (nll_sum_of_logits(&model.logits(&hidden)?, batch)? / total.max(1) as f64)?;
+    let value = f64::from(loss.to_scalar::<f32>()?);
+    let store = loss.backward()?;
+    add(&store)?;
+    let mut g_out = store
+        .get(h.as_tensor())
+        .cloned()
+        .unwrap_or(h.as_tensor().zeros_like()?);
+    // Layers, last to first: recompute, backpropagate g_out.
+    for (layer, x) in model.layers().iter().zip(&inputs).rev() {
+        let xv = Var::from_tensor(x)?;
+        let out = layer.forward(xv.as_tensor(), &rope, &bias, train)?;
+        let store = (out * g_out.detach())?.sum_all()?.backward()?;
+        add(&store)?;
+        g_out = store
+            .get(xv.as_tensor())
+            .cloned()
+            .unwrap_or(xv.as_tensor().zeros_like()?);
+    }
+    // Embedding table.
+    let store = (embeds * g_out.detach())?.sum_all()?.backward()?;
+    add(&store)?;
+    Ok((value, acc))
+}
