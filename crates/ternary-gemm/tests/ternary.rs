@@ -17,6 +17,38 @@ const MAX_N: usize = 70;
 /// Largest M drawn: more than one 4-row activation tile, and the decode range.
 const MAX_M: usize = 9;
 
+/// Scale granularity of a case.
+fn granularity(per_row: bool) -> ScaleGranularity {
+    if per_row {
+        ScaleGranularity::PerRow
+    } else {
+        ScaleGranularity::PerTensor
+    }
+}
+
+/// A GPU conformance test: `$module::run(&gpu)` when a GPU is usable (skipped with a printed
+/// reason otherwise, failed under `TRITTER_REQUIRE_GPU=1`); without feature `cuda`,
+/// `$module` is an uninhabited stub, so the test compiles and reports in every build.
+macro_rules! gpu_test {
+    ($(#[$doc:meta])* $name:ident => $module:ident) => {
+        $(#[$doc])*
+        #[test]
+        fn $name() {
+            let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test(stringify!($name)) else {
+                return;
+            };
+            $module::run(&gpu);
+        }
+
+        #[cfg(not(feature = "cuda"))]
+        mod $module {
+            pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
+                match *gpu {}
+            }
+        }
+    };
+}
+
 fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
     (1..=MAX_N, 1..=MAX_K, 1..=MAX_M)
 }
@@ -39,7 +71,7 @@ proptest! {
     #[test]
     fn absmean_round_trip((n, k) in (1..=MAX_N, 1..=MAX_K), w in prop::collection::vec(-3.0f32..3.0, MAX_N * MAX_K), per_row in any::<bool>()) {
         let w = &w[..n * k];
-        let g = if per_row { ScaleGranularity::PerRow } else { ScaleGranularity::PerTensor };
+        let g = granularity(per_row);
         let m = absmean_quantize(w, n, k, g).unwrap();
         let mean = w.iter().map(|v| f64::from(v.abs())).sum::<f64>() / (n * k) as f64;
         if !per_row {
@@ -217,7 +249,7 @@ proptest! {
     /// safetensors save -> load returns the same matrix, for both scale granularities.
     #[test]
     fn safetensors_round_trip((n, k) in (1..=MAX_N, 1..=MAX_K), w in prop::collection::vec(-1.0f32..1.0, MAX_N * MAX_K), per_row in any::<bool>()) {
-        let g = if per_row { ScaleGranularity::PerRow } else { ScaleGranularity::PerTensor };
+        let g = granularity(per_row);
         let a = absmean_quantize(&w[..n * k], n, k, g).unwrap();
         let b = absmean_quantize(&w[..k], 1, k, ScaleGranularity::PerTensor).unwrap();
         let bytes = ternary_to_safetensors(&[("layers.0.q", &a), ("layers.0.k", &b)]).unwrap();
@@ -286,23 +318,11 @@ const GEMV_CASES: &[(usize, usize, usize)] = &[
     (2100, 1088, 2049),
 ];
 
-/// GPU W2A8 product equals the CPU reference bit for bit (exact integer accumulation, same
-/// f32 epilogue) for per-tensor and per-row scales over the case table.
-#[test]
-fn gemv_gpu_matches_cpu_reference() {
-    let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test("gemv_gpu_matches_cpu_reference")
-    else {
-        return;
-    };
-    gemv_conformance::run(&gpu);
-}
-
-#[cfg(not(feature = "cuda"))]
-mod gemv_conformance {
-    pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
-        match *gpu {}
-    }
-}
+gpu_test!(
+    /// GPU W2A8 product equals the CPU reference bit for bit (exact integer accumulation, same
+    /// f32 epilogue) for per-tensor and per-row scales over the case table.
+    gemv_gpu_matches_cpu_reference => gemv_conformance
+);
 
 #[cfg(feature = "cuda")]
 mod gemv_conformance {
@@ -322,11 +342,7 @@ mod gemv_conformance {
         let mut ws = GemvWorkspace::new(gpu, max_n).unwrap();
         for (i, &(n, k, m)) in GEMV_CASES.iter().enumerate() {
             for per_row in [false, true] {
-                let g = if per_row {
-                    ScaleGranularity::PerRow
-                } else {
-                    ScaleGranularity::PerTensor
-                };
+                let g = granularity(per_row);
                 let w = absmean_quantize(&random_f32(n * k, i as u64), n, k, g).unwrap();
                 let xq = absmax_quantize_rows(&random_f32(m * k, 100 + i as u64), m, k).unwrap();
                 let want = ternary_matmul_a8_ref(&w, &xq).unwrap();
@@ -488,26 +504,14 @@ const GEMM_T_CASES: &[(usize, usize, usize)] = &[
     (4096, 1024, 256),
 ];
 
-/// GPU `dx = dy · (Wq * gamma)` (bf16 dy, f32 accumulation) matches the f64 CPU reference
-/// computed on the same bf16 inputs and bf16-rounded per-row scales, within the worst-case
-/// bound of f32 summation (n_out * 2^-23 times the terms' absolute sum: bf16 products are
-/// exact in f32, so summation is the only error), for per-tensor and per-row scales; every
-/// output element is written.
-#[test]
-fn gemm_t_gpu_matches_cpu_reference() {
-    let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test("gemm_t_gpu_matches_cpu_reference")
-    else {
-        return;
-    };
-    gemm_t_conformance::run(&gpu);
-}
-
-#[cfg(not(feature = "cuda"))]
-mod gemm_t_conformance {
-    pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
-        match *gpu {}
-    }
-}
+gpu_test!(
+    /// GPU `dx = dy · (Wq * gamma)` (bf16 dy, f32 accumulation) matches the f64 CPU reference
+    /// computed on the same bf16 inputs and bf16-rounded per-row scales, within the worst-case
+    /// bound of f32 summation (n_out * 2^-23 times the terms' absolute sum: bf16 products are
+    /// exact in f32, so summation is the only error), for per-tensor and per-row scales; every
+    /// output element is written.
+    gemm_t_gpu_matches_cpu_reference => gemm_t_conformance
+);
 
 #[cfg(feature = "cuda")]
 mod gemm_t_conformance {
@@ -544,11 +548,7 @@ mod gemm_t_conformance {
         let stream = gpu.stream();
         for (i, &(n, k, m)) in GEMM_T_CASES.iter().enumerate() {
             for per_row in [false, true] {
-                let g = if per_row {
-                    ScaleGranularity::PerRow
-                } else {
-                    ScaleGranularity::PerTensor
-                };
+                let g = granularity(per_row);
                 let w = absmean_quantize(&random_f32(n * k, 7 + i as u64), n, k, g).unwrap();
                 let dy: Vec<bf16> = random_f32(m * n, 300 + i as u64)
                     .into_iter()
@@ -616,25 +616,13 @@ const MLP_CASES: &[(usize, usize, usize)] = &[
     (4096, 16384, 2),
 ];
 
-/// The GPU squared-ReLU GLU MLP (interleaved gate/up GEMV with the relu²⊙ epilogue and the
-/// per-token max, A8 of the hidden vector, down projection) equals
-/// `TernaryMlp::forward_ref` bit for bit, for f32 and bf16 inputs and per-tensor/per-row
-/// scales; a NaN input row is reported by `check_finite`.
-#[test]
-fn mlp_gpu_matches_cpu_reference() {
-    let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test("mlp_gpu_matches_cpu_reference")
-    else {
-        return;
-    };
-    mlp_conformance::run(&gpu);
-}
-
-#[cfg(not(feature = "cuda"))]
-mod mlp_conformance {
-    pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
-        match *gpu {}
-    }
-}
+gpu_test!(
+    /// The GPU squared-ReLU GLU MLP (interleaved gate/up GEMV with the relu²⊙ epilogue and the
+    /// per-token max, A8 of the hidden vector, down projection) equals
+    /// `TernaryMlp::forward_ref` bit for bit, for f32 and bf16 inputs and per-tensor/per-row
+    /// scales; a NaN input row is reported by `check_finite`.
+    mlp_gpu_matches_cpu_reference => mlp_conformance
+);
 
 #[cfg(feature = "cuda")]
 mod mlp_conformance {
@@ -649,11 +637,7 @@ mod mlp_conformance {
         let stream = gpu.stream();
         for (i, &(h, inter, m)) in MLP_CASES.iter().enumerate() {
             for per_row in [false, true] {
-                let g = if per_row {
-                    ScaleGranularity::PerRow
-                } else {
-                    ScaleGranularity::PerTensor
-                };
+                let g = granularity(per_row);
                 let seed = 1000 + 10 * i as u64;
                 let mlp = TernaryMlp::new(
                     absmean_quantize(&random_f32(inter * h, seed), inter, h, g).unwrap(),
