@@ -71,7 +71,7 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], 
 template <bool kVec>
 __device__ __forceinline__ void gemm_t_body(const uint32_t* __restrict__ W, const float* __restrict__ gamma,
                                             int gamma_per_row, const __nv_bfloat16* __restrict__ dy,
-                                            float* __restrict__ dx, int M, int n_out, int K) {
+                                            float* __restrict__ dx, int M, int n_out, int K, int dx_vec) {
     extern __shared__ __align__(16) unsigned char smem[];
     unsigned char* ysm = smem;                                                          // [stage][128][144 B]
     uint32_t* wsm = reinterpret_cast<uint32_t*>(smem + kStages * kYStageBytes);        // [stage][64][8]
@@ -220,7 +220,7 @@ __device__ __forceinline__ void gemm_t_body(const uint32_t* __restrict__ W, cons
             for (int nt = 0; nt < 8; ++nt) {
                 const int k = k0 + wk + 8 * nt + 2 * t;
                 const float v0 = acc[mt][nt][2 * h] * scale, v1 = acc[mt][nt][2 * h + 1] * scale;
-                if (k + 1 < K && (K % 2) == 0) {
+                if (dx_vec && k + 1 < K) {  // dx_vec: even K and an 8-byte aligned dx
                     *reinterpret_cast<float2*>(row + k) = make_float2(v0, v1);
                 } else {
                     if (k < K) row[k] = v0;
@@ -234,13 +234,13 @@ __device__ __forceinline__ void gemm_t_body(const uint32_t* __restrict__ W, cons
 
 #define TRITTER_GEMM_T_ARGS                                                                                  \
     const uint32_t *__restrict__ W, const float *__restrict__ gamma, int gamma_per_row,                    \
-        const __nv_bfloat16 *__restrict__ dy, float *__restrict__ dx, int M, int n_out, int K
+        const __nv_bfloat16 *__restrict__ dy, float *__restrict__ dx, int M, int n_out, int K, int dx_vec
 
 // n_out % 8 == 0 and dy 16-byte aligned: cp.async rows.
 extern "C" __global__ void __launch_bounds__(kThreads) gemm_t_bf16(TRITTER_GEMM_T_ARGS) {
-    gemm_t_body<true>(W, gamma, gamma_per_row, dy, dx, M, n_out, K);
+    gemm_t_body<true>(W, gamma, gamma_per_row, dy, dx, M, n_out, K, dx_vec);
 }
 // Any n_out: plain loads of dY.
 extern "C" __global__ void __launch_bounds__(kThreads) gemm_t_bf16_unaligned(TRITTER_GEMM_T_ARGS) {
-    gemm_t_body<false>(W, gamma, gamma_per_row, dy, dx, M, n_out, K);
+    gemm_t_body<false>(W, gamma, gamma_per_row, dy, dx, M, n_out, K, dx_vec);
 }

@@ -16,7 +16,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys::{
     self, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig,
 };
-use cudarc::driver::{CudaFunction, DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, SyncOnDrop};
 
 use crate::{Gpu, KernelError};
 
@@ -25,54 +25,65 @@ pub const MAX_KERNEL_ARGS: usize = 24;
 
 /// Kernel arguments by value, in order: device pointers and scalars, each in an 8-byte slot
 /// (a 4-byte scalar occupies the low half, which is where the driver reads it on the
-/// little-endian hosts CUDA supports).
-#[derive(Debug)]
-pub struct KernelArgs {
+/// little-endian hosts CUDA supports). Buffer arguments keep cudarc's read/write guards until
+/// the launch has been queued, so a context with event tracking on (candle's) sees the launch
+/// order its buffers against other streams; with tracking off (`Gpu::new`) they cost nothing.
+pub struct KernelArgs<'a> {
     slots: [u64; MAX_KERNEL_ARGS],
+    guards: [Option<SyncOnDrop<'a>>; MAX_KERNEL_ARGS],
     len: usize,
 }
 
-impl Default for KernelArgs {
+impl std::fmt::Debug for KernelArgs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelArgs")
+            .field("slots", &&self.slots[..self.len])
+            .finish()
+    }
+}
+
+impl Default for KernelArgs<'_> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl KernelArgs {
+impl<'a> KernelArgs<'a> {
     /// No arguments yet.
     pub fn new() -> Self {
         KernelArgs {
             slots: [0; MAX_KERNEL_ARGS],
+            guards: std::array::from_fn(|_| None),
             len: 0,
         }
     }
 
-    fn push(&mut self, v: u64) -> &mut Self {
+    fn push(&mut self, v: u64, guard: Option<SyncOnDrop<'a>>) -> &mut Self {
         assert!(
             self.len < MAX_KERNEL_ARGS,
             "a kernel takes at most {MAX_KERNEL_ARGS} arguments here"
         );
         self.slots[self.len] = v;
+        self.guards[self.len] = guard;
         self.len += 1;
         self
     }
 
-    /// The device address of `buf` (a `CudaSlice`, `CudaView` or `CudaViewMut`), read on
-    /// `gpu`'s stream. Whether the kernel reads or writes through it is the kernel's
-    /// contract, stated at the unsafe launch.
-    pub fn ptr<T>(&mut self, gpu: &Gpu, buf: &impl DevicePtr<T>) -> &mut Self {
-        let (p, _sync) = buf.device_ptr(gpu.stream());
-        self.push(p)
+    /// The device address of a buffer the kernel only reads (a `CudaSlice` or `CudaView`).
+    pub fn ptr<T>(&mut self, gpu: &'a Gpu, buf: &'a impl DevicePtr<T>) -> &mut Self {
+        let (p, guard) = buf.device_ptr(gpu.stream());
+        self.push(p, Some(guard))
     }
 
-    /// A null device pointer (an optional buffer the kernel does not touch).
-    pub fn null(&mut self) -> &mut Self {
-        self.push(0)
+    /// The device address of a buffer the kernel writes (a `CudaSlice` or `CudaViewMut`).
+    pub fn ptr_mut<T>(&mut self, gpu: &'a Gpu, buf: &'a mut impl DevicePtrMut<T>) -> &mut Self {
+        let (p, guard) = buf.device_ptr_mut(gpu.stream());
+        self.push(p, Some(guard))
     }
 
     /// An `int` argument.
     pub fn i32(&mut self, v: i32) -> &mut Self {
-        self.push(u64::from(v as u32))
+        self.push(u64::from(v as u32), None)
     }
 }
 
@@ -93,8 +104,9 @@ impl Gpu {
         func: &CudaFunction,
         name: &str,
         cfg: LaunchConfig,
-        args: &mut KernelArgs,
+        args: KernelArgs<'_>,
     ) -> Result<(), KernelError> {
+        let mut args = args;
         let mut params: [*mut c_void; MAX_KERNEL_ARGS] = [std::ptr::null_mut(); MAX_KERNEL_ARGS];
         for (p, slot) in params.iter_mut().zip(args.slots.iter_mut()).take(args.len) {
             *p = slot as *mut u64 as *mut c_void;

@@ -26,6 +26,7 @@ pub fn gpu_required() -> bool {
 ///
 /// # Panics
 /// When no GPU is usable and `TRITTER_REQUIRE_GPU=1`: that is the test failure.
+#[inline(never)] // scripts/gpu-bundle.sh finds GPU test binaries by this symbol
 pub fn gpu_for_test(test: &str) -> Option<Arc<Gpu>> {
     match open_gpu() {
         Ok(gpu) => Some(gpu),

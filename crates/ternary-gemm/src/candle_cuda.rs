@@ -7,7 +7,7 @@
 //! time and compiles candle's kernels (DESIGN.md section 2). It shares cudarc 0.19 with
 //! candle 0.11, so buffers pass between them as they are.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
@@ -18,6 +18,25 @@ use crate::cuda::{
     ternary_matmul_a8_cuda, ternary_matmul_t_cuda, ternary_mlp_cuda, GemvActivations,
     GemvWorkspace, MlpWorkspace, TernaryMatrixGpu, TernaryMlpGpu,
 };
+
+/// One `Gpu` per candle stream for the whole process, so every op on a device shares one
+/// module cache (each `Gpu` loads the kernel images it uses once). The map keeps the stream
+/// alive, so a key (the stream handle) is never reused by another stream.
+fn gpu_for(dev: &CudaDevice) -> candle_core::Result<Arc<Gpu>> {
+    static GPUS: OnceLock<Mutex<Vec<(usize, Arc<Gpu>)>>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let key = stream.cu_stream() as usize;
+    let mut gpus = GPUS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some((_, gpu)) = gpus.iter().find(|(k, _)| *k == key) {
+        return Ok(gpu.clone());
+    }
+    let gpu = Gpu::from_stream(stream).map_err(candle_core::Error::wrap)?;
+    gpus.push((key, gpu.clone()));
+    Ok(gpu)
+}
 
 /// Device copies of an op's weights, one per candle stream the op has run on.
 #[derive(Debug, Default)]
@@ -32,13 +51,12 @@ impl<T> DeviceCache<T> {
         dev: &CudaDevice,
         upload: impl FnOnce(&Gpu) -> crate::Result<T>,
     ) -> candle_core::Result<(Arc<Gpu>, Arc<T>)> {
-        let stream = dev.cuda_stream();
-        let key = stream.cu_stream() as usize;
+        let key = dev.cuda_stream().cu_stream() as usize;
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, gpu, w)) = entries.iter().find(|(k, _, _)| *k == key) {
             return Ok((gpu.clone(), w.clone()));
         }
-        let gpu = Gpu::from_stream(stream).map_err(candle_core::Error::wrap)?;
+        let gpu = gpu_for(dev)?;
         let w = Arc::new(upload(&gpu).map_err(candle_core::Error::wrap)?);
         entries.push((key, gpu.clone(), w.clone()));
         Ok((gpu, w))

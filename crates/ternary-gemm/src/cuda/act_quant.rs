@@ -302,6 +302,11 @@ impl GemvActivations {
 
     /// Synchronizes and fails if the last fill saw NaN or Inf (those rows' scales are NaN).
     pub fn check_finite(&self, gpu: &Gpu) -> Result<()> {
+        self.check_finite_as(gpu, "x")
+    }
+
+    /// [`check_finite`](Self::check_finite) naming the activation `what` in the error.
+    pub(crate) fn check_finite_as(&self, gpu: &Gpu, what: &'static str) -> Result<()> {
         let flags = gpu
             .stream()
             .clone_dtoh(&self.nonfinite_rows.slice(..self.rows.max(1)))
@@ -311,7 +316,7 @@ impl GemvActivations {
             Ok(())
         } else {
             Err(TernaryError::NonFiniteRows {
-                what: "x",
+                what,
                 rows: bad as u32,
                 total: self.rows,
             })

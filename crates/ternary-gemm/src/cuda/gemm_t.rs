@@ -81,18 +81,24 @@ pub fn ternary_matmul_t_cuda(
     };
     let per_row = i32::from(w.per_row());
     let (m_i, n_i, k_i) = (m as i32, n_out as i32, k as i32);
+    // Paired float2 stores need 8-byte aligned dx rows: even K and an 8-byte aligned start.
+    let dx_vec = {
+        let (ptr, _sync) = dx.device_ptr(stream);
+        i32::from(k % 2 == 0 && ptr % 8 == 0)
+    };
     let mut launch = stream.launch_builder(&func);
     launch
-        .arg(&w.packed)
-        .arg(&w.scales)
+        .arg(w.packed())
+        .arg(w.scales())
         .arg(&per_row)
         .arg(dy)
         .arg(dx)
         .arg(&m_i)
         .arg(&n_i)
-        .arg(&k_i);
+        .arg(&k_i)
+        .arg(&dx_vec);
     // SAFETY: matches `gemm_t_bf16[_unaligned](const u32*, const float*, int, const bf16*,
-    // float*, int, int, int)`; W holds n_out x ceil(k/16) words and 1 or n_out scales
+    // float*, int, int, int, int)`; float2 stores only with dx_vec (checked alignment); W holds n_out x ceil(k/16) words and 1 or n_out scales
     // (TernaryMatrixGpu), dy m x n_out and dx m x k elements (checked above); the kernel
     // bounds-checks every row, column and reduction index; the cp.async instance runs only
     // on 16-byte aligned dy rows; shared memory matches `kSmemBytes`.

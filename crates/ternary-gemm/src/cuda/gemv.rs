@@ -26,15 +26,17 @@ const W_ROW_PAD_WORDS: usize = 4;
 
 /// A ternary matrix resident on the GPU in the canonical packed layout: `packed`
 /// `(n_out, ceil(k_in/16))` u32 and `scales` `(1,)` or `(n_out,)` f32.
+///
+/// Immutable once uploaded: the decode kernels read the weights before they wait for the
+/// previous kernel on the stream (programmatic dependent launch), so the buffers are only
+/// exposed read-only; new weights mean a new upload.
 #[derive(Debug)]
 pub struct TernaryMatrixGpu {
     n_out: usize,
     k_in: usize,
     per_row: bool,
-    /// Canonical packed codes.
-    pub packed: CudaSlice<u32>,
-    /// Weight scales (gamma).
-    pub scales: CudaSlice<f32>,
+    packed: CudaSlice<u32>,
+    scales: CudaSlice<f32>,
 }
 
 impl TernaryMatrixGpu {
@@ -52,6 +54,16 @@ impl TernaryMatrixGpu {
                 .clone_htod(w.scales().as_slice())
                 .map_err(KernelError::driver("uploading weight scales"))?,
         })
+    }
+
+    /// Canonical packed codes `(n_out, ceil(k_in/16))`.
+    pub fn packed(&self) -> &CudaSlice<u32> {
+        &self.packed
+    }
+
+    /// Weight scales (gamma), `(1,)` or `(n_out,)`.
+    pub fn scales(&self) -> &CudaSlice<f32> {
+        &self.scales
     }
 
     /// Whether the scales are per output row (`(n_out,)`) rather than one per tensor.
@@ -186,10 +198,10 @@ pub(super) fn check_gemv(
 /// `h` `(M, inter)` = relu(gate)^2 * up from a gate/up matrix interleaved in 16-row tiles,
 /// and folds max|h| per row into `amax_bits` `(M,)` (zeroed by the caller).
 pub(super) struct GluOut<'a> {
-    pub amax_bits: &'a CudaSlice<u32>,
+    pub amax_bits: &'a mut CudaSlice<u32>,
     pub inter: usize,
     /// Row sums of `h`'s GEMV-ready codes: zeroed by the launch.
-    pub sums: &'a CudaSlice<i32>,
+    pub sums: &'a mut CudaSlice<i32>,
 }
 
 /// The GEMV launches (chunks of [`GEMV_MAX_M`] rows) for `y` `(M, n_out)`, or for `h`
@@ -200,7 +212,7 @@ pub(super) fn launch_gemv(
     x: &GemvActivations,
     y: &mut CudaViewMut<'_, f32>,
     ws: &mut GemvWorkspace,
-    glu: Option<GluOut<'_>>,
+    mut glu: Option<GluOut<'_>>,
 ) -> Result<()> {
     let (n_out, k, m) = (w.n_out, w.k_in, x.rows());
     let vec_ok = k.div_ceil(16) % 4 == 0;
@@ -261,7 +273,13 @@ pub(super) fn launch_gemv(
         let xc = x.codes_mma.slice(m0 * kp..(m0 + mc) * kp);
         let sums = x.sums.slice(m0..m0 + mc);
         let sc = x.scales.slice(m0..m0 + mc);
-        let yc = y.slice_mut(m0 * y_cols..(m0 + mc) * y_cols);
+        let mut yc = y.slice_mut(m0 * y_cols..(m0 + mc) * y_cols);
+        let mut glu_c = glu.as_mut().map(|g| {
+            (
+                g.amax_bits.slice_mut(m0..m0 + mc),
+                g.sums.slice_mut(m0..m0 + mc),
+            )
+        });
         let mut args = KernelArgs::new();
         args.ptr(gpu, &w.packed)
             .ptr(gpu, &w.scales)
@@ -269,9 +287,9 @@ pub(super) fn launch_gemv(
             .ptr(gpu, &xc)
             .ptr(gpu, &sums)
             .ptr(gpu, &sc)
-            .ptr(gpu, &yc)
-            .ptr(gpu, &ws.acc)
-            .ptr(gpu, &ws.tiles)
+            .ptr_mut(gpu, &mut yc)
+            .ptr_mut(gpu, &mut ws.acc)
+            .ptr_mut(gpu, &mut ws.tiles)
             .i32(mc as i32)
             .i32(n_out as i32)
             .i32(k as i32)
@@ -279,10 +297,10 @@ pub(super) fn launch_gemv(
         if persistent {
             args.i32(ksplit as i32);
         }
-        if let Some(g) = glu.as_ref() {
-            args.ptr(gpu, &g.amax_bits.slice(m0..m0 + mc))
+        if let Some((amax_c, sums_c)) = glu_c.as_mut() {
+            args.ptr_mut(gpu, amax_c)
                 .i32(y_cols as i32)
-                .ptr(gpu, &g.sums.slice(m0..m0 + mc));
+                .ptr_mut(gpu, sums_c);
         }
         // SAFETY: arguments match `gemv_w2a8_*(const u32*, const float*, int, const i8*,
         // const int*, const float*, float*, int*, unsigned*, int, int, int, int)` (plus the
@@ -296,7 +314,7 @@ pub(super) fn launch_gemv(
         // bounds-checks n < n_out and m < M; shared memory matches `smem_bytes`. Before its
         // griddepcontrol.wait the kernel only reads W (PDL contract).
         // Error context built only on failure: this is the decode hot path.
-        unsafe { gpu.launch_pdl(&func, name, cfg, &mut args) }?;
+        unsafe { gpu.launch_pdl(&func, name, cfg, args) }?;
     }
     Ok(())
 }
@@ -339,6 +357,13 @@ fn launch_gemm(
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (n_out, k, m) = (w.n_out, w.k_in, x.rows());
+    if m.div_ceil(GEMM_SMALL.tile.1) > 65535 {
+        return Err(TernaryError::BadDimension {
+            what: "M (activation rows) of the GEMM",
+            actual: m,
+            expected: "at most 65535 * 64 (the grid's y limit); split the batch",
+        });
+    }
     let large_ctas = n_out.div_ceil(GEMM_LARGE.tile.0) * m.div_ceil(GEMM_LARGE.tile.1);
     let conf = if large_ctas < 2 * gpu.info().sm_count as usize {
         &GEMM_SMALL

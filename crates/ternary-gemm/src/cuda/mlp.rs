@@ -95,6 +95,10 @@ impl TernaryMlpGpu {
 /// Preallocated buffers of [`ternary_mlp_cuda`] for a fixed number of tokens `m` (the
 /// decode batch): the quantized input, `h` `(m, inter)` f32 and its quantized form, the
 /// per-token max slots and the split-K workspace. No allocation per call.
+///
+/// The kernels leave the max slots, counters and split-K accumulators zeroed for the next
+/// call; a call that fails part-way (a launch error) can leave them dirty, so make a new
+/// workspace after any error from [`ternary_mlp_cuda`].
 #[derive(Debug)]
 pub struct MlpWorkspace {
     m: usize,
@@ -131,7 +135,8 @@ impl MlpWorkspace {
     /// or hidden vector held NaN/Inf (those rows' outputs are NaN, never silently finite).
     pub fn check_finite(&self, gpu: &Gpu) -> Result<()> {
         self.x_acts.check_finite(gpu)?;
-        self.h_acts.check_finite(gpu)
+        self.h_acts
+            .check_finite_as(gpu, "h (the MLP hidden vector)")
     }
 }
 
@@ -154,6 +159,13 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
             expected: mlp.hidden,
         });
     }
+    if m > 65535 {
+        return Err(TernaryError::BadDimension {
+            what: "MLP tokens per call",
+            actual: m,
+            expected: "at most 65535 (the A8 pass's grid y limit); split the batch",
+        });
+    }
     crate::act_quant::check_shape("x", x.len(), m, mlp.hidden)?;
     crate::act_quant::check_shape("y", y.len(), m, mlp.hidden)?;
     if m == 0 {
@@ -171,9 +183,9 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
         &mut ws.h.as_view_mut(),
         &mut ws.gemv,
         Some(GluOut {
-            amax_bits: &ws.amax_bits,
+            amax_bits: &mut ws.amax_bits,
             inter: mlp.inter,
-            sums: &ws.h_acts.sums,
+            sums: &mut ws.h_acts.sums,
         }),
     )?;
 
@@ -186,12 +198,12 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
     };
     let mut args = KernelArgs::new();
     args.ptr(gpu, &ws.h)
-        .ptr(gpu, &ws.amax_bits)
-        .ptr(gpu, &ws.h_acts.codes_mma)
-        .ptr(gpu, &ws.h_acts.sums)
-        .ptr(gpu, &ws.h_acts.scales)
-        .ptr(gpu, &ws.h_acts.nonfinite_rows)
-        .ptr(gpu, &ws.arrivals)
+        .ptr_mut(gpu, &mut ws.amax_bits)
+        .ptr_mut(gpu, &mut ws.h_acts.codes_mma)
+        .ptr_mut(gpu, &mut ws.h_acts.sums)
+        .ptr_mut(gpu, &mut ws.h_acts.scales)
+        .ptr_mut(gpu, &mut ws.h_acts.nonfinite_rows)
+        .ptr_mut(gpu, &mut ws.arrivals)
         .i32(m as i32)
         .i32(mlp.inter as i32)
         .i32(kp as i32);
@@ -200,7 +212,7 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
     // arrivals one (MlpWorkspace::new), h_acts m x kp codes, m sums and scales and one
     // counter; the grid is (kp / 4 / 256 rounded up) x m and the kernel bounds-checks the
     // word index; it waits (griddepcontrol.wait) before touching any of them.
-    unsafe { gpu.launch_pdl(&func, "act_quant_mma_absmax_f32", cfg, &mut args) }?;
+    unsafe { gpu.launch_pdl(&func, "act_quant_mma_absmax_f32", cfg, args) }?;
 
     ternary_matmul_a8_cuda(gpu, &mlp.down, &ws.h_acts, y, &mut ws.gemv)
 }
