@@ -5,6 +5,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::model::{MaskSpec, SeededRng};
+use crate::tokenizer::vocab::NUM_SPECIAL_TOKENS;
 use crate::tokenizer::SpecialToken;
 use crate::{Result, TritterError, TritterModel};
 
@@ -24,6 +25,10 @@ pub struct SamplingOptions {
     /// Never sample ids `>= vocab_limit` (e.g. 264 for a byte-level tokenizer, whose BPE
     /// and media ids would not decode); `None`: the whole vocabulary.
     pub vocab_limit: Option<u32>,
+    /// Never sample the special and modality ids other than `<eos>` (`<pad>`, `<bos>`,
+    /// `<image>`, `<audio>`, ...): a text continuation cannot render them, and a sampled
+    /// `<image>` would make the following bytes read as an image header.
+    pub text_only: bool,
 }
 
 impl Default for SamplingOptions {
@@ -35,6 +40,7 @@ impl Default for SamplingOptions {
             seed: 0,
             stop_at_eos: true,
             vocab_limit: None,
+            text_only: false,
         }
     }
 }
@@ -50,9 +56,9 @@ pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededR
             expected: "(V,) with V >= 1".into(),
         });
     }
-    if let Some(i) = logits.iter().position(|v| v.is_nan()) {
+    if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
         return Err(TritterError::ShapeMismatch {
-            what: format!("logits (NaN at index {i})"),
+            what: format!("logits ({} at index {i})", logits[i]),
             actual: vec![logits.len()],
             expected: "finite values".into(),
         });
@@ -60,7 +66,17 @@ pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededR
     let n = options
         .vocab_limit
         .map_or(logits.len(), |l| (l as usize).clamp(1, logits.len()));
-    let mut order: Vec<usize> = (0..n).collect();
+    let eos = SpecialToken::Eos.id() as usize;
+    let mut order: Vec<usize> = (0..n)
+        .filter(|&i| !options.text_only || i == eos || i >= NUM_SPECIAL_TOKENS as usize)
+        .collect();
+    if order.is_empty() {
+        return Err(TritterError::ShapeMismatch {
+            what: "sampling candidates".into(),
+            actual: vec![0],
+            expected: format!("at least one id below vocab_limit {n} that is text or <eos>"),
+        });
+    }
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
     if options.temperature.is_nan() || options.temperature <= 0.0 {
         return Ok(order[0] as u32);

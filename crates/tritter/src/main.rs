@@ -569,6 +569,7 @@ fn train(a: &TrainArgs) -> Result<()> {
                 max_new_tokens: a.sample_tokens,
                 temperature: 0.7,
                 vocab_limit: Some(sample_limit(&tok)),
+                text_only: true,
                 ..SamplingOptions::default()
             },
         )?;
@@ -667,6 +668,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
             seed: a.seed,
             stop_at_eos: true,
             vocab_limit: Some(sample_limit(&tok)),
+            text_only: true,
         },
     )?;
     ids.extend(new);

@@ -279,3 +279,97 @@ fn bad_resume_inputs_are_typed_errors_and_keep_the_last_checkpoint() {
     assert_eq!(loaded.dtype(), DType::F32);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Options that would train the wrong thing are typed errors before any step: a non-causal
+/// attention mode (each position would see its own target), gradient checkpointing with
+/// dropout (the recompute cannot replay the masks), and a warmup as long as the run.
+#[test]
+fn options_that_would_mistrain_are_rejected() {
+    use tritter::AttentionMode;
+    let (cfg, opts) = small();
+    assert!(opts.validate(&cfg).is_ok());
+    for mode in [
+        AttentionMode::Bidirectional,
+        AttentionMode::Embedding,
+        AttentionMode::PrefixLm,
+    ] {
+        let bad = TritterConfig {
+            attention_mode: mode,
+            ..cfg.clone()
+        };
+        let err = opts.validate(&bad).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                TritterError::InvalidTrainOption {
+                    field: "attention_mode",
+                    ..
+                }
+            ),
+            "{mode:?}: {err}"
+        );
+    }
+    let bad = TritterConfig {
+        gradient_checkpointing: true,
+        dropout: 0.1,
+        ..cfg.clone()
+    };
+    assert!(matches!(
+        opts.validate(&bad),
+        Err(TritterError::InvalidTrainOption {
+            field: "gradient_checkpointing",
+            ..
+        })
+    ));
+    let long_warmup = TrainOptions {
+        warmup_steps: opts.steps,
+        ..opts.clone()
+    };
+    assert!(matches!(
+        long_warmup.validate(&cfg),
+        Err(TritterError::InvalidTrainOption {
+            field: "warmup",
+            ..
+        })
+    ));
+}
+
+/// `text_only` sampling never returns a special or modality id other than `<eos>` (even
+/// when they hold the largest logits), and non-finite logits are an error, not a silent
+/// pick.
+#[test]
+fn text_only_sampling_skips_specials_and_rejects_nonfinite_logits() {
+    use tritter::generate::{sample_token, SamplingOptions};
+    use tritter::model::SeededRng;
+    use tritter::tokenizer::SpecialToken;
+    let layout = VocabLayout::new(TritterConfig::preset("test").unwrap().vocab_size).unwrap();
+    let limit = layout.byte_range().end as usize;
+    let eos = SpecialToken::Eos.id() as usize;
+    let specials = SpecialToken::ALL.len();
+    let mut logits = vec![0.0f32; limit];
+    for (i, l) in logits.iter_mut().enumerate().take(specials) {
+        *l = if i == eos { 5.0 } else { 10.0 };
+    }
+    let opts = SamplingOptions {
+        temperature: 1.0,
+        top_k: 0,
+        vocab_limit: Some(limit as u32),
+        text_only: true,
+        ..SamplingOptions::default()
+    };
+    let mut rng = SeededRng::new(3);
+    for _ in 0..200 {
+        let id = sample_token(&logits, &opts, &mut rng).unwrap() as usize;
+        assert!(id == eos || id >= specials, "sampled special id {id}");
+    }
+    let greedy = SamplingOptions {
+        temperature: 0.0,
+        ..opts
+    };
+    assert_eq!(
+        sample_token(&logits, &greedy, &mut rng).unwrap() as usize,
+        eos
+    );
+    logits[specials + 1] = f32::INFINITY;
+    assert!(sample_token(&logits, &opts, &mut rng).is_err());
+}

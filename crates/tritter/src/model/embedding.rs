@@ -7,9 +7,9 @@ use crate::config::PAD_TOKEN_ID;
 use crate::Result;
 
 /// One embedding table `(V, H)` for text, code, image and audio tokens (their id ranges
-/// are disjoint, DESIGN.md section 5). The `<pad>` row (id 0) starts at zero and stays
-/// zero: pad outputs are masked, so the row never receives a gradient (PyTorch's
-/// `padding_idx`).
+/// are disjoint, DESIGN.md section 5). The `<pad>` row (id 0) starts at zero and pad
+/// inputs are masked, so the lookup gives it no gradient (PyTorch's `padding_idx`); with
+/// tied embeddings the LM head still trains row 0 as an output class.
 #[derive(Debug, Clone)]
 pub struct UnifiedEmbedding {
     weight: Tensor,

@@ -134,20 +134,32 @@ impl MaskSpec {
     }
 
     /// Whether query `i` of sequence `b` may see key `j` (the rule in the type docs).
-    /// Assumes [`validate`](Self::validate) passed for this batch.
+    /// Meant for a spec that passed [`validate`](Self::validate) for this batch; indices
+    /// outside its prefix lengths or document ids see nothing (never a panic).
     pub fn visible(&self, b: usize, i: usize, j: usize) -> bool {
         let mode_ok = match self.mode {
             AttentionMode::Causal => j <= i,
             AttentionMode::Bidirectional | AttentionMode::Embedding => true,
             AttentionMode::PrefixLm => {
-                j <= i || self.prefix_lens.as_ref().is_some_and(|p| j < p[b])
+                j <= i
+                    || self
+                        .prefix_lens
+                        .as_ref()
+                        .and_then(|p| p.get(b))
+                        .is_some_and(|&p| j < p)
             }
         };
         let window_ok = match self.sliding_window {
             Some(w) => i.abs_diff(j) < w || j < self.sinks,
             None => true,
         };
-        let doc_ok = self.doc_ids.as_ref().is_none_or(|d| d[b][i] == d[b][j]);
+        let doc_ok = self.doc_ids.as_ref().is_none_or(|d| {
+            let row = d.get(b);
+            match (row.and_then(|r| r.get(i)), row.and_then(|r| r.get(j))) {
+                (Some(a), Some(c)) => a == c,
+                _ => false,
+            }
+        });
         mode_ok && window_ok && doc_ok
     }
 

@@ -23,7 +23,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
-use crate::config::TritterConfig;
+use crate::config::{AttentionMode, TritterConfig};
 use crate::data::{Batch, DataLoader, PackedDataset};
 use crate::model::MaskSpec;
 use crate::{Result, TritterError, TritterModel};
@@ -136,6 +136,31 @@ impl TrainOptions {
                 "eps / weight_decay / grad_clip",
                 format!("{} / {} / {}", a.eps, a.weight_decay, self.grad_clip),
                 "expected eps > 0, weight_decay >= 0, grad_clip >= 0",
+            ));
+        }
+        if self.warmup_steps >= self.steps {
+            return Err(TritterError::option(
+                "warmup",
+                self.warmup_steps,
+                format!("expected fewer warmup steps than steps ({})", self.steps),
+            ));
+        }
+        // Next-token training needs a causal mask: with bidirectional or embedding attention
+        // position i sees its own target i + 1 and the loss collapses to copying it.
+        if config.attention_mode != AttentionMode::Causal {
+            return Err(TritterError::option(
+                "attention_mode",
+                format!("{:?}", config.attention_mode),
+                "expected causal for next-token training (the other modes see their targets)",
+            ));
+        }
+        // The recompute pass of gradient checkpointing would draw new (unseeded) dropout
+        // masks, so its backward would run through a different network than the forward.
+        if config.gradient_checkpointing && config.dropout > 0.0 {
+            return Err(TritterError::option(
+                "gradient_checkpointing",
+                format!("on with dropout {}", config.dropout),
+                "expected dropout 0 with gradient checkpointing (candle's CPU dropout cannot be replayed)",
             ));
         }
         Ok(())
