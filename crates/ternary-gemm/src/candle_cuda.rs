@@ -19,11 +19,16 @@ use crate::cuda::{
     GemvWorkspace, MlpWorkspace, TernaryMatrixGpu, TernaryMlpGpu,
 };
 
+/// A candle stream (its `CUstream` handle as the key) and the `Gpu` launching on it.
+type StreamGpu = (usize, Arc<Gpu>);
+/// A stream, its `Gpu` and an op's weights uploaded there.
+type CacheEntry<T> = (usize, Arc<Gpu>, Arc<T>);
+
 /// One `Gpu` per candle stream for the whole process, so every op on a device shares one
 /// module cache (each `Gpu` loads the kernel images it uses once). The map keeps the stream
 /// alive, so a key (the stream handle) is never reused by another stream.
 fn gpu_for(dev: &CudaDevice) -> candle_core::Result<Arc<Gpu>> {
-    static GPUS: OnceLock<Mutex<Vec<(usize, Arc<Gpu>)>>> = OnceLock::new();
+    static GPUS: OnceLock<Mutex<Vec<StreamGpu>>> = OnceLock::new();
     let stream = dev.cuda_stream();
     let key = stream.cu_stream() as usize;
     let mut gpus = GPUS
@@ -39,9 +44,17 @@ fn gpu_for(dev: &CudaDevice) -> candle_core::Result<Arc<Gpu>> {
 }
 
 /// Device copies of an op's weights, one per candle stream the op has run on.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct DeviceCache<T> {
-    entries: Mutex<Vec<(usize, Arc<Gpu>, Arc<T>)>>,
+    entries: Mutex<Vec<CacheEntry<T>>>,
+}
+
+impl<T> Default for DeviceCache<T> {
+    fn default() -> Self {
+        DeviceCache {
+            entries: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 impl<T> DeviceCache<T> {
@@ -76,7 +89,7 @@ fn rows_of(
         ))
     })?;
     match layout.dims().last() {
-        Some(&last) if last == expected => Ok((end - start) / expected.max(1), start, end),
+        Some(&last) if last == expected => Ok(((end - start) / expected.max(1), start, end)),
         last => Err(candle_core::Error::msg(format!(
             "{op}: input last dim is {last:?} but the weight expects {what} = {expected}"
         ))),
@@ -149,18 +162,18 @@ pub(crate) fn linear_fwd(
     check_dtype(storage, op)?;
     let dev = storage.device();
     let (gpu, wg) = cache.get(dev, |gpu| TernaryMatrixGpu::upload(gpu, w))?;
-    let wrap = candle_core::Error::wrap;
-    let mut acts = GemvActivations::new(&gpu, rows, w.k_in()).map_err(wrap)?;
+    let mut acts = GemvActivations::new(&gpu, rows, w.k_in()).map_err(candle_core::Error::wrap)?;
     with_typed_view!(storage, start..end, |x| acts
         .quantize_from(&gpu, &x)
-        .map_err(wrap)?);
-    let mut ws = GemvWorkspace::new(&gpu, w.n_out()).map_err(wrap)?;
+        .map_err(candle_core::Error::wrap)?);
+    let mut ws = GemvWorkspace::new(&gpu, w.n_out()).map_err(candle_core::Error::wrap)?;
     let mut y = gpu
         .stream()
         .alloc_zeros::<f32>(rows * w.n_out())
-        .map_err(|e| wrap(KernelError::driver("allocating the output")(e)))?;
+        .map_err(|e| candle_core::Error::wrap(KernelError::driver("allocating the output")(e)))?;
     if rows > 0 {
-        ternary_matmul_a8_cuda(&gpu, &wg, &acts, &mut y.as_view_mut(), &mut ws).map_err(wrap)?;
+        ternary_matmul_a8_cuda(&gpu, &wg, &acts, &mut y.as_view_mut(), &mut ws)
+            .map_err(candle_core::Error::wrap)?;
     }
     output(y, dev, layout, w.n_out(), storage.dtype())
 }
@@ -211,12 +224,11 @@ pub(crate) fn mlp_fwd(
     check_dtype(storage, op)?;
     let dev = storage.device();
     let (gpu, mg) = cache.get(dev, |gpu| TernaryMlpGpu::upload(gpu, mlp))?;
-    let wrap = candle_core::Error::wrap;
-    let mut ws = MlpWorkspace::new(&gpu, &mg, rows).map_err(wrap)?;
+    let mut ws = MlpWorkspace::new(&gpu, &mg, rows).map_err(candle_core::Error::wrap)?;
     let mut y = gpu
         .stream()
         .alloc_zeros::<f32>(rows * hidden)
-        .map_err(|e| wrap(KernelError::driver("allocating the output")(e)))?;
+        .map_err(|e| candle_core::Error::wrap(KernelError::driver("allocating the output")(e)))?;
     with_typed_view!(storage, start..end, |x| ternary_mlp_cuda(
         &gpu,
         &mg,
@@ -224,6 +236,6 @@ pub(crate) fn mlp_fwd(
         &mut y.as_view_mut(),
         &mut ws
     )
-    .map_err(wrap)?);
+    .map_err(candle_core::Error::wrap)?);
     output(y, dev, layout, hidden, storage.dtype())
 }
