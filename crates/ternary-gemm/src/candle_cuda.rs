@@ -127,6 +127,13 @@ macro_rules! with_typed_view {
     };
 }
 
+/// A zeroed f32 device buffer of `n` elements on `gpu`'s stream (an op's output).
+fn alloc_f32(gpu: &Gpu, n: usize) -> candle_core::Result<cudarc::driver::CudaSlice<f32>> {
+    gpu.stream()
+        .alloc_zeros::<f32>(n)
+        .map_err(|e| candle_core::Error::wrap(KernelError::driver("allocating an op output")(e)))
+}
+
 /// `(rows, out_last)` f32 device result as storage in `dtype`, with the input's leading dims.
 fn output(
     y: cudarc::driver::CudaSlice<f32>,
@@ -167,10 +174,7 @@ pub(crate) fn linear_fwd(
         .quantize_from(&gpu, &x)
         .map_err(candle_core::Error::wrap)?);
     let mut ws = GemvWorkspace::new(&gpu, w.n_out()).map_err(candle_core::Error::wrap)?;
-    let mut y = gpu
-        .stream()
-        .alloc_zeros::<f32>(rows * w.n_out())
-        .map_err(|e| candle_core::Error::wrap(KernelError::driver("allocating the output")(e)))?;
+    let mut y = alloc_f32(&gpu, rows * w.n_out())?;
     if rows > 0 {
         ternary_matmul_a8_cuda(&gpu, &wg, &acts, &mut y.as_view_mut(), &mut ws)
             .map_err(candle_core::Error::wrap)?;
@@ -201,10 +205,7 @@ pub(crate) fn linear_bwd(
         None => (storage, start, end),
     };
     let dy = dy_store.as_cuda_slice::<bf16>()?.slice(s..e);
-    let mut dx = gpu
-        .stream()
-        .alloc_zeros::<f32>(rows * w.k_in())
-        .map_err(|e| candle_core::Error::wrap(KernelError::driver("allocating dx")(e)))?;
+    let mut dx = alloc_f32(&gpu, rows * w.k_in())?;
     ternary_matmul_t_cuda(&gpu, &wg, &dy, rows, &mut dx.as_view_mut())
         .map_err(candle_core::Error::wrap)?;
     output(dx, dev, layout, w.k_in(), storage.dtype())
@@ -225,10 +226,7 @@ pub(crate) fn mlp_fwd(
     let dev = storage.device();
     let (gpu, mg) = cache.get(dev, |gpu| TernaryMlpGpu::upload(gpu, mlp))?;
     let mut ws = MlpWorkspace::new(&gpu, &mg, rows).map_err(candle_core::Error::wrap)?;
-    let mut y = gpu
-        .stream()
-        .alloc_zeros::<f32>(rows * hidden)
-        .map_err(|e| candle_core::Error::wrap(KernelError::driver("allocating the output")(e)))?;
+    let mut y = alloc_f32(&gpu, rows * hidden)?;
     with_typed_view!(storage, start..end, |x| ternary_mlp_cuda(
         &gpu,
         &mg,
