@@ -37,19 +37,9 @@ pub enum AttentionMode {
     Embedding,
 }
 
-/// A kind of content the tokenizer maps into the shared vocabulary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Modality {
-    /// Natural-language text.
-    Text,
-    /// Source code.
-    Code,
-    /// Images as patch codes.
-    Image,
-    /// Audio as codes.
-    Audio,
-}
+/// A kind of content the tokenizer maps into the shared vocabulary (the tokenizer's type,
+/// so a config's modalities and the tokenizer's segments are one enum).
+pub use crate::tokenizer::Modality;
 
 fn default_true() -> bool {
     true
@@ -181,12 +171,7 @@ impl TritterConfig {
             attention_sinks: if big { 4 } else { 0 },
             int4_kv_cache: big,
             gradient_checkpointing: big,
-            modalities: vec![
-                Modality::Text,
-                Modality::Code,
-                Modality::Image,
-                Modality::Audio,
-            ],
+            modalities: Modality::ALL.to_vec(),
             dropout: 0.0,
             initializer_range: 0.02,
             tie_embeddings: true,
@@ -212,12 +197,7 @@ impl TritterConfig {
             attention_sinks: 0,
             int4_kv_cache: false,
             gradient_checkpointing: false,
-            modalities: vec![
-                Modality::Text,
-                Modality::Code,
-                Modality::Image,
-                Modality::Audio,
-            ],
+            modalities: Modality::ALL.to_vec(),
             dropout: 0.0,
             initializer_range: 0.02,
             tie_embeddings: true,

@@ -89,8 +89,12 @@ impl fmt::Display for SpecialToken {
     }
 }
 
-/// The four input modalities; each has a prefix token that opens its segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The four input modalities; each has a prefix token that opens its segment. Also the
+/// `modalities` field of `TritterConfig` (serialized in snake case: `"text"`, `"code"`, ...).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Modality {
     /// Natural-language text (bytes or BPE tokens).
     Text,
@@ -103,6 +107,14 @@ pub enum Modality {
 }
 
 impl Modality {
+    /// Every modality, in id-range order.
+    pub const ALL: [Modality; 4] = [
+        Modality::Text,
+        Modality::Code,
+        Modality::Image,
+        Modality::Audio,
+    ];
+
     /// The special token that opens a segment of this modality.
     pub fn prefix_token(self) -> SpecialToken {
         match self {

@@ -656,16 +656,21 @@ fn nll_sum_of_logits(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     Ok(masked.sum_all()?.neg()?)
 }
 
+/// The summed NLL of `batch` under `mask`, on the autograd graph (a scalar f32 tensor).
+fn batch_nll_sum(model: &TritterModel, batch: &Batch, mask: &MaskSpec) -> Result<Tensor> {
+    let (b, l) = batch.inputs.dims2()?;
+    let pos = model.default_positions(b, l)?;
+    let logits = model.forward(&batch.inputs, &pos, mask)?;
+    nll_sum_of_logits(&logits, batch)
+}
+
 /// The summed NLL of `batch` under `mask` (no gradient needed; the graph is dropped).
 pub(crate) fn masked_nll_sum(
     model: &TritterModel,
     batch: &Batch,
     mask: &MaskSpec,
 ) -> Result<Tensor> {
-    let (b, l) = batch.inputs.dims2()?;
-    let pos = model.default_positions(b, l)?;
-    let logits = model.forward(&batch.inputs, &pos, mask)?;
-    Ok(nll_sum_of_logits(&logits, batch)?.detach())
+    Ok(batch_nll_sum(model, batch, mask)?.detach())
 }
 
 /// Loss contribution (`nll_sum / total`) and gradients of one micro-batch, by plain
@@ -677,10 +682,7 @@ fn full_grads(
     mask: &MaskSpec,
     total: usize,
 ) -> Result<(f64, Vec<Option<Tensor>>)> {
-    let (b, l) = batch.inputs.dims2()?;
-    let pos = model.default_positions(b, l)?;
-    let logits = model.forward(&batch.inputs, &pos, mask)?;
-    let loss = (nll_sum_of_logits(&logits, batch)? / total.max(1) as f64)?;
+    let loss = (batch_nll_sum(model, batch, mask)? / total.max(1) as f64)?;
     let value = f64::from(loss.to_scalar::<f32>()?);
     let store = loss.backward()?;
     let grads = opt
