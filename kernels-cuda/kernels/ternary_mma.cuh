@@ -1,7 +1,10 @@
 // Shared primitives of the ternary W2A8 kernels (ternary_gemv.cu, ternary_gemm.cu): the int8
-// tensor-core MMA, the 2-bit weight decode in the kernels' k order, and cp.async helpers.
+// tensor-core MMA, the 2-bit weight decode in the kernels' k order (ldmatrix and cp.async come from
+// warp_mma.cuh).
 #pragma once
 #include <stdint.h>
+
+#include "warp_mma.cuh"
 
 namespace tritter {
 
@@ -14,29 +17,6 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], unsigned a0, unsigned a1, un
         : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-
-// Four 8x8 b16 matrices from shared memory (ldmatrix.x4): lane l supplies the row address
-// of matrix l / 8, row l % 8; register i of lane (g, t) receives word t of row g of matrix i.
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-// cp.async of `bytes` (4 or 16) with zero fill of the part past src_bytes (0 = all zeros).
-template <int kBytes>
-__device__ __forceinline__ void cp_async_zfill(void* smem_dst, const void* gmem_src, int src_bytes) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-    if (kBytes == 16) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
-    } else {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
-    }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
 
 // A register of k-step j (0..3) from a canonical weight word: the codes of weights
 // {j, 4 + j, 8 + j, 12 + j} of the word, one per byte (values 0..2).

@@ -15,3 +15,6 @@ pub use error::{AttnError, Result};
 pub use params::{
     Heads, Mask, MaskInputs, MaskMode, NormRope, Positions, Problem, Seqs, SUPPORTED_HEAD_DIMS,
 };
+
+#[cfg(feature = "cuda")]
+pub mod cuda;

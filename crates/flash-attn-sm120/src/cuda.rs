@@ -1,0 +1,551 @@
+//! CUDA paths (feature `cuda`): FlashAttention forward (kernels-cuda/kernels/flash_fwd.cu) and
+//! the standalone QK-Norm + RoPE kernel, on cudarc buffers, launched on
+//! [`Gpu::stream`](tritter_kernels_cuda::Gpu::stream).
+//!
+//! A problem is uploaded once ([`ProblemGpu`]: cu_seqlens, prefix lengths, document ids and
+//! positions, validated on the host), then any number of launches reuse it, so a training
+//! step or an inference engine pays no per-call host-to-device copies.
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use half::{bf16, f16};
+use tritter_kernels_cuda::{images, Gpu, KernelError};
+
+use crate::error::{AttnError, Result};
+use crate::params::{MaskMode, NormRope, Positions, Problem, Seqs};
+
+/// Query rows per CTA of the forward kernel (`kBM` in flash_fwd.cu).
+pub const FWD_BLOCK_M: usize = 128;
+/// Keys per block of the forward kernel (`kBN`).
+pub const FWD_BLOCK_N: usize = 64;
+const FWD_THREADS: u32 = 128;
+
+/// The 16-bit float types the kernels take.
+pub trait AttnDtype: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {
+    /// Kernel name infix (`bf16` or `f16`).
+    const NAME: &'static str;
+    /// Widens to f32 (exact).
+    fn to_f32(self) -> f32;
+    /// Rounds to nearest even.
+    fn from_f32(v: f32) -> Self;
+}
+
+impl AttnDtype for bf16 {
+    const NAME: &'static str = "bf16";
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl AttnDtype for f16 {
+    const NAME: &'static str = "f16";
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// The parameter block of the kernels, field by field `tritter::flash::Params` in
+/// kernels-cuda/kernels/flash_attn.cuh (device addresses as u64, 0 = null).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct FlashParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    cu_q: u64,
+    cu_k: u64,
+    prefix_lens: u64,
+    doc_ids: u64,
+    q_norm: u64,
+    k_norm: u64,
+    rope: u64,
+    pos_q: u64,
+    pos_k: u64,
+    dout: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    dq_accum: u64,
+    delta: u64,
+    batch: i32,
+    hq: i32,
+    hkv: i32,
+    lq: i32,
+    lk: i32,
+    total_q: i32,
+    mode: i32,
+    window: i32,
+    sinks: i32,
+    max_pos: i32,
+    scale: f32,
+    scale_log2: f32,
+    eps: f32,
+    pad: i32,
+}
+
+// SAFETY: a #[repr(C)] struct of integers and floats whose layout matches the kernels'
+// `Params` (8-byte pointers first, then 4-byte fields, 216 bytes), passed by value.
+unsafe impl DeviceRepr for FlashParams {}
+
+/// RoPE `(cos, sin)` table `(max_positions, D/2)` f32 on the device, computed on the host in
+/// f64 like the reference model's tables (`angle = pos * theta^(-2i/D)`), so the fused kernel
+/// rotates with one table read per element instead of an accurate `sincos` (whose large-angle
+/// range reduction would cost more than the attention math per key block).
+///
+/// Memory: `max_positions * D * 4` bytes (32 MiB for 128K positions at D = 64, 64 MiB at
+/// D = 128), shared by every layer.
+pub struct RopeTable {
+    table: CudaSlice<f32>,
+    head_dim: usize,
+    theta: f32,
+    max_positions: usize,
+}
+
+impl std::fmt::Debug for RopeTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RopeTable")
+            .field("head_dim", &self.head_dim)
+            .field("theta", &self.theta)
+            .field("max_positions", &self.max_positions)
+            .finish()
+    }
+}
+
+impl RopeTable {
+    /// The host table `(max_positions, D/2, 2)`: `(cos, sin)` of `pos * theta^(-2i/D)`.
+    pub fn host_table(head_dim: usize, theta: f32, max_positions: usize) -> Vec<f32> {
+        let half = head_dim / 2;
+        let inv: Vec<f64> = (0..half)
+            .map(|i| f64::from(theta).powf(-2.0 * i as f64 / head_dim as f64))
+            .collect();
+        let mut t = Vec::with_capacity(max_positions * head_dim);
+        for pos in 0..max_positions {
+            for &f in &inv {
+                let a = pos as f64 * f;
+                t.push(a.cos() as f32);
+                t.push(a.sin() as f32);
+            }
+        }
+        t
+    }
+
+    /// Builds and uploads the table for positions `0..max_positions`.
+    pub fn new(gpu: &Gpu, head_dim: usize, theta: f32, max_positions: usize) -> Result<Self> {
+        NormRope {
+            eps: 1.0,
+            rope_theta: theta,
+        }
+        .validate()?;
+        if !crate::SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+            return Err(AttnError::Heads(format!(
+                "RoPE table head dim is {head_dim}; expected one of {:?}",
+                crate::SUPPORTED_HEAD_DIMS
+            )));
+        }
+        if max_positions == 0 || max_positions > i32::MAX as usize {
+            return Err(AttnError::Layout(format!(
+                "RoPE table max_positions is {max_positions} but expected 1 ..= {}",
+                i32::MAX
+            )));
+        }
+        let host = Self::host_table(head_dim, theta, max_positions);
+        let table = gpu
+            .stream()
+            .clone_htod(&host)
+            .map_err(|e| KernelError::driver("uploading the RoPE table")(e))?;
+        Ok(RopeTable {
+            table,
+            head_dim,
+            theta,
+            max_positions,
+        })
+    }
+
+    /// Head dim `D` of the table.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// RoPE base.
+    pub fn theta(&self) -> f32 {
+        self.theta
+    }
+
+    /// Positions covered: `0..max_positions`.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+}
+
+/// The fused QK-Norm + RoPE prologue's device inputs: weights `(D,)`, eps and the table.
+#[derive(Debug, Clone, Copy)]
+pub struct NormRopeGpu<'a, T: AttnDtype> {
+    /// QK-Norm weight of q `(D,)`.
+    pub q_norm: &'a CudaSlice<T>,
+    /// QK-Norm weight of k `(D,)`.
+    pub k_norm: &'a CudaSlice<T>,
+    /// RMSNorm epsilon (theta comes from the table).
+    pub eps: f32,
+    /// `(cos, sin)` table covering every position of the problem.
+    pub rope: &'a RopeTable,
+}
+
+/// A validated [`Problem`] with its index arrays on the device, reusable across launches.
+#[derive(Debug)]
+pub struct ProblemGpu {
+    problem: Problem,
+    cu_q: Option<CudaSlice<i32>>,
+    cu_k: Option<CudaSlice<i32>>,
+    prefix_lens: Option<CudaSlice<i32>>,
+    doc_ids: Option<CudaSlice<i32>>,
+    pos_q: Option<CudaSlice<i32>>,
+    pos_k: Option<CudaSlice<i32>>,
+    /// Largest RoPE position any token uses (+1 = table rows needed).
+    max_position: usize,
+    max_lq: usize,
+}
+
+fn upload(gpu: &Gpu, what: &str, v: Option<&Vec<i32>>) -> Result<Option<CudaSlice<i32>>> {
+    v.map(|v| {
+        gpu.stream()
+            .clone_htod(v)
+            .map_err(|e| KernelError::driver(format!("uploading {what}"))(e).into())
+    })
+    .transpose()
+}
+
+impl ProblemGpu {
+    /// Validates `problem` and `positions` and uploads their arrays.
+    pub fn new(gpu: &Gpu, problem: Problem, positions: Positions) -> Result<Self> {
+        problem.validate()?;
+        problem.check_positions(&positions)?;
+        let (cu_q, cu_k) = match &problem.seqs {
+            Seqs::Varlen { cu_q, cu_k } => (
+                upload(gpu, "cu_seqlens_q", Some(cu_q))?,
+                upload(gpu, "cu_seqlens_k", Some(cu_k))?,
+            ),
+            Seqs::Fixed { .. } => (None, None),
+        };
+        let (max_lq, max_lk) = problem.seqs.max_lens();
+        let default_max = max_lq.max(max_lk).saturating_sub(1);
+        let max_of = |p: &Option<Vec<i32>>| {
+            p.as_ref()
+                .map(|p| p.iter().copied().max().unwrap_or(0).max(0) as usize)
+        };
+        let max_position = max_of(&positions.q)
+            .unwrap_or(default_max)
+            .max(max_of(&positions.k).unwrap_or(default_max));
+        Ok(ProblemGpu {
+            prefix_lens: upload(gpu, "prefix_lens", problem.inputs.prefix_lens.as_ref())?,
+            doc_ids: upload(gpu, "doc_ids", problem.inputs.doc_ids.as_ref())?,
+            pos_q: upload(gpu, "positions.q", positions.q.as_ref())?,
+            pos_k: upload(gpu, "positions.k", positions.k.as_ref())?,
+            cu_q,
+            cu_k,
+            problem,
+            max_position,
+            max_lq,
+        })
+    }
+
+    /// The host description.
+    pub fn problem(&self) -> &Problem {
+        &self.problem
+    }
+}
+
+fn opt_ptr(gpu: &Gpu, s: &Option<CudaSlice<i32>>) -> u64 {
+    s.as_ref().map_or(0, |s| s.device_ptr(gpu.stream()).0)
+}
+
+/// Shared memory of the forward kernel at head dim `d`: Q, K, V tiles plus the doc ids.
+pub fn fwd_smem_bytes(d: usize) -> usize {
+    (FWD_BLOCK_M + 2 * FWD_BLOCK_N) * d * 2 + FWD_BLOCK_N * 4
+}
+
+fn check_slice<T>(
+    p: &Problem,
+    what: &'static str,
+    s: &CudaSlice<T>,
+    expected: usize,
+) -> Result<()> {
+    p.check_len(what, s.len(), expected)
+}
+
+/// Attention forward on the GPU: `out = softmax(q k^T * scale + mask) v` `(total_q, Hq, D)`
+/// and the natural-log `lse` (`(B, Hq, Lq)`, or `(Hq, total_q)` for varlen), with q
+/// `(total_q, Hq, D)`, k/v `(total_k, Hkv, D)` in `T`. With `prologue`, q and k are raw and
+/// the kernel applies QK-Norm + RoPE as it loads them.
+///
+/// Every length, the head shapes, the mask and (with a prologue) the RoPE table's coverage are
+/// checked before the launch. Asynchronous on `gpu.stream()`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_fwd_cuda<T: AttnDtype>(
+    gpu: &Gpu,
+    pb: &ProblemGpu,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    out: &mut CudaSlice<T>,
+    lse: &mut CudaSlice<f32>,
+    prologue: Option<&NormRopeGpu<'_, T>>,
+) -> Result<()> {
+    let p = &pb.problem;
+    p.check_lens(q.len(), k.len(), v.len())?;
+    check_slice(p, "out", out, p.q_len())?;
+    check_slice(p, "lse", lse, p.lse_len())?;
+    let d = p.heads.dim;
+    if let Some(nr) = prologue {
+        check_prologue(p, nr, pb.max_position)?;
+    }
+    let smem = fwd_smem_bytes(d);
+    let optin = gpu.info().max_shared_per_block_optin as usize;
+    if optin < smem {
+        return Err(AttnError::Heads(format!(
+            "the forward kernel at D = {d} needs {smem} bytes of shared memory per block but \
+             this GPU allows {optin}"
+        )));
+    }
+    let name = kernel_name::<T>("flash_fwd", prologue.is_some(), d);
+    let func = gpu.function(&images::FLASH_FWD, name)?;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(|e| KernelError::driver(format!("raising {name}'s shared memory limit"))(e))?;
+
+    let stream = gpu.stream();
+    let (q_ptr, _gq) = q.device_ptr(stream);
+    let (k_ptr, _gk) = k.device_ptr(stream);
+    let (v_ptr, _gv) = v.device_ptr(stream);
+    let (o_ptr, _go) = out.device_ptr_mut(stream);
+    let (lse_ptr, _gl) = lse.device_ptr_mut(stream);
+    let mut params = base_params(gpu, pb);
+    params.q = q_ptr;
+    params.k = k_ptr;
+    params.v = v_ptr;
+    params.o = o_ptr;
+    params.lse = lse_ptr;
+    let _norm_guards = prologue.map(|nr| {
+        let (qn, gqn) = nr.q_norm.device_ptr(stream);
+        let (kn, gkn) = nr.k_norm.device_ptr(stream);
+        let (rt, grt) = nr.rope.table.device_ptr(stream);
+        params.q_norm = qn;
+        params.k_norm = kn;
+        params.rope = rt;
+        params.eps = nr.eps;
+        params.max_pos = nr.rope.max_positions as i32;
+        (gqn, gkn, grt)
+    });
+    let cfg = LaunchConfig {
+        grid_dim: (
+            pb.max_lq.div_ceil(FWD_BLOCK_M) as u32,
+            p.heads.q as u32,
+            p.seqs.batch() as u32,
+        ),
+        block_dim: (FWD_THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&params);
+    // SAFETY: `flash_fwd_*(Params)`; every buffer length was checked against the problem
+    // above, the index arrays were validated and uploaded by ProblemGpu::new, and the
+    // guards keep the buffers alive and ordered until the launch is queued.
+    unsafe { launch.launch(cfg) }
+        .map_err(|e| KernelError::driver(format!("launching {name}"))(e))?;
+    Ok(())
+}
+
+fn check_prologue<T: AttnDtype>(
+    p: &Problem,
+    nr: &NormRopeGpu<'_, T>,
+    max_position: usize,
+) -> Result<()> {
+    let d = p.heads.dim;
+    check_slice(p, "q_norm", nr.q_norm, d)?;
+    check_slice(p, "k_norm", nr.k_norm, d)?;
+    NormRope {
+        eps: nr.eps,
+        rope_theta: nr.rope.theta,
+    }
+    .validate()?;
+    if nr.rope.head_dim != d {
+        return Err(AttnError::Heads(format!(
+            "the RoPE table is for D = {} but the problem has D = {d}",
+            nr.rope.head_dim
+        )));
+    }
+    if max_position >= nr.rope.max_positions {
+        return Err(AttnError::Layout(format!(
+            "a token has RoPE position {max_position} but the table covers 0..{}; build it \
+             with max_positions > {max_position}",
+            nr.rope.max_positions
+        )));
+    }
+    Ok(())
+}
+
+fn base_params(gpu: &Gpu, pb: &ProblemGpu) -> FlashParams {
+    let p = &pb.problem;
+    let (lq, lk) = match p.seqs {
+        Seqs::Fixed { lq, lk, .. } => (lq as i32, lk as i32),
+        Seqs::Varlen { .. } => (0, 0),
+    };
+    FlashParams {
+        cu_q: opt_ptr(gpu, &pb.cu_q),
+        cu_k: opt_ptr(gpu, &pb.cu_k),
+        prefix_lens: opt_ptr(gpu, &pb.prefix_lens),
+        doc_ids: opt_ptr(gpu, &pb.doc_ids),
+        pos_q: opt_ptr(gpu, &pb.pos_q),
+        pos_k: opt_ptr(gpu, &pb.pos_k),
+        batch: p.seqs.batch() as i32,
+        hq: p.heads.q as i32,
+        hkv: p.heads.kv as i32,
+        lq,
+        lk,
+        total_q: p.seqs.total_q() as i32,
+        mode: match p.mask.mode {
+            MaskMode::Causal => 0,
+            MaskMode::Bidirectional => 1,
+            MaskMode::PrefixLm => 2,
+        },
+        window: p.mask.window.unwrap_or(0) as i32,
+        sinks: p.mask.sinks as i32,
+        scale: p.heads.softmax_scale,
+        scale_log2: p.heads.softmax_scale * std::f32::consts::LOG2_E,
+        ..FlashParams::default()
+    }
+}
+
+fn kernel_name<T: AttnDtype>(base: &str, norm_rope: bool, d: usize) -> &'static str {
+    // Static names (Gpu::function caches by &'static str).
+    const NAMES: [&str; 8] = [
+        "flash_fwd_bf16_d64",
+        "flash_fwd_bf16_d128",
+        "flash_fwd_f16_d64",
+        "flash_fwd_f16_d128",
+        "flash_fwd_nr_bf16_d64",
+        "flash_fwd_nr_bf16_d128",
+        "flash_fwd_nr_f16_d64",
+        "flash_fwd_nr_f16_d128",
+    ];
+    let want = format!(
+        "{base}{}_{}_d{d}",
+        if norm_rope { "_nr" } else { "" },
+        T::NAME
+    );
+    NAMES
+        .iter()
+        .find(|n| **n == want)
+        .copied()
+        .unwrap_or("flash_fwd_missing")
+}
+
+/// Standalone QK-Norm + RoPE: `x` `(tokens, heads, D)` -> `y`, RMSNorm with `weight` `(D,)`
+/// then RoPE at `positions` `(tokens,)` (token index when `None`). One warp per row; used to
+/// store normalized keys in a KV cache, and as the unfused baseline of the benches.
+/// Host positions are checked against the table and uploaded (4 bytes per token).
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope_cuda<T: AttnDtype>(
+    gpu: &Gpu,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    tokens: usize,
+    heads: usize,
+    weight: &CudaSlice<T>,
+    eps: f32,
+    rope: &RopeTable,
+    positions: Option<&[i32]>,
+) -> Result<()> {
+    let d = rope.head_dim;
+    let rows = tokens * heads;
+    let shape = |what: &'static str, actual: usize, expected: usize| {
+        if actual == expected {
+            Ok(())
+        } else {
+            Err(AttnError::Shape {
+                what,
+                actual,
+                expected,
+                detail: format!("(tokens={tokens}, heads={heads}, D={d})"),
+            })
+        }
+    };
+    shape("x", x.len(), rows * d)?;
+    shape("y", y.len(), rows * d)?;
+    shape("weight", weight.len(), d)?;
+    if let Some(p) = positions {
+        shape("positions", p.len(), tokens)?;
+    }
+    NormRope {
+        eps,
+        rope_theta: rope.theta,
+    }
+    .validate()?;
+    if let Some(t) = positions.and_then(|p| p.iter().position(|&x| x < 0)) {
+        return Err(AttnError::Layout(format!(
+            "positions[{t}] is {} but expected a position >= 0",
+            positions.map_or(0, |p| p[t])
+        )));
+    }
+    let top = positions.map_or(tokens.saturating_sub(1), |p| {
+        p.iter().copied().max().unwrap_or(0).max(0) as usize
+    });
+    if top >= rope.max_positions {
+        return Err(AttnError::Layout(format!(
+            "positions reach {top} but the RoPE table covers 0..{}",
+            rope.max_positions
+        )));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    if rows > i32::MAX as usize {
+        return Err(AttnError::Layout(format!(
+            "tokens * heads = {rows} rows but expected at most {}",
+            i32::MAX
+        )));
+    }
+    let name: &'static str = match (T::NAME, d) {
+        ("bf16", 64) => "qk_norm_rope_bf16_d64",
+        ("bf16", _) => "qk_norm_rope_bf16_d128",
+        (_, 64) => "qk_norm_rope_f16_d64",
+        _ => "qk_norm_rope_f16_d128",
+    };
+    let func = gpu.function(&images::FLASH_FWD, name)?;
+    const WARPS: usize = 8;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
+        block_dim: (WARPS as u32 * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows_i, heads_i) = (rows as i32, heads as i32);
+    let null: u64 = 0;
+    let pos_dev = positions
+        .map(|p| gpu.stream().clone_htod(p))
+        .transpose()
+        .map_err(|e| KernelError::driver("uploading positions")(e))?;
+    let mut launch = gpu.stream().launch_builder(&func);
+    launch.arg(x).arg(y).arg(weight).arg(&rope.table);
+    match &pos_dev {
+        Some(p) => launch.arg(p),
+        None => launch.arg(&null),
+    };
+    launch.arg(&rows_i).arg(&heads_i).arg(&eps);
+    // SAFETY: `qk_norm_rope_*(const T*, T*, const T*, const float2*, const int*, int, int,
+    // float)`; x/y hold rows * D, weight D, positions `tokens` entries, all below the table's
+    // rows (checked above).
+    unsafe { launch.launch(cfg) }
+        .map_err(|e| KernelError::driver(format!("launching {name}"))(e))?;
+    Ok(())
+}

@@ -1,0 +1,210 @@
+// Shared pieces of the FlashAttention kernels (flash_fwd.cu, flash_bwd.cu, qk_norm_rope.cu):
+// the parameter block, the mask rule, the tile ranges a mask leaves, the swizzled shared
+// memory layout, and the QK-Norm + RoPE row transform.
+//
+// Semantics (crates/flash-attn-sm120/src/params.rs is the contract):
+// * q (total_q, Hq, D), k/v (total_k, Hkv, D), o like q; logsumexp (B, Hq, Lq) for fixed
+//   batches, (Hq, total_q) for varlen (cu_q != nullptr).
+// * query row i of a sequence with lq queries and lk keys sits at position i + lk - lq.
+// * key j visible to aligned position i iff j < lk and mode (causal j <= i; prefix-LM
+//   j <= i || j < prefix; bidirectional) and window (|i - j| < W || j < sinks) and
+//   documents (doc[i] == doc[j]).
+#pragma once
+#include "common.cuh"
+#include "warp_mma.cuh"
+
+namespace tritter {
+namespace flash {
+
+enum MaskMode : int { kCausal = 0, kBidirectional = 1, kPrefixLm = 2 };
+
+// Passed by value; mirrors `FlashParams` in crates/flash-attn-sm120/src/cuda.rs field by field.
+struct Params {
+    const void* q;           // (total_q, Hq, D) T
+    const void* k;           // (total_k, Hkv, D) T
+    const void* v;           // (total_k, Hkv, D) T
+    void* o;                 // (total_q, Hq, D) T
+    float* lse;              // (B, Hq, Lq) or (Hq, total_q), natural log
+    const int* cu_q;         // (B + 1) or nullptr (fixed lengths lq, lk)
+    const int* cu_k;         // (B + 1) or nullptr
+    const int* prefix_lens;  // (B) for kPrefixLm, else nullptr
+    const int* doc_ids;      // (total_k) non-decreasing per sequence, or nullptr
+    const void* q_norm;      // (D) T, prologue only
+    const void* k_norm;      // (D) T, prologue only
+    const float2* rope;      // (max_pos, D/2) (cos, sin), prologue only
+    const int* pos_q;        // (total_q) or nullptr: aligned position
+    const int* pos_k;        // (total_k) or nullptr: index within the sequence
+    // backward only
+    const void* dout;        // like o
+    void* dq;                // like q (T), or f32 accumulator (total_q, Hq, D) when dq_accum
+    void* dk;                // like k
+    void* dv;                // like v
+    float* dq_accum;         // (total_q, Hq, D) f32
+    float* delta;            // like lse: rowsum(dO * O)
+    int batch, hq, hkv, lq, lk;
+    int total_q;
+    int mode, window, sinks;
+    int max_pos;
+    float scale;       // softmax scale
+    float scale_log2;  // scale * log2(e)
+    float eps;         // QK-Norm epsilon
+    int pad_;
+};
+
+// Row-major tile of `kD` 16-bit elements per row in shared memory with 16-byte chunks
+// XOR-swizzled by the row's low 3 bits: ldmatrix and cp.async of 8 consecutive rows at the
+// same logical chunk then touch 8 distinct bank groups (conflict-free).
+template <int kD>
+__device__ __forceinline__ int swz(int row, int col) {
+    return row * kD + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+}
+
+// 2^x on the SFU (ex2.approx, 2 ulp): the softmax exponent.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// One sequence's extent and the per-sequence mask inputs.
+struct Seq {
+    int q0, lq, k0, lk;  // first query token, queries, first key token, keys
+    int shift;           // lk - lq: aligned position = row + shift
+    int prefix;          // prefix length (kPrefixLm) else 0
+};
+
+__device__ __forceinline__ Seq load_seq(const Params& p, int b) {
+    Seq s;
+    if (p.cu_q != nullptr) {
+        s.q0 = p.cu_q[b];
+        s.lq = p.cu_q[b + 1] - s.q0;
+        s.k0 = p.cu_k[b];
+        s.lk = p.cu_k[b + 1] - s.k0;
+    } else {
+        s.q0 = b * p.lq;
+        s.lq = p.lq;
+        s.k0 = b * p.lk;
+        s.lk = p.lk;
+    }
+    s.shift = s.lk - s.lq;
+    s.prefix = (p.mode == kPrefixLm && p.prefix_lens != nullptr) ? p.prefix_lens[b] : 0;
+    return s;
+}
+
+// Mask rule without documents, for aligned query position i and key j (both in-sequence).
+__device__ __forceinline__ bool visible_nodoc(const Params& p, const Seq& s, int i, int j) {
+    if (j >= s.lk) return false;
+    bool ok = p.mode == kBidirectional || j <= i || (p.mode == kPrefixLm && j < s.prefix);
+    if (p.window > 0) ok = ok && (abs(i - j) < p.window || j < p.sinks);
+    return ok;
+}
+
+// First key index whose document id is >= `doc` (doc ids non-decreasing in the sequence).
+__device__ __forceinline__ int doc_lower_bound(const int* doc, int n, int value) {
+    int lo = 0, hi = n;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (doc[mid] < value) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+// Keys that aligned query positions [a0, a1] (inclusive) can see lie in [lo, hi) or, for
+// sink keys exempt from the window, in [sink_lo, sink_hi) (empty unless a window cuts lo
+// above the sinks); every other key is masked for all of them.
+struct KeyRange {
+    int lo, hi, sink_lo, sink_hi;
+};
+
+__device__ __forceinline__ KeyRange key_range(const Params& p, const Seq& s, int a0, int a1) {
+    KeyRange r{0, s.lk, 0, 0};
+    int doc_lo = 0;
+    if (p.mode == kCausal) r.hi = min(r.hi, a1 + 1);
+    if (p.mode == kPrefixLm) r.hi = min(r.hi, max(a1 + 1, s.prefix));
+    if (p.doc_ids != nullptr) {
+        const int* doc = p.doc_ids + s.k0;
+        const int d0 = doc[min(max(a0, 0), s.lk - 1)];
+        const int d1 = doc[min(max(a1, 0), s.lk - 1)];
+        doc_lo = doc_lower_bound(doc, s.lk, d0);
+        r.lo = max(r.lo, doc_lo);
+        r.hi = min(r.hi, doc_lower_bound(doc, s.lk, d1 + 1));
+    }
+    if (p.window > 0) {
+        r.lo = max(r.lo, a0 - p.window + 1);
+        r.hi = min(r.hi, a1 + p.window);
+        r.sink_lo = doc_lo;
+        r.sink_hi = min(p.sinks, r.lo);
+    }
+    if (r.hi < r.lo) r.hi = r.lo;
+    if (r.sink_hi < r.sink_lo) r.sink_hi = r.sink_lo;
+    return r;
+}
+
+// True when every (query, key) pair of aligned positions [a0, a1] x keys [n0, n1) is visible
+// (then the tile needs no per-element mask).
+__device__ __forceinline__ bool tile_all_visible(const Params& p, const Seq& s, int a0, int a1, int n0, int n1) {
+    if (n1 > s.lk || a0 < 0) return false;
+    if (p.mode == kCausal && n1 - 1 > a0) return false;
+    if (p.mode == kPrefixLm && !(n1 <= s.prefix || n1 - 1 <= a0)) return false;
+    if (p.window > 0 && !(n1 <= p.sinks || (a1 - n0 < p.window && n1 - 1 - a0 < p.window))) return false;
+    if (p.doc_ids != nullptr) {
+        const int* doc = p.doc_ids + s.k0;
+        const int d = doc[n0];
+        if (doc[n1 - 1] != d || doc[a0] != d || doc[min(a1, s.lk - 1)] != d) return false;
+    }
+    return true;
+}
+
+// QK-Norm + RoPE of one row held by a warp: lane owns elements [lane * E, lane * E + E),
+// E = D / 32, so the rotate-half partner of every element sits in lane ^ 16.
+//   x_hat = x / sqrt(mean(x^2) + eps) * w;  y[c] = x_hat[c] cos - x_hat[c + D/2] sin (c < D/2),
+//   y[c] = x_hat[c] cos + x_hat[c - D/2] sin (c >= D/2), angle = pos * theta^(-2 (c mod D/2) / D)
+// `w` are the lane's E weights, `cs` the (cos, sin) row of the position (D/2 entries).
+template <int kD>
+__device__ __forceinline__ void norm_rope_row(float (&x)[kD / 32], const float (&w)[kD / 32], const float2* cs,
+                                              float eps, int lane) {
+    constexpr int E = kD / 32;
+    float ss = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) ss += x[e] * x[e];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float r = rsqrtf(ss / kD + eps);
+    const bool first = lane < 16;
+    const int f0 = (lane & 15) * E;  // frequency index of element 0
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        const float xh = x[e] * r * w[e];
+        const float other = __shfl_xor_sync(0xffffffffu, xh, 16);
+        const float2 c = cs[f0 + e];
+        x[e] = first ? xh * c.x - other * c.y : xh * c.x + other * c.y;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_row_elems(float* dst, const T* src, int n) {
+    for (int e = 0; e < n; ++e) dst[e] = to_float(src[e]);
+}
+
+__device__ __forceinline__ void from_float(float v, __nv_bfloat16* dst) { *dst = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void from_float(float v, __half* dst) { *dst = __float2half_rn(v); }
+
+// Applies norm_rope_row in place to rows [r0, r0 + rows) of a swizzled shared tile, one row per
+// warp iteration. `pos(row)` gives the position, `w` the lane's weights.
+template <typename T, int kD, typename PosFn>
+__device__ __forceinline__ void norm_rope_tile(T* tile, int r0, int rows, const float (&w)[kD / 32],
+                                               const float2* rope, float eps, int lane, PosFn pos) {
+    constexpr int E = kD / 32;
+    for (int r = r0; r < r0 + rows; ++r) {
+        T* elems = tile + swz<kD>(r, lane * E);  // E <= 4 elements stay inside one 16-byte chunk
+        float x[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) x[e] = to_float(elems[e]);
+        norm_rope_row<kD>(x, w, rope + static_cast<size_t>(pos(r)) * (kD / 2), eps, lane);
+#pragma unroll
+        for (int e = 0; e < E; ++e) from_float(x[e], elems + e);
+    }
+}
+
+}  // namespace flash
+}  // namespace tritter

@@ -1,0 +1,398 @@
+// FlashAttention-2 forward on mma.sync (sm_90 and sm_120), with GQA, fixed and variable
+// length batches, the masks of DESIGN.md section 4, and an optional fused QK-Norm + RoPE
+// prologue.
+//
+// Algorithm (Dao, FlashAttention-2): one CTA per (query block of kBM = 128 rows, query head,
+// sequence). The CTA keeps its Q tile in shared memory and walks the key/value blocks of
+// kBN = 64 keys that the mask leaves (flash_attn.cuh: key_range), from the last block down,
+// keeping the running row max m, row sum l and the output accumulator O in registers
+// (online softmax in base 2: p = exp2(s * scale * log2 e - m)). At the end O / l is written
+// and logsumexp = m ln 2 + ln l.
+//
+// Tiles and warps: 4 warps; warp w owns query rows [32 w, 32 w + 32) as two m16 tiles.
+// S = Q K^T per block is 2 x 8 m16n8k16 tiles per warp (64 f32 registers), O is 2 x D/8 tiles
+// (128 registers at D = 128). P is re-packed from the S accumulators into A fragments
+// without a trip through shared memory. K (row-major [key][d]) feeds the B operand through
+// plain ldmatrix, V through ldmatrix.trans.
+//
+// Shared memory (16-bit T, 16-byte chunks XOR-swizzled by row): Q kBM x D, K kBN x D, V kBN x D
+// = 64 KB at D = 128 (32 KB at D = 64): below sm_120's 99 KB per block; 2 CTAs per SM on the
+// H100, 1 on sm_120. Pipeline (FA2): the V load of block n overlaps Q K^T of block n, the K
+// load of block n - 1 overlaps softmax and P V of block n (cp.async, one buffer each).
+//
+// Masks: blocks outside key_range are never loaded; blocks that tile_all_visible proves fully
+// visible skip the per-element mask; the rest apply the rule element-wise (documents through
+// the tile's doc ids in shared memory). Rows past the sequence are zero-filled and never written.
+//
+// Prologue (kNormRope): Q is normalized and rotated in shared memory once per CTA; every K
+// block is normalized and rotated after it lands, before Q K^T (one warp per row, lane ^ 16
+// holds the rotate-half partner). RoPE (cos, sin) come from a table built on the host in f64.
+//
+// Bound: compute (tensor cores) for L >= 1K; per block each warp issues 2 * 8 * D/16 MMAs for
+// S and as many for P V against ~40 instructions of softmax per row pair.
+#include "flash_attn.cuh"
+
+namespace tritter {
+namespace flash {
+
+constexpr int kBM = 128;
+constexpr int kBN = 64;
+constexpr int kThreads = 128;
+
+template <int kD>
+constexpr int fwd_smem_bytes() {
+    return (kBM + 2 * kBN) * kD * 2 + kBN * 4;
+}
+
+// cp.async of rows [0, rows) of a (tokens, heads, D) tensor into a swizzled tile of `kRows`
+// rows; rows >= valid are zero-filled. `src` points at (token 0 of the tile, head h, d 0).
+template <int kRows, int kD>
+__device__ __forceinline__ void load_tile(void* tile, const void* src, size_t row_stride_bytes, int valid) {
+    constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+    const char* s = static_cast<const char*>(src);
+    char* t = static_cast<char*>(tile);
+#pragma unroll
+    for (int i = 0; i < kRows * kChunks / kThreads; ++i) {
+        const int c = threadIdx.x + i * kThreads;
+        const int row = c / kChunks, chunk = c % kChunks;
+        const bool ok = row < valid;
+        const char* g = s + (ok ? row * row_stride_bytes + chunk * 16 : 0);
+        cp_async_zfill<16>(t + swz<kD>(row, chunk * 8) * 2, g, ok ? 16 : 0);
+    }
+}
+
+template <typename T, int kD, bool kNormRope>
+__device__ __forceinline__ void flash_fwd(const Params& p) {
+    constexpr int kNT = kBN / 8;   // n8 tiles of S per warp row block
+    constexpr int kDT = kD / 8;    // n8 tiles of O
+    constexpr int kE = kD / 32;    // prologue elements per lane
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* sQ = reinterpret_cast<T*>(smem);
+    T* sK = sQ + kBM * kD;
+    T* sV = sK + kBN * kD;
+    int* sDoc = reinterpret_cast<int*>(sV + kBN * kD);
+
+    const int b = blockIdx.z, h = blockIdx.y;
+    const Seq s = load_seq(p, b);
+    const int m_blocks = (s.lq + kBM - 1) / kBM;
+    // heaviest (causal: last) query blocks first
+    const int m_block = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+    if (m_block >= m_blocks) return;
+    const int m0 = m_block * kBM;
+    const int rows = min(kBM, s.lq - m0);
+    const int hk = h / (p.hq / p.hkv);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+
+    const size_t q_stride = static_cast<size_t>(p.hq) * kD * sizeof(T);
+    const size_t kv_stride = static_cast<size_t>(p.hkv) * kD * sizeof(T);
+    const T* q_base = static_cast<const T*>(p.q) + (static_cast<size_t>(s.q0 + m0) * p.hq + h) * kD;
+    const T* k_base = static_cast<const T*>(p.k) + (static_cast<size_t>(s.k0) * p.hkv + hk) * kD;
+    const T* v_base = static_cast<const T*>(p.v) + (static_cast<size_t>(s.k0) * p.hkv + hk) * kD;
+
+    // Aligned positions of the block's valid rows and the keys they can see.
+    const int a0 = m0 + s.shift, a1 = m0 + rows - 1 + s.shift;
+    const KeyRange kr = key_range(p, s, a0, a1);
+    const int main_lo = kr.lo / kBN, main_hi = (kr.hi + kBN - 1) / kBN;
+    const int sink_lo = kr.sink_lo / kBN;
+    const int sink_hi = min((kr.sink_hi + kBN - 1) / kBN, main_lo);
+    const int n_main = max(main_hi - main_lo, 0);
+    const int n_sink = max(sink_hi - sink_lo, 0);
+    const int n_total = n_main + n_sink;
+    // block index of step it: main blocks from the top down, then sink blocks
+    auto block_of = [&](int it) { return it < n_main ? main_hi - 1 - it : sink_hi - 1 - (it - n_main); };
+
+    load_tile<kBM, kD>(sQ, q_base, q_stride, rows);
+    if (n_total > 0) {
+        const int n0 = block_of(0) * kBN;
+        load_tile<kBN, kD>(sK, k_base + static_cast<size_t>(n0) * p.hkv * kD, kv_stride, s.lk - n0);
+    }
+    cp_async_commit();
+
+    float w_k[kE];
+    if constexpr (kNormRope) {
+        float w_q[kE];
+#pragma unroll
+        for (int e = 0; e < kE; ++e) {
+            w_q[e] = to_float(static_cast<const T*>(p.q_norm)[lane * kE + e]);
+            w_k[e] = to_float(static_cast<const T*>(p.k_norm)[lane * kE + e]);
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        norm_rope_tile<T, kD>(sQ, warp * 32, 32, w_q, p.rope, p.eps, lane, [&](int r) {
+            if (r >= rows) return 0;
+            return p.pos_q != nullptr ? p.pos_q[s.q0 + m0 + r] : max(m0 + r + s.shift, m0 + r);
+        });
+    }
+
+    // Query rows of this thread: (mt, half) -> row m0 + warp * 32 + mt * 16 + g + 8 * half.
+    int q_doc[2][2];
+    if (p.doc_ids != nullptr) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int a = m0 + warp * 32 + mt * 16 + g + 8 * hf + s.shift;
+                q_doc[mt][hf] = p.doc_ids[s.k0 + min(max(a, 0), s.lk - 1)];
+            }
+    }
+
+    float o[2][kDT][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
+    float row_m[2][2], row_l[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            row_m[mt][hf] = -INFINITY;
+            row_l[mt][hf] = 0.f;
+        }
+
+    for (int it = 0; it < n_total; ++it) {
+        const int n0 = block_of(it) * kBN;
+        cp_async_wait<0>();
+        __syncthreads();  // K of this block landed; every warp is done with the previous V
+        load_tile<kBN, kD>(sV, v_base + static_cast<size_t>(n0) * p.hkv * kD, kv_stride, s.lk - n0);
+        cp_async_commit();
+        if (p.doc_ids != nullptr && tid < kBN) sDoc[tid] = p.doc_ids[s.k0 + min(n0 + tid, s.lk - 1)];
+        if constexpr (kNormRope) {
+            norm_rope_tile<T, kD>(sK, warp * (kBN / 4), kBN / 4, w_k, p.rope, p.eps, lane, [&](int r) {
+                const int j = n0 + r;
+                if (j >= s.lk) return 0;
+                return p.pos_k != nullptr ? p.pos_k[s.k0 + j] : j;
+            });
+        }
+        if (kNormRope || p.doc_ids != nullptr) __syncthreads();
+
+        // S = Q K^T
+        float sc[2][kNT][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sc[mt][nt][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < kD / 16; ++ks) {
+            unsigned a[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+                ldmatrix_x4(a[mt], sQ + swz<kD>(warp * 32 + mt * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int np = 0; np < kNT / 2; ++np) {
+                unsigned bk[4];
+                ldmatrix_x4(bk, sK + swz<kD>(np * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    mma_16816<T>(sc[mt][2 * np], a[mt], bk[0], bk[1]);
+                    mma_16816<T>(sc[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+                }
+            }
+        }
+
+        // Mask the block where it is not fully visible.
+        if (!tile_all_visible(p, s, a0, a1, n0, n0 + kBN)) {
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int i = m0 + warp * 32 + mt * 16 + g + 8 * hf + s.shift;
+#pragma unroll
+                    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int jl = nt * 8 + 2 * t4 + e;
+                            bool vis = visible_nodoc(p, s, i, n0 + jl);
+                            if (p.doc_ids != nullptr) vis = vis && sDoc[jl] == q_doc[mt][hf];
+                            if (!vis) sc[mt][nt][2 * hf + e] = -INFINITY;
+                        }
+                }
+        }
+
+        cp_async_wait<0>();
+        __syncthreads();  // V landed; every warp is done with K
+        if (it + 1 < n_total) {
+            const int nn = block_of(it + 1) * kBN;
+            load_tile<kBN, kD>(sK, k_base + static_cast<size_t>(nn) * p.hkv * kD, kv_stride, s.lk - nn);
+        }
+        cp_async_commit();
+
+        // Online softmax (base 2), rescaling O.
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(sc[mt][nt][2 * hf], sc[mt][nt][2 * hf + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(row_m[mt][hf], mx * p.scale_log2);
+                const float m_use = m_new == -INFINITY ? 0.f : m_new;
+                const float alpha = fast_exp2(row_m[mt][hf] - m_use);
+                row_m[mt][hf] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float pv = fast_exp2(fmaf(sc[mt][nt][2 * hf + e], p.scale_log2, -m_use));
+                        sc[mt][nt][2 * hf + e] = pv;
+                        sum += pv;
+                    }
+                row_l[mt][hf] = row_l[mt][hf] * alpha + sum;
+#pragma unroll
+                for (int dt = 0; dt < kDT; ++dt) {
+                    o[mt][dt][2 * hf] *= alpha;
+                    o[mt][dt][2 * hf + 1] *= alpha;
+                }
+            }
+
+        // O += P V
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            unsigned pa[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                pa[mt][0] = pack2<T>(sc[mt][2 * kk][0], sc[mt][2 * kk][1]);
+                pa[mt][1] = pack2<T>(sc[mt][2 * kk][2], sc[mt][2 * kk][3]);
+                pa[mt][2] = pack2<T>(sc[mt][2 * kk + 1][0], sc[mt][2 * kk + 1][1]);
+                pa[mt][3] = pack2<T>(sc[mt][2 * kk + 1][2], sc[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < kDT / 2; ++dp) {
+                unsigned bv[4];
+                ldmatrix_x4_trans(bv, sV + swz<kD>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), dp * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    mma_16816<T>(o[mt][2 * dp], pa[mt], bv[0], bv[1]);
+                    mma_16816<T>(o[mt][2 * dp + 1], pa[mt], bv[2], bv[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: O / l through shared memory (the Q tile) for 16-byte stores; logsumexp.
+    __syncthreads();  // every warp is done reading Q
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            float l = row_l[mt][hf];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const int r = warp * 32 + mt * 16 + g + 8 * hf;
+#pragma unroll
+            for (int dt = 0; dt < kDT; ++dt) {
+                *reinterpret_cast<unsigned*>(sQ + swz<kD>(r, dt * 8 + 2 * t4)) =
+                    pack2<T>(o[mt][dt][2 * hf] * inv, o[mt][dt][2 * hf + 1] * inv);
+            }
+            if (t4 == 0 && r < rows) {
+                const float lse = l > 0.f ? row_m[mt][hf] * 0.6931471805599453f + logf(l) : -INFINITY;
+                const int i = m0 + r;
+                const size_t idx = p.cu_q != nullptr
+                                       ? static_cast<size_t>(h) * p.total_q + s.q0 + i
+                                       : (static_cast<size_t>(b) * p.hq + h) * s.lq + i;
+                p.lse[idx] = lse;
+            }
+        }
+    __syncthreads();
+    T* o_base = static_cast<T*>(p.o) + (static_cast<size_t>(s.q0 + m0) * p.hq + h) * kD;
+    constexpr int kChunks = kD / 8;
+#pragma unroll
+    for (int i = 0; i < kBM * kChunks / kThreads; ++i) {
+        const int c = tid + i * kThreads;
+        const int row = c / kChunks, chunk = c % kChunks;
+        if (row < rows) {
+            *reinterpret_cast<uint4*>(o_base + static_cast<size_t>(row) * p.hq * kD + chunk * 8) =
+                *reinterpret_cast<const uint4*>(sQ + swz<kD>(row, chunk * 8));
+        }
+    }
+}
+
+// Standalone QK-Norm + RoPE: x (rows = tokens * heads, D) -> y, one warp per row; token of row r
+// is r / heads, its position pos[token] (or the token index when pos is null). Used to store
+// normalized, rotated keys in a KV cache and as the unfused baseline of the benches.
+template <typename T, int kD>
+__device__ __forceinline__ void qk_norm_rope(const T* x, T* y, const T* w, const float2* rope, const int* pos,
+                                             int rows, int heads, float eps) {
+    constexpr int kE = kD / 32;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    float wl[kE], v[kE];
+#pragma unroll
+    for (int e = 0; e < kE; ++e) {
+        wl[e] = to_float(w[lane * kE + e]);
+        v[e] = to_float(x[static_cast<size_t>(row) * kD + lane * kE + e]);
+    }
+    const int token = row / heads;
+    const int position = pos != nullptr ? pos[token] : token;
+    norm_rope_row<kD>(v, wl, rope + static_cast<size_t>(position) * (kD / 2), eps, lane);
+#pragma unroll
+    for (int e = 0; e < kE; ++e) from_float(v[e], y + static_cast<size_t>(row) * kD + lane * kE + e);
+}
+
+// The materialized baseline's softmax (benches only): S (rows, n) bf16 scores, row r being
+// query (r % lq) of its head, softmax of scale * S with an optional causal mask (keys past the
+// query's aligned position get 0), written in place as P. One CTA of 256 threads per row.
+__device__ __forceinline__ void softmax_rows(__nv_bfloat16* s, int n, int lq, float scale, int causal) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    __nv_bfloat16* x = s + row * n;
+    const int limit = causal ? static_cast<int>(row % lq) + n - lq + 1 : n;
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, to_float(x[j]) * scale);
+    m = block_max(m, scratch);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += __expf(to_float(x[j]) * scale - m);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    sum = 0.f;
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) sum += scratch[w];
+    const float inv = 1.f / sum;
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+        x[j] = __float2bfloat16_rn(j < limit ? __expf(to_float(x[j]) * scale - m) * inv : 0.f);
+}
+
+}  // namespace flash
+}  // namespace tritter
+
+extern "C" __global__ void __launch_bounds__(256) attn_softmax_rows_bf16(__nv_bfloat16* s, int n, int lq, float scale,
+                                                                         int causal) {
+    tritter::flash::softmax_rows(s, n, lq, scale, causal);
+}
+
+#define QK_NORM_ROPE(name, T, D)                                                                        \
+    extern "C" __global__ void name(const T* x, T* y, const T* w, const float2* rope, const int* pos, int rows, \
+                                    int heads, float eps) {                                           \
+        tritter::flash::qk_norm_rope<T, D>(x, y, w, rope, pos, rows, heads, eps);                     \
+    }
+QK_NORM_ROPE(qk_norm_rope_bf16_d64, __nv_bfloat16, 64)
+QK_NORM_ROPE(qk_norm_rope_bf16_d128, __nv_bfloat16, 128)
+QK_NORM_ROPE(qk_norm_rope_f16_d64, __half, 64)
+QK_NORM_ROPE(qk_norm_rope_f16_d128, __half, 128)
+
+#define FLASH_FWD(name, T, D, NR)                                                        \
+    extern "C" __global__ void __launch_bounds__(tritter::flash::kThreads, 1)           \
+        name(const tritter::flash::Params p) {                                         \
+        tritter::flash::flash_fwd<T, D, NR>(p);                                         \
+    }
+
+FLASH_FWD(flash_fwd_bf16_d64, __nv_bfloat16, 64, false)
+FLASH_FWD(flash_fwd_bf16_d128, __nv_bfloat16, 128, false)
+FLASH_FWD(flash_fwd_f16_d64, __half, 64, false)
+FLASH_FWD(flash_fwd_f16_d128, __half, 128, false)
+FLASH_FWD(flash_fwd_nr_bf16_d64, __nv_bfloat16, 64, true)
+FLASH_FWD(flash_fwd_nr_bf16_d128, __nv_bfloat16, 128, true)
+FLASH_FWD(flash_fwd_nr_f16_d64, __half, 64, true)
+FLASH_FWD(flash_fwd_nr_f16_d128, __half, 128, true)
