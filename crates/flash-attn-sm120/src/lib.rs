@@ -15,7 +15,11 @@
 //!   [`attention_bwd_ref`] (dq, dk, dv and the norm weights' gradients),
 //!   [`attention_probs_ref`], and the QK-Norm + RoPE prologue [`qk_norm_rope_ref`] /
 //!   [`qk_norm_rope_bwd_ref`];
+//! * feature `candle`: `candle_ops::FlashAttn`, a `CustomOp3` with autograd (CPU forward
+//!   and backward through the reference; the CUDA forward comes with the kernels).
 
+#[cfg(feature = "candle")]
+pub mod candle_ops;
 pub mod error;
 pub mod params;
 pub mod reference;
