@@ -11,7 +11,7 @@
 //! Available now:
 //! * [`Problem`] and its parts, validated on the host ([`AttnError`] names actual and
 //!   expected values);
-//! * the f32 CPU reference ([`reference`]): [`attention_fwd_ref`] (output + logsumexp),
+//! * the f32 CPU reference ([`mod@reference`]): [`attention_fwd_ref`] (output + logsumexp),
 //!   [`attention_bwd_ref`] (dq, dk, dv and the norm weights' gradients),
 //!   [`attention_probs_ref`], and the QK-Norm + RoPE prologue [`qk_norm_rope_ref`] /
 //!   [`qk_norm_rope_bwd_ref`];
