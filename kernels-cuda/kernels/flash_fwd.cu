@@ -35,8 +35,16 @@
 namespace tritter {
 namespace flash {
 
+// FLASH_FWD_BN / FLASH_FWD_MIN_BLOCKS override the tile for tuning builds (dev/flash_tune.sh);
+// the Rust side assumes the defaults.
+#ifndef FLASH_FWD_BN
+#define FLASH_FWD_BN 64
+#endif
+#ifndef FLASH_FWD_MIN_BLOCKS
+#define FLASH_FWD_MIN_BLOCKS 1
+#endif
 constexpr int kBM = 128;
-constexpr int kBN = 64;
+constexpr int kBN = FLASH_FWD_BN;
 constexpr int kThreads = 128;
 
 template <int kD>
@@ -383,7 +391,7 @@ QK_NORM_ROPE(qk_norm_rope_f16_d64, __half, 64)
 QK_NORM_ROPE(qk_norm_rope_f16_d128, __half, 128)
 
 #define FLASH_FWD(name, T, D, NR)                                                        \
-    extern "C" __global__ void __launch_bounds__(tritter::flash::kThreads, 1)           \
+    extern "C" __global__ void __launch_bounds__(tritter::flash::kThreads, FLASH_FWD_MIN_BLOCKS)           \
         name(const tritter::flash::Params p) {                                         \
         tritter::flash::flash_fwd<T, D, NR>(p);                                         \
     }

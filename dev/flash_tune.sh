@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds flash_fwd.cu tuning variants for sm_90 into .gpu/tune/ (run here, then carry .gpu and
+# run `python3 dev/flash_tune.py .gpu/tune/flash_*.cubin` on the GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvcc="$(ls .venv-cuda/lib/python3.*/site-packages/nvidia/cu13/bin/nvcc)"
+mkdir -p .gpu/tune
+cp dev/flash_tune.py .gpu/tune/
+build() { # name flags...
+  local name=$1; shift
+  "$nvcc" -cubin -arch=sm_90 -O3 "$@" -o ".gpu/tune/flash_$name.cubin" kernels-cuda/kernels/flash_fwd.cu
+}
+build bn64 -DFLASH_FWD_BN=64
+build bn64_mb2 -DFLASH_FWD_BN=64 -DFLASH_FWD_MIN_BLOCKS=2
+build bn32 -DFLASH_FWD_BN=32
+build bn128 -DFLASH_FWD_BN=128
