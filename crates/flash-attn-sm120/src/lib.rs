@@ -7,9 +7,22 @@
 //! Tensors: q `(B, Lq, Hq, D)` (or packed `(total_q, Hq, D)`), k/v `(B, Lk, Hkv, D)` in
 //! bf16/f16, `Hq % Hkv == 0`; output like q plus logsumexp `(B, Hq, Lq)` f32. The problem
 //! description ([`Problem`]) is shared by the CPU reference and the kernels.
+//!
+//! Available now:
+//! * [`Problem`] and its parts, validated on the host ([`AttnError`] names actual and
+//!   expected values);
+//! * the f32 CPU reference ([`mod@reference`]): [`attention_fwd_ref`] (output + logsumexp),
+//!   [`attention_bwd_ref`] (dq, dk, dv and the norm weights' gradients),
+//!   [`attention_probs_ref`], and the QK-Norm + RoPE prologue [`qk_norm_rope_ref`] /
+//!   [`qk_norm_rope_bwd_ref`];
+//! * feature `candle`: `candle_ops::FlashAttn`, a `CustomOp3` with autograd (CPU forward
+//!   and backward through the reference; the CUDA forward comes with the kernels).
 
+#[cfg(feature = "candle")]
+pub mod candle_ops;
 pub mod error;
 pub mod params;
+pub mod reference;
 
 pub use error::{AttnError, Result};
 pub use params::{
@@ -18,3 +31,12 @@ pub use params::{
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub use reference::{
+    attention_bwd_ref, attention_fwd_ref, attention_probs_ref, qk_norm_rope_bwd_ref,
+    qk_norm_rope_ref, FwdOut, Grads, Prologue,
+};
+
+/// Compiles and runs the README's examples as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -218,10 +218,12 @@ impl Seqs {
                         "fixed batch B = {batch}, Lq = {lq}, Lk = {lk}, but expected all >= 1"
                     )));
                 }
-                let total = batch * lq.max(lk);
-                if total > i32::MAX as usize {
+                // Checked: an absurd B * L must be an error, not an overflow panic.
+                let total = batch.checked_mul(*lq.max(lk));
+                if total.is_none_or(|t| t > i32::MAX as usize) {
                     return Err(AttnError::Layout(format!(
-                        "B * L = {total} tokens but expected at most {} (i32 offsets)",
+                        "B * L = {batch} * {} tokens but expected at most {} (i32 offsets)",
+                        lq.max(lk),
                         i32::MAX
                     )));
                 }
@@ -401,6 +403,23 @@ impl Problem {
     pub fn validate(&self) -> Result<()> {
         self.heads.validate()?;
         self.seqs.validate()?;
+        // Element counts must fit usize, or q_len()/kv_len() would overflow.
+        for (what, tokens, heads) in [
+            ("q", self.seqs.total_q(), self.heads.q),
+            ("k/v", self.seqs.total_k(), self.heads.kv),
+        ] {
+            if tokens
+                .checked_mul(heads)
+                .and_then(|n| n.checked_mul(self.heads.dim))
+                .is_none()
+            {
+                return Err(AttnError::Layout(format!(
+                    "{what} has {tokens} tokens * {heads} heads * D = {} elements, more than \
+                     usize holds",
+                    self.heads.dim
+                )));
+            }
+        }
         let batch = self.seqs.batch();
         if self.mask.window == Some(0) {
             return Err(AttnError::Mask(
