@@ -231,8 +231,8 @@ impl<T: AttnDtype> BwdWorkspace<T> {
 }
 
 /// One kernel argument, pushed by reference from a vector that outlives the launch builder.
-enum Arg {
-    Params(FlashParams),
+enum Arg<'a> {
+    Params(&'a FlashParams),
     Ptr(u64),
     I32(i32),
     I64(i64),
@@ -245,7 +245,7 @@ fn launch(
     grid: (usize, usize, usize),
     block: u32,
     smem: usize,
-    args: &[Arg],
+    args: &[Arg<'_>],
 ) -> Result<()> {
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
@@ -266,7 +266,7 @@ fn launch(
     let mut b = gpu.stream().launch_builder(&func);
     for a in args {
         match a {
-            Arg::Params(p) => b.arg(p),
+            Arg::Params(p) => b.arg(*p),
             Arg::Ptr(p) => b.arg(p),
             Arg::I32(v) => b.arg(v),
             Arg::I64(v) => b.arg(v),
@@ -465,7 +465,7 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
                 (ROW_WARPS * 32) as u32,
                 0,
                 &[
-                    Arg::Params(params),
+                    Arg::Params(&params),
                     Arg::Ptr(x),
                     Arg::Ptr(y),
                     Arg::Ptr(w),
@@ -489,7 +489,7 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
         (rows_q.div_ceil(ROW_WARPS), 1, 1),
         (ROW_WARPS * 32) as u32,
         0,
-        &[Arg::Params(params), Arg::I32(atomic as i32)],
+        &[Arg::Params(&params), Arg::I32(atomic as i32)],
     )?;
     // dK, dV (and atomic dQ) per key block.
     launch(
@@ -505,7 +505,7 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
         (max_lk.div_ceil(BWD_BLOCK_N), hkv, batch),
         KV_THREADS,
         smem_kv,
-        &[Arg::Params(params), Arg::Ptr(dk_f32)],
+        &[Arg::Params(&params), Arg::Ptr(dk_f32)],
     )?;
     if atomic {
         if pro.is_none() {
@@ -520,7 +520,7 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
                 ((n / 4).div_ceil(256), 1, 1),
                 256,
                 0,
-                &[Arg::Params(params), Arg::I64(n as i64)],
+                &[Arg::Params(&params), Arg::I64(n as i64)],
             )?;
         }
     } else {
@@ -530,7 +530,7 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
             (max_lq.div_ceil(BWD_DQ_BLOCK_M), hq, batch),
             DQ_THREADS,
             smem_dq,
-            &[Arg::Params(params), Arg::I32(pro.is_some() as i32)],
+            &[Arg::Params(&params), Arg::I32(pro.is_some() as i32)],
         )?;
     }
 
@@ -559,7 +559,7 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
                 (ROW_WARPS * 32) as u32,
                 0,
                 &[
-                    Arg::Params(params),
+                    Arg::Params(&params),
                     Arg::Ptr(x),
                     Arg::Ptr(dy),
                     Arg::Ptr(dx),
