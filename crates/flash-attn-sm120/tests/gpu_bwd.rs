@@ -10,7 +10,7 @@
 //! reference and `lowp` is the same math evaluated the way any 16-bit kernel must: the
 //! probabilities and dS rounded to the storage type before the products that consume them
 //! (they are MMA operands), f32 accumulation. FlashAttention uses a PyTorch bf16 run as
-//! `lowp`; here it is [`common::lowp_bwd`]. The factor 2 leaves room for a different
+//! `lowp`; here it is [`table::lowp_bwd`]. The factor 2 leaves room for a different
 //! summation order and `ex2.approx`; `eps_T * max |ref|` (one rounding of the largest
 //! gradient: 2^-8 bf16, 2^-11 f16) covers the final rounding of dq/dk/dv to the storage type,
 //! which `lowp` does not apply.
@@ -53,52 +53,14 @@ gpu_test!(
     gpu_bwd_bad_input_is_rejected => bad_input
 );
 
-#[cfg(feature = "cuda")]
-mod common {
-    use cudarc::driver::CudaSlice;
-    use flash_attn_sm120::cuda::{
-        flash_attn_bwd_cuda, flash_attn_fwd_cuda, AttnDtype, BwdMode, BwdWorkspace, GradsGpu,
-        NormGradsGpu, NormRopeGpu, ProblemGpu, PrologueBwd,
-    };
+/// The case table and the low-precision oracle (plain CPU code, also checked without a GPU).
+mod table {
     use flash_attn_sm120::{Heads, Mask, MaskInputs, MaskMode, Problem, Seqs};
-    use tritter_kernels_cuda::testing::random_f32;
-    use tritter_kernels_cuda::Gpu;
 
-    /// Uniform [-2, 2) times this has unit variance.
-    pub const UNIT_VARIANCE: f32 = 0.866_025_4;
-
-    /// Unit-variance values rounded to `T`, and their exact f32 widening.
-    pub fn inputs<T: AttnDtype>(n: usize, seed: u64) -> (Vec<T>, Vec<f32>) {
-        let t: Vec<T> = random_f32(n, seed)
-            .into_iter()
-            .map(|v| T::from_f32(v * UNIT_VARIANCE))
-            .collect();
-        let f = t.iter().map(|v| v.to_f32()).collect();
-        (t, f)
-    }
-
-    pub fn upload<T: AttnDtype>(gpu: &Gpu, v: &[T]) -> CudaSlice<T> {
-        gpu.stream().clone_htod(v).expect("upload")
-    }
-
-    pub fn download<T: AttnDtype>(gpu: &Gpu, v: &CudaSlice<T>) -> Vec<f32> {
-        let host = gpu.stream().clone_dtoh(v).expect("download");
-        host.iter().map(|x| x.to_f32()).collect()
-    }
-
-    /// Rounds to `T` and back.
-    pub fn round<T: AttnDtype>(x: f32) -> f32 {
-        T::from_f32(x).to_f32()
-    }
-
-    /// One rounding of `T` relative to the value (2^-8 bf16, 2^-11 f16).
-    pub fn eps<T: AttnDtype>() -> f32 {
-        if T::NAME == "bf16" {
-            2f32.powi(-8)
-        } else {
-            2f32.powi(-11)
-        }
-    }
+    /// Query rows and keys per tile of the backward kernels (`BWD_BLOCK_M`, `BWD_BLOCK_N`;
+    /// the GPU tests assert they still match).
+    pub const BM: usize = 64;
+    pub const BN: usize = 64;
 
     /// One table row.
     #[derive(Debug, Clone)]
@@ -117,7 +79,6 @@ mod common {
     /// The conformance table: sizes straddle the backward tiles (64 queries x 64 keys) and
     /// the forward's 128-row query tiles, so every partial-tile and skip path runs.
     pub fn cases() -> Vec<Case> {
-        use flash_attn_sm120::cuda::{BWD_BLOCK_M as BM, BWD_BLOCK_N as BN};
         let h = Heads::new;
         let prefix = |p: Problem, lens: Vec<i32>| Problem {
             mask: Mask {
@@ -312,6 +273,157 @@ mod common {
         v
     }
 
+    /// The backward evaluated as a 16-bit kernel must (module docs): f32 scores and sums,
+    /// P and dS rounded to the storage type (`round`) where they become MMA operands, probabilities from the given
+    /// `lse`, delta from the given (16-bit) `out`. Returns (dq, dk, dv) unrounded.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lowp_bwd(
+        round: fn(f32) -> f32,
+        p: &Problem,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        dout: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (hq, hkv, d) = (p.heads.q, p.heads.kv, p.heads.dim);
+        let scale = p.heads.softmax_scale;
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        for b in 0..p.seqs.batch() {
+            let (q0, lq, k0, lk) = p.seqs.seq(b);
+            for h in 0..hq {
+                let hk = h / (hq / hkv);
+                for i in 0..lq {
+                    let t = q0 + i;
+                    let qi = &q[(t * hq + h) * d..][..d];
+                    let doi = &dout[(t * hq + h) * d..][..d];
+                    let delta = dot(doi, &out[(t * hq + h) * d..][..d]);
+                    let l = lse[p.seqs.lse_index(hq, b, i, t, h)];
+                    for j in 0..lk {
+                        if !p.visible(b, i, j) {
+                            continue;
+                        }
+                        let kr = (k0 + j) * hkv + hk;
+                        let kj = &k[kr * d..][..d];
+                        let vj = &v[kr * d..][..d];
+                        let pij = (dot(qi, kj) * scale - l).exp();
+                        let ds = pij * (dot(doi, vj) - delta);
+                        let (pt, dst) = (round(pij), round(ds));
+                        for c in 0..d {
+                            dv[kr * d + c] += pt * doi[c];
+                            dk[kr * d + c] += dst * qi[c] * scale;
+                            dq[(t * hq + h) * d + c] += dst * kj[c] * scale;
+                        }
+                    }
+                }
+            }
+        }
+        (dq, dk, dv)
+    }
+}
+
+/// The oracle of the tolerance is itself checked: `lowp_bwd` with bf16 rounding lands near
+/// the reference (it is the same math), but not on it (the roundings happen).
+#[test]
+fn lowp_oracle_is_near_the_reference() {
+    use flash_attn_sm120::{attention_bwd_ref, attention_fwd_ref};
+    use tritter_kernels_cuda::testing::random_f32;
+    let bf = |x: f32| half::bf16::from_f32(x).to_f32();
+    // the cheaper half of the table (the oracle is O(Lq Lk Hq D) without tiling; debug build)
+    let cost = |p: &flash_attn_sm120::Problem| p.q_len() * p.seqs.max_lens().1;
+    for case in table::cases()
+        .iter()
+        .filter(|c| cost(&c.problem) <= 40_000_000)
+    {
+        eprintln!("{}: checking the lowp oracle", case.name);
+        let p = &case.problem;
+        let r = |n, seed| {
+            random_f32(n, seed)
+                .into_iter()
+                .map(bf)
+                .collect::<Vec<f32>>()
+        };
+        let (q, k, v, dout) = (
+            r(p.q_len(), 1),
+            r(p.kv_len(), 2),
+            r(p.kv_len(), 3),
+            r(p.q_len(), 4),
+        );
+        let fwd = attention_fwd_ref(p, &q, &k, &v, None).unwrap();
+        let out: Vec<f32> = fwd.out.iter().map(|&x| bf(x)).collect();
+        let want = attention_bwd_ref(p, &q, &k, &v, None, &out, Some(&fwd.lse), &dout).unwrap();
+        let (dq, dk, dv) = table::lowp_bwd(bf, p, &q, &k, &v, &out, &fwd.lse, &dout);
+        for (what, got, want) in [
+            ("dq", &dq, &want.dq),
+            ("dk", &dk, &want.dk),
+            ("dv", &dv, &want.dv),
+        ] {
+            let mag = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = got
+                .iter()
+                .zip(want.iter())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err <= 2f32.powi(-5) * mag && (mag == 0.0 || err > 0.0),
+                "{}: lowp {what} max |err| {err:e} vs max |ref| {mag:e}",
+                case.name
+            );
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod common {
+    use cudarc::driver::CudaSlice;
+    use flash_attn_sm120::cuda::{
+        flash_attn_bwd_cuda, flash_attn_fwd_cuda, AttnDtype, BwdMode, BwdWorkspace, GradsGpu,
+        NormGradsGpu, NormRopeGpu, ProblemGpu, PrologueBwd,
+    };
+    use tritter_kernels_cuda::testing::random_f32;
+    use tritter_kernels_cuda::Gpu;
+
+    pub use super::table::{cases, lowp_bwd, Case};
+
+    /// Uniform [-2, 2) times this has unit variance.
+    pub const UNIT_VARIANCE: f32 = 0.866_025_4;
+
+    /// Unit-variance values rounded to `T`, and their exact f32 widening.
+    pub fn inputs<T: AttnDtype>(n: usize, seed: u64) -> (Vec<T>, Vec<f32>) {
+        let t: Vec<T> = random_f32(n, seed)
+            .into_iter()
+            .map(|v| T::from_f32(v * UNIT_VARIANCE))
+            .collect();
+        let f = t.iter().map(|v| v.to_f32()).collect();
+        (t, f)
+    }
+
+    pub fn upload<T: AttnDtype>(gpu: &Gpu, v: &[T]) -> CudaSlice<T> {
+        gpu.stream().clone_htod(v).expect("upload")
+    }
+
+    pub fn download<T: AttnDtype>(gpu: &Gpu, v: &CudaSlice<T>) -> Vec<f32> {
+        let host = gpu.stream().clone_dtoh(v).expect("download");
+        host.iter().map(|x| x.to_f32()).collect()
+    }
+
+    /// Rounds to `T` and back.
+    pub fn round<T: AttnDtype>(x: f32) -> f32 {
+        T::from_f32(x).to_f32()
+    }
+
+    /// One rounding of `T` relative to the value (2^-8 bf16, 2^-11 f16).
+    pub fn eps<T: AttnDtype>() -> f32 {
+        if T::NAME == "bf16" {
+            2f32.powi(-8)
+        } else {
+            2f32.powi(-11)
+        }
+    }
+
     /// Device tensors of one problem: inputs, forward results, gradients, workspace.
     pub struct Run<T: AttnDtype> {
         pub pb: ProblemGpu,
@@ -401,57 +513,6 @@ mod common {
         }
     }
 
-    /// The backward evaluated as a 16-bit kernel must (module docs): f32 scores and sums,
-    /// P and dS rounded to `T` where they become MMA operands, probabilities from the given
-    /// `lse`, delta from the given (16-bit) `out`. Returns (dq, dk, dv) unrounded.
-    #[allow(clippy::too_many_arguments)]
-    pub fn lowp_bwd<T: AttnDtype>(
-        p: &Problem,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        out: &[f32],
-        lse: &[f32],
-        dout: &[f32],
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (hq, hkv, d) = (p.heads.q, p.heads.kv, p.heads.dim);
-        let scale = p.heads.softmax_scale;
-        let mut dq = vec![0f32; q.len()];
-        let mut dk = vec![0f32; k.len()];
-        let mut dv = vec![0f32; v.len()];
-        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-        for b in 0..p.seqs.batch() {
-            let (q0, lq, k0, lk) = p.seqs.seq(b);
-            for h in 0..hq {
-                let hk = h / (hq / hkv);
-                for i in 0..lq {
-                    let t = q0 + i;
-                    let qi = &q[(t * hq + h) * d..][..d];
-                    let doi = &dout[(t * hq + h) * d..][..d];
-                    let delta = dot(doi, &out[(t * hq + h) * d..][..d]);
-                    let l = lse[p.seqs.lse_index(hq, b, i, t, h)];
-                    for j in 0..lk {
-                        if !p.visible(b, i, j) {
-                            continue;
-                        }
-                        let kr = (k0 + j) * hkv + hk;
-                        let kj = &k[kr * d..][..d];
-                        let vj = &v[kr * d..][..d];
-                        let pij = (dot(qi, kj) * scale - l).exp();
-                        let ds = pij * (dot(doi, vj) - delta);
-                        let (pt, dst) = (round::<T>(pij), round::<T>(ds));
-                        for c in 0..d {
-                            dv[kr * d + c] += pt * doi[c];
-                            dk[kr * d + c] += dst * qi[c] * scale;
-                            dq[(t * hq + h) * d + c] += dst * kj[c] * scale;
-                        }
-                    }
-                }
-            }
-        }
-        (dq, dk, dv)
-    }
-
     fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, usize) {
         let mut worst = (0f32, 0);
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -507,7 +568,7 @@ mod bwd {
         let (out, lse) = run.forward_results(gpu);
         let want = attention_bwd_ref(p, &qf, &kf, &vf, None, &out, Some(&lse), &doutf)
             .unwrap_or_else(|e| panic!("{}: reference: {e}", case.name));
-        let (lq, lk, lv) = lowp_bwd::<T>(p, &qf, &kf, &vf, &out, &lse, &doutf);
+        let (lq, lk, lv) = lowp_bwd(round::<T>, p, &qf, &kf, &vf, &out, &lse, &doutf);
         for mode in [BwdMode::Atomic, BwdMode::Deterministic] {
             let got = run.backward(gpu, mode, None);
             let name = format!("{} {} {mode:?}", case.name, T::NAME);
@@ -518,6 +579,12 @@ mod bwd {
     }
 
     pub fn run(gpu: &Gpu) {
+        use flash_attn_sm120::cuda::{BWD_BLOCK_M, BWD_BLOCK_N};
+        assert_eq!(
+            (super::table::BM, super::table::BN),
+            (BWD_BLOCK_M, BWD_BLOCK_N),
+            "table tiles"
+        );
         for (i, case) in cases().iter().enumerate() {
             check::<bf16>(gpu, case, 100 + 10 * i as u64);
             check::<f16>(gpu, case, 500 + 10 * i as u64);
@@ -679,7 +746,7 @@ mod prologue {
         let rnd = |x: Vec<f32>| x.into_iter().map(round::<T>).collect::<Vec<_>>();
         let qh = rnd(qk_norm_rope_ref(&qf, tq, p.heads.q, d, &wqf, &nr, &pq).unwrap());
         let kh = rnd(qk_norm_rope_ref(&kf, tk, p.heads.kv, d, &wkf, &nr, &pk).unwrap());
-        let (dqh, dkh, lv) = lowp_bwd::<T>(p, &qh, &kh, &vf, &out, &lse, &doutf);
+        let (dqh, dkh, lv) = lowp_bwd(round::<T>, p, &qh, &kh, &vf, &out, &lse, &doutf);
         let (lq, lqn) = qk_norm_rope_bwd_ref(&qf, tq, p.heads.q, d, &wqf, &nr, &pq, &dqh).unwrap();
         let (lk, lkn) = qk_norm_rope_bwd_ref(&kf, tk, p.heads.kv, d, &wkf, &nr, &pk, &dkh).unwrap();
         let want_qn = want.dq_norm.clone().expect("reference dq_norm");
