@@ -41,13 +41,15 @@
 // or (Hq, total_q) f32; dq_accum (total_q, Hq, D) f32. Shared tiles are row-major, 16-byte
 // chunks XOR-swizzled by row (swz), so cp.async, ldmatrix and ldmatrix.trans are conflict-free.
 //
-// Shared memory and registers (nvcc 13.0 --resource-usage; see the crate README):
-// * main kernel: Q, dO (64 x D each), K, V (64 x D each), P, dS (64 x 64 each), doc ids
-//   = 82,176 B at D = 128 (41,216 B at D = 64): 2 CTAs per SM on the H100, 1 on sm_120
-//   (99 KB per block). dK, dV accumulators: 2 x D/2 x 16 / 32 x 4 = 64 registers at D = 128.
-// * dq kernel: Q, dO (64 x D), K, V double-buffered (2 x 2 x 64 x D), doc ids
-//   = 98,816 B at D = 128 (just under sm_120's 101,376 B), 49,664 B at D = 64.
-// * Register counts and spills per kernel and arch are listed in the crate README.
+// Shared memory and registers (nvcc 13.0 --resource-usage, sm_90 / sm_120; README has the table):
+// * main kernel: Q, dO, K, V (64 x D each), P, dS (64 x 64 each), doc ids = 82,176 B at
+//   D = 128, 49,408 B at D = 64. D = 128: 218-225 / 240-244 registers, no spills, 1 CTA of
+//   8 warps per SM (dK + dV alone hold 64 f32 registers per thread; a 128-register cap for
+//   2 CTAs spills ~96 B). D = 64: __launch_bounds__(256, 2), 128 registers, no spills, 2 CTAs.
+// * dq kernel: Q, dO (64 x D), K, V double-buffered (2 x 2 x 64 x D), doc ids = 98,816 B at
+//   D = 128 (under sm_120's 101,376 B per block), 49,664 B at D = 64. D = 128: 255 registers,
+//   8 B of spill on sm_90 (none on sm_120); D = 64: 227 / 243, no spills.
+// * preprocess, convert, norm kernels: <= 40 registers, <= 4 KB static shared memory.
 //
 // Bound: tensor cores for L >= 1K. Per (64 x 64) tile the main kernel issues 5 GEMMs of
 // 64 x 64 x D (S, dP, dV, dK, dQ) against ~10 instructions per score element; the atomic dQ
@@ -706,6 +708,7 @@ using tritter::flash::Params;
         tritter::flash::bwd::norm_rope_bwd_rows<T, D>(p, x, dy, dx, w, partial, rows, heads, is_q);            \
     }
 
+// MINB: 2 CTAs per SM at D = 64 (128 registers, no spills); 1 at D = 128 (see the top comment).
 #define FLASH_BWD_T(T, TN)                                                                            \
     FLASH_BWD_D(T, TN, 64, 2)                                                                         \
     FLASH_BWD_D(T, TN, 128, 1)                                                                        \
