@@ -1,5 +1,6 @@
-//! CUDA paths (feature `cuda`): FlashAttention forward (kernels-cuda/kernels/flash_fwd.cu) and
-//! the standalone QK-Norm + RoPE kernel, on cudarc buffers, launched on
+//! CUDA paths (feature `cuda`): FlashAttention forward (kernels-cuda/kernels/flash_fwd.cu),
+//! backward ([`flash_attn_bwd_cuda`], kernels-cuda/kernels/flash_bwd.cu) and the standalone
+//! QK-Norm + RoPE kernel, on cudarc buffers, launched on
 //! [`Gpu::stream`](tritter_kernels_cuda::Gpu::stream).
 //!
 //! A problem is uploaded once ([`ProblemGpu`]: cu_seqlens, prefix lengths, document ids and
@@ -15,6 +16,12 @@ use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use crate::error::{AttnError, Result};
 use crate::params::{MaskMode, NormRope, Positions, Problem, Seqs};
+
+mod bwd;
+pub use bwd::{
+    bwd_dq_smem_bytes, bwd_kv_smem_bytes, flash_attn_bwd_cuda, BwdMode, BwdWorkspace, GradsGpu,
+    NormGradsGpu, PrologueBwd, BWD_BLOCK_M, BWD_BLOCK_N, BWD_DQ_BLOCK_M,
+};
 
 /// Query rows per CTA of the forward kernel (`kBM` in flash_fwd.cu).
 pub const FWD_BLOCK_M: usize = 128;
