@@ -19,11 +19,14 @@ PARAMS = np.dtype([(n, "<u8") for n in (
 assert PARAMS.itemsize == 216
 
 
+THREADS = [128]
+
+
 def launch(fn, grid, smem, params):
     buf = params.tobytes()
     cbuf = ctypes.create_string_buffer(buf, len(buf))
     args = (ctypes.c_void_p * 1)(ctypes.addressof(cbuf))
-    cp.cuda.driver.launchKernel(fn.ptr, *grid, 128, 1, 1, smem, cp.cuda.get_current_stream().ptr,
+    cp.cuda.driver.launchKernel(fn.ptr, *grid, THREADS[0], 1, 1, smem, cp.cuda.get_current_stream().ptr,
                                 ctypes.addressof(args), 0)
 
 
@@ -34,7 +37,8 @@ def run(cubin, name, b, h, l, d, causal, window=0, reps=10):
     for tok in cubin.split("_"):
         if tok.startswith("bn"):
             bn = int(tok[2:].split(".")[0])
-    smem = (128 + 2 * bn) * d * 2 + bn * 4
+    THREADS[0] = 256 if "_w8" in cubin else 128
+    smem = (128 + 2 * bn) * d * 2 + bn * 4 + 2 * d * 4
     cp.cuda.driver.funcSetAttribute(fn.ptr, 8, smem)  # MAX_DYNAMIC_SHARED_SIZE_BYTES
     torch.manual_seed(0)
     q = torch.randn(b, l, h, d, device="cuda", dtype=torch.bfloat16)

@@ -11,6 +11,7 @@ build() { # name flags...
   "$nvcc" -cubin -arch=sm_90 -O3 "$@" -o ".gpu/tune/flash_$name.cubin" kernels-cuda/kernels/flash_fwd.cu
 }
 build bn64 -DFLASH_FWD_BN=64
-build bn64_mb2 -DFLASH_FWD_BN=64 -DFLASH_FWD_MIN_BLOCKS=2
+build bn64_w8 -DFLASH_FWD_BN=64 -DFLASH_FWD_WARPS=8
+build bn64_w8_mb2 -DFLASH_FWD_BN=64 -DFLASH_FWD_WARPS=8 -DFLASH_FWD_MIN_BLOCKS=2
+build bn128_w8 -DFLASH_FWD_BN=128 -DFLASH_FWD_WARPS=8
 build bn32 -DFLASH_FWD_BN=32
-build bn128 -DFLASH_FWD_BN=128

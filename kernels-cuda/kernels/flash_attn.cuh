@@ -189,20 +189,74 @@ __device__ __forceinline__ void load_row_elems(float* dst, const T* src, int n) 
 __device__ __forceinline__ void from_float(float v, __nv_bfloat16* dst) { *dst = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void from_float(float v, __half* dst) { *dst = __float2half_rn(v); }
 
-// Applies norm_rope_row in place to rows [r0, r0 + rows) of a swizzled shared tile, one row per
-// warp iteration. `pos(row)` gives the position, `w` the lane's weights.
-template <typename T, int kD, typename PosFn>
-__device__ __forceinline__ void norm_rope_tile(T* tile, int r0, int rows, const float (&w)[kD / 32],
-                                               const float2* rope, float eps, int lane, PosFn pos) {
-    constexpr int E = kD / 32;
-    for (int r = r0; r < r0 + rows; ++r) {
-        T* elems = tile + swz<kD>(r, lane * E);  // E <= 4 elements stay inside one 16-byte chunk
-        float x[E];
+template <typename T>
+__device__ __forceinline__ float2 unpack2(unsigned v);
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(unsigned v) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(unsigned v) {
+    return __half22float2(*reinterpret_cast<__half2*>(&v));
+}
+
+// QK-Norm + RoPE in place on the kRows rows of a swizzled shared tile, by all kThreads threads
+// of the CTA: kD / 16 consecutive lanes share a row, each owning 8 rotate-half pairs (columns
+// c .. c + 8 and D/2 + c .. D/2 + c + 8), so both halves of a pair sit in one thread and the
+// row's sum of squares needs log2(kD / 16) shuffles. Per pair: two 16-byte shared loads and
+// stores, four 16-byte (cos, sin) table loads, all independent across the unrolled rows so
+// their latency overlaps. `w` is the norm weight (kD floats) in shared memory, `pos(r)` the
+// RoPE position of row r. Math as norm_rope_row.
+template <typename T, int kD, int kRows, int kThreadsPerCta, typename PosFn>
+__device__ __forceinline__ void norm_rope_tile(T* tile, const float* w, const float2* rope, float eps, PosFn pos) {
+    constexpr int kTPR = kD / 16;
+    constexpr int kRowsPerPass = kThreadsPerCta / kTPR;
+    static_assert(kRows % kRowsPerPass == 0, "tile rows must be a multiple of the rows per pass");
+    const int c0 = (threadIdx.x % kTPR) * 8;
+#pragma unroll 2
+    for (int r = threadIdx.x / kTPR; r < kRows; r += kRowsPerPass) {
+        uint4* lo_p = reinterpret_cast<uint4*>(tile + swz<kD>(r, c0));
+        uint4* hi_p = reinterpret_cast<uint4*>(tile + swz<kD>(r, kD / 2 + c0));
+        const uint4 lo = *lo_p, hi = *hi_p;
+        const float4* cs = reinterpret_cast<const float4*>(rope + static_cast<size_t>(pos(r)) * (kD / 2) + c0);
+        float4 t[4];
 #pragma unroll
-        for (int e = 0; e < E; ++e) x[e] = to_float(elems[e]);
-        norm_rope_row<kD>(x, w, rope + static_cast<size_t>(pos(r)) * (kD / 2), eps, lane);
+        for (int i = 0; i < 4; ++i) t[i] = __ldg(cs + i);
+        float xl[8], xh[8];
+        const unsigned lw[4] = {lo.x, lo.y, lo.z, lo.w}, hw[4] = {hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-        for (int e = 0; e < E; ++e) from_float(x[e], elems + e);
+        for (int i = 0; i < 4; ++i) {
+            const float2 a = unpack2<T>(lw[i]), b = unpack2<T>(hw[i]);
+            xl[2 * i] = a.x;
+            xl[2 * i + 1] = a.y;
+            xh[2 * i] = b.x;
+            xh[2 * i + 1] = b.y;
+        }
+        float ss = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ss += xl[e] * xl[e] + xh[e] * xh[e];
+#pragma unroll
+        for (int o = 1; o < kTPR; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        const float rn = rsqrtf(ss / kD + eps);
+        unsigned yl[4], yh[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float ol[2], oh[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int e = 2 * i + j;
+                const float c = j == 0 ? t[i].x : t[i].z;
+                const float sn = j == 0 ? t[i].y : t[i].w;
+                const float a = xl[e] * rn * w[c0 + e];
+                const float b = xh[e] * rn * w[kD / 2 + c0 + e];
+                ol[j] = a * c - b * sn;
+                oh[j] = b * c + a * sn;
+            }
+            yl[i] = pack2<T>(ol[0], ol[1]);
+            yh[i] = pack2<T>(oh[0], oh[1]);
+        }
+        *lo_p = make_uint4(yl[0], yl[1], yl[2], yl[3]);
+        *hi_p = make_uint4(yh[0], yh[1], yh[2], yh[3]);
     }
 }
 

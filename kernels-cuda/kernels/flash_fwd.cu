@@ -25,8 +25,9 @@
 // the tile's doc ids in shared memory). Rows past the sequence are zero-filled and never written.
 //
 // Prologue (kNormRope): Q is normalized and rotated in shared memory once per CTA; every K
-// block is normalized and rotated after it lands, before Q K^T (one warp per row, lane ^ 16
-// holds the rotate-half partner). RoPE (cos, sin) come from a table built on the host in f64.
+// block is normalized and rotated after it lands, before Q K^T (norm_rope_tile: 8 threads per
+// row at D = 128, each holding 8 whole rotate-half pairs). RoPE (cos, sin) come from a table
+// built on the host in f64; the norm weights sit in shared memory.
 //
 // Bound: compute (tensor cores) for L >= 1K; per block each warp issues 2 * 8 * D/16 MMAs for
 // S and as many for P V against ~40 instructions of softmax per row pair.
@@ -43,13 +44,19 @@ namespace flash {
 #ifndef FLASH_FWD_MIN_BLOCKS
 #define FLASH_FWD_MIN_BLOCKS 1
 #endif
+#ifndef FLASH_FWD_WARPS
+#define FLASH_FWD_WARPS 4
+#endif
 constexpr int kBM = 128;
 constexpr int kBN = FLASH_FWD_BN;
-constexpr int kThreads = 128;
+constexpr int kWarps = FLASH_FWD_WARPS;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMT = kBM / (16 * kWarps);  // m16 tiles per warp
+constexpr int kWarpRows = 16 * kMT;
 
 template <int kD>
 constexpr int fwd_smem_bytes() {
-    return (kBM + 2 * kBN) * kD * 2 + kBN * 4;
+    return (kBM + 2 * kBN) * kD * 2 + kBN * 4 + 2 * kD * 4;
 }
 
 // cp.async of rows [0, rows) of a (tokens, heads, D) tensor into a swizzled tile of `kRows`
@@ -73,12 +80,13 @@ template <typename T, int kD, bool kNormRope>
 __device__ __forceinline__ void flash_fwd(const Params& p) {
     constexpr int kNT = kBN / 8;   // n8 tiles of S per warp row block
     constexpr int kDT = kD / 8;    // n8 tiles of O
-    constexpr int kE = kD / 32;    // prologue elements per lane
     extern __shared__ __align__(128) unsigned char smem[];
     T* sQ = reinterpret_cast<T*>(smem);
     T* sK = sQ + kBM * kD;
     T* sV = sK + kBN * kD;
     int* sDoc = reinterpret_cast<int*>(sV + kBN * kD);
+    float* sWq = reinterpret_cast<float*>(sDoc + kBN);  // prologue norm weights (kD each)
+    float* sWk = sWq + kD;
 
     const int b = blockIdx.z, h = blockIdx.y;
     const Seq s = load_seq(p, b);
@@ -117,44 +125,41 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
     }
     cp_async_commit();
 
-    float w_k[kE];
     if constexpr (kNormRope) {
-        float w_q[kE];
-#pragma unroll
-        for (int e = 0; e < kE; ++e) {
-            w_q[e] = to_float(static_cast<const T*>(p.q_norm)[lane * kE + e]);
-            w_k[e] = to_float(static_cast<const T*>(p.k_norm)[lane * kE + e]);
+        for (int i = tid; i < kD; i += kThreads) {
+            sWq[i] = to_float(static_cast<const T*>(p.q_norm)[i]);
+            sWk[i] = to_float(static_cast<const T*>(p.k_norm)[i]);
         }
         cp_async_wait<0>();
         __syncthreads();
-        norm_rope_tile<T, kD>(sQ, warp * 32, 32, w_q, p.rope, p.eps, lane, [&](int r) {
+        norm_rope_tile<T, kD, kBM, kThreads>(sQ, sWq, p.rope, p.eps, [&](int r) {
             if (r >= rows) return 0;
             return p.pos_q != nullptr ? p.pos_q[s.q0 + m0 + r] : max(m0 + r + s.shift, m0 + r);
         });
     }
 
-    // Query rows of this thread: (mt, half) -> row m0 + warp * 32 + mt * 16 + g + 8 * half.
-    int q_doc[2][2];
+    // Query rows of this thread: (mt, half) -> row m0 + warp * kWarpRows + mt * 16 + g + 8 * half.
+    int q_doc[kMT][2];
     if (p.doc_ids != nullptr) {
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-                const int a = m0 + warp * 32 + mt * 16 + g + 8 * hf + s.shift;
+                const int a = m0 + warp * kWarpRows + mt * 16 + g + 8 * hf + s.shift;
                 q_doc[mt][hf] = p.doc_ids[s.k0 + min(max(a, 0), s.lk - 1)];
             }
     }
 
-    float o[2][kDT][4];
+    float o[kMT][kDT][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
-    float row_m[2][2], row_l[2][2];
+    float row_m[kMT][2], row_l[kMT][2];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
             row_m[mt][hf] = -INFINITY;
@@ -169,7 +174,7 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
         cp_async_commit();
         if (p.doc_ids != nullptr && tid < kBN) sDoc[tid] = p.doc_ids[s.k0 + min(n0 + tid, s.lk - 1)];
         if constexpr (kNormRope) {
-            norm_rope_tile<T, kD>(sK, warp * (kBN / 4), kBN / 4, w_k, p.rope, p.eps, lane, [&](int r) {
+            norm_rope_tile<T, kD, kBN, kThreads>(sK, sWk, p.rope, p.eps, [&](int r) {
                 const int j = n0 + r;
                 if (j >= s.lk) return 0;
                 return p.pos_k != nullptr ? p.pos_k[s.k0 + j] : j;
@@ -178,25 +183,25 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
         if (kNormRope || p.doc_ids != nullptr) __syncthreads();
 
         // S = Q K^T
-        float sc[2][kNT][4];
+        float sc[kMT][kNT][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
             for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) sc[mt][nt][e] = 0.f;
 #pragma unroll
         for (int ks = 0; ks < kD / 16; ++ks) {
-            unsigned a[2][4];
+            unsigned a[kMT][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
-                ldmatrix_x4(a[mt], sQ + swz<kD>(warp * 32 + mt * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8));
+            for (int mt = 0; mt < kMT; ++mt)
+                ldmatrix_x4(a[mt], sQ + swz<kD>(warp * kWarpRows + mt * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8));
 #pragma unroll
             for (int np = 0; np < kNT / 2; ++np) {
                 unsigned bk[4];
                 ldmatrix_x4(bk, sK + swz<kD>(np * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 16 + ((lane >> 3) & 1) * 8));
 #pragma unroll
-                for (int mt = 0; mt < 2; ++mt) {
+                for (int mt = 0; mt < kMT; ++mt) {
                     mma_16816<T>(sc[mt][2 * np], a[mt], bk[0], bk[1]);
                     mma_16816<T>(sc[mt][2 * np + 1], a[mt], bk[2], bk[3]);
                 }
@@ -206,10 +211,10 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
         // Mask the block where it is not fully visible.
         if (!tile_all_visible(p, s, a0, a1, n0, n0 + kBN)) {
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
+            for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
                 for (int hf = 0; hf < 2; ++hf) {
-                    const int i = m0 + warp * 32 + mt * 16 + g + 8 * hf + s.shift;
+                    const int i = m0 + warp * kWarpRows + mt * 16 + g + 8 * hf + s.shift;
 #pragma unroll
                     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -232,7 +237,7 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
 
         // Online softmax (base 2), rescaling O.
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
                 float mx = -INFINITY;
@@ -264,9 +269,9 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
         // O += P V
 #pragma unroll
         for (int kk = 0; kk < kBN / 16; ++kk) {
-            unsigned pa[2][4];
+            unsigned pa[kMT][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
+            for (int mt = 0; mt < kMT; ++mt) {
                 pa[mt][0] = pack2<T>(sc[mt][2 * kk][0], sc[mt][2 * kk][1]);
                 pa[mt][1] = pack2<T>(sc[mt][2 * kk][2], sc[mt][2 * kk][3]);
                 pa[mt][2] = pack2<T>(sc[mt][2 * kk + 1][0], sc[mt][2 * kk + 1][1]);
@@ -277,7 +282,7 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
                 unsigned bv[4];
                 ldmatrix_x4_trans(bv, sV + swz<kD>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), dp * 16 + (lane >> 4) * 8));
 #pragma unroll
-                for (int mt = 0; mt < 2; ++mt) {
+                for (int mt = 0; mt < kMT; ++mt) {
                     mma_16816<T>(o[mt][2 * dp], pa[mt], bv[0], bv[1]);
                     mma_16816<T>(o[mt][2 * dp + 1], pa[mt], bv[2], bv[3]);
                 }
@@ -289,14 +294,14 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
     // Epilogue: O / l through shared memory (the Q tile) for 16-byte stores; logsumexp.
     __syncthreads();  // every warp is done reading Q
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
             float l = row_l[mt][hf];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             const float inv = l > 0.f ? 1.f / l : 0.f;
-            const int r = warp * 32 + mt * 16 + g + 8 * hf;
+            const int r = warp * kWarpRows + mt * 16 + g + 8 * hf;
 #pragma unroll
             for (int dt = 0; dt < kDT; ++dt) {
                 *reinterpret_cast<unsigned*>(sQ + swz<kD>(r, dt * 8 + 2 * t4)) =

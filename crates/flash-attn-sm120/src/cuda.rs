@@ -275,9 +275,10 @@ fn opt_ptr(gpu: &Gpu, s: &Option<CudaSlice<i32>>) -> u64 {
     s.as_ref().map_or(0, |s| s.device_ptr(gpu.stream()).0)
 }
 
-/// Shared memory of the forward kernel at head dim `d`: Q, K, V tiles plus the doc ids.
+/// Shared memory of the forward kernel at head dim `d`: Q, K, V tiles, the tile's doc ids
+/// and the prologue's two norm weights (f32).
 pub fn fwd_smem_bytes(d: usize) -> usize {
-    (FWD_BLOCK_M + 2 * FWD_BLOCK_N) * d * 2 + FWD_BLOCK_N * 4
+    (FWD_BLOCK_M + 2 * FWD_BLOCK_N) * d * 2 + FWD_BLOCK_N * 4 + 2 * d * 4
 }
 
 fn check_slice<T>(
