@@ -373,6 +373,7 @@ impl BlockManager {
 
     /// Logical page range `first..first + pages.len()` covering `ticket`, with each page as
     /// an `i32` (-1 where none): the form the GPU write kernel takes.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn ticket_pages(&self, ticket: &AppendTicket) -> (usize, Vec<i32>) {
         let s = &self.seqs[&ticket.seq.0];
         let p = self.cfg.page_size;
