@@ -265,7 +265,7 @@ impl BlockManager {
                 expected: "at least 1",
             });
         }
-        let new_len = s.len.checked_add(n).unwrap_or(usize::MAX);
+        let new_len = s.len.saturating_add(n);
         if new_len > self.cfg.max_seq_len {
             return Err(KvError::SequenceTooLong {
                 seq: id.0,
@@ -298,20 +298,20 @@ impl BlockManager {
         // Validated: mutate. Evict first, so this append may reuse the released pages.
         let layers = self.cfg.layers;
         let mut s = self.seqs.remove(&id.0).expect("checked above");
-        for k in 0..s.pages.len() {
-            if let Some(pg) = s.pages[k] {
+        for (k, slot) in s.pages.iter_mut().enumerate() {
+            if let Some(pg) = *slot {
                 if !self.page_needed(k, new_len) {
                     self.release(pg);
-                    s.pages[k] = None;
+                    *slot = None;
                 }
             }
         }
         s.pages.resize(total_pages, None);
-        for k in 0..total_pages {
-            if s.pages[k].is_none() && self.page_needed(k, new_len) {
+        for (k, slot) in s.pages.iter_mut().enumerate() {
+            if slot.is_none() && self.page_needed(k, new_len) {
                 let pg = self.free.pop().expect("pool checked above");
                 self.refs[pg as usize] = 1;
-                s.pages[k] = Some(pg);
+                *slot = Some(pg);
             }
         }
         s.pending = Some(Pending {

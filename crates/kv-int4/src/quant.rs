@@ -109,7 +109,7 @@ pub fn group_error_bound(x: &[f32; GROUP], g: &Int4Group) -> f32 {
 
 /// Checks that every value is finite and within the f16 range, naming the first offender.
 pub fn check_storable(what: &'static str, x: &[f32]) -> Result<()> {
-    match x.iter().position(|v| !(v.abs() <= F16_MAX)) {
+    match x.iter().position(|v| !v.is_finite() || v.abs() > F16_MAX) {
         None => Ok(()),
         Some(index) => Err(KvError::NonFinite {
             what,

@@ -260,6 +260,43 @@ impl GpuKvCache {
         Ok(())
     }
 
+    /// Benchmark hook: re-runs only the quantize-into-pages kernel for `layer` of an append
+    /// that already completed (no finiteness check, no synchronization, no bookkeeping
+    /// change), so a bench can time the kernel alone. `k`, `v` as in
+    /// [`write_layer`](Self::write_layer); they must be finite (not checked here), which is
+    /// why this is not the write API.
+    #[doc(hidden)]
+    pub fn bench_rewrite_layer(
+        &mut self,
+        ticket: &AppendTicket,
+        layer: usize,
+        k: &CudaView<'_, f16>,
+        v: &CudaView<'_, f16>,
+    ) -> Result<()> {
+        self.blocks.check_layer(layer)?;
+        let cfg = self.blocks.config();
+        if self.blocks.len(ticket.seq)? < ticket.end {
+            return Err(KvError::StaleTicket {
+                seq: ticket.seq.raw(),
+                start: ticket.start,
+                end: ticket.end,
+                why: "the sequence is shorter than the ticket",
+            });
+        }
+        let want = ticket.len() * cfg.heads_kv * cfg.head_dim;
+        let shape = || {
+            format!(
+                "(n={}, heads_kv={}, head_dim={})",
+                ticket.len(),
+                cfg.heads_kv,
+                cfg.head_dim
+            )
+        };
+        check_len("k", k.len(), want, shape)?;
+        check_len("v", v.len(), want, shape)?;
+        self.launch_write(ticket, layer, 1, k, v)
+    }
+
     /// Appends `n` tokens at `pos` to every layer in one launch: `k`, `v` are `(layers, n,
     /// heads_kv, head_dim)` f16. All-or-nothing: shapes, finiteness, position and pool are
     /// checked before anything changes.
