@@ -1,0 +1,614 @@
+//! CUDA paths (feature `cuda`): the same cache on a device pool, written by
+//! `kv_write_{int4,f16}` (quantizing straight into the pages) and read by the split-KV decode
+//! kernels `kv_decode_*` + `kv_decode_reduce` (`kernels-cuda/kernels/kv_int4.cu`). The host
+//! bookkeeping is the same [`BlockManager`](crate::BlockManager) as on the CPU, so a GPU cache
+//! downloads bit for bit into a [`CpuKvCache`] ([`GpuKvCache::to_cpu`]) for checking.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use half::f16;
+use tritter_kernels_cuda::{images, Gpu, KernelError};
+
+use crate::blocks::{AppendTicket, SeqId};
+use crate::cache::{check_len, CpuKvCache, PageStore, PagedKvCache};
+use crate::config::{CacheConfig, KvFormat};
+use crate::{gqa_group, BlockManager, KvError, Result};
+
+/// Tokens per pipeline stage of the decode kernel (`kTile` in the kernel).
+pub const DECODE_TILE: usize = 32;
+/// Threads per decode CTA (`kThreads`).
+const DECODE_THREADS: u32 = 128;
+/// Threads per write CTA (`kWriteThreads`).
+const WRITE_THREADS: u32 = 256;
+/// Fewest tiles a split takes (so the cp.async pipeline fills and the reduction stays small
+/// next to the K/V bytes).
+pub const MIN_TILES_PER_SPLIT: usize = 4;
+/// Decode CTAs aimed for per SM: 4 warps each, so about 32 warps per SM in flight.
+pub const TARGET_CTAS_PER_SM: usize = 8;
+
+/// A device pool of pages, `[layer][page][page_bytes]`, zero-initialized.
+pub struct GpuPages {
+    gpu: Arc<Gpu>,
+    pool: CudaSlice<u8>,
+    /// `(2,)` non-finite counters of the last write (k, v).
+    counter: CudaSlice<u32>,
+}
+
+impl std::fmt::Debug for GpuPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuPages")
+            .field("bytes", &self.pool.len())
+            .finish()
+    }
+}
+
+impl PageStore for GpuPages {
+    fn copy_page(&mut self, cfg: &CacheConfig, src: u32, dst: u32) -> Result<()> {
+        let pb = cfg.layout().page_bytes();
+        let stream = self.gpu.stream().clone();
+        for l in 0..cfg.layers {
+            let s = (l * cfg.num_pages + src as usize) * pb;
+            let d = (l * cfg.num_pages + dst as usize) * pb;
+            let (lo, mut hi) = self.pool.split_at_mut(s.max(d));
+            let res = if s < d {
+                stream.memcpy_dtod(&lo.slice(s..s + pb), &mut hi.slice_mut(..pb))
+            } else {
+                let mut lo = lo;
+                stream.memcpy_dtod(&hi.slice(..pb), &mut lo.slice_mut(d..d + pb))
+            };
+            res.map_err(KernelError::driver("copying a page for a fork"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The GPU cache.
+pub type GpuKvCache = PagedKvCache<GpuPages>;
+
+fn alloc_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> KvError + '_ {
+    move |e| KernelError::driver(format!("allocating {what}"))(e).into()
+}
+
+impl GpuKvCache {
+    /// An empty cache whose pool (`layers * num_pages * page_bytes` bytes, zeroed) lives on
+    /// `gpu`.
+    pub fn new(gpu: &Arc<Gpu>, cfg: CacheConfig) -> Result<Self> {
+        let blocks = BlockManager::new(cfg)?;
+        let c = blocks.config();
+        let bytes = c.layers * c.num_pages * c.layout().page_bytes();
+        let stream = gpu.stream();
+        let pool = stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(alloc_err("the page pool"))?;
+        let counter = stream
+            .alloc_zeros::<u32>(2)
+            .map_err(alloc_err("the non-finite counters"))?;
+        Ok(PagedKvCache {
+            blocks,
+            store: GpuPages {
+                gpu: gpu.clone(),
+                pool,
+                counter,
+            },
+        })
+    }
+
+    /// The device the pool lives on.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.store.gpu
+    }
+
+    /// The pool, `[layer][page][page_bytes]` bytes.
+    pub fn pool(&self) -> &CudaSlice<u8> {
+        &self.store.pool
+    }
+
+    /// Copies bookkeeping and pool into a [`CpuKvCache`] (synchronizes): the CPU reference
+    /// then reads exactly what the GPU stored.
+    pub fn to_cpu(&self) -> Result<CpuKvCache> {
+        let bytes = self
+            .store
+            .gpu
+            .stream()
+            .clone_dtoh(&self.store.pool)
+            .map_err(KernelError::driver("copying the page pool to the host"))?;
+        CpuKvCache::from_parts(self.blocks.clone(), bytes)
+    }
+
+    /// Fails if `k` or `v` holds NaN or Inf (runs a counting kernel and synchronizes).
+    fn check_finite(&mut self, k: &CudaView<'_, f16>, v: &CudaView<'_, f16>) -> Result<()> {
+        let gpu = self.store.gpu.clone();
+        let stream = gpu.stream();
+        stream
+            .memset_zeros(&mut self.store.counter)
+            .map_err(KernelError::driver("clearing the non-finite counters"))?;
+        let func = gpu.function(&images::KV_INT4, "kv_count_nonfinite_f16")?;
+        for (i, x) in [k, v].into_iter().enumerate() {
+            if x.is_empty() {
+                continue;
+            }
+            let n = x.len() as i64;
+            let blocks = x.len().div_ceil(256).min(1024) as u32;
+            let mut counter = self.store.counter.slice_mut(i..i + 1);
+            let mut launch = stream.launch_builder(&func);
+            launch.arg(x).arg(&n).arg(&mut counter);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `kv_count_nonfinite_f16(const __half*, long long, unsigned*)`;
+            // the kernel reads x[0..n) (n = x.len()) and adds to one counter.
+            unsafe { launch.launch(cfg) }
+                .map_err(KernelError::driver("launching kv_count_nonfinite_f16"))?;
+        }
+        let counts = stream
+            .clone_dtoh(&self.store.counter)
+            .map_err(KernelError::driver("reading the non-finite counters"))?;
+        for (what, c) in [("k", counts[0]), ("v", counts[1])] {
+            if c > 0 {
+                return Err(KvError::NonFinite {
+                    what,
+                    index: c as usize,
+                    value: format!("NaN or Inf ({c} values)"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Launches the write kernel for `layers` consecutive layers starting at `layer0`:
+    /// `k`, `v` are `(layers, n, heads_kv, head_dim)` f16.
+    fn launch_write(
+        &mut self,
+        ticket: &AppendTicket,
+        layer0: usize,
+        layers: usize,
+        k: &CudaView<'_, f16>,
+        v: &CudaView<'_, f16>,
+    ) -> Result<()> {
+        let cfg = self.blocks.config().clone();
+        let (first, pages) = self.blocks.ticket_pages(ticket);
+        let gpu = self.store.gpu.clone();
+        let stream = gpu.stream();
+        let pages = stream
+            .clone_htod(&pages)
+            .map_err(KernelError::driver("uploading the append's pages"))?;
+        let n = ticket.len();
+        let groups = 2 * n * cfg.heads_kv * (cfg.head_dim / crate::GROUP);
+        let blocks = groups.div_ceil(WRITE_THREADS as usize);
+        if blocks > i32::MAX as usize || groups > i64::MAX as usize {
+            return Err(KvError::Unsupported(format!(
+                "an append of {n} tokens is too large for one launch"
+            )));
+        }
+        let name = match cfg.format {
+            KvFormat::Int4 => "kv_write_int4",
+            KvFormat::F16 => "kv_write_f16",
+        };
+        let func = gpu.function(&images::KV_INT4, name)?;
+        let i = |x: usize| x as i32; // bounded by validate() / max_seq_len (i32)
+        let (first_page, start, n_i, hkv, d, p, np) = (
+            i(first),
+            i(ticket.start),
+            i(n),
+            i(cfg.heads_kv),
+            i(cfg.head_dim),
+            i(cfg.page_size),
+            i(cfg.num_pages),
+        );
+        let page_bytes = cfg.layout().page_bytes() as i64;
+        let layer0_i = i(layer0);
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(k)
+            .arg(v)
+            .arg(&mut self.store.pool)
+            .arg(&pages)
+            .arg(&first_page)
+            .arg(&start)
+            .arg(&n_i)
+            .arg(&hkv)
+            .arg(&d)
+            .arg(&p)
+            .arg(&np)
+            .arg(&page_bytes)
+            .arg(&layer0_i);
+        let lc = LaunchConfig {
+            grid_dim: (blocks as u32, layers as u32, 1),
+            block_dim: (WRITE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `kv_write_*(const __half*, const __half*, uint8_t*, const int*, int,
+        // int, int, int, int, int, int, long long, int)`. k and v hold layers * n * heads_kv *
+        // head_dim values (checked by the callers); `pages` covers the logical pages
+        // first..=last of the ticket; every page id is < num_pages (the allocator's) and the
+        // pool holds layers_total * num_pages * page_bytes bytes with layer0 + layers <=
+        // layers_total; each thread writes one group inside its own page slot.
+        unsafe { launch.launch(lc) }.map_err(KernelError::driver(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    /// Writes one layer of a pending append: `k`, `v` are `(n, heads_kv, head_dim)` f16 on
+    /// the device. Checks the ticket, the shapes and finiteness (one counting kernel and a
+    /// host synchronization) before any page is touched, then quantizes straight into the
+    /// pages (asynchronous).
+    pub fn write_layer(
+        &mut self,
+        ticket: &AppendTicket,
+        layer: usize,
+        k: &CudaView<'_, f16>,
+        v: &CudaView<'_, f16>,
+    ) -> Result<()> {
+        self.blocks.check_ticket(ticket, layer)?;
+        let cfg = self.blocks.config();
+        let want = ticket.len() * cfg.heads_kv * cfg.head_dim;
+        let shape = || {
+            format!(
+                "(n={}, heads_kv={}, head_dim={})",
+                ticket.len(),
+                cfg.heads_kv,
+                cfg.head_dim
+            )
+        };
+        check_len("k", k.len(), want, shape)?;
+        check_len("v", v.len(), want, shape)?;
+        self.check_finite(k, v)?;
+        self.launch_write(ticket, layer, 1, k, v)?;
+        self.blocks.finish_layer(ticket, layer);
+        Ok(())
+    }
+
+    /// Benchmark hook: re-runs only the quantize-into-pages kernel for `layer` of an append
+    /// that already completed (no finiteness check, no synchronization, no bookkeeping
+    /// change), so a bench can time the kernel alone. `k`, `v` as in
+    /// [`write_layer`](Self::write_layer); they must be finite (not checked here), which is
+    /// why this is not the write API.
+    #[doc(hidden)]
+    pub fn bench_rewrite_layer(
+        &mut self,
+        ticket: &AppendTicket,
+        layer: usize,
+        k: &CudaView<'_, f16>,
+        v: &CudaView<'_, f16>,
+    ) -> Result<()> {
+        self.blocks.check_layer(layer)?;
+        let cfg = self.blocks.config();
+        if self.blocks.len(ticket.seq)? < ticket.end {
+            return Err(KvError::StaleTicket {
+                seq: ticket.seq.raw(),
+                start: ticket.start,
+                end: ticket.end,
+                why: "the sequence is shorter than the ticket",
+            });
+        }
+        let want = ticket.len() * cfg.heads_kv * cfg.head_dim;
+        let shape = || {
+            format!(
+                "(n={}, heads_kv={}, head_dim={})",
+                ticket.len(),
+                cfg.heads_kv,
+                cfg.head_dim
+            )
+        };
+        check_len("k", k.len(), want, shape)?;
+        check_len("v", v.len(), want, shape)?;
+        self.launch_write(ticket, layer, 1, k, v)
+    }
+
+    /// Appends `n` tokens at `pos` to every layer in one launch: `k`, `v` are `(layers, n,
+    /// heads_kv, head_dim)` f16. All-or-nothing: shapes, finiteness, position and pool are
+    /// checked before anything changes.
+    pub fn append(
+        &mut self,
+        seq: SeqId,
+        pos: usize,
+        n: usize,
+        k: &CudaView<'_, f16>,
+        v: &CudaView<'_, f16>,
+    ) -> Result<AppendTicket> {
+        let cfg = self.blocks.config().clone();
+        let want = cfg.layers * n * cfg.heads_kv * cfg.head_dim;
+        let shape = || {
+            format!(
+                "(layers={}, n={n}, heads_kv={}, head_dim={})",
+                cfg.layers, cfg.heads_kv, cfg.head_dim
+            )
+        };
+        check_len("k", k.len(), want, shape)?;
+        check_len("v", v.len(), want, shape)?;
+        self.check_finite(k, v)?;
+        let ticket = self.blocks.begin_append(seq, pos, n)?;
+        self.launch_write(&ticket, 0, cfg.layers, k, v)?;
+        for l in 0..cfg.layers {
+            self.blocks.finish_layer(&ticket, l);
+        }
+        Ok(ticket)
+    }
+
+    /// Uploads the block tables and lengths of `seqs` for decode attention. The batch is tied
+    /// to the cache's current epoch: any later append, fork or free makes it stale (refused
+    /// by [`decode_attention_cuda`]), so it can never read pages that changed owner.
+    pub fn decode_batch(&self, seqs: &[SeqId]) -> Result<DecodeBatch> {
+        let cfg = self.blocks.config();
+        let mut lens = Vec::with_capacity(seqs.len());
+        let mut stride = 1;
+        for &s in seqs {
+            let len = self.blocks.len(s)?;
+            if len == 0 {
+                return Err(KvError::EmptySequence(s.raw()));
+            }
+            lens.push(len);
+            stride = stride.max(self.blocks.block_table(s)?.len());
+        }
+        let mut tables = vec![-1i32; seqs.len() * stride];
+        for (b, &s) in seqs.iter().enumerate() {
+            for (k, pg) in self.blocks.block_table(s)?.iter().enumerate() {
+                tables[b * stride + k] = pg.map_or(-1, |p| p as i32);
+            }
+        }
+        let max_tiles = lens
+            .iter()
+            .map(|&l| visible_tiles(cfg, l))
+            .max()
+            .unwrap_or(0);
+        let stream = self.store.gpu.stream();
+        let lens_i: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        Ok(DecodeBatch {
+            epoch: self.blocks.epoch(),
+            seqs: seqs.to_vec(),
+            lens,
+            bt_stride: stride,
+            max_tiles,
+            block_tables: stream
+                .clone_htod(&if tables.is_empty() { vec![-1] } else { tables })
+                .map_err(KernelError::driver("uploading block tables"))?,
+            seq_lens: stream
+                .clone_htod(&if lens_i.is_empty() { vec![0] } else { lens_i })
+                .map_err(KernelError::driver("uploading sequence lengths"))?,
+        })
+    }
+}
+
+/// Tiles of [`DECODE_TILE`] tokens the decode kernel walks for a sequence of `len` tokens
+/// (sink tiles, then window tiles, without duplicates): mirrors `seq_view` in the kernel.
+pub fn visible_tiles(cfg: &CacheConfig, len: usize) -> usize {
+    let (sinks_end, window_start) = crate::visible_ranges(cfg, len);
+    let t = DECODE_TILE;
+    let n_sink = sinks_end.div_ceil(t);
+    let w0 = (window_start / t).max(n_sink);
+    n_sink + len.div_ceil(t).saturating_sub(w0)
+}
+
+/// `(num_splits, tiles_per_split)` of a decode launch: about [`TARGET_CTAS_PER_SM`] CTAs per
+/// SM over `batch * heads_kv` (sequence, head) pairs, at least [`MIN_TILES_PER_SPLIT`] tiles
+/// per split.
+pub fn split_plan(
+    sm_count: usize,
+    batch: usize,
+    heads_kv: usize,
+    max_tiles: usize,
+) -> (usize, usize) {
+    let max_tiles = max_tiles.max(1);
+    let pairs = (batch * heads_kv).max(1);
+    let want = (sm_count.max(1) * TARGET_CTAS_PER_SM).div_ceil(pairs);
+    let splits = want.clamp(1, max_tiles.div_ceil(MIN_TILES_PER_SPLIT).max(1));
+    let tiles_per_split = max_tiles.div_ceil(splits);
+    (max_tiles.div_ceil(tiles_per_split), tiles_per_split)
+}
+
+/// Block tables and lengths of a decode batch on the device; build with
+/// [`GpuKvCache::decode_batch`], reuse for every layer of one decode step.
+#[derive(Debug)]
+pub struct DecodeBatch {
+    epoch: u64,
+    seqs: Vec<SeqId>,
+    lens: Vec<usize>,
+    bt_stride: usize,
+    max_tiles: usize,
+    /// `(B, bt_stride)` physical page per logical page, -1 where evicted or past the end.
+    pub block_tables: CudaSlice<i32>,
+    /// `(B,)` sequence lengths (the query of sequence b sits at position `len_b - 1`).
+    pub seq_lens: CudaSlice<i32>,
+}
+
+impl DecodeBatch {
+    /// The sequences, in batch order.
+    pub fn seqs(&self) -> &[SeqId] {
+        &self.seqs
+    }
+    /// Their lengths.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+    /// Most tiles any sequence of the batch walks.
+    pub fn max_tiles(&self) -> usize {
+        self.max_tiles
+    }
+}
+
+/// Split-KV partials: `o` `(B, Hq, splits, D)` f32 and `(m, l)` `(B, Hq, splits, 2)` f32.
+/// Grows on demand; allocate once and reuse (no allocation on the hot path after warm-up).
+pub struct DecodeWorkspace {
+    o_part: CudaSlice<f32>,
+    ml_part: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for DecodeWorkspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodeWorkspace")
+            .field("o_floats", &self.o_part.len())
+            .finish()
+    }
+}
+
+impl DecodeWorkspace {
+    /// A workspace for up to `rows = B * Hq` query rows of `head_dim` with `splits` splits.
+    pub fn new(gpu: &Gpu, rows: usize, head_dim: usize, splits: usize) -> Result<Self> {
+        let s = gpu.stream();
+        Ok(DecodeWorkspace {
+            o_part: s
+                .alloc_zeros((rows * head_dim * splits).max(1))
+                .map_err(alloc_err("decode partial outputs"))?,
+            ml_part: s
+                .alloc_zeros((rows * 2 * splits).max(2))
+                .map_err(alloc_err("decode partial max/sum"))?,
+        })
+    }
+
+    fn ensure(&mut self, gpu: &Gpu, rows: usize, head_dim: usize, splits: usize) -> Result<()> {
+        if self.o_part.len() < rows * head_dim * splits || self.ml_part.len() < rows * 2 * splits {
+            *self = DecodeWorkspace::new(gpu, rows, head_dim, splits)?;
+        }
+        Ok(())
+    }
+}
+
+fn decode_kernel(format: KvFormat, d: usize, g: usize) -> Result<&'static str> {
+    Ok(match (format, d, g) {
+        (KvFormat::Int4, 64, 1) => "kv_decode_int4_d64_g1",
+        (KvFormat::Int4, 64, 2) => "kv_decode_int4_d64_g2",
+        (KvFormat::Int4, 64, 4) => "kv_decode_int4_d64_g4",
+        (KvFormat::Int4, 64, 8) => "kv_decode_int4_d64_g8",
+        (KvFormat::Int4, 128, 1) => "kv_decode_int4_d128_g1",
+        (KvFormat::Int4, 128, 2) => "kv_decode_int4_d128_g2",
+        (KvFormat::Int4, 128, 4) => "kv_decode_int4_d128_g4",
+        (KvFormat::Int4, 128, 8) => "kv_decode_int4_d128_g8",
+        (KvFormat::F16, 64, 1) => "kv_decode_f16_d64_g1",
+        (KvFormat::F16, 64, 2) => "kv_decode_f16_d64_g2",
+        (KvFormat::F16, 64, 4) => "kv_decode_f16_d64_g4",
+        (KvFormat::F16, 64, 8) => "kv_decode_f16_d64_g8",
+        (KvFormat::F16, 128, 1) => "kv_decode_f16_d128_g1",
+        (KvFormat::F16, 128, 2) => "kv_decode_f16_d128_g2",
+        (KvFormat::F16, 128, 4) => "kv_decode_f16_d128_g4",
+        (KvFormat::F16, 128, 8) => "kv_decode_f16_d128_g8",
+        _ => {
+            return Err(KvError::Unsupported(format!(
+                "the CUDA decode kernel takes head_dim 64 or 128 and heads_q / heads_kv in {{1, 2, 4, 8}}; got head_dim {d}, group {g} (the CPU reference takes any)"
+            )))
+        }
+    })
+}
+
+/// Decode attention on the GPU, one query token per sequence of `batch`:
+/// `q` `(B, heads_q, head_dim)` f16 -> `out` `(B, heads_q, head_dim)` f16, over layer `layer`
+/// of `cache` (INT4 or f16 pages), with the cache's window and sinks, `softmax(q·kᵀ *
+/// softmax_scale)·v`. Split-KV over [`split_plan`] CTAs, then a reduction kernel; asynchronous.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_cuda(
+    cache: &GpuKvCache,
+    layer: usize,
+    batch: &DecodeBatch,
+    q: &CudaView<'_, f16>,
+    heads_q: usize,
+    softmax_scale: f32,
+    out: &mut CudaViewMut<'_, f16>,
+    ws: &mut DecodeWorkspace,
+) -> Result<()> {
+    let blocks = cache.blocks();
+    if batch.epoch != blocks.epoch() {
+        return Err(KvError::StaleBatch {
+            batch: batch.epoch,
+            cache: blocks.epoch(),
+        });
+    }
+    let cfg = blocks.config();
+    let (hkv, d) = (cfg.heads_kv, cfg.head_dim);
+    let g = gqa_group(heads_q, hkv)?;
+    let name = decode_kernel(cfg.format, d, g)?;
+    let b = batch.seqs.len();
+    let shape = || format!("(B={b}, heads_q={heads_q}, head_dim={d})");
+    check_len("q", q.len(), b * heads_q * d, shape)?;
+    check_len("out", out.len(), b * heads_q * d, shape)?;
+    if !softmax_scale.is_finite() {
+        return Err(KvError::NonFinite {
+            what: "softmax_scale",
+            index: 0,
+            value: softmax_scale.to_string(),
+        });
+    }
+    for &s in &batch.seqs {
+        blocks.check_readable(s, layer)?;
+    }
+    if b == 0 {
+        return Ok(());
+    }
+    let gpu = cache.gpu();
+    let (splits, tps) = split_plan(gpu.info().sm_count as usize, b, hkv, batch.max_tiles);
+    let rows = b * heads_q;
+    ws.ensure(gpu, rows, d, splits)?;
+    let stream = gpu.stream();
+    let pb = cfg.layout().page_bytes();
+    let plane = cfg.num_pages * pb;
+    let pool = cache.pool().slice(layer * plane..(layer + 1) * plane);
+    let (sinks, window) = match cfg.window {
+        None => (0i32, i32::MAX),
+        Some(w) => (
+            w.sinks.min(i32::MAX as usize) as i32,
+            w.window.min(i32::MAX as usize) as i32,
+        ),
+    };
+    let i = |x: usize| x as i32; // bounded by validate() (i32 page ids, lengths, heads)
+    let (stride, hkv_i, shift, np) = (
+        i(batch.bt_stride),
+        i(hkv),
+        i(cfg.page_size.trailing_zeros() as usize),
+        i(cfg.num_pages),
+    );
+    let (tps_i, splits_i) = (i(tps), i(splits));
+    let page_bytes = pb as i64;
+    let scale_log2 = softmax_scale * std::f32::consts::LOG2_E;
+    let func = gpu.function(&images::KV_INT4, name)?;
+    let mut launch = stream.launch_builder(&func);
+    launch
+        .arg(q)
+        .arg(&pool)
+        .arg(&batch.block_tables)
+        .arg(&batch.seq_lens)
+        .arg(&stride)
+        .arg(&hkv_i)
+        .arg(&shift)
+        .arg(&np)
+        .arg(&page_bytes)
+        .arg(&sinks)
+        .arg(&window)
+        .arg(&tps_i)
+        .arg(&splits_i)
+        .arg(&scale_log2)
+        .arg(&mut ws.o_part)
+        .arg(&mut ws.ml_part);
+    let cfg_split = LaunchConfig {
+        grid_dim: (splits as u32, hkv as u32, b as u32),
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `kv_decode_*(const __half*, const uint8_t*, const int*, const int*, int,
+    // int, int, int, long long, int, int, int, int, float, float*, float2*)`. q holds B * Hq *
+    // D values (checked); the pool view is this layer's num_pages * page_bytes bytes and
+    // every page id read from the block tables is bounds-checked by the kernel; block tables
+    // are (B, stride) and the kernel reads only logical pages of visible tokens (< len <=
+    // stride * page_size); the workspace holds rows * splits * D and rows * splits * 2 floats.
+    unsafe { launch.launch(cfg_split) }
+        .map_err(KernelError::driver(format!("launching {name}")))?;
+
+    let reduce = gpu.function(&images::KV_INT4, "kv_decode_reduce")?;
+    let (splits_r, d_i) = (i(splits), i(d));
+    let mut launch = stream.launch_builder(&reduce);
+    launch
+        .arg(&ws.o_part)
+        .arg(&ws.ml_part)
+        .arg(out)
+        .arg(&splits_r)
+        .arg(&d_i);
+    let cfg_reduce = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (d.min(128) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `kv_decode_reduce(const float*, const float2*, __half*, int, int)`;
+    // reads rows * splits partials written above, writes rows * D outputs (out checked).
+    unsafe { launch.launch(cfg_reduce) }
+        .map_err(KernelError::driver("launching kv_decode_reduce"))?;
+    Ok(())
+}

@@ -1,0 +1,546 @@
+// INT4 paged KV cache (crate kv-int4, DESIGN.md section 4): quantization straight into
+// pages, and split-KV ("flash-decoding") decode attention that reads the INT4 pages and
+// dequantizes in registers, plus the same attention over an f16 cache (the baseline).
+//
+// ---- Page layout (one layer's page; the pool is [layer][page][page_bytes]) ----------------
+//   INT4: K codes [Hkv][P][D/2] u8 (value 2i in the low nibble of byte i), K params
+//         [Hkv][P][D/32] half2 (scale, min), then V codes, V params.
+//   F16:  K [Hkv][P][D] f16, then V [Hkv][P][D] f16.
+//   P (page_size) is a power of two in 8..256. Block tables are (B, bt_stride) i32, -1 for
+//   evicted pages. Format of a group of 32 values (x_hat = code * scale + min):
+//   min_h = f16(min x), scale_h = f16((max x - min x) / 15), code = clamp(round((x - min_h)
+//   / scale_h), 0, 15) with IEEE f32 ops (no --use_fast_math), round half away from zero:
+//   bit-exact with kv_int4::quantize_group. Bound: |x - x_hat| <= scale_h/2 + |min - min_h|
+//   + 2^-20 (1 + max|x|).
+//
+// ---- kv_write_{int4,f16}: one thread per group of 32 values of one token and head ---------
+//   Grid (ceil(2 * n * Hkv * D/32 / 256), layers), 256 threads. Reads 64 B of f16 (4 x 16-byte
+//   loads when aligned), writes 16 B of codes + 4 B of params (INT4) or 64 B (F16) into the
+//   token's page slot. Memory bound: 84 B moved per group for INT4.
+//
+// ---- kv_decode_{int4,f16}_d{64,128}_g{1,2,4,8}: one CTA per (split, kv head, sequence) ----
+//   Grid (num_splits, Hkv, B), 128 threads (4 warps). The CTA computes all G = Hq / Hkv query
+//   heads of its KV head, so K/V are read once per group. Visible tokens are the sinks
+//   [0, min(S, len)) and the window [max(sinks_end, len - W), len); they are walked in tiles of
+//   32 tokens (tile-aligned positions, the two ranges' tiles enumerated without duplicates;
+//   tokens outside the rule are masked), and each split takes `tiles_per_split` consecutive
+//   tiles. Pipeline: each tile's K and V bytes (INT4 D=128: 5 KB; F16: 16 KB) are copied into
+//   shared memory with 16-byte cp.async (zero-fill for masked tokens, which are never read
+//   from HBM), 4 stages (INT4) / 2 stages (F16) in flight.
+//   Compute mapping: a lane owns 8 consecutive dims of a token (one u32 of 8 INT4 codes, or
+//   one 16-byte f16 vector); D/8 lanes cover a token. Codes become floats with one shift and
+//   one LOP3: f = as_float(0x3F800000 | code << 16) = 1 + code/128, so k = a*f + b with
+//   a = 128*scale, b = min - 128*scale, and q.k = a*(q.f) + b*sum(q) per group: the scale,
+//   min and sum(q) are applied once per lane and token, never per value. Dot products are
+//   reduced across the D/8 lanes with a reduce-scatter (N values in log2(D/8) shuffle levels).
+//   Online softmax per tile in base 2 (q pre-scaled by softmax_scale * log2 e); P.V likewise
+//   in f32 with the group's a, b folded into the probability. Never writes f16 K/V back.
+//   Output: per (sequence, query head, split) the unnormalized o (D floats), max m and sum l
+//   in f32 workspace; kv_decode_reduce merges the splits and writes (B, Hq, D) f16.
+//   Expected bound: HBM bandwidth for F16; for INT4 with G = 4 the FP32/INT issue rate is
+//   close to the HBM rate (about 12 instructions per byte), see the crate README.
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int kTile = 32;            // tokens per pipeline stage
+constexpr int kThreads = 128;        // 4 warps per CTA
+constexpr int kWarps = kThreads / 32;
+constexpr int kWriteThreads = 256;
+constexpr unsigned kFull = 0xffffffffu;
+
+// ------------------------------------------------------------------------------------------
+// Non-finite check (run before anything is written, so a bad input never reaches a page).
+// ------------------------------------------------------------------------------------------
+__device__ __forceinline__ void count_nonfinite(const __half* __restrict__ x, long long n, unsigned* __restrict__ count) {
+    unsigned bad = 0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float v = __half2float(x[i]);
+        bad += !(fabsf(v) <= 65504.0f);
+    }
+    bad = __reduce_add_sync(kFull, bad);
+    if ((threadIdx.x & 31) == 0 && bad) atomicAdd(count, bad);
+}
+
+// ------------------------------------------------------------------------------------------
+// Writes: one thread per group of 32 values.
+// ------------------------------------------------------------------------------------------
+template <bool kInt4>
+__device__ __forceinline__ void write_groups(const __half* __restrict__ k, const __half* __restrict__ v,
+                                             uint8_t* __restrict__ pool, const int* __restrict__ pages,
+                                             int first_page, int start, int n, int heads_kv, int head_dim,
+                                             int page_size, int num_pages, long long page_bytes, int layer0) {
+    const int groups_per_row = head_dim / 32;
+    const long long per_kv = (long long)n * heads_kv * groups_per_row;
+    const long long gid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (gid >= 2 * per_kv) return;
+    const int kv = gid >= per_kv;
+    const long long r = gid - kv * per_kv;
+    const int g = (int)(r % groups_per_row);
+    const int h = (int)((r / groups_per_row) % heads_kv);
+    const int t = (int)(r / ((long long)groups_per_row * heads_kv));
+    const int pos = start + t;
+    const int page = pages[pos / page_size - first_page];
+    if (page < 0 || page >= num_pages) return;  // token already outside the window: not stored
+    const int slot = pos % page_size;
+    const int layer = blockIdx.y;
+    const __half* src = (kv ? v : k) + (((long long)layer * n + t) * heads_kv + h) * head_dim + g * 32;
+    uint8_t* base = pool + ((long long)(layer0 + layer) * num_pages + page) * page_bytes;
+
+    float x[32];
+    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const uint4 raw = reinterpret_cast<const uint4*>(src)[i];
+            const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float2 f = __half22float2(h2[j]);
+                x[8 * i + 2 * j] = f.x;
+                x[8 * i + 2 * j + 1] = f.y;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) x[i] = __half2float(src[i]);
+    }
+
+    if constexpr (kInt4) {
+        const long long val_bytes = (long long)heads_kv * page_size * (head_dim / 2);
+        const long long par_bytes = (long long)heads_kv * page_size * groups_per_row * 4;
+        uint8_t* region = base + kv * (val_bytes + par_bytes);
+        const long long row = (long long)h * page_size + slot;
+        float lo = x[0], hi = x[0];
+#pragma unroll
+        for (int i = 1; i < 32; ++i) {
+            lo = fminf(lo, x[i]);
+            hi = fmaxf(hi, x[i]);
+        }
+        // + 0 turns -0 into +0 (IEEE, not folded without fast math): bit-exact with the CPU.
+        const __half min_h = __float2half_rn(__fadd_rn(lo, 0.0f));
+        const __half scale_h = __float2half_rn(__fadd_rn(__fdiv_rn(__fsub_rn(hi, lo), 15.0f), 0.0f));
+        const float m = __half2float(min_h), s = __half2float(scale_h);
+        uint32_t words[4] = {0u, 0u, 0u, 0u};
+        if (s > 0.0f) {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+                float q = roundf(__fdiv_rn(__fsub_rn(x[i], m), s));
+                q = fminf(fmaxf(q, 0.0f), 15.0f);
+                words[i / 8] |= static_cast<uint32_t>(q) << (4 * (i % 8));
+            }
+        }
+        *reinterpret_cast<uint4*>(region + row * (head_dim / 2) + g * 16) = make_uint4(words[0], words[1], words[2], words[3]);
+        *reinterpret_cast<__half2*>(region + val_bytes + (row * groups_per_row + g) * 4) = __halves2half2(scale_h, min_h);
+    } else {
+        const long long val_bytes = (long long)heads_kv * page_size * head_dim * 2;
+        uint8_t* dst = base + kv * val_bytes + ((long long)h * page_size + slot) * head_dim * 2 + g * 64;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            __half2 h2[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) h2[j] = __floats2half2_rn(x[8 * i + 2 * j], x[8 * i + 2 * j + 1]);
+            reinterpret_cast<uint4*>(dst)[i] = *reinterpret_cast<const uint4*>(h2);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Decode attention.
+// ------------------------------------------------------------------------------------------
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    const int src_size = valid ? 16 : 0;  // 0: zero-fill, nothing read from global memory
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_size) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Reduce-scatter of N per-lane values over the L lanes (xor offsets O = L/2 .. 1) of a lane
+// group. Afterwards, with N >= L, lane li holds the sums of values li*(N/L) + i, i < N/L;
+// with N < L it holds the sum of value li / (L/N) in v[0].
+template <int N, int O>
+struct ReduceScatter {
+    static __device__ __forceinline__ void run(float* v, int li) {
+        if constexpr (O == 0) {
+            return;
+        } else if constexpr (N >= 2) {
+            const bool upper = (li & O) != 0;
+#pragma unroll
+            for (int i = 0; i < N / 2; ++i) {
+                const float send = upper ? v[i] : v[i + N / 2];
+                const float keep = upper ? v[i + N / 2] : v[i];
+                v[i] = keep + __shfl_xor_sync(kFull, send, O);
+            }
+            ReduceScatter<N / 2, O / 2>::run(v, li);
+        } else {
+            v[0] += __shfl_xor_sync(kFull, v[0], O);
+            ReduceScatter<1, O / 2>::run(v, li);
+        }
+    }
+};
+
+template <int D, int G, bool kInt4>
+struct DecodeCfg {
+    static constexpr int kLanes = D / 8;                   // lanes per token (8 dims each)
+    static constexpr int kTokPerStep = 32 / kLanes;        // tokens a warp covers at once
+    static constexpr int kTokPerGroup = kTile / (kWarps * kTokPerStep);  // per lane group per tile
+    static constexpr int kRoundTok = (16 / G) < 1 ? 1 : ((16 / G) < kTokPerGroup ? (16 / G) : kTokPerGroup);
+    static constexpr int kRounds = kTokPerGroup / kRoundTok;
+    static constexpr int kValBytes = kInt4 ? D / 2 : 2 * D;  // per token and head
+    static constexpr int kParBytes = kInt4 ? D / 32 * 4 : 0;
+    static constexpr int kStages = kInt4 ? 4 : 2;
+    // Offsets inside one stage: K values, K params, V values, V params.
+    static constexpr int kKv = 0;
+    static constexpr int kKp = kTile * kValBytes;
+    static constexpr int kVv = kKp + kTile * kParBytes;
+    static constexpr int kVp = kVv + kTile * kValBytes;
+    static constexpr int kStageBytes = kVp + kTile * kParBytes;
+    static constexpr int kValChunks = kTile * kValBytes / 16;
+    static constexpr int kParChunks = kTile * kParBytes / 16;
+    static constexpr int kChunks = 2 * (kValChunks + kParChunks);
+    static_assert(kTokPerGroup * kWarps * kTokPerStep == kTile, "tile must split evenly");
+    static_assert(kRounds * kRoundTok == kTokPerGroup, "rounds must split evenly");
+    static_assert(kStageBytes % 16 == 0, "stages are 16-byte aligned");
+};
+
+struct SeqView {
+    int len, sinks_end, window_start, n_sink_tiles, window_tile0, n_tiles;
+};
+
+__device__ __forceinline__ SeqView seq_view(int len, int sinks, int window) {
+    SeqView s;
+    s.len = len;
+    s.sinks_end = min(sinks, len);
+    s.window_start = max(s.sinks_end, len - window);  // window = INT_MAX without a window
+    s.n_sink_tiles = (s.sinks_end + kTile - 1) / kTile;
+    s.window_tile0 = max(s.window_start / kTile, s.n_sink_tiles);
+    const int end_tiles = (len + kTile - 1) / kTile;
+    s.n_tiles = s.n_sink_tiles + max(0, end_tiles - s.window_tile0);
+    return s;
+}
+
+__device__ __forceinline__ bool token_visible(const SeqView& s, int pos) {
+    return pos < s.sinks_end || (pos >= s.window_start && pos < s.len);
+}
+
+// Value of nibble j (0..7) of `w` as 1 + code / 128.
+template <int J>
+__device__ __forceinline__ float nibble_f(uint32_t w) {
+    const uint32_t bits = (J <= 4) ? (w << (16 - 4 * J)) : (w >> (4 * J - 16));
+    return __uint_as_float(0x3F800000u | (bits & 0x000F0000u));
+}
+
+template <bool kInt4>
+__device__ __forceinline__ void load_row8(const uint8_t* stage_vals, int tt, int li, int val_bytes, float (&f)[8]) {
+    if constexpr (kInt4) {
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(stage_vals + tt * val_bytes + li * 4);
+        f[0] = nibble_f<0>(w);
+        f[1] = nibble_f<1>(w);
+        f[2] = nibble_f<2>(w);
+        f[3] = nibble_f<3>(w);
+        f[4] = nibble_f<4>(w);
+        f[5] = nibble_f<5>(w);
+        f[6] = nibble_f<6>(w);
+        f[7] = nibble_f<7>(w);
+    } else {
+        const uint4 raw = *reinterpret_cast<const uint4*>(stage_vals + tt * val_bytes + li * 16);
+        const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 x = __half22float2(h2[j]);
+            f[2 * j] = x.x;
+            f[2 * j + 1] = x.y;
+        }
+    }
+}
+
+// (a, b) with value = a * f + b for the lane's group of token tt (INT4), zero when masked.
+__device__ __forceinline__ float2 group_ab(const uint8_t* stage_pars, int tt, int li, int par_bytes, bool valid) {
+    const __half2 sm = *reinterpret_cast<const __half2*>(stage_pars + tt * par_bytes + (li / 4) * 4);
+    const float s = __low2float(sm), m = __high2float(sm);
+    const float a = 128.0f * s;
+    return valid ? make_float2(a, m - a) : make_float2(0.0f, 0.0f);
+}
+
+template <int D, int G, bool kInt4>
+__device__ __forceinline__ void decode_split(const __half* __restrict__ q, const uint8_t* __restrict__ pool,
+                                             const int* __restrict__ block_tables, const int* __restrict__ seq_lens,
+                                             int bt_stride, int heads_kv, int page_shift, int num_pages,
+                                             long long page_bytes, int sinks, int window, int tiles_per_split,
+                                             int num_splits, float scale_log2, float* __restrict__ o_part,
+                                             float2* __restrict__ ml_part) {
+    using C = DecodeCfg<D, G, kInt4>;
+    constexpr int L = C::kLanes;
+    __shared__ __align__(16) uint8_t stages[C::kStages][C::kStageBytes];
+    __shared__ float s_p[kTile][G + 1];
+    __shared__ float s_red[G][D];
+    __shared__ float s_m[G], s_l[G], s_corr[G];
+
+    const int split = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int lg = lane / L, li = lane % L;
+    const int heads_q = heads_kv * G;
+    const int page_size = 1 << page_shift;
+
+    const SeqView sv = seq_view(seq_lens[b], sinks, window);
+    const int t_begin = split * tiles_per_split;
+    const int t_end = min(sv.n_tiles, t_begin + tiles_per_split);
+
+    for (int i = tid; i < G * D; i += kThreads) (&s_red[0][0])[i] = 0.0f;
+    if (tid < G) {
+        s_m[tid] = -INFINITY;
+        s_l[tid] = 0.0f;
+    }
+    __syncthreads();  // s_red, s_m, s_l are read/updated by other threads below
+
+    // Query slice of this lane, pre-scaled into the exp2 domain; per-head sums for the
+    // INT4 min term.
+    float qr[G][8];
+    float qsum[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const __half* qh = q + ((long long)b * heads_q + hkv * G + g) * D + li * 8;
+        qsum[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            qr[g][j] = __half2float(qh[j]) * scale_log2;
+            qsum[g] += qr[g][j];
+        }
+    }
+
+    const int* bt = block_tables + (long long)b * bt_stride;
+    const long long val_region = (long long)heads_kv * page_size * C::kValBytes;
+    const long long par_region = (long long)heads_kv * page_size * C::kParBytes;
+
+    // Issues the cp.async copies of enumerated tile `it` into stage `st`.
+    auto issue = [&](int it, int st) {
+        const int tile = it < sv.n_sink_tiles ? it : sv.window_tile0 + (it - sv.n_sink_tiles);
+        const int pos0 = tile * kTile;
+        uint8_t* dst = stages[st];
+#pragma unroll
+        for (int k = 0; k < (C::kChunks + kThreads - 1) / kThreads; ++k) {
+            const int c = tid + k * kThreads;
+            if (c >= C::kChunks) break;
+            int kv, rel, tok, toks, byte_in_tok, smem_off, bytes_per_tok;
+            bool par;
+            if (c < C::kValChunks + C::kParChunks) {
+                kv = 0;
+                rel = c;
+            } else {
+                kv = 1;
+                rel = c - (C::kValChunks + C::kParChunks);
+            }
+            par = rel >= C::kValChunks;
+            if (par) rel -= C::kValChunks;
+            bytes_per_tok = par ? C::kParBytes : C::kValBytes;
+            tok = (rel * 16) / bytes_per_tok;
+            byte_in_tok = (rel * 16) % bytes_per_tok;
+            toks = bytes_per_tok >= 16 ? 1 : 16 / bytes_per_tok;
+            smem_off = (kv ? (par ? C::kVp : C::kVv) : (par ? C::kKp : C::kKv)) + rel * 16;
+            bool valid = false;
+            for (int u = 0; u < toks; ++u) valid |= token_visible(sv, pos0 + tok + u);
+            const uint8_t* src = pool;
+            if (valid) {
+                const int pos = pos0 + tok;
+                const int page = __ldg(bt + (pos >> page_shift));
+                if (page >= 0 && page < num_pages) {
+                    const int slot = pos & (page_size - 1);
+                    src = pool + (long long)page * page_bytes + kv * (val_region + par_region) + (par ? val_region : 0) +
+                          ((long long)hkv * page_size + slot) * bytes_per_tok + byte_in_tok;
+                } else {
+                    valid = false;  // cannot happen for a consistent block table; never read it
+                }
+            }
+            cp_async16(dst + smem_off, src, valid);
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < C::kStages - 1; ++s) {
+        if (t_begin + s < t_end) issue(t_begin + s, s);
+        cp_async_commit();
+    }
+
+    float o[G][8];
+    float oc[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        oc[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[g][j] = 0.0f;
+    }
+
+    for (int it = t_begin; it < t_end; ++it) {
+        const int k_iter = it - t_begin;
+        cp_async_wait<C::kStages - 2>();
+        __syncthreads();
+        {
+            const int nx = it + C::kStages - 1;
+            if (nx < t_end) issue(nx, (k_iter + C::kStages - 1) % C::kStages);
+            cp_async_commit();
+        }
+        const uint8_t* st = stages[k_iter % C::kStages];
+        const int tile = it < sv.n_sink_tiles ? it : sv.window_tile0 + (it - sv.n_sink_tiles);
+        const int pos0 = tile * kTile;
+
+        // ---- scores: s_p[t][g] = q_g . k_t (log2 domain), -inf where masked ----
+#pragma unroll
+        for (int r = 0; r < C::kRounds; ++r) {
+            constexpr int N = C::kRoundTok * G;
+            float part[N];
+#pragma unroll
+            for (int j = 0; j < C::kRoundTok; ++j) {
+                const int tt = warp * (kTile / kWarps) + (r * C::kRoundTok + j) * C::kTokPerStep + lg;
+                float f[8];
+                load_row8<kInt4>(st + C::kKv, tt, li, C::kValBytes, f);
+                float2 ab = make_float2(1.0f, 0.0f);
+                if constexpr (kInt4) ab = group_ab(st + C::kKp, tt, li, C::kParBytes, true);
+#pragma unroll
+                for (int g = 0; g < G; ++g) {
+                    float acc = 0.0f;
+#pragma unroll
+                    for (int d = 0; d < 8; ++d) acc = fmaf(qr[g][d], f[d], acc);
+                    part[j * G + g] = kInt4 ? fmaf(ab.x, acc, ab.y * qsum[g]) : acc;
+                }
+            }
+            ReduceScatter<N, L / 2>::run(part, li);
+            constexpr int kPerLane = N >= L ? N / L : 1;
+            constexpr int kShare = N >= L ? 1 : L / N;  // lanes holding the same sum
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                const int idx = li / kShare * kPerLane + i;
+                const bool writer = li % kShare == 0;
+                const int j = idx / G, g = idx % G;
+                const int tt = warp * (kTile / kWarps) + (r * C::kRoundTok + j) * C::kTokPerStep + lg;
+                if (writer) s_p[tt][g] = token_visible(sv, pos0 + tt) ? part[i] : -INFINITY;
+            }
+        }
+        __syncthreads();
+
+        // ---- online softmax over the tile, one warp per head ----
+        for (int g = warp; g < G; g += kWarps) {
+            const float sc = s_p[lane][g];
+            const float m_old = s_m[g];
+            const float m_new = fmaxf(m_old, tritter::warp_max(sc));
+            float p = 0.0f, corr = 1.0f;
+            if (m_new != -INFINITY) {
+                p = exp2f(sc - m_new);
+                corr = exp2f(m_old - m_new);
+            }
+            float sum = p;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kFull, sum, off);
+            s_p[lane][g] = p;
+            __syncwarp();
+            if (lane == 0) {
+                s_m[g] = m_new;
+                s_l[g] = s_l[g] * corr + sum;
+                s_corr[g] = corr;
+            }
+        }
+        __syncthreads();
+
+        // ---- o = o * corr + sum_t p_t v_t ----
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const float corr = s_corr[g];
+            oc[g] *= corr;
+#pragma unroll
+            for (int d = 0; d < 8; ++d) o[g][d] *= corr;
+        }
+#pragma unroll
+        for (int j = 0; j < C::kTokPerGroup; ++j) {
+            const int tt = warp * (kTile / kWarps) + j * C::kTokPerStep + lg;
+            float f[8];
+            load_row8<kInt4>(st + C::kVv, tt, li, C::kValBytes, f);
+            float2 ab = make_float2(1.0f, 0.0f);
+            if constexpr (kInt4) ab = group_ab(st + C::kVp, tt, li, C::kParBytes, token_visible(sv, pos0 + tt));
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float p = s_p[tt][g];
+                const float c1 = p * ab.x;
+                if constexpr (kInt4) oc[g] = fmaf(p, ab.y, oc[g]);
+#pragma unroll
+                for (int d = 0; d < 8; ++d) o[g][d] = fmaf(c1, f[d], o[g][d]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // ---- combine the lane groups' partial o, write this split's (o, m, l) ----
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+        for (int d = 0; d < 8; ++d) atomicAdd(&s_red[g][li * 8 + d], o[g][d] + oc[g]);
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += kThreads) {
+        const int g = i / D, d = i % D;
+        const long long row = ((long long)b * heads_q + hkv * G + g) * num_splits + split;
+        o_part[row * D + d] = s_red[g][d];
+        if (d == 0) ml_part[row] = make_float2(s_m[g], s_l[g]);
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(256) kv_count_nonfinite_f16(const __half* __restrict__ x, long long n,
+                                                                          unsigned* __restrict__ count) {
+    count_nonfinite(x, n, count);
+}
+
+#define KV_WRITE(NAME, INT4)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(kWriteThreads)                                                    \
+        NAME(const __half* __restrict__ k, const __half* __restrict__ v, uint8_t* __restrict__ pool,               \
+             const int* __restrict__ pages, int first_page, int start, int n, int heads_kv, int head_dim,          \
+             int page_size, int num_pages, long long page_bytes, int layer0) {                                     \
+        write_groups<INT4>(k, v, pool, pages, first_page, start, n, heads_kv, head_dim, page_size, num_pages,     \
+                           page_bytes, layer0);                                                                     \
+    }
+KV_WRITE(kv_write_int4, true)
+KV_WRITE(kv_write_f16, false)
+
+#define KV_DECODE(FMT, INT4, D, G)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(kThreads, 1) kv_decode_##FMT##_d##D##_g##G(                          \
+        const __half* __restrict__ q, const uint8_t* __restrict__ pool, const int* __restrict__ block_tables,       \
+        const int* __restrict__ seq_lens, int bt_stride, int heads_kv, int page_shift, int num_pages,               \
+        long long page_bytes, int sinks, int window, int tiles_per_split, int num_splits, float scale_log2,         \
+        float* __restrict__ o_part, float2* __restrict__ ml_part) {                                                 \
+        decode_split<D, G, INT4>(q, pool, block_tables, seq_lens, bt_stride, heads_kv, page_shift, num_pages,       \
+                                 page_bytes, sinks, window, tiles_per_split, num_splits, scale_log2, o_part,        \
+                                 ml_part);                                                                           \
+    }
+#define KV_DECODE_G(FMT, INT4, D) \
+    KV_DECODE(FMT, INT4, D, 1)    \
+    KV_DECODE(FMT, INT4, D, 2)    \
+    KV_DECODE(FMT, INT4, D, 4)    \
+    KV_DECODE(FMT, INT4, D, 8)
+KV_DECODE_G(int4, true, 64)
+KV_DECODE_G(int4, true, 128)
+KV_DECODE_G(f16, false, 64)
+KV_DECODE_G(f16, false, 128)
+
+// Merges the splits of one (sequence, query head): o = sum_s o_s 2^(m_s - M) / sum_s l_s
+// 2^(m_s - M). Grid B * Hq, D threads (one per dim).
+extern "C" __global__ void __launch_bounds__(128) kv_decode_reduce(const float* __restrict__ o_part,
+                                                                   const float2* __restrict__ ml_part,
+                                                                   __half* __restrict__ out, int num_splits, int head_dim) {
+    const long long bh = blockIdx.x;
+    const float2* ml = ml_part + bh * num_splits;
+    float m = -INFINITY;
+    for (int s = 0; s < num_splits; ++s) m = fmaxf(m, ml[s].x);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float l = 0.0f, acc = 0.0f;
+        for (int s = 0; s < num_splits; ++s) {
+            const float2 x = ml[s];
+            if (x.y > 0.0f) {
+                const float w = exp2f(x.x - m);
+                l = fmaf(x.y, w, l);
+                acc = fmaf(o_part[(bh * num_splits + s) * head_dim + d], w, acc);
+            }
+        }
+        out[bh * head_dim + d] = __float2half_rn(l > 0.0f ? acc / l : 0.0f);
+    }
+}
