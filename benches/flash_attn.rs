@@ -28,7 +28,8 @@ mod gpu {
     use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
     use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use flash_attn_sm120::cuda::{
-        flash_attn_fwd_cuda, qk_norm_rope_cuda, NormRopeGpu, ProblemGpu, RopeTable,
+        flash_attn_bwd_cuda, flash_attn_fwd_cuda, qk_norm_rope_cuda, BwdMode, BwdWorkspace,
+        GradsGpu, NormRopeGpu, ProblemGpu, RopeTable,
     };
     use flash_attn_sm120::{MaskMode, Positions};
     use half::bf16;
@@ -256,6 +257,42 @@ mod gpu {
         );
     }
 
+    /// Backward (both dq modes) against the forward of the same shape; FLOPs counted as
+    /// FlashAttention does (2.5x the forward's: five matmuls instead of two).
+    fn backward(gpu: &Gpu, (b, h, l, d, mask): (usize, usize, usize, usize, Mask)) {
+        let p = Problem::fixed(Heads::new(h, h, d), b, l, l, mask);
+        let pb = ProblemGpu::new(gpu, p.clone(), Positions::default()).unwrap();
+        let q = random_bf16(gpu, p.q_len(), 1);
+        let k = random_bf16(gpu, p.kv_len(), 2);
+        let v = random_bf16(gpu, p.kv_len(), 3);
+        let dout = random_bf16(gpu, p.q_len(), 4);
+        let mut o = gpu.stream().alloc_zeros::<bf16>(p.q_len()).unwrap();
+        let mut lse = gpu.stream().alloc_zeros::<f32>(p.lse_len()).unwrap();
+        let mut grads = GradsGpu::<bf16>::new(gpu, &p).unwrap();
+        let mut ws = BwdWorkspace::<bf16>::new(gpu, &p, false).unwrap();
+        let fwd = time_launches(gpu, 5, 5, |_| {
+            flash_attn_fwd_cuda(gpu, &pb, &q, &k, &v, &mut o, &mut lse, None)
+        })
+        .unwrap();
+        let flops = 4.0 * (b * h * d) as f64 * pairs(l, mask);
+        for mode in [BwdMode::Atomic, BwdMode::Deterministic] {
+            let bwd = time_launches(gpu, 5, 5, |_| {
+                flash_attn_bwd_cuda(
+                    gpu, &pb, &q, &k, &v, &o, &lse, &dout, &mut grads, &mut ws, None, mode,
+                )
+            })
+            .unwrap();
+            let (tf_f, tf_b) = (tflops(&fwd, flops), tflops(&bwd, 2.5 * flops));
+            println!(
+                "RESULT flash_bwd {mode:?} {:?} B={b} H={h} L={l} D={d}: {:.3} ms, {tf_b:.1} TFLOP/s | forward {:.3} ms, {tf_f:.1} TFLOP/s | bwd/fwd throughput {:.2}",
+                mask.mode,
+                bwd.median_ms,
+                fwd.median_ms,
+                tf_b / tf_f
+            );
+        }
+    }
+
     pub fn benches(_c: &mut Criterion) {
         let Some(gpu) = gpu_for_test("flash_attn GPU bench") else {
             return;
@@ -267,6 +304,9 @@ mod gpu {
             shape(&gpu, &blas, s);
         }
         prologue(&gpu, (2, 16, 8192, 128));
+        backward(&gpu, (2, 16, 8192, 128, Mask::CAUSAL));
+        backward(&gpu, (2, 32, 8192, 64, Mask::CAUSAL));
+        backward(&gpu, (2, 16, 8192, 128, Mask::BIDIRECTIONAL));
     }
 }
 

@@ -20,6 +20,7 @@ assert PARAMS.itemsize == 216
 
 
 THREADS = [128]
+MODS = []
 
 
 def launch(fn, grid, smem, params):
@@ -31,8 +32,10 @@ def launch(fn, grid, smem, params):
 
 
 def run(cubin, name, b, h, l, d, causal, window=0, reps=10):
-    mod = cp.RawModule(path=cubin)
+    mod = cp.cuda.function.Module()
+    mod.load_file(cubin)
     fn = mod.get_function(name)
+    MODS.append(mod)
     bn = 64
     for tok in cubin.split("_"):
         if tok.startswith("bn"):
@@ -73,17 +76,20 @@ def run(cubin, name, b, h, l, d, causal, window=0, reps=10):
     return ms, tf, err
 
 
-def torch_time(b, h, l, d, causal, reps=10):
+def torch_time(b, h, l, d, causal, reps=10, backend=None):
+    from torch.nn.attention import sdpa_kernel
     q = torch.randn(b, h, l, d, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn_like(q), torch.randn_like(q)
-    for _ in range(3):
-        F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    e.record()
-    e.synchronize()
+    backends = [backend] if backend is not None else list(torch.nn.attention.SDPBackend)
+    with sdpa_kernel(backends):
+        for _ in range(3):
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        e.record()
+        e.synchronize()
     ms = s.elapsed_time(e) / reps
     pairs = l * l if not causal else l * (l + 1) / 2
     return ms, 4 * b * h * d * pairs / ms / 1e9
@@ -94,7 +100,9 @@ if __name__ == "__main__":
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__)
     for (b, h, l, d, causal) in SHAPES:
         ms, tf = torch_time(b, h, l, d, causal)
-        print(f"torch sdpa B={b} H={h} L={l} D={d} causal={causal}: {ms:.3f} ms {tf:.1f} TFLOP/s")
+        print(f"torch sdpa (default backend) B={b} H={h} L={l} D={d} causal={causal}: {ms:.3f} ms {tf:.1f} TFLOP/s")
+        ms, tf = torch_time(b, h, l, d, causal, backend=torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+        print(f"torch sdpa FLASH_ATTENTION (FA2) B={b} H={h} L={l} D={d} causal={causal}: {ms:.3f} ms {tf:.1f} TFLOP/s")
         for cubin in sys.argv[1:]:
             try:
                 ms, tf, err = run(cubin, f"flash_fwd_bf16_d{d}", b, h, l, d, causal)
