@@ -29,7 +29,7 @@ mod gpu {
     use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use flash_attn_sm120::cuda::{
         flash_attn_bwd_cuda, flash_attn_fwd_cuda, qk_norm_rope_cuda, BwdMode, BwdWorkspace,
-        GradsGpu, NormRopeGpu, ProblemGpu, RopeTable,
+        GradsGpu, NormRopeGpu, ProblemGpu, PrologueFwd, RopeTable,
     };
     use flash_attn_sm120::{MaskMode, Positions};
     use half::bf16;
@@ -236,8 +236,13 @@ mod gpu {
             flash_attn_fwd_cuda(gpu, &pb, &q, &k, &v, &mut o, &mut lse, None)
         })
         .unwrap();
+        let mut k_hat = gpu.stream().alloc_zeros::<bf16>(p.kv_len()).unwrap();
         let fused = time_launches(gpu, 5, 5, |_| {
-            flash_attn_fwd_cuda(gpu, &pb, &q, &k, &v, &mut o, &mut lse, Some(&nr))
+            let pro = PrologueFwd {
+                norm_rope: &nr,
+                k_hat: &mut k_hat,
+            };
+            flash_attn_fwd_cuda(gpu, &pb, &q, &k, &v, &mut o, &mut lse, Some(pro))
         })
         .unwrap();
         let pos: Vec<i32> = (0..l as i32).cycle().take(b * l).collect();

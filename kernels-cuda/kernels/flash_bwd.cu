@@ -600,6 +600,7 @@ template <typename T, int kD>
 __device__ __forceinline__ void norm_rope_rows(const Params& p, const T* x, T* y, const T* w, int rows, int heads,
                                                int is_q) {
     constexpr int kE = kD / 32;
+    pdl_launch_dependents();  // the fused forward may start its Q prologue now (flash_fwd.cu)
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;

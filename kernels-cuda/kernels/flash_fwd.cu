@@ -24,10 +24,14 @@
 // visible skip the per-element mask; the rest apply the rule element-wise (documents through
 // the tile's doc ids in shared memory). Rows past the sequence are zero-filled and never written.
 //
-// Prologue (kNormRope): Q is normalized and rotated in shared memory once per CTA; every K
-// block is normalized and rotated after it lands, before Q K^T (norm_rope_tile: 8 threads per
-// row at D = 128, each holding 8 whole rotate-half pairs). RoPE (cos, sin) come from a table
-// built on the host in f64; the norm weights sit in shared memory.
+// Prologue (kNormRope): Q is normalized and rotated in shared memory once per CTA, as it is
+// loaded (norm_rope_tile: 8 threads per row at D = 128, each holding 8 whole rotate-half
+// pairs). K is read by L / kBM query blocks and Hq / Hkv heads: normalizing it on every load
+// redid the work that often and made the forward 1.6x slower (H100, L = 8K), so K goes
+// through the norm_rope_pos pre-kernel (flash_bwd.cu) once per call into a workspace, and this
+// kernel, launched with programmatic dependent launch, overlaps its Q prologue with it
+// (pdl_wait before the first K load). RoPE (cos, sin) come from a table built on the host in
+// f64; the norm weight sits in shared memory.
 //
 // Bound: compute (tensor cores) for L >= 1K; per block each warp issues 2 * 8 * D/16 MMAs for
 // S and as many for P V against ~40 instructions of softmax per row pair.
@@ -56,7 +60,7 @@ constexpr int kWarpRows = 16 * kMT;
 
 template <int kD>
 constexpr int fwd_smem_bytes() {
-    return (kBM + 2 * kBN) * kD * 2 + kBN * 4 + 2 * kD * 4;
+    return (kBM + 2 * kBN) * kD * 2 + kBN * 4 + kD * 4;
 }
 
 // cp.async of rows [0, rows) of a (tokens, heads, D) tensor into a swizzled tile of `kRows`
@@ -85,8 +89,7 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
     T* sK = sQ + kBM * kD;
     T* sV = sK + kBN * kD;
     int* sDoc = reinterpret_cast<int*>(sV + kBN * kD);
-    float* sWq = reinterpret_cast<float*>(sDoc + kBN);  // prologue norm weights (kD each)
-    float* sWk = sWq + kD;
+    float* sWq = reinterpret_cast<float*>(sDoc + kBN);  // prologue: q_norm weight (kD)
 
     const int b = blockIdx.z, h = blockIdx.y;
     const Seq s = load_seq(p, b);
@@ -119,24 +122,25 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
     auto block_of = [&](int it) { return it < n_main ? main_hi - 1 - it : sink_hi - 1 - (it - n_main); };
 
     load_tile<kBM, kD>(sQ, q_base, q_stride, rows);
-    if (n_total > 0) {
-        const int n0 = block_of(0) * kBN;
-        load_tile<kBN, kD>(sK, k_base + static_cast<size_t>(n0) * p.hkv * kD, kv_stride, s.lk - n0);
-    }
-    cp_async_commit();
-
     if constexpr (kNormRope) {
-        for (int i = tid; i < kD; i += kThreads) {
-            sWq[i] = to_float(static_cast<const T*>(p.q_norm)[i]);
-            sWk[i] = to_float(static_cast<const T*>(p.k_norm)[i]);
-        }
+        // Q is raw: normalize and rotate it in shared memory. K comes normalized from the
+        // norm_rope_pos pre-kernel, launched just before this one with programmatic dependent
+        // launch: everything up to pdl_wait overlaps with it, nothing after reads K early.
+        cp_async_commit();
+        for (int i = tid; i < kD; i += kThreads) sWq[i] = to_float(static_cast<const T*>(p.q_norm)[i]);
         cp_async_wait<0>();
         __syncthreads();
         norm_rope_tile<T, kD, kBM, kThreads>(sQ, sWq, p.rope, p.eps, [&](int r) {
             if (r >= rows) return 0;
             return p.pos_q != nullptr ? p.pos_q[s.q0 + m0 + r] : max(m0 + r + s.shift, m0 + r);
         });
+        pdl_wait();
     }
+    if (n_total > 0) {
+        const int n0 = block_of(0) * kBN;
+        load_tile<kBN, kD>(sK, k_base + static_cast<size_t>(n0) * p.hkv * kD, kv_stride, s.lk - n0);
+    }
+    cp_async_commit();
 
     // Query rows of this thread: (mt, half) -> row m0 + warp * kWarpRows + mt * 16 + g + 8 * half.
     int q_doc[kMT][2];
@@ -173,14 +177,7 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
         load_tile<kBN, kD>(sV, v_base + static_cast<size_t>(n0) * p.hkv * kD, kv_stride, s.lk - n0);
         cp_async_commit();
         if (p.doc_ids != nullptr && tid < kBN) sDoc[tid] = p.doc_ids[s.k0 + min(n0 + tid, s.lk - 1)];
-        if constexpr (kNormRope) {
-            norm_rope_tile<T, kD, kBN, kThreads>(sK, sWk, p.rope, p.eps, [&](int r) {
-                const int j = n0 + r;
-                if (j >= s.lk) return 0;
-                return p.pos_k != nullptr ? p.pos_k[s.k0 + j] : j;
-            });
-        }
-        if (kNormRope || p.doc_ids != nullptr) __syncthreads();
+        if (p.doc_ids != nullptr) __syncthreads();
 
         // S = Q K^T
         float sc[kMT][kNT][4];

@@ -111,6 +111,25 @@ impl Gpu {
         for (p, slot) in params.iter_mut().zip(args.slots.iter_mut()).take(args.len) {
             *p = slot as *mut u64 as *mut c_void;
         }
+        let len = args.len;
+        // SAFETY: forwarded from this function's contract; params point at args' slots.
+        self.launch_pdl_raw(func, name, cfg, &mut params[..len])
+    }
+
+    /// [`Gpu::launch_pdl`] with the kernel parameter array given directly: `params[i]` points
+    /// at the value of parameter `i` (for kernels that take a struct by value, which
+    /// [`KernelArgs`]' 8-byte slots cannot hold).
+    ///
+    /// # Safety
+    /// As [`Gpu::launch_pdl`]; every pointer must point at a value of exactly the size and
+    /// layout of the kernel's parameter and stay valid for the call.
+    pub unsafe fn launch_pdl_raw(
+        &self,
+        func: &CudaFunction,
+        name: &str,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<(), KernelError> {
         // SAFETY: a plain C union of integers and structs of integers; all zeros is valid.
         let mut value: CUlaunchAttributeValue = std::mem::zeroed();
         value.programmaticStreamSerializationAllowed = 1;

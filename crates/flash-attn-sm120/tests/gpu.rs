@@ -46,7 +46,9 @@ gpu_test!(
 #[cfg(feature = "cuda")]
 mod common {
     use cudarc::driver::CudaSlice;
-    use flash_attn_sm120::cuda::{flash_attn_fwd_cuda, AttnDtype, NormRopeGpu, ProblemGpu};
+    use flash_attn_sm120::cuda::{
+        flash_attn_fwd_cuda, AttnDtype, NormRopeGpu, ProblemGpu, PrologueFwd,
+    };
     use flash_attn_sm120::reference::{attention_fwd_ref, FwdOut};
     use flash_attn_sm120::{Heads, Mask, MaskInputs, MaskMode, Positions, Problem, Seqs};
     use tritter_kernels_cuda::testing::random_f32;
@@ -313,17 +315,13 @@ mod common {
         let (q, k, v) = (upload(gpu, q), upload(gpu, k), upload(gpu, v));
         let mut out = gpu.stream().alloc_zeros::<T>(p.q_len()).unwrap();
         let mut lse = gpu.stream().alloc_zeros::<f32>(p.lse_len()).unwrap();
-        flash_attn_fwd_cuda(
-            gpu,
-            &pb,
-            &q,
-            &k,
-            &v,
-            &mut out,
-            &mut lse,
-            prologue.map(|x| x.0),
-        )
-        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let mut k_hat = gpu.stream().alloc_zeros::<T>(p.kv_len()).unwrap();
+        let pro = prologue.map(|x| PrologueFwd {
+            norm_rope: x.0,
+            k_hat: &mut k_hat,
+        });
+        flash_attn_fwd_cuda(gpu, &pb, &q, &k, &v, &mut out, &mut lse, pro)
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let out = download(gpu, &out).iter().map(|x| x.to_f32()).collect();
         let lse = gpu.stream().clone_dtoh(&lse).unwrap();
         (out, lse)
@@ -569,7 +567,9 @@ mod norm_rope {
 #[cfg(feature = "cuda")]
 mod bad_input {
     use super::common::*;
-    use flash_attn_sm120::cuda::{flash_attn_fwd_cuda, NormRopeGpu, ProblemGpu, RopeTable};
+    use flash_attn_sm120::cuda::{
+        flash_attn_fwd_cuda, NormRopeGpu, ProblemGpu, PrologueFwd, RopeTable,
+    };
     use flash_attn_sm120::{AttnError, Heads, Mask, Positions, Problem};
     use half::bf16;
     use tritter_kernels_cuda::Gpu;
@@ -595,15 +595,59 @@ mod bad_input {
             eps: 1e-6,
             rope: &table,
         };
-        let e =
-            flash_attn_fwd_cuda(gpu, &pb, &q, &k, &k, &mut out, &mut lse, Some(&nr)).unwrap_err();
+        let mut k_hat = gpu.stream().alloc_zeros::<bf16>(p.kv_len()).unwrap();
+        let e = flash_attn_fwd_cuda(
+            gpu,
+            &pb,
+            &q,
+            &k,
+            &k,
+            &mut out,
+            &mut lse,
+            Some(PrologueFwd {
+                norm_rope: &nr,
+                k_hat: &mut k_hat,
+            }),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("position 32"), "{e}");
         // a table for the wrong head dim
         let table = RopeTable::new(gpu, 128, 10_000.0, 64).unwrap();
         let nr = NormRopeGpu { rope: &table, ..nr };
-        let e =
-            flash_attn_fwd_cuda(gpu, &pb, &q, &k, &k, &mut out, &mut lse, Some(&nr)).unwrap_err();
+        let e = flash_attn_fwd_cuda(
+            gpu,
+            &pb,
+            &q,
+            &k,
+            &k,
+            &mut out,
+            &mut lse,
+            Some(PrologueFwd {
+                norm_rope: &nr,
+                k_hat: &mut k_hat,
+            }),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("D = 128"), "{e}");
+        // a k_hat workspace of the wrong length
+        let table = RopeTable::new(gpu, 64, 10_000.0, 64).unwrap();
+        let nr = NormRopeGpu { rope: &table, ..nr };
+        let mut short_hat = gpu.stream().alloc_zeros::<bf16>(p.kv_len() - 1).unwrap();
+        let e = flash_attn_fwd_cuda(
+            gpu,
+            &pb,
+            &q,
+            &k,
+            &k,
+            &mut out,
+            &mut lse,
+            Some(PrologueFwd {
+                norm_rope: &nr,
+                k_hat: &mut short_hat,
+            }),
+        )
+        .unwrap_err();
+        assert!(matches!(e, AttnError::Shape { what: "k_hat", .. }), "{e}");
         // invalid problems never reach the device
         let bad = Problem::fixed(Heads::new(4, 3, 64), 1, 8, 8, Mask::CAUSAL);
         assert!(matches!(

@@ -381,7 +381,7 @@ mod common {
     use cudarc::driver::CudaSlice;
     use flash_attn_sm120::cuda::{
         flash_attn_bwd_cuda, flash_attn_fwd_cuda, AttnDtype, BwdMode, BwdWorkspace, GradsGpu,
-        NormGradsGpu, NormRopeGpu, ProblemGpu, PrologueBwd,
+        NormGradsGpu, NormRopeGpu, ProblemGpu, PrologueBwd, PrologueFwd,
     };
     use tritter_kernels_cuda::testing::random_f32;
     use tritter_kernels_cuda::Gpu;
@@ -450,8 +450,12 @@ mod common {
             let [q, k, v, dout] = host.map(|x| upload(gpu, x));
             let mut out = gpu.stream().alloc_zeros::<T>(p.q_len()).unwrap();
             let mut lse = gpu.stream().alloc_zeros::<f32>(p.lse_len()).unwrap();
-            flash_attn_fwd_cuda(gpu, &pb, &q, &k, &v, &mut out, &mut lse, prologue)
-                .expect("forward");
+            let mut k_hat = gpu.stream().alloc_zeros::<T>(p.kv_len()).unwrap();
+            let pro = prologue.map(|norm_rope| PrologueFwd {
+                norm_rope,
+                k_hat: &mut k_hat,
+            });
+            flash_attn_fwd_cuda(gpu, &pb, &q, &k, &v, &mut out, &mut lse, pro).expect("forward");
             Run {
                 grads: GradsGpu::new(gpu, &p).unwrap(),
                 ws: BwdWorkspace::new(gpu, &p, prologue.is_some()).unwrap(),
