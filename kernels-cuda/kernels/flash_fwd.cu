@@ -4,20 +4,21 @@
 //
 // Algorithm (Dao, FlashAttention-2): one CTA per (query block of kBM = 128 rows, query head,
 // sequence). The CTA keeps its Q tile in shared memory and walks the key/value blocks of
-// kBN = 64 keys that the mask leaves (flash_attn.cuh: key_range), from the last block down,
-// keeping the running row max m, row sum l and the output accumulator O in registers
+// kBN keys (FwdCfg: 128 at D = 128, 64 at D = 64) that the mask leaves (flash_attn.cuh:
+// key_range), from the last block down, keeping the running row max m, row sum l and the output accumulator O in registers
 // (online softmax in base 2: p = exp2(s * scale * log2 e - m)). At the end O / l is written
 // and logsumexp = m ln 2 + ln l.
 //
-// Tiles and warps: 4 warps; warp w owns query rows [32 w, 32 w + 32) as two m16 tiles.
-// S = Q K^T per block is 2 x 8 m16n8k16 tiles per warp (64 f32 registers), O is 2 x D/8 tiles
-// (128 registers at D = 128). P is re-packed from the S accumulators into A fragments
-// without a trip through shared memory. K (row-major [key][d]) feeds the B operand through
-// plain ldmatrix, V through ldmatrix.trans.
+// Tiles and warps (FwdCfg): D = 128: 8 warps, warp w owns query rows [16 w, 16 w + 16) (one
+// m16 tile), key blocks of 128: S is 16 n8 tiles (64 f32 registers), O 16 tiles (64). D = 64:
+// 4 warps of 32 rows (two m16 tiles), key blocks of 64: S 2 x 8 tiles (64), O 2 x 8 (64).
+// P is re-packed from the S accumulators into A fragments without a trip through shared
+// memory. K (row-major [key][d]) feeds the B operand through plain ldmatrix, V through
+// ldmatrix.trans.
 //
-// Shared memory (16-bit T, 16-byte chunks XOR-swizzled by row): Q kBM x D, K kBN x D, V kBN x D
-// = 64 KB at D = 128 (32 KB at D = 64): below sm_120's 99 KB per block; 2 CTAs per SM on the
-// H100, 1 on sm_120. Pipeline (FA2): the V load of block n overlaps Q K^T of block n, the K
+// Shared memory (16-bit T, 16-byte chunks XOR-swizzled by row): Q kBM x D, K kBN x D, V kBN x D,
+// plus kBN doc ids and D floats of prologue weight = 99,328 B at D = 128 (sm_120 allows
+// 101,376 per block: 1 CTA per SM there and on the H100, by registers), 33,536 B at D = 64. Pipeline (FA2): the V load of block n overlaps Q K^T of block n, the K
 // load of block n - 1 overlaps softmax and P V of block n (cp.async, one buffer each).
 //
 // Masks: blocks outside key_range are never loaded; blocks that tile_all_visible proves fully
@@ -40,32 +41,42 @@
 namespace tritter {
 namespace flash {
 
-// FLASH_FWD_BN / FLASH_FWD_MIN_BLOCKS override the tile for tuning builds (dev/flash_tune.sh);
-// the Rust side assumes the defaults.
-#ifndef FLASH_FWD_BN
-#define FLASH_FWD_BN 64
-#endif
+// Tiles per head dim (measured on the H100, dev/flash_tune.sh): D = 128 takes 8 warps of 16
+// rows and 128-key blocks (~10% faster than 4 warps x 32 rows x 64 keys, which spills ~320
+// bytes on sm_90; this one spills ~110 bytes on sm_90, none on sm_120), D = 64 takes 4 warps of
+// 32 rows and 64-key blocks (no spills; 8 warps were 25% slower there). FLASH_FWD_BN /
+// FLASH_FWD_WARPS / FLASH_FWD_MIN_BLOCKS override them for tuning builds only; the Rust side
+// (cuda.rs: fwd_tile) assumes the defaults.
 #ifndef FLASH_FWD_MIN_BLOCKS
 #define FLASH_FWD_MIN_BLOCKS 1
 #endif
-#ifndef FLASH_FWD_WARPS
-#define FLASH_FWD_WARPS 4
-#endif
 constexpr int kBM = 128;
-constexpr int kBN = FLASH_FWD_BN;
-constexpr int kWarps = FLASH_FWD_WARPS;
-constexpr int kThreads = kWarps * 32;
-constexpr int kMT = kBM / (16 * kWarps);  // m16 tiles per warp
-constexpr int kWarpRows = 16 * kMT;
+
+template <int kD>
+struct FwdCfg {
+#ifdef FLASH_FWD_BN
+    static constexpr int kBN = FLASH_FWD_BN;
+#else
+    static constexpr int kBN = kD == 128 ? 128 : 64;
+#endif
+#ifdef FLASH_FWD_WARPS
+    static constexpr int kWarps = FLASH_FWD_WARPS;
+#else
+    static constexpr int kWarps = kD == 128 ? 8 : 4;
+#endif
+    static constexpr int kThreads = kWarps * 32;
+    static constexpr int kMT = kBM / (16 * kWarps);  // m16 tiles per warp
+    static constexpr int kWarpRows = 16 * kMT;
+};
 
 template <int kD>
 constexpr int fwd_smem_bytes() {
-    return (kBM + 2 * kBN) * kD * 2 + kBN * 4 + kD * 4;
+    return (kBM + 2 * FwdCfg<kD>::kBN) * kD * 2 + FwdCfg<kD>::kBN * 4 + kD * 4;
 }
 
 // cp.async of rows [0, rows) of a (tokens, heads, D) tensor into a swizzled tile of `kRows`
 // rows; rows >= valid are zero-filled. `src` points at (token 0 of the tile, head h, d 0).
-template <int kRows, int kD>
+template <int kRows, int kD, int kThreads>
 __device__ __forceinline__ void load_tile(void* tile, const void* src, size_t row_stride_bytes, int valid) {
     constexpr int kChunks = kD / 8;  // 16-byte chunks per row
     const char* s = static_cast<const char*>(src);
@@ -82,6 +93,10 @@ __device__ __forceinline__ void load_tile(void* tile, const void* src, size_t ro
 
 template <typename T, int kD, bool kNormRope>
 __device__ __forceinline__ void flash_fwd(const Params& p) {
+    constexpr int kBN = FwdCfg<kD>::kBN;
+    constexpr int kThreads = FwdCfg<kD>::kThreads;
+    constexpr int kMT = FwdCfg<kD>::kMT;
+    constexpr int kWarpRows = FwdCfg<kD>::kWarpRows;
     constexpr int kNT = kBN / 8;   // n8 tiles of S per warp row block
     constexpr int kDT = kD / 8;    // n8 tiles of O
     extern __shared__ __align__(128) unsigned char smem[];
@@ -121,7 +136,7 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
     // block index of step it: main blocks from the top down, then sink blocks
     auto block_of = [&](int it) { return it < n_main ? main_hi - 1 - it : sink_hi - 1 - (it - n_main); };
 
-    load_tile<kBM, kD>(sQ, q_base, q_stride, rows);
+    load_tile<kBM, kD, kThreads>(sQ, q_base, q_stride, rows);
     if constexpr (kNormRope) {
         // Q is raw: normalize and rotate it in shared memory. K comes normalized from the
         // norm_rope_pos pre-kernel, launched just before this one with programmatic dependent
@@ -138,7 +153,7 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
     }
     if (n_total > 0) {
         const int n0 = block_of(0) * kBN;
-        load_tile<kBN, kD>(sK, k_base + static_cast<size_t>(n0) * p.hkv * kD, kv_stride, s.lk - n0);
+        load_tile<kBN, kD, kThreads>(sK, k_base + static_cast<size_t>(n0) * p.hkv * kD, kv_stride, s.lk - n0);
     }
     cp_async_commit();
 
@@ -174,7 +189,7 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
         const int n0 = block_of(it) * kBN;
         cp_async_wait<0>();
         __syncthreads();  // K of this block landed; every warp is done with the previous V
-        load_tile<kBN, kD>(sV, v_base + static_cast<size_t>(n0) * p.hkv * kD, kv_stride, s.lk - n0);
+        load_tile<kBN, kD, kThreads>(sV, v_base + static_cast<size_t>(n0) * p.hkv * kD, kv_stride, s.lk - n0);
         cp_async_commit();
         if (p.doc_ids != nullptr && tid < kBN) sDoc[tid] = p.doc_ids[s.k0 + min(n0 + tid, s.lk - 1)];
         if (p.doc_ids != nullptr) __syncthreads();
@@ -228,7 +243,7 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
         __syncthreads();  // V landed; every warp is done with K
         if (it + 1 < n_total) {
             const int nn = block_of(it + 1) * kBN;
-            load_tile<kBN, kD>(sK, k_base + static_cast<size_t>(nn) * p.hkv * kD, kv_stride, s.lk - nn);
+            load_tile<kBN, kD, kThreads>(sK, k_base + static_cast<size_t>(nn) * p.hkv * kD, kv_stride, s.lk - nn);
         }
         cp_async_commit();
 
@@ -393,7 +408,7 @@ QK_NORM_ROPE(qk_norm_rope_f16_d64, __half, 64)
 QK_NORM_ROPE(qk_norm_rope_f16_d128, __half, 128)
 
 #define FLASH_FWD(name, T, D, NR)                                                        \
-    extern "C" __global__ void __launch_bounds__(tritter::flash::kThreads, FLASH_FWD_MIN_BLOCKS)           \
+    extern "C" __global__ void __launch_bounds__(tritter::flash::FwdCfg<D>::kThreads, FLASH_FWD_MIN_BLOCKS)           \
         name(const tritter::flash::Params p) {                                         \
         tritter::flash::flash_fwd<T, D, NR>(p);                                         \
     }

@@ -25,9 +25,16 @@ pub use bwd::{
 
 /// Query rows per CTA of the forward kernel (`kBM` in flash_fwd.cu).
 pub const FWD_BLOCK_M: usize = 128;
-/// Keys per block of the forward kernel (`kBN`).
-pub const FWD_BLOCK_N: usize = 64;
-const FWD_THREADS: u32 = 128;
+
+/// Keys per block and threads per CTA of the forward kernel at head dim `d` (`FwdCfg` in
+/// flash_fwd.cu: 128 keys and 8 warps at D = 128, 64 keys and 4 warps at D = 64).
+pub fn fwd_tile(d: usize) -> (usize, u32) {
+    if d == 128 {
+        (128, 256)
+    } else {
+        (64, 128)
+    }
+}
 
 /// The 16-bit float types the kernels take.
 pub trait AttnDtype: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {
@@ -278,7 +285,8 @@ fn opt_ptr(gpu: &Gpu, s: &Option<CudaSlice<i32>>) -> u64 {
 /// Shared memory of the forward kernel at head dim `d`: Q, K, V tiles, the tile's doc ids
 /// and the prologue's q norm weight (f32).
 pub fn fwd_smem_bytes(d: usize) -> usize {
-    (FWD_BLOCK_M + 2 * FWD_BLOCK_N) * d * 2 + FWD_BLOCK_N * 4 + d * 4
+    let bn = fwd_tile(d).0;
+    (FWD_BLOCK_M + 2 * bn) * d * 2 + bn * 4 + d * 4
 }
 
 /// The fused QK-Norm + RoPE prologue of a forward call: its inputs and the workspace that
@@ -368,7 +376,7 @@ pub fn flash_attn_fwd_cuda<T: AttnDtype>(
             p.heads.q as u32,
             p.seqs.batch() as u32,
         ),
-        block_dim: (FWD_THREADS, 1, 1),
+        block_dim: (fwd_tile(d).1, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let Some(pro) = prologue else {

@@ -102,9 +102,14 @@ mod common {
     }
 
     /// The conformance table: sizes straddle the kernel tiles (FWD_BLOCK_M queries,
-    /// FWD_BLOCK_N keys) so every partial-tile path runs.
+    /// `fwd_tile` keys) so every partial-tile path runs.
     pub fn cases() -> Vec<Case> {
-        use flash_attn_sm120::cuda::{FWD_BLOCK_M as BM, FWD_BLOCK_N as BN};
+        use flash_attn_sm120::cuda::FWD_BLOCK_M as BM;
+        // the smaller key block (D = 64); D = 128 blocks are twice this, so both straddle
+        let (bn_small, _) = flash_attn_sm120::cuda::fwd_tile(64);
+        let (bn_large, _) = flash_attn_sm120::cuda::fwd_tile(128);
+        assert_eq!(bn_large % bn_small, 0);
+        let bn = bn_small;
         let h = |q, kv, d| Heads::new(q, kv, d);
         let prefix = |p: Problem, lens: Vec<i32>| Problem {
             mask: Mask {
@@ -130,8 +135,8 @@ mod common {
                 "causal d64 odd",
                 h(4, 2, 64),
                 2,
-                3 * BN + 5,
-                3 * BN + 5,
+                3 * bn + 5,
+                3 * bn + 5,
                 Mask::CAUSAL,
             ),
             fixed(
@@ -155,7 +160,7 @@ mod common {
                 h(2, 1, 64),
                 2,
                 BM - 3,
-                2 * BN + 9,
+                2 * bn + 9,
                 Mask::BIDIRECTIONAL,
             ),
             fixed(
@@ -163,7 +168,7 @@ mod common {
                 h(2, 2, 128),
                 1,
                 BM + 20,
-                BN - 7,
+                bn - 7,
                 Mask::BIDIRECTIONAL,
             ),
             fixed(
@@ -171,7 +176,7 @@ mod common {
                 h(4, 2, 128),
                 2,
                 70,
-                3 * BN + 11,
+                3 * bn + 11,
                 Mask::CAUSAL,
             ),
             fixed(
@@ -179,7 +184,7 @@ mod common {
                 h(8, 2, 128),
                 3,
                 1,
-                5 * BN + 3,
+                5 * bn + 3,
                 Mask::CAUSAL,
             ),
             fixed(
@@ -188,7 +193,7 @@ mod common {
                 1,
                 4 * BM + 7,
                 4 * BM + 7,
-                Mask::sliding(BN + 3, 0),
+                Mask::sliding(bn + 3, 0),
             ),
             fixed(
                 "window sinks",
@@ -202,9 +207,9 @@ mod common {
                 "window sinks > block",
                 h(2, 2, 64),
                 2,
-                5 * BN,
-                5 * BN,
-                Mask::sliding(BN / 2, BN + 2),
+                5 * bn,
+                5 * bn,
+                Mask::sliding(bn / 2, bn + 2),
             ),
             fixed(
                 "bidirectional window",
@@ -214,7 +219,7 @@ mod common {
                 2 * BM + 9,
                 Mask {
                     mode: MaskMode::Bidirectional,
-                    window: Some(BN + 1),
+                    window: Some(bn + 1),
                     sinks: 3,
                 },
             ),
@@ -224,7 +229,7 @@ mod common {
             name: "prefix-lm",
             problem: prefix(
                 Problem::fixed(h(4, 2, 128), 3, len, len, Mask::CAUSAL),
-                vec![0, (BN + 1) as i32, len as i32],
+                vec![0, (bn + 1) as i32, len as i32],
             ),
         });
         // documents: three packed documents per row, boundaries inside tiles
@@ -248,15 +253,15 @@ mod common {
             name: "documents causal",
             problem: p,
         });
-        let mut p = Problem::fixed(h(4, 2, 128), 2, len, len, Mask::sliding(BN + 9, 3));
+        let mut p = Problem::fixed(h(4, 2, 128), 2, len, len, Mask::sliding(bn + 9, 3));
         p.inputs.doc_ids = Some(docs);
         v.push(Case {
             name: "documents window sinks",
             problem: p,
         });
         // varlen: lengths around the tiles, an empty sequence, lq < lk in one sequence
-        let lens_q = [1usize, BM + 3, 0, 2 * BN - 1, 3 * BM];
-        let lens_k = [1usize, BM + 3, 0, 3 * BN + 2, 3 * BM];
+        let lens_q = [1usize, BM + 3, 0, 2 * bn - 1, 3 * BM];
+        let lens_k = [1usize, BM + 3, 0, 3 * bn + 2, 3 * BM];
         let cu = |l: &[usize]| {
             std::iter::once(0)
                 .chain(l.iter().scan(0, |s, &x| {
@@ -267,7 +272,7 @@ mod common {
         };
         for (name, mask) in [
             ("varlen causal", Mask::CAUSAL),
-            ("varlen window sinks", Mask::sliding(BN + 7, 2)),
+            ("varlen window sinks", Mask::sliding(bn + 7, 2)),
             ("varlen bidirectional", Mask::BIDIRECTIONAL),
         ] {
             v.push(Case {
