@@ -9,6 +9,7 @@
 #   .gpu/run.sh                           # all tests (TRITTER_REQUIRE_GPU=1), then all benches
 #   .gpu/run.sh tests                     # tests only
 #   .gpu/run.sh benches [criterion args]  # benches only, e.g. `benches act_quant_gpu`
+#   .gpu/run.sh unpack                    # only unpack the executables (xz), to run one by hand
 #
 # run.sh writes tests.log, benches.log, summary.txt and resource-usage.txt to $OUT when set
 # (else to .gpu/logs) and exits non-zero if any test failed.
@@ -66,6 +67,9 @@ copy() { # $1 = dest dir; $2 = only GPU tests (1) or everything (0); stdin = nam
     # <crate folder>.<target>: unique even when two crates have a tests/gpu.rs.
     cp "$path" "$1/$name"
     strip --strip-debug "$1/$name" 2>/dev/null || true
+    # Every binary embeds every kernel image (sm_90 + sm_120 + PTX); xz shrinks them ~4x, so
+    # the bundle stays under the 64 MiB a device run carries. run.sh unpacks them there.
+    xz -T2 -6 -f "$1/$name"
   done
 }
 copy "$bundle/tests" 1 <<<"$tests"
@@ -93,6 +97,16 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
     if compgen -G "$d/libcublas.so*" >/dev/null; then export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; break; fi
   done
 fi
+# Unpack the xz-compressed executables (gpu-bundle.sh packs them) once, in place.
+for z in "$here"/tests/*.xz "$here"/benches/*.xz; do
+  [[ -e "$z" ]] || continue
+  if command -v xz >/dev/null; then
+    xz -d -f "$z"
+  else
+    python3 -c 'import lzma, sys; open(sys.argv[1][:-3], "wb").write(lzma.open(sys.argv[1]).read())' "$z" && rm -f "$z"
+  fi
+  chmod +x "${z%.xz}"
+done
 summary="$out/summary.txt"
 echo "bundle $(cat "$here/GIT_REV") on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)" | tee "$summary"
 failed=0
@@ -119,6 +133,7 @@ if [[ "$what" == all || "$what" == benches ]]; then
   done
   grep -E '^(RESULT|# tritter bench)' "$out/benches.log" | tee -a "$summary"
 fi
+[[ "$what" == unpack ]] && exit 0
 [[ -f "$here/resource-usage.txt" ]] && cp "$here/resource-usage.txt" "$out/"
 echo "overall: $([[ $failed == 0 ]] && echo PASS || echo FAIL)" | tee -a "$summary"
 exit $failed
