@@ -12,6 +12,32 @@ use std::sync::Arc;
 
 use crate::{Gpu, KernelError};
 
+/// Declares a GPU conformance test: `gpu_test!(/// doc \n name => module);` makes test `name`
+/// that takes the GPU through [`gpu_for_test`] (skipping without one) and calls
+/// `module::run(&gpu)`. The caller defines `module` under `#[cfg(feature = "cuda")]`; without
+/// the feature the macro supplies a `run` that cannot be reached (no `Gpu` value exists then),
+/// so test files compile unchanged in CPU-only builds.
+#[macro_export]
+macro_rules! gpu_test {
+    ($(#[$doc:meta])* $name:ident => $module:ident) => {
+        $(#[$doc])*
+        #[test]
+        fn $name() {
+            let Some(gpu) = $crate::testing::gpu_for_test(stringify!($name)) else {
+                return;
+            };
+            $module::run(&gpu);
+        }
+
+        #[cfg(not(feature = "cuda"))]
+        mod $module {
+            pub fn run(gpu: &$crate::Gpu) {
+                match *gpu {}
+            }
+        }
+    };
+}
+
 /// The environment variable that turns a skipped GPU test into a failure.
 pub const REQUIRE_GPU_ENV: &str = "TRITTER_REQUIRE_GPU";
 

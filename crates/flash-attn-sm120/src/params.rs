@@ -551,4 +551,32 @@ impl Problem {
         let (_, lq, _, lk) = self.seqs.seq(b);
         (if lq <= lk { i + lk - lq } else { i }) as i32
     }
+
+    /// The RoPE position of every query and key token `((total_q,), (total_k,))`: the given
+    /// ones, or the defaults ([`Problem::default_q_position`] for queries, the index within
+    /// the sequence for keys). Used by the reference, the tests and the GPU tables' coverage.
+    pub fn resolve_positions(&self, pos: &Positions) -> (Vec<i32>, Vec<i32>) {
+        let seqs = &self.seqs;
+        let q = pos.q.clone().unwrap_or_else(|| {
+            let mut p = vec![0; seqs.total_q()];
+            for b in 0..seqs.batch() {
+                let (q0, lq, _, _) = seqs.seq(b);
+                for i in 0..lq {
+                    p[q0 + i] = self.default_q_position(b, i);
+                }
+            }
+            p
+        });
+        let k = pos.k.clone().unwrap_or_else(|| {
+            let mut p = vec![0; seqs.total_k()];
+            for b in 0..seqs.batch() {
+                let (_, _, k0, lk) = seqs.seq(b);
+                for j in 0..lk {
+                    p[k0 + j] = j as i32;
+                }
+            }
+            p
+        });
+        (q, k)
+    }
 }

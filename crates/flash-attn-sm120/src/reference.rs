@@ -341,33 +341,6 @@ fn check_inputs(
     Ok(())
 }
 
-/// The RoPE positions of every query and key token: the given ones, or the defaults (see
-/// [`Prologue::positions`]).
-fn resolve_positions(problem: &Problem, pos: &Positions) -> (Vec<i32>, Vec<i32>) {
-    let seqs = &problem.seqs;
-    let q = pos.q.clone().unwrap_or_else(|| {
-        let mut p = vec![0; seqs.total_q()];
-        for b in 0..seqs.batch() {
-            let (q0, lq, _, _) = seqs.seq(b);
-            for i in 0..lq {
-                p[q0 + i] = problem.default_q_position(b, i);
-            }
-        }
-        p
-    });
-    let k = pos.k.clone().unwrap_or_else(|| {
-        let mut p = vec![0; seqs.total_k()];
-        for b in 0..seqs.batch() {
-            let (_, _, k0, lk) = seqs.seq(b);
-            for j in 0..lk {
-                p[k0 + j] = j as i32;
-            }
-        }
-        p
-    });
-    (q, k)
-}
-
 /// q and k as the scores see them: through the prologue when one is given (with the
 /// resolved positions), else as given.
 struct Prepared<'a> {
@@ -391,7 +364,7 @@ fn prepare<'a>(
         };
     };
     let h = &problem.heads;
-    let (qp, kp) = resolve_positions(problem, p.positions);
+    let (qp, kp) = problem.resolve_positions(p.positions);
     let qh = norm_rope_fwd(q, (h.q, h.dim), p.q_norm, &p.norm_rope, &qp);
     let kh = norm_rope_fwd(k, (h.kv, h.dim), p.k_norm, &p.norm_rope, &kp);
     Prepared {

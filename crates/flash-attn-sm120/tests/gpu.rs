@@ -4,25 +4,7 @@
 //! fused QK-Norm + RoPE prologue. Without a GPU these tests print SKIPPED (and fail with
 //! TRITTER_REQUIRE_GPU=1).
 
-macro_rules! gpu_test {
-    ($(#[$doc:meta])* $name:ident => $module:ident) => {
-        $(#[$doc])*
-        #[test]
-        fn $name() {
-            let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test(stringify!($name)) else {
-                return;
-            };
-            $module::run(&gpu);
-        }
-
-        #[cfg(not(feature = "cuda"))]
-        mod $module {
-            pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
-                match *gpu {}
-            }
-        }
-    };
-}
+use tritter_kernels_cuda::gpu_test;
 
 gpu_test!(
     /// The forward kernel matches the reference (output within the 2e-2 bf16 / 4e-3
@@ -412,25 +394,6 @@ mod prologue {
         }
     }
 
-    fn resolved(case: &Case, pos: &Positions) -> (Vec<i32>, Vec<i32>) {
-        let p = &case.problem;
-        let mut pq = vec![0; p.seqs.total_q()];
-        let mut pk = vec![0; p.seqs.total_k()];
-        for b in 0..p.seqs.batch() {
-            let (q0, lq, k0, lk) = p.seqs.seq(b);
-            for i in 0..lq {
-                pq[q0 + i] = pos
-                    .q
-                    .as_ref()
-                    .map_or(p.default_q_position(b, i), |x| x[q0 + i]);
-            }
-            for j in 0..lk {
-                pk[k0 + j] = pos.k.as_ref().map_or(j as i32, |x| x[k0 + j]);
-            }
-        }
-        (pq, pk)
-    }
-
     fn check<T: AttnDtype>(gpu: &Gpu, case: &Case, explicit: bool, seed: u64) {
         let p = &case.problem;
         let d = p.heads.dim;
@@ -456,7 +419,7 @@ mod prologue {
             .collect();
         let f = |x: &[T]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
         let pos = positions_of(case, explicit);
-        let (pq, pk) = resolved(case, &pos);
+        let (pq, pk) = case.problem.resolve_positions(&pos);
         // the kernel rounds the normalized, rotated rows to T before the MMAs
         let round = |x: Vec<f32>| {
             x.into_iter()

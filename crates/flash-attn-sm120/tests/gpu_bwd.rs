@@ -15,25 +15,7 @@
 //! gradient: 2^-8 bf16, 2^-11 f16) covers the final rounding of dq/dk/dv to the storage type,
 //! which `lowp` does not apply.
 
-macro_rules! gpu_test {
-    ($(#[$doc:meta])* $name:ident => $module:ident) => {
-        $(#[$doc])*
-        #[test]
-        fn $name() {
-            let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test(stringify!($name)) else {
-                return;
-            };
-            $module::run(&gpu);
-        }
-
-        #[cfg(not(feature = "cuda"))]
-        mod $module {
-            pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
-                match *gpu {}
-            }
-        }
-    };
-}
+use tritter_kernels_cuda::gpu_test;
 
 gpu_test!(
     /// The backward (atomic and deterministic dq) matches the reference over the case table.
@@ -678,26 +660,6 @@ mod prologue {
         }
     }
 
-    /// Per-token positions as the reference applies them.
-    fn resolved(case: &Case, pos: &Positions) -> (Vec<i32>, Vec<i32>) {
-        let p = &case.problem;
-        let mut pq = vec![0; p.seqs.total_q()];
-        let mut pk = vec![0; p.seqs.total_k()];
-        for b in 0..p.seqs.batch() {
-            let (q0, lq, k0, lk) = p.seqs.seq(b);
-            for i in 0..lq {
-                pq[q0 + i] = pos
-                    .q
-                    .as_ref()
-                    .map_or(p.default_q_position(b, i), |x| x[q0 + i]);
-            }
-            for j in 0..lk {
-                pk[k0 + j] = pos.k.as_ref().map_or(j as i32, |x| x[k0 + j]);
-            }
-        }
-        (pq, pk)
-    }
-
     fn check<T: AttnDtype>(gpu: &Gpu, case: &Case, explicit: bool, seed: u64) {
         let p = &case.problem;
         let (tq, tk, d) = (p.seqs.total_q(), p.seqs.total_k(), p.heads.dim);
@@ -723,7 +685,7 @@ mod prologue {
         let f = |x: &[T]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
         let (wqf, wkf) = (f(&wq), f(&wk));
         let pos = positions_of(case, explicit);
-        let (pq, pk) = resolved(case, &pos);
+        let (pq, pk) = case.problem.resolve_positions(&pos);
         let max_pos = pq.iter().chain(&pk).copied().max().unwrap_or(0) as usize;
         let table = RopeTable::new(gpu, d, nr.rope_theta, max_pos + 1).unwrap();
         let (gq, gk) = (upload(gpu, &wq), upload(gpu, &wk));

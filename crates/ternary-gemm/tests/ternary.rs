@@ -29,25 +29,7 @@ fn granularity(per_row: bool) -> ScaleGranularity {
 /// A GPU conformance test: `$module::run(&gpu)` when a GPU is usable (skipped with a printed
 /// reason otherwise, failed under `TRITTER_REQUIRE_GPU=1`); without feature `cuda`,
 /// `$module` is an uninhabited stub, so the test compiles and reports in every build.
-macro_rules! gpu_test {
-    ($(#[$doc:meta])* $name:ident => $module:ident) => {
-        $(#[$doc])*
-        #[test]
-        fn $name() {
-            let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test(stringify!($name)) else {
-                return;
-            };
-            $module::run(&gpu);
-        }
-
-        #[cfg(not(feature = "cuda"))]
-        mod $module {
-            pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
-                match *gpu {}
-            }
-        }
-    };
-}
+use tritter_kernels_cuda::gpu_test;
 
 fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
     (1..=MAX_N, 1..=MAX_K, 1..=MAX_M)
