@@ -289,6 +289,14 @@ pub fn fwd_smem_bytes(d: usize) -> usize {
     (FWD_BLOCK_M + 2 * bn) * d * 2 + bn * 4 + d * 4
 }
 
+/// Threads per block of the `norm_rope_pos` kernel (flash_bwd.cu).
+const NORM_THREADS: u32 = 256;
+
+/// Rows (token, head) per block of `norm_rope_pos`: D / 16 threads share a row.
+fn norm_rows_per_block(d: usize) -> usize {
+    NORM_THREADS as usize * 16 / d
+}
+
 /// The fused QK-Norm + RoPE prologue of a forward call: its inputs and the workspace that
 /// receives the normalized, rotated keys `(total_k, Hkv, D)`.
 ///
@@ -407,7 +415,6 @@ pub fn flash_attn_fwd_cuda<T: AttnDtype>(
     let norm = gpu.function(&images::FLASH_BWD, norm_name)?;
     let rows = p.seqs.total_k() * p.heads.kv;
     let (rows_i, heads_i, is_q) = (rows as i32, p.heads.kv as i32, 0i32);
-    const NORM_WARPS: usize = 8;
     let mut launch = stream.launch_builder(&norm);
     launch
         .arg(&params)
@@ -422,8 +429,8 @@ pub fn flash_attn_fwd_cuda<T: AttnDtype>(
     // from the validated problem and are covered by the table (check_prologue).
     unsafe {
         launch.launch(LaunchConfig {
-            grid_dim: (rows.div_ceil(NORM_WARPS).max(1) as u32, 1, 1),
-            block_dim: (NORM_WARPS as u32 * 32, 1, 1),
+            grid_dim: (rows.div_ceil(norm_rows_per_block(d)).max(1) as u32, 1, 1),
+            block_dim: (NORM_THREADS, 1, 1),
             shared_mem_bytes: 0,
         })
     }

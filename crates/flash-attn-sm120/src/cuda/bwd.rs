@@ -461,8 +461,8 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
             launch(
                 gpu,
                 name,
-                (rows.div_ceil(ROW_WARPS), 1, 1),
-                (ROW_WARPS * 32) as u32,
+                (rows.div_ceil(super::norm_rows_per_block(d)), 1, 1),
+                super::NORM_THREADS,
                 0,
                 &[
                     Arg::Params(&params),
