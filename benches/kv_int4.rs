@@ -175,7 +175,13 @@ mod gpu {
         let (cache, batches) = filled(gpu, format, b, lkv, sets);
         let q = random_f16(gpu, b * HQ * D, 3);
         let mut out = gpu.stream().alloc_zeros::<f16>(b * HQ * D).unwrap();
-        let (splits, _) = split_plan(gpu.info().sm_count as usize, b, HKV, batches[0].max_tiles());
+        let (splits, _) = split_plan(
+            format,
+            gpu.info().sm_count as usize,
+            b,
+            HKV,
+            batches[0].max_tiles(),
+        );
         let mut ws = DecodeWorkspace::new(gpu, b * HQ, D, splits).unwrap();
         let scale = 1.0 / (D as f32).sqrt();
         let t = timed(gpu, |i| {

@@ -18,7 +18,8 @@
 //   loads when aligned), writes 16 B of codes + 4 B of params (INT4) or 64 B (F16) into the
 //   token's page slot. Memory bound: 84 B moved per group for INT4.
 //
-// ---- kv_decode_{int4,f16}_d{64,128}_g{1,2,4,8}: one CTA per (split, kv head, sequence) ----
+// ---- kv_decode_{int4,f16}_d{64,128}_g{1,2,4,8} (SIMT): one CTA per (split, kv head, sequence) -
+//   The f16 baseline, and the previous INT4 kernel (TRITTER_KV_INT4_SIMT=1 selects it).
 //   Grid (num_splits, Hkv, B), 128 threads (4 warps). The CTA computes all G = Hq / Hkv query
 //   heads of its KV head, so K/V are read once per group. Visible tokens are the sinks
 //   [0, min(S, len)) and the window [max(sinks_end, len - W), len); they are walked in tiles of
@@ -39,8 +40,44 @@
 //   in f32 workspace; kv_decode_reduce merges the splits and writes (B, Hq, D) f16.
 //   Expected bound: HBM bandwidth for F16; for INT4 with G = 4 the FP32/INT issue rate is
 //   close to the HBM rate (about 12 instructions per byte), see the crate README.
+//
+// ---- kv_decode_int4tc_d{64,128}_g{1,2,4,8}: INT4 on tensor cores (the default for INT4) ----
+//   Same grid, tile enumeration, visibility rule and (o, m, l) partials as above (so the same
+//   kv_decode_reduce), 128 threads, launch bounds of 3 CTAs per SM (no spills). A pipeline
+//   stage is 64 tokens = 2 enumerated tiles (K codes, K params, V codes, V params: 10 KB for
+//   D=128), 3 stages of 16-byte cp.async; code rows are padded to D/2 + 16 bytes in shared
+//   memory so each 8-row ldmatrix phase hits 8 distinct 16-byte bank groups. Warp w owns
+//   tokens 16w..16w+15 of a stage and keeps its own online softmax; the 4 warps merge at the
+//   end (shared-memory atomics, log-sum-exp factors). mma.sync m16n8k16 f16 x f16 -> f32;
+//   fragment coordinates of lane l: g = l / 4, t = l % 4. The pages are unchanged.
+//   Codes -> f16: codes_to_half(w) gives (c0,c4), (c1,c5), (c2,c6), (c3,c7) of a word's 8
+//   nibbles: (w & 0x000F000F) | 0x64006400 is the half2 1024 + c (HSUB2 1024), the 0x00F0
+//   nibble gives 1024 + 16c (HFMA2 by 1/16, -64), and w >> 8 gives the other two; exact.
+//   Scores, per 32-dim group j (two k-steps): A = raw f16 q (row g = head g < G, rows 8..15
+//   zero), B = codes: ldmatrix.x4 (non-trans) of the 8x16-byte matrices (tokens th*8..+7,
+//   group j) gives lane (g, t) word t of group j of token th*8 + g, i.e. dims 32j + 8t + i;
+//   k-step s uses b0 = (c_{2s}, c_{2s+4}), b1 = (c_{2s+1}, c_{2s+5}), and the q fragment
+//   a0 = (q[32j+8t+2s], q[32j+8t+2s+4]), a2 = (q[32j+8t+2s+1], q[32j+8t+2s+5]) (same dim
+//   permutation). C: lane (g, t) gets acc of head g, tokens th*8 + 2t + {0, 1}; then
+//   s = log2e * scale * sum_j (scale_tj acc_j + min_tj * sum_{d in j} q_d) in f32.
+//   Softmax: row max over the 4 lanes of head g (2 shuffles), p = exp2(s - m) in f32.
+//   Output: O^T (dims x heads) += codes^T (dims x 16 tokens) * P'^T (16 tokens x heads) per
+//   group j, P'_tj = p_t * scale_tj. ldmatrix.x4.trans of the V code matrices gives lane
+//   (g, t) the 16-bit words (4 codes, dims 32j + 4g..+3) of tokens 2t (low) and 2t+1 (high),
+//   so codes_to_half yields A registers pairing two tokens per dim with no nibble gathers:
+//   m-tile (j, p) has row g = dim 32j + 4g + 2p, row g+8 = that dim + 1. B = P'^T: b0 =
+//   (P'[2t], P'[2t+1]) of head g, b1 = tokens 8 + 2t, 9 + 2t: exactly the tokens whose
+//   scores lane (g, t) holds, so no shuffles. P' is split into f16 hi + lo (two MMAs; error
+//   ~2^-22 relative instead of f16's 2^-11, which alone could use the test's 1e-3 margin).
+//   The min term sum_t p_t min_tj is accumulated in f32 per (head, group) and added to the
+//   group's 32 dims at the end. Masked tokens are zero-filled (codes and params 0) and get
+//   p = 0. Heads >= G compute finite garbage in unused rows/columns, never written.
+//   Work per warp and 16 tokens (D=128): 2+2 ldmatrix, 16 + 32 MMAs, about 150 INT/FP16
+//   instructions for the code conversion and 150 FP32 for scale/min/softmax: ~500 warp
+//   instructions per 16 tokens and head, a third of the issue budget at 2.1 TB/s.
 
 #include "common.cuh"
+#include "warp_mma.cuh"
 
 namespace {
 
@@ -484,6 +521,382 @@ __device__ __forceinline__ void decode_split(const __half* __restrict__ q, const
     }
 }
 
+
+// ------------------------------------------------------------------------------------------
+// INT4 decode on tensor cores (kv_decode_int4tc_*): see the top comment.
+// ------------------------------------------------------------------------------------------
+namespace tc {
+
+constexpr int kStageTok = 2 * kTile;  // 64 tokens per stage: 16 per warp
+constexpr int kStages = 3;
+constexpr int kMinBlocks = 3;         // CTAs per SM the registers are sized for (launch bounds)
+
+template <int D>
+struct Cfg {
+    static constexpr int kNg = D / 32;        // quantization groups per token and head
+    static constexpr int kRow = D / 2 + 16;   // padded smem row of codes: ldmatrix conflict-free
+    static constexpr int kPar = kNg * 4;      // (scale, min) half2 per group
+    static constexpr int kKc = 0;
+    static constexpr int kKp = kKc + kStageTok * kRow;
+    static constexpr int kVc = kKp + kStageTok * kPar;
+    static constexpr int kVp = kVc + kStageTok * kRow;
+    static constexpr int kStageBytes = kVp + kStageTok * kPar;
+    static constexpr int kCodeChunks = kStageTok * kNg;         // one 16-byte group per chunk
+    static constexpr int kParChunks = kStageTok * kPar / 16;
+    static constexpr int kHalfChunks = kCodeChunks + kParChunks;  // K (or V) of one stage
+    static constexpr int kChunks = 2 * kHalfChunks;
+    static_assert(kStageBytes % 16 == 0 && kKp % 16 == 0 && kVc % 16 == 0 && kVp % 16 == 0, "16-byte aligned");
+    static_assert(kNg % 2 == 0, "ldmatrix.x4 takes two groups");
+};
+
+// The 8 codes of `w` (nibble i = code i) as f16 pairs: e[0] = (c0, c4), e[1] = (c1, c5),
+// e[2] = (c2, c6), e[3] = (c3, c7), low half first. 0x6400 | c is the f16 1024 + c and
+// 0x6400 | c << 4 is 1024 + 16 c, so a LOP3 and one exact HSUB2 / HFMA2 per pair.
+__device__ __forceinline__ void codes_to_half(uint32_t w, uint32_t (&e)[4]) {
+    const uint32_t hi = w >> 8;
+    const uint32_t r0 = (w & 0x000F000Fu) | 0x64006400u;
+    const uint32_t r1 = (w & 0x00F000F0u) | 0x64006400u;
+    const uint32_t r2 = (hi & 0x000F000Fu) | 0x64006400u;
+    const uint32_t r3 = (hi & 0x00F000F0u) | 0x64006400u;
+    const uint32_t k1024 = 0x64006400u, k16th = 0x2C002C00u, km64 = 0xD400D400u;
+    const __half2 c1024 = *reinterpret_cast<const __half2*>(&k1024);
+    const __half2 c16th = *reinterpret_cast<const __half2*>(&k16th);
+    const __half2 cm64 = *reinterpret_cast<const __half2*>(&km64);
+    __half2 h0 = __hsub2(*reinterpret_cast<const __half2*>(&r0), c1024);
+    __half2 h1 = __hfma2(*reinterpret_cast<const __half2*>(&r1), c16th, cm64);
+    __half2 h2 = __hsub2(*reinterpret_cast<const __half2*>(&r2), c1024);
+    __half2 h3 = __hfma2(*reinterpret_cast<const __half2*>(&r3), c16th, cm64);
+    e[0] = *reinterpret_cast<uint32_t*>(&h0);
+    e[1] = *reinterpret_cast<uint32_t*>(&h1);
+    e[2] = *reinterpret_cast<uint32_t*>(&h2);
+    e[3] = *reinterpret_cast<uint32_t*>(&h3);
+}
+
+// The (scale, min) half2 words of one token's kNg groups (16 or 8 bytes of shared memory),
+// kept packed (converted at use) to save registers.
+template <int kNg>
+__device__ __forceinline__ void load_params(const uint8_t* p, uint32_t (&w)[kNg]) {
+    if constexpr (kNg == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        w[0] = v.x;
+        w[1] = v.y;
+        w[2] = v.z;
+        w[3] = v.w;
+    } else {
+        static_assert(kNg == 2, "D is 64 or 128");
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        w[0] = v.x;
+        w[1] = v.y;
+    }
+}
+__device__ __forceinline__ float2 param_f(uint32_t w) { return __half22float2(*reinterpret_cast<const __half2*>(&w)); }
+
+__device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                        uint32_t b1) {
+    const unsigned a[4] = {a0, a1, a2, a3};
+    tritter::mma_16816<__half>(c, a, b0, b1);
+}
+
+template <int D, int G>
+__device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, const uint8_t* __restrict__ pool,
+                                                const int* __restrict__ block_tables,
+                                                const int* __restrict__ seq_lens, int bt_stride, int heads_kv,
+                                                int page_shift, int num_pages, long long page_bytes, int sinks,
+                                                int window, int tiles_per_split, int num_splits, float scale_log2,
+                                                float* __restrict__ o_part, float2* __restrict__ ml_part) {
+    using C = Cfg<D>;
+    constexpr int NG = C::kNg;
+    static_assert(kStages * C::kStageBytes >= G * D * 4, "the merge buffer reuses the stages");
+    __shared__ __align__(16) uint8_t stages[kStages][C::kStageBytes];
+    __shared__ float s_wm[kWarps][8];
+    __shared__ float s_l[8];
+    __shared__ float s_mv[8][NG];
+
+    const int split = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;  // MMA fragment coordinates
+    const int heads_q = heads_kv * G;
+    const int page_size = 1 << page_shift;
+
+    const SeqView sv = seq_view(seq_lens[b], sinks, window);
+    const int t_begin = split * tiles_per_split;
+    const int t_end = min(sv.n_tiles, t_begin + tiles_per_split);
+    const int n_st = t_end > t_begin ? (t_end - t_begin + 1) / 2 : 0;
+
+    // Query A fragments (rows = heads, k = dims), raw f16 (the softmax scale is applied to
+    // the f32 scores): group j, k-step s: a0 = (q[32j+8t+2s], q[32j+8t+2s+4]), a2 =
+    // (q[32j+8t+2s+1], q[32j+8t+2s+5]) of head g; rows g+8 (a1, a3) are zero.
+    uint32_t qa[NG][2][2];
+    float qsum[NG];
+    {
+        const bool own = g < G;
+        const __half* qh = q + ((long long)b * heads_q + hkv * G + (own ? g : 0)) * D;
+#pragma unroll
+        for (int j = 0; j < NG; ++j) {
+            __half x[8];
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                x[i] = own ? qh[32 * j + 8 * t + i] : __float2half(0.0f);
+                sum += __half2float(x[i]);
+            }
+#pragma unroll
+            for (int s = 0; s < 2; ++s) {
+                const __half2 lo = __halves2half2(x[2 * s], x[2 * s + 4]);
+                const __half2 hi = __halves2half2(x[2 * s + 1], x[2 * s + 5]);
+                qa[j][s][0] = *reinterpret_cast<const uint32_t*>(&lo);
+                qa[j][s][1] = *reinterpret_cast<const uint32_t*>(&hi);
+            }
+            sum += __shfl_xor_sync(kFull, sum, 1);
+            sum += __shfl_xor_sync(kFull, sum, 2);
+            qsum[j] = sum;
+        }
+    }
+
+    const int* bt = block_tables + (long long)b * bt_stride;
+    const long long val_region = (long long)heads_kv * page_size * (D / 2);
+    const long long par_region = (long long)heads_kv * page_size * C::kPar;
+
+    auto tile_of = [&](int it) { return it < sv.n_sink_tiles ? it : sv.window_tile0 + (it - sv.n_sink_tiles); };
+
+    // cp.async of stage k (enumerated tiles t_begin + 2k, +1) into buffer st.
+    auto issue = [&](int k, int st) {
+        const int it0 = t_begin + 2 * k;
+        uint8_t* dst = stages[st];
+#pragma unroll 1
+        for (int r = 0; r < (C::kChunks + kThreads - 1) / kThreads; ++r) {
+            const int c = tid + r * kThreads;
+            if (c >= C::kChunks) break;
+            const int kv = c >= C::kHalfChunks;
+            int rel = c - kv * C::kHalfChunks;
+            const bool par = rel >= C::kCodeChunks;
+            int tok, byte_in_tok, smem_off, ntok, bytes_per_tok;
+            if (!par) {
+                tok = rel / NG;
+                byte_in_tok = (rel % NG) * 16;
+                smem_off = (kv ? C::kVc : C::kKc) + tok * C::kRow + byte_in_tok;
+                ntok = 1;
+                bytes_per_tok = D / 2;
+            } else {
+                rel -= C::kCodeChunks;
+                tok = rel * 16 / C::kPar;
+                byte_in_tok = rel * 16 % C::kPar;
+                smem_off = (kv ? C::kVp : C::kKp) + rel * 16;
+                ntok = C::kPar >= 16 ? 1 : 16 / C::kPar;
+                bytes_per_tok = C::kPar;
+            }
+            const int it = it0 + tok / kTile;
+            bool valid = false;
+            const uint8_t* src = pool;
+            if (it < t_end) {
+                const int pos = tile_of(it) * kTile + tok % kTile;
+                for (int u = 0; u < ntok; ++u) valid |= token_visible(sv, pos + u);
+                if (valid) {
+                    const int page = __ldg(bt + (pos >> page_shift));
+                    if (page >= 0 && page < num_pages) {
+                        const int slot = pos & (page_size - 1);
+                        src = pool + (long long)page * page_bytes + kv * (val_region + par_region) +
+                              (par ? val_region : 0) + ((long long)hkv * page_size + slot) * bytes_per_tok +
+                              byte_in_tok;
+                    } else {
+                        valid = false;  // cannot happen for a consistent block table; never read it
+                    }
+                }
+                cp_async16(dst + smem_off, src, valid);
+            }
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < n_st) issue(s, s);
+        cp_async_commit();
+    }
+
+    // Per-warp online-softmax state: lane (g, t) holds head g's running max (same on the 4
+    // lanes of a row), a partial sum l and partial min terms mv[j] = sum_t p_t min_tj, and
+    // O^T fragments o[j][p] (rows = dims 32j + 4g + 2p (+1 for c2, c3), cols = heads 2t, 2t+1).
+    float m_run = -INFINITY, l_run = 0.0f;
+    float mv[NG];
+    float o[NG][2][4];
+#pragma unroll
+    for (int j = 0; j < NG; ++j) {
+        mv[j] = 0.0f;
+#pragma unroll
+        for (int p = 0; p < 2; ++p)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[j][p][i] = 0.0f;
+    }
+
+    const int wt0 = warp * 16;  // this warp's first token in a stage
+    // ldmatrix row address of this lane: matrix mi = lane / 8 -> token half th = mi & 1,
+    // group 2c + mi / 2; row lane % 8.
+    const int ld_row = (wt0 + ((lane >> 3) & 1) * 8 + (lane & 7)) * C::kRow + 16 * (lane >> 4);
+
+    for (int k = 0; k < n_st; ++k) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+        if (k + kStages - 1 < n_st) issue(k + kStages - 1, (k + kStages - 1) % kStages);
+        cp_async_commit();
+
+        const int it = t_begin + 2 * k + (warp >> 1);
+        if (it >= t_end) continue;  // warp-uniform; no barrier below
+        const uint8_t* st = stages[k % kStages];
+        const int pos_w = tile_of(it) * kTile + (warp & 1) * 16;
+
+        // ---- scores S = q K^T per group on tensor cores: A = q (heads x 16 dims), B =
+        // codes (16 dims x 8 tokens, from ldmatrix: word t of group j of token g) ----
+        uint32_t kw[NG / 2][4];
+#pragma unroll
+        for (int c = 0; c < NG / 2; ++c) tritter::ldmatrix_x4(kw[c], st + C::kKc + ld_row + 32 * c);
+        float sc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+        uint32_t kp[4][NG];  // K (scale, min) of tokens th*8 + 2t + e, index 2 th + e
+#pragma unroll
+        for (int i = 0; i < 4; ++i) load_params<NG>(st + C::kKp + (wt0 + (i >> 1) * 8 + 2 * t + (i & 1)) * C::kPar, kp[i]);
+#pragma unroll
+        for (int j = 0; j < NG; ++j) {
+            float acc[2][4];
+#pragma unroll
+            for (int th = 0; th < 2; ++th) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[th][i] = 0.0f;
+                uint32_t e[4];
+                codes_to_half(kw[j / 2][th + 2 * (j & 1)], e);
+                mma_f16(acc[th], qa[j][0][0], 0u, qa[j][0][1], 0u, e[0], e[1]);
+                mma_f16(acc[th], qa[j][1][0], 0u, qa[j][1][1], 0u, e[2], e[3]);
+            }
+#pragma unroll
+            for (int th = 0; th < 2; ++th)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float2 sm = param_f(kp[2 * th + e][j]);
+                    sc[th][e] += fmaf(sm.x, acc[th][e], sm.y * qsum[j]);
+                }
+        }
+        float mx = -INFINITY;
+#pragma unroll
+        for (int th = 0; th < 2; ++th)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const bool vis = token_visible(sv, pos_w + th * 8 + 2 * t + e);
+                sc[th][e] = vis ? sc[th][e] * scale_log2 : -INFINITY;
+                mx = fmaxf(mx, sc[th][e]);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+        const float m_new = fmaxf(m_run, mx);
+        float p[2][2];
+        float corr = 1.0f;
+        if (m_new == -INFINITY) {
+            p[0][0] = p[0][1] = p[1][0] = p[1][1] = 0.0f;
+        } else {
+            corr = exp2f(m_run - m_new);
+#pragma unroll
+            for (int th = 0; th < 2; ++th)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) p[th][e] = exp2f(sc[th][e] - m_new);
+        }
+        m_run = m_new;
+        l_run = fmaf(l_run, corr, (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]));
+        const float corr0 = __shfl_sync(kFull, corr, 8 * t);      // head 2t: lanes 4 (2t) ..
+        const float corr1 = __shfl_sync(kFull, corr, 8 * t + 4);  // head 2t + 1
+
+        // ---- O^T += codes^T (dims x tokens, ldmatrix.trans) * (p s)^T per group; the f16
+        // product p*s is split into hi + lo so the rounding stays ~2^-22 ----
+        uint32_t vw[NG / 2][4];
+#pragma unroll
+        for (int c = 0; c < NG / 2; ++c) tritter::ldmatrix_x4_trans(vw[c], st + C::kVc + ld_row + 32 * c);
+        uint32_t vp[4][NG];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) load_params<NG>(st + C::kVp + (wt0 + (i >> 1) * 8 + 2 * t + (i & 1)) * C::kPar, vp[i]);
+#pragma unroll
+        for (int j = 0; j < NG; ++j) {
+            const float2 v0 = param_f(vp[0][j]), v1 = param_f(vp[1][j]);
+            const float2 v2 = param_f(vp[2][j]), v3 = param_f(vp[3][j]);
+            mv[j] = fmaf(mv[j], corr, fmaf(p[0][0], v0.y, fmaf(p[0][1], v1.y, fmaf(p[1][0], v2.y, p[1][1] * v3.y))));
+            const float x0 = p[0][0] * v0.x, x1 = p[0][1] * v1.x;
+            const float x2 = p[1][0] * v2.x, x3 = p[1][1] * v3.x;
+            const uint32_t bh0 = tritter::pack2<__half>(x0, x1), bh1 = tritter::pack2<__half>(x2, x3);
+            const float2 r0 = __half22float2(*reinterpret_cast<const __half2*>(&bh0));
+            const float2 r1 = __half22float2(*reinterpret_cast<const __half2*>(&bh1));
+            const uint32_t bl0 = tritter::pack2<__half>(x0 - r0.x, x1 - r0.y);
+            const uint32_t bl1 = tritter::pack2<__half>(x2 - r1.x, x3 - r1.y);
+            uint32_t f0[4], f1[4];  // tokens (2t, 2t+1) and (8+2t, 9+2t), dims 32j + 4g + i
+            codes_to_half(vw[j / 2][2 * (j & 1)], f0);
+            codes_to_half(vw[j / 2][2 * (j & 1) + 1], f1);
+#pragma unroll
+            for (int pp = 0; pp < 2; ++pp) {
+                o[j][pp][0] *= corr0;
+                o[j][pp][1] *= corr1;
+                o[j][pp][2] *= corr0;
+                o[j][pp][3] *= corr1;
+                mma_f16(o[j][pp], f0[2 * pp], f0[2 * pp + 1], f1[2 * pp], f1[2 * pp + 1], bh0, bh1);
+                mma_f16(o[j][pp], f0[2 * pp], f0[2 * pp + 1], f1[2 * pp], f1[2 * pp + 1], bl0, bl1);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // ---- merge the 4 warps (flash-decoding inside the CTA), write (o, m, l) ----
+    l_run += __shfl_xor_sync(kFull, l_run, 1);
+    l_run += __shfl_xor_sync(kFull, l_run, 2);
+#pragma unroll
+    for (int j = 0; j < NG; ++j) {
+        mv[j] += __shfl_xor_sync(kFull, mv[j], 1);
+        mv[j] += __shfl_xor_sync(kFull, mv[j], 2);
+    }
+    __syncthreads();  // every warp is done with the stages
+    float* s_red = reinterpret_cast<float*>(&stages[0][0]);  // [G][D]
+    for (int i = tid; i < G * D; i += kThreads) s_red[i] = 0.0f;
+    if (tid < 8) {
+        s_l[tid] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NG; ++j) s_mv[tid][j] = 0.0f;
+    }
+    if (t == 0) s_wm[warp][g] = m_run;
+    __syncthreads();
+    auto cta_max = [&](int h) {
+        float mm = s_wm[0][h];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) mm = fmaxf(mm, s_wm[w][h]);
+        return mm;
+    };
+    auto factor = [&](int h) {
+        const float mw = s_wm[warp][h];
+        return mw == -INFINITY ? 0.0f : exp2f(mw - cta_max(h));
+    };
+    if (t == 0 && g < G) {
+        const float f = factor(g);
+        atomicAdd(&s_l[g], f * l_run);
+#pragma unroll
+        for (int j = 0; j < NG; ++j) atomicAdd(&s_mv[g][j], f * mv[j]);
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int h = 2 * t + hh;
+        if (h < G) {
+            const float f = factor(h);
+#pragma unroll
+            for (int j = 0; j < NG; ++j)
+#pragma unroll
+                for (int pp = 0; pp < 2; ++pp) {
+                    const int d = 32 * j + 4 * g + 2 * pp;
+                    atomicAdd(&s_red[h * D + d], f * o[j][pp][hh]);
+                    atomicAdd(&s_red[h * D + d + 1], f * o[j][pp][2 + hh]);
+                }
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += kThreads) {
+        const int h = i / D, d = i % D;
+        const long long row = ((long long)b * heads_q + hkv * G + h) * num_splits + split;
+        o_part[row * D + d] = s_red[i] + s_mv[h][d / 32];
+        if (d == 0) ml_part[row] = make_float2(cta_max(h), s_l[h]);
+    }
+}
+
+}  // namespace tc
+
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(256) kv_count_nonfinite_f16(const __half* __restrict__ x, long long n,
@@ -521,6 +934,25 @@ KV_DECODE_G(int4, true, 64)
 KV_DECODE_G(int4, true, 128)
 KV_DECODE_G(f16, false, 64)
 KV_DECODE_G(f16, false, 128)
+
+#define KV_DECODE_TC(D, G)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(kThreads, tc::kMinBlocks) kv_decode_int4tc_d##D##_g##G(             \
+        const __half* __restrict__ q, const uint8_t* __restrict__ pool, const int* __restrict__ block_tables,       \
+        const int* __restrict__ seq_lens, int bt_stride, int heads_kv, int page_shift, int num_pages,               \
+        long long page_bytes, int sinks, int window, int tiles_per_split, int num_splits, float scale_log2,         \
+        float* __restrict__ o_part, float2* __restrict__ ml_part) {                                                 \
+        tc::decode_split_tc<D, G>(q, pool, block_tables, seq_lens, bt_stride, heads_kv, page_shift, num_pages,      \
+                                  page_bytes, sinks, window, tiles_per_split, num_splits, scale_log2, o_part,       \
+                                  ml_part);                                                                          \
+    }
+KV_DECODE_TC(64, 1)
+KV_DECODE_TC(64, 2)
+KV_DECODE_TC(64, 4)
+KV_DECODE_TC(64, 8)
+KV_DECODE_TC(128, 1)
+KV_DECODE_TC(128, 2)
+KV_DECODE_TC(128, 4)
+KV_DECODE_TC(128, 8)
 
 // Merges the splits of one (sequence, query head): o = sum_s o_s 2^(m_s - M) / sum_s l_s
 // 2^(m_s - M). Grid B * Hq, D threads (one per dim).

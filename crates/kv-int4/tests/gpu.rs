@@ -330,8 +330,13 @@ mod decode_conformance {
                         "case {ci} {format:?} element {i}: gpu {a} ref {r}"
                     );
                 }
-                let (splits, tps) =
-                    split_plan(g.info().sm_count as usize, b, c.hkv, batch.max_tiles());
+                let (splits, tps) = split_plan(
+                    format,
+                    g.info().sm_count as usize,
+                    b,
+                    c.hkv,
+                    batch.max_tiles(),
+                );
                 println!(
                     "decode {format:?} D {} Hq {} Hkv {} page {} window {:?} lens {:?}: {splits} splits x {tps} tiles, max err/(1+|ref|) {worst:.2e}",
                     c.d, c.hq, c.hkv, c.page, c.window, c.lens

@@ -26,6 +26,9 @@ const WRITE_THREADS: u32 = 256;
 pub const MIN_TILES_PER_SPLIT: usize = 4;
 /// Decode CTAs aimed for per SM: 4 warps each, so about 32 warps per SM in flight.
 pub const TARGET_CTAS_PER_SM: usize = 8;
+/// Resident CTAs per SM of the INT4 tensor-core decode kernel (`tc::kMinBlocks`: its
+/// launch bounds size the registers for 3 CTAs of 128 threads per SM).
+pub const INT4_CTAS_PER_SM: usize = 3;
 
 /// A device pool of pages, `[layer][page][page_bytes]`, zero-initialized.
 pub struct GpuPages {
@@ -381,10 +384,34 @@ pub fn visible_tiles(cfg: &CacheConfig, len: usize) -> usize {
     n_sink + len.div_ceil(t).saturating_sub(w0)
 }
 
-/// `(num_splits, tiles_per_split)` of a decode launch: about [`TARGET_CTAS_PER_SM`] CTAs per
-/// SM over `batch * heads_kv` (sequence, head) pairs, at least [`MIN_TILES_PER_SPLIT`] tiles
-/// per split.
+/// `(num_splits, tiles_per_split)` of a decode launch of `format`'s kernel.
+///
+/// F16 (SIMT kernel): about [`TARGET_CTAS_PER_SM`] CTAs per SM over `batch * heads_kv`
+/// (sequence, head) pairs, at least [`MIN_TILES_PER_SPLIT`] tiles per split.
+///
+/// INT4 (tensor-core kernel, [`INT4_CTAS_PER_SM`] resident CTAs per SM): an even number of
+/// tiles per split (the kernel walks 2 tiles per pipeline stage), and among `want ..= 4 *
+/// want` splits (`want` filling every CTA slot once) the one with the shortest critical
+/// path `waves * tiles_per_split`, so a launch never ends on a nearly empty wave.
 pub fn split_plan(
+    format: KvFormat,
+    sm_count: usize,
+    batch: usize,
+    heads_kv: usize,
+    max_tiles: usize,
+) -> (usize, usize) {
+    let tc = format == KvFormat::Int4 && !int4_simt();
+    plan(tc, sm_count, batch, heads_kv, max_tiles)
+}
+
+/// `TRITTER_KV_INT4_SIMT` set: INT4 decode runs the previous SIMT kernel
+/// (`kv_decode_int4_*`, FP32 FMAs) instead of the tensor-core one, for A/B comparisons.
+fn int4_simt() -> bool {
+    std::env::var_os("TRITTER_KV_INT4_SIMT").is_some()
+}
+
+fn plan(
+    tc: bool,
     sm_count: usize,
     batch: usize,
     heads_kv: usize,
@@ -392,10 +419,27 @@ pub fn split_plan(
 ) -> (usize, usize) {
     let max_tiles = max_tiles.max(1);
     let pairs = (batch * heads_kv).max(1);
-    let want = (sm_count.max(1) * TARGET_CTAS_PER_SM).div_ceil(pairs);
-    let splits = want.clamp(1, max_tiles.div_ceil(MIN_TILES_PER_SPLIT).max(1));
-    let tiles_per_split = max_tiles.div_ceil(splits);
-    (max_tiles.div_ceil(tiles_per_split), tiles_per_split)
+    let max_splits = max_tiles.div_ceil(MIN_TILES_PER_SPLIT).max(1);
+    if !tc {
+        let want = (sm_count.max(1) * TARGET_CTAS_PER_SM).div_ceil(pairs);
+        let splits = want.clamp(1, max_splits);
+        let tiles_per_split = max_tiles.div_ceil(splits);
+        (max_tiles.div_ceil(tiles_per_split), tiles_per_split)
+    } else {
+        let slots = sm_count.max(1) * INT4_CTAS_PER_SM;
+        let want = slots.div_ceil(pairs).clamp(1, max_splits);
+        let mut best = (usize::MAX, 1, max_tiles + max_tiles % 2);
+        for s in want..=(4 * want).min(max_splits) {
+            let tps = max_tiles.div_ceil(s);
+            let tps = tps + tps % 2;
+            let splits = max_tiles.div_ceil(tps);
+            let cost = (pairs * splits).div_ceil(slots) * tps;
+            if cost < best.0 {
+                best = (cost, splits, tps);
+            }
+        }
+        (best.1, best.2)
+    }
 }
 
 /// Block tables and lengths of a decode batch on the device; build with
@@ -465,15 +509,25 @@ impl DecodeWorkspace {
     }
 }
 
-fn decode_kernel(format: KvFormat, d: usize, g: usize) -> Result<&'static str> {
+/// The decode kernel of `format`, `d`, `g`; `tc`: INT4 on tensor cores (`kv_decode_int4tc_*`)
+/// rather than the SIMT kernel.
+fn decode_kernel(format: KvFormat, tc: bool, d: usize, g: usize) -> Result<&'static str> {
     Ok(match (format, d, g) {
+        (KvFormat::Int4, 64, 1) if tc => "kv_decode_int4tc_d64_g1",
         (KvFormat::Int4, 64, 1) => "kv_decode_int4_d64_g1",
+        (KvFormat::Int4, 64, 2) if tc => "kv_decode_int4tc_d64_g2",
         (KvFormat::Int4, 64, 2) => "kv_decode_int4_d64_g2",
+        (KvFormat::Int4, 64, 4) if tc => "kv_decode_int4tc_d64_g4",
         (KvFormat::Int4, 64, 4) => "kv_decode_int4_d64_g4",
+        (KvFormat::Int4, 64, 8) if tc => "kv_decode_int4tc_d64_g8",
         (KvFormat::Int4, 64, 8) => "kv_decode_int4_d64_g8",
+        (KvFormat::Int4, 128, 1) if tc => "kv_decode_int4tc_d128_g1",
         (KvFormat::Int4, 128, 1) => "kv_decode_int4_d128_g1",
+        (KvFormat::Int4, 128, 2) if tc => "kv_decode_int4tc_d128_g2",
         (KvFormat::Int4, 128, 2) => "kv_decode_int4_d128_g2",
+        (KvFormat::Int4, 128, 4) if tc => "kv_decode_int4tc_d128_g4",
         (KvFormat::Int4, 128, 4) => "kv_decode_int4_d128_g4",
+        (KvFormat::Int4, 128, 8) if tc => "kv_decode_int4tc_d128_g8",
         (KvFormat::Int4, 128, 8) => "kv_decode_int4_d128_g8",
         (KvFormat::F16, 64, 1) => "kv_decode_f16_d64_g1",
         (KvFormat::F16, 64, 2) => "kv_decode_f16_d64_g2",
@@ -516,7 +570,8 @@ pub fn decode_attention_cuda(
     let cfg = blocks.config();
     let (hkv, d) = (cfg.heads_kv, cfg.head_dim);
     let g = gqa_group(heads_q, hkv)?;
-    let name = decode_kernel(cfg.format, d, g)?;
+    let tc = cfg.format == KvFormat::Int4 && !int4_simt();
+    let name = decode_kernel(cfg.format, tc, d, g)?;
     let b = batch.seqs.len();
     let shape = || format!("(B={b}, heads_q={heads_q}, head_dim={d})");
     check_len("q", q.len(), b * heads_q * d, shape)?;
@@ -535,7 +590,7 @@ pub fn decode_attention_cuda(
         return Ok(());
     }
     let gpu = cache.gpu();
-    let (splits, tps) = split_plan(gpu.info().sm_count as usize, b, hkv, batch.max_tiles);
+    let (splits, tps) = plan(tc, gpu.info().sm_count as usize, b, hkv, batch.max_tiles);
     let rows = b * heads_q;
     ws.ensure(gpu, rows, d, splits)?;
     let stream = gpu.stream();
