@@ -7,25 +7,7 @@
 /// A GPU conformance test: `$module::run(&gpu)` when a GPU is usable (skipped with a printed
 /// reason otherwise, failed under `TRITTER_REQUIRE_GPU=1`); without feature `cuda`,
 /// `$module` is an uninhabited stub, so the test compiles and reports in every build.
-macro_rules! gpu_test {
-    ($(#[$doc:meta])* $name:ident => $module:ident) => {
-        $(#[$doc])*
-        #[test]
-        fn $name() {
-            let Some(gpu) = tritter_kernels_cuda::testing::gpu_for_test(stringify!($name)) else {
-                return;
-            };
-            $module::run(&gpu);
-        }
-
-        #[cfg(not(feature = "cuda"))]
-        mod $module {
-            pub fn run(gpu: &tritter_kernels_cuda::Gpu) {
-                match *gpu {}
-            }
-        }
-    };
-}
+use tritter_kernels_cuda::gpu_test;
 
 gpu_test!(
     /// GPU writes (one-call append, layer-by-layer decode appends, window eviction, fork,
