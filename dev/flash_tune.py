@@ -36,11 +36,13 @@ def run(cubin, name, b, h, l, d, causal, window=0, reps=10):
     mod.load_file(cubin)
     fn = mod.get_function(name)
     MODS.append(mod)
-    bn = 64
-    for tok in cubin.split("_"):
+    # defaults of flash_fwd.cu's FwdCfg unless the variant's name overrides them
+    bn, THREADS[0] = (128, 256) if d == 128 else (64, 128)
+    for tok in cubin.split("/")[-1][:-6].split("_"):
         if tok.startswith("bn"):
-            bn = int(tok[2:].split(".")[0])
-    THREADS[0] = 256 if "_w8" in cubin else 128
+            bn = int(tok[2:])
+        if tok.startswith("w") and tok[1:].isdigit():
+            THREADS[0] = 32 * int(tok[1:])
     smem = (128 + 2 * bn) * d * 2 + bn * 4 + 2 * d * 4
     cp.cuda.driver.funcSetAttribute(fn.ptr, 8, smem)  # MAX_DYNAMIC_SHARED_SIZE_BYTES
     torch.manual_seed(0)

@@ -10,8 +10,9 @@ build() { # name flags...
   local name=$1; shift
   "$nvcc" -cubin -arch=sm_90 -O3 "$@" -o ".gpu/tune/flash_$name.cubin" kernels-cuda/kernels/flash_fwd.cu
 }
-build bn64 -DFLASH_FWD_BN=64
-build bn64_w8 -DFLASH_FWD_BN=64 -DFLASH_FWD_WARPS=8
-build bn64_w8_mb2 -DFLASH_FWD_BN=64 -DFLASH_FWD_WARPS=8 -DFLASH_FWD_MIN_BLOCKS=2
-build bn128_w8 -DFLASH_FWD_BN=128 -DFLASH_FWD_WARPS=8
-build bn32 -DFLASH_FWD_BN=32
+# defaults (D=128: 128-key blocks, 8 warps; D=64: 64 keys, 4 warps), then variants
+build default
+build ks2 -DFLASH_FWD_KS_UNROLL=2
+build ks4 -DFLASH_FWD_KS_UNROLL=4
+build bn64_w4 -DFLASH_FWD_BN=64 -DFLASH_FWD_WARPS=4
+build bn64_w4_ks2 -DFLASH_FWD_BN=64 -DFLASH_FWD_WARPS=4 -DFLASH_FWD_KS_UNROLL=2

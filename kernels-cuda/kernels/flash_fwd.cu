@@ -50,7 +50,11 @@ namespace flash {
 #ifndef FLASH_FWD_MIN_BLOCKS
 #define FLASH_FWD_MIN_BLOCKS 1
 #endif
+#ifndef FLASH_FWD_KS_UNROLL
+#define FLASH_FWD_KS_UNROLL 16  // k-steps of Q K^T unrolled (16 >= D / 16: fully)
+#endif
 constexpr int kBM = 128;
+constexpr int kKsUnroll = FLASH_FWD_KS_UNROLL;
 
 template <int kD>
 struct FwdCfg {
@@ -202,7 +206,7 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
             for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) sc[mt][nt][e] = 0.f;
-#pragma unroll
+#pragma unroll kKsUnroll
         for (int ks = 0; ks < kD / 16; ++ks) {
             unsigned a[kMT][4];
 #pragma unroll
