@@ -200,13 +200,59 @@ __device__ __forceinline__ float2 unpack2<__half>(unsigned v) {
     return __half22float2(*reinterpret_cast<__half2*>(&v));
 }
 
-// QK-Norm + RoPE in place on the kRows rows of a swizzled shared tile, by all kThreads threads
-// of the CTA: kD / 16 consecutive lanes share a row, each owning 8 rotate-half pairs (columns
-// c .. c + 8 and D/2 + c .. D/2 + c + 8), so both halves of a pair sit in one thread and the
-// row's sum of squares needs log2(kD / 16) shuffles. Per pair: two 16-byte shared loads and
-// stores, four 16-byte (cos, sin) table loads, all independent across the unrolled rows so
-// their latency overlaps. `w` is the norm weight (kD floats) in shared memory, `pos(r)` the
-// RoPE position of row r. Math as norm_rope_row.
+// QK-Norm + RoPE of the 8 rotate-half pairs one thread holds: `lo` = columns c0 .. c0 + 8 and
+// `hi` = D/2 + c0 .. D/2 + c0 + 8 of a row (16-bit T, packed), `cs` the (cos, sin) table row of
+// the position at frequency c0 (8 float2), `w(col)` the norm weight. kD / 16 consecutive lanes
+// share a row: the row's sum of squares takes log2(kD / 16) shuffles, so every lane of the warp
+// must call this (dead rows included). Math as norm_rope_row.
+template <typename T, int kD, typename WFn>
+__device__ __forceinline__ void norm_rope_pairs(uint4& lo, uint4& hi, const float2* cs, WFn w, int c0, float eps) {
+    constexpr int kTPR = kD / 16;
+    float4 t[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) t[i] = __ldg(reinterpret_cast<const float4*>(cs) + i);
+    float xl[8], xh[8];
+    const unsigned lw[4] = {lo.x, lo.y, lo.z, lo.w}, hw[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 a = unpack2<T>(lw[i]), b = unpack2<T>(hw[i]);
+        xl[2 * i] = a.x;
+        xl[2 * i + 1] = a.y;
+        xh[2 * i] = b.x;
+        xh[2 * i + 1] = b.y;
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ss += xl[e] * xl[e] + xh[e] * xh[e];
+#pragma unroll
+    for (int o = 1; o < kTPR; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float rn = rsqrtf(ss / kD + eps);
+    unsigned yl[4], yh[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float ol[2], oh[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int e = 2 * i + j;
+            const float c = j == 0 ? t[i].x : t[i].z;
+            const float sn = j == 0 ? t[i].y : t[i].w;
+            const float a = xl[e] * rn * w(c0 + e);
+            const float b = xh[e] * rn * w(kD / 2 + c0 + e);
+            ol[j] = a * c - b * sn;
+            oh[j] = b * c + a * sn;
+        }
+        yl[i] = pack2<T>(ol[0], ol[1]);
+        yh[i] = pack2<T>(oh[0], oh[1]);
+    }
+    lo = make_uint4(yl[0], yl[1], yl[2], yl[3]);
+    hi = make_uint4(yh[0], yh[1], yh[2], yh[3]);
+}
+
+// QK-Norm + RoPE in place on the kRows rows of a swizzled shared tile, by all kThreadsPerCta
+// threads of the CTA through norm_rope_pairs (two 16-byte shared loads and stores and four
+// 16-byte table loads per thread and row, independent across the unrolled rows so their
+// latency overlaps). `w` is the norm weight (kD floats) in shared memory, `pos(r)` the RoPE
+// position of row r.
 template <typename T, int kD, int kRows, int kThreadsPerCta, typename PosFn>
 __device__ __forceinline__ void norm_rope_tile(T* tile, const float* w, const float2* rope, float eps, PosFn pos) {
     constexpr int kTPR = kD / 16;
@@ -217,46 +263,11 @@ __device__ __forceinline__ void norm_rope_tile(T* tile, const float* w, const fl
     for (int r = threadIdx.x / kTPR; r < kRows; r += kRowsPerPass) {
         uint4* lo_p = reinterpret_cast<uint4*>(tile + swz<kD>(r, c0));
         uint4* hi_p = reinterpret_cast<uint4*>(tile + swz<kD>(r, kD / 2 + c0));
-        const uint4 lo = *lo_p, hi = *hi_p;
-        const float4* cs = reinterpret_cast<const float4*>(rope + static_cast<size_t>(pos(r)) * (kD / 2) + c0);
-        float4 t[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) t[i] = __ldg(cs + i);
-        float xl[8], xh[8];
-        const unsigned lw[4] = {lo.x, lo.y, lo.z, lo.w}, hw[4] = {hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float2 a = unpack2<T>(lw[i]), b = unpack2<T>(hw[i]);
-            xl[2 * i] = a.x;
-            xl[2 * i + 1] = a.y;
-            xh[2 * i] = b.x;
-            xh[2 * i + 1] = b.y;
-        }
-        float ss = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) ss += xl[e] * xl[e] + xh[e] * xh[e];
-#pragma unroll
-        for (int o = 1; o < kTPR; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        const float rn = rsqrtf(ss / kD + eps);
-        unsigned yl[4], yh[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            float ol[2], oh[2];
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int e = 2 * i + j;
-                const float c = j == 0 ? t[i].x : t[i].z;
-                const float sn = j == 0 ? t[i].y : t[i].w;
-                const float a = xl[e] * rn * w[c0 + e];
-                const float b = xh[e] * rn * w[kD / 2 + c0 + e];
-                ol[j] = a * c - b * sn;
-                oh[j] = b * c + a * sn;
-            }
-            yl[i] = pack2<T>(ol[0], ol[1]);
-            yh[i] = pack2<T>(oh[0], oh[1]);
-        }
-        *lo_p = make_uint4(yl[0], yl[1], yl[2], yl[3]);
-        *hi_p = make_uint4(yh[0], yh[1], yh[2], yh[3]);
+        uint4 lo = *lo_p, hi = *hi_p;
+        norm_rope_pairs<T, kD>(lo, hi, rope + static_cast<size_t>(pos(r)) * (kD / 2) + c0,
+                               [&](int col) { return w[col]; }, c0, eps);
+        *lo_p = lo;
+        *hi_p = hi;
     }
 }
 

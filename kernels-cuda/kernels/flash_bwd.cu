@@ -598,9 +598,8 @@ __device__ __forceinline__ int token_position(const Params& p, int t, bool is_q)
 // y = QK-Norm + RoPE of x (tokens, heads, D): q_hat / k_hat for the backward, and k_hat for
 // the fused forward (flash_fwd.cu), which it lets start early (programmatic dependent launch).
 // kD / 16 consecutive threads share a row, each owning 8 whole rotate-half pairs (columns
-// c .. c + 8 and D/2 + c .. D/2 + c + 8): 16-byte loads and stores, the row's sum of squares
-// over log2(kD / 16) shuffles; 256 threads cover 256 * 16 / kD rows (norm_rows_per_block in
-// cuda.rs). Same math as norm_rope_row.
+// c .. c + 8 and D/2 + c .. D/2 + c + 8, norm_rope_pairs): 16-byte loads and stores; 256 threads
+// cover 256 * 16 / kD rows (norm_rows_per_block in cuda.rs).
 template <typename T, int kD>
 __device__ __forceinline__ void norm_rope_rows(const Params& p, const T* x, T* y, const T* w, int rows, int heads,
                                                int is_q) {
@@ -610,49 +609,14 @@ __device__ __forceinline__ void norm_rope_rows(const Params& p, const T* x, T* y
     const int c0 = (threadIdx.x % kTPR) * 8;
     const bool live = row < rows;  // dead threads still join the shuffles
     const size_t base = static_cast<size_t>(live ? row : 0) * kD;
-    const uint4 lo = *reinterpret_cast<const uint4*>(x + base + c0);
-    const uint4 hi = *reinterpret_cast<const uint4*>(x + base + kD / 2 + c0);
+    uint4 lo = *reinterpret_cast<const uint4*>(x + base + c0);
+    uint4 hi = *reinterpret_cast<const uint4*>(x + base + kD / 2 + c0);
     const int position = live ? token_position(p, row / heads, is_q != 0) : 0;
-    const float4* cs = reinterpret_cast<const float4*>(p.rope + static_cast<size_t>(position) * (kD / 2) + c0);
-    float4 t[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) t[i] = __ldg(cs + i);
-    float xl[8], xh[8];
-    const unsigned lw[4] = {lo.x, lo.y, lo.z, lo.w}, hw[4] = {hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 a = unpack2<T>(lw[i]), b = unpack2<T>(hw[i]);
-        xl[2 * i] = a.x;
-        xl[2 * i + 1] = a.y;
-        xh[2 * i] = b.x;
-        xh[2 * i + 1] = b.y;
-    }
-    float ss = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) ss += xl[e] * xl[e] + xh[e] * xh[e];
-#pragma unroll
-    for (int o = 1; o < kTPR; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    const float rn = rsqrtf(ss / kD + p.eps);
-    unsigned yl[4], yh[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float ol[2], oh[2];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int e = 2 * i + j;
-            const float c = j == 0 ? t[i].x : t[i].z;
-            const float sn = j == 0 ? t[i].y : t[i].w;
-            const float a = xl[e] * rn * to_float(w[c0 + e]);
-            const float b = xh[e] * rn * to_float(w[kD / 2 + c0 + e]);
-            ol[j] = a * c - b * sn;
-            oh[j] = b * c + a * sn;
-        }
-        yl[i] = pack2<T>(ol[0], ol[1]);
-        yh[i] = pack2<T>(oh[0], oh[1]);
-    }
+    norm_rope_pairs<T, kD>(lo, hi, p.rope + static_cast<size_t>(position) * (kD / 2) + c0,
+                           [&](int col) { return to_float(w[col]); }, c0, p.eps);
     if (live) {
-        *reinterpret_cast<uint4*>(y + base + c0) = make_uint4(yl[0], yl[1], yl[2], yl[3]);
-        *reinterpret_cast<uint4*>(y + base + kD / 2 + c0) = make_uint4(yh[0], yh[1], yh[2], yh[3]);
+        *reinterpret_cast<uint4*>(y + base + c0) = lo;
+        *reinterpret_cast<uint4*>(y + base + kD / 2 + c0) = hi;
     }
 }
 
