@@ -75,7 +75,8 @@ mod gpu {
     use cudarc::driver::CudaSlice;
     use half::f16;
     use kv_int4::cuda::{
-        decode_attention_cuda, split_plan, DecodeBatch, DecodeWorkspace, GpuKvCache,
+        decode_attention_cuda, decode_tc_variants, set_decode_tuning, split_plan, DecodeBatch,
+        DecodeWorkspace, GpuKvCache,
     };
     use kv_int4::{bytes_per_token_per_layer, KvFormat};
     use std::sync::Arc;
@@ -199,6 +200,58 @@ mod gpu {
         (t, splits)
     }
 
+    /// `TRITTER_KV_SWEEP=1`: every compiled INT4 tensor-core variant x {1, 2, 4} times its
+    /// default number of splits, at Lkv = 131072 for B = 1 and 32 (tuning; one line each).
+    fn sweep(gpu: &Arc<Gpu>, hbm: f64) {
+        let lkv = 131072;
+        for b in [1, 32] {
+            let bytes = b * lkv * bytes_per_token_per_layer(KvFormat::Int4, HKV, D);
+            let sets = rotation_sets(gpu, bytes);
+            let (cache, batches) = filled(gpu, KvFormat::Int4, b, lkv, sets);
+            let q = random_f16(gpu, b * HQ * D, 3);
+            let mut out = gpu.stream().alloc_zeros::<f16>(b * HQ * D).unwrap();
+            let mut ws = DecodeWorkspace::new(gpu, b * HQ, D, 1).unwrap();
+            let scale = 1.0 / (D as f32).sqrt();
+            let plan = || {
+                split_plan(
+                    KvFormat::Int4,
+                    gpu.info().sm_count as usize,
+                    b,
+                    HKV,
+                    batches[0].max_tiles(),
+                )
+            };
+            for v in decode_tc_variants() {
+                set_decode_tuning(Some(v), None).unwrap();
+                let (default_splits, _) = plan();
+                for mult in [1, 2, 4] {
+                    let forced = (mult > 1).then_some(mult * default_splits);
+                    set_decode_tuning(Some(v), forced).unwrap();
+                    let (splits, tps) = plan();
+                    let t = timed(gpu, |i| {
+                        decode_attention_cuda(
+                            &cache,
+                            0,
+                            &batches[i % sets],
+                            &q.as_view(),
+                            HQ,
+                            scale,
+                            &mut out.as_view_mut(),
+                            &mut ws,
+                        )
+                    });
+                    let gbs = t.gb_per_s(bytes as f64);
+                    println!(
+                        "RESULT kv_sweep B={b} Lkv={lkv} Hq={HQ} Hkv={HKV} D={D} variant={v} splits={splits} ({mult}x default {default_splits}, {tps} tiles each): int4 {:.2} us, {gbs:.0} GB/s on INT4 bytes = {:.0}% of d2d copy {hbm:.0} GB/s",
+                        t.median_ms * 1e3,
+                        100.0 * gbs / hbm,
+                    );
+                }
+            }
+            set_decode_tuning(None, None).unwrap();
+        }
+    }
+
     fn quantize(c: &mut Criterion, gpu: &Arc<Gpu>, hbm: f64) {
         let n = 32768;
         let e = n * HKV * D;
@@ -275,6 +328,9 @@ mod gpu {
                     t16.median_ms / t4.median_ms
                 );
             }
+        }
+        if std::env::var("TRITTER_KV_SWEEP").is_ok_and(|s| s == "1") {
+            sweep(&gpu, hbm);
         }
     }
 }

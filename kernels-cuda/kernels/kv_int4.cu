@@ -75,6 +75,9 @@
 //   Work per warp and 16 tokens (D=128): 2+2 ldmatrix, 16 + 32 MMAs, about 150 INT/FP16
 //   instructions for the code conversion and 150 FP32 for scale/min/softmax: ~500 warp
 //   instructions per 16 tokens and head, a third of the issue budget at 2.1 TB/s.
+//   Tuning variants kv_decode_int4tc_s{S}_m{M}_d*_g* (S stages, M CTAs per SM in the launch
+//   bounds; TRITTER_KV_TC_VARIANT, see the crate README) are the same code; stages above
+//   40 KB use dynamic shared memory.
 
 #include "common.cuh"
 #include "warp_mma.cuh"
@@ -528,8 +531,10 @@ __device__ __forceinline__ void decode_split(const __half* __restrict__ q, const
 namespace tc {
 
 constexpr int kStageTok = 2 * kTile;  // 64 tokens per stage: 16 per warp
-constexpr int kStages = 3;
-constexpr int kMinBlocks = 3;         // CTAs per SM the registers are sized for (launch bounds)
+// Default variant (kv_decode_int4tc_d*_g*): 3 stages, launch bounds of 3 CTAs per SM. The
+// tuning variants kv_decode_int4tc_s{S}_m{M}_d*_g* differ only in these two numbers.
+constexpr int kDefStages = 3;
+constexpr int kDefMinBlocks = 3;      // CTAs per SM the registers are sized for (launch bounds)
 
 template <int D>
 struct Cfg {
@@ -547,6 +552,15 @@ struct Cfg {
     static constexpr int kChunks = 2 * kHalfChunks;
     static_assert(kStageBytes % 16 == 0 && kKp % 16 == 0 && kVc % 16 == 0 && kVp % 16 == 0, "16-byte aligned");
     static_assert(kNg % 2 == 0, "ldmatrix.x4 takes two groups");
+};
+
+// Stages above 40 KB live in dynamic shared memory (the launch passes S * kStageBytes and
+// raises the function's dynamic limit); smaller ones stay static, like the default variant.
+// Mirrored by `tc_stage_bytes` / `TcVariant::dynamic_smem` in crates/kv-int4/src/cuda.
+template <int D, int S>
+struct StageMem {
+    static constexpr int kBytes = S * Cfg<D>::kStageBytes;
+    static constexpr bool kDynamic = kBytes > 40960;
 };
 
 // The 8 codes of `w` (nibble i = code i) as f16 pairs: e[0] = (c0, c4), e[1] = (c1, c5),
@@ -597,7 +611,7 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1,
     tritter::mma_16816<__half>(c, a, b0, b1);
 }
 
-template <int D, int G>
+template <int D, int G, int kStages>
 __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, const uint8_t* __restrict__ pool,
                                                 const int* __restrict__ block_tables,
                                                 const int* __restrict__ seq_lens, int bt_stride, int heads_kv,
@@ -607,7 +621,16 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     using C = Cfg<D>;
     constexpr int NG = C::kNg;
     static_assert(kStages * C::kStageBytes >= G * D * 4, "the merge buffer reuses the stages");
-    __shared__ __align__(16) uint8_t stages[kStages][C::kStageBytes];
+    static_assert(kStages >= 2, "a pipeline needs two stages");
+    uint8_t* smem;
+    if constexpr (StageMem<D, kStages>::kDynamic) {
+        extern __shared__ __align__(16) uint8_t tc_dyn_stages[];
+        smem = tc_dyn_stages;
+    } else {
+        __shared__ __align__(16) uint8_t tc_stages[StageMem<D, kStages>::kBytes];
+        smem = tc_stages;
+    }
+    auto stage = [&](int i) { return smem + i * C::kStageBytes; };
     __shared__ float s_wm[kWarps][8];
     __shared__ float s_l[8];
     __shared__ float s_mv[8][NG];
@@ -662,7 +685,7 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     // cp.async of stage k (enumerated tiles t_begin + 2k, +1) into buffer st.
     auto issue = [&](int k, int st) {
         const int it0 = t_begin + 2 * k;
-        uint8_t* dst = stages[st];
+        uint8_t* dst = stage(st);
 #pragma unroll 1
         for (int r = 0; r < (C::kChunks + kThreads - 1) / kThreads; ++r) {
             const int c = tid + r * kThreads;
@@ -741,7 +764,7 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
 
         const int it = t_begin + 2 * k + (warp >> 1);
         if (it >= t_end) continue;  // warp-uniform; no barrier below
-        const uint8_t* st = stages[k % kStages];
+        const uint8_t* st = stage(k % kStages);
         const int pos_w = tile_of(it) * kTile + (warp & 1) * 16;
 
         // ---- scores S = q K^T per group on tensor cores: A = q (heads x 16 dims), B =
@@ -846,7 +869,7 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
         mv[j] += __shfl_xor_sync(kFull, mv[j], 2);
     }
     __syncthreads();  // every warp is done with the stages
-    float* s_red = reinterpret_cast<float*>(&stages[0][0]);  // [G][D]
+    float* s_red = reinterpret_cast<float*>(smem);  // [G][D]
     for (int i = tid; i < G * D; i += kThreads) s_red[i] = 0.0f;
     if (tid < 8) {
         s_l[tid] = 0.0f;
@@ -935,24 +958,39 @@ KV_DECODE_G(int4, true, 128)
 KV_DECODE_G(f16, false, 64)
 KV_DECODE_G(f16, false, 128)
 
-#define KV_DECODE_TC(D, G)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(kThreads, tc::kMinBlocks) kv_decode_int4tc_d##D##_g##G(             \
+#define KV_DECODE_TC_NAMED(NAME, S, M, D, G)                                                                        \
+    extern "C" __global__ void __launch_bounds__(kThreads, M) NAME(                                                 \
         const __half* __restrict__ q, const uint8_t* __restrict__ pool, const int* __restrict__ block_tables,       \
         const int* __restrict__ seq_lens, int bt_stride, int heads_kv, int page_shift, int num_pages,               \
         long long page_bytes, int sinks, int window, int tiles_per_split, int num_splits, float scale_log2,         \
         float* __restrict__ o_part, float2* __restrict__ ml_part) {                                                 \
-        tc::decode_split_tc<D, G>(q, pool, block_tables, seq_lens, bt_stride, heads_kv, page_shift, num_pages,      \
-                                  page_bytes, sinks, window, tiles_per_split, num_splits, scale_log2, o_part,       \
-                                  ml_part);                                                                          \
+        tc::decode_split_tc<D, G, S>(q, pool, block_tables, seq_lens, bt_stride, heads_kv, page_shift, num_pages,   \
+                                     page_bytes, sinks, window, tiles_per_split, num_splits, scale_log2, o_part,    \
+                                     ml_part);                                                                       \
     }
-KV_DECODE_TC(64, 1)
-KV_DECODE_TC(64, 2)
-KV_DECODE_TC(64, 4)
-KV_DECODE_TC(64, 8)
-KV_DECODE_TC(128, 1)
-KV_DECODE_TC(128, 2)
-KV_DECODE_TC(128, 4)
-KV_DECODE_TC(128, 8)
+// The default variant (what split_plan and the launch use unless tuned).
+#define KV_DECODE_TC(D, G) \
+    KV_DECODE_TC_NAMED(kv_decode_int4tc_d##D##_g##G, tc::kDefStages, tc::kDefMinBlocks, D, G)
+// Tuning variants (TRITTER_KV_TC_VARIANT=s{S}m{M}, see the crate README): pipeline depth S,
+// launch bounds of M CTAs per SM.
+#define KV_DECODE_TC_V(S, M, D, G) KV_DECODE_TC_NAMED(kv_decode_int4tc_s##S##_m##M##_d##D##_g##G, S, M, D, G)
+// M = 4 (128 registers) spills at D = 128 on sm_90 (40-byte stack, 60 bytes of spill
+// stores), so no m4 variant; s8m2 trades occupancy for 7 stages (70 KB) in flight per CTA.
+// Mirrored by TC_VARIANTS in crates/kv-int4/src/cuda.
+#define KV_DECODE_TC_ALL(D, G)   \
+    KV_DECODE_TC(D, G)           \
+    KV_DECODE_TC_V(4, 3, D, G)   \
+    KV_DECODE_TC_V(5, 3, D, G)   \
+    KV_DECODE_TC_V(6, 3, D, G)   \
+    KV_DECODE_TC_V(8, 2, D, G)
+KV_DECODE_TC_ALL(64, 1)
+KV_DECODE_TC_ALL(64, 2)
+KV_DECODE_TC_ALL(64, 4)
+KV_DECODE_TC_ALL(64, 8)
+KV_DECODE_TC_ALL(128, 1)
+KV_DECODE_TC_ALL(128, 2)
+KV_DECODE_TC_ALL(128, 4)
+KV_DECODE_TC_ALL(128, 8)
 
 // Merges the splits of one (sequence, query head): o = sum_s o_s 2^(m_s - M) / sum_s l_s
 // 2^(m_s - M). Grid B * Hq, D threads (one per dim).

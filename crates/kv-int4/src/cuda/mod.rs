@@ -4,7 +4,8 @@
 //! bookkeeping is the same [`BlockManager`](crate::BlockManager) as on the CPU, so a GPU cache
 //! downloads bit for bit into a [`CpuKvCache`] ([`GpuKvCache::to_cpu`]) for checking.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::f16;
@@ -401,7 +402,158 @@ pub fn split_plan(
     max_tiles: usize,
 ) -> (usize, usize) {
     let tc = format == KvFormat::Int4 && !int4_simt();
-    plan(tc, sm_count, batch, heads_kv, max_tiles)
+    // An unknown variant name fails the launch; the plan falls back to the default's.
+    let v = if tc {
+        tc_variant().unwrap_or(TC_VARIANTS[0])
+    } else {
+        TC_VARIANTS[0]
+    };
+    plan(
+        tc,
+        v.ctas_per_sm,
+        forced_splits(),
+        sm_count,
+        batch,
+        heads_kv,
+        max_tiles,
+    )
+}
+
+/// A compiled instantiation of the INT4 tensor-core decode kernel: `stages` pipeline stages
+/// of 64 tokens, launch bounds of `ctas_per_sm` CTAs of 128 threads per SM. Tuning only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TcVariant {
+    /// `s{S}m{M}`, as `TRITTER_KV_TC_VARIANT` takes it.
+    name: &'static str,
+    stages: usize,
+    ctas_per_sm: usize,
+}
+
+/// The variants compiled in `kv_int4.cu` (`KV_DECODE_TC_ALL`); the first is the default
+/// (`kv_decode_int4tc_d*_g*`), the others are `kv_decode_int4tc_s{S}_m{M}_d*_g*`.
+const TC_VARIANTS: &[TcVariant] = &[
+    TcVariant {
+        name: "s3m3",
+        stages: 3,
+        ctas_per_sm: INT4_CTAS_PER_SM,
+    },
+    TcVariant {
+        name: "s4m3",
+        stages: 4,
+        ctas_per_sm: 3,
+    },
+    TcVariant {
+        name: "s5m3",
+        stages: 5,
+        ctas_per_sm: 3,
+    },
+    TcVariant {
+        name: "s6m3",
+        stages: 6,
+        ctas_per_sm: 3,
+    },
+    TcVariant {
+        name: "s8m2",
+        stages: 8,
+        ctas_per_sm: 2,
+    },
+];
+
+impl TcVariant {
+    fn is_default(&self) -> bool {
+        *self == TC_VARIANTS[0]
+    }
+    /// Shared-memory bytes of the stages (`StageMem::kBytes`).
+    fn stage_bytes(&self, d: usize) -> usize {
+        // 64 tokens of K and V: code rows padded to D/2 + 16 bytes, D/32 half2 params each.
+        self.stages * 2 * 64 * (d / 2 + 16 + d / 32 * 4)
+    }
+    /// Whether the stages are dynamic shared memory (`StageMem::kDynamic`: above 40 KB).
+    fn dynamic_smem(&self, d: usize) -> Option<usize> {
+        let bytes = self.stage_bytes(d);
+        (bytes > 40960).then_some(bytes)
+    }
+    /// The kernel name for head dim `d` and group `g` (validated by `decode_kernel`).
+    fn kernel(&self, d: usize, g: usize) -> &'static str {
+        static NAMES: OnceLock<HashMap<(&'static str, usize, usize), &'static str>> =
+            OnceLock::new();
+        let names = NAMES.get_or_init(|| {
+            let mut m = HashMap::new();
+            for v in TC_VARIANTS.iter().skip(1) {
+                for d in [64, 128] {
+                    for g in [1, 2, 4, 8] {
+                        let n = format!(
+                            "kv_decode_int4tc_s{}_m{}_d{d}_g{g}",
+                            v.stages, v.ctas_per_sm
+                        );
+                        m.insert((v.name, d, g), &*Box::leak(n.into_boxed_str()));
+                    }
+                }
+            }
+            m
+        });
+        names.get(&(self.name, d, g)).copied().unwrap_or("")
+    }
+}
+
+/// Programmatic tuning overrides ([`set_decode_tuning`]); `None` fields fall back to the
+/// environment (`TRITTER_KV_TC_VARIANT`, `TRITTER_KV_SPLITS`).
+static TUNING: Mutex<(Option<TcVariant>, Option<usize>)> = Mutex::new((None, None));
+
+fn tc_variant_named(name: &str) -> Result<TcVariant> {
+    TC_VARIANTS
+        .iter()
+        .find(|v| v.name == name)
+        .copied()
+        .ok_or_else(|| {
+            let known: Vec<_> = TC_VARIANTS.iter().map(|v| v.name).collect();
+            KvError::Unsupported(format!(
+                "unknown INT4 tensor-core decode variant {name:?}; compiled: {known:?}"
+            ))
+        })
+}
+
+/// The tensor-core variant in use: [`set_decode_tuning`]'s, else `TRITTER_KV_TC_VARIANT`,
+/// else the default.
+fn tc_variant() -> Result<TcVariant> {
+    if let Some(v) = TUNING.lock().unwrap_or_else(|p| p.into_inner()).0 {
+        return Ok(v);
+    }
+    match std::env::var("TRITTER_KV_TC_VARIANT") {
+        Ok(name) if !name.is_empty() => tc_variant_named(&name),
+        _ => Ok(TC_VARIANTS[0]),
+    }
+}
+
+/// The forced number of splits of the INT4 tensor-core kernel, if any: [`set_decode_tuning`]'s,
+/// else `TRITTER_KV_SPLITS` (ignored unless a positive integer).
+fn forced_splits() -> Option<usize> {
+    if let Some(n) = TUNING.lock().unwrap_or_else(|p| p.into_inner()).1 {
+        return Some(n);
+    }
+    std::env::var("TRITTER_KV_SPLITS")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+}
+
+/// Tuning only (benches): overrides the INT4 tensor-core decode variant (`"s4m3"`, ...; see
+/// [`decode_tc_variants`]) and forces its number of splits (clamped to a valid plan), for
+/// every later [`split_plan`] / [`decode_attention_cuda`] of the process. `None` falls back
+/// to `TRITTER_KV_TC_VARIANT` / `TRITTER_KV_SPLITS`, then the defaults. Process-wide state:
+/// not for production use.
+#[doc(hidden)]
+pub fn set_decode_tuning(variant: Option<&str>, splits: Option<usize>) -> Result<()> {
+    let v = variant.map(tc_variant_named).transpose()?;
+    *TUNING.lock().unwrap_or_else(|p| p.into_inner()) = (v, splits.filter(|&n| n > 0));
+    Ok(())
+}
+
+/// Tuning only: the names of the compiled INT4 tensor-core decode variants, the default
+/// first.
+#[doc(hidden)]
+pub fn decode_tc_variants() -> Vec<&'static str> {
+    TC_VARIANTS.iter().map(|v| v.name).collect()
 }
 
 /// `TRITTER_KV_INT4_SIMT` set: INT4 decode runs the previous SIMT kernel
@@ -410,8 +562,12 @@ fn int4_simt() -> bool {
     std::env::var_os("TRITTER_KV_INT4_SIMT").is_some()
 }
 
+/// `ctas_per_sm` and `forced` (a number of splits, clamped to `1 ..= ceil(max_tiles / 2)`)
+/// apply to the tensor-core kernel only.
 fn plan(
     tc: bool,
+    ctas_per_sm: usize,
+    forced: Option<usize>,
     sm_count: usize,
     batch: usize,
     heads_kv: usize,
@@ -425,8 +581,13 @@ fn plan(
         let splits = want.clamp(1, max_splits);
         let tiles_per_split = max_tiles.div_ceil(splits);
         (max_tiles.div_ceil(tiles_per_split), tiles_per_split)
+    } else if let Some(n) = forced {
+        let n = n.clamp(1, max_tiles.div_ceil(2));
+        let tps = max_tiles.div_ceil(n);
+        let tps = tps + tps % 2;
+        (max_tiles.div_ceil(tps), tps)
     } else {
-        let slots = sm_count.max(1) * INT4_CTAS_PER_SM;
+        let slots = sm_count.max(1) * ctas_per_sm;
         let want = slots.div_ceil(pairs).clamp(1, max_splits);
         let mut best = (usize::MAX, 1, max_tiles + max_tiles % 2);
         for s in want..=(4 * want).min(max_splits) {
@@ -512,6 +673,17 @@ impl DecodeWorkspace {
 /// The decode kernel of `format`, `d`, `g`; `tc`: INT4 on tensor cores (`kv_decode_int4tc_*`)
 /// rather than the SIMT kernel.
 fn decode_kernel(format: KvFormat, tc: bool, d: usize, g: usize) -> Result<&'static str> {
+    let name = decode_kernel_default(format, tc, d, g)?;
+    if tc {
+        let v = tc_variant()?;
+        if !v.is_default() {
+            return Ok(v.kernel(d, g));
+        }
+    }
+    Ok(name)
+}
+
+fn decode_kernel_default(format: KvFormat, tc: bool, d: usize, g: usize) -> Result<&'static str> {
     Ok(match (format, d, g) {
         (KvFormat::Int4, 64, 1) if tc => "kv_decode_int4tc_d64_g1",
         (KvFormat::Int4, 64, 1) => "kv_decode_int4_d64_g1",
@@ -590,7 +762,16 @@ pub fn decode_attention_cuda(
         return Ok(());
     }
     let gpu = cache.gpu();
-    let (splits, tps) = plan(tc, gpu.info().sm_count as usize, b, hkv, batch.max_tiles);
+    let variant = if tc { tc_variant()? } else { TC_VARIANTS[0] };
+    let (splits, tps) = plan(
+        tc,
+        variant.ctas_per_sm,
+        if tc { forced_splits() } else { None },
+        gpu.info().sm_count as usize,
+        b,
+        hkv,
+        batch.max_tiles,
+    );
     let rows = b * heads_q;
     ws.ensure(gpu, rows, d, splits)?;
     let stream = gpu.stream();
@@ -615,6 +796,23 @@ pub fn decode_attention_cuda(
     let page_bytes = pb as i64;
     let scale_log2 = softmax_scale * std::f32::consts::LOG2_E;
     let func = gpu.function(&images::KV_INT4, name)?;
+    // Tuning variants: stages above 40 KB are dynamic shared memory (raise the limit), and
+    // ask for the largest shared-memory carveout so `ctas_per_sm` CTAs can be resident.
+    let dyn_smem = if tc && !variant.is_default() {
+        use cudarc::driver::sys::CUfunction_attribute_enum as A;
+        let dyn_smem = variant.dynamic_smem(d).unwrap_or(0);
+        let attr = |a, v: usize| {
+            func.set_attribute(a, v as i32)
+                .map_err(KernelError::driver(format!(
+                    "setting an attribute of {name}"
+                )))
+        };
+        attr(A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dyn_smem)?;
+        attr(A::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)?;
+        dyn_smem
+    } else {
+        0
+    };
     let mut launch = stream.launch_builder(&func);
     launch
         .arg(q)
@@ -636,7 +834,7 @@ pub fn decode_attention_cuda(
     let cfg_split = LaunchConfig {
         grid_dim: (splits as u32, hkv as u32, b as u32),
         block_dim: (DECODE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: dyn_smem as u32,
     };
     // SAFETY: matches `kv_decode_*(const __half*, const uint8_t*, const int*, const int*, int,
     // int, int, int, long long, int, int, int, int, float, float*, float2*)`. q holds B * Hq *
