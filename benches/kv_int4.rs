@@ -7,25 +7,11 @@
 //!
 //! Run: `cargo bench --bench kv_int4` (add `--features cuda` for the GPU groups).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kv_int4::{decode_attention_ref, quantize_int4, CacheConfig, CpuKvCache};
 use tritter_suite::random_f32;
-
-/// Median wall time of `f` over `reps` runs after one warm-up.
-fn median(reps: usize, mut f: impl FnMut()) -> Duration {
-    f();
-    let mut t: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed()
-        })
-        .collect();
-    t.sort();
-    t[reps / 2]
-}
 
 fn cpu(c: &mut Criterion) {
     println!(
@@ -35,7 +21,7 @@ fn cpu(c: &mut Criterion) {
     let (hkv, d) = (8, 128);
     let n = 4096;
     let x = random_f32(n * hkv * d, 1);
-    let t = median(5, || {
+    let t = tritter_suite::median_wall(1, 5, || {
         std::hint::black_box(quantize_int4(&x, d).unwrap());
     });
     let bytes = (x.len() * 4) as f64 + x.len() as f64 * 0.625;
@@ -60,7 +46,7 @@ fn cpu(c: &mut Criterion) {
     let s = cache.add_sequence();
     cache.append(s, 0, n, &x, &x).unwrap();
     let q = random_f32(hq * d, 2);
-    let t = median(3, || {
+    let t = tritter_suite::median_wall(1, 3, || {
         std::hint::black_box(decode_attention_ref(&cache, 0, &[s], &q, hq, 0.088).unwrap());
     });
     println!(

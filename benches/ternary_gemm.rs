@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench --bench ternary_gemm` (add `--features cuda` for the GPU groups).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ternary_gemm::{
@@ -45,22 +45,6 @@ fn f32_gemm(y: &mut [f32], x: &[f32], w: &[f32], m: usize, n: usize, k: usize) {
     }
 }
 
-/// Median wall time of `f` over `reps` runs after 3 warm-ups.
-fn median(reps: usize, mut f: impl FnMut()) -> Duration {
-    for _ in 0..3 {
-        f();
-    }
-    let mut t: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed()
-        })
-        .collect();
-    t.sort();
-    t[reps / 2]
-}
-
 fn cpu(c: &mut Criterion) {
     println!(
         "{}",
@@ -84,12 +68,12 @@ fn cpu(c: &mut Criterion) {
             let x = random_f32(m * k, 5);
             let xq = absmax_quantize_rows(&x, m, k).unwrap();
             let mut y = vec![0f32; m * n];
-            let ours = median(15, || {
+            let ours = tritter_suite::median_wall(3, 15, || {
                 std::hint::black_box(
                     ternary_matmul_a8_acc(&w, &xq.codes, m, CpuKernel::Auto).unwrap(),
                 );
             });
-            let peer = median(15, || f32_gemm(&mut y, &x, &wf, m, n, k));
+            let peer = tritter_suite::median_wall(3, 15, || f32_gemm(&mut y, &x, &wf, m, n, k));
             println!(
                 "RESULT ternary_a8_cpu M={m} {n}x{k}: {:.3} ms ({:.1} GB/s packed) | gemm f32: {:.3} ms ({:.1} GB/s) | speed-up {:.2}x",
                 ours.as_secs_f64() * 1e3,

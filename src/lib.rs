@@ -24,5 +24,22 @@ pub mod build_info {
     }
 }
 
+/// Median wall time of `f` over `reps` runs after `warmup` untimed runs: the host-side timer
+/// of the CPU benches' RESULT lines (GPU benches use CUDA events, [`gpu_bench`]).
+pub fn median_wall(warmup: usize, reps: usize, mut f: impl FnMut()) -> std::time::Duration {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut t: Vec<std::time::Duration> = (0..reps.max(1))
+        .map(|_| {
+            let s = std::time::Instant::now();
+            f();
+            s.elapsed()
+        })
+        .collect();
+    t.sort();
+    t[t.len() / 2]
+}
+
 /// Deterministic test data; see [`tritter_kernels_cuda::testing::random_f32`].
 pub use tritter_kernels_cuda::testing::random_f32;
