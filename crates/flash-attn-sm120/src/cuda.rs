@@ -406,12 +406,7 @@ pub fn flash_attn_fwd_cuda<T: AttnDtype>(
     params.max_pos = nr.rope.max_positions as i32;
 
     // 1. k_hat = norm_rope(k), once per call (triggers the dependent launch at its start).
-    let norm_name = match (T::NAME, d) {
-        ("bf16", 64) => "norm_rope_pos_bf16_d64",
-        ("bf16", _) => "norm_rope_pos_bf16_d128",
-        (_, 64) => "norm_rope_pos_f16_d64",
-        _ => "norm_rope_pos_f16_d128",
-    };
+    let norm_name = bwd::bwd_name::<T>("norm_rope_pos", d);
     let norm = gpu.function(&images::FLASH_BWD, norm_name)?;
     let rows = p.seqs.total_k() * p.heads.kv;
     let (rows_i, heads_i, is_q) = (rows as i32, p.heads.kv as i32, 0i32);
@@ -509,8 +504,29 @@ fn base_params(gpu: &Gpu, pb: &ProblemGpu) -> FlashParams {
     }
 }
 
+/// The entry of `names` spelled `{base}_{bf16|f16}_d{d}` (T's name), or `missing` (a name
+/// the module lacks, so the lookup fails with the driver's error). `Gpu::function` caches by
+/// `&'static str`; the match compares slices, so a launch allocates nothing.
+fn static_name<T: AttnDtype>(
+    names: &'static [&'static str],
+    base: &str,
+    d: usize,
+    missing: &'static str,
+) -> &'static str {
+    names
+        .iter()
+        .find(|n| {
+            n.strip_prefix(base)
+                .and_then(|r| r.strip_prefix('_'))
+                .and_then(|r| r.strip_prefix(T::NAME))
+                .and_then(|r| r.strip_prefix("_d"))
+                .is_some_and(|r| r.parse() == Ok(d))
+        })
+        .copied()
+        .unwrap_or(missing)
+}
+
 fn kernel_name<T: AttnDtype>(base: &str, norm_rope: bool, d: usize) -> &'static str {
-    // Static names (Gpu::function caches by &'static str).
     const NAMES: [&str; 8] = [
         "flash_fwd_bf16_d64",
         "flash_fwd_bf16_d128",
@@ -521,16 +537,8 @@ fn kernel_name<T: AttnDtype>(base: &str, norm_rope: bool, d: usize) -> &'static 
         "flash_fwd_nr_f16_d64",
         "flash_fwd_nr_f16_d128",
     ];
-    let want = format!(
-        "{base}{}_{}_d{d}",
-        if norm_rope { "_nr" } else { "" },
-        T::NAME
-    );
-    NAMES
-        .iter()
-        .find(|n| **n == want)
-        .copied()
-        .unwrap_or("flash_fwd_missing")
+    let base = if norm_rope { "flash_fwd_nr" } else { base };
+    static_name::<T>(&NAMES, base, d, "flash_fwd_missing")
 }
 
 /// Standalone QK-Norm + RoPE: `x` `(tokens, heads, D)` -> `y`, RMSNorm with `weight` `(D,)`
@@ -630,4 +638,36 @@ pub fn qk_norm_rope_cuda<T: AttnDtype>(
     unsafe { launch.launch(cfg) }
         .map_err(|e| KernelError::driver(format!("launching {name}"))(e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel a launch asks for resolves to its exact static name (a wrong one would
+    /// only fail on the GPU), for both types and head dims.
+    #[test]
+    fn kernel_names_resolve_exactly() {
+        fn check<T: AttnDtype>() {
+            for d in crate::SUPPORTED_HEAD_DIMS {
+                for nr in [false, true] {
+                    let want = format!("flash_fwd{}_{}_d{d}", if nr { "_nr" } else { "" }, T::NAME);
+                    assert_eq!(kernel_name::<T>("flash_fwd", nr, d), want);
+                }
+                for base in [
+                    "flash_bwd_pre",
+                    "flash_bwd_kv",
+                    "flash_bwd_kv_dq",
+                    "flash_bwd_dq",
+                    "norm_rope_pos",
+                    "norm_rope_bwd",
+                ] {
+                    let want = format!("{base}_{}_d{d}", T::NAME);
+                    assert_eq!(bwd::bwd_name::<T>(base, d), want);
+                }
+            }
+        }
+        check::<bf16>();
+        check::<f16>();
+    }
 }

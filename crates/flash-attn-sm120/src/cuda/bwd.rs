@@ -280,7 +280,7 @@ fn launch(
 }
 
 /// Static kernel name `{base}_{bf16|f16}_d{64|128}` (Gpu::function caches by `&'static str`).
-fn bwd_name<T: AttnDtype>(base: &str, d: usize) -> &'static str {
+pub(super) fn bwd_name<T: AttnDtype>(base: &str, d: usize) -> &'static str {
     const NAMES: [&str; 24] = [
         "flash_bwd_pre_bf16_d64",
         "flash_bwd_pre_bf16_d128",
@@ -307,12 +307,7 @@ fn bwd_name<T: AttnDtype>(base: &str, d: usize) -> &'static str {
         "norm_rope_bwd_f16_d64",
         "norm_rope_bwd_f16_d128",
     ];
-    let want = format!("{base}_{}_d{d}", T::NAME);
-    NAMES
-        .iter()
-        .find(|n| **n == want)
-        .copied()
-        .unwrap_or("flash_bwd_missing")
+    super::static_name::<T>(&NAMES, base, d, "flash_bwd_missing")
 }
 
 /// The prologue half of a backward call: the forward's QK-Norm + RoPE inputs and the
