@@ -191,15 +191,8 @@ impl CpuKvCache {
         v: &[T],
     ) -> Result<AppendTicket> {
         let cfg = self.config().clone();
+        check_kv_lens(&cfg, true, n, k.len(), v.len())?;
         let layer_elems = n * cfg.heads_kv * cfg.head_dim;
-        let shape = || {
-            format!(
-                "(layers={}, n={n}, heads_kv={}, head_dim={})",
-                cfg.layers, cfg.heads_kv, cfg.head_dim
-            )
-        };
-        check_len("k", k.len(), cfg.layers * layer_elems, shape)?;
-        check_len("v", v.len(), cfg.layers * layer_elems, shape)?;
         let kf: Vec<f32> = k.iter().map(|x| x.to_f32()).collect();
         let vf: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
         check_storable("k", &kf)?;
@@ -262,6 +255,35 @@ impl CpuKvCache {
         };
         Ok(Some((read(0), read(1))))
     }
+}
+
+/// k and v of an append hold `(layers, n, heads_kv, head_dim)` values each (`all_layers`, one
+/// call for every layer) or `(n, heads_kv, head_dim)` (one layer's write). Shared by the CPU and
+/// GPU caches, so both name the same shapes.
+pub(crate) fn check_kv_lens(
+    cfg: &CacheConfig,
+    all_layers: bool,
+    n: usize,
+    k: usize,
+    v: usize,
+) -> Result<()> {
+    let layers = if all_layers { cfg.layers } else { 1 };
+    let want = layers * n * cfg.heads_kv * cfg.head_dim;
+    let shape = || {
+        if all_layers {
+            format!(
+                "(layers={}, n={n}, heads_kv={}, head_dim={})",
+                cfg.layers, cfg.heads_kv, cfg.head_dim
+            )
+        } else {
+            format!(
+                "(n={n}, heads_kv={}, head_dim={})",
+                cfg.heads_kv, cfg.head_dim
+            )
+        }
+    };
+    check_len("k", k, want, shape)?;
+    check_len("v", v, want, shape)
 }
 
 fn to_f32_checked<T: KvInput>(

@@ -12,7 +12,7 @@ use half::f16;
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use crate::blocks::{AppendTicket, SeqId};
-use crate::cache::{check_len, CpuKvCache, PageStore, PagedKvCache};
+use crate::cache::{check_kv_lens, check_len, CpuKvCache, PageStore, PagedKvCache};
 use crate::config::{CacheConfig, KvFormat};
 use crate::{gqa_group, BlockManager, KvError, Result};
 
@@ -247,17 +247,7 @@ impl GpuKvCache {
     ) -> Result<()> {
         self.blocks.check_ticket(ticket, layer)?;
         let cfg = self.blocks.config();
-        let want = ticket.len() * cfg.heads_kv * cfg.head_dim;
-        let shape = || {
-            format!(
-                "(n={}, heads_kv={}, head_dim={})",
-                ticket.len(),
-                cfg.heads_kv,
-                cfg.head_dim
-            )
-        };
-        check_len("k", k.len(), want, shape)?;
-        check_len("v", v.len(), want, shape)?;
+        check_kv_lens(cfg, false, ticket.len(), k.len(), v.len())?;
         self.check_finite(k, v)?;
         self.launch_write(ticket, layer, 1, k, v)?;
         self.blocks.finish_layer(ticket, layer);
@@ -287,17 +277,7 @@ impl GpuKvCache {
                 why: "the sequence is shorter than the ticket",
             });
         }
-        let want = ticket.len() * cfg.heads_kv * cfg.head_dim;
-        let shape = || {
-            format!(
-                "(n={}, heads_kv={}, head_dim={})",
-                ticket.len(),
-                cfg.heads_kv,
-                cfg.head_dim
-            )
-        };
-        check_len("k", k.len(), want, shape)?;
-        check_len("v", v.len(), want, shape)?;
+        check_kv_lens(cfg, false, ticket.len(), k.len(), v.len())?;
         self.launch_write(ticket, layer, 1, k, v)
     }
 
@@ -313,15 +293,7 @@ impl GpuKvCache {
         v: &CudaView<'_, f16>,
     ) -> Result<AppendTicket> {
         let cfg = self.blocks.config().clone();
-        let want = cfg.layers * n * cfg.heads_kv * cfg.head_dim;
-        let shape = || {
-            format!(
-                "(layers={}, n={n}, heads_kv={}, head_dim={})",
-                cfg.layers, cfg.heads_kv, cfg.head_dim
-            )
-        };
-        check_len("k", k.len(), want, shape)?;
-        check_len("v", v.len(), want, shape)?;
+        check_kv_lens(&cfg, true, n, k.len(), v.len())?;
         self.check_finite(k, v)?;
         let ticket = self.blocks.begin_append(seq, pos, n)?;
         self.launch_write(&ticket, 0, cfg.layers, k, v)?;
