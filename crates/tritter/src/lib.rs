@@ -37,6 +37,7 @@ mod error;
 pub mod generate;
 pub mod memory;
 pub mod model;
+pub mod paradigm;
 pub mod tokenizer;
 pub mod train;
 

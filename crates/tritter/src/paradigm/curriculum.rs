@@ -1,0 +1,1 @@
+//! See [`super`]; filled in by the paradigm work (issue 12).
