@@ -37,7 +37,9 @@
 //   Online softmax per tile in base 2 (q pre-scaled by softmax_scale * log2 e); P.V likewise
 //   in f32 with the group's a, b folded into the probability. Never writes f16 K/V back.
 //   Output: per (sequence, query head, split) the unnormalized o (D floats), max m and sum l
-//   in f32 workspace; kv_decode_reduce merges the splits and writes (B, Hq, D) f16.
+//   in f32 workspace; kv_decode_reduce merges the splits and writes (B, Hq, D) f16 (256
+//   threads per (sequence, query head): split weights in shared memory, D-wide thread groups
+//   summing interleaved splits).
 //   Expected bound: HBM bandwidth for F16; for INT4 with G = 4 the FP32/INT issue rate is
 //   close to the HBM rate (about 12 instructions per byte), see the crate README.
 //
@@ -46,7 +48,12 @@
 //   kv_decode_reduce), 128 threads, launch bounds of 3 CTAs per SM (no spills). A pipeline
 //   stage is 64 tokens = 2 enumerated tiles (K codes, K params, V codes, V params: 10 KB for
 //   D=128), 3 stages of 16-byte cp.async; code rows are padded to D/2 + 16 bytes in shared
-//   memory so each 8-row ldmatrix phase hits 8 distinct 16-byte bank groups. Warp w owns
+//   memory so each 8-row ldmatrix phase hits 8 distinct 16-byte bank groups. The copy is
+//   token-major: D/32 consecutive threads take one token's code row (coalesced), each
+//   thread resolves its tokens' visibility and page once per stage and issues the K and V
+//   chunks of the same slot from one address (D=128: 2 tokens x (K, V) + 1 param chunk per
+//   thread and stage); everything stage-invariant is hoisted (the per-chunk index
+//   arithmetic was ~40% of the kernel's instructions). Warp w owns
 //   tokens 16w..16w+15 of a stage and keeps its own online softmax; the 4 warps merge at the
 //   end (shared-memory atomics, log-sum-exp factors). mma.sync m16n8k16 f16 x f16 -> f32;
 //   fragment coordinates of lane l: g = l / 4, t = l % 4. The pages are unchanged.
@@ -163,9 +170,17 @@ __device__ __forceinline__ void write_groups(const __half* __restrict__ k, const
         const float m = __half2float(min_h), s = __half2float(scale_h);
         uint32_t words[4] = {0u, 0u, 0u, 0u};
         if (s > 0.0f) {
+            // (x - m) / s through the reciprocal: within ~3e-6 of the correctly rounded
+            // quotient (|q| <= ~15.01), so it rounds to the same code unless it lies within
+            // 1e-5 of a half-way point, where the IEEE division decides (bit-exact with
+            // quantize_group at a fraction of 32 full-precision divisions per group).
+            const float inv = __frcp_rn(s);
 #pragma unroll
             for (int i = 0; i < 32; ++i) {
-                float q = roundf(__fdiv_rn(__fsub_rn(x[i], m), s));
+                const float d = __fsub_rn(x[i], m);
+                float y = __fmul_rn(d, inv);
+                if (fabsf(__fsub_rn(__fsub_rn(y, floorf(y)), 0.5f)) < 1e-5f) y = __fdiv_rn(d, s);
+                float q = roundf(y);
                 q = fminf(fmaxf(q, 0.0f), 15.0f);
                 words[i / 8] |= static_cast<uint32_t>(q) << (4 * (i % 8));
             }
@@ -546,10 +561,6 @@ struct Cfg {
     static constexpr int kVc = kKp + kStageTok * kPar;
     static constexpr int kVp = kVc + kStageTok * kRow;
     static constexpr int kStageBytes = kVp + kStageTok * kPar;
-    static constexpr int kCodeChunks = kStageTok * kNg;         // one 16-byte group per chunk
-    static constexpr int kParChunks = kStageTok * kPar / 16;
-    static constexpr int kHalfChunks = kCodeChunks + kParChunks;  // K (or V) of one stage
-    static constexpr int kChunks = 2 * kHalfChunks;
     static_assert(kStageBytes % 16 == 0 && kKp % 16 == 0 && kVc % 16 == 0 && kVp % 16 == 0, "16-byte aligned");
     static_assert(kNg % 2 == 0, "ldmatrix.x4 takes two groups");
 };
@@ -563,15 +574,25 @@ struct StageMem {
     static constexpr bool kDynamic = kBytes > 40960;
 };
 
+// (a & B) | C in one LOP3: with both masks as immediates the compiler emits an AND and an
+// OR (SASS LOP3 takes one immediate); in PTX lop3 ptxas keeps one mask in a register,
+// loaded once outside the loop.
+template <uint32_t B, uint32_t C>
+__device__ __forceinline__ uint32_t and_or(uint32_t a) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "n"(B), "n"(C));
+    return d;
+}
+
 // The 8 codes of `w` (nibble i = code i) as f16 pairs: e[0] = (c0, c4), e[1] = (c1, c5),
 // e[2] = (c2, c6), e[3] = (c3, c7), low half first. 0x6400 | c is the f16 1024 + c and
-// 0x6400 | c << 4 is 1024 + 16 c, so a LOP3 and one exact HSUB2 / HFMA2 per pair.
+// 0x6400 | c << 4 is 1024 + 16 c, so one LOP3 and one exact HSUB2 / HFMA2 per pair.
 __device__ __forceinline__ void codes_to_half(uint32_t w, uint32_t (&e)[4]) {
     const uint32_t hi = w >> 8;
-    const uint32_t r0 = (w & 0x000F000Fu) | 0x64006400u;
-    const uint32_t r1 = (w & 0x00F000F0u) | 0x64006400u;
-    const uint32_t r2 = (hi & 0x000F000Fu) | 0x64006400u;
-    const uint32_t r3 = (hi & 0x00F000F0u) | 0x64006400u;
+    const uint32_t r0 = and_or<0x000F000Fu, 0x64006400u>(w);
+    const uint32_t r1 = and_or<0x00F000F0u, 0x64006400u>(w);
+    const uint32_t r2 = and_or<0x000F000Fu, 0x64006400u>(hi);
+    const uint32_t r3 = and_or<0x00F000F0u, 0x64006400u>(hi);
     const uint32_t k1024 = 0x64006400u, k16th = 0x2C002C00u, km64 = 0xD400D400u;
     const __half2 c1024 = *reinterpret_cast<const __half2*>(&k1024);
     const __half2 c16th = *reinterpret_cast<const __half2*>(&k16th);
@@ -609,6 +630,15 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1,
                                         uint32_t b1) {
     const unsigned a[4] = {a0, a1, a2, a3};
     tritter::mma_16816<__half>(c, a, b0, b1);
+}
+// d = A B (C = 0) for the score tiles, whose A rows g + 8 are zero: the zero accumulator
+// is one register for every call instead of four moves per tile.
+__device__ __forceinline__ void mma_f16_zero_c(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%5}, {%7,%8}, "
+        "{%9,%9,%9,%9};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(0u), "r"(a2), "r"(b0), "r"(b1), "f"(0.0f));
 }
 
 template <int D, int G, int kStages>
@@ -682,50 +712,60 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
 
     auto tile_of = [&](int it) { return it < sv.n_sink_tiles ? it : sv.window_tile0 + (it - sv.n_sink_tiles); };
 
-    // cp.async of stage k (enumerated tiles t_begin + 2k, +1) into buffer st.
+    // cp.async of stage k (enumerated tiles t_begin + 2k, +1) into buffer st. The chunk ->
+    // (token, byte) mapping is fixed per thread, so a thread resolves each of its tokens'
+    // visibility and page once and issues all of that token's chunks from one address
+    // (everything stage-invariant is hoisted out of the loop). Codes: NG threads per token
+    // row (consecutive lanes, consecutive 16 bytes: coalesced), K and V from the same slot;
+    // D = 128: 2 tokens x (K, V) = 4 chunks per thread, D = 64: 1 x 2. Params: one 16-byte
+    // chunk (1 token at D = 128, 2 at D = 64) for the first 2 * kParTok threads.
+    constexpr int kTokPass = kThreads / NG;                // tokens per pass of the code copy
+    constexpr int kParTok = 16 / C::kPar;                  // tokens per 16-byte param chunk
+    constexpr int kParChunksKv = kStageTok / kParTok;      // param chunks of K (or V) per stage
+    static_assert(kStageTok % kTokPass == 0 && kThreads >= 2 * kParChunksKv, "copy mapping");
+    const long long kv_off = val_region + par_region;      // V region - K region in a page
+    const int code_sub = tid % NG, code_tok = tid / NG;
+    const long long code_head = (long long)hkv * page_size * (D / 2) + 16 * code_sub;
+    const int code_smem = code_tok * C::kRow + 16 * code_sub;
+    const bool par_thread = tid < 2 * kParChunksKv;
+    const int par_kv = tid / kParChunksKv, par_tok = (tid % kParChunksKv) * kParTok;
+    const long long par_head = par_kv * kv_off + val_region + (long long)hkv * page_size * C::kPar;
+    const int par_smem = (par_kv ? C::kVp : C::kKp) + (tid % kParChunksKv) * 16;
+    // The source of a token's bytes (`bytes_per_tok` per token of this head's region at
+    // `head_off` in a page): false when the token is invisible (its chunks are zero-filled,
+    // nothing is read) or its page is not resident. Branch-free: the visibility test uses
+    // bitwise ops and the block-table load is predicated.
+    auto token_src = [&](int pos, bool vis, int bytes_per_tok, long long head_off, const uint8_t*& src) {
+        const int page = vis ? __ldg(bt + (pos >> page_shift)) : -1;
+        const bool ok = static_cast<unsigned>(page) < static_cast<unsigned>(num_pages);
+        src = ok ? pool + (long long)page * page_bytes + head_off + (pos & (page_size - 1)) * bytes_per_tok : pool;
+        return ok;
+    };
+    auto visible = [&](int pos) { return (pos < sv.sinks_end) | ((pos >= sv.window_start) & (pos < sv.len)); };
     auto issue = [&](int k, int st) {
         const int it0 = t_begin + 2 * k;
         uint8_t* dst = stage(st);
-#pragma unroll 1
-        for (int r = 0; r < (C::kChunks + kThreads - 1) / kThreads; ++r) {
-            const int c = tid + r * kThreads;
-            if (c >= C::kChunks) break;
-            const int kv = c >= C::kHalfChunks;
-            int rel = c - kv * C::kHalfChunks;
-            const bool par = rel >= C::kCodeChunks;
-            int tok, byte_in_tok, smem_off, ntok, bytes_per_tok;
-            if (!par) {
-                tok = rel / NG;
-                byte_in_tok = (rel % NG) * 16;
-                smem_off = (kv ? C::kVc : C::kKc) + tok * C::kRow + byte_in_tok;
-                ntok = 1;
-                bytes_per_tok = D / 2;
-            } else {
-                rel -= C::kCodeChunks;
-                tok = rel * 16 / C::kPar;
-                byte_in_tok = rel * 16 % C::kPar;
-                smem_off = (kv ? C::kVp : C::kKp) + rel * 16;
-                ntok = C::kPar >= 16 ? 1 : 16 / C::kPar;
-                bytes_per_tok = C::kPar;
-            }
+#pragma unroll
+        for (int u = 0; u < kStageTok / kTokPass; ++u) {
+            const int tok = u * kTokPass + code_tok;
             const int it = it0 + tok / kTile;
-            bool valid = false;
-            const uint8_t* src = pool;
             if (it < t_end) {
                 const int pos = tile_of(it) * kTile + tok % kTile;
-                for (int u = 0; u < ntok; ++u) valid |= token_visible(sv, pos + u);
-                if (valid) {
-                    const int page = __ldg(bt + (pos >> page_shift));
-                    if (page >= 0 && page < num_pages) {
-                        const int slot = pos & (page_size - 1);
-                        src = pool + (long long)page * page_bytes + kv * (val_region + par_region) +
-                              (par ? val_region : 0) + ((long long)hkv * page_size + slot) * bytes_per_tok +
-                              byte_in_tok;
-                    } else {
-                        valid = false;  // cannot happen for a consistent block table; never read it
-                    }
-                }
-                cp_async16(dst + smem_off, src, valid);
+                const uint8_t* src;
+                const bool ok = token_src(pos, visible(pos), D / 2, code_head, src);
+                cp_async16(dst + C::kKc + u * kTokPass * C::kRow + code_smem, src, ok);
+                cp_async16(dst + C::kVc + u * kTokPass * C::kRow + code_smem, src + (ok ? kv_off : 0), ok);
+            }
+        }
+        if (par_thread) {
+            const int it = it0 + par_tok / kTile;
+            if (it < t_end) {
+                const int pos = tile_of(it) * kTile + par_tok % kTile;
+                bool vis = visible(pos);
+                if constexpr (kParTok == 2) vis |= visible(pos + 1);  // same page: pos is even
+                const uint8_t* src;
+                const bool ok = token_src(pos, vis, C::kPar, par_head, src);
+                cp_async16(dst + par_smem, src, ok);
             }
         }
     };
@@ -781,11 +821,9 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
             float acc[2][4];
 #pragma unroll
             for (int th = 0; th < 2; ++th) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[th][i] = 0.0f;
                 uint32_t e[4];
                 codes_to_half(kw[j / 2][th + 2 * (j & 1)], e);
-                mma_f16(acc[th], qa[j][0][0], 0u, qa[j][0][1], 0u, e[0], e[1]);
+                mma_f16_zero_c(acc[th], qa[j][0][0], qa[j][0][1], e[0], e[1]);
                 mma_f16(acc[th], qa[j][1][0], 0u, qa[j][1][1], 0u, e[2], e[3]);
             }
 #pragma unroll
@@ -821,8 +859,21 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
         }
         m_run = m_new;
         l_run = fmaf(l_run, corr, (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]));
-        const float corr0 = __shfl_sync(kFull, corr, 8 * t);      // head 2t: lanes 4 (2t) ..
-        const float corr1 = __shfl_sync(kFull, corr, 8 * t + 4);  // head 2t + 1
+        // O is rescaled only when some head's max moved (after the first tokens it rarely
+        // does; warp-uniform branch).
+        if (__any_sync(kFull, corr != 1.0f)) {
+            const float corr0 = __shfl_sync(kFull, corr, 8 * t);      // head 2t: lanes 4 (2t) ..
+            const float corr1 = __shfl_sync(kFull, corr, 8 * t + 4);  // head 2t + 1
+#pragma unroll
+            for (int j = 0; j < NG; ++j)
+#pragma unroll
+                for (int pp = 0; pp < 2; ++pp) {
+                    o[j][pp][0] *= corr0;
+                    o[j][pp][1] *= corr1;
+                    o[j][pp][2] *= corr0;
+                    o[j][pp][3] *= corr1;
+                }
+        }
 
         // ---- O^T += codes^T (dims x tokens, ldmatrix.trans) * (p s)^T per group; the f16
         // product p*s is split into hi + lo so the rounding stays ~2^-22 ----
@@ -849,10 +900,6 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
             codes_to_half(vw[j / 2][2 * (j & 1) + 1], f1);
 #pragma unroll
             for (int pp = 0; pp < 2; ++pp) {
-                o[j][pp][0] *= corr0;
-                o[j][pp][1] *= corr1;
-                o[j][pp][2] *= corr0;
-                o[j][pp][3] *= corr1;
                 mma_f16(o[j][pp], f0[2 * pp], f0[2 * pp + 1], f1[2 * pp], f1[2 * pp + 1], bh0, bh1);
                 mma_f16(o[j][pp], f0[2 * pp], f0[2 * pp + 1], f1[2 * pp], f1[2 * pp + 1], bl0, bl1);
             }
@@ -993,24 +1040,69 @@ KV_DECODE_TC_ALL(128, 4)
 KV_DECODE_TC_ALL(128, 8)
 
 // Merges the splits of one (sequence, query head): o = sum_s o_s 2^(m_s - M) / sum_s l_s
-// 2^(m_s - M). Grid B * Hq, D threads (one per dim).
-extern "C" __global__ void __launch_bounds__(128) kv_decode_reduce(const float* __restrict__ o_part,
-                                                                   const float2* __restrict__ ml_part,
-                                                                   __half* __restrict__ out, int num_splits, int head_dim) {
+// 2^(m_s - M) over the splits with l_s > 0. Grid B * Hq, kReduceThreads threads: the split
+// weights are computed once into shared memory (kReduceChunk at a time), then
+// kReduceThreads / head_dim thread groups each sum every groups-th split for all dims
+// (coalesced rows of o_part, independent loads), and the groups are added at the end. One
+// thread per dim walking all splits was a serial chain of ~num_splits dependent L2 round
+// trips (tens of us at B = 1, 98 splits). Empty splits wrote o = 0, m = -inf, l = 0.
+constexpr int kReduceThreads = 256;  // mirrored by REDUCE_THREADS in crates/kv-int4/src/cuda
+constexpr int kReduceChunk = 1024;
+
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* scratch) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float x = __shfl_xor_sync(kFull, v, o);
+        v = is_max ? fmaxf(v, x) : v + x;
+    }
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = scratch[0];
+    for (int w = 1; w < kReduceThreads / 32; ++w) v = is_max ? fmaxf(v, scratch[w]) : v + scratch[w];
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(kReduceThreads) kv_decode_reduce(const float* __restrict__ o_part,
+                                                                              const float2* __restrict__ ml_part,
+                                                                              __half* __restrict__ out, int num_splits,
+                                                                              int head_dim) {
+    __shared__ float w_s[kReduceChunk];
+    __shared__ float acc_s[kReduceThreads];
+    __shared__ float scratch[kReduceThreads / 32];
+    const int tid = threadIdx.x;
     const long long bh = blockIdx.x;
     const float2* ml = ml_part + bh * num_splits;
+    const float* op = o_part + bh * num_splits * head_dim;
     float m = -INFINITY;
-    for (int s = 0; s < num_splits; ++s) m = fmaxf(m, ml[s].x);
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float l = 0.0f, acc = 0.0f;
-        for (int s = 0; s < num_splits; ++s) {
-            const float2 x = ml[s];
-            if (x.y > 0.0f) {
-                const float w = exp2f(x.x - m);
-                l = fmaf(x.y, w, l);
-                acc = fmaf(o_part[(bh * num_splits + s) * head_dim + d], w, acc);
-            }
+    for (int s = tid; s < num_splits; s += kReduceThreads) {
+        const float2 x = ml[s];
+        if (x.y > 0.0f) m = fmaxf(m, x.x);
+    }
+    m = block_reduce(m, true, scratch);
+    const int groups = kReduceThreads / head_dim, grp = tid / head_dim, d = tid % head_dim;
+    float acc = 0.0f, l = 0.0f;
+    for (int c0 = 0; c0 < num_splits; c0 += kReduceChunk) {
+        const int n = min(kReduceChunk, num_splits - c0);
+        __syncthreads();  // the previous chunk's weights are consumed
+        for (int s = tid; s < n; s += kReduceThreads) {
+            const float2 x = ml[c0 + s];
+            const float wt = x.y > 0.0f ? exp2f(x.x - m) : 0.0f;
+            w_s[s] = wt;
+            l = fmaf(x.y, wt, l);
         }
-        out[bh * head_dim + d] = __float2half_rn(l > 0.0f ? acc / l : 0.0f);
+        __syncthreads();
+        if (grp < groups) {
+#pragma unroll 8
+            for (int s = grp; s < n; s += groups) acc = fmaf(op[(long long)(c0 + s) * head_dim + d], w_s[s], acc);
+        }
+    }
+    l = block_reduce(l, false, scratch);
+    acc_s[tid] = acc;
+    __syncthreads();
+    if (tid < head_dim) {
+        float sum = 0.0f;
+        for (int g = 0; g < groups; ++g) sum += acc_s[g * head_dim + tid];
+        out[bh * head_dim + tid] = __float2half_rn(l > 0.0f ? sum / l : 0.0f);
     }
 }

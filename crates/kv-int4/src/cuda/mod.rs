@@ -20,6 +20,8 @@ use crate::{gqa_group, BlockManager, KvError, Result};
 pub const DECODE_TILE: usize = 32;
 /// Threads per decode CTA (`kThreads`).
 const DECODE_THREADS: u32 = 128;
+/// Threads of `kv_decode_reduce` (`kReduceThreads` in kv_int4.cu; a multiple of D = 64, 128).
+const REDUCE_THREADS: u32 = 256;
 /// Threads per write CTA (`kWriteThreads`).
 const WRITE_THREADS: u32 = 256;
 /// Fewest tiles a split takes (so the cp.async pipeline fills and the reduction stays small
@@ -560,7 +562,11 @@ fn plan(
         (max_tiles.div_ceil(tps), tps)
     } else {
         let slots = sm_count.max(1) * ctas_per_sm;
-        let want = slots.div_ceil(pairs).clamp(1, max_splits);
+        // The largest split count that still fits one wave first: on a tie in
+        // `waves * tiles_per_split` fewer, longer CTAs win (fewer partials to merge, less
+        // per-CTA prologue and epilogue; B = 1, 128K: 49 splits, 1 wave, 98 us vs 98 splits,
+        // 2 waves, 104 us on the H100).
+        let want = (slots / pairs).clamp(1, max_splits);
         let mut best = (usize::MAX, 1, max_tiles + max_tiles % 2);
         for s in want..=(4 * want).min(max_splits) {
             let tps = max_tiles.div_ceil(s);
@@ -828,7 +834,7 @@ pub fn decode_attention_cuda(
         .arg(&d_i);
     let cfg_reduce = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (d.min(128) as u32, 1, 1),
+        block_dim: (REDUCE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: matches `kv_decode_reduce(const float*, const float2*, __half*, int, int)`;
