@@ -598,6 +598,7 @@ fn render(tok: &MultimodalTokenizer, ids: &[u32]) -> Result<String> {
         match seg {
             Segment::Text(b) | Segment::Code(b) => s.push_str(&String::from_utf8_lossy(&b)),
             Segment::Special(t) => s.push_str(t.as_str()),
+            Segment::Latent(m) => s.push_str(m.as_str()),
             Segment::Image(_) => s.push_str("<image segment>"),
             Segment::Audio { .. } => s.push_str("<audio segment>"),
         }
