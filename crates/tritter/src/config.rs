@@ -67,7 +67,9 @@ pub struct TritterConfig {
     pub intermediate_size: usize,
     /// Largest position id + 1 (RoPE has no table, this is the supported context).
     pub max_position_embeddings: usize,
-    /// Vocabulary size `V`, at least [`MIN_VOCAB_SIZE`].
+    /// Vocabulary size `V`, at least [`MIN_VOCAB_SIZE`]; the latent markers `<bot>`/`<eot>`
+    /// of the embedding-prediction paradigm take the top two ids and need `V >= 266`
+    /// (checked where they are used, so small token-only vocabs stay valid).
     pub vocab_size: usize,
     /// RoPE base: frequency `i` of a head is `rope_theta^(-2i / head_dim)`.
     pub rope_theta: f64,
@@ -99,6 +101,13 @@ pub struct TritterConfig {
     /// gradients). `false` gives the full-precision baseline with the same parameters.
     #[serde(default = "default_true")]
     pub quantize_bitlinear: bool,
+    /// A learned full-precision projection `latent_proj.weight` `(H, H)` (identity at init)
+    /// between the final hidden state and the next input embedding of a continuous thought,
+    /// and of the predicted embedding of the embedding-prediction loss ([`crate::paradigm`]).
+    /// Off (the default, and in configs written before it existed): the normalized hidden
+    /// state is fed back as is, as in Coconut.
+    #[serde(default)]
+    pub latent_projection: bool,
 }
 
 /// Parameter counts of a config, split by how the weights are stored.
@@ -115,17 +124,19 @@ pub struct ParamBreakdown {
     /// RMSNorm weights: per layer `norm_a`, `norm_f` (H each), `q_norm`, `k_norm` (D
     /// each), and the final norm (H).
     pub norms: u64,
+    /// Latent projection `(H, H)` (0 unless `latent_projection`); high precision.
+    pub latent_projection: u64,
 }
 
 impl ParamBreakdown {
     /// All parameters.
     pub fn total(&self) -> u64 {
-        self.linear + self.embedding + self.lm_head + self.norms
+        self.linear + self.embedding + self.lm_head + self.norms + self.latent_projection
     }
 
     /// Parameters kept in high precision (everything but the BitLinear weights).
     pub fn high_precision(&self) -> u64 {
-        self.embedding + self.lm_head + self.norms
+        self.embedding + self.lm_head + self.norms + self.latent_projection
     }
 }
 
@@ -176,6 +187,7 @@ impl TritterConfig {
             initializer_range: 0.02,
             tie_embeddings: true,
             quantize_bitlinear: true,
+            latent_projection: false,
         })
     }
 
@@ -202,6 +214,7 @@ impl TritterConfig {
             initializer_range: 0.02,
             tie_embeddings: true,
             quantize_bitlinear: true,
+            latent_projection: false,
         }
     }
 
@@ -366,7 +379,8 @@ impl TritterConfig {
     ///
     /// Per layer: q `(H, H)`, k and v `(Hkv*D, H)`, o `(H, H)`, gate and up `(I, H)`, down
     /// `(H, I)` (no biases), `q_norm`/`k_norm` `(D,)`, `norm_a`/`norm_f` `(H,)`; plus the
-    /// embedding `(V, H)`, the final norm `(H,)` and, when untied, the LM head `(V, H)`.
+    /// embedding `(V, H)`, the final norm `(H,)`, when untied the LM head `(V, H)`, and with
+    /// `latent_projection` the latent projection `(H, H)`.
     pub fn param_breakdown(&self) -> ParamBreakdown {
         let (h, i, d, kv) = (
             self.hidden_size as u64,
@@ -383,6 +397,7 @@ impl TritterConfig {
             embedding: vocab * h,
             lm_head: if self.tie_embeddings { 0 } else { vocab * h },
             norms: layers * (2 * h + 2 * d) + h,
+            latent_projection: if self.latent_projection { h * h } else { 0 },
         }
     }
 

@@ -104,6 +104,18 @@ pub enum TritterError {
         value: String,
     },
 
+    /// A latent slot of `forward_latent` (or a latent sequence) is misplaced: at position 0,
+    /// not preceded by `<bot>` or another slot, or a latent-mask value other than 0/1.
+    #[error("invalid latent span at batch {batch}, position {position}: {detail}")]
+    InvalidLatentSpan {
+        /// Sequence index in the batch.
+        batch: usize,
+        /// Position of the offending slot.
+        position: usize,
+        /// What was found and what was expected.
+        detail: String,
+    },
+
     /// A `MaskSpec` does not fit the batch it is applied to.
     #[error("invalid mask: {0}")]
     InvalidMask(String),

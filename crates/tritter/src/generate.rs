@@ -1,10 +1,16 @@
 //! Simple sampling from the reference model (until the inference engine with its INT4 KV
 //! cache lands): every new token re-runs the forward pass over the last
-//! `max_position_embeddings` tokens, then samples with temperature and top-k.
+//! `max_position_embeddings` input embeddings, then samples with temperature and top-k.
+//!
+//! With `latent_steps > 0` the prompt is followed by `<bot>`, that many continuous thoughts
+//! (the last final hidden state, through the optional latent projection, appended as the
+//! next input embedding without sampling, as in Coconut) and `<eot>`, then tokens are
+//! sampled as usual.
 
 use candle_core::{DType, Tensor};
 
 use crate::model::{MaskSpec, SeededRng};
+use crate::paradigm::LatentMarkers;
 use crate::tokenizer::vocab::NUM_SPECIAL_TOKENS;
 use crate::tokenizer::SpecialToken;
 use crate::{Result, TritterError, TritterModel};
@@ -27,8 +33,12 @@ pub struct SamplingOptions {
     pub vocab_limit: Option<u32>,
     /// Never sample the special and modality ids other than `<eos>` (`<pad>`, `<bos>`,
     /// `<image>`, `<audio>`, ...): a text continuation cannot render them, and a sampled
-    /// `<image>` would make the following bytes read as an image header.
+    /// `<image>` would make the following bytes read as an image header. The latent markers
+    /// `<bot>`/`<eot>` (the top two ids of a vocab >= 266) are excluded too.
     pub text_only: bool,
+    /// Continuous-thought steps between the prompt and the sampled tokens (`<bot>`, the
+    /// thoughts, `<eot>`); 0 samples straight after the prompt. Needs a vocab >= 266.
+    pub latent_steps: usize,
 }
 
 impl Default for SamplingOptions {
@@ -41,13 +51,14 @@ impl Default for SamplingOptions {
             stop_at_eos: true,
             vocab_limit: None,
             text_only: false,
+            latent_steps: 0,
         }
     }
 }
 
 /// Picks a token from `logits` (one row, `V` values): greedy at temperature 0, else a draw
 /// from `softmax(logits / temperature)` restricted to the `top_k` largest (ties broken by
-/// the lower id), among ids below `vocab_limit`.
+/// the lower id), among ids below `vocab_limit` (and, with `text_only`, text ids and `<eos>`).
 pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededRng) -> Result<u32> {
     if logits.is_empty() {
         return Err(TritterError::ShapeMismatch {
@@ -67,8 +78,12 @@ pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededR
         .vocab_limit
         .map_or(logits.len(), |l| (l as usize).clamp(1, logits.len()));
     let eos = SpecialToken::Eos.id() as usize;
+    let markers = LatentMarkers::new(logits.len()).ok();
+    let is_marker = |i: usize| markers.is_some_and(|m| m.is_marker(i as u32));
     let mut order: Vec<usize> = (0..n)
-        .filter(|&i| !options.text_only || i == eos || i >= NUM_SPECIAL_TOKENS as usize)
+        .filter(|&i| {
+            !options.text_only || i == eos || (i >= NUM_SPECIAL_TOKENS as usize && !is_marker(i))
+        })
         .collect();
     if order.is_empty() {
         return Err(TritterError::ShapeMismatch {
@@ -105,7 +120,8 @@ pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededR
 
 /// Continues `prompt` (token ids, at least one) by up to `options.max_new_tokens` sampled
 /// tokens; returns only the new tokens (ending with `<eos>` if it was sampled and
-/// `stop_at_eos` is set).
+/// `stop_at_eos` is set). With `latent_steps > 0` the context is `prompt <bot>`, the
+/// thoughts and `<eot>` before the first sampled token; the markers are not returned.
 pub fn generate(
     model: &TritterModel,
     prompt: &[u32],
@@ -121,25 +137,43 @@ pub fn generate(
     let max_len = model.config().max_position_embeddings;
     let mask = MaskSpec::from_config(model.config());
     let mut rng = SeededRng::new(options.seed);
-    let mut ids = prompt.to_vec();
+    // The context as input embeddings (1, n, H): token rows, and hidden states for thoughts.
+    let tokens =
+        |ids: &[u32]| model.embed(&Tensor::from_slice(ids, (1, ids.len()), model.device())?);
+    // Final hidden states (1, l, H) of the last `max_len` context positions.
+    let hidden = |context: &Tensor| -> Result<Tensor> {
+        let n = context.dim(1)?;
+        let l = n.min(max_len);
+        let window = context.narrow(1, n - l, l)?;
+        model.forward_hidden(&window, &model.default_positions(1, l)?, &mask)
+    };
+    let mut context = tokens(prompt)?;
+    if options.latent_steps > 0 {
+        let markers = LatentMarkers::from_config(model.config())?;
+        context = Tensor::cat(&[&context, &tokens(&[markers.bot])?], 1)?;
+        for _ in 0..options.latent_steps {
+            let h = hidden(&context)?;
+            let last = h.narrow(1, h.dim(1)? - 1, 1)?;
+            context = Tensor::cat(&[&context, &model.latent_embedding(&last)?], 1)?;
+        }
+        context = Tensor::cat(&[&context, &tokens(&[markers.eot])?], 1)?;
+    }
     let mut out = Vec::with_capacity(options.max_new_tokens);
     for _ in 0..options.max_new_tokens {
-        let window = &ids[ids.len().saturating_sub(max_len)..];
-        let l = window.len();
-        let input = Tensor::from_slice(window, (1, l), model.device())?;
-        let pos = model.default_positions(1, l)?;
-        let logits = model.forward(&input, &pos, &mask)?; // (1, l, V)
+        let h = hidden(&context)?;
+        let l = h.dim(1)?;
+        let logits = model.logits(&h)?; // (1, l, V)
         let last = logits
             .get(0)?
             .get(l - 1)?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
         let next = sample_token(&last, options, &mut rng)?;
-        ids.push(next);
         out.push(next);
         if options.stop_at_eos && next == SpecialToken::Eos.id() {
             break;
         }
+        context = Tensor::cat(&[&context, &tokens(&[next])?], 1)?;
     }
     Ok(out)
 }

@@ -13,6 +13,9 @@
 //! * [`checkpoint`]: safetensors + `config.json` directories, atomic writes, verified loads;
 //! * [`tokenizer`]: the multimodal tokenizer (special tokens, bytes, optional BPE, image
 //!   patch codebook, mu-law audio) with a documented id layout;
+//! * [`paradigm`]: the embedding-prediction paradigm: `<bot>`/`<eot>` latent markers,
+//!   continuous thought ([`TritterModel::forward_latent`]), embedding-prediction losses and
+//!   the CE-to-embedding [`paradigm::Objective`], Coconut's curriculum and its trainer;
 //! * [`TritterError`]: one error type with actual and expected values.
 //!
 //! ```

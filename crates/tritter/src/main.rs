@@ -12,6 +12,7 @@ use tritter::data::{
     SourceOptions,
 };
 use tritter::generate::{generate, SamplingOptions};
+use tritter::paradigm::{EmbeddingLossKind, EmbeddingObjective, LatentMarkers, Objective};
 use tritter::tokenizer::{BpeVocab, Modality, MultimodalTokenizer, Segment, VocabLayout};
 use tritter::train::{
     device_from_name, evaluate, latest_checkpoint, EvalMetrics, Progress, StepMetrics,
@@ -26,8 +27,10 @@ Examples:
   tritter train --data data.jsonl --text-field content --malformed fail
   tritter train --data shard-000.parquet --preset 100m --seq-len 512 --grad-accum 4
   tritter train --resume runs/test               # continue from runs/test/checkpoints/latest
+  tritter train --embedding-loss cosine --embedding-weight 0.5 --transition-start 200 --transition-steps 400
   tritter eval --checkpoint runs/test
   tritter generate --checkpoint runs/test --prompt 'fn main() {' --temperature 0.7
+  tritter generate --checkpoint runs/test --prompt 'fn main() {' --latent-steps 4
   tritter info --context 131072
   tritter tokenize --file src/lib.rs --modality code";
 
@@ -81,6 +84,21 @@ struct InfoArgs {
 enum Malformed {
     Skip,
     Fail,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EmbeddingLossArg {
+    Mse,
+    Cosine,
+}
+
+impl From<EmbeddingLossArg> for EmbeddingLossKind {
+    fn from(k: EmbeddingLossArg) -> Self {
+        match k {
+            EmbeddingLossArg::Mse => EmbeddingLossKind::Mse,
+            EmbeddingLossArg::Cosine => EmbeddingLossKind::Cosine,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -189,6 +207,22 @@ struct TrainArgs {
     /// cpu, or cuda (the GPU engine, not available yet).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Add an embedding-prediction loss (predicted next embedding vs the detached embedding
+    /// of the next token): mse or cosine.
+    #[arg(long, value_enum)]
+    embedding_loss: Option<EmbeddingLossArg>,
+    /// Weight of the embedding loss in the target mix (default 1; needs --embedding-loss).
+    #[arg(long)]
+    embedding_weight: Option<f64>,
+    /// Weight of the cross-entropy in the target mix.
+    #[arg(long, default_value_t = 1.0)]
+    ce_weight: f64,
+    /// Step at which the weights start moving from CE only to the target mix.
+    #[arg(long, default_value_t = 0)]
+    transition_start: u64,
+    /// Steps of the linear transition to the target mix (0: switch at --transition-start).
+    #[arg(long, default_value_t = 0)]
+    transition_steps: u64,
     /// Tokens of the sample printed after training (0: none).
     #[arg(long, default_value_t = 200)]
     sample_tokens: usize,
@@ -238,6 +272,9 @@ struct GenerateArgs {
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Continuous-thought steps after the prompt (<bot>, N thoughts, <eot>) before sampling.
+    #[arg(long, default_value_t = 0)]
+    latent_steps: usize,
     /// A BPE tokenizer.json (default: bytes).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -460,6 +497,7 @@ fn train(a: &TrainArgs) -> Result<()> {
                 checkpoint_every: a.checkpoint_every,
                 seed: a.seed,
                 document_mask: !a.no_document_mask,
+                objective: objective(a)?,
                 ..TrainOptions::default()
             };
             o.adamw.weight_decay = a.weight_decay;
@@ -582,6 +620,31 @@ fn train(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The training objective of the `--embedding-loss`, `--embedding-weight`, `--ce-weight`
+/// and `--transition-*` flags (validated with the other options).
+fn objective(a: &TrainArgs) -> Result<Objective> {
+    let embedding = match (a.embedding_loss, a.embedding_weight) {
+        (Some(kind), w) => Some(EmbeddingObjective {
+            kind: kind.into(),
+            weight: w.unwrap_or(1.0),
+        }),
+        (None, Some(w)) => {
+            return Err(TritterError::InvalidTrainOption {
+                field: "--embedding-weight",
+                actual: w.to_string(),
+                expected: "expected it together with --embedding-loss mse|cosine".into(),
+            })
+        }
+        (None, None) => None,
+    };
+    Ok(Objective {
+        ce_weight: a.ce_weight,
+        embedding,
+        transition_start: a.transition_start,
+        transition_steps: a.transition_steps,
+    })
+}
+
 /// One past the largest id `tok` can decode as text: the BPE range's end with a BPE
 /// vocabulary, the byte range's end without.
 fn sample_limit(tok: &MultimodalTokenizer) -> u32 {
@@ -598,6 +661,7 @@ fn render(tok: &MultimodalTokenizer, ids: &[u32]) -> Result<String> {
         match seg {
             Segment::Text(b) | Segment::Code(b) => s.push_str(&String::from_utf8_lossy(&b)),
             Segment::Special(t) => s.push_str(t.as_str()),
+            Segment::Latent(m) => s.push_str(m.as_str()),
             Segment::Image(_) => s.push_str("<image segment>"),
             Segment::Audio { .. } => s.push_str("<audio segment>"),
         }
@@ -669,10 +733,23 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
             stop_at_eos: true,
             vocab_limit: Some(sample_limit(&tok)),
             text_only: true,
+            latent_steps: a.latent_steps,
         },
     )?;
-    ids.extend(new);
-    println!("{}", render(&tok, &ids)?);
+    if a.latent_steps == 0 {
+        ids.extend(new);
+        println!("{}", render(&tok, &ids)?);
+    } else {
+        let m = LatentMarkers::from_config(model.config())?;
+        let thoughts = format!("[{} continuous thoughts]", a.latent_steps);
+        println!(
+            "{}{}{thoughts}{}{}",
+            render(&tok, &ids)?,
+            render(&tok, &[m.bot])?,
+            render(&tok, &[m.eot])?,
+            render(&tok, &new)?
+        );
+    }
     Ok(())
 }
 

@@ -7,12 +7,12 @@ mod tokenizer_text {
     use proptest::prelude::*;
     use tritter::tokenizer::bytes::{decode_bytes, encode_bytes};
     use tritter::tokenizer::vocab::{
-        BYTE_OFFSET, MAX_MEDIA_CODES, MIN_MEDIA_CODES, MIN_VOCAB_SIZE, NUM_BYTE_TOKENS,
-        NUM_SPECIAL_TOKENS,
+        BYTE_OFFSET, MAX_MEDIA_CODES, MIN_LATENT_VOCAB_SIZE, MIN_MEDIA_CODES, MIN_VOCAB_SIZE,
+        NUM_BYTE_TOKENS, NUM_SPECIAL_TOKENS,
     };
     use tritter::tokenizer::{
-        BpeTrainingConfig, BpeVocab, Modality, MultimodalTokenizer, Segment, SpecialToken,
-        TokenKind, TokenizerError, VocabLayout,
+        BpeTrainingConfig, BpeVocab, LatentToken, Modality, MultimodalTokenizer, Segment,
+        SpecialToken, TokenKind, TokenizerError, VocabLayout,
     };
 
     /// Vocab of the presets (DESIGN.md section 5).
@@ -20,13 +20,14 @@ mod tokenizer_text {
     /// Merges learned in tests: enough to see compression, small enough for a debug build.
     const TEST_MERGES: usize = 300;
 
-    fn all_ranges(l: &VocabLayout) -> [std::ops::Range<u32>; 5] {
+    fn all_ranges(l: &VocabLayout) -> [std::ops::Range<u32>; 6] {
         [
             l.special_range(),
             l.byte_range(),
             l.bpe_range(),
             l.image_range(),
             l.audio_range(),
+            l.latent_range(),
         ]
     }
 
@@ -46,22 +47,28 @@ mod tokenizer_text {
         assert_eq!(Modality::Image.prefix_token(), SpecialToken::Image);
     }
 
-    /// The preset vocab gets exactly the documented table: BPE to 49152, 8192 image, 8192 audio.
+    /// The preset vocab gets exactly the documented table: BPE to 49150, 8192 image, 8192
+    /// audio, then `<bot>` = 65534 and `<eot>` = 65535.
     #[test]
     fn layout_of_preset_vocab_matches_table() {
         let l = VocabLayout::new(PRESET_VOCAB).unwrap();
         let media = MAX_MEDIA_CODES;
         let v = PRESET_VOCAB as u32;
+        let top = v - 2;
         assert_eq!(l.byte_range(), BYTE_OFFSET..BYTE_OFFSET + NUM_BYTE_TOKENS);
-        assert_eq!(l.bpe_range(), MIN_VOCAB_SIZE as u32..v - 2 * media);
-        assert_eq!(l.bpe_range().end, 49152);
-        assert_eq!(l.image_range(), v - 2 * media..v - media);
-        assert_eq!(l.audio_range(), v - media..v);
+        assert_eq!(l.bpe_range(), MIN_VOCAB_SIZE as u32..top - 2 * media);
+        assert_eq!(l.bpe_range().end, 49150);
+        assert_eq!(l.image_range(), top - 2 * media..top - media);
+        assert_eq!(l.audio_range(), top - media..top);
+        assert_eq!(l.latent_range(), 65534..65536);
+        assert_eq!(l.latent_id(LatentToken::Bot), Some(65534));
+        assert_eq!(l.latent_id(LatentToken::Eot), Some(65535));
     }
 
     proptest! {
-        /// For any vocab size the five ranges are contiguous, disjoint, cover 0..vocab exactly,
-        /// media ranges are empty or within [256, 8192], and `classify` agrees at every boundary.
+        /// For any vocab size the six ranges are contiguous, disjoint, cover 0..vocab exactly,
+        /// media ranges are empty or within [256, 8192], the latent markers are the top two
+        /// ids, and `classify` agrees at every boundary.
         #[test]
         fn layout_ranges_disjoint_and_cover_vocab(vocab in MIN_VOCAB_SIZE..(1usize << 22)) {
             let l = VocabLayout::new(vocab).unwrap();
@@ -70,7 +77,9 @@ mod tokenizer_text {
             for w in ranges.windows(2) {
                 prop_assert_eq!(w[0].end, w[1].start);
             }
-            prop_assert_eq!(ranges[4].end as usize, vocab);
+            prop_assert_eq!(ranges[5].end as usize, vocab);
+            let markers = if vocab >= MIN_LATENT_VOCAB_SIZE { 2 } else { 0 };
+            prop_assert_eq!(l.latent_range().len(), markers);
             for media in [l.image_range(), l.audio_range()] {
                 let n = media.len() as u32;
                 prop_assert!(n == 0 || (MIN_MEDIA_CODES..=MAX_MEDIA_CODES).contains(&n));
@@ -85,6 +94,7 @@ mod tokenizer_text {
                         TokenKind::Bpe(_) => &ranges[2],
                         TokenKind::ImageCode(_) => &ranges[3],
                         TokenKind::AudioCode(_) => &ranges[4],
+                        TokenKind::Latent(_) => &ranges[5],
                     };
                     prop_assert_eq!(expected_range, r);
                 }
@@ -125,14 +135,14 @@ mod tokenizer_text {
         );
         let err = VocabLayout::with_media_codes(1000, 500, 500).unwrap_err();
         assert!(
-            matches!(err, TokenizerError::LayoutOverflow { available: 736, .. }),
+            matches!(err, TokenizerError::LayoutOverflow { available: 734, .. }),
             "{err}"
         );
 
         // 1024 / 8 = 128 < 256: images and audio are disabled, BPE takes everything.
         let small = VocabLayout::new(1024).unwrap();
         assert!(small.image_range().is_empty() && small.audio_range().is_empty());
-        assert_eq!(small.bpe_range(), MIN_VOCAB_SIZE as u32..1024);
+        assert_eq!(small.bpe_range(), MIN_VOCAB_SIZE as u32..1022);
         let err = small.require(Modality::Audio, 256).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -396,11 +406,12 @@ mod tokenizer_text {
         assert!(matches!(err, TokenizerError::BpeFormat(_)), "{err}");
         assert!(err.to_string().contains("normalizer"), "{err}");
 
-        // 300 merges need ids up to 564; vocab 512 ends its BPE range at 512.
+        // 300 merges need ids up to 564; vocab 512 ends its BPE range at 510 (the top two
+        // ids are the latent markers <bot>/<eot>).
         let tiny = VocabLayout::new(512).unwrap();
         let err = BpeVocab::from_json(&json, &tiny).unwrap_err();
         assert!(
-            err.to_string().contains("outside the BPE range 264..512"),
+            err.to_string().contains("outside the BPE range 264..510"),
             "{err}"
         );
 

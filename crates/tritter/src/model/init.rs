@@ -162,6 +162,18 @@ impl<'a> ParamBuilder<'a> {
         self.insert(path, values, shape)
     }
 
+    /// A square parameter `name` `(n, n)` initialized to the identity (zeros in `Zeros`
+    /// mode, which a checkpoint load overwrites).
+    pub fn identity(&self, name: &str, n: usize) -> Result<Tensor> {
+        let mut values = vec![0.0f32; n * n];
+        if let InitMode::Seeded(_) = self.mode {
+            for i in 0..n {
+                values[i * n + i] = 1.0;
+            }
+        }
+        self.insert(self.path(name), values, &[n, n])
+    }
+
     /// A parameter `name` of `shape` filled with `value`.
     pub fn constant(&self, name: &str, shape: &[usize], value: f32) -> Result<Tensor> {
         let n = shape.iter().product();

@@ -19,6 +19,7 @@
 //! | `layers.{i}.mlp_norm.weight` | `(H,)` | Chameleon norm_f |
 //! | `norm.weight` | `(H,)` | final norm |
 //! | `lm_head.weight` | `(V, H)` | only when `tie_embeddings` is false |
+//! | `latent_proj.weight` | `(H, H)` | only when `latent_projection` is set; identity at init |
 
 mod attention;
 mod bitlinear;
@@ -62,6 +63,7 @@ pub struct TritterModel {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Option<Tensor>,
+    latent_proj: Option<Tensor>,
     rope: Rope,
     training: bool,
 }
@@ -114,6 +116,14 @@ impl TritterModel {
                 std,
             )?)
         };
+        let latent_proj = if config.latent_projection {
+            Some(
+                pb.pp("latent_proj")
+                    .identity("weight", config.hidden_size)?,
+            )
+        } else {
+            None
+        };
         Ok(TritterModel {
             rope: Rope::new(config.head_dim(), config.rope_theta),
             config: config.clone(),
@@ -124,6 +134,7 @@ impl TritterModel {
             layers,
             norm,
             lm_head,
+            latent_proj,
             training: false,
         })
     }
@@ -260,12 +271,48 @@ impl TritterModel {
         Ok(logits.reshape((b, l, self.config.vocab_size))?)
     }
 
-    fn forward_hidden(&self, x: &Tensor, positions: &Tensor, mask: &MaskSpec) -> Result<Tensor> {
+    /// The embedding a final hidden state stands for, `(B, L, H)` -> `(B, L, H)`: the hidden
+    /// state itself, or `h · Pᵀ` with `P = latent_proj.weight` when the config sets
+    /// `latent_projection`. It is the next input embedding of a continuous thought and the
+    /// predicted next-token embedding of the embedding-prediction loss ([`crate::paradigm`]).
+    pub fn latent_embedding(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.latent_proj {
+            None => Ok(hidden.clone()),
+            Some(p) => {
+                let (b, l, h) = hidden.dims3()?;
+                Ok(hidden
+                    .reshape((b * l, h))?
+                    .matmul(&p.t()?)?
+                    .reshape((b, l, h))?)
+            }
+        }
+    }
+
+    /// Final hidden states `(B, L, H)` of input embeddings `(B, L, H)` without the checks of
+    /// [`forward_embeddings`](Self::forward_embeddings) (callers feed embeddings the model
+    /// made itself).
+    pub(crate) fn forward_hidden(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: &MaskSpec,
+    ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (rope, bias) = self.layer_context(b, l, positions, mask)?;
+        self.run_layers(x, &rope, &bias)
+    }
+
+    /// Every layer and the final norm over input embeddings `x` `(B, L, H)` with the
+    /// [`layer_context`](Self::layer_context) of the batch: final hidden states `(B, L, H)`.
+    pub(crate) fn run_layers(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        bias: &Tensor,
+    ) -> Result<Tensor> {
         let mut h = x.clone();
         for layer in &self.layers {
-            h = layer.forward(&h, &rope, &bias, self.training)?;
+            h = layer.forward(&h, rope, bias, self.training)?;
         }
         self.norm.forward(&h)
     }

@@ -18,6 +18,12 @@ pub mod loss;
 pub mod rounder;
 pub mod task;
 
+pub use curriculum::{
+    Curriculum, LatentBatch, LatentSequence, ReasoningStepMetrics, ReasoningTrainer,
+};
+pub use latent::LatentMarkers;
+pub use loss::{embedding_loss_sum, EmbeddingLossKind, EmbeddingObjective, LossWeights, Objective};
+
 /// One multi-step reasoning example in Coconut's data shape: the token ids of the question,
 /// of each reasoning step (chain-of-thought), and of the answer. The curriculum turns it into
 /// a training sequence `question [<bot> latents <eot>] remaining-steps answer <eos>`; the

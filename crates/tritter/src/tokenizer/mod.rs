@@ -15,15 +15,20 @@
 //! | `6`             | 1     | `<image>`: 4 header bytes + patch codes follow           |
 //! | `7`             | 1     | `<audio>`: mu-law codes follow                           |
 //! | `8..264`        | 256   | raw bytes, byte `b` at `8 + b`                           |
-//! | `264..49152`    | 48888 | BPE merges shared by text and code (optional)            |
-//! | `49152..57344`  | 8192  | image codebook codes, code `c` at `49152 + c`            |
-//! | `57344..65536`  | 8192  | audio codes, mu-law code `c` at `57344 + c` (256 used)   |
+//! | `264..49150`    | 48886 | BPE merges shared by text and code (optional)            |
+//! | `49150..57342`  | 8192  | image codebook codes, code `c` at `49150 + c`            |
+//! | `57342..65534`  | 8192  | audio codes, mu-law code `c` at `57342 + c` (256 used)   |
+//! | `65534`         | 1     | `<bot>`: a latent span (continuous thoughts) follows     |
+//! | `65535`         | 1     | `<eot>`: the latent span ends                            |
 //!
-//! Other sizes ([`VocabLayout::new`]): image and audio get `min(8192, vocab_size / 8)` ids
+//! Other sizes ([`VocabLayout::new`]): the last two ids are always `<bot>`, `<eot>` when
+//! `vocab_size >= 266` (none below); image and audio get `min(8192, vocab_size / 8)` ids
 //! each, or none when that is below 256 (the modality is disabled and asking for it is a
 //! typed error); BPE takes the rest. `vocab_size >= 264` always. E.g. 32000 gives BPE
-//! `264..24000`, image `24000..28000`, audio `28000..32000`; 1024 gives BPE `264..1024` only.
-//! [`VocabLayout::with_media_codes`] sets the media range sizes explicitly.
+//! `264..23998`, image `23998..27998`, audio `27998..31998`; 1024 gives BPE `264..1022` only.
+//! [`VocabLayout::with_media_codes`] sets the media range sizes explicitly. The encoders
+//! never emit `<bot>`/`<eot>`; the embedding-prediction paradigm ([`crate::paradigm`])
+//! writes them.
 //!
 //! # Sequences
 //!
@@ -35,7 +40,8 @@
 //! - audio: `<audio>` then one audio code per sample at the codec's sample rate ([`audio`]).
 //!
 //! `<bos>`/`<eos>` framing and `<pad>` are left to the data pipeline; [`MultimodalTokenizer::decode`]
-//! reports them as [`Segment::Special`]. Byte or BPE ids without a prefix decode as text.
+//! reports them as [`Segment::Special`], and `<bot>`/`<eot>` as [`Segment::Latent`]. Byte or
+//! BPE ids without a prefix decode as text.
 
 pub mod audio;
 pub mod bpe;
@@ -50,7 +56,7 @@ pub use self::audio::{mu_law_decode, mu_law_encode, snr_db, MuLawCodec};
 pub use self::bpe::{BpeTrainingConfig, BpeVocab};
 pub use self::error::{Result, TokenizerError};
 pub use self::image::{psnr, ImageCodebook, KMeansConfig, PatchCodes};
-pub use self::vocab::{Modality, SpecialToken, TokenKind, VocabLayout};
+pub use self::vocab::{LatentToken, Modality, SpecialToken, TokenKind, VocabLayout};
 
 use ::image::RgbImage;
 
@@ -62,6 +68,9 @@ pub const IMAGE_HEADER_TOKENS: usize = 4;
 pub enum Segment {
     /// `<pad>`, `<bos>`, `<eos>` or `<unk>` (the four non-modality specials).
     Special(SpecialToken),
+    /// A latent-span marker `<bot>` or `<eot>` (the continuous thoughts between them have
+    /// no token ids).
+    Latent(LatentToken),
     /// Bytes of a `<text>` segment (or of prefix-less byte/BPE ids).
     Text(Vec<u8>),
     /// Bytes of a `<code>` segment.
@@ -291,6 +300,10 @@ impl MultimodalTokenizer {
                 }
                 TokenKind::Special(s) => {
                     segments.push(Segment::Special(s));
+                    pos += 1;
+                }
+                TokenKind::Latent(m) => {
+                    segments.push(Segment::Latent(m));
                     pos += 1;
                 }
                 TokenKind::ImageCode(_) | TokenKind::AudioCode(_) => {

@@ -1,9 +1,11 @@
 //! The id layout: which token ids belong to which modality (DESIGN.md section 5).
 //!
-//! Ids `0..8` are the special tokens, `8..264` the 256 raw bytes; what is left of the vocab is
-//! split into a BPE range (text and code share it), an image-codebook range and an audio-code
-//! range, in that order, all disjoint. [`VocabLayout::new`] derives the split from the vocab
-//! size; [`VocabLayout::with_media_codes`] takes explicit media range sizes.
+//! Ids `0..8` are the special tokens, `8..264` the 256 raw bytes, and (when the vocab has at
+//! least [`MIN_LATENT_VOCAB_SIZE`] ids) the last two ids are the latent-span markers `<bot>`
+//! and `<eot>` of the embedding-prediction paradigm. What is left is split into a BPE range
+//! (text and code share it), an image-codebook range and an audio-code range, in that order,
+//! all disjoint. [`VocabLayout::new`] derives the split from the vocab size;
+//! [`VocabLayout::with_media_codes`] takes explicit media range sizes.
 
 use std::fmt;
 use std::ops::Range;
@@ -23,6 +25,12 @@ pub const MAX_MEDIA_CODES: u32 = 8192;
 /// A derived layout gives a media modality a range only if it has at least this many ids
 /// (the 256 codes of 8-bit mu-law audio); smaller vocabs disable images and audio.
 pub const MIN_MEDIA_CODES: u32 = 256;
+/// Latent-span markers `<bot>`, `<eot>` reserved at the top of the vocab.
+pub const NUM_LATENT_MARKERS: u32 = 2;
+/// Smallest vocab that reserves the latent markers (specials + bytes + `<bot>` + `<eot>`).
+/// Vocabs of 264 or 265 ids stay valid for token-only use and simply have no markers, so
+/// [`MIN_VOCAB_SIZE`] keeps its meaning; the embedding-prediction paradigm requires this size.
+pub const MIN_LATENT_VOCAB_SIZE: usize = MIN_VOCAB_SIZE + NUM_LATENT_MARKERS as usize;
 
 /// The eight reserved tokens at ids `0..8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,6 +150,35 @@ impl fmt::Display for Modality {
     }
 }
 
+/// The two latent-span markers of the embedding-prediction paradigm (Coconut): `<bot>` opens
+/// a span of continuous thoughts (hidden states fed back as input embeddings, no token ids),
+/// `<eot>` closes it. Their ids depend on the vocab size: `<bot> = V - 2`, `<eot> = V - 1`
+/// ([`VocabLayout::latent_id`]). The tokenizer never emits them; decode reports them as
+/// [`TokenKind::Latent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LatentToken {
+    /// `<bot>` (id `V - 2`): begin of thought, a latent span follows.
+    Bot,
+    /// `<eot>` (id `V - 1`): end of thought, tokens follow.
+    Eot,
+}
+
+impl LatentToken {
+    /// The marker's text form (`"<bot>"`, `"<eot>"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LatentToken::Bot => "<bot>",
+            LatentToken::Eot => "<eot>",
+        }
+    }
+}
+
+impl fmt::Display for LatentToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a token id means under a [`VocabLayout`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
@@ -155,6 +192,8 @@ pub enum TokenKind {
     ImageCode(u32),
     /// An audio code: the mu-law code (or frame-codebook index).
     AudioCode(u32),
+    /// A latent-span marker (`<bot>`, `<eot>`), the top two ids of the vocab.
+    Latent(LatentToken),
 }
 
 impl fmt::Display for TokenKind {
@@ -165,6 +204,7 @@ impl fmt::Display for TokenKind {
             TokenKind::Bpe(id) => write!(f, "BPE token {id}"),
             TokenKind::ImageCode(c) => write!(f, "image code {c}"),
             TokenKind::AudioCode(c) => write!(f, "audio code {c}"),
+            TokenKind::Latent(m) => write!(f, "latent marker {m}"),
         }
     }
 }
@@ -175,18 +215,22 @@ impl fmt::Display for TokenKind {
 /// |------------------------------|-----------------------------|-----------------|
 /// | `0..8`                       | special tokens              | `0..8`          |
 /// | `8..264`                     | bytes `0x00..=0xff`         | `8..264`        |
-/// | `264..bpe_end`               | BPE merges (text and code)  | `264..49152`    |
-/// | `bpe_end..bpe_end+image`     | image codebook codes        | `49152..57344`  |
-/// | `..vocab_size`               | audio codes                 | `57344..65536`  |
+/// | `264..bpe_end`               | BPE merges (text and code)  | `264..49150`    |
+/// | `bpe_end..bpe_end+image`     | image codebook codes        | `49150..57342`  |
+/// | `..vocab_size-2`             | audio codes                 | `57342..65534`  |
+/// | `vocab_size-2`, `vocab_size-1` | `<bot>`, `<eot>`          | `65534`, `65535`|
 ///
 /// The derived layout ([`VocabLayout::new`]) gives image and audio `min(8192, vocab/8)` ids
-/// each, or none when that is below 256; everything else after the bytes is BPE.
+/// each, or none when that is below 256; everything else after the bytes is BPE. The two
+/// latent markers are reserved whenever `vocab_size >= 266` ([`MIN_LATENT_VOCAB_SIZE`]); the
+/// media ranges keep their sizes and move down by two, the BPE range gives up the two ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VocabLayout {
     vocab_size: u32,
     bpe: Range<u32>,
     image: Range<u32>,
     audio: Range<u32>,
+    latent: Range<u32>,
 }
 
 impl VocabLayout {
@@ -197,19 +241,25 @@ impl VocabLayout {
         let v = Self::check_size(vocab_size)?;
         let media = (v / 8).min(MAX_MEDIA_CODES);
         let media = if media >= MIN_MEDIA_CODES { media } else { 0 };
-        // v >= 264 and media <= v / 8, so 2 * media <= v / 4 leaves the bytes intact.
+        // media > 0 only for v >= 2048, and 2 * media + 2 <= v / 4 + 2 leaves the bytes intact.
         Self::with_media_codes(vocab_size, media as usize, media as usize)
     }
 
     /// A layout with explicit image and audio range lengths (0 disables a modality); the BPE
-    /// range takes what is left after specials and bytes. Errors when they do not fit.
+    /// range takes what is left after specials, bytes and the latent markers (reserved when
+    /// `vocab_size >= 266`). Errors when they do not fit.
     pub fn with_media_codes(
         vocab_size: usize,
         image_codes: usize,
         audio_codes: usize,
     ) -> Result<Self> {
         let v = Self::check_size(vocab_size)?;
-        let available = vocab_size - MIN_VOCAB_SIZE;
+        let latent = if vocab_size >= MIN_LATENT_VOCAB_SIZE {
+            NUM_LATENT_MARKERS
+        } else {
+            0
+        };
+        let available = vocab_size - MIN_VOCAB_SIZE - latent as usize;
         let overflow = || TokenizerError::LayoutOverflow {
             vocab_size,
             image_codes,
@@ -222,13 +272,15 @@ impl VocabLayout {
         }
         // Both fit in u32 because their sum is at most vocab_size <= u32::MAX.
         let (image_codes, audio_codes) = (image_codes as u32, audio_codes as u32);
-        let bpe_end = v - image_codes - audio_codes;
+        let latent_start = v - latent;
+        let bpe_end = latent_start - image_codes - audio_codes;
         let image_end = bpe_end + image_codes;
         Ok(Self {
             vocab_size: v,
             bpe: MIN_VOCAB_SIZE as u32..bpe_end,
             image: bpe_end..image_end,
-            audio: image_end..v,
+            audio: image_end..latent_start,
+            latent: latent_start..v,
         })
     }
 
@@ -275,6 +327,23 @@ impl VocabLayout {
         self.audio.clone()
     }
 
+    /// Ids of the latent markers `<bot>`, `<eot>`: `V-2..V`, empty when `V < 266`.
+    pub fn latent_range(&self) -> Range<u32> {
+        self.latent.clone()
+    }
+
+    /// The id of latent marker `marker` (`<bot> = V - 2`, `<eot> = V - 1`); `None` when the
+    /// vocab is too small to reserve the markers (`V < 266`).
+    pub fn latent_id(&self, marker: LatentToken) -> Option<u32> {
+        if self.latent.is_empty() {
+            return None;
+        }
+        Some(match marker {
+            LatentToken::Bot => self.latent.start,
+            LatentToken::Eot => self.latent.start + 1,
+        })
+    }
+
     /// The id range of a modality's own codes: BPE for text and code, the media ranges else.
     pub fn modality_range(&self, modality: Modality) -> Range<u32> {
         match modality {
@@ -316,6 +385,12 @@ impl VocabLayout {
             Ok(TokenKind::ImageCode(id - self.image.start))
         } else if self.audio.contains(&id) {
             Ok(TokenKind::AudioCode(id - self.audio.start))
+        } else if self.latent.contains(&id) {
+            Ok(TokenKind::Latent(if id == self.latent.start {
+                LatentToken::Bot
+            } else {
+                LatentToken::Eot
+            }))
         } else {
             Err(TokenizerError::TokenOutOfVocab {
                 id,

@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{AttentionMode, TritterConfig};
 use crate::data::{Batch, DataLoader, PackedDataset};
 use crate::model::MaskSpec;
+use crate::paradigm::loss::{objective_loss, ObjectiveLoss};
+use crate::paradigm::Objective;
 use crate::{Result, TritterError, TritterModel};
 
 /// Hyper-parameters of a training run (saved with every checkpoint).
@@ -59,6 +61,11 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Mask attention across packed documents.
     pub document_mask: bool,
+    /// The loss: cross-entropy only by default, or mixed with an embedding-prediction loss
+    /// ([`crate::paradigm::loss`]). Absent in checkpoints written before it existed, which
+    /// load with the default.
+    #[serde(default)]
+    pub objective: Objective,
 }
 
 impl Default for TrainOptions {
@@ -78,6 +85,7 @@ impl Default for TrainOptions {
             checkpoint_every: 0,
             seed: 0,
             document_mask: true,
+            objective: Objective::default(),
         }
     }
 }
@@ -145,6 +153,7 @@ impl TrainOptions {
                 format!("expected fewer warmup steps than steps ({})", self.steps),
             ));
         }
+        self.objective.validate()?;
         // Next-token training needs a causal mask: with bidirectional or embedding attention
         // position i sees its own target i + 1 and the loss collapses to copying it.
         if config.attention_mode != AttentionMode::Causal {
@@ -182,8 +191,22 @@ impl TrainOptions {
 pub struct StepMetrics {
     /// The step's 1-based number (equals the number of updates applied).
     pub step: u64,
-    /// Mean cross-entropy per target token (nats) over the step's micro-batches.
+    /// The optimized objective per target token over the step's micro-batches: the mean
+    /// cross-entropy (nats) with the default objective, else the weighted mix.
     pub loss: f64,
+    /// Mean cross-entropy per target token (nats).
+    #[serde(default)]
+    pub ce_loss: f64,
+    /// Mean embedding-prediction loss per target position, when the objective has one
+    /// (reported even while its weight is still 0 before the transition).
+    #[serde(default)]
+    pub embedding_loss: Option<f64>,
+    /// Cross-entropy weight of the step.
+    #[serde(default)]
+    pub ce_weight: f64,
+    /// Embedding-loss weight of the step.
+    #[serde(default)]
+    pub embedding_weight: f64,
     /// Learning rate used.
     pub lr: f64,
     /// Global gradient norm before clipping.
@@ -391,52 +414,37 @@ impl Trainer {
             .map(|_| self.loader.next_batch(&device))
             .collect::<Result<Vec<_>>>()?;
         let total: usize = batches.iter().map(|b| b.num_targets).sum();
-        let n_params = self.optimizer.params().count();
-        let mut grads: Vec<Option<Tensor>> = vec![None; n_params];
-        let mut loss_sum = 0.0f64;
+        let objective = self.options.objective;
+        let mut grads = StepGrads::new(&self.optimizer);
         for batch in &batches {
             let mask = self.mask(batch);
-            let (loss, micro) = if self.model.config().gradient_checkpointing {
-                checkpointed_grads(&self.model, &self.optimizer, batch, &mask, total)?
+            let micro = if self.model.config().gradient_checkpointing {
+                checkpointed_grads(
+                    &self.model,
+                    &self.optimizer,
+                    batch,
+                    &mask,
+                    total,
+                    &objective,
+                    self.step,
+                )?
             } else {
-                full_grads(&self.model, &self.optimizer, batch, &mask, total)?
+                full_grads(
+                    &self.model,
+                    &self.optimizer,
+                    batch,
+                    &mask,
+                    total,
+                    &objective,
+                    self.step,
+                )?
             };
-            loss_sum += loss;
-            for (acc, g) in grads.iter_mut().zip(micro) {
-                *acc = match (acc.take(), g) {
-                    (Some(a), Some(g)) => Some((a + g)?),
-                    (a, g) => a.or(g),
-                };
-            }
+            grads.add(micro)?;
         }
-        let step = self.step + 1;
-        if !loss_sum.is_finite() {
-            return Err(TritterError::Diverged {
-                step,
-                what: "loss",
-                value: loss_sum,
-            });
-        }
-        let grad_norm = clip_global_norm(&mut grads, self.options.grad_clip)?;
-        if !grad_norm.is_finite() {
-            return Err(TritterError::Diverged {
-                step,
-                what: "gradient norm",
-                value: grad_norm,
-            });
-        }
-        let lr = self.options.schedule().lr(self.step);
-        self.optimizer.step(&grads, lr)?;
-        self.step = step;
+        let metrics = grads.apply(&mut self.optimizer, &self.options, self.step, total, start)?;
+        self.step = metrics.step;
         self.tokens_seen += total as u64;
-        Ok(StepMetrics {
-            step,
-            loss: loss_sum,
-            lr,
-            grad_norm,
-            tokens: total,
-            seconds: start.elapsed().as_secs_f64(),
-        })
+        Ok(metrics)
     }
 
     /// Mean validation loss over the first `eval_batches` batches of the validation set
@@ -514,10 +522,17 @@ impl Trainer {
         while self.step < until {
             let m = self.train_step()?;
             losses.push(m.loss);
-            log(serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
                 "tokens": m.tokens, "tokens_per_s": m.tokens as f64 / m.seconds.max(1e-9),
-            }))?;
+            });
+            if let Some(e) = m.embedding_loss {
+                line["ce_loss"] = m.ce_loss.into();
+                line["embedding_loss"] = e.into();
+                line["ce_weight"] = m.ce_weight.into();
+                line["embedding_weight"] = m.embedding_weight.into();
+            }
+            log(line)?;
             progress.on_step(&m, until);
             let at_end = self.step == until;
             if self.options.eval_every > 0 && self.step % self.options.eval_every == 0 && !at_end {
@@ -632,7 +647,7 @@ pub fn evaluate(
 }
 
 /// `(name, var)` of every model parameter.
-fn named_vars(model: &TritterModel) -> Vec<(String, Var)> {
+pub(crate) fn named_vars(model: &TritterModel) -> Vec<(String, Var)> {
     let data = model
         .varmap()
         .data()
@@ -642,17 +657,22 @@ fn named_vars(model: &TritterModel) -> Vec<(String, Var)> {
 }
 
 /// `sum over real targets of -log p(target)` (a scalar f32 tensor on the autograd graph)
-/// of the logits `(B, L, V)` for `batch`.
-fn nll_sum_of_logits(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+/// of the logits `(B, L, V)` for `targets` `(B, L)` u32 where `loss_mask` `(B, L)` f32 is 1
+/// (the one masked NLL of the crate: packed batches, latent batches, evaluation).
+pub(crate) fn nll_sum_of_logits(
+    logits: &Tensor,
+    targets: &Tensor,
+    loss_mask: &Tensor,
+) -> Result<Tensor> {
     let (b, l, v) = logits.dims3()?;
     let logp = candle_nn::ops::log_softmax(
         &logits.to_dtype(DType::F32)?.reshape((b * l, v))?,
         D::Minus1,
     )?;
     let picked = logp
-        .gather(&batch.targets.reshape((b * l, 1))?, 1)?
+        .gather(&targets.reshape((b * l, 1))?, 1)?
         .reshape(b * l)?; // (B*L,)
-    let masked = (picked * batch.loss_mask.reshape(b * l)?)?;
+    let masked = (picked * loss_mask.reshape(b * l)?)?;
     Ok(masked.sum_all()?.neg()?)
 }
 
@@ -661,7 +681,7 @@ fn batch_nll_sum(model: &TritterModel, batch: &Batch, mask: &MaskSpec) -> Result
     let (b, l) = batch.inputs.dims2()?;
     let pos = model.default_positions(b, l)?;
     let logits = model.forward(&batch.inputs, &pos, mask)?;
-    nll_sum_of_logits(&logits, batch)
+    nll_sum_of_logits(&logits, &batch.targets, &batch.loss_mask)
 }
 
 /// The summed NLL of `batch` under `mask` (no gradient needed; the graph is dropped).
@@ -673,23 +693,133 @@ pub(crate) fn masked_nll_sum(
     Ok(batch_nll_sum(model, batch, mask)?.detach())
 }
 
-/// Loss contribution (`nll_sum / total`) and gradients of one micro-batch, by plain
-/// backpropagation through the whole graph.
+/// One micro-batch's loss terms and parameter gradients (in optimizer order).
+pub(crate) struct MicroGrads {
+    /// The objective and its terms, divided by the step's target count.
+    pub loss: ObjectiveLoss,
+    /// Gradient of every optimizer parameter (`None`: not on the graph).
+    pub grads: Vec<Option<Tensor>>,
+}
+
+/// The gradient of every parameter of `opt` in `store`.
+pub(crate) fn grads_of(
+    store: &candle_core::backprop::GradStore,
+    opt: &AdamW,
+) -> Vec<Option<Tensor>> {
+    opt.params()
+        .map(|(_, var, _)| store.get(var.as_tensor()).cloned())
+        .collect()
+}
+
+/// Gradients and loss sums of one optimizer step, accumulated over its micro-batches, and
+/// the update that ends the step (shared by [`Trainer`] and the latent
+/// [`ReasoningTrainer`](crate::paradigm::ReasoningTrainer)).
+pub(crate) struct StepGrads {
+    grads: Vec<Option<Tensor>>,
+    loss: f64,
+    ce: f64,
+    embedding: Option<f64>,
+}
+
+impl StepGrads {
+    /// Empty sums for the parameters of `opt`.
+    pub(crate) fn new(opt: &AdamW) -> Self {
+        StepGrads {
+            grads: vec![None; opt.params().count()],
+            loss: 0.0,
+            ce: 0.0,
+            embedding: None,
+        }
+    }
+
+    /// Adds one micro-batch.
+    pub(crate) fn add(&mut self, micro: MicroGrads) -> Result<()> {
+        self.loss += micro.loss.value;
+        self.ce += micro.loss.ce;
+        if let Some(e) = micro.loss.embedding {
+            *self.embedding.get_or_insert(0.0) += e;
+        }
+        for (acc, g) in self.grads.iter_mut().zip(micro.grads) {
+            *acc = match (acc.take(), g) {
+                (Some(a), Some(g)) => Some((a + g)?),
+                (a, g) => a.or(g),
+            };
+        }
+        Ok(())
+    }
+
+    /// Ends step `done + 1`: checks the loss, clips the gradients to `options.grad_clip`,
+    /// checks their norm and applies AdamW at the scheduled learning rate of step `done`.
+    pub(crate) fn apply(
+        mut self,
+        opt: &mut AdamW,
+        options: &TrainOptions,
+        done: u64,
+        tokens: usize,
+        start: Instant,
+    ) -> Result<StepMetrics> {
+        let step = done + 1;
+        if !self.loss.is_finite() {
+            return Err(TritterError::Diverged {
+                step,
+                what: "loss",
+                value: self.loss,
+            });
+        }
+        let grad_norm = clip_global_norm(&mut self.grads, options.grad_clip)?;
+        if !grad_norm.is_finite() {
+            return Err(TritterError::Diverged {
+                step,
+                what: "gradient norm",
+                value: grad_norm,
+            });
+        }
+        let lr = options.schedule().lr(done);
+        opt.step(&self.grads, lr)?;
+        let weights = options.objective.weights_at(done);
+        Ok(StepMetrics {
+            step,
+            loss: self.loss,
+            ce_loss: self.ce,
+            embedding_loss: self.embedding,
+            ce_weight: weights.ce,
+            embedding_weight: weights.embedding,
+            lr,
+            grad_norm,
+            tokens,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Loss (the objective at `step`, divided by `total`) and gradients of one micro-batch,
+/// by plain backpropagation through the whole graph.
 fn full_grads(
     model: &TritterModel,
     opt: &AdamW,
     batch: &Batch,
     mask: &MaskSpec,
     total: usize,
-) -> Result<(f64, Vec<Option<Tensor>>)> {
-    let loss = (batch_nll_sum(model, batch, mask)? / total.max(1) as f64)?;
-    let value = f64::from(loss.to_scalar::<f32>()?);
-    let store = loss.backward()?;
-    let grads = opt
-        .params()
-        .map(|(_, var, _)| store.get(var.as_tensor()).cloned())
-        .collect();
-    Ok((value, grads))
+    objective: &Objective,
+    step: u64,
+) -> Result<MicroGrads> {
+    let (b, l) = batch.inputs.dims2()?;
+    let pos = model.default_positions(b, l)?;
+    let hidden = model.forward_hidden(&model.embed(&batch.inputs)?, &pos, mask)?;
+    let loss = objective_loss(
+        model,
+        &hidden,
+        &batch.targets,
+        &batch.loss_mask,
+        objective,
+        step,
+        total,
+    )?;
+    let store = loss.total.backward()?;
+    Ok(MicroGrads {
+        grads: grads_of(&store, opt),
+        loss,
+    })
 }
 
 /// As [`full_grads`], with gradient checkpointing: the forward pass keeps only each
@@ -703,7 +833,9 @@ fn checkpointed_grads(
     batch: &Batch,
     mask: &MaskSpec,
     total: usize,
-) -> Result<(f64, Vec<Option<Tensor>>)> {
+    objective: &Objective,
+    step: u64,
+) -> Result<MicroGrads> {
     let (b, l) = batch.inputs.dims2()?;
     let pos = model.default_positions(b, l)?;
     let (rope, bias) = model.layer_context(b, l, &pos, mask)?;
@@ -730,9 +862,16 @@ fn checkpointed_grads(
     // Head: final norm, logits, loss.
     let h = Var::from_tensor(inputs.last().expect("non-empty"))?;
     let hidden = model.final_norm().forward(h.as_tensor())?;
-    let loss = (nll_sum_of_logits(&model.logits(&hidden)?, batch)? / total.max(1) as f64)?;
-    let value = f64::from(loss.to_scalar::<f32>()?);
-    let store = loss.backward()?;
+    let loss = objective_loss(
+        model,
+        &hidden,
+        &batch.targets,
+        &batch.loss_mask,
+        objective,
+        step,
+        total,
+    )?;
+    let store = loss.total.backward()?;
     add(&store)?;
     let mut g_out = store
         .get(h.as_tensor())
@@ -752,5 +891,5 @@ fn checkpointed_grads(
     // Embedding table.
     let store = (embeds * g_out.detach())?.sum_all()?.backward()?;
     add(&store)?;
-    Ok((value, acc))
+    Ok(MicroGrads { loss, grads: acc })
 }
