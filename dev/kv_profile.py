@@ -64,6 +64,12 @@ def main():
     mod = cp.RawModule(path=cubin)
     g = HQ // HKV
     fn = mod.get_function(f"{prefix}_d{D}_g{g}")
+    # tuning variants kv_decode_int4tc_s{S}_m{M}: stages above 40 KB are dynamic shared memory
+    stages = int(prefix.split("_s")[1].split("_")[0]) if "_s" in prefix else 3
+    stage_bytes = 2 * 64 * (D // 2 + 16) + 2 * 64 * (D // 32 * 4)
+    smem = stages * stage_bytes if stages * stage_bytes > 40960 else 0
+    if smem:
+        fn.max_dynamic_shared_size_bytes = smem
     red = mod.get_function("kv_decode_reduce")
     sm = cp.cuda.Device().attributes["MultiProcessorCount"]
     for b, l in shapes:
@@ -92,7 +98,7 @@ def main():
                 o_part, ml_part)
 
         def main_kernel():
-            fn((splits, HKV, b), (128,), args)
+            fn((splits, HKV, b), (128,), args, shared_mem=smem)
 
         def reduce_kernel():
             red((b * HQ,), (256,), (o_part, ml_part, out, np.int32(splits), np.int32(D)))

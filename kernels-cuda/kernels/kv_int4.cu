@@ -118,15 +118,18 @@ __device__ __forceinline__ void write_groups(const __half* __restrict__ k, const
                                              uint8_t* __restrict__ pool, const int* __restrict__ pages,
                                              int first_page, int start, int n, int heads_kv, int head_dim,
                                              int page_size, int num_pages, long long page_bytes, int layer0) {
-    const int groups_per_row = head_dim / 32;
-    const long long per_kv = (long long)n * heads_kv * groups_per_row;
-    const long long gid = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    // 32-bit index math (the launch checks 2 * n * heads_kv * groups_per_row <= INT_MAX):
+    // 64-bit division and modulo per thread cost more than the quantization.
+    const unsigned groups_per_row = head_dim / 32;
+    const unsigned per_kv = (unsigned)n * heads_kv * groups_per_row;
+    const unsigned gid = blockIdx.x * blockDim.x + threadIdx.x;
     if (gid >= 2 * per_kv) return;
     const int kv = gid >= per_kv;
-    const long long r = gid - kv * per_kv;
-    const int g = (int)(r % groups_per_row);
-    const int h = (int)((r / groups_per_row) % heads_kv);
-    const int t = (int)(r / ((long long)groups_per_row * heads_kv));
+    const unsigned r = gid - kv * per_kv;
+    const unsigned tok_head = r / groups_per_row;  // token * heads_kv + head
+    const int g = (int)(r - tok_head * groups_per_row);
+    const int t = (int)(tok_head / heads_kv);
+    const int h = (int)(tok_head - t * heads_kv);
     const int pos = start + t;
     const int page = pages[pos / page_size - first_page];
     if (page < 0 || page >= num_pages) return;  // token already outside the window: not stored

@@ -184,9 +184,12 @@ impl GpuKvCache {
         let n = ticket.len();
         let groups = 2 * n * cfg.heads_kv * (cfg.head_dim / crate::GROUP);
         let blocks = groups.div_ceil(WRITE_THREADS as usize);
-        if blocks > i32::MAX as usize || groups > i64::MAX as usize {
+        // The kernel indexes groups in 32-bit arithmetic (64-bit division per thread cost
+        // more than the quantization itself).
+        if blocks > i32::MAX as usize || groups > i32::MAX as usize {
             return Err(KvError::Unsupported(format!(
-                "an append of {n} tokens is too large for one launch"
+                "an append of {n} tokens is {groups} groups of 32 values, more than one launch takes ({}); append in chunks",
+                i32::MAX
             )));
         }
         let name = match cfg.format {
