@@ -18,6 +18,8 @@ pub mod loss;
 pub mod rounder;
 pub mod task;
 
+pub use rounder::{EmbeddingRounder, KnnResult, VqConfig, VqRounder};
+
 /// One multi-step reasoning example in Coconut's data shape: the token ids of the question,
 /// of each reasoning step (chain-of-thought), and of the answer. The curriculum turns it into
 /// a training sequence `question [<bot> latents <eot>] remaining-steps answer <eos>`; the
