@@ -19,6 +19,7 @@ pub mod rounder;
 pub mod task;
 
 pub use rounder::{EmbeddingRounder, KnnResult, VqConfig, VqRounder};
+pub use task::TaskKind;
 
 /// One multi-step reasoning example in Coconut's data shape: the token ids of the question,
 /// of each reasoning step (chain-of-thought), and of the answer. The curriculum turns it into
