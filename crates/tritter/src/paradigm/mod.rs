@@ -16,6 +16,8 @@ pub mod curriculum;
 pub mod latent;
 pub mod loss;
 pub mod rounder;
+#[cfg(feature = "cuda")]
+pub mod rounder_cuda;
 pub mod task;
 
 pub use rounder::{EmbeddingRounder, KnnResult, VqConfig, VqRounder};
