@@ -227,6 +227,22 @@ pub enum TritterError {
         /// Its value.
         value: f64,
     },
+
+    /// An argument of a call is out of range (a `k`, a cluster count, a threshold, a task
+    /// difficulty); `expected` says what would be valid.
+    #[error("invalid argument: {what} is {actual} but {expected}")]
+    InvalidArgument {
+        /// The argument (or relation between arguments).
+        what: &'static str,
+        /// Its value.
+        actual: String,
+        /// The rule, phrased as the fix.
+        expected: String,
+    },
+
+    /// An error of the CUDA runtime layer (driver, module loading, a launch).
+    #[error(transparent)]
+    Kernel(#[from] tritter_kernels_cuda::KernelError),
 }
 
 impl TritterError {
@@ -251,6 +267,19 @@ impl TritterError {
     ) -> Self {
         TritterError::InvalidTrainOption {
             field,
+            actual: actual.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// An `InvalidArgument` error with formatted actual/expected values.
+    pub(crate) fn argument(
+        what: &'static str,
+        actual: impl ToString,
+        expected: impl ToString,
+    ) -> Self {
+        TritterError::InvalidArgument {
+            what,
             actual: actual.to_string(),
             expected: expected.to_string(),
         }

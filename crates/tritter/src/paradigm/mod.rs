@@ -16,6 +16,8 @@ pub mod curriculum;
 pub mod latent;
 pub mod loss;
 pub mod rounder;
+#[cfg(feature = "cuda")]
+pub mod rounder_cuda;
 pub mod task;
 
 pub use curriculum::{
@@ -23,6 +25,8 @@ pub use curriculum::{
 };
 pub use latent::LatentMarkers;
 pub use loss::{embedding_loss_sum, EmbeddingLossKind, EmbeddingObjective, LossWeights, Objective};
+pub use rounder::{EmbeddingRounder, KnnResult, VqConfig, VqRounder};
+pub use task::TaskKind;
 
 /// One multi-step reasoning example in Coconut's data shape: the token ids of the question,
 /// of each reasoning step (chain-of-thought), and of the answer. The curriculum turns it into

@@ -49,7 +49,7 @@ pub mod bytes;
 pub mod error;
 pub mod image;
 mod io;
-mod kmeans;
+pub(crate) mod kmeans;
 pub mod vocab;
 
 pub use self::audio::{mu_law_decode, mu_law_encode, snr_db, MuLawCodec};
