@@ -127,6 +127,30 @@ pub fn generate(
     prompt: &[u32],
     options: &SamplingOptions,
 ) -> Result<Vec<u32>> {
+    let mut rng = SeededRng::new(options.seed);
+    generate_with(
+        model,
+        prompt,
+        options.latent_steps,
+        options.max_new_tokens,
+        options.stop_at_eos,
+        |_, logits| sample_token(logits, options, &mut rng),
+    )
+}
+
+/// The decoding loop of [`generate`] with the choice of each token left to `pick`, which
+/// gets the final hidden state `(1, 1, H)` of the last position and its logits `(V,)`
+/// (greedy, sampling, or rounding the predicted embedding as the paradigm's evaluation
+/// does). Returns the new tokens, up to `max_new_tokens`, ending at `<eos>` when
+/// `stop_at_eos`.
+pub(crate) fn generate_with(
+    model: &TritterModel,
+    prompt: &[u32],
+    latent_steps: usize,
+    max_new_tokens: usize,
+    stop_at_eos: bool,
+    mut pick: impl FnMut(&Tensor, &[f32]) -> Result<u32>,
+) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(TritterError::ShapeMismatch {
             what: "prompt".into(),
@@ -136,41 +160,38 @@ pub fn generate(
     }
     let max_len = model.config().max_position_embeddings;
     let mask = MaskSpec::from_config(model.config());
-    let mut rng = SeededRng::new(options.seed);
     // The context as input embeddings (1, n, H): token rows, and hidden states for thoughts.
     let tokens =
         |ids: &[u32]| model.embed(&Tensor::from_slice(ids, (1, ids.len()), model.device())?);
-    // Final hidden states (1, l, H) of the last `max_len` context positions.
-    let hidden = |context: &Tensor| -> Result<Tensor> {
+    // Final hidden state (1, 1, H) of the last position, over the last `max_len` positions.
+    let last_hidden = |context: &Tensor| -> Result<Tensor> {
         let n = context.dim(1)?;
         let l = n.min(max_len);
         let window = context.narrow(1, n - l, l)?;
-        model.forward_hidden(&window, &model.default_positions(1, l)?, &mask)
+        let h = model.forward_hidden(&window, &model.default_positions(1, l)?, &mask)?;
+        Ok(h.narrow(1, l - 1, 1)?)
     };
     let mut context = tokens(prompt)?;
-    if options.latent_steps > 0 {
+    if latent_steps > 0 {
         let markers = LatentMarkers::from_config(model.config())?;
         context = Tensor::cat(&[&context, &tokens(&[markers.bot])?], 1)?;
-        for _ in 0..options.latent_steps {
-            let h = hidden(&context)?;
-            let last = h.narrow(1, h.dim(1)? - 1, 1)?;
+        for _ in 0..latent_steps {
+            let last = last_hidden(&context)?;
             context = Tensor::cat(&[&context, &model.latent_embedding(&last)?], 1)?;
         }
         context = Tensor::cat(&[&context, &tokens(&[markers.eot])?], 1)?;
     }
-    let mut out = Vec::with_capacity(options.max_new_tokens);
-    for _ in 0..options.max_new_tokens {
-        let h = hidden(&context)?;
-        let l = h.dim(1)?;
-        let logits = model.logits(&h)?; // (1, l, V)
-        let last = logits
-            .get(0)?
-            .get(l - 1)?
+    let mut out = Vec::with_capacity(max_new_tokens);
+    for _ in 0..max_new_tokens {
+        let last = last_hidden(&context)?;
+        let logits = model
+            .logits(&last)? // (1, 1, V)
+            .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
-        let next = sample_token(&last, options, &mut rng)?;
+        let next = pick(&last, &logits)?;
         out.push(next);
-        if options.stop_at_eos && next == SpecialToken::Eos.id() {
+        if stop_at_eos && next == SpecialToken::Eos.id() {
             break;
         }
         context = Tensor::cat(&[&context, &tokens(&[next])?], 1)?;

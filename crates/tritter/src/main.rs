@@ -12,6 +12,11 @@ use tritter::data::{
     SourceOptions,
 };
 use tritter::generate::{generate, SamplingOptions};
+use tritter::paradigm::curriculum::{Curriculum, ReasoningTrainer};
+use tritter::paradigm::experiment::{
+    evaluate_corpus, evaluate_task, EvalMode, EvalOptions, EvalReport,
+};
+use tritter::paradigm::task::TaskKind;
 use tritter::paradigm::{EmbeddingLossKind, EmbeddingObjective, LatentMarkers, Objective};
 use tritter::tokenizer::{BpeVocab, Modality, MultimodalTokenizer, Segment, VocabLayout};
 use tritter::train::{
@@ -28,7 +33,9 @@ Examples:
   tritter train --data shard-000.parquet --preset 100m --seq-len 512 --grad-accum 4
   tritter train --resume runs/test               # continue from runs/test/checkpoints/latest
   tritter train --embedding-loss cosine --embedding-weight 0.5 --transition-start 200 --transition-steps 400
-  tritter eval --checkpoint runs/test
+  tritter eval --checkpoint runs/test --mode all
+  tritter train --task arith --difficulty 3 --latent-stages 3 --steps 1500   # Coconut curriculum
+  tritter eval --checkpoint runs/arith-latent/model --task arith --mode all
   tritter generate --checkpoint runs/test --prompt 'fn main() {' --temperature 0.7
   tritter generate --checkpoint runs/test --prompt 'fn main() {' --latent-steps 4
   tritter info --context 131072
@@ -223,6 +230,26 @@ struct TrainArgs {
     /// Steps of the linear transition to the target mix (0: switch at --transition-start).
     #[arg(long, default_value_t = 0)]
     transition_steps: u64,
+    /// Train on a synthetic reasoning task instead of text: arith (arithmetic chains) or
+    /// reach (graph reachability); the model is saved to <out>/model.
+    #[arg(long)]
+    task: Option<String>,
+    /// Task difficulty (arith: steps, reach: hops of the planted path).
+    #[arg(long, default_value_t = 3)]
+    difficulty: usize,
+    /// Training examples generated for --task (seeded by --seed).
+    #[arg(long, default_value_t = 4000)]
+    task_examples: usize,
+    /// Last stage of the Coconut curriculum for --task: stage s replaces the first s
+    /// reasoning steps with continuous thoughts (0: plain chain of thought).
+    #[arg(long, default_value_t = 0)]
+    latent_stages: usize,
+    /// Continuous thoughts per replaced reasoning step.
+    #[arg(long, default_value_t = 1)]
+    thoughts_per_step: usize,
+    /// Optimizer steps per curriculum stage (default: --steps spread over the stages).
+    #[arg(long)]
+    stage_steps: Option<u64>,
     /// Tokens of the sample printed after training (0: none).
     #[arg(long, default_value_t = 200)]
     sample_tokens: usize,
@@ -247,6 +274,29 @@ struct EvalArgs {
     /// Batches to evaluate (0: all).
     #[arg(long, default_value_t = 0)]
     max_batches: usize,
+    /// How the next token is read: token (logits), embedding (the predicted embedding
+    /// rounded to the nearest token), latent (continuous thoughts in place of the reasoning
+    /// steps; needs --task), or all (every mode that applies).
+    #[arg(long, default_value = "token")]
+    mode: String,
+    /// Evaluate on a synthetic reasoning task (arith, reach) instead of text.
+    #[arg(long)]
+    task: Option<String>,
+    /// Task difficulty (arith: steps, reach: hops).
+    #[arg(long, default_value_t = 3)]
+    difficulty: usize,
+    /// Held-out task examples.
+    #[arg(long, default_value_t = 200)]
+    examples: usize,
+    /// Seed of the held-out examples (training uses --seed, 0 by default).
+    #[arg(long, default_value_t = 1_000_003)]
+    task_seed: u64,
+    /// Latent mode: continuous thoughts per reasoning step (as trained).
+    #[arg(long, default_value_t = 1)]
+    thoughts_per_step: usize,
+    /// Embedding mode: rounder confidence below which the logits decide (0: never).
+    #[arg(long, default_value_t = 0.0)]
+    rounder_threshold: f32,
 }
 
 #[derive(Args, Debug)]
@@ -505,6 +555,9 @@ fn train(a: &TrainArgs) -> Result<()> {
         }
     };
     options.validate(&config)?;
+    if let Some(task) = &a.task {
+        return train_task(a, task.parse()?, &config, options, &device);
+    }
     let tok = make_tokenizer(config.vocab_size, a.data.tokenizer.as_deref())?;
     let (train_docs, val_docs, desc) = documents(&a.data, options.seed)?;
     println!("data: {desc}");
@@ -620,6 +673,117 @@ fn train(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `tritter train --task`: the Coconut curriculum on generated reasoning examples; saves
+/// the final model to `<out>/model` and prints its held-out task accuracy.
+fn train_task(
+    a: &TrainArgs,
+    kind: TaskKind,
+    config: &TritterConfig,
+    options: TrainOptions,
+    device: &candle_core::Device,
+) -> Result<()> {
+    if let Some(r) = &a.resume {
+        return Err(TritterError::InvalidTrainOption {
+            field: "--resume",
+            actual: r.display().to_string(),
+            expected: "no --resume with --task (a reasoning run saves its final model only)".into(),
+        });
+    }
+    let examples = kind.generate(a.task_examples, options.seed, a.difficulty)?;
+    let stages = a.latent_stages as u64 + 1;
+    let curriculum = Curriculum {
+        thoughts_per_step: a.thoughts_per_step,
+        steps_per_stage: a.stage_steps.unwrap_or(options.steps.div_ceil(stages)),
+        max_stage: a.latent_stages,
+    };
+    let steps = options.steps.min(a.stop_after.unwrap_or(u64::MAX));
+    let mut trainer = ReasoningTrainer::new(config, options, curriculum, examples, device)?;
+    let run = if a.latent_stages > 0 { "latent" } else { "cot" };
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("{kind}-{run}")));
+    println!(
+        "task {kind} (difficulty {}): {} examples, curriculum stages 0..={} x {} steps, {} thought(s) per step; model {:.3}M parameters, {steps} steps x {} sequences, lr {:.1e}",
+        a.difficulty,
+        a.task_examples,
+        curriculum.max_stage,
+        curriculum.steps_per_stage,
+        curriculum.thoughts_per_step,
+        config.param_count() as f64 / 1e6,
+        trainer.options().batch_size,
+        trainer.options().lr,
+    );
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(steps)
+    };
+    let start = std::time::Instant::now();
+    for _ in 0..steps {
+        let m = trainer.train_step()?;
+        bar.inc(1);
+        bar.set_message(format!("stage {} loss {:.3}", m.stage, m.metrics.loss));
+        if m.metrics.step % 100 == 0 || m.metrics.step == steps {
+            bar.suspend(|| {
+                println!(
+                    "step {:>5} stage {} loss {:.4} (ce {:.4}{})",
+                    m.metrics.step,
+                    m.stage,
+                    m.metrics.loss,
+                    m.metrics.ce_loss,
+                    m.metrics
+                        .embedding_loss
+                        .map_or(String::new(), |e| format!(", embedding {e:.4}"))
+                )
+            });
+        }
+    }
+    bar.finish_and_clear();
+    println!(
+        "trained {steps} steps in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    let dir = out.join("model");
+    trainer.model().save(&dir)?;
+    println!("model: {}", dir.display());
+    let held_out = kind.generate(100, 1_000_003, a.difficulty)?;
+    let mode = if a.latent_stages > 0 {
+        EvalMode::Latent
+    } else {
+        EvalMode::Token
+    };
+    let report = evaluate_task(
+        trainer.model(),
+        kind,
+        &held_out,
+        &EvalOptions {
+            mode,
+            thoughts_per_step: a.thoughts_per_step,
+            ..EvalOptions::default()
+        },
+        trainer.options().batch_size,
+    )?;
+    print_report(&report);
+    Ok(())
+}
+
+/// One line of an evaluation report.
+fn print_report(r: &EvalReport) {
+    let task = r
+        .task
+        .map_or(String::new(), |t| format!(", task accuracy {t}"));
+    let fallbacks = if r.mode == EvalMode::Embedding {
+        format!(", fell back to logits {}", r.fallbacks)
+    } else {
+        String::new()
+    };
+    println!(
+        "mode {:<9} next-token accuracy {}{task}{fallbacks}",
+        r.mode, r.next_token
+    );
+}
+
 /// The training objective of the `--embedding-loss`, `--embedding-weight`, `--ce-weight`
 /// and `--transition-*` flags (validated with the other options).
 fn objective(a: &TrainArgs) -> Result<Objective> {
@@ -686,7 +850,11 @@ fn open_checkpoint(path: &Path) -> Result<(TritterModel, Option<TrainerState>)> 
 }
 
 fn eval(a: &EvalArgs) -> Result<()> {
+    let modes = eval_modes(&a.mode, a.task.is_some())?;
     let (model, state) = open_checkpoint(&a.checkpoint)?;
+    if let Some(task) = &a.task {
+        return eval_task(a, &model, task.parse()?, &modes);
+    }
     let seq_len = a
         .seq_len
         .or(state.as_ref().map(|s| s.options.seq_len))
@@ -711,6 +879,66 @@ fn eval(a: &EvalArgs) -> Result<()> {
             m.loss, m.perplexity, m.tokens
         ),
         None => println!("no targets to evaluate"),
+    }
+    for mode in modes.into_iter().filter(|&m| m != EvalMode::Latent) {
+        let options = EvalOptions {
+            mode,
+            rounder_threshold: a.rounder_threshold,
+            ..EvalOptions::default()
+        };
+        let report = evaluate_corpus(
+            &model,
+            &set,
+            &options,
+            a.batch_size,
+            a.max_batches,
+            doc_mask,
+        )?;
+        print_report(&report);
+    }
+    Ok(())
+}
+
+/// The modes of `--mode` (`all`: every mode that applies, latent only with a task).
+fn eval_modes(mode: &str, task: bool) -> Result<Vec<EvalMode>> {
+    if mode.eq_ignore_ascii_case("all") {
+        return Ok(EvalMode::ALL
+            .into_iter()
+            .filter(|&m| task || m != EvalMode::Latent)
+            .collect());
+    }
+    let m: EvalMode = mode.parse()?;
+    if m == EvalMode::Latent && !task {
+        return Err(TritterError::InvalidTrainOption {
+            field: "--mode",
+            actual: "latent".into(),
+            expected: "--task arith|reach with --mode latent (free text has no reasoning steps to think through)".into(),
+        });
+    }
+    Ok(vec![m])
+}
+
+/// `tritter eval --task`: next-token and task accuracy on held-out generated examples.
+fn eval_task(a: &EvalArgs, model: &TritterModel, kind: TaskKind, modes: &[EvalMode]) -> Result<()> {
+    let examples = kind.generate(a.examples, a.task_seed, a.difficulty)?;
+    println!(
+        "task {kind} (difficulty {}): {} held-out examples (seed {})",
+        a.difficulty, a.examples, a.task_seed
+    );
+    for &mode in modes {
+        let options = EvalOptions {
+            mode,
+            thoughts_per_step: a.thoughts_per_step,
+            rounder_threshold: a.rounder_threshold,
+            ..EvalOptions::default()
+        };
+        print_report(&evaluate_task(
+            model,
+            kind,
+            &examples,
+            &options,
+            a.batch_size,
+        )?);
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ mod paradigm_rounder {
         confidence_from_similarities, EmbeddingRounder, KnnResult, RoundPath, VqConfig, VqRounder,
     };
     use tritter::paradigm::task::{
-        ids_to_text, text_to_ids, ArithmeticChain, GraphReachability, TaskKind, TaskText,
+        ids_to_text, text_to_ids, ArithmeticChain, GraphReachability, TaskKind, TaskText, STEP_END,
     };
     use tritter::paradigm::ReasoningExample;
     use tritter::tokenizer::{MultimodalTokenizer, Segment, VocabLayout};
@@ -470,7 +470,7 @@ mod paradigm_rounder {
             };
             assert!((0..100).contains(&y), "{question}: {y} out of range");
             vals.insert(name.to_string(), y);
-            steps.push(format!("{name}={y}"));
+            steps.push(format!("{name}={y}{STEP_END}"));
         }
         let asked = last.strip_suffix('?').unwrap();
         (steps, vals[asked].to_string())

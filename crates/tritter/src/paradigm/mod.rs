@@ -13,6 +13,7 @@
 //!   graph reachability) to measure whether latent reasoning helps.
 
 pub mod curriculum;
+pub mod experiment;
 pub mod latent;
 pub mod loss;
 pub mod rounder;

@@ -4,7 +4,7 @@
 //! answer exactly.
 //!
 //! * [`ArithmeticChain`] (`"arith"`): `a=7; b=a+5; c=b*2; d=c-3; d?`, steps `b=12`, `c=24`,
-//!   `d=21`, answer `21`. Values stay in `0..=99` with ordinary arithmetic (an operation is
+//!   `d=21` (each ending with a line break, [`STEP_END`]), answer `21`. Values stay in `0..=99` with ordinary arithmetic (an operation is
 //!   drawn only among those that keep the result in range), difficulty = number of steps.
 //! * [`GraphReachability`] (`"reach"`, ProsQA-like): a random DAG given as its edge list,
 //!   `edges: C>F, A>C, F>B. is B reachable from A?`; answer `yes` or `no`, alternating, so a
@@ -35,6 +35,10 @@ use crate::tokenizer::bytes::encode_bytes;
 use crate::tokenizer::vocab::{SpecialToken, BYTE_OFFSET, NUM_BYTE_TOKENS};
 use crate::{Result, TritterError};
 
+/// The end of every reasoning step: a step is one line, so a generated chain of thought
+/// reads as lines and its answer is what follows the last line break
+/// ([`experiment::answer_of`](super::experiment::answer_of)).
+pub const STEP_END: &str = "\n";
 /// Most steps of an [`ArithmeticChain`] (one variable per letter `b..z`).
 pub const MAX_ARITH_STEPS: usize = 25;
 /// Values of an [`ArithmeticChain`] lie in `0..ARITH_LIMIT`.
@@ -194,7 +198,7 @@ impl ArithmeticChain {
             let (op, operand, next) = ops[rng.below(ops.len() as u64) as usize];
             question.push_str(&format!("; {}={}{op}{operand}", var(i), var(i - 1)));
             value = next;
-            steps.push(format!("{}={value}", var(i)));
+            steps.push(format!("{}={value}{STEP_END}", var(i)));
         }
         question.push_str(&format!("; {}?", var(self.steps)));
         TaskText {
@@ -327,7 +331,7 @@ impl GraphReachability {
         };
         TaskText {
             question,
-            steps,
+            steps: steps.into_iter().map(|s| s + STEP_END).collect(),
             answer: if reachable { "yes" } else { "no" }.to_string(),
         }
     }
