@@ -52,8 +52,8 @@
 //   the grid is ~2 blocks per SM. The candidate traffic is N * num_chunks * kp * 8 bytes
 //   (~135 KB for N = 1, k = 64), the merge is ~a few microseconds. Large N: FP32 FMA issue
 //   (N * rows * H multiply-adds on SIMT cores, no tensor cores in this version) and L2
-//   (each query tile re-reads the chunk from L2). Precision: bf16 rows are within 2^-9
-//   (relative) of the f32 unit rows, so |sim_gpu - sim_f32| <= 2^-9 + f32 accumulation error
+//   (each query tile re-reads the chunk from L2). Precision: bf16 rows are within 2^-8
+//   (relative) of the f32 unit rows, so |sim_gpu - sim_f32| <= 2^-8 + f32 accumulation error
 //   by Cauchy-Schwarz; against the same bf16 table the only difference is summation order.
 //   IEEE arithmetic (no --use_fast_math).
 

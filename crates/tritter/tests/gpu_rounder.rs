@@ -8,10 +8,11 @@
 //! * the same bf16 table in f64 (`dot(q, bf16(t_hat)) / |q|`): the GPU differs only in f32
 //!   summation order, so similarities must agree within 1e-4 and ids may differ only among
 //!   similarities within 1e-3 of each other (ties);
-//! * the CPU rounder (f32 unit rows): bf16 rounding moves a similarity by at most 2^-9 (by
-//!   Cauchy-Schwarz, each unit-row element has relative error <= 2^-9), so similarities
-//!   must agree within 2^-9 + 1e-4 and ids may differ only among CPU similarities within
-//!   twice that.
+//! * the CPU rounder (f32 unit rows): bf16 rounding moves a similarity by at most 2^-8 (by
+//!   Cauchy-Schwarz, each unit-row element has relative error <= 2^-8, the unit roundoff of
+//!   bf16's 8-bit significand), so similarities must agree within 2^-8 + 1e-4 and ids may
+//!   differ only among CPU similarities within twice that. (The first H100 run found a
+//!   2.2e-3 difference at H = 8, above the 2^-9 this file first claimed.)
 
 use tritter_kernels_cuda::gpu_test;
 
@@ -39,8 +40,9 @@ mod common {
     pub const TOL_SAME_TABLE: f64 = 1e-4;
     /// Tie window against the same bf16 table.
     pub const TIE_SAME_TABLE: f64 = 1e-3;
-    /// Similarity tolerance against the f32 CPU rounder: 2^-9 + summation error.
-    pub const TOL_CPU: f64 = 1.0 / 512.0 + 1e-4;
+    /// Similarity tolerance against the f32 CPU rounder: 2^-8 (bf16 unit roundoff) +
+    /// summation error.
+    pub const TOL_CPU: f64 = 1.0 / 256.0 + 1e-4;
 
     pub fn norm(x: &[f32]) -> f64 {
         x.iter()

@@ -5,7 +5,7 @@
 //! (`rows` = the candidate ids, in ascending id order; `ld = round_up(H, 8)`, zero-padded),
 //! plus the row -> token id map. [`GpuEmbeddingRounder::knn`] takes host queries `(N, H)` f32
 //! and returns the same [`KnnResult`] as [`EmbeddingRounder::knn`] up to bf16 rounding of the
-//! table: each similarity is within `2^-9` (plus f32 summation error) of the f32 one, so ids
+//! table: each similarity is within `2^-8` (plus f32 summation error) of the f32 one, so ids
 //! may differ in order only where the f32 similarities are that close.
 //! [`GpuEmbeddingRounder::knn_device`] is the asynchronous form on device buffers.
 //!
