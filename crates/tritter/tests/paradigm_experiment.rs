@@ -96,9 +96,8 @@ fn token_accuracy_matches_forward_argmax() {
             .unwrap()
             .to_vec3::<f32>()
             .unwrap();
-        for i in 0..n {
+        for (i, row) in logits[0].iter().enumerate() {
             if seq.loss_mask[i + 1] {
-                let row = &logits[0][i];
                 let mut best = 0;
                 for (j, &x) in row.iter().enumerate() {
                     if x > row[best] {
