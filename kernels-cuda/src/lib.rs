@@ -7,7 +7,8 @@
 //! With feature `cuda` off the images are empty and nothing CUDA is needed to build; with it
 //! on, [`Gpu`] gives a context and stream through cudarc (libcuda is loaded at run time, so
 //! the binaries build on machines without a GPU or a CUDA install), loads each image once
-//! per context and caches the functions. [`testing`] holds the GPU-test gate that skips on
+//! per context and caches the functions; `Gpu::for_stream` and `PerStream` share one `Gpu`
+//! per foreign stream (a candle device's) between the crates' candle ops. [`testing`] holds the GPU-test gate that skips on
 //! machines without a GPU and fails when `TRITTER_REQUIRE_GPU=1`.
 //!
 //! Why one crate for all `.cu` files: one nvcc invocation policy (arch list, flags, resource
@@ -19,6 +20,8 @@ mod error;
 mod gpu;
 #[cfg(feature = "cuda")]
 mod pdl;
+#[cfg(feature = "cuda")]
+mod per_stream;
 pub mod testing;
 
 pub use error::KernelError;
@@ -26,6 +29,8 @@ pub use error::KernelError;
 pub use gpu::{driver_available, DeviceInfo, Gpu};
 #[cfg(feature = "cuda")]
 pub use pdl::{KernelArgs, MAX_KERNEL_ARGS};
+#[cfg(feature = "cuda")]
+pub use per_stream::PerStream;
 
 /// Uninhabited stand-in for the GPU handle when feature `cuda` is off, so that GPU test
 /// entry points compile (and report skipped or failed) in every build.

@@ -3,10 +3,14 @@
 //! in, and candle's autograd flows through it.
 //!
 //! CPU forward and backward run the crate's reference ([`attention_fwd_ref`],
-//! [`attention_bwd_ref`]) in f32 on widened inputs; the result comes back in q's dtype. The
-//! CUDA forward (`cuda_fwd`, feature `candle-cuda`) comes with the CUDA kernels. The fused
-//! QK-Norm + RoPE prologue is not part of this op: apply the norms and RoPE as candle ops
-//! before it, or use the plain API ([`attention_bwd_ref`] with a
+//! [`attention_bwd_ref`]) in f32 on widened inputs; the result comes back in q's dtype. With
+//! feature `candle-cuda` (a candle built with CUDA) the op also has `cuda_fwd`, and its
+//! backward on a CUDA device runs `flash_attn_bwd_cuda`: both launch the crate's kernels on
+//! the candle device's stream, bf16 or f16 only (`src/candle_cuda.rs`). Our own builds leave
+//! that feature off: candle's CUDA build links libcuda at build time (DESIGN.md section 2).
+//!
+//! The fused QK-Norm + RoPE prologue is not part of this op: apply the norms and RoPE as
+//! candle ops before it, or use the plain API ([`attention_bwd_ref`] with a
 //! [`Prologue`](crate::Prologue)) for the prologue's weight gradients.
 
 use candle_core::backend::BackendStorage;
@@ -21,18 +25,29 @@ use crate::reference::{attention_bwd_ref, attention_fwd_ref};
 ///
 /// Inputs: q `(B, Lq, Hq, D)` and k, v `(B, Lk, Hkv, D)` for a fixed batch, or q
 /// `(total_q, Hq, D)` and k, v `(total_k, Hkv, D)` for a varlen one; contiguous, all f32,
-/// all bf16 or all f16. Output like q, in q's dtype. The logsumexp is not returned (the
-/// backward recomputes it); call [`attention_fwd_ref`] for it.
+/// all bf16 or all f16 (bf16 or f16 on CUDA). Output like q, in q's dtype. The logsumexp is
+/// not returned (the backward recomputes it); call [`attention_fwd_ref`] for it.
+///
+/// Built with [`FlashAttn::new`] (non-exhaustive: with `candle-cuda` it also holds the
+/// problem's device arrays per stream, shared by its clones).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct FlashAttn {
     /// The attention problem the tensors must match.
     pub problem: Problem,
+    /// The problem's index arrays on each CUDA stream the op has run on.
+    #[cfg(feature = "candle-cuda")]
+    pub(crate) cache: std::sync::Arc<tritter_kernels_cuda::PerStream<crate::cuda::ProblemGpu>>,
 }
 
 impl FlashAttn {
     /// The op for `problem`.
     pub fn new(problem: Problem) -> Self {
-        FlashAttn { problem }
+        FlashAttn {
+            problem,
+            #[cfg(feature = "candle-cuda")]
+            cache: Default::default(),
+        }
     }
 
     /// Expected dims of q and of k/v: `(B, Lq, Hq, D)` / `(B, Lk, Hkv, D)` for a fixed batch,
@@ -69,6 +84,26 @@ impl FlashAttn {
             "{}: {what} has shape {dims:?} but the problem expects {expected:?} ({layout})",
             self.name()
         )))
+    }
+
+    /// Checks the problem, the dims of q, k, v (`layouts`) and that k and v have q's dtype
+    /// (`dtypes`), before either device's forward.
+    fn check_inputs(&self, layouts: [&Layout; 3], dtypes: [DType; 3]) -> candle_core::Result<()> {
+        self.problem.validate().map_err(candle_core::Error::wrap)?;
+        let (q_dims, kv_dims) = self.expected_dims();
+        self.check_dims("q", layouts[0].dims(), &q_dims)?;
+        self.check_dims("k", layouts[1].dims(), &kv_dims)?;
+        self.check_dims("v", layouts[2].dims(), &kv_dims)?;
+        let dtype = dtypes[0];
+        for (what, d) in [("k", dtypes[1]), ("v", dtypes[2])] {
+            if d != dtype {
+                return Err(candle_core::Error::msg(format!(
+                    "{}: {what} has dtype {d:?} but q has {dtype:?}; expected one dtype",
+                    self.name()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -133,21 +168,8 @@ impl CustomOp3 for FlashAttn {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.problem.validate().map_err(candle_core::Error::wrap)?;
-        let (q_dims, kv_dims) = self.expected_dims();
-        self.check_dims("q", l1.dims(), &q_dims)?;
-        self.check_dims("k", l2.dims(), &kv_dims)?;
-        self.check_dims("v", l3.dims(), &kv_dims)?;
+        self.check_inputs([l1, l2, l3], [s1.dtype(), s2.dtype(), s3.dtype()])?;
         let dtype = s1.dtype();
-        for (what, s) in [("k", s2), ("v", s3)] {
-            if s.dtype() != dtype {
-                return Err(candle_core::Error::msg(format!(
-                    "{}: {what} has dtype {:?} but q has {dtype:?}; expected one dtype",
-                    self.name(),
-                    s.dtype()
-                )));
-            }
-        }
         let q = input_f32(s1, l1, self.name(), "q")?;
         let k = input_f32(s2, l2, self.name(), "k")?;
         let v = input_f32(s3, l3, self.name(), "v")?;
@@ -156,7 +178,25 @@ impl CustomOp3 for FlashAttn {
         Ok((output(res.out, dtype), l1.shape().clone()))
     }
 
-    /// dq, dk, dv through [`attention_bwd_ref`] on the host (the logsumexp is recomputed).
+    /// The CUDA forward (feature `candle-cuda`): bf16 or f16 q, k, v on the candle device's
+    /// stream (see `src/candle_cuda.rs`).
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.check_inputs([l1, l2, l3], [s1.dtype(), s2.dtype(), s3.dtype()])?;
+        crate::candle_cuda::attn_fwd(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+
+    /// dq, dk, dv: on a CUDA device (feature `candle-cuda`) through `flash_attn_bwd_cuda`
+    /// after a forward that recomputes the logsumexp; elsewhere through
+    /// [`attention_bwd_ref`] on the host (the logsumexp is recomputed).
     fn bwd(
         &self,
         q: &Tensor,
@@ -165,6 +205,11 @@ impl CustomOp3 for FlashAttn {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if let candle_core::Device::Cuda(dev) = q.device() {
+            let [dq, dk, dv] = crate::candle_cuda::attn_bwd(self, dev, [q, k, v, res, grad_res])?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let g = attention_bwd_ref(
             &self.problem,
             &host_f32(q)?,

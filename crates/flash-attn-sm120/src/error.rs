@@ -26,6 +26,18 @@ pub enum AttnError {
     /// with another mode, ...).
     #[error("{0}")]
     Mask(String),
+    /// A tensor's element type is not one the path takes (e.g. f32 on the CUDA kernels).
+    #[error("{what} has dtype {actual} but expected {expected} ({detail})")]
+    Dtype {
+        /// Which argument.
+        what: &'static str,
+        /// Its dtype, e.g. `F32`.
+        actual: String,
+        /// The dtypes the path takes, e.g. `bf16 or f16`.
+        expected: &'static str,
+        /// Which path refused it and what to do instead.
+        detail: &'static str,
+    },
     /// A non-finite value at the API boundary (never passed on silently).
     #[error("{what} holds a non-finite value at index {index} ({value})")]
     NonFinite {

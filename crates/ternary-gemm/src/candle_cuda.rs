@@ -1,79 +1,39 @@
 //! CUDA forwards of the candle ops (feature `candle-cuda`): for users whose candle is built
-//! with CUDA. The kernels run on the candle device's own stream (`Gpu::from_stream`), so
-//! they order with candle's work without events; weights are uploaded once per device and
-//! kept by the op.
+//! with CUDA. The kernels run on the candle device's own stream through the `Gpu` that
+//! `tritter-kernels-cuda` keeps per stream (`Gpu::for_stream`, shared with the other crates'
+//! candle ops), so they order with candle's work without events; weights are uploaded once
+//! per stream and kept by the op (`PerStream`).
 //!
 //! Our own builds never enable this feature: candle's `cuda` feature links libcuda at build
 //! time and compiles candle's kernels (DESIGN.md section 2). It shares cudarc 0.19 with
 //! candle 0.11, so buffers pass between them as they are.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 use half::{bf16, f16};
-use tritter_kernels_cuda::{Gpu, KernelError};
+use tritter_kernels_cuda::{Gpu, KernelError, PerStream};
 
 use crate::cuda::{
     ternary_matmul_a8_cuda, ternary_matmul_t_cuda, ternary_mlp_cuda, GemvActivations,
     GemvWorkspace, MlpWorkspace, TernaryMatrixGpu, TernaryMlpGpu,
 };
 
-/// A candle stream (its `CUstream` handle as the key) and the `Gpu` launching on it.
-type StreamGpu = (usize, Arc<Gpu>);
-/// A stream, its `Gpu` and an op's weights uploaded there.
-type CacheEntry<T> = (usize, Arc<Gpu>, Arc<T>);
+/// Device copies of an op's weights, one per candle stream the op has run on, each beside
+/// the stream's process-wide `Gpu` (`Gpu::for_stream`, shared with the other crates' candle
+/// ops, so modules load once per device).
+pub(crate) type DeviceCache<T> = PerStream<T>;
 
-/// One `Gpu` per candle stream for the whole process, so every op on a device shares one
-/// module cache (each `Gpu` loads the kernel images it uses once). The map keeps the stream
-/// alive, so a key (the stream handle) is never reused by another stream.
-fn gpu_for(dev: &CudaDevice) -> candle_core::Result<Arc<Gpu>> {
-    static GPUS: OnceLock<Mutex<Vec<StreamGpu>>> = OnceLock::new();
-    let stream = dev.cuda_stream();
-    let key = stream.cu_stream() as usize;
-    let mut gpus = GPUS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some((_, gpu)) = gpus.iter().find(|(k, _)| *k == key) {
-        return Ok(gpu.clone());
-    }
-    let gpu = Gpu::from_stream(stream).map_err(candle_core::Error::wrap)?;
-    gpus.push((key, gpu.clone()));
-    Ok(gpu)
-}
-
-/// Device copies of an op's weights, one per candle stream the op has run on.
-#[derive(Debug)]
-pub(crate) struct DeviceCache<T> {
-    entries: Mutex<Vec<CacheEntry<T>>>,
-}
-
-impl<T> Default for DeviceCache<T> {
-    fn default() -> Self {
-        DeviceCache {
-            entries: Mutex::new(Vec::new()),
-        }
-    }
-}
-
-impl<T> DeviceCache<T> {
-    /// The `Gpu` on `dev`'s stream and the weights there, uploading them on first use.
-    fn get(
-        &self,
-        dev: &CudaDevice,
-        upload: impl FnOnce(&Gpu) -> crate::Result<T>,
-    ) -> candle_core::Result<(Arc<Gpu>, Arc<T>)> {
-        let key = dev.cuda_stream().cu_stream() as usize;
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, gpu, w)) = entries.iter().find(|(k, _, _)| *k == key) {
-            return Ok((gpu.clone(), w.clone()));
-        }
-        let gpu = gpu_for(dev)?;
-        let w = Arc::new(upload(&gpu).map_err(candle_core::Error::wrap)?);
-        entries.push((key, gpu.clone(), w.clone()));
-        Ok((gpu, w))
-    }
+/// The `Gpu` on `dev`'s stream and `cache`'s weights there, uploading them on first use.
+fn cached<T>(
+    cache: &DeviceCache<T>,
+    dev: &CudaDevice,
+    upload: impl FnOnce(&Gpu) -> crate::Result<T>,
+) -> candle_core::Result<(Arc<Gpu>, Arc<T>)> {
+    cache
+        .get_or_try_insert(&dev.cuda_stream(), upload)
+        .map_err(candle_core::Error::wrap)
 }
 
 /// The contiguous input `(rows, last)` with `last == expected` (named `what`), as
@@ -168,7 +128,7 @@ pub(crate) fn linear_fwd(
     let (rows, start, end) = rows_of(layout, op, (w.k_in(), "k_in"))?;
     check_dtype(storage, op)?;
     let dev = storage.device();
-    let (gpu, wg) = cache.get(dev, |gpu| TernaryMatrixGpu::upload(gpu, w))?;
+    let (gpu, wg) = cached(cache, dev, |gpu| TernaryMatrixGpu::upload(gpu, w))?;
     let mut acts = GemvActivations::new(&gpu, rows, w.k_in()).map_err(candle_core::Error::wrap)?;
     with_typed_view!(storage, start..end, |x| acts
         .quantize_from(&gpu, &x)
@@ -194,7 +154,7 @@ pub(crate) fn linear_bwd(
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let (rows, start, end) = rows_of(layout, op, (w.n_out(), "n_out"))?;
     let dev = storage.device();
-    let (gpu, wg) = cache.get(dev, |gpu| TernaryMatrixGpu::upload(gpu, w))?;
+    let (gpu, wg) = cached(cache, dev, |gpu| TernaryMatrixGpu::upload(gpu, w))?;
     let dy_bf16 = if storage.dtype() == DType::BF16 {
         None
     } else {
@@ -224,7 +184,7 @@ pub(crate) fn mlp_fwd(
     let (rows, start, end) = rows_of(layout, op, (hidden, "hidden"))?;
     check_dtype(storage, op)?;
     let dev = storage.device();
-    let (gpu, mg) = cache.get(dev, |gpu| TernaryMlpGpu::upload(gpu, mlp))?;
+    let (gpu, mg) = cached(cache, dev, |gpu| TernaryMlpGpu::upload(gpu, mlp))?;
     let mut ws = MlpWorkspace::new(&gpu, &mg, rows).map_err(candle_core::Error::wrap)?;
     let mut y = alloc_f32(&gpu, rows * hidden)?;
     with_typed_view!(storage, start..end, |x| ternary_mlp_cuda(
