@@ -77,7 +77,7 @@ mod gpu {
     use tritter::paradigm::rounder_cuda::{GpuEmbeddingRounder, KnnWorkspace};
     use tritter_kernels_cuda::testing::gpu_for_test;
     use tritter_kernels_cuda::Gpu;
-    use tritter_suite::gpu_bench::{print_vs_peer, time_batch, time_launches};
+    use tritter_suite::gpu_bench::{copy_bandwidth, print_vs_peer, time_batch, time_launches};
 
     /// cuBLAS bf16 scores `S = Q · Tᵀ` for row-major T (rows, ld), Q (n, ld), S (n, rows): in
     /// column-major terms Sᵀ (rows x n) = T (ld x rows col-major, transposed) · Qᵀ (ld x n).
@@ -94,15 +94,6 @@ mod gpu {
             beta: bf16::ZERO,
             ldc: rows as i32,
         }
-    }
-
-    /// Device-to-device copy bandwidth (bytes read + written), the practical HBM ceiling.
-    fn copy_bandwidth(gpu: &Gpu) -> f64 {
-        let bytes = 1usize << 30;
-        let src = gpu.stream().alloc_zeros::<u8>(bytes).unwrap();
-        let mut dst = gpu.stream().alloc_zeros::<u8>(bytes).unwrap();
-        let t = time_launches(gpu, 5, 5, |_| gpu.stream().memcpy_dtod(&src, &mut dst)).unwrap();
-        t.gb_per_s(2.0 * bytes as f64)
     }
 
     /// The table (256 or 512 MiB in bf16) is far larger than L2, so every launch streams it

@@ -68,7 +68,9 @@ mod gpu {
     use std::sync::Arc;
     use tritter_kernels_cuda::testing::gpu_for_test;
     use tritter_kernels_cuda::Gpu;
-    use tritter_suite::gpu_bench::{rotation_sets, time_batch, time_graph, time_launches, Timing};
+    use tritter_suite::gpu_bench::{
+        copy_bandwidth, rotation_sets, time_batch, time_graph, time_launches, Timing,
+    };
 
     const HQ: usize = 32;
     const HKV: usize = 8;
@@ -81,15 +83,6 @@ mod gpu {
     fn random_f16(gpu: &Gpu, n: usize, seed: u64) -> CudaSlice<f16> {
         let host: Vec<f16> = random_f32(n, seed).into_iter().map(f16::from_f32).collect();
         gpu.stream().clone_htod(&host).unwrap()
-    }
-
-    /// Device-to-device copy bandwidth (bytes read + written), the practical HBM ceiling.
-    fn copy_bandwidth(gpu: &Gpu) -> f64 {
-        let bytes = 1usize << 30;
-        let src = gpu.stream().alloc_zeros::<u8>(bytes).unwrap();
-        let mut dst = gpu.stream().alloc_zeros::<u8>(bytes).unwrap();
-        let t = time_launches(gpu, 5, 5, |_| gpu.stream().memcpy_dtod(&src, &mut dst)).unwrap();
-        t.gb_per_s(2.0 * bytes as f64)
     }
 
     /// The spec HBM bandwidth of known parts, GB/s (for "% of peak" next to the measured copy).

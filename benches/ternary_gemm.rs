@@ -115,7 +115,9 @@ mod gpu {
     use ternary_gemm::TernaryMlp;
     use tritter_kernels_cuda::testing::gpu_for_test;
     use tritter_kernels_cuda::Gpu;
-    use tritter_suite::gpu_bench::{rotation_sets, time_batch, time_graph, time_launches, Timing};
+    use tritter_suite::gpu_bench::{
+        copy_bandwidth, rotation_sets, time_batch, time_graph, time_launches, Timing,
+    };
 
     /// (n_out, k_in): 3B (hidden 2560) and 7B (hidden 4096) projections, the 16384x4096 /
     /// 4096x16384 MLP pair, and 32768x16384 (134 MB packed) where fixed launch and latency
@@ -167,15 +169,6 @@ mod gpu {
             .map(bf16::from_f32)
             .collect();
         gpu.stream().clone_htod(&host).unwrap()
-    }
-
-    /// Device-to-device copy bandwidth (bytes read + written), the practical HBM ceiling.
-    fn copy_bandwidth(gpu: &Gpu) -> f64 {
-        let bytes = 1usize << 30;
-        let src = gpu.stream().alloc_zeros::<u8>(bytes).unwrap();
-        let mut dst = gpu.stream().alloc_zeros::<u8>(bytes).unwrap();
-        let t = time_launches(gpu, 5, 5, |_| gpu.stream().memcpy_dtod(&src, &mut dst)).unwrap();
-        t.gb_per_s(2.0 * bytes as f64)
     }
 
     fn shape(

@@ -81,6 +81,22 @@ pub fn time_launches<E: std::fmt::Debug>(
     })
 }
 
+/// Device-to-device copy bandwidth of 1 GiB, GB/s counting bytes read + written: the
+/// practical HBM ceiling every GPU bench prints its "% of copy" against.
+pub fn copy_bandwidth(gpu: &Gpu) -> f64 {
+    let bytes = 1usize << 30;
+    let stream = gpu.stream();
+    let src = stream
+        .alloc_zeros::<u8>(bytes)
+        .expect("1 GiB for the copy test");
+    let mut dst = stream
+        .alloc_zeros::<u8>(bytes)
+        .expect("1 GiB for the copy test");
+    time_launches(gpu, 5, 5, |_| stream.memcpy_dtod(&src, &mut dst))
+        .expect("timing the device-to-device copy")
+        .gb_per_s(2.0 * bytes as f64)
+}
+
 /// Like [`time_launches`], but the `batch` launches are captured once into a CUDA graph
 /// and the graph is replayed: device time without the host's per-launch cost, which is how a
 /// decode step runs in an engine. `launch(i)` is called `batch` times during capture only.
