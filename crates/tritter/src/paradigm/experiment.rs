@@ -35,6 +35,7 @@ use super::ReasoningExample;
 use crate::data::PackedDataset;
 use crate::generate::generate_with;
 use crate::tokenizer::vocab::{SpecialToken, BYTE_OFFSET};
+use crate::train::for_each_eval_batch;
 use crate::{MaskSpec, Result, TritterError, TritterModel};
 
 /// How the next token is read from the model (module docs).
@@ -283,34 +284,28 @@ pub fn evaluate_corpus(
             "token or embedding on a corpus (latent mode needs a reasoning task: --task arith|reach)",
         ));
     }
-    if batch_size == 0 {
-        return Err(TritterError::option("batch_size", 0, "expected >= 1"));
-    }
     let mut reader = Reader::new(model, options)?;
     let mut next_token = Accuracy::default();
-    let limit = if max_batches == 0 {
-        usize::MAX
-    } else {
-        max_batches
-    };
-    let indices: Vec<usize> = (0..data.len()).collect();
-    for chunk in indices.chunks(batch_size).take(limit) {
-        let batch = data.batch(chunk, model.device())?;
-        let mut mask = MaskSpec::from_config(model.config());
-        if document_mask {
-            mask = mask.with_doc_ids(batch.doc_ids.clone());
-        }
-        let (b, l) = batch.inputs.dims2()?;
-        let embeds = model.embed(&batch.inputs)?;
-        let hidden = model.forward_embeddings(&embeds, &model.default_positions(b, l)?, &mask)?;
-        let predicted = reader.predict(&hidden)?;
-        Reader::score(
-            &predicted,
-            &batch.targets,
-            &batch.loss_mask,
-            &mut next_token,
-        )?;
-    }
+    for_each_eval_batch(
+        model,
+        data,
+        batch_size,
+        max_batches,
+        document_mask,
+        |batch, mask| {
+            let (b, l) = batch.inputs.dims2()?;
+            let embeds = model.embed(&batch.inputs)?;
+            let hidden =
+                model.forward_embeddings(&embeds, &model.default_positions(b, l)?, mask)?;
+            let predicted = reader.predict(&hidden)?;
+            Reader::score(
+                &predicted,
+                &batch.targets,
+                &batch.loss_mask,
+                &mut next_token,
+            )
+        },
+    )?;
     Ok(EvalReport {
         mode: options.mode,
         next_token,

@@ -615,26 +615,20 @@ pub fn evaluate(
     max_batches: usize,
     document_mask: bool,
 ) -> Result<Option<EvalMetrics>> {
-    if batch_size == 0 {
-        return Err(TritterError::option("batch_size", 0, "expected >= 1"));
-    }
-    let limit = if max_batches == 0 {
-        usize::MAX
-    } else {
-        max_batches
-    };
     let (mut nll, mut tokens) = (0.0f64, 0usize);
-    let indices: Vec<usize> = (0..data.len()).collect();
-    for chunk in indices.chunks(batch_size).take(limit) {
-        let batch = data.batch(chunk, model.device())?;
-        let mut mask = MaskSpec::from_config(model.config());
-        if document_mask {
-            mask = mask.with_doc_ids(batch.doc_ids.clone());
-        }
-        let sum = masked_nll_sum(model, &batch, &mask)?;
-        nll += f64::from(sum.to_scalar::<f32>()?);
-        tokens += batch.num_targets;
-    }
+    for_each_eval_batch(
+        model,
+        data,
+        batch_size,
+        max_batches,
+        document_mask,
+        |batch, mask| {
+            let sum = masked_nll_sum(model, batch, mask)?;
+            nll += f64::from(sum.to_scalar::<f32>()?);
+            tokens += batch.num_targets;
+            Ok(())
+        },
+    )?;
     if tokens == 0 {
         return Ok(None);
     }
@@ -644,6 +638,38 @@ pub fn evaluate(
         perplexity: loss.exp(),
         tokens,
     }))
+}
+
+/// Calls `f` on the evaluation batches of `data`: its sequences in order, `batch_size` per
+/// batch, the first `max_batches` batches (0: all), each with the model's mask (documents
+/// kept apart when `document_mask`, as in training). Shared by [`evaluate`] and the
+/// paradigm's accuracy evaluation.
+pub(crate) fn for_each_eval_batch(
+    model: &TritterModel,
+    data: &PackedDataset,
+    batch_size: usize,
+    max_batches: usize,
+    document_mask: bool,
+    mut f: impl FnMut(&Batch, &MaskSpec) -> Result<()>,
+) -> Result<()> {
+    if batch_size == 0 {
+        return Err(TritterError::option("batch_size", 0, "expected >= 1"));
+    }
+    let limit = if max_batches == 0 {
+        usize::MAX
+    } else {
+        max_batches
+    };
+    let indices: Vec<usize> = (0..data.len()).collect();
+    for chunk in indices.chunks(batch_size).take(limit) {
+        let batch = data.batch(chunk, model.device())?;
+        let mut mask = MaskSpec::from_config(model.config());
+        if document_mask {
+            mask = mask.with_doc_ids(batch.doc_ids.clone());
+        }
+        f(&batch, &mask)?;
+    }
+    Ok(())
 }
 
 /// `(name, var)` of every model parameter.
