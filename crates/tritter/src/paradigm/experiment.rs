@@ -205,8 +205,16 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Predicted next tokens `(B, L)` for final hidden states `(B, L, H)`.
-    fn predict(&mut self, hidden: &Tensor) -> Result<Vec<Vec<u32>>> {
+    /// Scores the next-token predictions of final hidden states `(B, L, H)` against
+    /// `targets` `(B, L)` u32 where `loss_mask` `(B, L)` is 1 (only those positions are read,
+    /// so padding neither costs a rounding nor counts as a fallback).
+    fn score(
+        &mut self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        loss_mask: &Tensor,
+        acc: &mut Accuracy,
+    ) -> Result<()> {
         let logits = self
             .model
             .logits(hidden)?
@@ -221,33 +229,15 @@ impl<'a> Reader<'a> {
             ),
             None => None,
         };
-        let mut out = Vec::with_capacity(logits.len());
-        for (b, rows) in logits.iter().enumerate() {
-            let mut preds = Vec::with_capacity(rows.len());
-            for (i, row) in rows.iter().enumerate() {
-                let e = embeds.as_ref().map_or(&[][..], |e| &e[b][i][..]);
-                preds.push(self.pick(e, row)?);
-            }
-            out.push(preds);
-        }
-        Ok(out)
-    }
-
-    /// Adds the hits of `predicted` against `targets` `(B, L)` u32 where `loss_mask`
-    /// `(B, L)` f32 is 1.
-    fn score(
-        predicted: &[Vec<u32>],
-        targets: &Tensor,
-        loss_mask: &Tensor,
-        acc: &mut Accuracy,
-    ) -> Result<()> {
         let targets = targets.to_vec2::<u32>()?;
         let mask = loss_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        for ((p, t), m) in predicted.iter().zip(&targets).zip(&mask) {
-            for ((&p, &t), &m) in p.iter().zip(t).zip(m) {
-                if m > 0.0 {
+        for (b, rows) in logits.iter().enumerate() {
+            for (i, row) in rows.iter().enumerate() {
+                if mask[b][i] > 0.0 {
+                    let e = embeds.as_ref().map_or(&[][..], |e| &e[b][i][..]);
+                    let predicted = self.pick(e, row)?;
                     acc.total += 1;
-                    acc.correct += usize::from(p == t);
+                    acc.correct += usize::from(predicted == targets[b][i]);
                 }
             }
         }
@@ -297,13 +287,7 @@ pub fn evaluate_corpus(
             let embeds = model.embed(&batch.inputs)?;
             let hidden =
                 model.forward_embeddings(&embeds, &model.default_positions(b, l)?, mask)?;
-            let predicted = reader.predict(&hidden)?;
-            Reader::score(
-                &predicted,
-                &batch.targets,
-                &batch.loss_mask,
-                &mut next_token,
-            )
+            reader.score(&hidden, &batch.targets, &batch.loss_mask, &mut next_token)
         },
     )?;
     Ok(EvalReport {
@@ -382,13 +366,7 @@ pub fn evaluate_task(
             &model.default_positions(b, l)?,
             &mask,
         )?;
-        let predicted = reader.predict(&hidden)?;
-        Reader::score(
-            &predicted,
-            &batch.targets,
-            &batch.loss_mask,
-            &mut next_token,
-        )?;
+        reader.score(&hidden, &batch.targets, &batch.loss_mask, &mut next_token)?;
     }
     let mut task = Accuracy::default();
     for e in examples {
