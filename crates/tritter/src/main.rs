@@ -14,7 +14,7 @@ use tritter::data::{
 use tritter::generate::{generate, SamplingOptions};
 use tritter::paradigm::curriculum::{Curriculum, ReasoningTrainer};
 use tritter::paradigm::experiment::{
-    evaluate_corpus, evaluate_task, EvalMode, EvalOptions, EvalReport,
+    evaluate_corpus, evaluate_task, EvalMode, EvalOptions, EvalReport, HELD_OUT_SEED,
 };
 use tritter::paradigm::task::TaskKind;
 use tritter::paradigm::{EmbeddingLossKind, EmbeddingObjective, LatentMarkers, Objective};
@@ -289,7 +289,7 @@ struct EvalArgs {
     #[arg(long, default_value_t = 200)]
     examples: usize,
     /// Seed of the held-out examples (training uses --seed, 0 by default).
-    #[arg(long, default_value_t = 1_000_003)]
+    #[arg(long, default_value_t = HELD_OUT_SEED)]
     task_seed: u64,
     /// Latent mode: continuous thoughts per reasoning step (as trained).
     #[arg(long, default_value_t = 1)]
@@ -747,7 +747,7 @@ fn train_task(
     let dir = out.join("model");
     trainer.model().save(&dir)?;
     println!("model: {}", dir.display());
-    let held_out = kind.generate(100, 1_000_003, a.difficulty)?;
+    let held_out = kind.generate(100, HELD_OUT_SEED, a.difficulty)?;
     let mode = if a.latent_stages > 0 {
         EvalMode::Latent
     } else {
