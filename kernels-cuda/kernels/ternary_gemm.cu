@@ -1,14 +1,17 @@
 // W2A8 ternary GEMM for prefill and training (M > 32 activation rows), DESIGN.md section 4.
 //
-//   W      [n_out, wpr] u32 canonical 2-bit codes (as ternary_gemv.cu), wpr % 4 == 0
+//   W      tiled 2-bit codes (as ternary_gemv.cu: 16-row x 128-weight blocks of 512 B, block
+//          (T, q) at word 128 (T * quads + q), lane L's A operand words at 4 L)
 //   gamma  [1] or [n_out] f32
 //   xq     [M, Kp] int8 codes in the GEMV/GEMM operand order (act_quant_mma_*), Kp % 128 == 0
 //   xsum   [M] int32 row sums of the codes, xs [M] f32 activation scales
 //   y      [M, n_out] f32   y[m, n] = (sum_k code[n,k] * xq[m,k] - xsum[m]) * (gamma_n / s_m)
 //
 // Algorithm: mma.sync.m16n8k32.s8 with A = weight codes, decoded in registers exactly as in
-// the GEMV ((word[t] >> 2j) & 0x03030303 in k-step j, so the 2-bit tile is all that crosses
-// shared memory for the weights), and B = activation codes. dot(w, x) = dot(code, x) - sum(x).
+// the GEMV ((word >> 2j) & 0x03030303 in k-step j, so the 2-bit tile is all that crosses
+// shared memory for the weights; the tiled layout makes a stage's weights whole 512-byte
+// blocks, copied with 16-byte cp.async and read back with one conflict-free 16-byte shared
+// load per lane and m-tile), and B = activation codes. dot(w, x) = dot(code, x) - sum(x).
 // Thanks to the operand order, the 16 bytes at offset 32 j (+16) of a token row are B
 // register 0 (1) of k-step j for lanes t = 0..3, so one ldmatrix.x4 over 8-token x 16-byte
 // matrices yields both B registers of two n-tiles.
@@ -17,14 +20,14 @@
 // 64 rows x 64 tokens = 4 x 8 MMAs per k-step, 128 per 128-weight quad: each decoded A
 // fragment feeds 8 MMAs, each B register 4. K advances one quad per pipeline stage; 3
 // stages of cp.async (16-byte chunks): weights 128 rows x 32 B, activations 128 tokens x
-// 128 B, 24 KB per stage, 72 KB in all (under sm_120's 99 KB per block; two CTAs per H100
-// SM). Shared rows are padded (weights 12 words, activations 144 B) so the 8 rows a warp
-// reads at once (LDS.32 on weights, ldmatrix on tokens) hit distinct banks. ~250 registers
+// 128 B, 22 KB per stage, 66 KB in all (under sm_120's 99 KB per block; three CTAs per
+// H100 SM). Activation rows are padded to 144 B so the 8 rows an ldmatrix reads hit
+// distinct banks; weight blocks need no padding (a warp reads 512 contiguous bytes). ~250 registers
 // per thread, no spills. `Small` (64 x 64, 4 warps of 32 x 32) serves grids the large tile
 // would leave idle.
 //
-// Per warp and k-step: 32 MMAs, 4 ldmatrix.x4, 4 decoded A fragments (one LDS.32 per row
-// pair and quad, a shift and an AND per register). Tuning (dev/ternary_gemm_tune.sh, H100,
+// Per warp and k-step: 32 MMAs, 4 ldmatrix.x4, 4 decoded A fragments (one LDS.128 per
+// m-tile and quad, a shift and an AND per register). Tuning (dev/ternary_gemm_tune.sh, H100,
 // TOP/s at M = 4096, 4096 x 4096 / 16384 x 4096 / 4096 x 16384): v1 = 64 x 64 CTA, 4 warps
 // of 32 x 32, 32-bit B loads: 470 at 4096^3; 128 x 128 with 8 warps of 64 x 32: 460-515;
 // 256 x 128 with 8 warps of 64 x 64: 560-640; this tile: 612 / 628 / 745 (cuBLAS bf16 in
@@ -38,7 +41,6 @@
 
 namespace {
 
-constexpr int kWPad = 4;   // words of padding per weight row in shared memory
 constexpr int kXPad = 16;  // bytes of padding per token row in shared memory
 
 using tritter::cp_async_commit;
@@ -55,15 +57,12 @@ struct GemmTile {
     static constexpr int kThreads = 32 * kWN * kWM;
     static constexpr int kMT = kBN / kWN / 16;  // 16-row MMA tiles per warp
     static constexpr int kNT = kBM / kWM / 8;   // 8-token MMA tiles per warp
-    static constexpr int kWStride = 8 * kQPS + kWPad;    // words per weight row in smem
     static constexpr int kXStride = 128 * kQPS + kXPad;  // bytes per token row in smem
-    static constexpr int kWStageWords = kBN * kWStride;
+    static constexpr int kWStageWords = kBN * 8 * kQPS;  // kBN / 16 x kQPS blocks of 128 words
     static constexpr int kXStageBytes = kBM * kXStride;
     static constexpr int kSmemBytes = kStages * (4 * kWStageWords + kXStageBytes);
     static_assert(kNT % 2 == 0, "ldmatrix.x4 loads n-tiles in pairs");
     static_assert(kMT >= 1 && kBN % (16 * kWN) == 0 && kBM % (8 * kWM) == 0, "tile shape");
-    static_assert((kWStride % 32) == 4 || (kWStride % 32) == 12 || (kWStride % 32) == 20 || (kWStride % 32) == 28,
-                  "weight rows g = 0..7 must fall in distinct bank quads");
 };
 
 template <class T>
@@ -73,35 +72,36 @@ __device__ __forceinline__ void gemm_w2a8_body(const uint32_t* __restrict__ W, c
                                                float* __restrict__ y, int M, int n_out, int K) {
     constexpr int kStages = T::kStages, kQPS = T::kQPS, kMT = T::kMT, kNT = T::kNT;
     constexpr int kBN = T::kBN, kBM = T::kBM, kThreads = T::kThreads;
-    constexpr int kWStride = T::kWStride, kXStride = T::kXStride;
+    constexpr int kXStride = T::kXStride;
     extern __shared__ __align__(16) unsigned char smem[];
-    uint32_t* wsm = reinterpret_cast<uint32_t*>(smem);                              // [stage][kBN][kWStride]
+    uint32_t* wsm = reinterpret_cast<uint32_t*>(smem);  // [stage][kBN / 16][kQPS][128 words]
     int8_t* xsm = reinterpret_cast<int8_t*>(smem + 4 * kStages * T::kWStageWords);  // [stage][kBM][kXStride]
 
     const int wpr = (K + 15) / 16;
     const int quads = (wpr + 7) / 8;
     const int kp = quads * 128;
+    const int n_tiles = (n_out + 15) / 16;
     const int steps = (quads + kQPS - 1) / kQPS;
     const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int wn = (warp % T::kWN) * (16 * kMT), wm = (warp / T::kWN) * (8 * kNT);  // warp tile origin
 
-    // One stage = kQPS quads: weights kBN rows x 2 kQPS 16-byte chunks, activations kBM
-    // tokens x 8 kQPS chunks, spread over the CTA's threads. Chunks past the row (K) or the
-    // matrix (n_out, M) are zero-filled: zero codes against zero activations add nothing.
+    // One stage = kQPS quads: weights kBN / 16 x kQPS blocks of 32 16-byte chunks,
+    // activations kBM tokens x 8 kQPS chunks, spread over the CTA's threads. Blocks past the
+    // matrix (n_out, K) and tokens past M are zero-filled: their products are discarded or
+    // meet zero activations.
     auto issue = [&](int step, int stage) {
-        constexpr int kWChunks = kBN * 2 * kQPS, kXChunks = kBM * 8 * kQPS;
+        constexpr int kWChunks = (kBN / 16) * kQPS * 32, kXChunks = kBM * 8 * kQPS;
 #pragma unroll
         for (int i = 0; i < (kWChunks + kThreads - 1) / kThreads; ++i) {
             const int idx = tid + kThreads * i;
             if (kWChunks % kThreads != 0 && idx >= kWChunks) break;
-            const int r = idx / (2 * kQPS), c = idx % (2 * kQPS);
-            const int n = n0 + r;
-            const int word = 8 * kQPS * step + 4 * c;
-            const bool ok = n < n_out && word < wpr;
-            cp_async_zfill<16>(wsm + stage * T::kWStageWords + r * kWStride + 4 * c,
-                               ok ? W + static_cast<size_t>(n) * wpr + word : W, ok ? 16 : 0);
+            const int blk = idx / 32, l = idx % 32;  // block (tile blk / kQPS, quad blk % kQPS)
+            const int tile = n0 / 16 + blk / kQPS, q = kQPS * step + blk % kQPS;
+            const bool ok = tile < n_tiles && q < quads;
+            cp_async_zfill<16>(wsm + stage * T::kWStageWords + 128 * blk + 4 * l,
+                               ok ? W + (static_cast<size_t>(tile) * quads + q) * 128 + 4 * l : W, ok ? 16 : 0);
         }
 #pragma unroll
         for (int i = 0; i < (kXChunks + kThreads - 1) / kThreads; ++i) {
@@ -138,17 +138,17 @@ __device__ __forceinline__ void gemm_w2a8_body(const uint32_t* __restrict__ W, c
         const int stage = step % kStages;
 #pragma unroll
         for (int qq = 0; qq < kQPS; ++qq) {
-            const uint32_t* ws = wsm + stage * T::kWStageWords + 8 * qq;
+            const uint32_t* ws = wsm + stage * T::kWStageWords + 128 * qq;
             const int8_t* xsb = xsm + stage * T::kXStageBytes + 128 * qq;
             uint32_t lo[kMT][2], hi[kMT][2];  // [m-tile][row g / g+8]
 #pragma unroll
-            for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const uint32_t* wr = ws + (wn + 16 * mt + 8 * h + g) * kWStride + t;
-                    lo[mt][h] = wr[0];
-                    hi[mt][h] = wr[4];
-                }
+            for (int mt = 0; mt < kMT; ++mt) {
+                const uint4 v = *reinterpret_cast<const uint4*>(ws + 128 * (((wn >> 4) + mt) * kQPS) + 4 * lane);
+                lo[mt][0] = v.x;
+                lo[mt][1] = v.y;
+                hi[mt][0] = v.z;
+                hi[mt][1] = v.w;
+            }
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 unsigned b[kNT][2];

@@ -1,7 +1,9 @@
 // Transposed ternary product for the straight-through-estimator backward pass, DESIGN.md
 // sections 4 and 5: dX = dY · (Wq * gamma).
 //
-//   W      [n_out, wpr] u32 canonical 2-bit codes (code = w + 1, 16 per word, as ternary_gemv.cu)
+//   W      tiled 2-bit codes (code = w + 1, as ternary_gemv.cu: 16-row x 128-weight blocks of
+//          512 B, block (T, q) at word 128 (T * quads + q); lane L = 4g + t's words at 4 L are
+//          word t of rows g and g+8, then word t+4 of rows g and g+8)
 //   gamma  [1] or [n_out] f32
 //   dy     [M, n_out] bf16, row-major
 //   dx     [M, K] f32       dx[m, k] = sum_n dy[m, n] * (code[n, k] - 1) * gamma_n
@@ -18,7 +20,8 @@
 //
 // Tiling: CTA tile 128 tokens (M) x 128 columns (K), 4 warps (2 x 2) of 64 x 64 = 4 x 8
 // MMAs per 16-row k-step, 4 k-steps per 64-row stage. 3 cp.async stages of dY (128 x 64
-// bf16, rows padded to 144 B) and packed W (64 x 8 words); two decoded bf16 tiles (64 x 128,
+// bf16, rows padded to 144 B) and packed W (4 tiled blocks: 64 rows x the CTA's 128
+// columns, one 16-byte cp.async per thread); two decoded bf16 tiles (64 x 128,
 // rows padded to 272 B): stage s + 1 is decoded while stage s feeds the MMAs, so one
 // barrier per stage suffices. 96 KB of shared memory (two CTAs per H100 SM, one on sm_120).
 // v1 (one decoded tile, two barriers per stage): 285 TFLOP/s at M = n_out = K = 4096 on
@@ -78,7 +81,8 @@ __device__ __forceinline__ void gemm_t_body(const uint32_t* __restrict__ W, cons
     unsigned char* bsm = smem + kStages * (kYStageBytes + 4 * kWStageWords);            // [2][64][272 B]
     uint2* lut = reinterpret_cast<uint2*>(bsm + 2 * kBR * kBStride);                    // [16] {nonzero, sign}
 
-    const int wpr = (K + 15) / 16;
+    const int quads = ((K + 15) / 16 + 7) / 8;
+    const int n_tiles = (n_out + 15) / 16;
     const int m0 = blockIdx.y * kBM, k0 = blockIdx.x * kBK;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int wm = (warp >> 1) * 64, wk = (warp & 1) * 64;  // warp tile origin (tokens, columns)
@@ -113,36 +117,36 @@ __device__ __forceinline__ void gemm_t_body(const uint32_t* __restrict__ W, cons
                                                       : __float2bfloat16_rn(0.0f);
             }
         }
-        // W: 64 rows x 8 words, 4-byte cp.async (rows need not be 16-byte aligned); 4 per thread.
-#pragma unroll
-        for (int i = 0; i < kBR * kWWords / kThreads; ++i) {
-            const int idx = tid + kThreads * i;
-            const int r = idx >> 3, c = idx & 7;
-            const int n = r0 + r, word = k0 / 16 + c;
-            const bool ok = n < n_out && word < wpr;
-            cp_async_zfill<4>(wsm + stage * kWStageWords + r * kWWords + c,
-                              ok ? W + static_cast<size_t>(n) * wpr + word : W, ok ? 4 : 0);
+        // W: blocks (row tiles r0 / 16 .. + 3, quad k0 / 128) = 4 x 32 16-byte chunks, one per
+        // thread: chunk tid is lane tid % 32 of block tid / 32.
+        {
+            const int tile = r0 / 16 + tid / 32;
+            const bool ok = tile < n_tiles;
+            cp_async_zfill<16>(wsm + stage * kWStageWords + 4 * tid,
+                               ok ? W + (static_cast<size_t>(tile) * quads + k0 / 128) * 128 + 4 * (tid % 32) : W,
+                               ok ? 16 : 0);
         }
         cp_async_commit();
     };
 
     // Decodes the 2-bit rows of stage `step` into decoded tile `buf`: 64 rows x 8 words, 4
     // words per thread, 16 bf16 (two 16-byte stores) each. A thread decodes exactly the words
-    // its own cp.asyncs brought (same index mapping as `issue`), so its own wait_group is
-    // all the ordering the raw words need.
+    // its own cp.async brought (lane l = 4g + t of block b: word t of rows 16b + g and
+    // 16b + g + 8, then word t + 4 of both), so its own wait_group is all the ordering the
+    // raw words need.
     auto decode = [&](int step, int buf) {
         const uint32_t* ws = wsm + (step % kStages) * kWStageWords;
         unsigned char* bt = bsm + buf * kBR * kBStride;
 #pragma unroll
-        for (int i = 0; i < kBR * kWWords / kThreads; ++i) {
-            const int idx = tid + kThreads * i;
-            const int r = idx >> 3, c = idx & 7;
+        for (int i = 0; i < 4; ++i) {
+            const int l = tid % 32;
+            const int r = 16 * (tid / 32) + (l >> 2) + 8 * (i & 1), c = (l & 3) + 4 * (i >> 1);
             const int n = step * kBR + r;
             float gv = 1.0f;
             if (gamma_per_row) gv = n < n_out ? gamma[n] : 0.0f;
             const unsigned gb = static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(gv)));
             const unsigned gg = gb | (gb << 16);
-            const uint32_t word = ws[r * kWWords + c];
+            const uint32_t word = ws[4 * tid + i];
             unsigned v[8];
 #pragma unroll
             for (int p = 0; p < 8; ++p) {

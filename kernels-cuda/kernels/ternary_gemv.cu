@@ -1,102 +1,86 @@
 // W2A8 ternary GEMV for decode and small batches (M = 1..8, and 9..32 with the _m32
 // variants), DESIGN.md section 4.
 //
-//   W      [n_out, wpr]  u32, canonical 2-bit codes (code = w + 1; weight k of a row at bits
-//                        2*(k%16) of word k/16; rows padded with code 1), wpr = ceil(K/16)
+//   W      tiled 2-bit codes (crates/ternary-gemm `repack_tiles`): blocks of 16 rows x 128
+//          weights (512 B), block (T, q) at uint4 offset 32 (T * quads + q); lane L = 4g + t
+//          holds {word t of row g, word t of row g+8, word t+4 of row g, word t+4 of row
+//          g+8} of the block (canonical words: code = w + 1, weight k at bits 2 (k % 16));
+//          rows padded to 16 and words to 8 per row with zero weights;
+//          quads = ceil(ceil(K / 16) / 8)
 //   gamma  [1] or [n_out] f32 weight scales
-//   xq     [M, Kp] int8 activation codes in MMA k order (Kp = ceil(K/128)*128, zero padded;
+//   xq     [M, Kp] int8 activation codes in MMA k order (Kp = quads * 128, zero padded;
 //          written by act_quant_mma_* / a8_to_mma), xsum [M] int32 row sums of the codes,
 //          xs [M] f32 activation scales (s = 127 / absmax)
 //   y      [M, n_out] f32   y[m, n] = acc[m, n] * (gamma_n / s_m),
 //                           acc[m, n] = sum_k (code[n, k] - 1) * xq[m, k]   (exact, int32)
 //   ws     [32, n_out] int32 split-K accumulators, zero between calls (the last CTA resets them)
-//   tiles  [ceil(n_out/32)] u32 split-K arrival counters, zero between calls
+//   tiles  [ceil(n_out / 16)] u32 split-K arrival counters, zero between calls
 //
 // Algorithm. The integer dot product runs on the tensor cores: mma.sync.m16n8k32.s8.s8.s32
 // with A = 16 weight rows x 32 k (codes 0..2 as s8) and B = 32 k x 8 activation rows
-// (columns >= M are zero registers; the _m32 variants issue 4 MMAs per decoded A fragment). dot(w, x) = dot(code, x) - sum(x), so the codes feed the
-// MMA directly and one subtraction per output removes the offset.
-// Decode is at most 2 instructions per A register: the MMA's k order inside each 128-weight
-// quad (8 words per row) is permuted so that in k-step j lane (g, t) feeds the MMA
-// (word[t] >> 2j) & 0x03030303 and (word[t+4] >> 2j) & 0x03030303, i.e. the codes of weights
-// {16t + j, 16t + 4 + j, 16t + 8 + j, 16t + 12 + j}: the shift is an immediate and two
-// 32-bit shared loads per row cover all four k-steps. The activations arrive in the same
-// order from the quantization kernel (xq[128b + 32j + 4t + e] = x[128b + 16t + 4e + j]), so
-// each B register is one 32-bit load from L1/L2 and no CTA spends shared memory or a
-// prologue on them. The weight stream is read exactly as stored: no repacking.
+// (columns >= M are zero registers; the _m32 variants issue 4 MMAs per decoded A fragment).
+// dot(w, x) = dot(code, x) - sum(x), so the codes feed the MMA directly and one subtraction
+// per output removes the offset. In k-step j of a block, lane (g, t) feeds the MMA
+// (word >> 2j) & 0x03030303 of each of its 4 words (a0..a3): the codes of weights
+// {16t + j, 16t + 4 + j, 16t + 8 + j, 16t + 12 + j} (+64 for a2, a3) of rows g and g+8.
+// The activations arrive in the same order from the quantization kernel (xq[128b + 32j +
+// 4t + e] = x[128b + 16t + 4e + j]), so each B register is one 32-bit load from L1/L2.
 //
-// Tiling and pipeline. A CTA owns 32 output rows (two 16-row MMA tiles per warp, sharing each
-// B fragment) and one K range of up to 4096 weights (blockIdx.y of ksplit). The CTA's whole
-// weight tile (32 rows x range, <= 33 KB) is requested at once with 16-byte cp.async in 4
-// commit groups along k, so every byte a CTA needs is in flight after its first
-// instructions and HBM latency is paid about once per CTA; the warps
-// then consume the groups in order as they land. Every weight byte is fetched once
-// (coalesced, no per-lane redundancy); the four lanes of an MMA row group read it from shared
-// memory by broadcast. Weight rows in shared memory are padded by 4 words so the 8 row groups
-// of a warp hit distinct banks.
-// The 8 warps split each group's k-steps; their 32 x 8 int32 tiles are summed through shared
-// memory (reusing the weight buffer).
-// Split-K (ksplit > 1) is serial and deterministic: each CTA adds its int32 sum(code * x)
-// tile into ws with
-// atomics (integer addition: order does not matter), and the last CTA of a row tile, found
-// with an arrival counter, subtracts the row sums, applies the epilogue and zeroes ws and
-// the counter for the next call. One launch per call.
+// Register streaming. A warp's 16-byte load of one block is 512 contiguous bytes landing
+// straight in its A registers: no shared-memory staging and no barrier in the main loop. A
+// CTA of 8 warps owns kRT row tiles (16 kRT rows) and a K range; warp w takes blocks w,
+// w + 8, ... of the range and requests kU x kRT of them (kU x kRT x 512 B) before it
+// decodes the first, so HBM latency is paid once per batch and an SM keeps ~64 KB in
+// flight. The warps' int32 tiles are summed through shared memory at the end.
+// Split-K (only when the row tiles alone would not fill the GPU) is serial and
+// deterministic: each CTA adds its int32 tile into ws with atomics (integer addition: order
+// does not matter), and the last CTA of a row tile, found with an arrival counter,
+// subtracts the row sums, applies the epilogue and zeroes ws and the counter. One launch.
 //
-// Bound: memory (weight bytes). Per 128 packed bytes (one MMA) a warp issues about 12
-// instructions (1 MMA, <= 8 SHF/LOP, 1 LDS for A, 1 L1 load for B), within the issue rate
-// needed to stream ~15 B/clk/SM on an H100 or RTX 5080; the copies are issued once per CTA.
+// Bound: memory (weight bytes). Per 512-byte block a warp issues ~30 instructions (1
+// LDG.128, 4 MMAs, ~15 SHF/LOP for the decode, 8 L1 loads for B shared by the kRT tiles),
+// under the issue rate needed to stream ~12 B/clk/SM. H100 (dev/gemv_rs.py: cupy, no PDL,
+// CUDA-graph replays, M = 1): 134 MB at 2.75 TB/s (92% of a read-only kernel streaming the
+// same bytes; 1.41x the shared-memory-staged kernel this replaced), 16.8 MB in 10.3 us
+// (read-only: 7.1-7.7 us; at this size launch and first-byte latency dominate, which PDL
+// overlaps with the previous kernel).
 
 #include "common.cuh"
 #include "ternary_mma.cuh"
 
 namespace {
 
-using tritter::cp_async_commit;
-using tritter::cp_async_wait;
-using tritter::cp_async_zfill;
-
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTiles = 2;              // 16-row MMA tiles per warp
-constexpr int kRows = 16 * kTiles;     // output rows per CTA
 constexpr int kN = 8;                  // activation rows per MMA (MMA N)
 constexpr int kQuadWords = 8;          // 128 weights = 4 MMA k-steps = 8 words per row
-constexpr int kStages = 4;             // cp.async commit groups per CTA range
-constexpr int kRowPadW = 4;            // words of padding per weight row in shared memory
 
-__device__ __forceinline__ void wait_stage(int pending) {
-    // wait_group needs an immediate: dispatch on the (small, uniform) number still pending.
-    if (pending >= 3) cp_async_wait<3>();
-    else if (pending == 2) cp_async_wait<2>();
-    else if (pending == 1) cp_async_wait<1>();
-    else cp_async_wait<0>();
-}
-
-// kVec: rows are 16-byte aligned (wpr % 4 == 0): 16-byte copies; else 4-byte copies.
-// kNT: MMA n-tiles of 8 activation rows (1: M <= 8, 4: M <= 32); every decoded A fragment
-// feeds kNT MMAs, so a batch of up to 32 rows streams the weights once.
 // The fused MLP's gate/up epilogue. The gate/up matrix interleaves 16-row tiles, so a CTA's
-// 32 rows are gate rows i0..i0+15 (tile 0) and the up rows of the same i (tile 1), i0 =
-// 16 blockIdx.x. v[o] holds the CTA's finished outputs (the GEMV epilogue's values) for
-// (row, m) = ((tid + 256 o) / kMT, (tid + 256 o) % kMT). Writes h[m, i] = relu(g)^2 * u with
-// the CPU reference's f32 operations (no contraction) and folds max|h| of each row into
-// amax_bits, first in shared memory, then one global atomicMax per (CTA, row).
-template <int kNT>
-__device__ __forceinline__ void glu_epilogue(const float (&v)[kNT], float* __restrict__ h,
+// kRT tiles are kRT / 2 (gate, up) pairs: tile 2p holds gate rows i0 + 16p .. + 15 and tile
+// 2p + 1 the up rows of the same i, i0 = 8 kRT blockIdx.x. v[o] holds the CTA's finished
+// outputs (the GEMV epilogue's values) for (row, m) = ((tid + 256 o) / kMT, (tid + 256 o) %
+// kMT). Writes h[m, i] = relu(g)^2 * u with the CPU reference's f32 operations (no
+// contraction) and folds max|h| of each row into amax_bits, first in shared memory, then one
+// global atomicMax per (CTA, row).
+template <int kRT, int kNT, int kOut>
+__device__ __forceinline__ void glu_epilogue(const float (&v)[kOut], float* __restrict__ h,
                                              unsigned* __restrict__ amax_bits, int M, int inter) {
     constexpr int kMT = kN * kNT;
+    constexpr int kRows = 16 * kRT;
+    static_assert(kRT % 2 == 0 && kRows * kMT == kThreads * kOut, "whole (gate, up) pairs, every output owned");
     __shared__ float vals[kRows * kMT];
     __shared__ unsigned row_max[kMT];
     const int tid = threadIdx.x;
 #pragma unroll
-    for (int o = 0; o < kNT; ++o) vals[tid + kThreads * o] = v[o];
+    for (int o = 0; o < kOut; ++o) vals[tid + kThreads * o] = v[o];
     if (tid < kMT) row_max[tid] = 0u;
     __syncthreads();
     const int i0 = blockIdx.x * (kRows / 2);
     for (int idx = tid; idx < (kRows / 2) * kMT; idx += kThreads) {
         const int er = idx / kMT, em = idx % kMT, i = i0 + er;
+        const int gr = 32 * (er / 16) + er % 16;  // gate row in the CTA; the up row is gr + 16
         if (em < M && i < inter) {
-            const float g = vals[er * kMT + em], u = vals[(er + kRows / 2) * kMT + em];
+            const float g = vals[gr * kMT + em], u = vals[(gr + 16) * kMT + em];
             const float r = fmaxf(g, 0.0f);
             const float hv = __fmul_rn(__fmul_rn(r, r), u);
             h[static_cast<size_t>(em) * inter + i] = hv;
@@ -107,164 +91,169 @@ __device__ __forceinline__ void glu_epilogue(const float (&v)[kNT], float* __res
     if (tid < M && tid < kMT) atomicMax(&amax_bits[tid], row_max[tid]);
 }
 
-// kGlu: the fused MLP's gate/up pass (see glu_epilogue); y is then h [M, inter].
-template <bool kVec, int kNT, bool kGlu = false>
-__device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
-                               const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,
-                               float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles, int M,
-                               int n_out, int K, int quads_per_split, unsigned* __restrict__ amax_bits = nullptr,
-                               int inter = 0, int* __restrict__ glu_sums = nullptr) {
-    extern __shared__ __align__(16) unsigned char smem[];
+__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// kRT: 16-row tiles per CTA (1; 2 for the GLU pass, whose CTA pairs gate and up tiles).
+// kU: blocks in flight per warp and row tile. kNT: MMA n-tiles of 8 activation rows (1: M
+// <= 8, 4: M <= 32); every decoded A fragment feeds kNT MMAs, so a batch of up to 32 rows
+// streams the weights once. kGlu: the fused MLP's gate/up pass (glu_epilogue); y is then h
+// [M, inter].
+template <int kRT, int kU, int kNT, bool kGlu>
+__device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
+                               const int8_t* __restrict__ xq, const int* __restrict__ xsum,
+                               const float* __restrict__ xs, float* __restrict__ y, int* __restrict__ ws,
+                               unsigned* __restrict__ tiles, int M, int n_out, int K, int quads_per_split,
+                               unsigned* __restrict__ amax_bits = nullptr, int inter = 0,
+                               int* __restrict__ glu_sums = nullptr) {
+    constexpr int kMT = kN * kNT;               // activation rows per launch
+    constexpr int kRows = 16 * kRT;             // output rows per CTA
+    constexpr int kOutTotal = kRows * kMT;      // outputs per CTA
+    constexpr int kOut = (kOutTotal + kThreads - 1) / kThreads;  // per thread
+    __shared__ int red[kWarps][kOutTotal];
     __shared__ bool last_cta;
 
     const int wpr = (K + 15) / 16;
-    const int total_quads = (wpr + kQuadWords - 1) / kQuadWords;
+    const int quads = (wpr + kQuadWords - 1) / kQuadWords;
+    const int n_tiles = (n_out + 15) / 16;
+    const int kp = quads * 128;  // padded activation row length (codes_mma)
     const int q_begin = blockIdx.y * quads_per_split;
-    const int nq = min(total_quads, q_begin + quads_per_split) - q_begin;
-    const int words = nq * kQuadWords;          // words per row in this CTA's range
-    const int w_stride = words + kRowPadW;      // smem words per weight row
-    const int kp = total_quads * 128;           // padded activation row length (codes_mma)
-    const int word0 = q_begin * kQuadWords;
-
-    constexpr int kMT = kN * kNT;               // activation rows per launch
-    // Layout: weights 32 x w_stride words, reused as kWarps x 32 x kMT int after compute.
-    // The host computes the same size.
-    uint32_t* wsm = reinterpret_cast<uint32_t*>(smem);
-    int* red = reinterpret_cast<int*>(smem);
-
+    const int q_end = min(quads, q_begin + quads_per_split);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int row0 = blockIdx.x * kRows;
+    const int T0 = blockIdx.x * kRT;
+    const int row0 = 16 * T0;
 
-    // 1. The whole weight tile, in kStages commit groups along k. Thread (row tid/8, lane
-    // tid%8) copies 16-byte chunks tid%8, tid%8 + 8, ... of its row: coalesced, pointers
-    // computed once.
-    const int stage_quads = (nq + kStages - 1) / kStages;
-    {
-        const int r = tid / 8, c8 = tid % 8;
-        const int n = row0 + r;
-        const bool row_ok = n < n_out;
-        const uint32_t* src = W + static_cast<size_t>(row_ok ? n : 0) * wpr + word0;
-        uint32_t* dst = wsm + r * w_stride;
-        for (int st = 0; st < kStages; ++st) {
-            const int sw0 = min(nq, st * stage_quads) * kQuadWords;
-            const int sw1 = min(nq, (st + 1) * stage_quads) * kQuadWords;
-            if (kVec) {
-                for (int c = sw0 + 4 * c8; c < sw1; c += 32) {
-                    const bool ok = row_ok && word0 + c < wpr;  // wpr % 4 == 0: chunks all in or out
-                    cp_async_zfill<16>(dst + c, ok ? src + c : W, ok ? 16 : 0);
-                }
-            } else {
-                for (int c = sw0 + c8; c < sw1; c += 8) {
-                    const bool ok = row_ok && word0 + c < wpr;
-                    cp_async_zfill<4>(dst + c, ok ? src + c : W, ok ? 4 : 0);
-                }
-            }
-            cp_async_commit();
-        }
-    }
-    // PDL: the weight copies above read only constant data, so they may overlap the end of
-    // the previous kernel (Gpu::launch_pdl); the next kernel's CTAs may start theirs now.
-    // Activations, scales, y and the split-K workspace are touched only after the wait.
-    tritter::pdl_launch_dependents();
-    tritter::pdl_wait();
-    if (kGlu && blockIdx.x == 0 && blockIdx.y == 0) {
-        // The fused MLP's A8 pass over h adds into these; this call's pass runs after us.
-        for (int i = tid; i < M; i += kThreads) glu_sums[i] = 0;
-    }
-
-    // Epilogue operands early, so their latency hides under the main loop. Thread tid
-    // owns outputs (row, m) = ((tid + 256 o) / kMT, (tid + 256 o) % kMT), o < kNT.
-    float out_scale[kNT];
-#pragma unroll
-    for (int o = 0; o < kNT; ++o) {
-        const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
-        out_scale[o] = (em < M && en < n_out) ? __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]) : 0.0f;
-    }
-
-    // 2. Consume the stages as they land; warps split each stage's quads. In k-step j of a
-    // quad, lane (g, t) feeds the MMA (word t >> 2j) & 0x03030303 and (word t+4 >> 2j) of
-    // rows g and g+8: the shift is an immediate and one pair of shared loads per row covers
-    // all 4 k-steps of the quad.
-    // B operands come straight from the GEMV-ready activations (already in MMA k order,
-    // L1/L2 resident: M x K bytes shared by every CTA).
-    bool has_b[kNT];
+    // Epilogue scales are read after the PDL wait (below, once); B rows of this lane.
     const int8_t* xg[kNT];
+    bool has_b[kNT];
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
         has_b[nt] = kN * nt + g < M;
         xg[nt] = xq + static_cast<size_t>(has_b[nt] ? kN * nt + g : 0) * kp + 4 * t;
     }
-    int c[kTiles][kNT][4] = {};
-    for (int st = 0; st < kStages; ++st) {
-        wait_stage(kStages - 1 - st);
-        __syncthreads();
-        const int qa = min(nq, st * stage_quads);
-        const int qb = min(nq, (st + 1) * stage_quads);
-        for (int q = qa + warp; q < qb; q += kWarps) {
-            uint32_t lo[2 * kTiles], hi[2 * kTiles];
-            tritter::ternary_quad_words(lo, hi, wsm + 8 * q, w_stride, g, t);
+
+    int c[kRT][kNT][4] = {};
+    // A batch is kU blocks (k) x kRT row tiles of one warp; batches of a warp are kStride
+    // blocks apart. Double-buffered in registers: batch i + 1 is requested before batch i is
+    // decoded, so a warp always has a batch in flight while it computes.
+    constexpr int kStride = kWarps * kU;
+    auto load = [&](uint4(&wv)[kU][kRT], int q0) {
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int q = q0 + kWarps * u;
+#pragma unroll
+            for (int r = 0; r < kRT; ++r) {
+                const int tile = T0 + r;
+                wv[u][r] = (q < q_end && tile < n_tiles)
+                               ? ldg_stream(W + (static_cast<size_t>(tile) * quads + q) * 32 + lane)
+                               : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    };
+    auto compute = [&](const uint4(&wv)[kU][kRT], int q0) {
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int q = q0 + kWarps * u;
+            if (q >= q_end) break;
             unsigned bq[kNT][8];
 #pragma unroll
             for (int nt = 0; nt < kNT; ++nt) {
-                const int8_t* xb = xg[nt] + 128 * (q_begin + q);
+                const int8_t* xb = xg[nt] + 128 * q;
 #pragma unroll
                 for (int j = 0; j < 8; ++j)
                     bq[nt][j] = has_b[nt] ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
             }
-            tritter::ternary_quad_mma(c, lo, hi, bq);
-        }
-    }
-    __syncthreads();  // all warps done with wsm: reuse it for the reduction
-
-    // C fragment of (tile, nt): c0,c1 -> (row 16 tile + g, m 8 nt + 2t, +1); c2,c3 -> row + 8.
-    int* mine = red + warp * (kRows * kMT);
 #pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile) {
-        const int r0 = 16 * tile + g;
+            for (int r = 0; r < kRT; ++r) {
+                const uint32_t lo[2] = {wv[u][r].x, wv[u][r].y};
+                const uint32_t hi[2] = {wv[u][r].z, wv[u][r].w};
+                tritter::ternary_quad_mma<1, kNT>(reinterpret_cast<int(&)[1][kNT][4]>(c[r]), lo, hi, bq);
+            }
+        }
+    };
+    uint4 wa[kU][kRT], wb[kU][kRT];
+    int q0 = q_begin + warp;
+    // The first batch is requested before the PDL wait: the weights are constant, so the
+    // loads may overlap the previous kernel's tail (Gpu::launch_pdl). Activations, scales,
+    // y and the split-K workspace are touched only after it.
+    load(wa, q0);
+    tritter::pdl_launch_dependents();
+    tritter::pdl_wait();
+    while (q0 < q_end) {
+        load(wb, q0 + kStride);
+        compute(wa, q0);
+        q0 += kStride;
+        if (q0 >= q_end) break;
+        load(wa, q0 + kStride);
+        compute(wb, q0);
+        q0 += kStride;
+    }
+    if (kGlu && blockIdx.x == 0 && blockIdx.y == 0) {
+        // The fused MLP's A8 pass over h adds into these; this call's pass runs after us.
+        for (int i = tid; i < M; i += kThreads) glu_sums[i] = 0;
+    }
+
+    // C fragment of (tile r, nt): c0,c1 -> (row 16 r + g, m 8 nt + 2t, +1); c2,c3 -> row + 8.
+    int* mine = red[warp];
+#pragma unroll
+    for (int r = 0; r < kRT; ++r) {
+        const int r0 = 16 * r + g;
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
             const int m0 = kN * nt + 2 * t;
-            mine[r0 * kMT + m0] = c[tile][nt][0];
-            mine[r0 * kMT + m0 + 1] = c[tile][nt][1];
-            mine[(r0 + 8) * kMT + m0] = c[tile][nt][2];
-            mine[(r0 + 8) * kMT + m0 + 1] = c[tile][nt][3];
+            mine[r0 * kMT + m0] = c[r][nt][0];
+            mine[r0 * kMT + m0 + 1] = c[r][nt][1];
+            mine[(r0 + 8) * kMT + m0] = c[r][nt][2];
+            mine[(r0 + 8) * kMT + m0 + 1] = c[r][nt][3];
         }
     }
     __syncthreads();
 
-    // acc = sum(code * x) over this CTA's range; dot(w, x) subtracts the row sum once.
-    int acc[kNT];
+    // Thread tid owns outputs (row, m) = ((tid + 256 o) / kMT, (tid + 256 o) % kMT); acc =
+    // sum(code * x) over this CTA's range, out_scale = gamma_n / s_m.
+    int acc[kOut];
+    float out_scale[kOut];
+    bool live[kOut];
 #pragma unroll
-    for (int o = 0; o < kNT; ++o) {
+    for (int o = 0; o < kOut; ++o) {
+        const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
+        live[o] = idx < kOutTotal && em < M && en < n_out;
         acc[o] = 0;
+        if (idx < kOutTotal) {
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) acc[o] += red[w * (kRows * kMT) + tid + kThreads * o];
+            for (int w = 0; w < kWarps; ++w) acc[o] += red[w][idx];
+        }
+        out_scale[o] = live[o] ? __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]) : 0.0f;
     }
 
     if (gridDim.y == 1) {
-        float v[kNT];
+        float v[kOut];
 #pragma unroll
-        for (int o = 0; o < kNT; ++o) {
+        for (int o = 0; o < kOut; ++o) {
             const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
             v[o] = 0.0f;
-            if (em < M && en < n_out) {
+            if (live[o]) {
                 v[o] = static_cast<float>(acc[o] - xsum[em]) * out_scale[o];
                 if (!kGlu) y[static_cast<size_t>(em) * n_out + en] = v[o];
             }
         }
-        if (kGlu) glu_epilogue<kNT>(v, y, amax_bits, M, inter);
+        if constexpr (kGlu) glu_epilogue<kRT, kNT, kOut>(v, y, amax_bits, M, inter);
         return;
     }
     // Serial split-K: accumulate, then the last CTA of this row tile finishes.
 #pragma unroll
-    for (int o = 0; o < kNT; ++o) {
+    for (int o = 0; o < kOut; ++o) {
         const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
-        if (em < M && en < n_out) atomicAdd(&ws[static_cast<size_t>(em) * n_out + en], acc[o]);
+        if (live[o]) atomicAdd(&ws[static_cast<size_t>(em) * n_out + en], acc[o]);
     }
     // Release: the barrier orders the CTA's atomics before thread 0's fence (cumulative),
-    // which orders them before the arrival; one fence per CTA instead of one per thread
-    // (H100: 4-5% on split-K shapes).
+    // which orders them before the arrival; one fence per CTA instead of one per thread.
     __syncthreads();
     if (tid == 0) {
         __threadfence();
@@ -273,12 +262,12 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
     }
     __syncthreads();
     if (!last_cta) return;
-    float v[kNT];
+    float v[kOut];
 #pragma unroll
-    for (int o = 0; o < kNT; ++o) {
+    for (int o = 0; o < kOut; ++o) {
         const int idx = tid + kThreads * o, em = idx % kMT, en = row0 + idx / kMT;
         v[o] = 0.0f;
-        if (em < M && en < n_out) {
+        if (live[o]) {
             // read the final sum and reset the slot for the next call
             const int total = atomicExch(&ws[static_cast<size_t>(em) * n_out + en], 0);
             v[o] = static_cast<float>(total - xsum[em]) * out_scale[o];
@@ -286,160 +275,46 @@ __device__ void gemv_w2a8_impl(const uint32_t* __restrict__ W, const float* __re
         }
     }
     if (tid == 0) tiles[blockIdx.x] = 0;
-    if (kGlu) glu_epilogue<kNT>(v, y, amax_bits, M, inter);
-}
-
-// Persistent variant (M <= 8, rows 16-byte aligned): a grid of about one wave of CTAs loops
-// over (row tile, K split) work items. The next item's weight tile is copied into the other
-// half of a double buffer while the current one is computed, so a CTA's copy issue, wait and
-// epilogue overlap with streaming instead of adding up per item. Same math, operand order
-// and split-K protocol as gemv_w2a8_impl.
-__device__ void gemv_w2a8_persistent_impl(const uint32_t* __restrict__ W, const float* __restrict__ gamma,
-                                          int gamma_per_row, const int8_t* __restrict__ xq,
-                                          const int* __restrict__ xsum, const float* __restrict__ xs,
-                                          float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles,
-                                          int M, int n_out, int K, int quads_per_split, int ksplit) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ bool last_cta;
-    const int wpr = (K + 15) / 16;
-    const int total_quads = (wpr + kQuadWords - 1) / kQuadWords;
-    const int kp = total_quads * 128;
-    const int w_stride = quads_per_split * kQuadWords + kRowPadW;
-    const int buf_words = kRows * w_stride;
-    uint32_t* const buf0 = reinterpret_cast<uint32_t*>(smem);  // buffer b at buf0 + b * buf_words
-    int* red = reinterpret_cast<int*>(smem + 2 * 4 * buf_words);  // [kWarps][32 * 8]
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int row_tiles = (n_out + kRows - 1) / kRows;
-    const int items = row_tiles * ksplit;
-
-    auto issue = [&](int item, uint32_t* dst_base) {
-        const int tile = item / ksplit, split = item % ksplit;
-        const int q_begin = split * quads_per_split;
-        const int nq = min(total_quads, q_begin + quads_per_split) - q_begin;
-        const int word0 = q_begin * kQuadWords, words = nq * kQuadWords;
-        const int r = tid / 8, c8 = tid % 8;
-        const int n = tile * kRows + r;
-        const bool row_ok = n < n_out;
-        const uint32_t* src = W + static_cast<size_t>(row_ok ? n : 0) * wpr + word0;
-        uint32_t* dst = dst_base + r * w_stride;
-        for (int c = 4 * c8; c < words; c += 32) {
-            const bool ok = row_ok && word0 + c < wpr;
-            cp_async_zfill<16>(dst + c, ok ? src + c : W, ok ? 16 : 0);
-        }
-        cp_async_commit();
-    };
-
-    const bool has_b = g < M;
-    int item = blockIdx.x;
-    int cur = 0;
-    if (item < items) issue(item, buf0);
-    // PDL: as in gemv_w2a8_impl, only the first weight tile is requested before the wait.
-    tritter::pdl_launch_dependents();
-    tritter::pdl_wait();
-    for (; item < items; item += gridDim.x, cur ^= 1) {
-        const int next = item + gridDim.x;
-        if (next < items) issue(next, buf0 + (cur ^ 1) * buf_words);
-        else cp_async_commit();  // keep the group count uniform
-        cp_async_wait<1>();      // the current item's copies have landed
-        __syncthreads();
-
-        const int tile = item / ksplit, split = item % ksplit;
-        const int q_begin = split * quads_per_split;
-        const int nq = min(total_quads, q_begin + quads_per_split) - q_begin;
-        const int row0 = tile * kRows;
-        const uint32_t* wsm = buf0 + cur * buf_words;
-        const int8_t* xg = xq + static_cast<size_t>(has_b ? g : 0) * kp + 4 * t;
-        int c[kTiles][1][4] = {};
-        for (int q = warp; q < nq; q += kWarps) {
-            uint32_t lo[2 * kTiles], hi[2 * kTiles];
-            tritter::ternary_quad_words(lo, hi, wsm + 8 * q, w_stride, g, t);
-            const int8_t* xb = xg + 128 * (q_begin + q);
-            unsigned bq[1][8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) bq[0][j] = has_b ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
-            tritter::ternary_quad_mma(c, lo, hi, bq);
-        }
-        int* mine = red + warp * (kRows * kN);
-#pragma unroll
-        for (int tl = 0; tl < kTiles; ++tl) {
-            const int r0 = 16 * tl + g;
-            mine[r0 * kN + 2 * t] = c[tl][0][0];
-            mine[r0 * kN + 2 * t + 1] = c[tl][0][1];
-            mine[(r0 + 8) * kN + 2 * t] = c[tl][0][2];
-            mine[(r0 + 8) * kN + 2 * t + 1] = c[tl][0][3];
-        }
-        __syncthreads();  // tiles written; all warps done reading buf[cur]
-        const int er = tid / kN, em = tid % kN, en = row0 + er;
-        const bool live = em < M && en < n_out;
-        int acc = 0;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) acc += red[w * (kRows * kN) + tid];
-        if (ksplit == 1) {
-            if (live)
-                y[static_cast<size_t>(em) * n_out + en] =
-                    static_cast<float>(acc - xsum[em]) * __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]);
-        } else {
-            if (live) atomicAdd(&ws[static_cast<size_t>(em) * n_out + en], acc);
-            __threadfence();
-            __syncthreads();
-            if (tid == 0) last_cta = atomicAdd(&tiles[tile], 1u) == ksplit - 1;
-            __syncthreads();
-            if (last_cta) {
-                __threadfence();
-                if (live) {
-                    const int total = atomicExch(&ws[static_cast<size_t>(em) * n_out + en], 0);
-                    y[static_cast<size_t>(em) * n_out + en] =
-                        static_cast<float>(total - xsum[em]) * __fdiv_rn(gamma[gamma_per_row ? en : 0], xs[em]);
-                }
-                if (tid == 0) tiles[tile] = 0;
-            }
-        }
-        __syncthreads();  // red is rewritten by the next item
-    }
-    cp_async_wait<0>();
+    if constexpr (kGlu) glu_epilogue<kRT, kNT, kOut>(v, y, amax_bits, M, inter);
 }
 
 }  // namespace
 
-#define GEMV_ENTRY(NAME, VEC, NT)                                                                         \
+#define GEMV_ENTRY(NAME, RT, U, NT)                                                                            \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                          \
-        const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,               \
+        const uint4* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,                  \
         const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,         \
         float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, \
         int quads_per_split) {                                                                            \
-        gemv_w2a8_impl<VEC, NT>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K,         \
-                                quads_per_split);                                                         \
+        gemv_w2a8_impl<RT, U, NT, false>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K, \
+                                         quads_per_split);                                               \
     }
 
 // Gate/up pass of the fused MLP: y is h [M, inter]; the trailing arguments are the row
 // maxima (zero on entry; act_quant_mma_absmax_f32 resets them), inter, and the row sums of
 // h's GEMV-ready codes, which this kernel zeroes for the A8 pass.
-#define GEMV_GLU_ENTRY(NAME, VEC, NT)                                                                     \
+#define GEMV_GLU_ENTRY(NAME, RT, U, NT)                                                                     \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                          \
-        const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,               \
+        const uint4* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,                  \
         const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,         \
         float* __restrict__ h, int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, \
         int quads_per_split, unsigned* __restrict__ amax_bits, int inter, int* __restrict__ glu_sums) {   \
-        gemv_w2a8_impl<VEC, NT, true>(W, gamma, gamma_per_row, xq, xsum, xs, h, ws, tiles, M, n_out, K,   \
-                                      quads_per_split, amax_bits, inter, glu_sums);                       \
+        gemv_w2a8_impl<RT, U, NT, true>(W, gamma, gamma_per_row, xq, xsum, xs, h, ws, tiles, M, n_out, K, \
+                                        quads_per_split, amax_bits, inter, glu_sums);                    \
     }
 
-GEMV_GLU_ENTRY(gemv_w2a8_glu_vec, true, 1)
-GEMV_GLU_ENTRY(gemv_w2a8_glu_word, false, 1)
-GEMV_GLU_ENTRY(gemv_w2a8_glu_vec_m32, true, 4)
-GEMV_GLU_ENTRY(gemv_w2a8_glu_word_m32, false, 4)
-
-GEMV_ENTRY(gemv_w2a8_vec, true, 1)
-GEMV_ENTRY(gemv_w2a8_word, false, 1)
-GEMV_ENTRY(gemv_w2a8_vec_m32, true, 4)
-GEMV_ENTRY(gemv_w2a8_word_m32, false, 4)
-
-extern "C" __global__ void __launch_bounds__(kThreads) gemv_w2a8_persistent(
-    const uint32_t* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
-    const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs, float* __restrict__ y,
-    int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, int quads_per_split, int ksplit) {
-    gemv_w2a8_persistent_impl(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K, quads_per_split,
-                              ksplit);
-}
+// Variants (the host picks one per shape, `launch_gemv` in crates/ternary-gemm/src/cuda/gemv.rs).
+// Every warp streams 2 KB batches double-buffered; what differs is how many row tiles share a
+// CTA. `_r4` (4 tiles, 64 rows): deep per-warp streams and each activation load shared by 4
+// tiles; the choice whenever n_out / 64 CTAs fill the GPU (H100, M = 1..8: 16384 x 4096 in
+// 7.4 us, 75% of a d2d copy's bandwidth; 32768 x 16384 at 94%). `gemv_w2a8` (1 tile, M = 1,
+// where only lanes g = 0 load activations) and `_r2` (2 tiles, M = 2..8) keep 4x / 2x more
+// CTAs for narrower matrices (4096 x 16384: 256 CTAs instead of a 5-way K split). M = 9..32:
+// 2 tiles x 4 n-tiles (4 tiles would need 64 KB for the reduction).
+GEMV_ENTRY(gemv_w2a8, 1, 4, 1)
+GEMV_ENTRY(gemv_w2a8_r2, 2, 2, 1)
+GEMV_ENTRY(gemv_w2a8_r4, 4, 1, 1)
+GEMV_ENTRY(gemv_w2a8_m32, 2, 1, 4)
+GEMV_GLU_ENTRY(gemv_w2a8_glu, 2, 2, 1)
+GEMV_GLU_ENTRY(gemv_w2a8_glu_r4, 4, 1, 1)
+GEMV_GLU_ENTRY(gemv_w2a8_glu_m32, 2, 1, 4)

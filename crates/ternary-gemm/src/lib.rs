@@ -30,6 +30,7 @@ mod gemm_ref;
 mod io;
 mod mlp;
 mod ternary;
+mod tiles;
 
 pub use act_quant::{
     absmax_quantize_row_ref, absmax_quantize_rows, dequantize_rows, gemv_code_position,
@@ -51,6 +52,10 @@ pub use mlp::TernaryMlp;
 pub use ternary::{
     absmean_quantize, pack_ternary_rows, unpack_ternary_rows, words_per_row, ScaleGranularity,
     TernaryMatrix, TernaryScales, ABSMEAN_EPS, CODES_PER_WORD, ZERO_CODE, ZERO_WORD,
+};
+pub use tiles::{
+    repack_tiles, tiled_len, tiled_word_index, unrepack_tiles, TILE_BLOCK_WORDS, TILE_ROWS,
+    TILE_ROW_WORDS,
 };
 
 /// Result type of this crate.

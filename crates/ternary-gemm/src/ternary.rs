@@ -228,7 +228,7 @@ pub(crate) fn code_at(row: &[u32], k: usize) -> u32 {
 }
 
 /// Checks a packed buffer holds `n_out * words_per_row(k_in)` words; returns words per row.
-fn check_packed_len(len: usize, n_out: usize, k_in: usize) -> Result<usize> {
+pub(crate) fn check_packed_len(len: usize, n_out: usize, k_in: usize) -> Result<usize> {
     let wpr = words_per_row(k_in);
     if len != n_out * wpr {
         return Err(TernaryError::LengthMismatch {

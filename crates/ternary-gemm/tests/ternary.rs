@@ -10,6 +10,10 @@ use ternary_gemm::{
     ternary_matmul_t_ref, ternary_to_safetensors, unpack_ternary_rows, words_per_row, CpuKernel,
     ScaleGranularity, TernaryMatrix, TernaryMlp, TernaryScales, CODES_PER_WORD,
 };
+use ternary_gemm::{
+    repack_tiles, tiled_len, tiled_word_index, unrepack_tiles, TILE_BLOCK_WORDS, TILE_ROWS,
+    TILE_ROW_WORDS, ZERO_WORD,
+};
 
 /// Largest k_in drawn: several 128-weight SIMD blocks plus a partial one.
 const MAX_K: usize = 3 * 128 + 37;
@@ -47,6 +51,36 @@ proptest! {
         prop_assert_eq!(unpack_ternary_rows(&packed, n, k).unwrap(), values.clone());
         let m = TernaryMatrix::from_packed(n, k, packed, TernaryScales::PerTensor(0.5)).unwrap();
         prop_assert_eq!(m.values(), values);
+    }
+
+    /// The tiled device layout is a permutation plus ZERO_WORD padding: unrepack(repack(W))
+    /// == W, every canonical word lands once, each lane's 4 words are (row g, word t),
+    /// (g + 8, t), (g, t + 4), (g + 8, t + 4) of its block, and foreign padding is rejected.
+    #[test]
+    fn tiled_layout_round_trip((n, k) in (1..=MAX_N, 1..=MAX_K), seed in any::<u64>()) {
+        let wpr = words_per_row(k);
+        let packed: Vec<u32> = (0..n * wpr).map(|i| (seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as u32).collect();
+        let tiled = repack_tiles(&packed, n, k).unwrap();
+        let quads = wpr.div_ceil(TILE_ROW_WORDS);
+        prop_assert_eq!(tiled.len(), tiled_len(n, k));
+        prop_assert_eq!(tiled.len(), n.div_ceil(TILE_ROWS) * quads * TILE_BLOCK_WORDS);
+        prop_assert_eq!(unrepack_tiles(&tiled, n, k).unwrap(), packed.clone());
+        // Lane (g, t) of block (T, q): words at 4 (4 g + t) .. +4 of the block.
+        let (r, w) = ((seed as usize) % n, (seed as usize >> 16) % wpr);
+        let (tile, q, g, t) = (r / TILE_ROWS, w / TILE_ROW_WORDS, r % 8, w % 4);
+        let lane_base = (tile * quads + q) * TILE_BLOCK_WORDS + 4 * (4 * g + t);
+        let slot = 2 * ((w % TILE_ROW_WORDS) / 4) + (r % TILE_ROWS) / 8;
+        prop_assert_eq!(tiled_word_index(r, w, quads), lane_base + slot);
+        prop_assert_eq!(tiled[lane_base + slot], packed[r * wpr + w]);
+        let pads = tiled.len() - n * wpr;
+        prop_assert_eq!(tiled.iter().filter(|&&v| v == ZERO_WORD).count() >= pads, true);
+        if pads > 0 {
+            let mut bad = tiled.clone();
+            let i = (0..bad.len()).rev().find(|&i| (0..n).all(|r| (0..wpr).all(|w| tiled_word_index(r, w, quads) != i))).unwrap();
+            bad[i] = 0;
+            prop_assert!(unrepack_tiles(&bad, n, k).is_err());
+        }
+        prop_assert!(unrepack_tiles(&tiled[1..], n, k).is_err());
     }
 
     /// absmean: values are ternary, the scale is mean|W|, and quantize(dequantize(Wq)) == Wq.
@@ -287,6 +321,8 @@ const GEMV_CASES: &[(usize, usize, usize)] = &[
     (1024, 16384, 8),
     (4096, 16384, 1),
     (16384, 4096, 2),
+    // >= 64 x 132 rows: the 64-row-CTA variant at M = 1 (ragged n_out, K % 128 != 0).
+    (8500, 1000, 1),
     (48, 256, 32),
     (40, 2560, 21),
     (1024, 4096, 70),
@@ -596,6 +632,8 @@ const MLP_CASES: &[(usize, usize, usize)] = &[
     (130, 64, 20),
     (512, 1024, 40),
     (4096, 16384, 2),
+    // gate/up of 8608 rows: the 64-row-CTA GLU variant at M = 1; the down GEMV splits K.
+    (64, 4300, 1),
 ];
 
 gpu_test!(

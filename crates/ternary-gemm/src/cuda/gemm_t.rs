@@ -88,7 +88,7 @@ pub fn ternary_matmul_t_cuda(
     };
     let mut launch = stream.launch_builder(&func);
     launch
-        .arg(w.packed())
+        .arg(w.tiles())
         .arg(w.scales())
         .arg(&per_row)
         .arg(dy)
@@ -97,8 +97,8 @@ pub fn ternary_matmul_t_cuda(
         .arg(&n_i)
         .arg(&k_i)
         .arg(&dx_vec);
-    // SAFETY: matches `gemm_t_bf16[_unaligned](const u32*, const float*, int, const bf16*,
-    // float*, int, int, int, int)`; float2 stores only with dx_vec (checked alignment); W holds n_out x ceil(k/16) words and 1 or n_out scales
+    // SAFETY: matches `gemm_t_bf16[_unaligned](const u32* (tiled), const float*, int, const bf16*,
+    // float*, int, int, int, int)`; float2 stores only with dx_vec (checked alignment); W holds tiled_len(n_out, k) words and 1 or n_out scales
     // (TernaryMatrixGpu), dy m x n_out and dx m x k elements (checked above); the kernel
     // bounds-checks every row, column and reduction index; the cp.async instance runs only
     // on 16-byte aligned dy rows; shared memory matches `kSmemBytes`.

@@ -6,26 +6,24 @@ use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig, PushKernelArg};
 use tritter_kernels_cuda::{images, Gpu, KernelArgs, KernelError};
 
 use super::GemvActivations;
-use crate::{gemv_padded_cols, Result, ScaleGranularity, TernaryError, TernaryMatrix};
+use crate::{
+    gemv_padded_cols, repack_tiles, Result, ScaleGranularity, TernaryError, TernaryMatrix,
+    TILE_ROWS, TILE_ROW_WORDS,
+};
 
 /// Activation rows one launch handles; larger M runs in chunks of this. Up to 8 rows use
 /// one MMA n-tile per decoded weight fragment, 9..32 rows four.
 pub const GEMV_MAX_M: usize = 32;
 /// Rows of one MMA n-tile.
 const N_TILE: usize = 8;
-const ROWS_PER_CTA: usize = 32;
 const WARPS: usize = 8;
 const THREADS: u32 = 32 * WARPS as u32;
-/// Dynamic shared memory per CTA: under the 48 KB that needs no opt-in, and small enough
-/// for two CTAs per SM on sm_120 (100 KB per SM).
-const SMEM_BUDGET: usize = 44 * 1024;
-/// At most 32 quads (4096 weights) of K per CTA.
-const MAX_QUADS_PER_CTA: usize = 32;
-/// Padding of a weight row in shared memory, words.
-const W_ROW_PAD_WORDS: usize = 4;
 
-/// A ternary matrix resident on the GPU in the canonical packed layout: `packed`
-/// `(n_out, ceil(k_in/16))` u32 and `scales` `(1,)` or `(n_out,)` f32.
+/// A ternary matrix resident on the GPU: the codes in the tiled device layout
+/// ([`repack_tiles`](crate::repack_tiles): 16-row x 128-weight blocks of 512 bytes, one
+/// 16-byte MMA operand per lane, [`tiled_len`](crate::tiled_len) words) and `scales` `(1,)`
+/// or `(n_out,)` f32. Every kernel of this crate (GEMV, GEMM, transposed GEMM, fused MLP)
+/// reads that one copy.
 ///
 /// Immutable once uploaded: the decode kernels read the weights before they wait for the
 /// previous kernel on the stream (programmatic dependent launch), so the buffers are only
@@ -35,20 +33,22 @@ pub struct TernaryMatrixGpu {
     n_out: usize,
     k_in: usize,
     per_row: bool,
-    packed: CudaSlice<u32>,
+    tiles: CudaSlice<u32>,
     scales: CudaSlice<f32>,
 }
 
 impl TernaryMatrixGpu {
-    /// Copies a validated host matrix to the device (asynchronous on `gpu.stream()`).
+    /// Repacks a validated host matrix into the tiled layout and copies it to the device
+    /// (asynchronous on `gpu.stream()`).
     pub fn upload(gpu: &Gpu, w: &TernaryMatrix) -> Result<Self> {
         let s = gpu.stream();
+        let tiles = repack_tiles(w.packed(), w.n_out(), w.k_in())?;
         Ok(TernaryMatrixGpu {
             n_out: w.n_out(),
             k_in: w.k_in(),
             per_row: w.scales().granularity() == ScaleGranularity::PerRow,
-            packed: s
-                .clone_htod(w.packed())
+            tiles: s
+                .clone_htod(&tiles)
                 .map_err(KernelError::driver("uploading packed weights"))?,
             scales: s
                 .clone_htod(w.scales().as_slice())
@@ -56,9 +56,10 @@ impl TernaryMatrixGpu {
         })
     }
 
-    /// Canonical packed codes `(n_out, ceil(k_in/16))`.
-    pub fn packed(&self) -> &CudaSlice<u32> {
-        &self.packed
+    /// The codes in the tiled device layout ([`tiled_len`](crate::tiled_len) words;
+    /// [`unrepack_tiles`](crate::unrepack_tiles) gives back the canonical words).
+    pub fn tiles(&self) -> &CudaSlice<u32> {
+        &self.tiles
     }
 
     /// Weight scales (gamma), `(1,)` or `(n_out,)`.
@@ -83,7 +84,7 @@ impl TernaryMatrixGpu {
 }
 
 /// Split-K scratch of the GEMV: `(32, n_out)` int32 accumulators and one arrival counter per
-/// 32-row tile, zero between calls (the kernel's last CTA per tile resets what it used).
+/// 16-row tile, zero between calls (the kernel's last CTA per tile resets what it used).
 ///
 /// Allocate one per stream, sized for the largest `n_out` it will serve (llm.c style: no
 /// allocation per call). Two launches sharing a workspace must be ordered on one stream.
@@ -104,53 +105,34 @@ impl GemvWorkspace {
                 .alloc_zeros(GEMV_MAX_M * max_n_out.max(1))
                 .map_err(KernelError::driver("allocating the GEMV workspace"))?,
             tiles: s
-                .alloc_zeros(max_n_out.div_ceil(ROWS_PER_CTA).max(1))
+                .alloc_zeros(max_n_out.div_ceil(TILE_ROWS).max(1))
                 .map_err(KernelError::driver("allocating the GEMV tile counters"))?,
         })
     }
 }
 
-/// Shared memory of one CTA handling `qps` quads for `m_tile` rows per launch (the kernel's
-/// layout: the weight tile, at least the reduction buffer that reuses it).
-fn smem_bytes(qps: usize, m_tile: usize) -> usize {
-    (4 * ROWS_PER_CTA * (8 * qps + W_ROW_PAD_WORDS)).max(4 * WARPS * ROWS_PER_CTA * m_tile)
-}
-
-/// Launch geometry `(quads per split, ksplit)`: K is split across `ksplit` CTAs per 32-row
-/// tile so that (a) one CTA's weight tile fits [`SMEM_BUDGET`] (at most
-/// [`MAX_QUADS_PER_CTA`] quads, 4096 weights) and (b) the grid has about two CTAs per SM.
-fn plan(gpu: &Gpu, n_out: usize, k_in: usize) -> (usize, usize) {
-    let quads = k_in.div_ceil(16).div_ceil(8);
-    let mut max_qps = MAX_QUADS_PER_CTA;
-    while max_qps > 1 && smem_bytes(max_qps, GEMV_MAX_M) > SMEM_BUDGET {
-        max_qps -= 1;
-    }
-    let row_tiles = n_out.div_ceil(ROWS_PER_CTA);
-    let want_split = (2 * gpu.info().sm_count as usize)
-        .div_ceil(row_tiles)
-        .max(1);
-    let ksplit = want_split.min(quads).max(quads.div_ceil(max_qps));
+/// Launch geometry `(quads per split, ksplit)` for CTAs of `rows_per_cta` output rows:
+/// no split while the row tiles fill every SM (H100: splitting K of a 4096 x 16384 GEMV
+/// 4 ways costs 20%: the atomics and the last CTA's epilogue outweigh the shorter CTAs);
+/// below that, K is split so the grid has about two CTAs per SM.
+fn plan(gpu: &Gpu, n_out: usize, k_in: usize, rows_per_cta: usize) -> (usize, usize) {
+    let quads = k_in.div_ceil(16).div_ceil(TILE_ROW_WORDS).max(1);
+    let ctas = n_out.div_ceil(rows_per_cta).max(1);
+    let sms = gpu.info().sm_count as usize;
+    let ksplit = if ctas >= sms {
+        1
+    } else {
+        (2 * sms).div_ceil(ctas).min(quads)
+    };
     let qps = quads.div_ceil(ksplit);
     (qps, quads.div_ceil(qps))
-}
-
-/// Quads of K per work item of the persistent kernel: two 32-row buffers of 2048 weights
-/// plus the 8 KB reduction stay under [`SMEM_BUDGET`].
-const PERSISTENT_QUADS: usize = 16;
-
-/// Largest packed weight matrix (bytes) sent to the persistent kernel.
-const PERSISTENT_MAX_BYTES: usize = 8 << 20;
-
-/// Shared memory of the persistent kernel (double-buffered weight tile + reduction).
-fn persistent_smem_bytes() -> usize {
-    2 * 4 * ROWS_PER_CTA * (8 * PERSISTENT_QUADS + W_ROW_PAD_WORDS)
-        + 4 * WARPS * ROWS_PER_CTA * N_TILE
 }
 
 /// `y = (Wq · q) * gamma / s` for GEMV-ready int8 activations `x` (M = `x.rows()`,
 /// K = `w.k_in()`), `y` `(M, n_out)` f32. Integer accumulation is exact and the epilogue is
 /// [`a8_epilogue`](crate::a8_epilogue), so results equal the CPU reference bit for bit.
-/// Any M >= 1 (launched in chunks of [`GEMV_MAX_M`] rows; large M belongs to the GEMM).
+/// Any M >= 1: up to [`GEMV_MAX_M`] rows in one GEMV launch, more in one launch of the
+/// tiled GEMM.
 /// `ws` must have been made for at least `w.n_out()` rows.
 pub fn ternary_matmul_a8_cuda(
     gpu: &Gpu,
@@ -164,7 +146,7 @@ pub fn ternary_matmul_a8_cuda(
         return Ok(());
     }
     crate::act_quant::check_shape("y", y.len(), x.rows(), w.n_out)?;
-    if x.rows() > GEMV_MAX_M && w.k_in.div_ceil(16) % 4 == 0 {
+    if x.rows() > GEMV_MAX_M {
         return launch_gemm(gpu, w, x, y);
     }
     launch_gemv(gpu, w, x, y, ws, None)
@@ -215,61 +197,30 @@ pub(super) fn launch_gemv(
     mut glu: Option<GluOut<'_>>,
 ) -> Result<()> {
     let (n_out, k, m) = (w.n_out, w.k_in, x.rows());
-    let vec_ok = k.div_ceil(16) % 4 == 0;
     let per_row = i32::from(w.per_row);
     let kp = gemv_padded_cols(k);
     let y_cols = glu.as_ref().map_or(n_out, |g| g.inter);
     for m0 in (0..m).step_by(GEMV_MAX_M) {
         let mc = GEMV_MAX_M.min(m - m0);
-        let m_tile = if mc <= N_TILE { N_TILE } else { GEMV_MAX_M };
-        // Aligned rows, M <= 8 and at most PERSISTENT_MAX_BYTES of weights: the persistent
-        // kernel (one wave of CTAs looping over (row tile, K split) items with
-        // double-buffered weight tiles) hides the per-CTA fixed cost that dominates small
-        // matrices; larger ones stream faster with every CTA's whole tile in flight at once
-        // (H100: 4096x4096 6.2 vs 7.6 us; 16384x4096 13.9 vs 11.1 us).
-        // The GLU epilogue exists only in the tiled kernels.
-        let persistent = glu.is_none()
-            && vec_ok
-            && m_tile == N_TILE
-            && 4 * n_out * k.div_ceil(16) <= PERSISTENT_MAX_BYTES;
-        let name = match (glu.is_some(), vec_ok, m_tile == N_TILE) {
-            _ if persistent => "gemv_w2a8_persistent",
-            (false, true, true) => "gemv_w2a8_vec",
-            (false, false, true) => "gemv_w2a8_word",
-            (false, true, false) => "gemv_w2a8_vec_m32",
-            (false, false, false) => "gemv_w2a8_word_m32",
-            (true, true, true) => "gemv_w2a8_glu_vec",
-            (true, false, true) => "gemv_w2a8_glu_word",
-            (true, true, false) => "gemv_w2a8_glu_vec_m32",
-            (true, false, false) => "gemv_w2a8_glu_word_m32",
+        // (kernel, output rows per CTA): see the variants in ternary_gemv.cu. 64-row CTAs
+        // whenever they alone fill every SM; the GLU pass pairs gate and up tiles per CTA.
+        let wide = n_out.div_ceil(4 * TILE_ROWS) >= gpu.info().sm_count as usize;
+        let (name, rows_per_cta) = match (glu.is_some(), mc, wide) {
+            (false, 1..=N_TILE, true) => ("gemv_w2a8_r4", 4 * TILE_ROWS),
+            (false, 1, false) => ("gemv_w2a8", TILE_ROWS),
+            (false, 2..=N_TILE, false) => ("gemv_w2a8_r2", 2 * TILE_ROWS),
+            (false, _, _) => ("gemv_w2a8_m32", 2 * TILE_ROWS),
+            (true, 1..=N_TILE, true) => ("gemv_w2a8_glu_r4", 4 * TILE_ROWS),
+            (true, 1..=N_TILE, false) => ("gemv_w2a8_glu", 2 * TILE_ROWS),
+            (true, _, _) => ("gemv_w2a8_glu_m32", 2 * TILE_ROWS),
+        };
+        let (qps, ksplit) = plan(gpu, n_out, k, rows_per_cta);
+        let cfg = LaunchConfig {
+            grid_dim: (n_out.div_ceil(rows_per_cta) as u32, ksplit as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
         };
         let func = gpu.function(&images::TERNARY_GEMV, name)?;
-        let (qps, ksplit, cfg) = if persistent {
-            let quads = k.div_ceil(16).div_ceil(8);
-            let ksplit = quads.div_ceil(PERSISTENT_QUADS);
-            let qps = quads.div_ceil(ksplit);
-            let smem = persistent_smem_bytes();
-            let per_sm = func
-                .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
-                .map_err(KernelError::driver("querying GEMV occupancy"))?
-                .max(1) as usize;
-            let items = n_out.div_ceil(ROWS_PER_CTA) * ksplit;
-            let grid = items.min(per_sm * gpu.info().sm_count as usize);
-            let cfg = LaunchConfig {
-                grid_dim: (grid as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            (qps, ksplit, cfg)
-        } else {
-            let (qps, ksplit) = plan(gpu, n_out, k);
-            let cfg = LaunchConfig {
-                grid_dim: (n_out.div_ceil(ROWS_PER_CTA) as u32, ksplit as u32, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: smem_bytes(qps, m_tile) as u32,
-            };
-            (qps, ksplit, cfg)
-        };
         let xc = x.codes_mma.slice(m0 * kp..(m0 + mc) * kp);
         let sums = x.sums.slice(m0..m0 + mc);
         let sc = x.scales.slice(m0..m0 + mc);
@@ -281,7 +232,7 @@ pub(super) fn launch_gemv(
             )
         });
         let mut args = KernelArgs::new();
-        args.ptr(gpu, &w.packed)
+        args.ptr(gpu, &w.tiles)
             .ptr(gpu, &w.scales)
             .i32(per_row)
             .ptr(gpu, &xc)
@@ -294,25 +245,22 @@ pub(super) fn launch_gemv(
             .i32(n_out as i32)
             .i32(k as i32)
             .i32(qps as i32);
-        if persistent {
-            args.i32(ksplit as i32);
-        }
         if let Some((amax_c, sums_c)) = glu_c.as_mut() {
             args.ptr_mut(gpu, amax_c)
                 .i32(y_cols as i32)
                 .ptr_mut(gpu, sums_c);
         }
-        // SAFETY: arguments match `gemv_w2a8_*(const u32*, const float*, int, const i8*,
+        // SAFETY: arguments match `gemv_w2a8[_r2|_r4|_m32](const uint4*, const float*, int, const i8*,
         // const int*, const float*, float*, int*, unsigned*, int, int, int, int)` (plus the
-        // trailing `int ksplit` of gemv_w2a8_persistent, or `unsigned* amax_bits, int inter,
-        // int* sums` of gemv_w2a8_glu_*, whose float* is h: mc rows of
-        // inter, and whose interleaved tiles put every h index i < inter at gate row
-        // 32 (i / 16) + i % 16 < n_out; sums holds mc slots); x holds
+        // trailing `unsigned* amax_bits, int inter, int* sums` of gemv_w2a8_glu[_r4|_m32], whose
+        // float* is h: mc rows of inter, and whose interleaved tiles put every h index
+        // i < inter at gate row 32 (i / 16) + i % 16 < n_out, whole (gate, up) pairs per CTA; sums holds mc slots); the
+        // weights hold tiled_len(n_out, k) words (16-byte aligned device allocation); x holds
         // mc rows of kp = ceil(k/128)*128 codes (GemvActivations layout) and mc sums/scales,
-        // y holds mc x n_out (checked), ws 32 x n_out accumulators and ceil(n_out/32)
-        // counters; the grid covers ceil(n_out/32) x ksplit tiles and the kernel
-        // bounds-checks n < n_out and m < M; shared memory matches `smem_bytes`. Before its
-        // griddepcontrol.wait the kernel only reads W (PDL contract).
+        // y holds mc x n_out (checked), ws 32 x n_out accumulators and ceil(n_out/16)
+        // counters (>= the grid's x extent); the kernel bounds-checks tiles, n < n_out and
+        // m < M; no dynamic shared memory. Before its griddepcontrol.wait the kernel only
+        // reads W (PDL contract).
         // Error context built only on failure: this is the decode hot path.
         unsafe { gpu.launch_pdl(&func, name, cfg, args) }?;
     }
@@ -327,27 +275,27 @@ struct GemmConfig {
     tile: (usize, usize),
     /// Threads per CTA.
     threads: u32,
-    /// Dynamic shared memory: stages x (tile.0 x 12-word weight rows + tile.1 x 144-byte
-    /// activation rows).
+    /// Dynamic shared memory: stages x (tile.0 x 8-word weight rows (whole 512-byte blocks)
+    /// + tile.1 x 144-byte activation rows).
     smem: usize,
 }
 
-/// 128 x 128 tiles, 3 stages (72 KB: above the 48 KB default, so the launch opts in).
+/// 128 x 128 tiles, 3 stages (66 KB: above the 48 KB default, so the launch opts in).
 const GEMM_LARGE: GemmConfig = GemmConfig {
     name: "gemm_w2a8",
     tile: (128, 128),
     threads: 128,
-    smem: 3 * (4 * 128 * 12 + 128 * 144),
+    smem: 3 * (4 * 128 * 8 + 128 * 144),
 };
 /// 64 x 64 tiles, 4 stages, for grids the large tile would leave mostly idle.
 const GEMM_SMALL: GemmConfig = GemmConfig {
     name: "gemm_w2a8_small",
     tile: (64, 64),
     threads: 128,
-    smem: 4 * (4 * 64 * 12 + 64 * 144),
+    smem: 4 * (4 * 64 * 8 + 64 * 144),
 };
 
-/// M > 32 with 16-byte aligned rows: one launch of the tiled GEMM (weights read once per
+/// M > 32: one launch of the tiled GEMM (weights read once per
 /// 128 tokens instead of once per 32). The large tile unless its grid would fill fewer than
 /// two waves of one CTA per SM, where the small tile's 4x more CTAs finish sooner.
 fn launch_gemm(
@@ -398,7 +346,7 @@ fn launch_gemm(
     let (m_i, n_i, k_i) = (m as i32, n_out as i32, k as i32);
     let mut launch = gpu.stream().launch_builder(&func);
     launch
-        .arg(&w.packed)
+        .arg(&w.tiles)
         .arg(&w.scales)
         .arg(&per_row)
         .arg(&x.codes_mma)
@@ -411,7 +359,7 @@ fn launch_gemm(
     // SAFETY: matches `gemm_w2a8[_small](const u32*, const float*, int, const i8*, const int*,
     // const float*, float*, int, int, int)`; x holds m rows of ceil(k/128)*128 codes with m
     // sums and scales (GemvActivations), y holds m x n_out (checked by the caller), the
-    // weights n_out x k/16 words with k % 64 == 0 (vec_ok); the kernel bounds-checks n and m.
+    // weights tiled_len(n_out, k) words; the kernel bounds-checks n and m.
     unsafe { launch.launch(cfg) }
         .map_err(|e| KernelError::driver(format!("launching {}", conf.name))(e))?;
     Ok(())
