@@ -20,8 +20,8 @@ use tritter::paradigm::task::TaskKind;
 use tritter::paradigm::{EmbeddingLossKind, EmbeddingObjective, LatentMarkers, Objective};
 use tritter::tokenizer::{BpeVocab, Modality, MultimodalTokenizer, Segment, VocabLayout};
 use tritter::train::{
-    device_from_name, evaluate, latest_checkpoint, EvalMetrics, Progress, StepMetrics,
-    TrainOptions, Trainer, TrainerState,
+    device_from_name, evaluate, latest_checkpoint, model_checkpoint_dir, EvalMetrics, Progress,
+    StepMetrics, TrainOptions, Trainer, TrainerState,
 };
 use tritter::{MemoryEstimate, Result, TritterConfig, TritterError, TritterModel};
 
@@ -835,11 +835,7 @@ fn render(tok: &MultimodalTokenizer, ids: &[u32]) -> Result<String> {
 
 /// The model checkpoint directory and, for training checkpoints, their state.
 fn open_checkpoint(path: &Path) -> Result<(TritterModel, Option<TrainerState>)> {
-    let dir = if path.join(tritter::checkpoint::CONFIG_FILE).is_file() {
-        path.to_path_buf()
-    } else {
-        latest_checkpoint(path)?
-    };
+    let dir = model_checkpoint_dir(path)?;
     let model = TritterModel::load(&dir, &candle_core::Device::Cpu)?;
     let state = dir
         .join(tritter::train::TRAINER_STATE_FILE)
