@@ -958,6 +958,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
             vocab_limit: Some(sample_limit(&tok)),
             text_only: true,
             latent_steps: a.latent_steps,
+            ..SamplingOptions::default()
         },
     )?;
     if a.latent_steps == 0 {
