@@ -20,8 +20,9 @@
 //!
 //! Every row's result is independent of the other rows of the round (per-row quantization,
 //! exact integer products, per-sequence attention with keys in ascending position order),
-//! so a sequence gets bit-identical logits alone or in any batch, and with the f32 cache a
-//! prompt gives the same logits in one round or token by token.
+//! so a sequence gets bit-identical logits alone or in any batch; and since attention sees
+//! every key as the cache stores it (the round's own keys rounded the same way), a prompt
+//! gives bit-identical logits in one round or token by token, in every cache format.
 
 use std::borrow::Cow;
 
@@ -419,8 +420,11 @@ impl CpuEngine {
             }
         }
 
-        // Keys of each item: the cache's runs, then the round's own rows.
+        // Keys of each item: the cache's runs, then the round's own rows as stored.
         let kvd = hkv * d;
+        let (k_stored, v_stored) = (cache.as_stored(&k)?, cache.as_stored(&v)?);
+        let k_att = k_stored.as_deref().unwrap_or(&k);
+        let v_att = v_stored.as_deref().unwrap_or(&v);
         let mut keys: Vec<Vec<KeyRun<'_>>> = Vec::with_capacity(ctx.appends.len());
         let mut r0 = 0;
         for a in ctx.appends {
@@ -428,8 +432,8 @@ impl CpuEngine {
             runs.push(KeyRun {
                 start: a.start,
                 len: a.len,
-                k: Cow::Borrowed(&k[r0 * kvd..(r0 + a.len) * kvd]),
-                v: Cow::Borrowed(&v[r0 * kvd..(r0 + a.len) * kvd]),
+                k: Cow::Borrowed(&k_att[r0 * kvd..(r0 + a.len) * kvd]),
+                v: Cow::Borrowed(&v_att[r0 * kvd..(r0 + a.len) * kvd]),
             });
             keys.push(runs);
             r0 += a.len;

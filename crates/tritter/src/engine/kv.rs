@@ -14,8 +14,10 @@
 //! A forward round appends `n` tokens to a sequence: [`KvCache::begin`] reserves them,
 //! each layer reads the keys stored before the round ([`KvCache::old_runs`]) and, after its
 //! attention, writes the round's keys ([`KvCache::write`]). Queries of the round see the
-//! round's own keys straight from the layer's activations, so a round never reads what it
-//! writes. For the paged store a round must not evict a page that one of its queries still
+//! round's own keys from the layer's activations, rounded as the store rounds them
+//! ([`KvCache::as_stored`]), so a round never reads what it writes, yet every query sees
+//! every key exactly as stored: the logits do not depend on how a prompt is split into
+//! rounds, whatever the format. For the paged store a round must not evict a page that one of its queries still
 //! needs; [`KvCache::max_chunk`] bounds the round's length accordingly.
 
 use std::borrow::Cow;
@@ -390,6 +392,25 @@ impl KvCache {
             }
         }
         Ok(runs)
+    }
+
+    /// `x` `(rows, Hkv * D)` as the store gives it back: `None` (unchanged) for f32, rounded through
+    /// f16, or quantized to INT4 groups and dequantized (the same `kv_int4` functions as the
+    /// write and the read). Attention uses the round's own keys in this form, so every key
+    /// a query sees is the stored one and results do not depend on how a prompt was split
+    /// into rounds.
+    pub(crate) fn as_stored(&self, x: &[f32]) -> Result<Option<Vec<f32>>> {
+        Ok(match self.options.format {
+            KvCacheFormat::F32 => None,
+            KvCacheFormat::F16 => {
+                kv_int4::quant::check_storable("k/v", x)?;
+                Some(x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect())
+            }
+            KvCacheFormat::Int4 => Some(kv_int4::dequantize_int4(&kv_int4::quantize_int4(
+                x,
+                self.head_dim,
+            )?)),
+        })
     }
 
     /// Stores the round's keys and values of `layer`, each `(append.len, Hkv, D)`.
