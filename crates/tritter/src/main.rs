@@ -73,7 +73,7 @@ enum Command {
     Eval(EvalArgs),
     /// Sample continuations of prompts on the CPU inference engine (streamed to stdout).
     #[command(
-        after_help = "Examples:\n  tritter generate --checkpoint runs/test --prompt 'pub fn ' --max-tokens 200 --top-k 40\n  tritter generate --checkpoint runs/test/inference --prompt 'fn ' --prompt 'impl ' --top-p 0.9 --stop '\\n\\n'\n  tritter generate --checkpoint runs/test --prompt 'fn ' --reference --latent-steps 2"
+        after_help = "Examples:\n  tritter generate --checkpoint runs/test --prompt 'pub fn ' --max-tokens 200 --top-k 40\n  tritter generate --checkpoint runs/test/inference --prompt 'fn ' --prompt 'impl ' --top-p 0.9 --stop $'\\n\\n'\n  tritter generate --checkpoint runs/test --prompt 'fn ' --reference --latent-steps 2"
     )]
     Generate(GenerateArgs),
     /// Export a trained checkpoint to an inference checkpoint (packed ternary weights).
@@ -1030,6 +1030,13 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         KvCacheArg::F16 => KvCacheFormat::F16,
         KvCacheArg::Int4 => KvCacheFormat::Int4,
     };
+    if cfg.sliding_window.is_none() && cache.format != KvCacheFormat::F32 {
+        // Without a window the default pool holds max_position_embeddings tokens per
+        // sequence; these requests need at most their prompt plus max_tokens.
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + a.max_tokens;
+        let per_seq = longest.min(cfg.max_position_embeddings) + 2 * cache.page_size;
+        cache.pool_tokens = Some(cache.max_sequences.min(prompts.len()) * per_seq);
+    }
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     eprintln!(
         "engine: {} ({:.3}M parameters, {} layers), KV cache {:?}, loaded in {:.2} s",

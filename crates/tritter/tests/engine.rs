@@ -244,3 +244,42 @@ fn bad_steps_are_typed_errors() {
         "{e}"
     );
 }
+
+/// A KV cache can be made for every preset in every format its head dim allows, with the
+/// sizes taken from the config (the paged pool is reserved lazily, so even 7B's is cheap
+/// to create), and the test preset's engine runs a step in each.
+#[test]
+fn kv_caches_for_every_preset() {
+    for name in tritter::config::PRESET_NAMES {
+        let cfg = TritterConfig::preset(name).unwrap();
+        for format in [KvCacheFormat::F32, KvCacheFormat::F16, KvCacheFormat::Int4] {
+            let options = KvCacheOptions {
+                format,
+                max_sequences: 1,
+                ..KvCacheOptions::for_config(&cfg)
+            };
+            let mut cache = tritter::engine::KvCache::new(&cfg, &options).unwrap();
+            let seq = cache.add_sequence();
+            assert_eq!(cache.len(seq).unwrap(), 0, "{name} {format:?}");
+            assert_eq!(cache.free_pages().is_some(), format != KvCacheFormat::F32);
+        }
+    }
+    let cfg = TritterConfig::preset("test").unwrap();
+    let engine = engine_of(&bf16_reference(&cfg, 43));
+    for format in [KvCacheFormat::F32, KvCacheFormat::F16, KvCacheFormat::Int4] {
+        let mut cache = engine
+            .new_cache(&KvCacheOptions {
+                format,
+                ..KvCacheOptions::for_config(&cfg)
+            })
+            .unwrap();
+        let seq = cache.add_sequence();
+        let step = StepInput {
+            seq,
+            tokens: &[5, 120, 121],
+            logits: LogitsFor::Last,
+        };
+        let logits = engine.step(&mut cache, &[step]).unwrap().pop().unwrap();
+        assert_eq!(logits.len(), cfg.vocab_size);
+    }
+}

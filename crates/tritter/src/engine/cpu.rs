@@ -330,44 +330,71 @@ impl CpuEngine {
             }
         }
 
-        let mut out = Vec::with_capacity(items.len());
+        // Final norm of the wanted rows, then one pass over the LM head for all of them.
+        let mut wanted_rows = Vec::new();
         let mut r0 = 0;
         for (_, t, wanted) in items {
-            let range = match wanted {
+            wanted_rows.extend(match wanted {
                 RowsWanted::None => r0..r0,
                 RowsWanted::Last => r0 + t.len() - 1..r0 + t.len(),
                 RowsWanted::All => r0..r0 + t.len(),
-            };
-            let mut logits = Vec::with_capacity(range.len() * cfg.vocab_size);
-            let mut hn = vec![0f32; h];
-            for r in range {
-                rms_norm_row(&x[r * h..(r + 1) * h], &self.final_norm, eps, &mut hn);
-                logits.extend(self.lm_head(&hn));
-            }
-            out.push(logits);
+            });
             r0 += t.len();
+        }
+        let mut hidden = vec![0f32; wanted_rows.len() * h]; // (R, H)
+        for (hn, &r) in hidden.chunks_exact_mut(h).zip(&wanted_rows) {
+            rms_norm_row(&x[r * h..(r + 1) * h], &self.final_norm, eps, hn);
+        }
+        let logits = self.lm_head(&hidden, wanted_rows.len()); // (R, V)
+        let v = cfg.vocab_size;
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for (_, t, wanted) in items {
+            let n = match wanted {
+                RowsWanted::None => 0,
+                RowsWanted::Last => 1,
+                RowsWanted::All => t.len(),
+            };
+            out.push(logits[at * v..(at + n) * v].to_vec());
+            at += n;
         }
         Ok(out)
     }
 
-    /// Logits `(V,)` of one final hidden state `(H,)`: `h · Eᵀ` (tied) or `h · Wᵀ`.
-    fn lm_head(&self, hidden: &[f32]) -> Vec<f32> {
+    /// Logits `(R, V)` of final hidden states `(R, H)`: `h · Eᵀ` (tied) or `h · Wᵀ`. Each
+    /// vocabulary row is read and widened to f32 once for all `R` rows (the head is the
+    /// largest tensor a decode step streams), and each logit is one [`dot`], the same for
+    /// any `R`.
+    fn lm_head(&self, hidden: &[f32], rows: usize) -> Vec<f32> {
         let head = self
             .ckpt
             .lm_head
             .as_ref()
             .unwrap_or(&self.ckpt.embed_tokens);
-        let h = hidden.len();
-        let mut logits = vec![0f32; self.config().vocab_size];
-        logits
-            .par_chunks_mut(LM_HEAD_ROWS_PER_TASK)
+        let (h, v) = (self.config().hidden_size, self.config().vocab_size);
+        if rows == 0 {
+            return Vec::new();
+        }
+        let mut by_vocab = vec![0f32; v * rows]; // (V, R)
+        by_vocab
+            .par_chunks_mut(LM_HEAD_ROWS_PER_TASK * rows)
             .enumerate()
-            .for_each(|(c, out)| {
-                for (i, o) in out.iter_mut().enumerate() {
-                    let v = c * LM_HEAD_ROWS_PER_TASK + i;
-                    *o = dot_bf16(hidden, &head[v * h..(v + 1) * h]);
+            .for_each(|(c, chunk)| {
+                let mut e = vec![0f32; h];
+                for (i, out) in chunk.chunks_exact_mut(rows).enumerate() {
+                    let row = &head[(c * LM_HEAD_ROWS_PER_TASK + i) * h..][..h];
+                    widen_bf16(row, &mut e);
+                    for (o, hr) in out.iter_mut().zip(hidden.chunks_exact(h)) {
+                        *o = dot(hr, &e);
+                    }
                 }
             });
+        let mut logits = vec![0f32; rows * v];
+        for (vi, col) in by_vocab.chunks_exact(rows).enumerate() {
+            for (r, &x) in col.iter().enumerate() {
+                logits[r * v + vi] = x;
+            }
+        }
         logits
     }
 
@@ -610,20 +637,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// [`dot`] with bf16 `b` (widened exactly to f32).
-fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y.to_f32())
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i].to_f32();
-        }
+/// `out = b` widened to f32: a bf16 is the top half of an f32, so a shift is exact (and
+/// vectorizes, unlike a conversion that special-cases NaN).
+fn widen_bf16(b: &[bf16], out: &mut [f32]) {
+    for (o, x) in out.iter_mut().zip(b) {
+        *o = f32::from_bits(u32::from(x.to_bits()) << 16);
     }
-    acc.iter().sum::<f32>() + tail
 }
