@@ -183,8 +183,11 @@ fn manifest_describes_the_export_of_a_training_run() {
         );
         let numel: usize = spec.shape.iter().product();
         let bytes = match spec.kind {
-            TensorKind::Ternary => 4 * spec.shape[0] * spec.shape[1].div_ceil(16) + 4,
-            TensorKind::Bf16 => 2 * numel,
+            TensorKind::Ternary => {
+                let words = spec.shape[0] * ternary_gemm::words_per_row(spec.shape[1]);
+                std::mem::size_of::<u32>() * words + std::mem::size_of::<f32>()
+            }
+            TensorKind::Bf16 => std::mem::size_of::<bf16>() * numel,
         };
         assert_eq!(entry.bytes, bytes as u64, "{}", entry.name);
         assert_eq!(entry.file, spec.kind.file());
@@ -437,7 +440,7 @@ fn hf_bitnet_architecture_round_trips_and_runs() {
     let back = InferenceCheckpoint::load(&dir).unwrap();
     assert_bit_identical(&ckpt, &back);
     let engine = CpuEngine::new(back).unwrap();
-    let tokens: Vec<u32> = (0..20).map(|i| 8 + (i * 37) % 256).collect();
+    let tokens = common::engine::random_tokens(&cfg, cfg.max_position_embeddings / 8, 10);
     let full = engine.forward_full(&tokens).unwrap();
     assert!(full.iter().all(|v| v.is_finite()));
     let mut cache = engine
