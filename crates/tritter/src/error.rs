@@ -164,6 +164,10 @@ pub enum TritterError {
     #[error(transparent)]
     Ternary(#[from] ternary_gemm::TernaryError),
 
+    /// An error of the paged KV cache (pool exhausted, a value outside the f16 range).
+    #[error(transparent)]
+    KvCache(#[from] kv_int4::KvError),
+
     /// An error of the multimodal tokenizer.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),

@@ -1,6 +1,7 @@
-//! Simple sampling from the reference model (until the inference engine with its INT4 KV
-//! cache lands): every new token re-runs the forward pass over the last
-//! `max_position_embeddings` input embeddings, then samples with temperature and top-k.
+//! Sampling ([`SamplingOptions`], [`sample_token_in_context`]) and the reference decoding
+//! loop: every new token re-runs the candle model over the last `max_position_embeddings`
+//! input embeddings. The CPU inference engine ([`crate::engine`]) samples with the same
+//! function from its KV cache; this loop stays as the oracle and for continuous thought.
 //!
 //! With `latent_steps > 0` the prompt is followed by `<bot>`, that many continuous thoughts
 //! (the last final hidden state, through the optional latent projection, appended as the
@@ -15,9 +16,17 @@ use crate::tokenizer::vocab::NUM_SPECIAL_TOKENS;
 use crate::tokenizer::SpecialToken;
 use crate::{Result, TritterError, TritterModel};
 
-/// Sampling settings.
+/// Sampling settings, shared by the reference loop ([`generate`]) and the CPU engine
+/// ([`crate::engine::generate_batch`]).
+///
+/// The stop lists are borrowed (`'a`) so that the options stay `Copy`, which callers rely
+/// on (`SamplingOptions { temperature: 0.0, ..opts }` keeps `opts` usable).
+///
+/// Order of operations per token: repetition penalty on the logits, candidate filter
+/// (`vocab_limit`, `text_only`), sort, greedy pick at temperature 0, else top-k, softmax at
+/// `temperature`, top-p, one uniform draw.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SamplingOptions {
+pub struct SamplingOptions<'a> {
     /// New tokens to generate at most.
     pub max_new_tokens: usize,
     /// Softmax temperature; 0 picks the most likely token (greedy).
@@ -38,10 +47,26 @@ pub struct SamplingOptions {
     pub text_only: bool,
     /// Continuous-thought steps between the prompt and the sampled tokens (`<bot>`, the
     /// thoughts, `<eot>`); 0 samples straight after the prompt. Needs a vocab >= 266.
+    /// Only the reference loop ([`generate`]) runs them.
     pub latent_steps: usize,
+    /// Nucleus sampling (Holtzman et al. 2020): after top-k, keep the smallest prefix of the
+    /// candidates (most likely first, ties by the lower id) whose softmax probabilities sum
+    /// to at least `top_p`, in `(0, 1]`; 1 keeps all (off). A tiny `top_p` keeps only the
+    /// most likely token, i.e. greedy.
+    pub top_p: f64,
+    /// CTRL repetition penalty `θ > 0` (Keskar et al. 2019): the logit of every id in the
+    /// context (prompt and generated tokens) is divided by `θ` when positive and multiplied
+    /// by `θ` otherwise, before anything else; 1 is off, `θ > 1` discourages repeats.
+    pub repetition_penalty: f32,
+    /// Token ids that end generation when generated (like `<eos>` with `stop_at_eos`); the
+    /// stop token is the last returned token.
+    pub stop_tokens: &'a [u32],
+    /// Token sequences that end generation when the generated tokens (not the prompt) end
+    /// with one of them; the sequence is included in the returned tokens.
+    pub stop_sequences: &'a [Vec<u32>],
 }
 
-impl Default for SamplingOptions {
+impl Default for SamplingOptions<'_> {
     fn default() -> Self {
         SamplingOptions {
             max_new_tokens: 200,
@@ -52,14 +77,94 @@ impl Default for SamplingOptions {
             vocab_limit: None,
             text_only: false,
             latent_steps: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            stop_tokens: &[],
+            stop_sequences: &[],
         }
+    }
+}
+
+/// Why a generation stopped before `max_new_tokens` (see [`SamplingOptions::stop_reason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// `<eos>` was generated and `stop_at_eos` is set.
+    Eos,
+    /// This id of `stop_tokens` was generated.
+    StopToken(u32),
+    /// The generated tokens end with `stop_sequences[i]`.
+    StopSequence(usize),
+}
+
+impl SamplingOptions<'_> {
+    /// Checks the ranges of `top_p` (`(0, 1]`) and `repetition_penalty` (finite, `> 0`), and
+    /// that no stop sequence is empty.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(TritterError::argument(
+                "top_p",
+                self.top_p,
+                "expected a probability in (0, 1] (1 turns nucleus sampling off)",
+            ));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(TritterError::argument(
+                "repetition_penalty",
+                self.repetition_penalty,
+                "expected a finite value > 0 (1 turns the penalty off)",
+            ));
+        }
+        if let Some(i) = self.stop_sequences.iter().position(Vec::is_empty) {
+            return Err(TritterError::argument(
+                "stop_sequences",
+                format!("an empty sequence at index {i}"),
+                "expected sequences of at least one token",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the tokens generated so far end generation, and why: the last token is
+    /// `<eos>` (with `stop_at_eos`) or a stop token, or they end with a stop sequence.
+    pub fn stop_reason(&self, generated: &[u32]) -> Option<StopReason> {
+        let &last = generated.last()?;
+        if self.stop_at_eos && last == SpecialToken::Eos.id() {
+            return Some(StopReason::Eos);
+        }
+        if self.stop_tokens.contains(&last) {
+            return Some(StopReason::StopToken(last));
+        }
+        self.stop_sequences
+            .iter()
+            .position(|s| !s.is_empty() && generated.ends_with(s))
+            .map(StopReason::StopSequence)
     }
 }
 
 /// Picks a token from `logits` (one row, `V` values): greedy at temperature 0, else a draw
 /// from `softmax(logits / temperature)` restricted to the `top_k` largest (ties broken by
-/// the lower id), among ids below `vocab_limit` (and, with `text_only`, text ids and `<eos>`).
-pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededRng) -> Result<u32> {
+/// the lower id) and the `top_p` nucleus, among ids below `vocab_limit` (and, with
+/// `text_only`, text ids and `<eos>`). No context, so the repetition penalty has nothing to
+/// penalize: [`sample_token_in_context`] applies it.
+pub fn sample_token(
+    logits: &[f32],
+    options: &SamplingOptions<'_>,
+    rng: &mut SeededRng,
+) -> Result<u32> {
+    sample_token_in_context(logits, &[], options, rng)
+}
+
+/// [`sample_token`] after the repetition penalty over the ids of `context` (the prompt and
+/// the tokens generated so far; ids outside the vocabulary are ignored). Draws one uniform
+/// from `rng` unless the pick is greedy, so a seed gives the same tokens as before these
+/// options existed when they are left at their defaults.
+pub fn sample_token_in_context(
+    logits: &[f32],
+    context: &[u32],
+    options: &SamplingOptions<'_>,
+    rng: &mut SeededRng,
+) -> Result<u32> {
+    options.validate()?;
     if logits.is_empty() {
         return Err(TritterError::ShapeMismatch {
             what: "logits".into(),
@@ -74,6 +179,13 @@ pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededR
             expected: "finite values".into(),
         });
     }
+    let penalized;
+    let logits = if options.repetition_penalty != 1.0 && !context.is_empty() {
+        penalized = repetition_penalized(logits, context, options.repetition_penalty);
+        &penalized[..]
+    } else {
+        logits
+    };
     let n = options
         .vocab_limit
         .map_or(logits.len(), |l| (l as usize).clamp(1, logits.len()));
@@ -101,12 +213,24 @@ pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededR
     } else {
         options.top_k.min(order.len())
     };
-    let kept = &order[..k];
-    let max = f64::from(logits[kept[0]]);
-    let weights: Vec<f64> = kept
+    let max = f64::from(logits[order[0]]);
+    let mut weights: Vec<f64> = order[..k]
         .iter()
         .map(|&i| ((f64::from(logits[i]) - max) / options.temperature).exp())
         .collect();
+    if options.top_p < 1.0 {
+        let total: f64 = weights.iter().sum();
+        let mut cumulative = 0.0;
+        let keep = weights
+            .iter()
+            .position(|w| {
+                cumulative += w;
+                cumulative >= options.top_p * total
+            })
+            .map_or(weights.len(), |i| i + 1);
+        weights.truncate(keep);
+    }
+    let kept = &order[..weights.len()];
     let total: f64 = weights.iter().sum();
     let mut r = rng.uniform() * total;
     for (&i, w) in kept.iter().zip(&weights) {
@@ -115,26 +239,50 @@ pub fn sample_token(logits: &[f32], options: &SamplingOptions, rng: &mut SeededR
         }
         r -= w;
     }
-    Ok(kept[k - 1] as u32)
+    Ok(kept[kept.len() - 1] as u32)
+}
+
+/// `logits` with the CTRL penalty `theta` applied once to every distinct id of `context`.
+fn repetition_penalized(logits: &[f32], context: &[u32], theta: f32) -> Vec<f32> {
+    let mut out = logits.to_vec();
+    let mut seen = vec![false; logits.len()];
+    for &id in context {
+        let i = id as usize;
+        if i < out.len() && !seen[i] {
+            seen[i] = true;
+            out[i] = if out[i] > 0.0 {
+                out[i] / theta
+            } else {
+                out[i] * theta
+            };
+        }
+    }
+    out
 }
 
 /// Continues `prompt` (token ids, at least one) by up to `options.max_new_tokens` sampled
 /// tokens; returns only the new tokens (ending with `<eos>` if it was sampled and
-/// `stop_at_eos` is set). With `latent_steps > 0` the context is `prompt <bot>`, the
+/// `stop_at_eos` is set, or with a stop token or stop sequence of the options). With `latent_steps > 0` the context is `prompt <bot>`, the
 /// thoughts and `<eot>` before the first sampled token; the markers are not returned.
 pub fn generate(
     model: &TritterModel,
     prompt: &[u32],
-    options: &SamplingOptions,
+    options: &SamplingOptions<'_>,
 ) -> Result<Vec<u32>> {
+    options.validate()?;
     let mut rng = SeededRng::new(options.seed);
-    generate_with(
+    let mut context = prompt.to_vec();
+    generate_until(
         model,
         prompt,
         options.latent_steps,
         options.max_new_tokens,
-        options.stop_at_eos,
-        |_, logits| sample_token(logits, options, &mut rng),
+        |generated| options.stop_reason(generated).is_some(),
+        |_, logits| {
+            let next = sample_token_in_context(logits, &context, options, &mut rng)?;
+            context.push(next);
+            Ok(next)
+        },
     )
 }
 
@@ -149,6 +297,27 @@ pub(crate) fn generate_with(
     latent_steps: usize,
     max_new_tokens: usize,
     stop_at_eos: bool,
+    pick: impl FnMut(&Tensor, &[f32]) -> Result<u32>,
+) -> Result<Vec<u32>> {
+    let eos = SpecialToken::Eos.id();
+    generate_until(
+        model,
+        prompt,
+        latent_steps,
+        max_new_tokens,
+        |generated| stop_at_eos && generated.last() == Some(&eos),
+        pick,
+    )
+}
+
+/// [`generate_with`] with the end of generation decided by `stop`, which sees the tokens
+/// generated so far after each pick.
+fn generate_until(
+    model: &TritterModel,
+    prompt: &[u32],
+    latent_steps: usize,
+    max_new_tokens: usize,
+    stop: impl Fn(&[u32]) -> bool,
     mut pick: impl FnMut(&Tensor, &[f32]) -> Result<u32>,
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
@@ -191,7 +360,7 @@ pub(crate) fn generate_with(
             .to_vec1::<f32>()?;
         let next = pick(&last, &logits)?;
         out.push(next);
-        if stop_at_eos && next == SpecialToken::Eos.id() {
+        if stop(&out) {
             break;
         }
         context = Tensor::cat(&[&context, &tokens(&[next])?], 1)?;

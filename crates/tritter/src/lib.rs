@@ -11,6 +11,10 @@
 //! * [`model`]: the candle reference model ([`TritterModel`], [`model::BitLinear`] with the
 //!   straight-through estimator, attention masks in [`MaskSpec`]);
 //! * [`checkpoint`]: safetensors + `config.json` directories, atomic writes, verified loads;
+//! * [`engine`]: the inference engine on the CPU: export to packed ternary weights
+//!   ([`engine::InferenceCheckpoint`]), [`engine::CpuEngine`] with a KV cache (f32 or paged
+//!   INT4, sliding window + sinks), generation with top-k/top-p/repetition penalty/stop
+//!   conditions, streaming and continuous batching ([`engine::generate_batch`]);
 //! * [`tokenizer`]: the multimodal tokenizer (special tokens, bytes, optional BPE, image
 //!   patch codebook, mu-law audio) with a documented id layout;
 //! * [`paradigm`]: the embedding-prediction paradigm: `<bot>`/`<eot>` latent markers,
@@ -36,6 +40,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod engine;
 mod error;
 pub mod generate;
 pub mod memory;

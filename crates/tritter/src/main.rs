@@ -1,8 +1,11 @@
 //! `tritter`: train, evaluate and sample the Tritter BitNet b1.58 model on the CPU, inspect
 //! presets and memory budgets, and tokenize files. Run `tritter --help` for examples.
 
+use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -10,6 +13,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tritter::data::{
     corpus, load_documents, split_documents, Document, MalformedPolicy, PackedDataset,
     SourceOptions,
+};
+use tritter::engine::{
+    generate_batch, generate_stream, CpuEngine, GenerationRequest, InferenceCheckpoint,
+    KvCacheFormat, KvCacheOptions, MANIFEST_FILE,
 };
 use tritter::generate::{generate, SamplingOptions};
 use tritter::paradigm::curriculum::{Curriculum, ReasoningTrainer};
@@ -20,8 +27,8 @@ use tritter::paradigm::task::TaskKind;
 use tritter::paradigm::{EmbeddingLossKind, EmbeddingObjective, LatentMarkers, Objective};
 use tritter::tokenizer::{BpeVocab, Modality, MultimodalTokenizer, Segment, VocabLayout};
 use tritter::train::{
-    device_from_name, evaluate, latest_checkpoint, EvalMetrics, Progress, StepMetrics,
-    TrainOptions, Trainer, TrainerState,
+    device_from_name, evaluate, latest_checkpoint, model_checkpoint_dir, EvalMetrics, Progress,
+    StepMetrics, TrainOptions, Trainer, TrainerState,
 };
 use tritter::{MemoryEstimate, Result, TritterConfig, TritterError, TritterModel};
 
@@ -36,8 +43,10 @@ Examples:
   tritter eval --checkpoint runs/test --mode all
   tritter train --task arith --difficulty 3 --latent-stages 3 --steps 1500   # Coconut curriculum
   tritter eval --checkpoint runs/arith-latent/model --task arith --mode all
-  tritter generate --checkpoint runs/test --prompt 'fn main() {' --temperature 0.7
-  tritter generate --checkpoint runs/test --prompt 'fn main() {' --latent-steps 4
+  tritter export --checkpoint runs/test --out runs/test/inference
+  tritter generate --checkpoint runs/test/inference --prompt 'fn main() {' --temperature 0.7 --top-p 0.9
+  tritter generate --checkpoint runs/test --prompt 'fn ' --prompt 'let ' --kv-cache int4
+  tritter generate --checkpoint runs/test --prompt 'fn main() {' --latent-steps 4   # reference loop
   tritter info --context 131072
   tritter tokenize --file src/lib.rs --modality code";
 
@@ -62,11 +71,16 @@ enum Command {
         after_help = "Examples:\n  tritter eval --checkpoint runs/test\n  tritter eval --checkpoint runs/test/checkpoints/step-00000400 --data held-out.jsonl"
     )]
     Eval(EvalArgs),
-    /// Sample a continuation of a prompt from a checkpoint.
+    /// Sample continuations of prompts on the CPU inference engine (streamed to stdout).
     #[command(
-        after_help = "Example:\n  tritter generate --checkpoint runs/test --prompt 'pub fn ' --max-tokens 200 --top-k 40"
+        after_help = "Examples:\n  tritter generate --checkpoint runs/test --prompt 'pub fn ' --max-tokens 200 --top-k 40\n  tritter generate --checkpoint runs/test/inference --prompt 'fn ' --prompt 'impl ' --top-p 0.9 --stop $'\\n\\n'\n  tritter generate --checkpoint runs/test --prompt 'fn ' --reference --latent-steps 2"
     )]
     Generate(GenerateArgs),
+    /// Export a trained checkpoint to an inference checkpoint (packed ternary weights).
+    #[command(
+        after_help = "Example:\n  tritter export --checkpoint runs/test --out runs/test/inference"
+    )]
+    Export(ExportArgs),
     /// Print the token ids of a text or file.
     #[command(
         after_help = "Examples:\n  tritter tokenize --text 'hello'\n  tritter tokenize --file src/main.rs --modality code --tokenizer tokenizer.json"
@@ -299,15 +313,26 @@ struct EvalArgs {
     rounder_threshold: f32,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum KvCacheArg {
+    /// INT4 when the config sets int4_kv_cache, else f32.
+    Auto,
+    F32,
+    F16,
+    Int4,
+}
+
 #[derive(Args, Debug)]
 struct GenerateArgs {
-    /// Checkpoint (a step-* directory, a run directory, or a model checkpoint directory).
+    /// Checkpoint: an inference checkpoint (from `tritter export`), or a training checkpoint
+    /// (a step-* directory, a run directory, or a model checkpoint directory), exported in
+    /// memory.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// The prompt.
-    #[arg(long, default_value = "")]
-    prompt: String,
-    /// Modality prefix of the prompt.
+    /// A prompt; repeat for several prompts, generated together with continuous batching.
+    #[arg(long = "prompt")]
+    prompts: Vec<String>,
+    /// Modality prefix of the prompts.
     #[arg(long, value_enum, default_value_t = ModalityArg::Code)]
     modality: ModalityArg,
     /// New tokens at most.
@@ -319,15 +344,50 @@ struct GenerateArgs {
     /// Top-k (0: all tokens).
     #[arg(long, default_value_t = 40)]
     top_k: usize,
-    /// Sampler seed.
+    /// Top-p nucleus in (0, 1] (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Repetition penalty (1: off; > 1 discourages tokens already in the context).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Sampler seed (prompt i of several uses seed + i).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Continuous-thought steps after the prompt (<bot>, N thoughts, <eot>) before sampling.
+    /// A stop string (encoded with the tokenizer, without the modality prefix); repeatable.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// A stop token id; repeatable.
+    #[arg(long)]
+    stop_token: Vec<u32>,
+    /// KV cache format of the engine.
+    #[arg(long, value_enum, default_value_t = KvCacheArg::Auto)]
+    kv_cache: KvCacheArg,
+    /// Sequences decoded at once (continuous batching).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Run the candle reference loop (re-runs the model for every token; needed for
+    /// --latent-steps) instead of the engine. Needs a training checkpoint.
+    #[arg(long)]
+    reference: bool,
+    /// Continuous-thought steps after the prompt (<bot>, N thoughts, <eot>) before sampling;
+    /// implies --reference.
     #[arg(long, default_value_t = 0)]
     latent_steps: usize,
     /// A BPE tokenizer.json (default: bytes).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// Training checkpoint: a step-* directory, a run directory, or a model checkpoint
+    /// directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Output directory of the inference checkpoint (created; files are replaced
+    /// atomically).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -356,6 +416,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train(&a),
         Command::Eval(a) => eval(&a),
         Command::Generate(a) => generate_cmd(&a),
+        Command::Export(a) => export_cmd(&a),
         Command::Tokenize(a) => tokenize(&a),
     };
     match result {
@@ -835,11 +896,7 @@ fn render(tok: &MultimodalTokenizer, ids: &[u32]) -> Result<String> {
 
 /// The model checkpoint directory and, for training checkpoints, their state.
 fn open_checkpoint(path: &Path) -> Result<(TritterModel, Option<TrainerState>)> {
-    let dir = if path.join(tritter::checkpoint::CONFIG_FILE).is_file() {
-        path.to_path_buf()
-    } else {
-        latest_checkpoint(path)?
-    };
+    let dir = model_checkpoint_dir(path)?;
     let model = TritterModel::load(&dir, &candle_core::Device::Cpu)?;
     let state = dir
         .join(tritter::train::TRAINER_STATE_FILE)
@@ -944,40 +1001,240 @@ fn eval_task(a: &EvalArgs, model: &TritterModel, kind: TaskKind, modes: &[EvalMo
 }
 
 fn generate_cmd(a: &GenerateArgs) -> Result<()> {
+    if a.reference || a.latent_steps > 0 {
+        return generate_reference(a);
+    }
+    let load = Instant::now();
+    let engine = CpuEngine::new(InferenceCheckpoint::open(&a.checkpoint)?)?;
+    let cfg = engine.config().clone();
+    let tok = make_tokenizer(cfg.vocab_size, a.tokenizer.as_deref())?;
+    let prompts = encode_prompts(a, &tok)?;
+    let stop_sequences = a
+        .stop
+        .iter()
+        .map(|s| Ok(tok.encode_text(s)?[1..].to_vec()))
+        .collect::<Result<Vec<_>>>()?;
+    let options = SamplingOptions {
+        max_new_tokens: a.max_tokens,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        stop_tokens: &a.stop_token,
+        stop_sequences: &stop_sequences,
+        ..sampling_options(a, &tok)
+    };
+    let mut cache = KvCacheOptions::for_config(&cfg);
+    cache.max_sequences = a.batch.max(1);
+    cache.format = match a.kv_cache {
+        KvCacheArg::Auto => cache.format,
+        KvCacheArg::F32 => KvCacheFormat::F32,
+        KvCacheArg::F16 => KvCacheFormat::F16,
+        KvCacheArg::Int4 => KvCacheFormat::Int4,
+    };
+    if cfg.sliding_window.is_none() && cache.format != KvCacheFormat::F32 {
+        // Without a window the default pool holds max_position_embeddings tokens per
+        // sequence; these requests need at most their prompt plus max_tokens.
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + a.max_tokens;
+        let per_seq = longest.min(cfg.max_position_embeddings) + 2 * cache.page_size;
+        cache.pool_tokens = Some(cache.max_sequences.min(prompts.len()) * per_seq);
+    }
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    eprintln!(
+        "engine: {} ({:.3}M parameters, {} layers), KV cache {:?}, loaded in {:.2} s",
+        a.checkpoint.display(),
+        cfg.param_count() as f64 / 1e6,
+        cfg.num_layers,
+        cache.format,
+        load.elapsed().as_secs_f64()
+    );
+    let start = Instant::now();
+    let (generated, first) = if let [prompt] = prompts.as_slice() {
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "{}", render(&tok, prompt)?);
+        let _ = out.flush();
+        let mut printer = StreamPrinter::default();
+        let mut first = None;
+        let g = generate_stream(&engine, prompt, &options, &cache, |t| {
+            first.get_or_insert_with(|| start.elapsed().as_secs_f64());
+            printer.push(&tok, t, &mut out);
+            ControlFlow::Continue(())
+        })?;
+        printer.finish(&tok, &mut out);
+        let _ = writeln!(out);
+        eprintln!("[finished: {:?}]", g.finish);
+        (g.tokens.len(), first)
+    } else {
+        let requests: Vec<GenerationRequest<'_>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| GenerationRequest {
+                prompt,
+                options: SamplingOptions {
+                    seed: a.seed.wrapping_add(i as u64),
+                    ..options
+                },
+            })
+            .collect();
+        let gens = generate_batch(&engine, &requests, &cache, |_| ControlFlow::Continue(()))?;
+        for (i, (prompt, g)) in prompts.iter().zip(&gens).enumerate() {
+            println!("--- prompt {i} ({:?}) ---", g.finish);
+            println!("{}{}", render(&tok, prompt)?, render(&tok, &g.tokens)?);
+        }
+        (gens.iter().map(|g| g.tokens.len()).sum(), None)
+    };
+    let secs = start.elapsed().as_secs_f64();
+    match first {
+        Some(f) if generated > 1 => eprintln!(
+            "{generated} tokens in {secs:.2} s: prefill of {prompt_tokens} prompt tokens + first token {f:.3} s, then {:.1} tokens/s",
+            (generated - 1) as f64 / (secs - f).max(1e-9)
+        ),
+        _ => eprintln!(
+            "{generated} tokens from {} prompts ({prompt_tokens} prompt tokens) in {secs:.2} s: {:.1} generated tokens/s",
+            prompts.len(),
+            generated as f64 / secs.max(1e-9)
+        ),
+    }
+    Ok(())
+}
+
+/// The options every generation path shares (temperature, top-k, seed, text-only ids).
+fn sampling_options<'a>(a: &GenerateArgs, tok: &MultimodalTokenizer) -> SamplingOptions<'a> {
+    SamplingOptions {
+        max_new_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        seed: a.seed,
+        stop_at_eos: true,
+        vocab_limit: Some(sample_limit(tok)),
+        text_only: true,
+        latent_steps: a.latent_steps,
+        ..SamplingOptions::default()
+    }
+}
+
+/// The prompts as token ids (one empty prompt when none is given: just the modality prefix).
+fn encode_prompts(a: &GenerateArgs, tok: &MultimodalTokenizer) -> Result<Vec<Vec<u32>>> {
+    let empty = [String::new()];
+    let prompts = if a.prompts.is_empty() {
+        &empty[..]
+    } else {
+        &a.prompts[..]
+    };
+    prompts
+        .iter()
+        .map(|p| match a.modality {
+            ModalityArg::Code => Ok(tok.encode_code(p)?),
+            ModalityArg::Text => Ok(tok.encode_text(p)?),
+        })
+        .collect()
+}
+
+/// Prints generated tokens as text as they come: renders everything generated so far and
+/// writes the new suffix, holding back a trailing replacement character (an incomplete
+/// UTF-8 sequence that the next byte token may complete).
+#[derive(Default)]
+struct StreamPrinter {
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl StreamPrinter {
+    fn push(&mut self, tok: &MultimodalTokenizer, id: u32, out: &mut impl Write) {
+        self.ids.push(id);
+        if let Ok(text) = render(tok, &self.ids) {
+            let text = text.trim_end_matches('\u{FFFD}');
+            self.write_from(text, out);
+        }
+    }
+
+    fn finish(&mut self, tok: &MultimodalTokenizer, out: &mut impl Write) {
+        if let Ok(text) = render(tok, &self.ids) {
+            self.write_from(&text, out);
+        }
+    }
+
+    fn write_from(&mut self, text: &str, out: &mut impl Write) {
+        if let Some(new) = text.get(self.printed..).filter(|n| !n.is_empty()) {
+            let _ = out.write_all(new.as_bytes());
+            let _ = out.flush();
+            self.printed = text.len();
+        }
+    }
+}
+
+/// `tritter generate --reference`: the candle reference loop (one prompt, supports
+/// continuous thoughts).
+fn generate_reference(a: &GenerateArgs) -> Result<()> {
+    if a.checkpoint.join(MANIFEST_FILE).is_file() {
+        return Err(TritterError::InvalidTrainOption {
+            field: "--reference",
+            actual: a.checkpoint.display().to_string(),
+            expected: "expected a training checkpoint: the reference loop runs the candle model on the shadow weights, which an inference checkpoint does not hold".into(),
+        });
+    }
     let (model, _) = open_checkpoint(&a.checkpoint)?;
     let tok = make_tokenizer(model.config().vocab_size, a.tokenizer.as_deref())?;
-    let mut ids = match a.modality {
-        ModalityArg::Code => tok.encode_code(&a.prompt)?,
-        ModalityArg::Text => tok.encode_text(&a.prompt)?,
+    let prompts = encode_prompts(a, &tok)?;
+    let stop_sequences = a
+        .stop
+        .iter()
+        .map(|s| Ok(tok.encode_text(s)?[1..].to_vec()))
+        .collect::<Result<Vec<_>>>()?;
+    let options = SamplingOptions {
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        stop_tokens: &a.stop_token,
+        stop_sequences: &stop_sequences,
+        ..sampling_options(a, &tok)
     };
-    let new = generate(
-        &model,
-        &ids,
-        &SamplingOptions {
-            max_new_tokens: a.max_tokens,
-            temperature: a.temperature,
-            top_k: a.top_k,
-            seed: a.seed,
-            stop_at_eos: true,
-            vocab_limit: Some(sample_limit(&tok)),
-            text_only: true,
-            latent_steps: a.latent_steps,
-        },
-    )?;
-    if a.latent_steps == 0 {
-        ids.extend(new);
-        println!("{}", render(&tok, &ids)?);
-    } else {
-        let m = LatentMarkers::from_config(model.config())?;
-        let thoughts = format!("[{} continuous thoughts]", a.latent_steps);
-        println!(
-            "{}{}{thoughts}{}{}",
-            render(&tok, &ids)?,
-            render(&tok, &[m.bot])?,
-            render(&tok, &[m.eot])?,
-            render(&tok, &new)?
-        );
+    for (i, ids) in prompts.iter().enumerate() {
+        let options = SamplingOptions {
+            seed: a.seed.wrapping_add(i as u64),
+            ..options
+        };
+        let new = generate(&model, ids, &options)?;
+        if a.latent_steps == 0 {
+            println!("{}{}", render(&tok, ids)?, render(&tok, &new)?);
+        } else {
+            let m = LatentMarkers::from_config(model.config())?;
+            let thoughts = format!("[{} continuous thoughts]", a.latent_steps);
+            println!(
+                "{}{}{thoughts}{}{}",
+                render(&tok, ids)?,
+                render(&tok, &[m.bot])?,
+                render(&tok, &[m.eot])?,
+                render(&tok, &new)?
+            );
+        }
     }
+    Ok(())
+}
+
+/// `tritter export`: a training checkpoint to an inference checkpoint directory.
+fn export_cmd(a: &ExportArgs) -> Result<()> {
+    let start = Instant::now();
+    let ckpt = InferenceCheckpoint::from_trained_checkpoint(&a.checkpoint)?;
+    let manifest = ckpt.save(&a.out)?;
+    let bytes = |name: &str| {
+        manifest
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .map_or(0, |f| f.bytes)
+    };
+    println!(
+        "exported {} (step {}) to {} in {:.2} s: {} tensors; {} = {:.3} MB packed ternary, {} = {:.3} MB bf16",
+        ckpt.source.checkpoint.as_deref().unwrap_or("?"),
+        ckpt.source
+            .step
+            .map_or_else(|| "unknown".to_string(), |s| s.to_string()),
+        a.out.display(),
+        start.elapsed().as_secs_f64(),
+        manifest.tensors.len(),
+        tritter::engine::TERNARY_FILE,
+        bytes(tritter::engine::TERNARY_FILE) as f64 / 1e6,
+        tritter::engine::DENSE_FILE,
+        bytes(tritter::engine::DENSE_FILE) as f64 / 1e6,
+    );
     Ok(())
 }
 

@@ -5,9 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
-use ternary_gemm::{
-    absmean_quantize, ScaleGranularity, TernaryMatrix, ABSMEAN_EPS, ACT_QUANT_EPS, ACT_QUANT_QMAX,
-};
+use ternary_gemm::{TernaryMatrix, TernaryScales, ABSMEAN_EPS, ACT_QUANT_EPS, ACT_QUANT_QMAX};
 
 use super::init::ParamBuilder;
 use crate::Result;
@@ -87,18 +85,25 @@ impl BitLinear {
     }
 
     /// The weight as a packed [`TernaryMatrix`] (per-tensor scale), for the kernels and
-    /// the GPU engine.
+    /// the inference engines: exactly the codes and the scale `gamma` that
+    /// [`forward`](Self::forward) quantizes to (the same candle ops in f32), so
+    /// `dequantize()` equals [`dequantized_weight`](Self::dequantized_weight) bit for bit.
+    /// (`ternary_gemm::absmean_quantize` sums in f64 and can differ from candle's f32 mean
+    /// in the last bit of `gamma`.)
     pub fn to_ternary(&self) -> Result<Arc<TernaryMatrix>> {
-        let w = self
-            .weight
-            .to_dtype(DType::F32)?
+        let w = self.weight.detach().to_dtype(DType::F32)?;
+        let (codes, gamma) = absmean_codes(&w)?;
+        let values: Vec<i8> = codes
             .flatten_all()?
-            .to_vec1::<f32>()?;
-        Ok(Arc::new(absmean_quantize(
-            &w,
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|c| c as i8)
+            .collect();
+        Ok(Arc::new(TernaryMatrix::from_values(
             self.out_features,
             self.in_features,
-            ScaleGranularity::PerTensor,
+            &values,
+            TernaryScales::PerTensor(gamma.to_scalar::<f32>()?),
         )?))
     }
 
@@ -136,12 +141,18 @@ impl BitLinear {
 
 /// `Wq * gamma` for an f32 weight (per-tensor absmean, DESIGN.md section 4).
 fn absmean_dequantize(w: &Tensor) -> candle_core::Result<Tensor> {
+    let (codes, gamma) = absmean_codes(w)?;
+    codes.broadcast_mul(&gamma)
+}
+
+/// The absmean quantizer of an f32 weight `(out, in)`: codes
+/// `Wq = clamp(round(W / (gamma + eps)), -1, 1)` `(out, in)` f32 and `gamma = mean|W|` `()`.
+/// The one definition behind the forward pass and the packed export.
+fn absmean_codes(w: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let gamma = w.abs()?.mean_all()?; // ()
     let denom = (&gamma + f64::from(ABSMEAN_EPS))?;
-    w.broadcast_div(&denom)?
-        .round()?
-        .clamp(-1f32, 1f32)?
-        .broadcast_mul(&gamma)
+    let codes = w.broadcast_div(&denom)?.round()?.clamp(-1f32, 1f32)?;
+    Ok((codes, gamma))
 }
 
 /// Per-row absmax int8 fake quantization of `x` `(N, K)` f32: `clamp(round(x*s)) / s`.

@@ -38,7 +38,7 @@ pub use init::{ParamBuilder, SeededRng};
 pub use layer::DecoderLayer;
 pub use mask::MaskSpec;
 pub use mlp::Mlp;
-pub use norm::RmsNorm;
+pub use norm::{rms_norm_row, RmsNorm};
 pub use rope::{Rope, RopeTables};
 
 pub(crate) use init::{fnv1a, InitMode, FNV_OFFSET};
@@ -315,6 +315,16 @@ impl TritterModel {
             h = layer.forward(&h, rope, bias, self.training)?;
         }
         self.norm.forward(&h)
+    }
+
+    /// The untied LM head `(V, H)`, or `None` when the embedding is tied.
+    pub fn lm_head(&self) -> Option<&Tensor> {
+        self.lm_head.as_ref()
+    }
+
+    /// The latent projection `(H, H)` (`None` unless the config sets `latent_projection`).
+    pub fn latent_projection(&self) -> Option<&Tensor> {
+        self.latent_proj.as_ref()
     }
 
     /// The final RMSNorm (applied after the last layer, before the LM head).

@@ -43,3 +43,16 @@ impl RmsNorm {
         Ok(y.to_dtype(dtype)?)
     }
 }
+
+/// [`RmsNorm::forward`] on one row of plain f32 values (the CPU engine's path):
+/// `out = x / sqrt(mean(x²) + eps) * weight`, `x`, `weight`, `out` all `(dim,)`. Same
+/// operations in the same precision as the tensor version; only the order of the sum of
+/// squares may differ.
+pub fn rms_norm_row(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
+    // candle's mean is `sum * f32(1 / n)`, and `+ eps` an affine op in f32.
+    let ms = x.iter().map(|v| v * v).sum::<f32>() * (1.0 / x.len().max(1) as f64) as f32;
+    let r = (ms + eps as f32).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v / r * w;
+    }
+}

@@ -46,12 +46,9 @@ impl Rope {
         let mut sin = Vec::with_capacity(b * l * d);
         for row in positions {
             for &p in row {
-                for _half in 0..2 {
-                    for &f in &self.inv_freq {
-                        let a = f64::from(p) * f;
-                        cos.push(a.cos() as f32);
-                        sin.push(a.sin() as f32);
-                    }
+                for (c, s) in self.cos_sin(p) {
+                    cos.push(c);
+                    sin.push(s);
                 }
             }
         }
@@ -60,6 +57,38 @@ impl Rope {
             cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
         })
+    }
+
+    /// `(cos, sin)` of `position` for one head: `D` pairs, the angles `position * inv_freq`
+    /// repeated over both halves (one row of [`tables`](Self::tables), which is built from
+    /// it; the CPU engine rotates with the same values).
+    pub fn cos_sin(&self, position: u32) -> impl Iterator<Item = (f32, f32)> + '_ {
+        (0..2).flat_map(move |_| {
+            self.inv_freq.iter().map(move |&f| {
+                let a = f64::from(position) * f;
+                (a.cos() as f32, a.sin() as f32)
+            })
+        })
+    }
+
+    /// Head width `D`.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// [`apply`](Self::apply) on one head vector `x` `(D,)` in place, with `cos`/`sin` `(D,)`
+    /// from [`cos_sin`](Self::cos_sin): `x * cos + rotate_half(x) * sin`, each product
+    /// rounded before the sum as in the tensor version.
+    pub fn rotate_half_in_place(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = x.len() / 2;
+        let (x1, x2) = x.split_at_mut(half);
+        let (c1, c2) = cos.split_at(half);
+        let (s1, s2) = sin.split_at(half);
+        for i in 0..half {
+            let (a, b) = (x1[i], x2[i]);
+            x1[i] = a * c1[i] + (-b) * s1[i];
+            x2[i] = b * c2[i] + a * s2[i];
+        }
     }
 
     /// Rotates `x` `(B, H, L, D)`: `x * cos + rotate_half(x) * sin` with

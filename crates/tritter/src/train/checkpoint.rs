@@ -102,6 +102,16 @@ pub fn latest_checkpoint(path: &Path) -> Result<PathBuf> {
     })
 }
 
+/// The model checkpoint directory `path` refers to: itself if it holds a `config.json`
+/// (a model or step-* directory), else [`latest_checkpoint`] (a run directory).
+pub fn model_checkpoint_dir(path: &Path) -> Result<PathBuf> {
+    if path.join(crate::checkpoint::CONFIG_FILE).is_file() {
+        Ok(path.to_path_buf())
+    } else {
+        latest_checkpoint(path)
+    }
+}
+
 /// Writes a checkpoint (see the module docs) and returns its directory.
 pub(crate) fn save(
     checkpoints_dir: &Path,

@@ -12,7 +12,8 @@ mod checkpoint;
 mod optim;
 
 pub use checkpoint::{
-    latest_checkpoint, TrainerState, LATEST_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE,
+    latest_checkpoint, model_checkpoint_dir, TrainerState, LATEST_FILE, OPTIMIZER_FILE,
+    TRAINER_STATE_FILE,
 };
 pub use optim::{clip_global_norm, decays, global_norm, AdamW, AdamWConfig, LrSchedule};
 

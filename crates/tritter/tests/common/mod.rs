@@ -105,3 +105,5 @@ pub fn check_grad_at(
         fd_norm: ref2.sqrt(),
     }
 }
+
+pub mod engine;
