@@ -173,16 +173,17 @@ __device__ __forceinline__ void write_groups(const __half* __restrict__ k, const
         const float m = __half2float(min_h), s = __half2float(scale_h);
         uint32_t words[4] = {0u, 0u, 0u, 0u};
         if (s > 0.0f) {
-            // (x - m) / s through the reciprocal: within ~3e-6 of the correctly rounded
-            // quotient (|q| <= ~15.01), so it rounds to the same code unless it lies within
-            // 1e-5 of a half-way point, where the IEEE division decides (bit-exact with
-            // quantize_group at a fraction of 32 full-precision divisions per group).
+            // (x - m) / s correctly rounded without a division (Markstein): with inv =
+            // RN(1/s), y0 = RN(d * inv) is within 1 ulp of d / s, the residual
+            // r = d - s * y0 is exact in one FMA, and RN(y0 + r * inv) = RN(d / s) (no
+            // overflow: |d / s| <= ~15; an underflowing d rounds to code 0 either way). So
+            // the code equals quantize_group's IEEE division bit for bit, in 3 FP ops.
             const float inv = __frcp_rn(s);
 #pragma unroll
             for (int i = 0; i < 32; ++i) {
                 const float d = __fsub_rn(x[i], m);
-                float y = __fmul_rn(d, inv);
-                if (fabsf(__fsub_rn(__fsub_rn(y, floorf(y)), 0.5f)) < 1e-5f) y = __fdiv_rn(d, s);
+                const float y0 = __fmul_rn(d, inv);
+                const float y = __fmaf_rn(__fmaf_rn(-y0, s, d), inv, y0);
                 float q = roundf(y);
                 q = fminf(fmaxf(q, 0.0f), 15.0f);
                 words[i / 8] |= static_cast<uint32_t>(q) << (4 * (i % 8));

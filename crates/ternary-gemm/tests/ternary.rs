@@ -737,9 +737,15 @@ mod mlp_conformance {
         ternary_mlp_cuda(gpu, &gm, &xd.as_view(), &mut y.as_view_mut(), &mut ws).unwrap();
         ws.check_finite(gpu).unwrap();
         // ... and equals the reference bit for bit: no NaN maximum of h survived the call.
-        let want = TernaryMlp::new(mk(7), mk(8), down_copy).unwrap().forward_ref(&x, m).unwrap();
+        let want = TernaryMlp::new(mk(7), mk(8), down_copy)
+            .unwrap()
+            .forward_ref(&x, m)
+            .unwrap();
         let got = stream.clone_dtoh(&y).unwrap();
-        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
         let mut short = stream.alloc_zeros::<f32>(m * h - 1).unwrap();
         let err = ternary_mlp_cuda(gpu, &gm, &xd.as_view(), &mut short.as_view_mut(), &mut ws);
         assert!(

@@ -14,6 +14,12 @@ use crate::{
 /// Activation rows one launch handles; larger M runs in chunks of this. Up to 8 rows use
 /// one MMA n-tile per decoded weight fragment, 9..32 rows four.
 pub const GEMV_MAX_M: usize = 32;
+/// Activation rows from which [`ternary_matmul_a8_cuda`] runs the tiled GEMM instead of the
+/// GEMV. Above one MMA n-tile (8 rows) every GEMV lane loads 32-bit activation operands
+/// from L1 per weight block and n-tile, which bounds the `_m32` GEMV by load issue (H100, M =
+/// 32: 4096 x 4096 in 24 us, 0.6x cuBLAS bf16), while the GEMM stages activations in
+/// shared memory and reads them with ldmatrix.
+pub const GEMM_MIN_M: usize = 9;
 /// Rows of one MMA n-tile.
 const N_TILE: usize = 8;
 const WARPS: usize = 8;
@@ -131,8 +137,8 @@ fn plan(gpu: &Gpu, n_out: usize, k_in: usize, rows_per_cta: usize) -> (usize, us
 /// `y = (Wq · q) * gamma / s` for GEMV-ready int8 activations `x` (M = `x.rows()`,
 /// K = `w.k_in()`), `y` `(M, n_out)` f32. Integer accumulation is exact and the epilogue is
 /// [`a8_epilogue`](crate::a8_epilogue), so results equal the CPU reference bit for bit.
-/// Any M >= 1: up to [`GEMV_MAX_M`] rows in one GEMV launch, more in one launch of the
-/// tiled GEMM.
+/// Any M >= 1: up to [`GEMM_MIN_M`]` - 1` rows in one GEMV launch, more in one launch of
+/// the tiled GEMM.
 /// `ws` must have been made for at least `w.n_out()` rows.
 pub fn ternary_matmul_a8_cuda(
     gpu: &Gpu,
@@ -146,7 +152,7 @@ pub fn ternary_matmul_a8_cuda(
         return Ok(());
     }
     crate::act_quant::check_shape("y", y.len(), x.rows(), w.n_out)?;
-    if x.rows() > GEMV_MAX_M {
+    if x.rows() >= GEMM_MIN_M {
         return launch_gemm(gpu, w, x, y);
     }
     launch_gemv(gpu, w, x, y, ws, None)

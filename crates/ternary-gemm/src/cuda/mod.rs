@@ -12,5 +12,5 @@ pub use act_quant::{
     QuantizedActivationsGpu,
 };
 pub use gemm_t::ternary_matmul_t_cuda;
-pub use gemv::{ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu, GEMV_MAX_M};
+pub use gemv::{ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu, GEMM_MIN_M, GEMV_MAX_M};
 pub use mlp::{ternary_mlp_cuda, MlpWorkspace, TernaryMlpGpu};
