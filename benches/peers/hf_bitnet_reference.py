@@ -338,8 +338,12 @@ def load_transformers_swap(model_dir, dtype, device, attn, prequantize=False):
         raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
     if cfg.tie_word_embeddings:
         model.tie_weights()
-    model = model.to(device=device, dtype=dtype).eval()
-    for l, layer in enumerate(model.model.layers):
+    # Parameters to the run's dtype; buffers (RoPE's float32 inv_freq) stay as transformers
+    # keeps them.
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    for layer in model.model.layers:
         for name in LINEARS:
             parent_name, child = name.split(".")
             parent = getattr(layer, parent_name)
