@@ -244,6 +244,36 @@ pub enum TritterError {
         expected: String,
     },
 
+    /// A key of a Hugging Face `config.json` is missing, has the wrong type, or describes
+    /// something the engine does not run (another `model_type`, RoPE scaling, biases, ...).
+    #[error("Hugging Face config {path}: {key} is {actual} but expected {expected}")]
+    HfConfig {
+        /// The `config.json` (or `generation_config.json`, index) read.
+        path: PathBuf,
+        /// The key, dotted for nested ones (`quantization_config.quantization_mode`).
+        key: String,
+        /// Its value as found (`missing` when absent).
+        actual: String,
+        /// What would be accepted, phrased as the fix.
+        expected: String,
+    },
+
+    /// A tensor of a Hugging Face checkpoint cannot be imported: missing, not part of the
+    /// model, of an unsupported dtype or the wrong shape, or holding NaN/Inf.
+    #[error("Hugging Face weights {path}: tensor {tensor}: {problem}: found {actual}, expected {expected}")]
+    HfTensor {
+        /// The safetensors file (or, for a missing tensor, the checkpoint directory).
+        path: PathBuf,
+        /// The tensor's name in the checkpoint (`model.layers.0.self_attn.q_proj.weight`).
+        tensor: String,
+        /// What is wrong.
+        problem: crate::engine::hf::HfTensorProblem,
+        /// What was found.
+        actual: String,
+        /// What the config implies.
+        expected: String,
+    },
+
     /// An error of the CUDA runtime layer (driver, module loading, a launch).
     #[error(transparent)]
     Kernel(#[from] tritter_kernels_cuda::KernelError),

@@ -7,16 +7,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use tritter::data::{
     corpus, load_documents, split_documents, Document, MalformedPolicy, PackedDataset,
     SourceOptions,
 };
+use tritter::engine::hf::{compare_logits, HfBitnet, HfTokenizer, ReferenceLogits};
 use tritter::engine::{
     generate_batch, generate_stream, CpuEngine, GenerationRequest, InferenceCheckpoint,
-    KvCacheFormat, KvCacheOptions, MANIFEST_FILE,
+    KvCacheFormat, KvCacheOptions, Manifest, MANIFEST_FILE,
 };
 use tritter::generate::{generate, SamplingOptions};
 use tritter::paradigm::curriculum::{Curriculum, ReasoningTrainer};
@@ -47,6 +48,9 @@ Examples:
   tritter generate --checkpoint runs/test/inference --prompt 'fn main() {' --temperature 0.7 --top-p 0.9
   tritter generate --checkpoint runs/test --prompt 'fn ' --prompt 'let ' --kv-cache int4
   tritter generate --checkpoint runs/test --prompt 'fn main() {' --latent-steps 4   # reference loop
+  tritter generate --hf models/bitnet-b1.58-2B-4T-bf16 --prompt 'The capital of France is' --temperature 0
+  tritter export --hf models/bitnet-b1.58-2B-4T-bf16 --out models/bitnet-2b4t-tritter
+  tritter eval-hf --hf models/tiny-bitnet --reference logits.json   # max abs logit diff, top-1 agreement
   tritter info --context 131072
   tritter tokenize --file src/lib.rs --modality code";
 
@@ -76,11 +80,19 @@ enum Command {
         after_help = "Examples:\n  tritter generate --checkpoint runs/test --prompt 'pub fn ' --max-tokens 200 --top-k 40\n  tritter generate --checkpoint runs/test/inference --prompt 'fn ' --prompt 'impl ' --top-p 0.9 --stop $'\\n\\n'\n  tritter generate --checkpoint runs/test --prompt 'fn ' --reference --latent-steps 2"
     )]
     Generate(GenerateArgs),
-    /// Export a trained checkpoint to an inference checkpoint (packed ternary weights).
+    /// Export a trained checkpoint, or import a Hugging Face BitNet b1.58 checkpoint, to an
+    /// inference checkpoint (packed ternary weights).
     #[command(
-        after_help = "Example:\n  tritter export --checkpoint runs/test --out runs/test/inference"
+        after_help = "Examples:\n  tritter export --checkpoint runs/test --out runs/test/inference\n  tritter export --hf models/bitnet-b1.58-2B-4T-bf16 --out models/bitnet-2b4t-tritter"
     )]
     Export(ExportArgs),
+    /// Logits of a Hugging Face BitNet model on the engine, compared with a peer's
+    /// (benches/peers/hf_bitnet_reference.py logits): max abs difference, top-1 agreement.
+    #[command(
+        name = "eval-hf",
+        after_help = "Examples:\n  tritter eval-hf --hf models/tiny-bitnet --reference logits.json\n  tritter eval-hf --hf models/tiny-bitnet --ids 1,2,3 --reference logits.npy --out ours.json"
+    )]
+    EvalHf(EvalHfArgs),
     /// Print the token ids of a text or file.
     #[command(
         after_help = "Examples:\n  tritter tokenize --text 'hello'\n  tritter tokenize --file src/main.rs --modality code --tokenizer tokenizer.json"
@@ -323,15 +335,25 @@ enum KvCacheArg {
 }
 
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("model").required(true).args(["checkpoint", "hf"])))]
 struct GenerateArgs {
     /// Checkpoint: an inference checkpoint (from `tritter export`), or a training checkpoint
     /// (a step-* directory, a run directory, or a model checkpoint directory), exported in
     /// memory.
     #[arg(long)]
-    checkpoint: PathBuf,
+    checkpoint: Option<PathBuf>,
+    /// A Hugging Face BitNet b1.58 checkpoint directory (config.json, safetensors,
+    /// tokenizer.json), imported in memory, or a directory from `tritter export --hf`.
+    /// Prompts go through its own tokenizer; its eos ids stop generation.
+    #[arg(long)]
+    hf: Option<PathBuf>,
     /// A prompt; repeat for several prompts, generated together with continuous batching.
-    #[arg(long = "prompt")]
+    #[arg(long = "prompt", conflicts_with = "prompt_ids")]
     prompts: Vec<String>,
+    /// A prompt as comma-separated token ids (no tokenizer involved; output printed as ids
+    /// when the model has no tokenizer).
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Vec<u32>,
     /// Modality prefix of the prompts.
     #[arg(long, value_enum, default_value_t = ModalityArg::Code)]
     modality: ModalityArg,
@@ -379,15 +401,40 @@ struct GenerateArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("source").required(true).args(["checkpoint", "hf"])))]
 struct ExportArgs {
     /// Training checkpoint: a step-* directory, a run directory, or a model checkpoint
     /// directory.
     #[arg(long)]
-    checkpoint: PathBuf,
+    checkpoint: Option<PathBuf>,
+    /// A Hugging Face BitNet b1.58 checkpoint directory: imported (linears quantized as
+    /// transformers' online BitLinear does), written with hf_config.json, tokenizer.json and
+    /// generation_config.json beside it (`generate --hf <out>` reads them).
+    #[arg(long)]
+    hf: Option<PathBuf>,
     /// Output directory of the inference checkpoint (created; files are replaced
     /// atomically).
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct EvalHfArgs {
+    /// Hugging Face BitNet checkpoint directory (or a `tritter export --hf` directory).
+    #[arg(long)]
+    hf: PathBuf,
+    /// Token ids, comma separated (default: the `ids` of a .json reference).
+    #[arg(long, value_delimiter = ',')]
+    ids: Vec<u32>,
+    /// Text to encode with the model's tokenizer.json instead of --ids.
+    #[arg(long, conflicts_with = "ids")]
+    prompt: Option<String>,
+    /// Reference logits (L, V) to compare with: .json ({"ids", "logits"}) or .npy.
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Write the engine's logits here (.json with the ids, or .npy).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -417,6 +464,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval(&a),
         Command::Generate(a) => generate_cmd(&a),
         Command::Export(a) => export_cmd(&a),
+        Command::EvalHf(a) => eval_hf(&a),
         Command::Tokenize(a) => tokenize(&a),
     };
     match result {
@@ -1001,13 +1049,19 @@ fn eval_task(a: &EvalArgs, model: &TritterModel, kind: TaskKind, modes: &[EvalMo
 }
 
 fn generate_cmd(a: &GenerateArgs) -> Result<()> {
+    if let Some(dir) = &a.hf {
+        return generate_hf(a, dir);
+    }
+    let checkpoint = a
+        .checkpoint
+        .as_deref()
+        .ok_or_else(|| option_err("--checkpoint", "absent", "--checkpoint <dir> or --hf <dir>"))?;
     if a.reference || a.latent_steps > 0 {
-        return generate_reference(a);
+        return generate_reference(a, checkpoint);
     }
     let load = Instant::now();
-    let engine = CpuEngine::new(InferenceCheckpoint::open(&a.checkpoint)?)?;
-    let cfg = engine.config().clone();
-    let tok = make_tokenizer(cfg.vocab_size, a.tokenizer.as_deref())?;
+    let engine = CpuEngine::new(InferenceCheckpoint::open(checkpoint)?)?;
+    let tok = make_tokenizer(engine.config().vocab_size, a.tokenizer.as_deref())?;
     let prompts = encode_prompts(a, &tok)?;
     let stop_sequences = a
         .stop
@@ -1022,6 +1076,122 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         stop_sequences: &stop_sequences,
         ..sampling_options(a, &tok)
     };
+    run_generation(
+        a,
+        &engine,
+        &Codec::Tritter(tok),
+        &prompts,
+        &options,
+        checkpoint,
+        load,
+    )
+}
+
+/// `tritter generate --hf`: a Hugging Face BitNet checkpoint with its own tokenizer and
+/// stop ids, on the engine.
+fn generate_hf(a: &GenerateArgs, dir: &Path) -> Result<()> {
+    if a.reference || a.latent_steps > 0 {
+        return Err(option_err(
+            "--reference / --latent-steps",
+            "given with --hf",
+            "neither: they run the candle Tritter model, an imported model runs on the engine only",
+        ));
+    }
+    if a.tokenizer.is_some() {
+        return Err(option_err(
+            "--tokenizer",
+            "given with --hf",
+            "no --tokenizer: an imported model uses the tokenizer.json of its directory",
+        ));
+    }
+    let load = Instant::now();
+    let hf = HfBitnet::open(dir)?;
+    let prompts: Vec<Vec<u32>> = if !a.prompt_ids.is_empty() {
+        vec![a.prompt_ids.clone()]
+    } else {
+        let tok = hf_tokenizer(&hf, dir, "--prompt")?;
+        let texts = if a.prompts.is_empty() {
+            vec![String::new()]
+        } else {
+            a.prompts.clone()
+        };
+        texts
+            .iter()
+            .map(|p| tok.encode(p, true))
+            .collect::<Result<_>>()?
+    };
+    let stop_sequences = if a.stop.is_empty() {
+        Vec::new()
+    } else {
+        let tok = hf_tokenizer(&hf, dir, "--stop")?;
+        a.stop
+            .iter()
+            .map(|s| tok.encode(s, false))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let mut stop_tokens = hf.stop_token_ids.clone();
+    stop_tokens.extend(&a.stop_token);
+    let options = SamplingOptions {
+        max_new_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        seed: a.seed,
+        // The model's own eos ids stop it (stop_tokens); Tritter's <eos> id means nothing here.
+        stop_at_eos: false,
+        vocab_limit: None,
+        text_only: false,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        stop_tokens: &stop_tokens,
+        stop_sequences: &stop_sequences,
+        ..SamplingOptions::default()
+    };
+    let codec = Codec::Hf(hf.tokenizer);
+    let engine = CpuEngine::new(hf.checkpoint)?;
+    run_generation(a, &engine, &codec, &prompts, &options, dir, load)
+}
+
+/// The tokenizer of an imported model, or an error naming the flag that needs it.
+fn hf_tokenizer<'a>(hf: &'a HfBitnet, dir: &Path, flag: &'static str) -> Result<&'a HfTokenizer> {
+    hf.tokenizer.as_ref().ok_or_else(|| {
+        option_err(
+            flag,
+            format!("text, but {} has no tokenizer.json", dir.display()),
+            "--prompt-ids / --stop-token with token ids, or a tokenizer.json in the model directory",
+        )
+    })
+}
+
+/// How generated ids become text: Tritter's multimodal tokenizer, an imported model's
+/// tokenizer.json, or the ids themselves.
+enum Codec {
+    Tritter(MultimodalTokenizer),
+    Hf(Option<HfTokenizer>),
+}
+
+impl Codec {
+    fn render(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Codec::Tritter(tok) => render(tok, ids),
+            Codec::Hf(Some(tok)) => tok.decode(ids, false),
+            Codec::Hf(None) => Ok(ids.iter().map(|i| format!("{i} ")).collect()),
+        }
+    }
+}
+
+/// Runs the engine on `prompts` (one streamed to stdout, several batched) and prints the
+/// timings to stderr.
+fn run_generation(
+    a: &GenerateArgs,
+    engine: &CpuEngine,
+    codec: &Codec,
+    prompts: &[Vec<u32>],
+    options: &SamplingOptions<'_>,
+    source: &Path,
+    load: Instant,
+) -> Result<()> {
+    let cfg = engine.config().clone();
+    let options = *options;
     let mut cache = KvCacheOptions::for_config(&cfg);
     cache.max_sequences = a.batch.max(1);
     cache.format = match a.kv_cache {
@@ -1040,25 +1210,25 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     eprintln!(
         "engine: {} ({:.3}M parameters, {} layers), KV cache {:?}, loaded in {:.2} s",
-        a.checkpoint.display(),
+        source.display(),
         cfg.param_count() as f64 / 1e6,
         cfg.num_layers,
         cache.format,
         load.elapsed().as_secs_f64()
     );
     let start = Instant::now();
-    let (generated, first) = if let [prompt] = prompts.as_slice() {
+    let (generated, first) = if let [prompt] = prompts {
         let mut out = std::io::stdout().lock();
-        let _ = write!(out, "{}", render(&tok, prompt)?);
+        let _ = write!(out, "{}", codec.render(prompt)?);
         let _ = out.flush();
         let mut printer = StreamPrinter::default();
         let mut first = None;
-        let g = generate_stream(&engine, prompt, &options, &cache, |t| {
+        let g = generate_stream(engine, prompt, &options, &cache, |t| {
             first.get_or_insert_with(|| start.elapsed().as_secs_f64());
-            printer.push(&tok, t, &mut out);
+            printer.push(codec, t, &mut out);
             ControlFlow::Continue(())
         })?;
-        printer.finish(&tok, &mut out);
+        printer.finish(codec, &mut out);
         let _ = writeln!(out);
         eprintln!("[finished: {:?}]", g.finish);
         (g.tokens.len(), first)
@@ -1074,10 +1244,10 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
                 },
             })
             .collect();
-        let gens = generate_batch(&engine, &requests, &cache, |_| ControlFlow::Continue(()))?;
+        let gens = generate_batch(engine, &requests, &cache, |_| ControlFlow::Continue(()))?;
         for (i, (prompt, g)) in prompts.iter().zip(&gens).enumerate() {
             println!("--- prompt {i} ({:?}) ---", g.finish);
-            println!("{}{}", render(&tok, prompt)?, render(&tok, &g.tokens)?);
+            println!("{}{}", codec.render(prompt)?, codec.render(&g.tokens)?);
         }
         (gens.iter().map(|g| g.tokens.len()).sum(), None)
     };
@@ -1111,8 +1281,12 @@ fn sampling_options<'a>(a: &GenerateArgs, tok: &MultimodalTokenizer) -> Sampling
     }
 }
 
-/// The prompts as token ids (one empty prompt when none is given: just the modality prefix).
+/// The prompts as token ids: `--prompt-ids` as given, else each `--prompt` with its
+/// modality prefix (one empty prompt when none is given: just the prefix).
 fn encode_prompts(a: &GenerateArgs, tok: &MultimodalTokenizer) -> Result<Vec<Vec<u32>>> {
+    if !a.prompt_ids.is_empty() {
+        return Ok(vec![a.prompt_ids.clone()]);
+    }
     let empty = [String::new()];
     let prompts = if a.prompts.is_empty() {
         &empty[..]
@@ -1138,16 +1312,16 @@ struct StreamPrinter {
 }
 
 impl StreamPrinter {
-    fn push(&mut self, tok: &MultimodalTokenizer, id: u32, out: &mut impl Write) {
+    fn push(&mut self, codec: &Codec, id: u32, out: &mut impl Write) {
         self.ids.push(id);
-        if let Ok(text) = render(tok, &self.ids) {
+        if let Ok(text) = codec.render(&self.ids) {
             let text = text.trim_end_matches('\u{FFFD}');
             self.write_from(text, out);
         }
     }
 
-    fn finish(&mut self, tok: &MultimodalTokenizer, out: &mut impl Write) {
-        if let Ok(text) = render(tok, &self.ids) {
+    fn finish(&mut self, codec: &Codec, out: &mut impl Write) {
+        if let Ok(text) = codec.render(&self.ids) {
             self.write_from(&text, out);
         }
     }
@@ -1163,15 +1337,15 @@ impl StreamPrinter {
 
 /// `tritter generate --reference`: the candle reference loop (one prompt, supports
 /// continuous thoughts).
-fn generate_reference(a: &GenerateArgs) -> Result<()> {
-    if a.checkpoint.join(MANIFEST_FILE).is_file() {
+fn generate_reference(a: &GenerateArgs, checkpoint: &Path) -> Result<()> {
+    if checkpoint.join(MANIFEST_FILE).is_file() {
         return Err(TritterError::InvalidTrainOption {
             field: "--reference",
-            actual: a.checkpoint.display().to_string(),
+            actual: checkpoint.display().to_string(),
             expected: "expected a training checkpoint: the reference loop runs the candle model on the shadow weights, which an inference checkpoint does not hold".into(),
         });
     }
-    let (model, _) = open_checkpoint(&a.checkpoint)?;
+    let (model, _) = open_checkpoint(checkpoint)?;
     let tok = make_tokenizer(model.config().vocab_size, a.tokenizer.as_deref())?;
     let prompts = encode_prompts(a, &tok)?;
     let stop_sequences = a
@@ -1209,31 +1383,141 @@ fn generate_reference(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// `tritter export`: a training checkpoint to an inference checkpoint directory.
+/// Bytes of file `name` in a manifest (0 when absent).
+fn manifest_bytes(manifest: &Manifest, name: &str) -> u64 {
+    manifest
+        .files
+        .iter()
+        .find(|f| f.name == name)
+        .map_or(0, |f| f.bytes)
+}
+
+/// `tritter export`: a training checkpoint, or a Hugging Face BitNet checkpoint, to an
+/// inference checkpoint directory.
 fn export_cmd(a: &ExportArgs) -> Result<()> {
     let start = Instant::now();
-    let ckpt = InferenceCheckpoint::from_trained_checkpoint(&a.checkpoint)?;
-    let manifest = ckpt.save(&a.out)?;
-    let bytes = |name: &str| {
-        manifest
-            .files
-            .iter()
-            .find(|f| f.name == name)
-            .map_or(0, |f| f.bytes)
+    let (manifest, what) = match (&a.hf, &a.checkpoint) {
+        (Some(dir), _) => {
+            let hf = HfBitnet::import(dir)?;
+            let imported = start.elapsed().as_secs_f64();
+            let manifest = hf.save(&a.out)?;
+            let what = format!(
+                "imported Hugging Face BitNet {} ({:.1}M parameters, {} layers, tokenizer.json {}) in {imported:.2} s, wrote",
+                dir.display(),
+                hf.checkpoint.config.param_count() as f64 / 1e6,
+                hf.checkpoint.config.num_layers,
+                if hf.tokenizer.is_some() { "copied" } else { "absent" },
+            );
+            (manifest, what)
+        }
+        (None, Some(checkpoint)) => {
+            let ckpt = InferenceCheckpoint::from_trained_checkpoint(checkpoint)?;
+            let manifest = ckpt.save(&a.out)?;
+            let what = format!(
+                "exported {} (step {})",
+                ckpt.source.checkpoint.as_deref().unwrap_or("?"),
+                ckpt.source
+                    .step
+                    .map_or_else(|| "unknown".to_string(), |s| s.to_string()),
+            );
+            (manifest, what)
+        }
+        (None, None) => {
+            return Err(option_err(
+                "--checkpoint",
+                "absent",
+                "--checkpoint <dir> or --hf <dir>",
+            ))
+        }
     };
     println!(
-        "exported {} (step {}) to {} in {:.2} s: {} tensors; {} = {:.3} MB packed ternary, {} = {:.3} MB bf16",
-        ckpt.source.checkpoint.as_deref().unwrap_or("?"),
-        ckpt.source
-            .step
-            .map_or_else(|| "unknown".to_string(), |s| s.to_string()),
+        "{what} to {} in {:.2} s: {} tensors; {} = {:.3} MB packed ternary, {} = {:.3} MB bf16",
         a.out.display(),
         start.elapsed().as_secs_f64(),
         manifest.tensors.len(),
         tritter::engine::TERNARY_FILE,
-        bytes(tritter::engine::TERNARY_FILE) as f64 / 1e6,
+        manifest_bytes(&manifest, tritter::engine::TERNARY_FILE) as f64 / 1e6,
         tritter::engine::DENSE_FILE,
-        bytes(tritter::engine::DENSE_FILE) as f64 / 1e6,
+        manifest_bytes(&manifest, tritter::engine::DENSE_FILE) as f64 / 1e6,
+    );
+    Ok(())
+}
+
+/// `tritter eval-hf`: the engine's logits of an imported model for some ids, written
+/// and/or compared with a peer's.
+fn eval_hf(a: &EvalHfArgs) -> Result<()> {
+    let load = Instant::now();
+    let hf = HfBitnet::open(&a.hf)?;
+    let reference = a
+        .reference
+        .as_ref()
+        .map(ReferenceLogits::load)
+        .transpose()?;
+    let ids: Vec<u32> = if !a.ids.is_empty() {
+        a.ids.clone()
+    } else if let Some(p) = &a.prompt {
+        hf_tokenizer(&hf, &a.hf, "--prompt")?.encode(p, true)?
+    } else if let Some(ids) = reference.as_ref().and_then(|r| r.ids.clone()) {
+        ids
+    } else {
+        return Err(option_err(
+            "--ids",
+            "absent",
+            "--ids 1,2,3, --prompt <text>, or a .json --reference that records its ids",
+        ));
+    };
+    let v = hf.config.vocab_size;
+    let engine = CpuEngine::new(hf.checkpoint)?;
+    let loaded = load.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let ours = engine.forward_full(&ids)?;
+    println!(
+        "engine: {} ({} layers, vocab {v}) loaded in {loaded:.2} s; logits of {} positions in {:.3} s",
+        a.hf.display(),
+        engine.config().num_layers,
+        ids.len(),
+        start.elapsed().as_secs_f64()
+    );
+    if let Some(out) = &a.out {
+        let mut ours = ReferenceLogits::new(ids.clone(), v, ours.clone())?;
+        ours.meta.insert("impl".into(), "tritter-cpu-engine".into());
+        ours.save(out)?;
+        println!("wrote {}", out.display());
+    }
+    let (Some(r), Some(path)) = (reference, &a.reference) else {
+        return Ok(());
+    };
+    if let Some(rids) = &r.ids {
+        if *rids != ids {
+            return Err(option_err(
+                "--ids",
+                format!("{ids:?}"),
+                format!("the ids {} was computed for: {rids:?}", path.display()),
+            ));
+        }
+    }
+    if r.vocab_size != v || r.positions != ids.len() {
+        return Err(TritterError::ShapeMismatch {
+            what: format!("reference logits {}", path.display()),
+            actual: vec![r.positions, r.vocab_size],
+            expected: format!(
+                "({}, {v}): one row per id, one column per vocabulary entry",
+                ids.len()
+            ),
+        });
+    }
+    let c = compare_logits(&ours, &r.logits, v)?;
+    let describe = |k: &str| r.meta.get(k).map_or("?".to_string(), |x| x.to_string());
+    println!(
+        "reference: {} (impl {}, dtype {})",
+        path.display(),
+        describe("impl"),
+        describe("dtype")
+    );
+    println!("{c}");
+    println!(
+        "RESULT positions={} vocab={v} max_abs_diff={:.6e} mean_abs_diff={:.6e} reference_scale={:.4} top1_agree={}/{}",
+        c.positions, c.max_abs_diff, c.mean_abs_diff, c.reference_scale, c.top1_agree, c.positions
     );
     Ok(())
 }
@@ -1266,4 +1550,13 @@ fn tokenize(a: &TokenizeArgs) -> Result<()> {
     );
     println!("{ids:?}");
     Ok(())
+}
+
+/// An `InvalidTrainOption` error (a bad combination of CLI flags) with formatted values.
+fn option_err(field: &'static str, actual: impl ToString, expected: impl ToString) -> TritterError {
+    TritterError::InvalidTrainOption {
+        field,
+        actual: actual.to_string(),
+        expected: expected.to_string(),
+    }
 }

@@ -91,7 +91,8 @@ impl NormPlacement {
     }
 }
 
-/// The layer structure the weights describe: norm placement and whether q/k get QK-Norm.
+/// The layer structure the weights describe: norm placement, whether q/k get QK-Norm, and
+/// whether `<pad>` (id 0) embeds to zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Architecture {
@@ -100,18 +101,32 @@ pub struct Architecture {
     /// RMSNorm over D on every query and key head (learned `q_norm`, `k_norm` `(D,)`),
     /// before RoPE.
     pub qk_norm: bool,
+    /// Token id [`PAD_TOKEN_ID`](crate::config::PAD_TOKEN_ID) (0) embeds to a zero row
+    /// whatever the table holds, as Tritter's reference embedding does. Off for imported
+    /// models, whose id 0 is an ordinary token (`!` in the Llama 3 vocabulary of BitNet
+    /// b1.58 2B4T) looked up like any other. Manifests written before this field existed
+    /// are Tritter exports, hence the default `true`.
+    #[serde(default = "default_true")]
+    pub zero_pad_embedding: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Architecture {
-    /// Tritter: Chameleon norms and QK-Norm.
+    /// Tritter: Chameleon norms, QK-Norm, `<pad>` embeds to zero.
     pub const TRITTER: Architecture = Architecture {
         norm_placement: NormPlacement::Chameleon,
         qk_norm: true,
+        zero_pad_embedding: true,
     };
-    /// Hugging Face BitNet b1.58: pre-norm with sub-norms, no QK-Norm.
+    /// Hugging Face BitNet b1.58: pre-norm with sub-norms, no QK-Norm, every id looked up
+    /// in the table (see [`crate::engine::hf`]).
     pub const HF_BITNET: Architecture = Architecture {
         norm_placement: NormPlacement::PreNormSubNorm,
         qk_norm: false,
+        zero_pad_embedding: false,
     };
 }
 
@@ -730,8 +745,8 @@ impl InferenceCheckpoint {
 }
 
 /// Builds a checkpoint from tensors by name (each present with the right shape; checked by
-/// the caller).
-fn assemble(
+/// the caller; the result is not validated, so call [`InferenceCheckpoint::validate`]).
+pub(crate) fn assemble(
     config: TritterConfig,
     architecture: Architecture,
     source: SourceInfo,

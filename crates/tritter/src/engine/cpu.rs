@@ -4,7 +4,8 @@
 //!
 //! Per round (one or more sequences, each appending `n_b` tokens; rows stacked into
 //! `(N, H)` with `N = Σ n_b`):
-//! * embedding rows (bf16 -> f32; `<pad>` embeds to zero as in the reference);
+//! * embedding rows (bf16 -> f32; `<pad>` embeds to zero as in the reference, unless the
+//!   architecture looks every id up: [`Architecture::zero_pad_embedding`](super::Architecture));
 //! * per layer, every BitLinear as the reference computes it: per-token absmax int8
 //!   quantization of its input ([`absmax_quantize_rows`], the same rounding as the candle
 //!   fake quantization) and the exact integer product with the ternary codes, scaled by
@@ -295,9 +296,10 @@ impl CpuEngine {
 
         let mut x = Vec::with_capacity(n * h); // (N, H)
         let embed = &self.ckpt.embed_tokens;
+        let zero_pad = self.ckpt.architecture.zero_pad_embedding;
         for (_, t, _) in items {
             for &id in t.iter() {
-                if id == PAD_TOKEN_ID {
+                if zero_pad && id == PAD_TOKEN_ID {
                     x.extend(std::iter::repeat_n(0.0f32, h));
                 } else {
                     let i = id as usize;

@@ -14,7 +14,10 @@
 //! * [`generate_batch`] / [`generate_stream`]: sampling with
 //!   [`SamplingOptions`](crate::generate::SamplingOptions) (temperature, top-k, top-p,
 //!   repetition penalty, stop tokens and sequences, seed, max tokens), a streaming callback,
-//!   and continuous batching of many prompts.
+//!   and continuous batching of many prompts;
+//! * [`hf`]: import of Hugging Face BitNet b1.58 checkpoints (`config.json`, safetensors,
+//!   `tokenizer.json`) into the same [`InferenceCheckpoint`] ([`hf::import_hf_bitnet`],
+//!   [`hf::HfBitnet`]), and the comparison of logits with a peer implementation.
 //!
 //! ```
 //! use std::ops::ControlFlow;
@@ -39,6 +42,7 @@
 mod checkpoint;
 mod cpu;
 mod generate;
+pub mod hf;
 mod kv;
 
 pub use checkpoint::{

@@ -107,3 +107,4 @@ pub fn check_grad_at(
 }
 
 pub mod engine;
+pub mod hf;
