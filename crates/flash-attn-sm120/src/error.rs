@@ -26,6 +26,16 @@ pub enum AttnError {
     /// with another mode, ...).
     #[error("{0}")]
     Mask(String),
+    /// A numeric setting is out of range (QK-Norm eps, RoPE theta).
+    #[error("{what} is {actual} but expected {expected}")]
+    Param {
+        /// Which setting.
+        what: &'static str,
+        /// Its value.
+        actual: f32,
+        /// The accepted range.
+        expected: &'static str,
+    },
     /// A tensor's element type is not one the path takes (e.g. f32 on the CUDA kernels).
     #[error("{what} has dtype {actual} but expected {expected} ({detail})")]
     Dtype {

@@ -304,16 +304,18 @@ impl NormRope {
     /// Checks eps and theta.
     pub fn validate(&self) -> Result<()> {
         if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(AttnError::Mask(format!(
-                "QK-Norm eps is {} but expected a finite value > 0",
-                self.eps
-            )));
+            return Err(AttnError::Param {
+                what: "QK-Norm eps",
+                actual: self.eps,
+                expected: "a finite value > 0",
+            });
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return Err(AttnError::Mask(format!(
-                "rope_theta is {} but expected a finite value > 1",
-                self.rope_theta
-            )));
+            return Err(AttnError::Param {
+                what: "rope_theta",
+                actual: self.rope_theta,
+                expected: "a finite value > 1",
+            });
         }
         Ok(())
     }

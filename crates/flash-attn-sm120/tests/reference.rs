@@ -1170,6 +1170,16 @@ fn bad_prologue_inputs_are_errors() {
     ));
     names(&e.to_string(), &["63", "64"]);
     let e = run(&Positions::default(), &qn, NormRope { eps: 0.0, ..NR });
+    assert!(
+        matches!(
+            e,
+            AttnError::Param {
+                what: "QK-Norm eps",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     names(&e.to_string(), &["eps is 0", "> 0"]);
     let e = run(
         &Positions::default(),
@@ -1178,6 +1188,16 @@ fn bad_prologue_inputs_are_errors() {
             rope_theta: 1.0,
             ..NR
         },
+    );
+    assert!(
+        matches!(
+            e,
+            AttnError::Param {
+                what: "rope_theta",
+                ..
+            }
+        ),
+        "{e:?}"
     );
     names(&e.to_string(), &["rope_theta is 1", "> 1"]);
 }
