@@ -1063,11 +1063,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let engine = CpuEngine::new(InferenceCheckpoint::open(checkpoint)?)?;
     let tok = make_tokenizer(engine.config().vocab_size, a.tokenizer.as_deref())?;
     let prompts = encode_prompts(a, &tok)?;
-    let stop_sequences = a
-        .stop
-        .iter()
-        .map(|s| Ok(tok.encode_text(s)?[1..].to_vec()))
-        .collect::<Result<Vec<_>>>()?;
+    let stop_sequences = encode_stops(a, &tok)?;
     let options = SamplingOptions {
         max_new_tokens: a.max_tokens,
         top_p: a.top_p,
@@ -1283,6 +1279,14 @@ fn sampling_options<'a>(a: &GenerateArgs, tok: &MultimodalTokenizer) -> Sampling
 
 /// The prompts as token ids: `--prompt-ids` as given, else each `--prompt` with its
 /// modality prefix (one empty prompt when none is given: just the prefix).
+/// `--stop` strings as token sequences (without the leading `<bos>` that `encode_text` adds).
+fn encode_stops(a: &GenerateArgs, tok: &MultimodalTokenizer) -> Result<Vec<Vec<u32>>> {
+    a.stop
+        .iter()
+        .map(|s| Ok(tok.encode_text(s)?[1..].to_vec()))
+        .collect()
+}
+
 fn encode_prompts(a: &GenerateArgs, tok: &MultimodalTokenizer) -> Result<Vec<Vec<u32>>> {
     if !a.prompt_ids.is_empty() {
         return Ok(vec![a.prompt_ids.clone()]);
@@ -1348,11 +1352,7 @@ fn generate_reference(a: &GenerateArgs, checkpoint: &Path) -> Result<()> {
     let (model, _) = open_checkpoint(checkpoint)?;
     let tok = make_tokenizer(model.config().vocab_size, a.tokenizer.as_deref())?;
     let prompts = encode_prompts(a, &tok)?;
-    let stop_sequences = a
-        .stop
-        .iter()
-        .map(|s| Ok(tok.encode_text(s)?[1..].to_vec()))
-        .collect::<Result<Vec<_>>>()?;
+    let stop_sequences = encode_stops(a, &tok)?;
     let options = SamplingOptions {
         top_p: a.top_p,
         repetition_penalty: a.repetition_penalty,

@@ -35,6 +35,7 @@ use super::checkpoint::{InferenceCheckpoint, LayerNorms, LayerWeights};
 use super::kv::{Append, KeyRun, KvCache, KvCacheOptions, SequenceId};
 use crate::config::{AttentionMode, TritterConfig, PAD_TOKEN_ID};
 use crate::model::{rms_norm_row, MaskSpec, Rope};
+use crate::paradigm::rounder::dot;
 use crate::{Result, TritterError};
 
 /// The norms of one layer in f32, converted once from the checkpoint's bf16.
@@ -618,25 +619,6 @@ fn attend(
             }
         }
     }
-}
-
-/// `Σ a_i b_i` in f32 over 8 interleaved partial sums (vectorizes; the order is fixed, so
-/// the result is deterministic).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `out = b` widened to f32: a bf16 is the top half of an f32, so a shift is exact (and

@@ -220,8 +220,8 @@ fn normalized(x: &[f32]) -> Vec<f32> {
 }
 
 /// Dot product with 8 independent accumulators (vectorizes; fixed order, so the same pair
-/// of slices always gives the same bits).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// of slices always gives the same bits). Shared with the CPU inference engine.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
