@@ -1,5 +1,6 @@
-// W2A8 ternary GEMV for decode and small batches (M = 1..8, and 9..32 with the _m32
-// variants), DESIGN.md section 4.
+// W2A8 ternary GEMV for decode and small batches (M = 1..8; 9..32 in the fused MLP's gate/up
+// pass, `gemv_w2a8_glu_m32`; other products of M >= 9 run the tiled GEMM), DESIGN.md
+// section 4.
 //
 //   W      tiled 2-bit codes (crates/ternary-gemm `repack_tiles`): blocks of 16 rows x 128
 //          weights (512 B), block (T, q) at uint4 offset 32 (T * quads + q); lane L = 4g + t
@@ -18,7 +19,7 @@
 //
 // Algorithm. The integer dot product runs on the tensor cores: mma.sync.m16n8k32.s8.s8.s32
 // with A = 16 weight rows x 32 k (codes 0..2 as s8) and B = 32 k x 8 activation rows
-// (columns >= M are zero registers; the _m32 variants issue 4 MMAs per decoded A fragment).
+// (columns >= M are zero registers; the _m32 variant issues 4 MMAs per decoded A fragment).
 // dot(w, x) = dot(code, x) - sum(x), so the codes feed the MMA directly and one subtraction
 // per output removes the offset. In k-step j of a block, lane (g, t) feeds the MMA
 // (word >> 2j) & 0x03030303 of each of its 4 words (a0..a3): the codes of weights
@@ -99,7 +100,7 @@ __device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
     return v;
 }
 
-// kRT: 16-row tiles per CTA (1; 2 for the GLU pass, whose CTA pairs gate and up tiles).
+// kRT: 16-row tiles per CTA (1, 2 or 4; even for the GLU pass, whose CTAs pair gate and up tiles).
 // kU: blocks in flight per warp and row tile. kNT: MMA n-tiles of 8 activation rows (1: M
 // <= 8, 4: M <= 32); every decoded A fragment feeds kNT MMAs, so a batch of up to 32 rows
 // streams the weights once. kGlu: the fused MLP's gate/up pass (glu_epilogue); y is then h
@@ -309,12 +310,11 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
 // tiles; the choice whenever n_out / 64 CTAs fill the GPU (H100, M = 1..8: 16384 x 4096 in
 // 7.4 us, 75% of a d2d copy's bandwidth; 32768 x 16384 at 94%). `gemv_w2a8` (1 tile, M = 1,
 // where only lanes g = 0 load activations) and `_r2` (2 tiles, M = 2..8) keep 4x / 2x more
-// CTAs for narrower matrices (4096 x 16384: 256 CTAs instead of a 5-way K split). M = 9..32:
-// 2 tiles x 4 n-tiles (4 tiles would need 64 KB for the reduction).
+// CTAs for narrower matrices (4096 x 16384: 256 CTAs instead of a 5-way K split). The GLU pass
+// at M = 9..32: 2 tiles x 4 n-tiles (4 tiles would need 64 KB for the reduction).
 GEMV_ENTRY(gemv_w2a8, 1, 4, 1)
 GEMV_ENTRY(gemv_w2a8_r2, 2, 2, 1)
 GEMV_ENTRY(gemv_w2a8_r4, 4, 1, 1)
-GEMV_ENTRY(gemv_w2a8_m32, 2, 1, 4)
 GEMV_GLU_ENTRY(gemv_w2a8_glu, 2, 2, 1)
 GEMV_GLU_ENTRY(gemv_w2a8_glu_r4, 4, 1, 1)
 GEMV_GLU_ENTRY(gemv_w2a8_glu_m32, 2, 1, 4)

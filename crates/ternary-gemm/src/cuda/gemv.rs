@@ -11,13 +11,15 @@ use crate::{
     TILE_ROWS, TILE_ROW_WORDS,
 };
 
-/// Activation rows one launch handles; larger M runs in chunks of this. Up to 8 rows use
-/// one MMA n-tile per decoded weight fragment, 9..32 rows four.
+/// Activation rows one GEMV launch of the fused MLP's gate/up pass handles (larger M runs in
+/// chunks of this): up to 8 rows use one MMA n-tile per decoded weight fragment, 9..32 rows
+/// four. Plain products of more than 8 rows run the GEMM ([`GEMM_MIN_M`]). Also the rows of
+/// the split-K workspace ([`GemvWorkspace`]).
 pub const GEMV_MAX_M: usize = 32;
 /// Activation rows from which [`ternary_matmul_a8_cuda`] runs the tiled GEMM instead of the
 /// GEMV. Above one MMA n-tile (8 rows) every GEMV lane loads 32-bit activation operands
-/// from L1 per weight block and n-tile, which bounds the `_m32` GEMV by load issue (H100, M =
-/// 32: 4096 x 4096 in 24 us, 0.6x cuBLAS bf16), while the GEMM stages activations in
+/// from L1 per weight block and n-tile, which bounded the (removed) plain `_m32` GEMV by load issue
+/// (H100, M = 32: 4096 x 4096 in 24 us, 0.6x cuBLAS bf16; the GEMM: 14.5 us), while the GEMM stages activations in
 /// shared memory and reads them with ldmatrix.
 pub const GEMM_MIN_M: usize = 9;
 /// Rows of one MMA n-tile.
@@ -215,7 +217,11 @@ pub(super) fn launch_gemv(
             (false, 1..=N_TILE, true) => ("gemv_w2a8_r4", 4 * TILE_ROWS),
             (false, 1, false) => ("gemv_w2a8", TILE_ROWS),
             (false, 2..=N_TILE, false) => ("gemv_w2a8_r2", 2 * TILE_ROWS),
-            (false, _, _) => ("gemv_w2a8_m32", 2 * TILE_ROWS),
+            (false, _, _) => {
+                return Err(TernaryError::Unsupported(
+                    "a plain GEMV of more than 8 rows (ternary_matmul_a8_cuda runs the GEMM)",
+                ))
+            }
             (true, 1..=N_TILE, true) => ("gemv_w2a8_glu_r4", 4 * TILE_ROWS),
             (true, 1..=N_TILE, false) => ("gemv_w2a8_glu", 2 * TILE_ROWS),
             (true, _, _) => ("gemv_w2a8_glu_m32", 2 * TILE_ROWS),
@@ -256,7 +262,7 @@ pub(super) fn launch_gemv(
                 .i32(y_cols as i32)
                 .ptr_mut(gpu, sums_c);
         }
-        // SAFETY: arguments match `gemv_w2a8[_r2|_r4|_m32](const uint4*, const float*, int, const i8*,
+        // SAFETY: arguments match `gemv_w2a8[_r2|_r4](const uint4*, const float*, int, const i8*,
         // const int*, const float*, float*, int*, unsigned*, int, int, int, int)` (plus the
         // trailing `unsigned* amax_bits, int inter, int* sums` of gemv_w2a8_glu[_r4|_m32], whose
         // float* is h: mc rows of inter, and whose interleaved tiles put every h index
