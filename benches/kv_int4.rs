@@ -149,34 +149,77 @@ mod gpu {
         (cache, batches)
     }
 
-    fn decode_time(gpu: &Arc<Gpu>, format: KvFormat, b: usize, lkv: usize) -> (Timing, usize) {
-        let bytes = b * lkv * bytes_per_token_per_layer(format, HKV, D);
-        let sets = rotation_sets(gpu, bytes);
-        let (cache, batches) = filled(gpu, format, b, lkv, sets);
-        let q = random_f16(gpu, b * HQ * D, 3);
-        let mut out = gpu.stream().alloc_zeros::<f16>(b * HQ * D).unwrap();
-        let (splits, _) = split_plan(
-            format,
-            gpu.info().sm_count as usize,
-            b,
-            HKV,
-            batches[0].max_tiles(),
-        );
-        let mut ws = DecodeWorkspace::new(gpu, b * HQ, D, splits).unwrap();
-        let scale = 1.0 / (D as f32).sqrt();
-        let t = timed(gpu, |i| {
-            decode_attention_cuda(
-                &cache,
-                0,
-                &batches[i % sets],
-                &q.as_view(),
-                HQ,
-                scale,
-                &mut out.as_view_mut(),
-                &mut ws,
+    /// One decode-attention setup: a filled cache (`b` sequences of `lkv` tokens per rotation
+    /// set), queries `(b, Hq, D)` and the output buffer; `time` runs the decode kernel with
+    /// the current tuning and the split plan's workspace.
+    struct DecodeSetup {
+        format: KvFormat,
+        b: usize,
+        sets: usize,
+        cache: GpuKvCache,
+        batches: Vec<DecodeBatch>,
+        q: CudaSlice<f16>,
+        out: CudaSlice<f16>,
+    }
+
+    impl DecodeSetup {
+        fn new(gpu: &Arc<Gpu>, format: KvFormat, b: usize, lkv: usize) -> Self {
+            let bytes = b * lkv * bytes_per_token_per_layer(format, HKV, D);
+            let sets = rotation_sets(gpu, bytes);
+            let (cache, batches) = filled(gpu, format, b, lkv, sets);
+            DecodeSetup {
+                format,
+                b,
+                sets,
+                cache,
+                batches,
+                q: random_f16(gpu, b * HQ * D, 3),
+                out: gpu.stream().alloc_zeros::<f16>(b * HQ * D).unwrap(),
+            }
+        }
+
+        /// `(splits, tiles per split)` of the current plan (and tuning override).
+        fn plan(&self, gpu: &Gpu) -> (usize, usize) {
+            split_plan(
+                self.format,
+                gpu.info().sm_count as usize,
+                self.b,
+                HKV,
+                self.batches[0].max_tiles(),
             )
-        });
-        (t, splits)
+        }
+
+        /// Decode timing over the rotation sets, and the splits it ran with.
+        fn time(&mut self, gpu: &Arc<Gpu>) -> (Timing, usize) {
+            let (splits, _) = self.plan(gpu);
+            let mut ws = DecodeWorkspace::new(gpu, self.b * HQ, D, splits).unwrap();
+            let scale = 1.0 / (D as f32).sqrt();
+            let DecodeSetup {
+                sets,
+                cache,
+                batches,
+                q,
+                out,
+                ..
+            } = self;
+            let t = timed(gpu, |i| {
+                decode_attention_cuda(
+                    cache,
+                    0,
+                    &batches[i % *sets],
+                    &q.as_view(),
+                    HQ,
+                    scale,
+                    &mut out.as_view_mut(),
+                    &mut ws,
+                )
+            });
+            (t, splits)
+        }
+    }
+
+    fn decode_time(gpu: &Arc<Gpu>, format: KvFormat, b: usize, lkv: usize) -> (Timing, usize) {
+        DecodeSetup::new(gpu, format, b, lkv).time(gpu)
     }
 
     /// `TRITTER_KV_SWEEP=1`: every compiled INT4 tensor-core variant x {1, 2, 4} times its
@@ -185,40 +228,15 @@ mod gpu {
         let lkv = 131072;
         for b in [1, 32] {
             let bytes = b * lkv * bytes_per_token_per_layer(KvFormat::Int4, HKV, D);
-            let sets = rotation_sets(gpu, bytes);
-            let (cache, batches) = filled(gpu, KvFormat::Int4, b, lkv, sets);
-            let q = random_f16(gpu, b * HQ * D, 3);
-            let mut out = gpu.stream().alloc_zeros::<f16>(b * HQ * D).unwrap();
-            let mut ws = DecodeWorkspace::new(gpu, b * HQ, D, 1).unwrap();
-            let scale = 1.0 / (D as f32).sqrt();
-            let plan = || {
-                split_plan(
-                    KvFormat::Int4,
-                    gpu.info().sm_count as usize,
-                    b,
-                    HKV,
-                    batches[0].max_tiles(),
-                )
-            };
+            let mut setup = DecodeSetup::new(gpu, KvFormat::Int4, b, lkv);
             for v in decode_tc_variants() {
                 set_decode_tuning(Some(v), None).unwrap();
-                let (default_splits, _) = plan();
+                let (default_splits, _) = setup.plan(gpu);
                 for mult in [1, 2, 4] {
                     let forced = (mult > 1).then_some(mult * default_splits);
                     set_decode_tuning(Some(v), forced).unwrap();
-                    let (splits, tps) = plan();
-                    let t = timed(gpu, |i| {
-                        decode_attention_cuda(
-                            &cache,
-                            0,
-                            &batches[i % sets],
-                            &q.as_view(),
-                            HQ,
-                            scale,
-                            &mut out.as_view_mut(),
-                            &mut ws,
-                        )
-                    });
+                    let (_, tps) = setup.plan(gpu);
+                    let (t, splits) = setup.time(gpu);
                     let gbs = t.gb_per_s(bytes as f64);
                     println!(
                         "RESULT kv_sweep B={b} Lkv={lkv} Hq={HQ} Hkv={HKV} D={D} variant={v} splits={splits} ({mult}x default {default_splits}, {tps} tiles each): int4 {:.2} us, {gbs:.0} GB/s on INT4 bytes = {:.0}% of d2d copy {hbm:.0} GB/s",
