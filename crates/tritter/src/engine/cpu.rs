@@ -34,7 +34,7 @@ use ternary_gemm::{absmax_quantize_rows, ternary_matmul_a8, TernaryMatrix};
 use super::checkpoint::{InferenceCheckpoint, LayerNorms, LayerWeights};
 use super::kv::{Append, KeyRun, KvCache, KvCacheOptions, SequenceId};
 use crate::config::{AttentionMode, TritterConfig, PAD_TOKEN_ID};
-use crate::model::{rms_norm_row, MaskSpec, Rope};
+use crate::model::{check_token_ids, rms_norm_row, MaskSpec, Rope};
 use crate::paradigm::rounder::dot;
 use crate::{Result, TritterError};
 
@@ -201,19 +201,7 @@ impl CpuEngine {
                     expected: "at least one token".into(),
                 });
             }
-            if let Some((p, &id)) = input
-                .tokens
-                .iter()
-                .enumerate()
-                .find(|(_, &id)| id as usize >= cfg.vocab_size)
-            {
-                return Err(TritterError::TokenOutOfRange {
-                    id,
-                    batch: b,
-                    position: p,
-                    vocab_size: cfg.vocab_size,
-                });
-            }
+            check_token_ids(input.tokens, b, cfg.vocab_size)?;
             let len = cache.len(input.seq)? + input.tokens.len();
             if len > cfg.max_position_embeddings {
                 return Err(TritterError::SequenceTooLong {

@@ -19,7 +19,7 @@ use std::ops::ControlFlow;
 use super::cpu::{CpuEngine, LogitsFor, StepInput};
 use super::kv::{KvCacheOptions, SequenceId};
 use crate::generate::{sample_token_in_context, SamplingOptions, StopReason};
-use crate::model::SeededRng;
+use crate::model::{check_token_ids, SeededRng};
 use crate::{Result, TritterError};
 
 /// One prompt to continue and how.
@@ -107,19 +107,7 @@ pub fn generate_batch(
                 expected: "at least one token (e.g. <code> or <text>)".into(),
             });
         }
-        if let Some((p, &id)) = r
-            .prompt
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= cfg.vocab_size)
-        {
-            return Err(TritterError::TokenOutOfRange {
-                id,
-                batch: i,
-                position: p,
-                vocab_size: cfg.vocab_size,
-            });
-        }
+        check_token_ids(r.prompt, i, cfg.vocab_size)?;
         if r.prompt.len() > cfg.max_position_embeddings {
             return Err(TritterError::SequenceTooLong {
                 len: r.prompt.len(),

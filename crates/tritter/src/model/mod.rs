@@ -200,14 +200,7 @@ impl TritterModel {
         let ids = u32_matrix(input_ids, "input_ids")?;
         let vocab = self.config.vocab_size;
         for (b, row) in ids.iter().enumerate() {
-            if let Some((p, &id)) = row.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-                return Err(TritterError::TokenOutOfRange {
-                    id,
-                    batch: b,
-                    position: p,
-                    vocab_size: vocab,
-                });
-            }
+            check_token_ids(row, b, vocab)?;
         }
         self.embed.forward(input_ids)
     }
@@ -415,4 +408,23 @@ fn u32_matrix(t: &Tensor, what: &str) -> Result<Vec<Vec<u32>>> {
         });
     }
     Ok(t.to_vec2::<u32>()?)
+}
+
+/// Fails with [`TritterError::TokenOutOfRange`] (naming the id, its row `batch`, its position
+/// and the vocabulary size) on the first id of `row` that is `>= vocab_size`. Shared by the
+/// reference model and the inference engine, so both reject the same inputs the same way.
+pub(crate) fn check_token_ids(row: &[u32], batch: usize, vocab_size: usize) -> Result<()> {
+    match row
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= vocab_size)
+    {
+        Some((position, &id)) => Err(TritterError::TokenOutOfRange {
+            id,
+            batch,
+            position,
+            vocab_size,
+        }),
+        None => Ok(()),
+    }
 }
