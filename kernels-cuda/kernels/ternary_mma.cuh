@@ -22,21 +22,8 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], unsigned a0, unsigned a1, un
 // {j, 4 + j, 8 + j, 12 + j} of the word, one per byte (values 0..2).
 __device__ __forceinline__ unsigned ternary_a_reg(uint32_t word, int j) { return (word >> (2 * j)) & 0x03030303u; }
 
-// The words of one 128-weight quad that lane (g, t) needs: rows g, g+8, g+16, ... (2 kTiles
-// rows, `w_stride` words apart from the quad's first word `wq` in shared memory), word t
-// (lo) and word t+4 (hi) of each.
-template <int kR>  // kR = 2 kTiles rows
-__device__ __forceinline__ void ternary_quad_words(uint32_t (&lo)[kR], uint32_t (&hi)[kR], const uint32_t* wq,
-                                                   int w_stride, int g, int t) {
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-        const uint32_t* wr = wq + (8 * r + g) * w_stride + t;
-        lo[r] = wr[0];
-        hi[r] = wr[4];
-    }
-}
-
-// The quad's 4 k-steps for kTiles MMA row tiles against kNT tiles of 8 activation rows:
+// The quad's 4 k-steps for kTiles MMA row tiles against kNT tiles of 8 activation rows (lo /
+// hi: words t and t + 4 of rows g, g + 8 of each tile, i.e. a lane's tiled-layout uint4):
 // B registers bq[nt][0..7] hold the quad's activation codes of row 8 nt + g at byte offsets
 // 16 i + 4 t. Each decoded A fragment feeds kNT MMAs.
 template <int kTiles, int kNT>
