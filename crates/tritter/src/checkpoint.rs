@@ -371,6 +371,17 @@ fn tensor_from_bytes(
     })
 }
 
+/// Reads and parses the JSON file `path` of a checkpoint: an I/O error names the path, a
+/// parse error is [`TritterError::CorruptCheckpoint`] ("{what} does not parse: ...").
+/// Shared by the trainer state and the inference manifest.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| TritterError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| TritterError::CorruptCheckpoint {
+        path: path.to_path_buf(),
+        detail: format!("{what} does not parse: {e}"),
+    })
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync,
 /// rename. The temporary file is removed on failure.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

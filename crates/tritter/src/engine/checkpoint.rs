@@ -37,7 +37,7 @@ use ternary_gemm::{
     ternary_from_safetensors, ternary_to_safetensors, TernaryMatrix, TernaryMlp, TERNARY_FORMAT_TAG,
 };
 
-use crate::checkpoint::{sync_dir, write_atomic, CONFIG_FILE};
+use crate::checkpoint::{read_json, sync_dir, write_atomic, CONFIG_FILE};
 use crate::config::TritterConfig;
 use crate::model::{fnv1a, TritterModel, FNV_OFFSET};
 use crate::train::{model_checkpoint_dir, TrainerState, TRAINER_STATE_FILE};
@@ -994,12 +994,7 @@ impl Manifest {
     /// Reads `dir/manifest.json` and checks its format tag and version.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let path = dir.as_ref().join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| TritterError::io(&path, e))?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| TritterError::CorruptCheckpoint {
-                path: path.clone(),
-                detail: format!("manifest does not parse: {e}"),
-            })?;
+        let manifest: Manifest = read_json(&path, "manifest")?;
         if manifest.format != INFERENCE_FORMAT {
             return Err(TritterError::CheckpointMismatch {
                 path,

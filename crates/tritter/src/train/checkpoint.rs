@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::AdamW;
 use super::TrainOptions;
-use crate::checkpoint::write_atomic;
+use crate::checkpoint::{read_json, write_atomic};
 use crate::data::DataCursor;
 use crate::{Result, TritterError, TritterModel};
 
@@ -53,12 +53,7 @@ impl TrainerState {
     /// Reads `dir/trainer_state.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(TRAINER_STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| TritterError::io(&path, e))?;
-        let file: StateFile =
-            serde_json::from_str(&text).map_err(|e| TritterError::CorruptCheckpoint {
-                path: path.clone(),
-                detail: format!("trainer state does not parse: {e}"),
-            })?;
+        let file: StateFile = read_json(&path, "trainer state")?;
         if file.format != STATE_FORMAT {
             return Err(TritterError::CheckpointMismatch {
                 path,
