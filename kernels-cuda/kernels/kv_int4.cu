@@ -17,6 +17,12 @@
 //   Grid (ceil(2 * n * Hkv * D/32 / 256), layers), 256 threads. Reads 64 B of f16 (4 x 16-byte
 //   loads when aligned), writes 16 B of codes + 4 B of params (INT4) or 64 B (F16) into the
 //   token's page slot. Memory bound: 84 B moved per group for INT4.
+//   kv_write_slots_{int4,f16}: the same store for a batch of appends of one layer (an
+//   engine step: one token of each of B sequences, or several prompts), each token's pool
+//   slot given by a table (page * page_size + slot, -1: not stored). A group holding NaN or
+//   Inf is stored as zeros and counted in a device counter (no host synchronization between
+//   layers; the engine reads the counter once per step), so no page ever holds a non-finite
+//   value.
 //
 // ---- kv_decode_{int4,f16}_d{64,128}_g{1,2,4,8} (SIMT): one CTA per (split, kv head, sequence) -
 //   The f16 baseline, and the previous INT4 kernel (TRITTER_KV_INT4_SIMT=1 selects it).
@@ -125,31 +131,15 @@ __device__ __forceinline__ void count_nonfinite(const __half* __restrict__ x, lo
 // ------------------------------------------------------------------------------------------
 // Writes: one thread per group of 32 values.
 // ------------------------------------------------------------------------------------------
+// Quantizes (INT4) or copies (F16) one group of 32 values `src` of head h into slot `slot`
+// of the page at `base` (K half for kv = 0, V half for kv = 1). With `nonfinite` (the slot
+// writer), a group holding NaN or Inf is stored as zeros and counted instead, so no page ever
+// holds a non-finite value.
 template <bool kInt4>
-__device__ __forceinline__ void write_groups(const __half* __restrict__ k, const __half* __restrict__ v,
-                                             uint8_t* __restrict__ pool, const int* __restrict__ pages,
-                                             int first_page, int start, int n, int heads_kv, int head_dim,
-                                             int page_size, int num_pages, long long page_bytes, int layer0) {
-    // 32-bit index math (the launch checks 2 * n * heads_kv * groups_per_row <= INT_MAX):
-    // 64-bit division and modulo per thread cost more than the quantization.
+__device__ __forceinline__ void store_group(const __half* __restrict__ src, uint8_t* __restrict__ base, int kv, int h,
+                                            int slot, int g, int heads_kv, int head_dim, int page_size,
+                                            unsigned* __restrict__ nonfinite) {
     const unsigned groups_per_row = head_dim / 32;
-    const unsigned per_kv = (unsigned)n * heads_kv * groups_per_row;
-    const unsigned gid = blockIdx.x * blockDim.x + threadIdx.x;
-    if (gid >= 2 * per_kv) return;
-    const int kv = gid >= per_kv;
-    const unsigned r = gid - kv * per_kv;
-    const unsigned tok_head = r / groups_per_row;  // token * heads_kv + head
-    const int g = (int)(r - tok_head * groups_per_row);
-    const int t = (int)(tok_head / heads_kv);
-    const int h = (int)(tok_head - t * heads_kv);
-    const int pos = start + t;
-    const int page = pages[pos / page_size - first_page];
-    if (page < 0 || page >= num_pages) return;  // token already outside the window: not stored
-    const int slot = pos % page_size;
-    const int layer = blockIdx.y;
-    const __half* src = (kv ? v : k) + (((long long)layer * n + t) * heads_kv + h) * head_dim + g * 32;
-    uint8_t* base = pool + ((long long)(layer0 + layer) * num_pages + page) * page_bytes;
-
     float x[32];
     if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
 #pragma unroll
@@ -168,6 +158,16 @@ __device__ __forceinline__ void write_groups(const __half* __restrict__ k, const
         for (int i = 0; i < 32; ++i) x[i] = __half2float(src[i]);
     }
 
+    if (nonfinite != nullptr) {
+        bool bad = false;
+#pragma unroll
+        for (int i = 0; i < 32; ++i) bad |= !(fabsf(x[i]) <= 3.402823466e38f);
+        if (bad) {
+            atomicAdd(nonfinite, 1u);
+#pragma unroll
+            for (int i = 0; i < 32; ++i) x[i] = 0.0f;
+        }
+    }
     if constexpr (kInt4) {
         const long long val_bytes = (long long)heads_kv * page_size * (head_dim / 2);
         const long long par_bytes = (long long)heads_kv * page_size * groups_per_row * 4;
@@ -214,6 +214,61 @@ __device__ __forceinline__ void write_groups(const __half* __restrict__ k, const
             reinterpret_cast<uint4*>(dst)[i] = *reinterpret_cast<const uint4*>(h2);
         }
     }
+}
+
+// One thread per group of one append (a sequence's consecutive positions start..start+n,
+// pages resolved through the ticket's logical page range).
+template <bool kInt4>
+__device__ __forceinline__ void write_groups(const __half* __restrict__ k, const __half* __restrict__ v,
+                                             uint8_t* __restrict__ pool, const int* __restrict__ pages,
+                                             int first_page, int start, int n, int heads_kv, int head_dim,
+                                             int page_size, int num_pages, long long page_bytes, int layer0) {
+    // 32-bit index math (the launch checks 2 * n * heads_kv * groups_per_row <= INT_MAX):
+    // 64-bit division and modulo per thread cost more than the quantization.
+    const unsigned groups_per_row = head_dim / 32;
+    const unsigned per_kv = (unsigned)n * heads_kv * groups_per_row;
+    const unsigned gid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gid >= 2 * per_kv) return;
+    const int kv = gid >= per_kv;
+    const unsigned r = gid - kv * per_kv;
+    const unsigned tok_head = r / groups_per_row;  // token * heads_kv + head
+    const int g = (int)(r - tok_head * groups_per_row);
+    const int t = (int)(tok_head / heads_kv);
+    const int h = (int)(tok_head - t * heads_kv);
+    const int pos = start + t;
+    const int page = pages[pos / page_size - first_page];
+    if (page < 0 || page >= num_pages) return;  // token already outside the window: not stored
+    const int layer = blockIdx.y;
+    const __half* src = (kv ? v : k) + (((long long)layer * n + t) * heads_kv + h) * head_dim + g * 32;
+    uint8_t* base = pool + ((long long)(layer0 + layer) * num_pages + page) * page_bytes;
+    store_group<kInt4>(src, base, kv, h, pos % page_size, g, heads_kv, head_dim, page_size, nullptr);
+}
+
+// One thread per group of a batch of appends of one layer (the engine's decode step: one
+// token of each of B sequences, or several prompts): token t goes to pool slot slots[t] =
+// page * page_size + slot, or nowhere when slots[t] < 0.
+template <bool kInt4>
+__device__ __forceinline__ void write_slot_groups(const __half* __restrict__ k, const __half* __restrict__ v,
+                                                  uint8_t* __restrict__ pool, const int* __restrict__ slots, int n,
+                                                  int heads_kv, int head_dim, int page_shift, int num_pages,
+                                                  long long page_bytes, int layer, unsigned* __restrict__ nonfinite) {
+    const unsigned groups_per_row = head_dim / 32;
+    const unsigned per_kv = (unsigned)n * heads_kv * groups_per_row;
+    const unsigned gid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gid >= 2 * per_kv) return;
+    const int kv = gid >= per_kv;
+    const unsigned r = gid - kv * per_kv;
+    const unsigned tok_head = r / groups_per_row;
+    const int g = (int)(r - tok_head * groups_per_row);
+    const int t = (int)(tok_head / heads_kv);
+    const int h = (int)(tok_head - t * heads_kv);
+    const int s = slots[t];
+    const int page = s >> page_shift;
+    if (s < 0 || page >= num_pages) return;
+    const __half* src = (kv ? v : k) + ((long long)t * heads_kv + h) * head_dim + g * 32;
+    uint8_t* base = pool + ((long long)layer * num_pages + page) * page_bytes;
+    store_group<kInt4>(src, base, kv, h, s & ((1 << page_shift) - 1), g, heads_kv, head_dim, 1 << page_shift,
+                       nonfinite);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1000,6 +1055,17 @@ extern "C" __global__ void __launch_bounds__(256) kv_count_nonfinite_f16(const _
     }
 KV_WRITE(kv_write_int4, true)
 KV_WRITE(kv_write_f16, false)
+
+#define KV_WRITE_SLOTS(NAME, INT4)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(kWriteThreads)                                                    \
+        NAME(const __half* __restrict__ k, const __half* __restrict__ v, uint8_t* __restrict__ pool,               \
+             const int* __restrict__ slots, int n, int heads_kv, int head_dim, int page_shift, int num_pages,      \
+             long long page_bytes, int layer, unsigned* __restrict__ nonfinite) {                                  \
+        write_slot_groups<INT4>(k, v, pool, slots, n, heads_kv, head_dim, page_shift, num_pages, page_bytes,       \
+                                layer, nonfinite);                                                                  \
+    }
+KV_WRITE_SLOTS(kv_write_slots_int4, true)
+KV_WRITE_SLOTS(kv_write_slots_f16, false)
 
 #define KV_DECODE(FMT, INT4, D, G)                                                                                   \
     extern "C" __global__ void __launch_bounds__(kThreads, 1) kv_decode_##FMT##_d##D##_g##G(                          \

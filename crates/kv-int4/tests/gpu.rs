@@ -10,8 +10,8 @@
 use tritter_kernels_cuda::gpu_test;
 
 gpu_test!(
-    /// GPU writes (one-call append, layer-by-layer decode appends, window eviction, fork,
-    /// free and page reuse) leave a pool bit-identical to the CPU cache's, INT4 and f16.
+    /// GPU writes (one-call append, layer-by-layer decode appends, batched slot writes,
+    /// window eviction, fork, free and page reuse) leave a pool bit-identical to the CPU cache's, INT4 and f16.
     gpu_pool_bit_exact_with_cpu => pool_conformance
 );
 
@@ -98,6 +98,41 @@ mod common {
             }
         }
 
+        /// One batched append (the engine's step): `(sequence, tokens)` pairs written with
+        /// one `write_layer_slots` launch per layer on the GPU, sequence by sequence on the
+        /// CPU. Returns the GPU's non-finite group count.
+        pub fn append_slots(&mut self, appends: &[(SeqId, usize)], seed: u64) -> u32 {
+            let c = self.cpu.config().clone();
+            let row = c.heads_kv * c.head_dim;
+            let n: usize = appends.iter().map(|a| a.1).sum();
+            let mut tickets = Vec::new();
+            let mut cpu_tickets = Vec::new();
+            for &(s, k) in appends {
+                let pos = self.cpu.len(s).unwrap();
+                tickets.push(self.gpu.begin_append(s, pos, k).unwrap());
+                cpu_tickets.push(self.cpu.begin_append(s, pos, k).unwrap());
+            }
+            let batch = self.gpu.slot_batch(&tickets).unwrap();
+            assert_eq!(batch.tokens(), n);
+            let st = self.g.stream();
+            let mut bad = st.alloc_zeros::<u32>(1).unwrap();
+            for l in 0..c.layers {
+                let seed = seed + 2 * l as u64;
+                let (k, v) = (random_f16(n * row, seed), random_f16(n * row, seed + 1));
+                let (kd, vd) = (st.clone_htod(&k).unwrap(), st.clone_htod(&v).unwrap());
+                self.gpu
+                    .write_layer_slots(&batch, l, &kd.as_view(), &vd.as_view(), &mut bad)
+                    .unwrap();
+                let mut r0 = 0;
+                for (t, &(_, len)) in cpu_tickets.iter().zip(appends) {
+                    let r = r0 * row..(r0 + len) * row;
+                    self.cpu.write_layer(t, l, &k[r.clone()], &v[r]).unwrap();
+                    r0 += len;
+                }
+            }
+            st.clone_dtoh(&bad).unwrap()[0]
+        }
+
         /// The GPU pool equals the CPU pool byte for byte, and the bookkeeping agrees.
         pub fn assert_same(&self, what: &str) {
             let down = self.gpu.to_cpu().unwrap();
@@ -143,6 +178,12 @@ mod pool_conformance {
                 assert_eq!(c, p.cpu.fork(a).unwrap());
                 p.append_layered(c, 3, 300);
                 p.append_layered(a, 2, 400);
+                // Batched steps (the engine's path): decode tokens of three sequences, then
+                // a mix of chunk lengths.
+                for t in 0..3 {
+                    assert_eq!(p.append_slots(&[(a, 1), (b, 1), (c, 1)], 600 + 10 * t), 0);
+                }
+                assert_eq!(p.append_slots(&[(c, 5), (a, 1), (b, 33)], 700), 0);
                 p.gpu.free(b).unwrap();
                 p.cpu.free(b).unwrap();
                 let e = p.add();
@@ -488,6 +529,35 @@ mod bad_input {
         )
         .unwrap_err();
         assert!(matches!(err, KvError::Unsupported(_)), "{err}");
+
+        // Slot writes: a NaN group is stored as zeros and counted (never a NaN in a page);
+        // a layer written twice or a duplicate sequence is refused before any launch.
+        let mut p = Pair::new(g, CacheConfig::new(1, hkv, d, 8).with_page_size(8));
+        let (a, b) = (p.add(), p.add());
+        p.append(a, 5, 9);
+        p.append(b, 3, 10);
+        let ta = p.gpu.begin_append(a, 5, 1).unwrap();
+        let tb = p.gpu.begin_append(b, 3, 1).unwrap();
+        let err = p.gpu.slot_batch(&[ta.clone(), ta.clone()]).unwrap_err();
+        assert!(matches!(err, KvError::Unsupported(_)), "{err}");
+        let batch = p.gpu.slot_batch(&[ta, tb]).unwrap();
+        let mut k = random_f16(2 * hkv * d, 11);
+        k[d + 3] = f16::NAN; // token 0, head 1, group 0
+        let kd = st.clone_htod(&k).unwrap();
+        let mut bad = st.alloc_zeros::<u32>(1).unwrap();
+        p.gpu
+            .write_layer_slots(&batch, 0, &kd.as_view(), &kd.as_view(), &mut bad)
+            .unwrap();
+        assert_eq!(st.clone_dtoh(&bad).unwrap()[0], 2, "one bad group in K and one in V");
+        let down = p.gpu.to_cpu().unwrap();
+        let (kr, _) = down.read_token(a, 0, 5).unwrap().unwrap();
+        assert!(kr.iter().all(|x| x.is_finite()), "a non-finite value reached a page");
+        assert!(kr[d..d + 32].iter().all(|&x| x == 0.0), "the bad group is not zero");
+        let err = p
+            .gpu
+            .write_layer_slots(&batch, 0, &kd.as_view(), &kd.as_view(), &mut bad)
+            .unwrap_err();
+        assert!(matches!(err, KvError::StaleTicket { .. }), "{err}");
         println!("GPU bad input: all refused with typed errors");
     }
 }

@@ -308,6 +308,140 @@ impl GpuKvCache {
         Ok(ticket)
     }
 
+    /// The pool slots of every token of `tickets` (pending appends of distinct sequences,
+    /// typically one token each in a decode step), in ticket order, uploaded once and then
+    /// used by [`write_layer_slots`](Self::write_layer_slots) for every layer: one launch
+    /// per layer for the whole batch instead of one per sequence.
+    pub fn slot_batch(&self, tickets: &[AppendTicket]) -> Result<SlotBatch> {
+        let cfg = self.blocks.config();
+        if cfg.num_pages.saturating_mul(cfg.page_size) > i32::MAX as usize {
+            return Err(KvError::Unsupported(format!(
+                "a slot batch addresses pool slots as i32, but the pool has {} pages of {} tokens",
+                cfg.num_pages, cfg.page_size
+            )));
+        }
+        let mut slots = Vec::new();
+        for (i, t) in tickets.iter().enumerate() {
+            self.blocks.check_ticket(t, 0)?;
+            if tickets[..i].iter().any(|o| o.seq == t.seq) {
+                return Err(KvError::Unsupported(format!(
+                    "sequence {} appears twice in one slot batch (one pending append per sequence)",
+                    t.seq.raw()
+                )));
+            }
+            let (first, pages) = self.blocks.ticket_pages(t);
+            let p = cfg.page_size;
+            slots.extend((t.start..t.end).map(|pos| {
+                let page = pages[pos / p - first];
+                if page < 0 {
+                    -1
+                } else {
+                    page * p as i32 + (pos % p) as i32
+                }
+            }));
+        }
+        let n = slots.len();
+        let dev = self
+            .store
+            .gpu
+            .stream()
+            .clone_htod(&if slots.is_empty() { vec![-1] } else { slots })
+            .map_err(KernelError::driver("uploading the slot batch"))?;
+        Ok(SlotBatch {
+            tickets: tickets.to_vec(),
+            tokens: n,
+            slots: dev,
+        })
+    }
+
+    /// Writes layer `layer` of every append of `batch`: `k`, `v` `(n, heads_kv, head_dim)`
+    /// f16 on the device, `n = batch.tokens()`, tokens in the batch's order. Asynchronous and
+    /// without a host synchronization: a group of 32 values holding NaN or Inf is stored as
+    /// zeros and counted into `nonfinite[0]` (never stored as garbage), so the caller checks
+    /// the counter once per step (an engine reads it with the step's logits) instead of once
+    /// per layer as [`write_layer`](Self::write_layer) does. Tickets and shapes are checked
+    /// before anything is launched.
+    pub fn write_layer_slots(
+        &mut self,
+        batch: &SlotBatch,
+        layer: usize,
+        k: &CudaView<'_, f16>,
+        v: &CudaView<'_, f16>,
+        nonfinite: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        for t in &batch.tickets {
+            self.blocks.check_ticket(t, layer)?;
+        }
+        let cfg = self.blocks.config().clone();
+        check_kv_lens(&cfg, false, batch.tokens, k.len(), v.len())?;
+        if nonfinite.is_empty() {
+            return Err(KvError::LengthMismatch {
+                what: "nonfinite",
+                shape: "(1,)".into(),
+                actual: 0,
+                expected: 1,
+            });
+        }
+        let groups = 2 * batch.tokens * cfg.heads_kv * (cfg.head_dim / crate::GROUP);
+        if groups > i32::MAX as usize {
+            return Err(KvError::Unsupported(format!(
+                "a slot batch of {} tokens is {groups} groups of 32 values, more than one launch takes ({}); split it",
+                batch.tokens,
+                i32::MAX
+            )));
+        }
+        if groups > 0 {
+            let gpu = self.store.gpu.clone();
+            let stream = gpu.stream();
+            let name = match cfg.format {
+                KvFormat::Int4 => "kv_write_slots_int4",
+                KvFormat::F16 => "kv_write_slots_f16",
+            };
+            let func = gpu.function(&images::KV_INT4, name)?;
+            let i = |x: usize| x as i32; // bounded by validate() and the checks above
+            let (n, hkv, d, shift, np, layer_i) = (
+                i(batch.tokens),
+                i(cfg.heads_kv),
+                i(cfg.head_dim),
+                i(cfg.page_size.trailing_zeros() as usize),
+                i(cfg.num_pages),
+                i(layer),
+            );
+            let page_bytes = cfg.layout().page_bytes() as i64;
+            let mut launch = stream.launch_builder(&func);
+            launch
+                .arg(k)
+                .arg(v)
+                .arg(&mut self.store.pool)
+                .arg(&batch.slots)
+                .arg(&n)
+                .arg(&hkv)
+                .arg(&d)
+                .arg(&shift)
+                .arg(&np)
+                .arg(&page_bytes)
+                .arg(&layer_i)
+                .arg(&mut *nonfinite);
+            let lc = LaunchConfig {
+                grid_dim: (groups.div_ceil(WRITE_THREADS as usize) as u32, 1, 1),
+                block_dim: (WRITE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `kv_write_slots_*(const __half*, const __half*, uint8_t*, const
+            // int*, int, int, int, int, int, long long, int, unsigned*)`; k and v hold
+            // n * heads_kv * head_dim values (checked), slots n entries (built by slot_batch
+            // from the tickets' pages, each < num_pages * page_size or -1), layer < layers
+            // (check_ticket), the pool layers * num_pages * page_bytes bytes; each thread
+            // writes one group inside its own token's slot.
+            unsafe { launch.launch(lc) }
+                .map_err(KernelError::driver(format!("launching {name}")))?;
+        }
+        for t in &batch.tickets {
+            self.blocks.finish_layer(t, layer);
+        }
+        Ok(())
+    }
+
     /// Uploads the block tables and lengths of `seqs` for decode attention. The batch is tied
     /// to the cache's current epoch: any later append, fork or free makes it stale (refused
     /// by [`decode_attention_cuda`]), so it can never read pages that changed owner.
@@ -581,6 +715,26 @@ fn plan(
             }
         }
         (best.1, best.2)
+    }
+}
+
+/// Pool slots of a batch of pending appends (from [`GpuKvCache::slot_batch`]).
+#[derive(Debug)]
+pub struct SlotBatch {
+    tickets: Vec<AppendTicket>,
+    tokens: usize,
+    /// `(tokens,)` pool slot `page * page_size + slot` per token, -1 where not stored.
+    slots: CudaSlice<i32>,
+}
+
+impl SlotBatch {
+    /// Tokens of all the appends, in ticket order.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+    /// The appends.
+    pub fn tickets(&self) -> &[AppendTicket] {
+        &self.tickets
     }
 }
 
