@@ -10,6 +10,7 @@
 #   .gpu/run.sh tests                     # tests only
 #   .gpu/run.sh benches [criterion args]  # benches only, e.g. `benches act_quant_gpu`
 #   .gpu/run.sh unpack                    # only unpack the executables (xz), to run one by hand
+#   .gpu/bin/tritter bench --preset 7b --device cuda   # the CLI, after unpack
 #
 # run.sh writes tests.log, benches.log, summary.txt and resource-usage.txt to $OUT when set
 # (else to .gpu/logs) and exits non-zero if any test failed.
@@ -74,6 +75,13 @@ copy() { # $1 = dest dir; $2 = only GPU tests (1) or everything (0); stdin = nam
 }
 copy "$bundle/tests" 1 <<<"$tests"
 copy "$bundle/benches" 0 <<<"$benches"
+# The CLI (built with cuda by the release test build): `tritter bench` / `generate` on the GPU.
+if [[ -x target/release/tritter ]]; then
+  mkdir -p "$bundle/bin"
+  cp target/release/tritter "$bundle/bin/tritter"
+  strip --strip-debug "$bundle/bin/tritter" 2>/dev/null || true
+  xz -T2 -6 -f "$bundle/bin/tritter"
+fi
 
 ru="$(ls -t target/release/build/tritter-kernels-cuda-*/out/resource-usage.txt 2>/dev/null | head -1 || true)"
 [[ -n "$ru" ]] && cp "$ru" "$bundle/resource-usage.txt"
@@ -98,7 +106,7 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
   done
 fi
 # Unpack the xz-compressed executables (gpu-bundle.sh packs them) once, in place.
-for z in "$here"/tests/*.xz "$here"/benches/*.xz; do
+for z in "$here"/tests/*.xz "$here"/benches/*.xz "$here"/bin/*.xz; do
   [[ -e "$z" ]] || continue
   if command -v xz >/dev/null; then
     xz -d -f "$z"

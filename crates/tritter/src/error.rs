@@ -277,6 +277,19 @@ pub enum TritterError {
     /// An error of the CUDA runtime layer (driver, module loading, a launch).
     #[error(transparent)]
     Kernel(#[from] tritter_kernels_cuda::KernelError),
+
+    /// An error from the attention kernels (shapes, masks, launches).
+    #[error(transparent)]
+    Attention(#[from] flash_attn_sm120::AttnError),
+
+    /// A cuBLAS call failed (the GPU engine's LM head).
+    #[error("cuBLAS error while {context}: {detail}")]
+    Cublas {
+        /// What was being done.
+        context: String,
+        /// cuBLAS's status.
+        detail: String,
+    },
 }
 
 impl TritterError {

@@ -16,8 +16,8 @@ use tritter::data::{
 };
 use tritter::engine::hf::{compare_logits, HfBitnet, HfTokenizer, ReferenceLogits};
 use tritter::engine::{
-    generate_batch, generate_stream, CpuEngine, GenerationRequest, InferenceCheckpoint,
-    KvCacheFormat, KvCacheOptions, Manifest, MANIFEST_FILE,
+    bench_engine, generate_batch, generate_stream, CpuEngine, Engine, GenerationRequest,
+    InferenceCheckpoint, KvCacheFormat, KvCacheOptions, Manifest, MANIFEST_FILE,
 };
 use tritter::generate::{generate, SamplingOptions};
 use tritter::paradigm::curriculum::{Curriculum, ReasoningTrainer};
@@ -93,6 +93,12 @@ enum Command {
         after_help = "Examples:\n  tritter eval-hf --hf models/tiny-bitnet --reference logits.json\n  tritter eval-hf --hf models/tiny-bitnet --ids 1,2,3 --reference logits.npy --out ours.json"
     )]
     EvalHf(EvalHfArgs),
+    /// Prefill and decode throughput of the inference engine (CPU or GPU) at batch sizes,
+    /// on a preset with random weights or a checkpoint, with peak device memory.
+    #[command(
+        after_help = "Examples:\n  tritter bench                                  # test preset, CPU\n  tritter bench --preset 7b --device cuda --batch 1,8,32 --prompt-len 512\n  tritter bench --preset 7b --device cuda --batch 1 --pool-tokens 131072   # memory at 128K context\n  tritter bench --checkpoint runs/test/inference --batch 1,4"
+    )]
+    Bench(BenchArgs),
     /// Print the token ids of a text or file.
     #[command(
         after_help = "Examples:\n  tritter tokenize --text 'hello'\n  tritter tokenize --file src/main.rs --modality code --tokenizer tokenizer.json"
@@ -334,6 +340,61 @@ enum KvCacheArg {
     Int4,
 }
 
+impl KvCacheArg {
+    /// The format this asks for (`default` for auto).
+    fn format(self, default: KvCacheFormat) -> KvCacheFormat {
+        match self {
+            KvCacheArg::Auto => default,
+            KvCacheArg::F32 => KvCacheFormat::F32,
+            KvCacheArg::F16 => KvCacheFormat::F16,
+            KvCacheArg::Int4 => KvCacheFormat::Int4,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Preset run with seeded random weights (ignored with --checkpoint).
+    #[arg(long, default_value = "test")]
+    preset: String,
+    /// Layers of the preset instead of its own count (quick runs of a big preset's shapes).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// An inference checkpoint (or a training checkpoint, exported in memory) instead of a
+    /// preset.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Engine device (as for generate).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32])]
+    batch: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Timed decode steps per batch size.
+    #[arg(long, default_value_t = 32)]
+    decode_steps: usize,
+    /// KV cache format (auto: the config's; f16 instead of f32 on the GPU).
+    #[arg(long, value_enum, default_value_t = KvCacheArg::Auto)]
+    kv_cache: KvCacheArg,
+    /// Size the page pool for this many tokens (e.g. 131072 for the memory of a 128K
+    /// context) instead of what the runs need.
+    #[arg(long)]
+    pool_tokens: Option<usize>,
+    /// Seed of the random weights and prompts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("model").required(true).args(["checkpoint", "hf"])))]
 struct GenerateArgs {
@@ -384,6 +445,10 @@ struct GenerateArgs {
     /// KV cache format of the engine.
     #[arg(long, value_enum, default_value_t = KvCacheArg::Auto)]
     kv_cache: KvCacheArg,
+    /// Engine device: auto (the GPU engine when this binary has CUDA, a GPU is present and
+    /// the model fits its kernels, else the CPU), cpu or cuda.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
     /// Sequences decoded at once (continuous batching).
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -466,6 +531,7 @@ fn main() -> ExitCode {
         Command::Export(a) => export_cmd(&a),
         Command::EvalHf(a) => eval_hf(&a),
         Command::Tokenize(a) => tokenize(&a),
+        Command::Bench(a) => bench_cmd(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -474,6 +540,193 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The inference engine a command runs on.
+enum AnyEngine {
+    Cpu(Box<CpuEngine>),
+    #[cfg(feature = "cuda")]
+    Gpu(Box<tritter::engine::GpuEngine>),
+}
+
+/// Runs `$body` with `$v` bound to the engine inside an [`AnyEngine`] (each arm
+/// monomorphizes the generic code for its engine).
+macro_rules! on_engine {
+    ($engine:expr, |$v:ident| $body:expr) => {
+        match &$engine {
+            AnyEngine::Cpu(cpu) => {
+                let $v: &CpuEngine = cpu;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            AnyEngine::Gpu(gpu) => {
+                let $v: &tritter::engine::GpuEngine = gpu;
+                $body
+            }
+        }
+    };
+}
+
+impl AnyEngine {
+    /// The engine for `device`: `auto` takes the GPU when this binary has CUDA, a driver and
+    /// device are present and the model fits the GPU kernels (saying why not otherwise), else
+    /// the CPU.
+    fn new(device: DeviceArg, ckpt: InferenceCheckpoint) -> Result<Self> {
+        match device {
+            DeviceArg::Cpu => Ok(AnyEngine::Cpu(Box::new(CpuEngine::new(ckpt)?))),
+            DeviceArg::Cuda => Self::gpu(&ckpt),
+            DeviceArg::Auto => {
+                if cfg!(feature = "cuda") && gpu_present() {
+                    match Self::gpu(&ckpt) {
+                        Ok(e) => return Ok(e),
+                        Err(e) => eprintln!("GPU engine not used ({e}); running on the CPU"),
+                    }
+                }
+                Ok(AnyEngine::Cpu(Box::new(CpuEngine::new(ckpt)?)))
+            }
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn gpu(ckpt: &InferenceCheckpoint) -> Result<Self> {
+        let gpu = tritter_kernels_cuda::Gpu::new(0)?;
+        Ok(AnyEngine::Gpu(Box::new(tritter::engine::GpuEngine::new(
+            &gpu, ckpt,
+        )?)))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn gpu(_: &InferenceCheckpoint) -> Result<Self> {
+        Err(tritter_kernels_cuda::KernelError::CudaFeatureOff.into())
+    }
+
+    fn is_gpu(&self) -> bool {
+        !matches!(self, AnyEngine::Cpu(_))
+    }
+
+    fn config(&self) -> &TritterConfig {
+        on_engine!(self, |e| e.config())
+    }
+
+    /// `(device name, bytes of weights on it)`.
+    fn describe(&self) -> (String, usize) {
+        match self {
+            AnyEngine::Cpu(e) => {
+                let w = e
+                    .checkpoint()
+                    .layers
+                    .iter()
+                    .flat_map(|l| l.ternary())
+                    .map(|m| m.packed_bytes())
+                    .sum();
+                ("CPU".into(), w)
+            }
+            #[cfg(feature = "cuda")]
+            AnyEngine::Gpu(e) => (e.gpu().info().name.clone(), e.weight_bytes()),
+        }
+    }
+
+    /// Device memory in use (total - free), for the GPU engine.
+    fn memory_in_use(&self) -> Option<u64> {
+        match self {
+            AnyEngine::Cpu(_) => None,
+            #[cfg(feature = "cuda")]
+            AnyEngine::Gpu(e) => e
+                .gpu()
+                .context()
+                .mem_get_info()
+                .ok()
+                .map(|(free, total)| (total - free) as u64),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_present() -> bool {
+    tritter_kernels_cuda::driver_available()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_present() -> bool {
+    false
+}
+
+/// `tritter bench`: [`bench_engine`] at every batch size, one table.
+fn bench_cmd(a: &BenchArgs) -> Result<()> {
+    let load = Instant::now();
+    let (ckpt, source) = match &a.checkpoint {
+        Some(p) => (InferenceCheckpoint::open(p)?, p.display().to_string()),
+        None => {
+            let mut cfg = load_config(&a.preset, None)?;
+            if let Some(l) = a.layers {
+                cfg.num_layers = l;
+            }
+            let what = match a.layers {
+                Some(l) => format!("preset {} with {l} layers, random weights", a.preset),
+                None => format!("preset {}, random weights", a.preset),
+            };
+            (InferenceCheckpoint::random(&cfg, a.seed)?, what)
+        }
+    };
+    let engine = AnyEngine::new(a.device, ckpt)?;
+    let cfg = engine.config().clone();
+    let (device, weight_bytes) = engine.describe();
+    let max_b = a.batch.iter().copied().max().unwrap_or(1);
+    let mut options = KvCacheOptions::for_config(&cfg);
+    options.format = a.kv_cache.format(options.format);
+    if engine.is_gpu() && options.format == KvCacheFormat::F32 {
+        options.format = KvCacheFormat::F16;
+    }
+    options.max_sequences = max_b;
+    options.max_prefill_chunk = a.prompt_len.max(1);
+    if options.format != KvCacheFormat::F32 {
+        let per_seq = a.prompt_len + a.decode_steps + 2 * options.page_size + 16;
+        options.pool_tokens = Some(a.pool_tokens.unwrap_or(max_b * per_seq));
+    }
+    eprintln!(
+        "bench: {source} on {device}: {:.3}B parameters, {} layers, {:.3} GB of weights, KV cache {:?}{}, loaded in {:.1} s",
+        cfg.param_count() as f64 / 1e9,
+        cfg.num_layers,
+        weight_bytes as f64 / 1e9,
+        options.format,
+        options.pool_tokens.map_or(String::new(), |t| format!(" (pool of {t} tokens)")),
+        load.elapsed().as_secs_f64()
+    );
+    println!(
+        "| batch | prompt | prefill tok/s | decode step | decode tok/s | peak device memory |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for &b in &a.batch {
+        let r = on_engine!(&engine, |e| bench_engine(
+            e,
+            &options,
+            b,
+            a.prompt_len,
+            a.decode_steps,
+            a.seed,
+            || engine.memory_in_use()
+        ))?;
+        println!(
+            "| {} | {} | {:.0} | {:.3} ms | {:.1} | {} |",
+            r.batch,
+            r.prompt_len,
+            r.prefill_tokens_per_s,
+            r.decode_step_s * 1e3,
+            r.decode_tokens_per_s,
+            r.peak_memory_bytes
+                .map_or("-".into(), |m| format!("{:.2} GB", m as f64 / 1e9))
+        );
+        println!(
+            "RESULT bench device={device:?} batch={} prompt={} prefill_tok_s={:.1} decode_step_ms={:.4} decode_tok_s={:.2} peak_bytes={}",
+            r.batch,
+            r.prompt_len,
+            r.prefill_tokens_per_s,
+            r.decode_step_s * 1e3,
+            r.decode_tokens_per_s,
+            r.peak_memory_bytes.unwrap_or(0)
+        );
+    }
+    Ok(())
 }
 
 fn gb(bytes: u64) -> f64 {
@@ -1060,7 +1313,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         return generate_reference(a, checkpoint);
     }
     let load = Instant::now();
-    let engine = CpuEngine::new(InferenceCheckpoint::open(checkpoint)?)?;
+    let engine = AnyEngine::new(a.device, InferenceCheckpoint::open(checkpoint)?)?;
     let tok = make_tokenizer(engine.config().vocab_size, a.tokenizer.as_deref())?;
     let prompts = encode_prompts(a, &tok)?;
     let stop_sequences = encode_stops(a, &tok)?;
@@ -1072,15 +1325,20 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         stop_sequences: &stop_sequences,
         ..sampling_options(a, &tok)
     };
-    run_generation(
+    let codec = Codec::Tritter(tok);
+    let gpu = engine.is_gpu();
+    on_engine!(engine, |e| run_generation(
         a,
-        &engine,
-        &Codec::Tritter(tok),
+        e,
+        &codec,
         &prompts,
         &options,
-        checkpoint,
-        load,
-    )
+        Loaded {
+            source: checkpoint,
+            load,
+            gpu
+        }
+    ))
 }
 
 /// `tritter generate --hf`: a Hugging Face BitNet checkpoint with its own tokenizer and
@@ -1143,8 +1401,20 @@ fn generate_hf(a: &GenerateArgs, dir: &Path) -> Result<()> {
         ..SamplingOptions::default()
     };
     let codec = Codec::Hf(hf.tokenizer);
-    let engine = CpuEngine::new(hf.checkpoint)?;
-    run_generation(a, &engine, &codec, &prompts, &options, dir, load)
+    let engine = AnyEngine::new(a.device, hf.checkpoint)?;
+    let gpu = engine.is_gpu();
+    on_engine!(engine, |e| run_generation(
+        a,
+        e,
+        &codec,
+        &prompts,
+        &options,
+        Loaded {
+            source: dir,
+            load,
+            gpu
+        }
+    ))
 }
 
 /// The tokenizer of an imported model, or an error naming the flag that needs it.
@@ -1175,27 +1445,38 @@ impl Codec {
     }
 }
 
+/// Where an engine's weights came from, when loading began, and whether it is the GPU engine.
+#[derive(Clone, Copy)]
+struct Loaded<'a> {
+    source: &'a Path,
+    load: Instant,
+    gpu: bool,
+}
+
 /// Runs the engine on `prompts` (one streamed to stdout, several batched) and prints the
 /// timings to stderr.
-fn run_generation(
+fn run_generation<E: Engine>(
     a: &GenerateArgs,
-    engine: &CpuEngine,
+    engine: &E,
     codec: &Codec,
     prompts: &[Vec<u32>],
     options: &SamplingOptions<'_>,
-    source: &Path,
-    load: Instant,
+    loaded: Loaded<'_>,
 ) -> Result<()> {
+    let Loaded { source, load, gpu } = loaded;
     let cfg = engine.config().clone();
     let options = *options;
     let mut cache = KvCacheOptions::for_config(&cfg);
     cache.max_sequences = a.batch.max(1);
-    cache.format = match a.kv_cache {
-        KvCacheArg::Auto => cache.format,
-        KvCacheArg::F32 => KvCacheFormat::F32,
-        KvCacheArg::F16 => KvCacheFormat::F16,
-        KvCacheArg::Int4 => KvCacheFormat::Int4,
-    };
+    cache.format = a.kv_cache.format(cache.format);
+    if gpu {
+        // The GPU engine runs a new sequence's whole prompt in one round (flash attention);
+        // its cache is paged (f16 where the CPU default would be f32).
+        cache.max_prefill_chunk = prompts.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        if cache.format == KvCacheFormat::F32 {
+            cache.format = KvCacheFormat::F16;
+        }
+    }
     if cfg.sliding_window.is_none() && cache.format != KvCacheFormat::F32 {
         // Without a window the default pool holds max_position_embeddings tokens per
         // sequence; these requests need at most their prompt plus max_tokens.
@@ -1205,7 +1486,8 @@ fn run_generation(
     }
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     eprintln!(
-        "engine: {} ({:.3}M parameters, {} layers), KV cache {:?}, loaded in {:.2} s",
+        "{} engine: {} ({:.3}M parameters, {} layers), KV cache {:?}, loaded in {:.2} s",
+        if gpu { "GPU" } else { "CPU" },
         source.display(),
         cfg.param_count() as f64 / 1e6,
         cfg.num_layers,

@@ -392,6 +392,95 @@ enum TensorData<'a> {
 }
 
 impl InferenceCheckpoint {
+    /// A Tritter checkpoint of `config` with seeded random weights, built directly in the
+    /// packed format (no f32 model in between, so a 7B checkpoint takes ~1.7 GB of host
+    /// memory and seconds, not 28 GB): codes -1, 0, +1 with probabilities 1/4, 1/2, 1/4
+    /// (BitNet b1.58 weights are about half zeros), per-tensor `gamma = 1 / sqrt(k_in / 2)`
+    /// (unit-variance outputs for unit-variance inputs), N(0, 0.02) bf16 embeddings, norms
+    /// of 1. For benchmarks (`tritter bench`) and memory checks, where only the shapes matter.
+    pub fn random(config: &TritterConfig, seed: u64) -> Result<Self> {
+        use rayon::prelude::*;
+        config.validate()?;
+        let cfg = config;
+        let (h, d) = (cfg.hidden_size, cfg.head_dim());
+        let ternary = |n_out: usize, k_in: usize, seed: u64| -> Result<TernaryMatrix> {
+            let wpr = k_in.div_ceil(16);
+            let used = k_in - (wpr - 1) * 16; // codes in a row's last word
+            let mut packed = vec![0u32; n_out * wpr];
+            packed.par_chunks_mut(wpr).enumerate().for_each(|(r, row)| {
+                let mut rng = crate::model::SeededRng::new(
+                    seed ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                );
+                for (i, w) in row.iter_mut().enumerate() {
+                    let x = rng.next_u64() as u32;
+                    // A pair 11 (code 3, invalid) becomes 01 (zero).
+                    let both = x & (x >> 1) & 0x5555_5555;
+                    let mut word = x & !(both << 1);
+                    if i + 1 == wpr && used < 16 {
+                        let keep = (1u32 << (2 * used)) - 1;
+                        word = (word & keep) | (0x5555_5555 & !keep);
+                    }
+                    *w = word;
+                }
+            });
+            let gamma = (2.0 / k_in as f64).sqrt() as f32;
+            Ok(TernaryMatrix::from_packed(
+                n_out,
+                k_in,
+                packed,
+                ternary_gemm::TernaryScales::PerTensor(gamma),
+            )?)
+        };
+        let ones = |n: usize| vec![bf16::ONE; n];
+        let normal = |n: usize, seed: u64| -> Vec<bf16> {
+            crate::model::SeededRng::new(seed)
+                .normal_vec(n, 0.02)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect()
+        };
+        let (qd, kvd, inter) = (
+            cfg.num_heads * d,
+            cfg.num_kv_heads * d,
+            cfg.intermediate_size,
+        );
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let s = seed.wrapping_add(1000 * (l as u64 + 1));
+            layers.push(LayerWeights {
+                q_proj: ternary(qd, h, s + 1)?,
+                k_proj: ternary(kvd, h, s + 2)?,
+                v_proj: ternary(kvd, h, s + 3)?,
+                o_proj: ternary(h, qd, s + 4)?,
+                mlp: TernaryMlp::new(
+                    ternary(inter, h, s + 5)?,
+                    ternary(inter, h, s + 6)?,
+                    ternary(h, inter, s + 7)?,
+                )?,
+                norms: LayerNorms::Chameleon {
+                    attn_norm: ones(h),
+                    mlp_norm: ones(h),
+                },
+                qk_norm: Some(QkNorm {
+                    q_norm: ones(d),
+                    k_norm: ones(d),
+                }),
+            });
+        }
+        let ckpt = InferenceCheckpoint {
+            config: cfg.clone(),
+            architecture: Architecture::TRITTER,
+            embed_tokens: normal(cfg.vocab_size * h, seed),
+            layers,
+            final_norm: ones(h),
+            lm_head: (!cfg.tie_embeddings).then(|| normal(cfg.vocab_size * h, seed + 1)),
+            latent_proj: cfg.latent_projection.then(|| normal(h * h, seed + 2)),
+            source: SourceInfo::default(),
+        };
+        ckpt.validate()?;
+        Ok(ckpt)
+    }
+
     /// Exports `model`: every BitLinear quantized exactly as its forward pass quantizes it,
     /// everything else rounded to bf16. Fails for a model without quantization
     /// (`quantize_bitlinear: false`), which has no ternary weights to export.

@@ -192,31 +192,7 @@ impl CpuEngine {
     /// non-finite activation, an exhausted page pool) leaves the step's sequences partly
     /// appended, so free them.
     pub fn step(&self, cache: &mut KvCache, inputs: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>> {
-        let cfg = self.config();
-        for (b, input) in inputs.iter().enumerate() {
-            if input.tokens.is_empty() {
-                return Err(TritterError::ShapeMismatch {
-                    what: format!("tokens of step input {b}"),
-                    actual: vec![0],
-                    expected: "at least one token".into(),
-                });
-            }
-            check_token_ids(input.tokens, b, cfg.vocab_size)?;
-            let len = cache.len(input.seq)? + input.tokens.len();
-            if len > cfg.max_position_embeddings {
-                return Err(TritterError::SequenceTooLong {
-                    len,
-                    max: cfg.max_position_embeddings,
-                });
-            }
-            if inputs[..b].iter().any(|o| o.seq == input.seq) {
-                return Err(TritterError::argument(
-                    "step inputs",
-                    format!("sequence {} twice", input.seq.raw()),
-                    "each sequence at most once per step",
-                ));
-            }
-        }
+        check_step_inputs(self.config(), inputs, |s| cache.len(s))?;
         let mut done = vec![0usize; inputs.len()];
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
         loop {
@@ -493,6 +469,41 @@ impl CpuEngine {
         let oq = absmax_quantize_rows(&o, n, hq * d)?;
         Ok(ternary_matmul_a8(&w.o_proj, &oq)?)
     }
+}
+
+/// The checks every engine's `step` makes before its cache changes: at least one token per
+/// input, ids below `vocab_size`, positions below `max_position_embeddings` (`len` gives a
+/// sequence's current length, failing for an unknown one), each sequence at most once.
+pub(crate) fn check_step_inputs(
+    cfg: &TritterConfig,
+    inputs: &[StepInput<'_>],
+    len: impl Fn(SequenceId) -> Result<usize>,
+) -> Result<()> {
+    for (b, input) in inputs.iter().enumerate() {
+        if input.tokens.is_empty() {
+            return Err(TritterError::ShapeMismatch {
+                what: format!("tokens of step input {b}"),
+                actual: vec![0],
+                expected: "at least one token".into(),
+            });
+        }
+        check_token_ids(input.tokens, b, cfg.vocab_size)?;
+        let len = len(input.seq)? + input.tokens.len();
+        if len > cfg.max_position_embeddings {
+            return Err(TritterError::SequenceTooLong {
+                len,
+                max: cfg.max_position_embeddings,
+            });
+        }
+        if inputs[..b].iter().any(|o| o.seq == input.seq) {
+            return Err(TritterError::argument(
+                "step inputs",
+                format!("sequence {} twice", input.seq.raw()),
+                "each sequence at most once per step",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Rows of a round whose logits are computed.

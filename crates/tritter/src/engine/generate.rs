@@ -1,10 +1,10 @@
-//! Generation on the [`CpuEngine`]: many prompts at once with continuous batching, a
+//! Generation on an [`Engine`] (the [`CpuEngine`](super::CpuEngine) or the GPU engine): many prompts at once with continuous batching, a
 //! streaming callback, and the sampling of [`crate::generate`].
 //!
 //! Scheduling ([`generate_batch`]): requests wait in order; up to
 //! `KvCacheOptions::max_sequences` of them run at once. Every step feeds each running
 //! sequence either its next prompt chunk (at most `max_prefill_chunk` tokens) or its last
-//! sampled token, in one [`CpuEngine::step`]; a sequence whose prompt is consumed samples a
+//! sampled token, in one [`Engine::step`]; a sequence whose prompt is consumed samples a
 //! token from its logits, reports it to the callback and either continues or finishes
 //! (stop token or sequence, `max_new_tokens`, the end of the position range, or the
 //! callback's `Break`). Finished sequences leave the batch and free their cache at once,
@@ -16,8 +16,9 @@
 
 use std::ops::ControlFlow;
 
-use super::cpu::{CpuEngine, LogitsFor, StepInput};
+use super::cpu::{LogitsFor, StepInput};
 use super::kv::{KvCacheOptions, SequenceId};
+use super::traits::{Engine, EngineCache};
 use crate::generate::{sample_token_in_context, SamplingOptions, StopReason};
 use crate::model::{check_token_ids, SeededRng};
 use crate::{Result, TritterError};
@@ -84,8 +85,8 @@ struct Active {
 /// All requests are validated before anything runs (options, prompt ids and lengths;
 /// `latent_steps > 0` is refused: continuous thoughts run on the reference loop,
 /// [`crate::generate::generate`]).
-pub fn generate_batch(
-    engine: &CpuEngine,
+pub fn generate_batch<E: Engine>(
+    engine: &E,
     requests: &[GenerationRequest<'_>],
     cache_options: &KvCacheOptions,
     mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
@@ -205,8 +206,8 @@ pub fn generate_batch(
 
 /// One prompt: [`generate_batch`] with a single request, `on_token` called with each token
 /// id as it is generated (`ControlFlow::Break(())` stops).
-pub fn generate_stream(
-    engine: &CpuEngine,
+pub fn generate_stream<E: Engine>(
+    engine: &E,
     prompt: &[u32],
     options: &SamplingOptions<'_>,
     cache_options: &KvCacheOptions,

@@ -85,6 +85,12 @@ impl SequenceId {
     pub fn raw(self) -> u64 {
         self.0
     }
+
+    /// The id `raw` (for the other engines' caches, which number their sequences the same way).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn from_raw(raw: u64) -> Self {
+        SequenceId(raw)
+    }
 }
 
 /// One layer of one sequence in the f32 store: sinks `(S, Hkv, D)` and the ring (or every
@@ -159,48 +165,9 @@ impl KvCache {
             (config.num_layers, config.num_kv_heads, config.head_dim());
         let window = config.sliding_window.map(|w| (w, config.attention_sinks));
         let max_len = config.max_position_embeddings;
-        let paged = match options.format {
-            KvCacheFormat::F32 => None,
-            KvCacheFormat::F16 | KvCacheFormat::Int4 => {
-                let p = options.page_size;
-                if !p.is_power_of_two() || !kv_int4::PAGE_SIZES.contains(&p) {
-                    return Err(TritterError::argument(
-                        "page_size",
-                        p,
-                        "expected a power of two in 8..=256 tokens",
-                    ));
-                }
-                if head_dim % kv_int4::GROUP != 0 {
-                    return Err(TritterError::config(
-                        "head_dim",
-                        head_dim,
-                        format!(
-                            "expected a multiple of {} for the paged INT4/F16 KV cache; use the f32 cache",
-                            kv_int4::GROUP
-                        ),
-                    ));
-                }
-                let per_seq = match window {
-                    Some((w, s)) => s.div_ceil(p) + (w + p).div_ceil(p) + 1,
-                    None => max_len.div_ceil(p),
-                };
-                let pages = options
-                    .pool_tokens
-                    .map_or(options.max_sequences.max(1) * per_seq, |t| t.div_ceil(p));
-                let format = match options.format {
-                    KvCacheFormat::Int4 => KvFormat::Int4,
-                    _ => KvFormat::F16,
-                };
-                let mut cfg = CacheConfig::new(layers, heads_kv, head_dim, pages.max(1))
-                    .with_page_size(p)
-                    .with_max_seq_len(max_len)
-                    .with_format(format);
-                if let Some((w, s)) = window {
-                    cfg = cfg.with_window(w, s);
-                }
-                Some(CpuKvCache::new(cfg)?)
-            }
-        };
+        let paged = paged_config(config, options)?
+            .map(CpuKvCache::new)
+            .transpose()?;
         Ok(KvCache {
             layers,
             heads_kv,
@@ -480,4 +447,59 @@ fn unknown(seq: SequenceId) -> TritterError {
         seq.0,
         "a live sequence of this KV cache (added and not freed)",
     )
+}
+
+/// The `kv_int4` configuration of the paged store for `config` and `options` (`None` for the
+/// f32 store): page size checked, pool sized for `max_sequences` worst-case sequences (sinks
+/// plus window, or `max_position_embeddings`) unless `pool_tokens` is given. Shared by the
+/// CPU cache and the GPU engine's cache, so both hold the same pages.
+pub(crate) fn paged_config(
+    config: &TritterConfig,
+    options: &KvCacheOptions,
+) -> Result<Option<CacheConfig>> {
+    let (layers, heads_kv, head_dim) = (config.num_layers, config.num_kv_heads, config.head_dim());
+    let window = config.sliding_window.map(|w| (w, config.attention_sinks));
+    let max_len = config.max_position_embeddings;
+    Ok(match options.format {
+        KvCacheFormat::F32 => None,
+        KvCacheFormat::F16 | KvCacheFormat::Int4 => {
+            let p = options.page_size;
+            if !p.is_power_of_two() || !kv_int4::PAGE_SIZES.contains(&p) {
+                return Err(TritterError::argument(
+                    "page_size",
+                    p,
+                    "expected a power of two in 8..=256 tokens",
+                ));
+            }
+            if head_dim % kv_int4::GROUP != 0 {
+                return Err(TritterError::config(
+                    "head_dim",
+                    head_dim,
+                    format!(
+                        "expected a multiple of {} for the paged INT4/F16 KV cache; use the f32 cache",
+                        kv_int4::GROUP
+                    ),
+                ));
+            }
+            let per_seq = match window {
+                Some((w, s)) => s.div_ceil(p) + (w + p).div_ceil(p) + 1,
+                None => max_len.div_ceil(p),
+            };
+            let pages = options
+                .pool_tokens
+                .map_or(options.max_sequences.max(1) * per_seq, |t| t.div_ceil(p));
+            let format = match options.format {
+                KvCacheFormat::Int4 => KvFormat::Int4,
+                _ => KvFormat::F16,
+            };
+            let mut cfg = CacheConfig::new(layers, heads_kv, head_dim, pages.max(1))
+                .with_page_size(p)
+                .with_max_seq_len(max_len)
+                .with_format(format);
+            if let Some((w, s)) = window {
+                cfg = cfg.with_window(w, s);
+            }
+            Some(cfg)
+        }
+    })
 }

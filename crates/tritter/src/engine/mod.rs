@@ -39,12 +39,17 @@
 //! # Ok::<(), tritter::TritterError>(())
 //! ```
 
+mod bench;
 mod checkpoint;
 mod cpu;
 mod generate;
+#[cfg(feature = "cuda")]
+mod gpu;
 pub mod hf;
 mod kv;
+mod traits;
 
+pub use bench::{bench_engine, BenchResult};
 pub use checkpoint::{
     expected_tensors, file_checksum, Architecture, FileEntry, InferenceCheckpoint, LayerNorms,
     LayerWeights, Manifest, NormPlacement, QkNorm, SourceInfo, TensorEntry, TensorKind, TensorSpec,
@@ -55,4 +60,7 @@ pub use cpu::{CpuEngine, LogitsFor, StepInput};
 pub use generate::{
     generate_batch, generate_stream, FinishReason, Generation, GenerationRequest, TokenEvent,
 };
+#[cfg(feature = "cuda")]
+pub use gpu::{GpuCache, GpuEngine};
 pub use kv::{KvCache, KvCacheFormat, KvCacheOptions, SequenceId};
+pub use traits::{Engine, EngineCache};

@@ -1,0 +1,840 @@
+//! [`GpuEngine`]: the Tritter forward pass on the kernel crates (feature `cuda`), the same
+//! model as the [`CpuEngine`](super::CpuEngine) with every weight resident on the device and
+//! no host round trip inside a step.
+//!
+//! Per step (rows of all sequences stacked into `(N, H)`, prompts first, then the decode
+//! tokens):
+//! * `engine_embed` (bf16 table -> f32 rows);
+//! * per layer: A8 quantization of x (ternary-gemm's `act_quant`), **one** ternary
+//!   GEMV/GEMM for q, k and v (the three matrices concatenated at upload, per-row scales:
+//!   one pass over x and one launch instead of three), `engine_qkv` (QK-Norm, RoPE at each
+//!   row's position, f16), the step's K/V quantized straight into the paged cache
+//!   (`kv_int4`, one launch for every sequence of the step), attention (flash-attn-sm120
+//!   varlen over the prompts of new sequences; kv-int4's split-KV decode kernel over the
+//!   INT4 or f16 pages for single tokens), A8 + the o-projection GEMV, `engine_add_rmsnorm`
+//!   (Chameleon's normed residual), the fused squared-ReLU GLU MLP (ternary-gemm's
+//!   `ternary_mlp_cuda`), `engine_add_rmsnorm`;
+//! * the final norm of the rows whose logits are wanted (bf16) and the LM head through cuBLAS
+//!   (bf16 x bf16 -> f32), copied to the host with the step's non-finite counter: the one
+//!   synchronization of a step.
+//!
+//! Prompts of sequences that already hold tokens (a second prompt chunk) run token by token
+//! through the decode path, so set `KvCacheOptions::max_prefill_chunk` to the longest
+//! prompt. Attention of a prompt reads its own K/V in f16 (as computed), while later tokens
+//! read them from the cache (INT4 or f16): the logits equal the CPU engine's within the
+//! rounding of the cache format and of the f32 summation order, not bit for bit
+//! (`tests/gpu_engine.rs` states the tolerances).
+//!
+//! Pre-norm checkpoints with sub-norms (Hugging Face BitNet) are refused for now: their
+//! MLP needs the sub-norm between the GLU and the down projection, which the fused MLP kernel
+//! does not have; they run on the CPU engine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use flash_attn_sm120::cuda::{flash_attn_fwd_cuda, ProblemGpu};
+use flash_attn_sm120::{Heads, Mask, MaskInputs, Positions, Problem, Seqs};
+use half::{bf16, f16};
+use kv_int4::cuda::{decode_attention_cuda, DecodeWorkspace, GpuKvCache};
+use ternary_gemm::cuda::{
+    ternary_matmul_a8_cuda, ternary_mlp_cuda, GemvActivations, GemvWorkspace, MlpWorkspace,
+    TernaryMatrixGpu, TernaryMlpGpu,
+};
+use ternary_gemm::{TernaryMatrix, TernaryScales};
+use tritter_kernels_cuda::{images, Gpu, KernelError};
+
+use super::checkpoint::{InferenceCheckpoint, LayerNorms};
+use super::cpu::{check_step_inputs, LogitsFor, StepInput};
+use super::kv::{paged_config, KvCacheFormat, KvCacheOptions, SequenceId};
+use super::traits::{Engine, EngineCache};
+use crate::config::{AttentionMode, TritterConfig};
+use crate::{Result, TritterError};
+
+/// Threads of the row kernels (`kThreads` in engine.cu).
+const ROW_THREADS: u32 = 256;
+/// Heads per CTA of `engine_qkv` (one warp each).
+const QKV_HEADS_PER_CTA: usize = 4;
+/// Step sizes whose buffers are kept (decode batch sizes recur; prompt sizes mostly not).
+const KEPT_ROW_BUFFERS: usize = 8;
+
+fn alloc_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> TritterError + '_ {
+    move |e| KernelError::driver(format!("allocating {what}"))(e).into()
+}
+
+fn upload<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, what: &str, v: &[T]) -> Result<CudaSlice<T>> {
+    gpu.stream()
+        .clone_htod(v)
+        .map_err(|e| KernelError::driver(format!("uploading {what}"))(e).into())
+}
+
+fn f32s(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// One decoder layer on the device.
+struct GpuLayer {
+    /// q, k and v stacked: `((Hq + 2 Hkv) * D, H)`, per-row scales.
+    qkv: TernaryMatrixGpu,
+    o: TernaryMatrixGpu,
+    mlp: TernaryMlpGpu,
+    attn_norm: CudaSlice<f32>,
+    mlp_norm: CudaSlice<f32>,
+    /// `(q_norm, k_norm)`, each `(D,)`.
+    qk_norm: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+}
+
+/// The buffers of a step of `n` rows.
+struct Rows {
+    x: CudaSlice<f32>,
+    a: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    q: CudaSlice<f16>,
+    k: CudaSlice<f16>,
+    v: CudaSlice<f16>,
+    att: CudaSlice<f16>,
+    lse: CudaSlice<f32>,
+    x_acts: GemvActivations,
+    o_acts: GemvActivations,
+    mlp: MlpWorkspace,
+}
+
+/// Buffers shared by every step.
+struct Shared {
+    rows: HashMap<usize, Rows>,
+    gemv: GemvWorkspace,
+    decode: DecodeWorkspace,
+}
+
+/// The model on a GPU (module docs). `&self` everywhere: the step buffers sit behind a mutex,
+/// so one engine serves one step at a time.
+pub struct GpuEngine {
+    gpu: Arc<Gpu>,
+    cfg: TritterConfig,
+    zero_pad: bool,
+    layers: Vec<GpuLayer>,
+    /// `(V, H)` bf16.
+    embed: CudaSlice<bf16>,
+    /// Untied head `(V, H)` bf16.
+    lm_head: Option<CudaSlice<bf16>>,
+    final_norm: CudaSlice<f32>,
+    /// RoPE `inv_freq` `(D/2,)` in f64 (the reference's values).
+    inv_freq: CudaSlice<f64>,
+    blas: CudaBlas,
+    shared: Mutex<Shared>,
+    weight_bytes: usize,
+}
+
+impl std::fmt::Debug for GpuEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuEngine")
+            .field("layers", &self.layers.len())
+            .field("weight_bytes", &self.weight_bytes)
+            .finish()
+    }
+}
+
+/// q, k and v of a layer as one matrix `((Hq + 2 Hkv) * D, H)` with per-row scales, so the
+/// projection reads x once in one launch; each row's integer product and scale are those of
+/// its own matrix, so the outputs are unchanged.
+fn stack_rows(parts: &[&TernaryMatrix]) -> Result<TernaryMatrix> {
+    let k_in = parts[0].k_in();
+    let mut packed = Vec::new();
+    let mut scales = Vec::new();
+    for m in parts {
+        packed.extend_from_slice(m.packed());
+        scales.extend((0..m.n_out()).map(|r| m.scales().row(r)));
+    }
+    let n_out = scales.len();
+    Ok(TernaryMatrix::from_packed(
+        n_out,
+        k_in,
+        packed,
+        TernaryScales::PerRow(scales),
+    )?)
+}
+
+impl GpuEngine {
+    /// Uploads a validated checkpoint to `gpu`. The config must decode causally, with a head
+    /// dim and GQA group the kernels take (D in {64, 128}, Hq / Hkv in {1, 2, 4, 8}); Chameleon
+    /// norm placement (Tritter checkpoints).
+    pub fn new(gpu: &Arc<Gpu>, ckpt: &InferenceCheckpoint) -> Result<Self> {
+        ckpt.validate()?;
+        let cfg = ckpt.config.clone();
+        if cfg.attention_mode != AttentionMode::Causal {
+            return Err(TritterError::config(
+                "attention_mode",
+                format!("{:?}", cfg.attention_mode),
+                "expected causal: the engine decodes autoregressively from a KV cache",
+            ));
+        }
+        let (d, hq, hkv) = (cfg.head_dim(), cfg.num_heads, cfg.num_kv_heads);
+        if !matches!(d, 64 | 128) || !matches!(hq / hkv, 1 | 2 | 4 | 8) {
+            return Err(TritterError::config(
+                "head_dim / GQA group",
+                format!("D = {d}, Hq / Hkv = {}", hq / hkv),
+                "D in {64, 128} and Hq / Hkv in {1, 2, 4, 8} for the GPU attention kernels (the CPU engine takes any)",
+            ));
+        }
+        let g = gpu.as_ref();
+        let mut weight_bytes = 0;
+        let mut layers = Vec::with_capacity(ckpt.layers.len());
+        for w in &ckpt.layers {
+            let LayerNorms::Chameleon {
+                attn_norm,
+                mlp_norm,
+            } = &w.norms
+            else {
+                return Err(TritterError::config(
+                    "norm_placement",
+                    "pre-norm with sub-norms (Hugging Face BitNet)",
+                    "Chameleon on the GPU engine for now; run imported models on the CPU engine",
+                ));
+            };
+            let qkv = stack_rows(&[&w.q_proj, &w.k_proj, &w.v_proj])?;
+            weight_bytes += qkv.packed_bytes() + w.o_proj.packed_bytes();
+            let (gate, up, down) = w.mlp.parts();
+            weight_bytes += gate.packed_bytes() + up.packed_bytes() + down.packed_bytes();
+            layers.push(GpuLayer {
+                qkv: TernaryMatrixGpu::upload(g, &qkv)?,
+                o: TernaryMatrixGpu::upload(g, &w.o_proj)?,
+                mlp: TernaryMlpGpu::upload(g, &w.mlp)?,
+                attn_norm: upload(g, "attn_norm", &f32s(attn_norm))?,
+                mlp_norm: upload(g, "mlp_norm", &f32s(mlp_norm))?,
+                qk_norm: match &w.qk_norm {
+                    Some(q) => Some((
+                        upload(g, "q_norm", &f32s(&q.q_norm))?,
+                        upload(g, "k_norm", &f32s(&q.k_norm))?,
+                    )),
+                    None => None,
+                },
+            });
+        }
+        weight_bytes += 2 * ckpt.embed_tokens.len();
+        weight_bytes += ckpt.lm_head.as_ref().map_or(0, |h| 2 * h.len());
+        let inv_freq: Vec<f64> = (0..d / 2)
+            .map(|i| cfg.rope_theta.powf(-2.0 * i as f64 / d as f64))
+            .collect();
+        let max_n_out = layers
+            .first()
+            .map_or(1, |l| l.qkv.n_out().max(cfg.hidden_size));
+        let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| TritterError::Cublas {
+            context: "creating the handle".into(),
+            detail: e.to_string(),
+        })?;
+        Ok(GpuEngine {
+            embed: upload(g, "the embedding table", &ckpt.embed_tokens)?,
+            lm_head: match &ckpt.lm_head {
+                Some(h) => Some(upload(g, "the LM head", h)?),
+                None => None,
+            },
+            final_norm: upload(g, "the final norm", &f32s(&ckpt.final_norm))?,
+            inv_freq: upload(g, "RoPE frequencies", &inv_freq)?,
+            shared: Mutex::new(Shared {
+                rows: HashMap::new(),
+                gemv: GemvWorkspace::new(g, max_n_out)?,
+                decode: DecodeWorkspace::new(g, hq, d, 1)?,
+            }),
+            zero_pad: ckpt.architecture.zero_pad_embedding,
+            gpu: gpu.clone(),
+            blas,
+            layers,
+            cfg,
+            weight_bytes,
+        })
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &TritterConfig {
+        &self.cfg
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Bytes of weights on the device (packed ternary, bf16 tables).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// An empty paged cache (INT4 or f16; the f32 format is CPU-only) on this engine's device.
+    pub fn new_cache(&self, options: &KvCacheOptions) -> Result<GpuCache> {
+        if options.format == KvCacheFormat::F32 {
+            return Err(TritterError::argument(
+                "kv cache format",
+                "f32",
+                "int4 or f16 on the GPU engine (the f32 store is the CPU engine's)",
+            ));
+        }
+        self.cfg.validate()?;
+        let cfg = paged_config(&self.cfg, options)?.expect("paged format checked above");
+        Ok(GpuCache {
+            kv: GpuKvCache::new(&self.gpu, cfg)?,
+            seqs: BTreeMap::new(),
+            next_id: 0,
+            nonfinite: self
+                .gpu
+                .stream()
+                .alloc_zeros(1)
+                .map_err(alloc_err("the non-finite counter"))?,
+        })
+    }
+
+    /// Appends each input's tokens to its sequence and returns its logits (see
+    /// [`LogitsFor`]), in input order. Inputs are validated before the cache changes; an
+    /// error after that (a non-finite activation, an exhausted page pool) leaves the step's
+    /// sequences partly appended, so free them.
+    pub fn step(&self, cache: &mut GpuCache, inputs: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>> {
+        check_step_inputs(&self.cfg, inputs, |s| cache.len(s))?;
+        let mut done = vec![0usize; inputs.len()];
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
+        loop {
+            // A new sequence's whole prompt in one round (flash attention); anything else
+            // one token per round (decode attention over the cache).
+            let mut round = Vec::new();
+            for (b, input) in inputs.iter().enumerate() {
+                let left = input.tokens.len() - done[b];
+                if left == 0 {
+                    continue;
+                }
+                let n = if cache.len(input.seq)? == 0 { left } else { 1 };
+                let rows = match input.logits {
+                    LogitsFor::All => RowsWanted::All,
+                    LogitsFor::Last if n == left => RowsWanted::Last,
+                    LogitsFor::Last => RowsWanted::None,
+                };
+                round.push(Item {
+                    input: b,
+                    seq: input.seq,
+                    tokens: &input.tokens[done[b]..done[b] + n],
+                    rows,
+                });
+                done[b] += n;
+            }
+            if round.is_empty() {
+                break;
+            }
+            // Prompts (n > 1) first, then the single tokens.
+            round.sort_by_key(|it| it.tokens.len() == 1);
+            let logits = self.forward_round(cache, &round)?;
+            for (it, l) in round.iter().zip(logits) {
+                out[it.input].extend(l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One round (see [`step`](Self::step)): appends each item's tokens and returns the
+    /// wanted logits per item.
+    fn forward_round(&self, cache: &mut GpuCache, items: &[Item<'_>]) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let (h, d, hq, hkv, v) = (
+            cfg.hidden_size,
+            cfg.head_dim(),
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.vocab_size,
+        );
+        let g = self.gpu.as_ref();
+        let stream = g.stream();
+        let n: usize = items.iter().map(|it| it.tokens.len()).sum();
+        let prompts = items.iter().filter(|it| it.tokens.len() > 1).count();
+        let n_prompt: usize = items[..prompts].iter().map(|it| it.tokens.len()).sum();
+
+        // Host-side bookkeeping first: ids, positions, tickets, slots, decode tables.
+        let mut ids = Vec::with_capacity(n);
+        let mut pos = Vec::with_capacity(n);
+        let mut tickets = Vec::with_capacity(items.len());
+        for it in items {
+            let kv_seq = cache.kv_seq(it.seq)?;
+            let start = cache.kv.len(kv_seq)?;
+            ids.extend_from_slice(it.tokens);
+            pos.extend((start..start + it.tokens.len()).map(|p| p as i32));
+            tickets.push(cache.kv.begin_append(kv_seq, start, it.tokens.len())?);
+        }
+        let slots = cache.kv.slot_batch(&tickets)?;
+        let decode_seqs: Vec<_> = tickets[prompts..].iter().map(|t| t.seq()).collect();
+        let decode_batch = if decode_seqs.is_empty() {
+            None
+        } else {
+            Some(cache.kv.decode_batch(&decode_seqs)?)
+        };
+        let problem = if prompts > 0 {
+            let mut cu = vec![0i32];
+            for it in &items[..prompts] {
+                cu.push(cu.last().copied().unwrap_or(0) + it.tokens.len() as i32);
+            }
+            let mask = match cfg.sliding_window {
+                Some(w) => Mask::sliding(w, cfg.attention_sinks),
+                None => Mask::CAUSAL,
+            };
+            let problem = Problem {
+                heads: Heads::new(hq, hkv, d),
+                seqs: Seqs::Varlen {
+                    cu_q: cu.clone(),
+                    cu_k: cu,
+                },
+                mask,
+                inputs: MaskInputs::default(),
+            };
+            Some(ProblemGpu::new(g, problem, Positions::default())?)
+        } else {
+            None
+        };
+        let ids_d = upload(g, "token ids", &ids)?;
+        let pos_d = upload(g, "positions", &pos)?;
+
+        let mut guard = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = &mut *guard;
+        if !shared.rows.contains_key(&n) {
+            if shared.rows.len() >= KEPT_ROW_BUFFERS {
+                shared.rows.clear();
+            }
+            let rows = self.alloc_rows(n, n_prompt)?;
+            shared.rows.insert(n, rows);
+        }
+        let rows = shared.rows.get_mut(&n).expect("inserted above");
+        if rows.lse.len() < hq * n_prompt.max(1) {
+            rows.lse = stream
+                .alloc_zeros(hq * n_prompt.max(1))
+                .map_err(alloc_err("the attention logsumexp"))?;
+        }
+
+        self.launch_embed(&ids_d, n, &mut rows.x)?;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let (qd, kvd) = (hq * d, hkv * d);
+        for (l, layer) in self.layers.iter().enumerate() {
+            rows.x_acts.quantize_from(g, &rows.x.as_view())?;
+            ternary_matmul_a8_cuda(
+                g,
+                &layer.qkv,
+                &rows.x_acts,
+                &mut rows.qkv.as_view_mut(),
+                &mut shared.gemv,
+            )?;
+            self.launch_qkv(layer, &pos_d, n, rows)?;
+            cache.kv.write_layer_slots(
+                &slots,
+                l,
+                &rows.k.as_view(),
+                &rows.v.as_view(),
+                &mut cache.nonfinite,
+            )?;
+            if let Some(pb) = &problem {
+                if n_prompt == n {
+                    flash_attn_fwd_cuda(
+                        g,
+                        pb,
+                        &rows.q,
+                        &rows.k,
+                        &rows.v,
+                        &mut rows.att,
+                        &mut rows.lse,
+                        None,
+                    )?;
+                } else {
+                    // A mixed round: the prompt rows as exact-size tensors.
+                    let copy = |src: &CudaSlice<f16>, w: usize| -> Result<CudaSlice<f16>> {
+                        let mut dst = stream
+                            .alloc_zeros(n_prompt * w)
+                            .map_err(alloc_err("prompt attention rows"))?;
+                        stream
+                            .memcpy_dtod(&src.slice(..n_prompt * w), &mut dst)
+                            .map_err(KernelError::driver("copying prompt attention rows"))?;
+                        Ok(dst)
+                    };
+                    let (pq, pk, pv) =
+                        (copy(&rows.q, qd)?, copy(&rows.k, kvd)?, copy(&rows.v, kvd)?);
+                    let mut po = copy(&rows.att, qd)?;
+                    let mut lse = stream
+                        .alloc_zeros(hq * n_prompt)
+                        .map_err(alloc_err("the attention logsumexp"))?;
+                    flash_attn_fwd_cuda(g, pb, &pq, &pk, &pv, &mut po, &mut lse, None)?;
+                    stream
+                        .memcpy_dtod(&po, &mut rows.att.slice_mut(..n_prompt * qd))
+                        .map_err(KernelError::driver("copying prompt attention output"))?;
+                }
+            }
+            if let Some(batch) = &decode_batch {
+                decode_attention_cuda(
+                    &cache.kv,
+                    l,
+                    batch,
+                    &rows.q.slice(n_prompt * qd..),
+                    hq,
+                    scale,
+                    &mut rows.att.slice_mut(n_prompt * qd..),
+                    &mut shared.decode,
+                )?;
+            }
+            rows.o_acts.quantize_from(g, &rows.att.as_view())?;
+            ternary_matmul_a8_cuda(
+                g,
+                &layer.o,
+                &rows.o_acts,
+                &mut rows.a.as_view_mut(),
+                &mut shared.gemv,
+            )?;
+            self.launch_add_rmsnorm(&mut rows.x, &rows.a, &layer.attn_norm, n)?;
+            ternary_mlp_cuda(
+                g,
+                &layer.mlp,
+                &rows.x.as_view(),
+                &mut rows.a.as_view_mut(),
+                &mut rows.mlp,
+            )?;
+            self.launch_add_rmsnorm(&mut rows.x, &rows.a, &layer.mlp_norm, n)?;
+        }
+
+        // Final norm of the wanted rows, the LM head, one copy back.
+        let mut wanted = Vec::new();
+        let mut r0 = 0;
+        for it in items {
+            let len = it.tokens.len();
+            wanted.extend(match it.rows {
+                RowsWanted::None => r0..r0,
+                RowsWanted::Last => r0 + len - 1..r0 + len,
+                RowsWanted::All => r0..r0 + len,
+            });
+            r0 += len;
+        }
+        let r = wanted.len();
+        let mut logits_h = vec![0f32; r * v];
+        if r > 0 {
+            let wanted_i: Vec<i32> = wanted.iter().map(|&x| x as i32).collect();
+            let wanted_d = upload(g, "wanted rows", &wanted_i)?;
+            let mut hidden = stream
+                .alloc_zeros::<bf16>(r * h)
+                .map_err(alloc_err("final hidden states"))?;
+            self.launch_final_norm(&rows.x, &wanted_d, r, &mut hidden)?;
+            let mut logits = stream
+                .alloc_zeros::<f32>(r * v)
+                .map_err(alloc_err("logits"))?;
+            self.lm_head(&hidden, r, &mut logits)?;
+            stream
+                .memcpy_dtoh(&logits, &mut logits_h)
+                .map_err(KernelError::driver("copying logits to the host"))?;
+        }
+        let bad = stream
+            .clone_dtoh(&cache.nonfinite)
+            .map_err(KernelError::driver("reading the non-finite counter"))?;
+        if bad[0] > 0 {
+            stream
+                .memset_zeros(&mut cache.nonfinite)
+                .map_err(KernelError::driver("clearing the non-finite counter"))?;
+            return Err(TritterError::NonFinite {
+                what: format!(
+                    "keys/values of the step ({} groups of 32, stored as zeros in the cache)",
+                    bad[0]
+                ),
+                index: 0,
+                value: "NaN or Inf".into(),
+            });
+        }
+        if let Some(i) = logits_h.iter().position(|x| !x.is_finite()) {
+            return Err(TritterError::NonFinite {
+                what: "logits (r, V) of the step".into(),
+                index: i,
+                value: logits_h[i].to_string(),
+            });
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for it in items {
+            let k = match it.rows {
+                RowsWanted::None => 0,
+                RowsWanted::Last => 1,
+                RowsWanted::All => it.tokens.len(),
+            };
+            out.push(logits_h[at * v..(at + k) * v].to_vec());
+            at += k;
+        }
+        Ok(out)
+    }
+
+    fn alloc_rows(&self, n: usize, n_prompt: usize) -> Result<Rows> {
+        let cfg = &self.cfg;
+        let (h, d, hq, hkv) = (
+            cfg.hidden_size,
+            cfg.head_dim(),
+            cfg.num_heads,
+            cfg.num_kv_heads,
+        );
+        let g = self.gpu.as_ref();
+        let s = g.stream();
+        let first = self.layers.first().ok_or_else(|| {
+            TritterError::config("num_layers", 0, "at least one layer on the GPU engine")
+        })?;
+        Ok(Rows {
+            x: s.alloc_zeros(n * h).map_err(alloc_err("x"))?,
+            a: s.alloc_zeros(n * h).map_err(alloc_err("branch outputs"))?,
+            qkv: s
+                .alloc_zeros(n * (hq + 2 * hkv) * d)
+                .map_err(alloc_err("qkv"))?,
+            q: s.alloc_zeros(n * hq * d).map_err(alloc_err("q"))?,
+            k: s.alloc_zeros(n * hkv * d).map_err(alloc_err("k"))?,
+            v: s.alloc_zeros(n * hkv * d).map_err(alloc_err("v"))?,
+            att: s
+                .alloc_zeros(n * hq * d)
+                .map_err(alloc_err("attention output"))?,
+            lse: s
+                .alloc_zeros(hq * n_prompt.max(1))
+                .map_err(alloc_err("the attention logsumexp"))?,
+            x_acts: GemvActivations::new(g, n, h)?,
+            o_acts: GemvActivations::new(g, n, hq * d)?,
+            mlp: MlpWorkspace::new(g, &first.mlp, n)?,
+        })
+    }
+
+    fn row_launch(n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn launch_embed(&self, ids: &CudaSlice<u32>, n: usize, x: &mut CudaSlice<f32>) -> Result<()> {
+        let g = self.gpu.as_ref();
+        let func = g.function(&images::ENGINE, "engine_embed")?;
+        let (h, zp) = (self.cfg.hidden_size as i32, i32::from(self.zero_pad));
+        let mut launch = g.stream().launch_builder(&func);
+        launch.arg(ids).arg(&self.embed).arg(&h).arg(&zp).arg(x);
+        // SAFETY: `engine_embed(const unsigned*, const bf16*, int, int, float*)`; ids holds n
+        // ids below vocab_size (check_step_inputs), the table (V, H), x (N, H) with N >= n
+        // (the step's row buffers); one CTA per row.
+        unsafe { launch.launch(Self::row_launch(n)) }
+            .map_err(KernelError::driver("launching engine_embed"))?;
+        Ok(())
+    }
+
+    fn launch_qkv(
+        &self,
+        layer: &GpuLayer,
+        pos: &CudaSlice<i32>,
+        n: usize,
+        rows: &mut Rows,
+    ) -> Result<()> {
+        let g = self.gpu.as_ref();
+        let cfg = &self.cfg;
+        let func = g.function(&images::ENGINE, "engine_qkv")?;
+        let (hq, hkv, d) = (
+            cfg.num_heads as i32,
+            cfg.num_kv_heads as i32,
+            cfg.head_dim() as i32,
+        );
+        let eps = cfg.norm_eps as f32;
+        let stream = g.stream();
+        let (qn, kn) = match &layer.qk_norm {
+            Some((q, k)) => (q.device_ptr(stream).0, k.device_ptr(stream).0),
+            None => (0, 0),
+        };
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&rows.qkv)
+            .arg(pos)
+            .arg(&qn)
+            .arg(&kn)
+            .arg(&self.inv_freq)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&d)
+            .arg(&eps)
+            .arg(&mut rows.q)
+            .arg(&mut rows.k)
+            .arg(&mut rows.v);
+        let heads = cfg.num_heads + 2 * cfg.num_kv_heads;
+        let lc = LaunchConfig {
+            grid_dim: (n as u32, heads.div_ceil(QKV_HEADS_PER_CTA) as u32, 1),
+            block_dim: (32 * QKV_HEADS_PER_CTA as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `engine_qkv(const float*, const int*, const float*, const float*, const
+        // double*, int, int, int, float, half*, half*, half*)`; qkv (n, (Hq + 2 Hkv) D), pos
+        // (n,), norms (D,) or null (the layer owns them, so they outlive the launch),
+        // inv_freq (D/2,), q (n, Hq, D), k and v (n, Hkv, D): the step's row buffers; D <= 256.
+        unsafe { launch.launch(lc) }.map_err(KernelError::driver("launching engine_qkv"))?;
+        Ok(())
+    }
+
+    fn launch_add_rmsnorm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        let g = self.gpu.as_ref();
+        let func = g.function(&images::ENGINE, "engine_add_rmsnorm")?;
+        let (h, eps) = (self.cfg.hidden_size as i32, self.cfg.norm_eps as f32);
+        let mut launch = g.stream().launch_builder(&func);
+        launch.arg(x).arg(a).arg(w).arg(&h).arg(&eps);
+        // SAFETY: `engine_add_rmsnorm(float*, const float*, const float*, int, float)`; x and a
+        // hold n rows of H (the step's buffers), w H values; one CTA per row.
+        unsafe { launch.launch(Self::row_launch(n)) }
+            .map_err(KernelError::driver("launching engine_add_rmsnorm"))?;
+        Ok(())
+    }
+
+    fn launch_final_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: &CudaSlice<i32>,
+        r: usize,
+        out: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        let g = self.gpu.as_ref();
+        let func = g.function(&images::ENGINE, "engine_rmsnorm_bf16")?;
+        let (h, eps) = (self.cfg.hidden_size as i32, self.cfg.norm_eps as f32);
+        let mut launch = g.stream().launch_builder(&func);
+        launch
+            .arg(x)
+            .arg(rows)
+            .arg(&self.final_norm)
+            .arg(&h)
+            .arg(&eps)
+            .arg(out);
+        // SAFETY: `engine_rmsnorm_bf16(const float*, const int*, const float*, int, float,
+        // bf16*)`; rows holds r indices below the step's row count (built from its items), x
+        // that many rows of H, out (r, H); one CTA per output row.
+        unsafe { launch.launch(Self::row_launch(r)) }
+            .map_err(KernelError::driver("launching engine_rmsnorm_bf16"))?;
+        Ok(())
+    }
+
+    /// `logits (r, V) = hidden (r, H) · headᵀ`, bf16 inputs, f32 accumulation and output
+    /// (cuBLAS; column-major: logitsᵀ = head · hiddenᵀ).
+    fn lm_head(
+        &self,
+        hidden: &CudaSlice<bf16>,
+        r: usize,
+        logits: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (h, v) = (self.cfg.hidden_size as i32, self.cfg.vocab_size as i32);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let stream = self.gpu.stream();
+        let (a, _ga) = head.device_ptr(stream);
+        let (b, _gb) = hidden.device_ptr(stream);
+        let (c, _gc) = logits.device_ptr_mut(stream);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: head is (V, H) bf16 (column-major H x V, lda = H), hidden (r, H) bf16
+        // (column-major H x r, ldb = H), logits (r, V) f32 (column-major V x r, ldc = V):
+        // every buffer is exactly that long, the handle is bound to this stream, and the
+        // guards keep the buffers alive until the call is queued.
+        unsafe {
+            blas_result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                v,
+                r as i32,
+                h,
+                (&alpha) as *const f32 as *const _,
+                a as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                h,
+                b as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                h,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                v,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| TritterError::Cublas {
+            context: "computing the logits".into(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// Rows of an item whose logits are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowsWanted {
+    None,
+    Last,
+    All,
+}
+
+/// Tokens a round appends to one sequence.
+struct Item<'a> {
+    input: usize,
+    seq: SequenceId,
+    tokens: &'a [u32],
+    rows: RowsWanted,
+}
+
+/// The GPU engine's KV cache: `kv_int4`'s paged cache on the device (INT4 or f16 pages,
+/// window and sinks from the config) and the step's non-finite counter.
+pub struct GpuCache {
+    kv: GpuKvCache,
+    seqs: BTreeMap<u64, kv_int4::SeqId>,
+    next_id: u64,
+    nonfinite: CudaSlice<u32>,
+}
+
+impl std::fmt::Debug for GpuCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuCache")
+            .field("sequences", &self.seqs.len())
+            .finish()
+    }
+}
+
+impl GpuCache {
+    fn kv_seq(&self, seq: SequenceId) -> Result<kv_int4::SeqId> {
+        self.seqs
+            .get(&seq.raw())
+            .copied()
+            .ok_or(TritterError::KvCache(kv_int4::KvError::UnknownSequence(
+                seq.raw(),
+            )))
+    }
+
+    /// Device bytes of the page pool.
+    pub fn pool_bytes(&self) -> usize {
+        self.kv.pool().len()
+    }
+
+    /// Pages free in the pool.
+    pub fn free_pages(&self) -> usize {
+        self.kv.blocks().free_pages()
+    }
+}
+
+impl EngineCache for GpuCache {
+    fn add_sequence(&mut self) -> SequenceId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(id, self.kv.add_sequence());
+        SequenceId::from_raw(id)
+    }
+    fn len(&self, seq: SequenceId) -> Result<usize> {
+        Ok(self.kv.len(self.kv_seq(seq)?)?)
+    }
+    fn free(&mut self, seq: SequenceId) -> Result<()> {
+        let s = self.kv_seq(seq)?;
+        self.kv.free(s)?;
+        self.seqs.remove(&seq.raw());
+        Ok(())
+    }
+}
+
+impl Engine for GpuEngine {
+    type Cache = GpuCache;
+    fn config(&self) -> &TritterConfig {
+        &self.cfg
+    }
+    fn new_cache(&self, options: &KvCacheOptions) -> Result<GpuCache> {
+        GpuEngine::new_cache(self, options)
+    }
+    fn step(&self, cache: &mut GpuCache, inputs: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>> {
+        GpuEngine::step(self, cache, inputs)
+    }
+}
