@@ -1,6 +1,6 @@
-// W2A8 ternary GEMV for decode and small batches (M = 1..8; 9..32 in the fused MLP's gate/up
-// pass, `gemv_w2a8_glu_m32`; other products of M >= 9 run the tiled GEMM), DESIGN.md
-// section 4.
+// W2A8 ternary GEMV for decode and small batches (M = 1..8; products of M >= 9, the fused
+// MLP's included, run the tiled GEMM, with `glu_rows` below for the MLP's relu^2 * up step),
+// DESIGN.md section 4.
 //
 //   W      tiled 2-bit codes (crates/ternary-gemm `repack_tiles`): blocks of 16 rows x 128
 //          weights (512 B), block (T, q) at uint4 offset 32 (T * quads + q); lane L = 4g + t
@@ -315,6 +315,30 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
 GEMV_ENTRY(gemv_w2a8, 1, 4, 1)
 GEMV_ENTRY(gemv_w2a8_r2, 2, 2, 1)
 GEMV_ENTRY(gemv_w2a8_r4, 4, 1, 1)
+
+// The fused MLP's relu^2 * up step on the GEMM path (M >= 9, prefill): gu (m, gu_cols) f32 is
+// the interleaved gate/up GEMM output of activation rows row0 .. row0 + m (16-row tiles: gate
+// rows at 32 p + r, up rows at 32 p + 16 + r for i = 16 p + r). Writes h[row0 + r, i] =
+// relu(g)^2 * u with glu_epilogue's f32 operations and folds max|h| of each row into
+// amax_bits[row0 + r] (same bits as the GEMV path, so the A8 pass that follows is identical).
+// Grid (ceil(inter / 256), m), 256 threads; memory bound (12 B per h value).
+extern "C" __global__ void __launch_bounds__(256)
+    glu_rows(const float* __restrict__ gu, int gu_cols, float* __restrict__ h, unsigned* __restrict__ amax_bits,
+             int inter, int row0) {
+    const int r = blockIdx.y, i = blockIdx.x * 256 + threadIdx.x;
+    unsigned bits = 0u;
+    if (i < inter) {
+        const int gr = 32 * (i / 16) + i % 16;
+        const float* row = gu + static_cast<size_t>(r) * gu_cols;
+        const float g = row[gr], u = row[gr + 16];
+        const float rr = fmaxf(g, 0.0f);
+        const float hv = __fmul_rn(__fmul_rn(rr, rr), u);
+        h[static_cast<size_t>(row0 + r) * inter + i] = hv;
+        bits = __float_as_uint(fabsf(hv));
+    }
+    bits = __reduce_max_sync(0xffffffffu, bits);
+    if ((threadIdx.x & 31) == 0 && bits != 0u) atomicMax(&amax_bits[row0 + r], bits);
+}
+
 GEMV_GLU_ENTRY(gemv_w2a8_glu, 2, 2, 1)
 GEMV_GLU_ENTRY(gemv_w2a8_glu_r4, 4, 1, 1)
-GEMV_GLU_ENTRY(gemv_w2a8_glu_m32, 2, 1, 4)

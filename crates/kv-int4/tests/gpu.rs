@@ -548,11 +548,21 @@ mod bad_input {
         p.gpu
             .write_layer_slots(&batch, 0, &kd.as_view(), &kd.as_view(), &mut bad)
             .unwrap();
-        assert_eq!(st.clone_dtoh(&bad).unwrap()[0], 2, "one bad group in K and one in V");
+        assert_eq!(
+            st.clone_dtoh(&bad).unwrap()[0],
+            2,
+            "one bad group in K and one in V"
+        );
         let down = p.gpu.to_cpu().unwrap();
         let (kr, _) = down.read_token(a, 0, 5).unwrap().unwrap();
-        assert!(kr.iter().all(|x| x.is_finite()), "a non-finite value reached a page");
-        assert!(kr[d..d + 32].iter().all(|&x| x == 0.0), "the bad group is not zero");
+        assert!(
+            kr.iter().all(|x| x.is_finite()),
+            "a non-finite value reached a page"
+        );
+        assert!(
+            kr[d..d + 32].iter().all(|&x| x == 0.0),
+            "the bad group is not zero"
+        );
         let err = p
             .gpu
             .write_layer_slots(&batch, 0, &kd.as_view(), &kd.as_view(), &mut bad)

@@ -631,6 +631,8 @@ const MLP_CASES: &[(usize, usize, usize)] = &[
     (256, 1000, 8),
     (130, 64, 20),
     (512, 1024, 40),
+    // The GEMM path over several MLP_GEMM_ROWS chunks, inter not a multiple of 16.
+    (96, 300, 600),
     (4096, 16384, 2),
     // gate/up of 8608 rows: the 64-row-CTA GLU variant at M = 1; the down GEMV splits K.
     (64, 4300, 1),

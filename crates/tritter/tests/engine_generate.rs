@@ -523,3 +523,37 @@ fn bad_options_are_typed_errors() {
         "{e:?}"
     );
 }
+
+/// `bench_engine` on the CPU engine: throughputs are positive and consistent with the
+/// timings (`batch * prompt / prefill_s`, `batch / step_s`), the sequences are freed (a
+/// second run on the same options works), and bad arguments are typed errors.
+#[test]
+fn bench_engine_measures_and_refuses_bad_arguments() {
+    let cfg = windowed_test_config();
+    let engine = engine_of(&bf16_reference(&cfg, 2));
+    let mut opts = KvCacheOptions::for_config(&cfg);
+    opts.max_sequences = 3;
+    for _ in 0..2 {
+        let r = tritter::engine::bench_engine(&engine, &opts, 3, 9, 4, 1, || None).unwrap();
+        assert_eq!((r.batch, r.prompt_len, r.decode_steps), (3, 9, 4));
+        assert!(r.prefill_s > 0.0 && r.decode_step_s > 0.0);
+        let rel = |a: f64, b: f64| (a - b).abs() / b;
+        assert!(rel(r.prefill_tokens_per_s, 27.0 / r.prefill_s) < 1e-9);
+        assert!(rel(r.decode_tokens_per_s, 3.0 / r.decode_step_s) < 1e-9);
+        assert_eq!(r.peak_memory_bytes, None);
+    }
+    let mut calls = 0;
+    let r = tritter::engine::bench_engine(&engine, &opts, 1, 5, 2, 1, || {
+        calls += 1;
+        Some(100 * calls)
+    })
+    .unwrap();
+    assert_eq!(r.peak_memory_bytes, Some(300), "peak of the three samples");
+    for (b, p, d) in [(0, 5, 2), (1, 0, 2), (1, 5, 0)] {
+        let err = tritter::engine::bench_engine(&engine, &opts, b, p, d, 1, || None).unwrap_err();
+        assert!(matches!(err, TritterError::InvalidArgument { .. }), "{err}");
+    }
+    let long = cfg.max_position_embeddings;
+    let err = tritter::engine::bench_engine(&engine, &opts, 1, long, 1, 1, || None).unwrap_err();
+    assert!(matches!(err, TritterError::SequenceTooLong { .. }), "{err}");
+}

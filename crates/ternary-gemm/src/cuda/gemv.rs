@@ -155,7 +155,7 @@ pub fn ternary_matmul_a8_cuda(
     }
     crate::act_quant::check_shape("y", y.len(), x.rows(), w.n_out)?;
     if x.rows() >= GEMM_MIN_M {
-        return launch_gemm(gpu, w, x, y);
+        return launch_gemm(gpu, w, x, 0..x.rows(), y);
     }
     launch_gemv(gpu, w, x, y, ws, None)
 }
@@ -224,7 +224,11 @@ pub(super) fn launch_gemv(
             }
             (true, 1..=N_TILE, true) => ("gemv_w2a8_glu_r4", 4 * TILE_ROWS),
             (true, 1..=N_TILE, false) => ("gemv_w2a8_glu", 2 * TILE_ROWS),
-            (true, _, _) => ("gemv_w2a8_glu_m32", 2 * TILE_ROWS),
+            (true, _, _) => {
+                return Err(TernaryError::Unsupported(
+                    "a GLU GEMV of more than 8 rows (ternary_mlp_cuda runs the GEMM)",
+                ))
+            }
         };
         let (qps, ksplit) = plan(gpu, n_out, k, rows_per_cta);
         let cfg = LaunchConfig {
@@ -310,13 +314,19 @@ const GEMM_SMALL: GemmConfig = GemmConfig {
 /// M > 32: one launch of the tiled GEMM (weights read once per
 /// 128 tokens instead of once per 32). The large tile unless its grid would fill fewer than
 /// two waves of one CTA per SM, where the small tile's 4x more CTAs finish sooner.
-fn launch_gemm(
+/// The tiled GEMM over activation rows `rows` of `x` into `y` `(rows.len(), n_out)`.
+pub(super) fn launch_gemm(
     gpu: &Gpu,
     w: &TernaryMatrixGpu,
     x: &GemvActivations,
+    rows: std::ops::Range<usize>,
     y: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let (n_out, k, m) = (w.n_out, w.k_in, x.rows());
+    let (n_out, k, m) = (w.n_out, w.k_in, rows.len());
+    let kp = gemv_padded_cols(k);
+    let codes = x.codes_mma.slice(rows.start * kp..rows.end * kp);
+    let sums = x.sums.slice(rows.clone());
+    let x_scales = x.scales.slice(rows);
     if m.div_ceil(GEMM_SMALL.tile.1) > 65535 {
         return Err(TernaryError::BadDimension {
             what: "M (activation rows) of the GEMM",
@@ -361,16 +371,17 @@ fn launch_gemm(
         .arg(&w.tiles)
         .arg(&w.scales)
         .arg(&per_row)
-        .arg(&x.codes_mma)
-        .arg(&x.sums)
-        .arg(&x.scales)
+        .arg(&codes)
+        .arg(&sums)
+        .arg(&x_scales)
         .arg(y)
         .arg(&m_i)
         .arg(&n_i)
         .arg(&k_i);
     // SAFETY: matches `gemm_w2a8[_small](const u32*, const float*, int, const i8*, const int*,
-    // const float*, float*, int, int, int)`; x holds m rows of ceil(k/128)*128 codes with m
-    // sums and scales (GemvActivations), y holds m x n_out (checked by the caller), the
+    // const float*, float*, int, int, int)`; the views hold m rows of ceil(k/128)*128 codes
+    // with m sums and scales (rows of a GemvActivations), y holds m x n_out (checked by the
+    // caller), the
     // weights tiled_len(n_out, k) words; the kernel bounds-checks n and m.
     unsafe { launch.launch(cfg) }
         .map_err(|e| KernelError::driver(format!("launching {}", conf.name))(e))?;

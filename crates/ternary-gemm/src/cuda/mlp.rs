@@ -20,17 +20,22 @@
 //! The split keeps every weight byte read once and adds one small f32 round trip of `h`
 //! (M x inter x 8 bytes, L2 resident at decode sizes).
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use tritter_kernels_cuda::{images, Gpu, KernelArgs, KernelError};
 
-use super::gemv::{check_gemv, launch_gemv, GluOut};
+use super::gemv::{check_gemv, launch_gemm, launch_gemv, GluOut};
 use super::{
     ternary_matmul_a8_cuda, DeviceActivation, GemvActivations, GemvWorkspace, TernaryMatrixGpu,
+    GEMM_MIN_M,
 };
 use crate::{Result, TernaryError, TernaryMatrix, TernaryMlp, TernaryScales, ZERO_WORD};
 
 /// Rows of one gate (or up) tile in the interleaved gate/up matrix.
 const GLU_TILE: usize = 16;
+/// Activation rows per gate/up GEMM of the prefill path (M >= [`GEMM_MIN_M`]): bounds the
+/// f32 gate/up scratch to `MLP_GEMM_ROWS x 2 inter` (7B: 28 MB) while each GEMM still fills
+/// the GPU.
+pub const MLP_GEMM_ROWS: usize = 256;
 
 /// A [`TernaryMlp`] on the GPU: gate and up interleaved in 16-row tiles as one
 /// `(2 * ceil(inter / 16) * 16, hidden)` matrix with per-row scales (gate rows carry gate's
@@ -108,6 +113,8 @@ pub struct MlpWorkspace {
     amax_bits: CudaSlice<u32>,
     arrivals: CudaSlice<u32>,
     gemv: GemvWorkspace,
+    /// `(min(m, MLP_GEMM_ROWS), 2 inter)` gate/up GEMM output (M >= GEMM_MIN_M only).
+    gu: Option<CudaSlice<f32>>,
 }
 
 impl MlpWorkspace {
@@ -123,6 +130,14 @@ impl MlpWorkspace {
             amax_bits: s.alloc_zeros(m.max(1)).map_err(alloc())?,
             arrivals: s.alloc_zeros(1).map_err(alloc())?,
             gemv: GemvWorkspace::new(gpu, mlp.gate_up.n_out().max(mlp.hidden))?,
+            gu: if m >= GEMM_MIN_M {
+                Some(
+                    s.alloc_zeros(m.min(MLP_GEMM_ROWS) * mlp.gate_up.n_out())
+                        .map_err(alloc())?,
+                )
+            } else {
+                None
+            },
         })
     }
 
@@ -144,6 +159,11 @@ impl MlpWorkspace {
 /// `y` `(m, hidden)` f32, `m = ws.rows()`; equal to
 /// [`TernaryMlp::forward_ref`](crate::TernaryMlp::forward_ref) bit for bit. Asynchronous
 /// on [`Gpu::stream`]; [`MlpWorkspace::check_finite`] reports non-finite rows.
+///
+/// Decode sizes (m <= 8) run the interleaved gate/up GEMV with the relu²⊙ epilogue fused;
+/// prefill sizes (m >= [`GEMM_MIN_M`]) run the tiled GEMM over chunks of
+/// [`MLP_GEMM_ROWS`] rows and `glu_rows` (each weight is then read once per chunk rather
+/// than once per 32 rows); both end with the A8 pass over h and the down projection.
 pub fn ternary_mlp_cuda<T: DeviceActivation>(
     gpu: &Gpu,
     mlp: &TernaryMlpGpu,
@@ -173,21 +193,59 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
     }
     check_gemv(&mlp.gate_up, &ws.x_acts, &ws.gemv)?;
     ws.x_acts.quantize_from(gpu, x)?;
-    // The gate/up pass zeroes h's row sums; the A8 pass over h resets the row maxima and
-    // writes every row's non-finite flag. No memset between the launches, so each PDL launch (Gpu::launch_pdl)
-    // can prefetch its weights while the previous kernel finishes.
-    launch_gemv(
-        gpu,
-        &mlp.gate_up,
-        &ws.x_acts,
-        &mut ws.h.as_view_mut(),
-        &mut ws.gemv,
-        Some(GluOut {
-            amax_bits: &mut ws.amax_bits,
-            inter: mlp.inter,
-            sums: &mut ws.h_acts.sums,
-        }),
-    )?;
+    if let Some(gu) = ws.gu.as_mut() {
+        // Prefill sizes: gate/up through the tiled GEMM in chunks of rows, then relu^2 * up
+        // and the row maxima (glu_rows); the same values as the GEMV's fused epilogue.
+        stream_zero_sums(gpu, &mut ws.h_acts.sums, m)?;
+        let cols = mlp.gate_up.n_out();
+        let func = gpu.function(&images::TERNARY_GEMV, "glu_rows")?;
+        for r0 in (0..m).step_by(MLP_GEMM_ROWS) {
+            let rows = r0..(r0 + MLP_GEMM_ROWS).min(m);
+            let n = rows.len();
+            launch_gemm(
+                gpu,
+                &mlp.gate_up,
+                &ws.x_acts,
+                rows,
+                &mut gu.slice_mut(..n * cols),
+            )?;
+            let cfg = LaunchConfig {
+                grid_dim: (mlp.inter.div_ceil(256) as u32, n as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (cols_i, inter_i, r0_i) = (cols as i32, mlp.inter as i32, r0 as i32);
+            let mut launch = gpu.stream().launch_builder(&func);
+            launch
+                .arg(&*gu)
+                .arg(&cols_i)
+                .arg(&mut ws.h)
+                .arg(&mut ws.amax_bits)
+                .arg(&inter_i)
+                .arg(&r0_i);
+            // SAFETY: matches `glu_rows(const float*, int, float*, unsigned*, int, int)`; gu
+            // holds n rows of `cols` = 2 * 16 * ceil(inter / 16) values (the GEMM above), h
+            // m x inter and amax_bits m slots (this workspace, r0 + n <= m); the grid covers
+            // inter columns and n rows, bounds-checked.
+            unsafe { launch.launch(cfg) }.map_err(KernelError::driver("launching glu_rows"))?;
+        }
+    } else {
+        // The gate/up pass zeroes h's row sums; the A8 pass over h resets the row maxima and
+        // writes every row's non-finite flag. No memset between the launches, so each PDL launch (Gpu::launch_pdl)
+        // can prefetch its weights while the previous kernel finishes.
+        launch_gemv(
+            gpu,
+            &mlp.gate_up,
+            &ws.x_acts,
+            &mut ws.h.as_view_mut(),
+            &mut ws.gemv,
+            Some(GluOut {
+                amax_bits: &mut ws.amax_bits,
+                inter: mlp.inter,
+                sums: &mut ws.h_acts.sums,
+            }),
+        )?;
+    }
 
     let kp = crate::gemv_padded_cols(mlp.inter);
     let func = gpu.function(&images::ACT_QUANT, "act_quant_mma_absmax_f32")?;
@@ -215,4 +273,13 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
     unsafe { gpu.launch_pdl(&func, "act_quant_mma_absmax_f32", cfg, args) }?;
 
     ternary_matmul_a8_cuda(gpu, &mlp.down, &ws.h_acts, y, &mut ws.gemv)
+}
+
+/// Zeroes the first `m` row sums of the hidden activations (the GEMV path's gate/up pass does
+/// it in its kernel; the A8 pass over h adds into them).
+fn stream_zero_sums(gpu: &Gpu, sums: &mut CudaSlice<i32>, m: usize) -> Result<()> {
+    gpu.stream()
+        .memset_zeros(&mut sums.slice_mut(..m))
+        .map_err(KernelError::driver("zeroing the hidden row sums"))?;
+    Ok(())
 }
