@@ -313,6 +313,68 @@ impl GpuKvCache {
     /// used by [`write_layer_slots`](Self::write_layer_slots) for every layer: one launch
     /// per layer for the whole batch instead of one per sequence.
     pub fn slot_batch(&self, tickets: &[AppendTicket]) -> Result<SlotBatch> {
+        let slots = self.batch_slots(tickets)?;
+        let n = slots.len();
+        let dev = self
+            .store
+            .gpu
+            .stream()
+            .clone_htod(&if slots.is_empty() { vec![-1] } else { slots })
+            .map_err(KernelError::driver("uploading the slot batch"))?;
+        Ok(SlotBatch {
+            tickets: tickets.to_vec(),
+            tokens: n,
+            slots: dev,
+        })
+    }
+
+    /// Refills `batch` in place (same device buffer) with the slots of `tickets`, which must
+    /// cover exactly `batch.tokens()` tokens: for a caller that replays a captured CUDA graph
+    /// whose writes read that buffer (an engine's decode step). Fails, changing nothing, on
+    /// another token count or a bad ticket.
+    pub fn slot_batch_refill(&self, tickets: &[AppendTicket], batch: &mut SlotBatch) -> Result<()> {
+        let slots = self.batch_slots(tickets)?;
+        if slots.len() != batch.tokens {
+            return Err(KvError::ShapeMismatch {
+                what: "tokens of a refilled slot batch",
+                actual: slots.len(),
+                expected: batch.tokens,
+            });
+        }
+        if !slots.is_empty() {
+            self.store
+                .gpu
+                .stream()
+                .memcpy_htod(&slots, &mut batch.slots.slice_mut(..slots.len()))
+                .map_err(KernelError::driver("uploading the slot batch"))?;
+        }
+        batch.tickets = tickets.to_vec();
+        Ok(())
+    }
+
+    /// Marks every layer of `batch`'s appends written without launching anything: for a
+    /// caller that has just launched a captured CUDA graph holding one
+    /// [`write_layer_slots`](Self::write_layer_slots) per layer on this batch's buffers (the
+    /// graph wrote the pages). Checks every ticket and layer first and changes nothing on an
+    /// error. Calling it without those writes would let decode attention read stale slots
+    /// of the batch's own sequences (never another sequence's: the slots are their pages).
+    pub fn record_graph_writes(&mut self, batch: &SlotBatch) -> Result<()> {
+        let layers = self.blocks.config().layers;
+        for t in &batch.tickets {
+            for l in 0..layers {
+                self.blocks.check_ticket(t, l)?;
+            }
+        }
+        for t in &batch.tickets {
+            for l in 0..layers {
+                self.blocks.finish_layer(t, l);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pool slot per token of `tickets` (module docs of [`SlotBatch`]).
+    fn batch_slots(&self, tickets: &[AppendTicket]) -> Result<Vec<i32>> {
         let cfg = self.blocks.config();
         if cfg.num_pages.saturating_mul(cfg.page_size) > i32::MAX as usize {
             return Err(KvError::Unsupported(format!(
@@ -340,18 +402,7 @@ impl GpuKvCache {
                 }
             }));
         }
-        let n = slots.len();
-        let dev = self
-            .store
-            .gpu
-            .stream()
-            .clone_htod(&if slots.is_empty() { vec![-1] } else { slots })
-            .map_err(KernelError::driver("uploading the slot batch"))?;
-        Ok(SlotBatch {
-            tickets: tickets.to_vec(),
-            tokens: n,
-            slots: dev,
-        })
+        Ok(slots)
     }
 
     /// Writes layer `layer` of every append of `batch`: `k`, `v` `(n, heads_kv, head_dim)`
@@ -446,30 +497,21 @@ impl GpuKvCache {
     /// to the cache's current epoch: any later append, fork or free makes it stale (refused
     /// by [`decode_attention_cuda`]), so it can never read pages that changed owner.
     pub fn decode_batch(&self, seqs: &[SeqId]) -> Result<DecodeBatch> {
-        let cfg = self.blocks.config();
-        let mut lens = Vec::with_capacity(seqs.len());
-        let mut stride = 1;
-        for &s in seqs {
-            let len = self.blocks.len(s)?;
-            if len == 0 {
-                return Err(KvError::EmptySequence(s.raw()));
-            }
-            lens.push(len);
-            stride = stride.max(self.blocks.block_table(s)?.len());
-        }
-        let mut tables = vec![-1i32; seqs.len() * stride];
-        for (b, &s) in seqs.iter().enumerate() {
-            for (k, pg) in self.blocks.block_table(s)?.iter().enumerate() {
-                tables[b * stride + k] = pg.map_or(-1, |p| p as i32);
-            }
-        }
-        let max_tiles = lens
-            .iter()
-            .map(|&l| visible_tiles(cfg, l))
-            .max()
-            .unwrap_or(0);
+        self.decode_batch_with_stride(seqs, 1)
+    }
+
+    /// [`decode_batch`](Self::decode_batch) with block-table rows at least `min_stride`
+    /// pages wide, so that [`decode_batch_refill`](Self::decode_batch_refill) can reuse its
+    /// buffers while the sequences grow.
+    pub fn decode_batch_with_stride(
+        &self,
+        seqs: &[SeqId],
+        min_stride: usize,
+    ) -> Result<DecodeBatch> {
+        let (lens, stride) = self.batch_lens(seqs)?;
+        let stride = stride.max(min_stride);
+        let (tables, lens_i, max_tiles) = self.batch_tables(seqs, &lens, stride)?;
         let stream = self.store.gpu.stream();
-        let lens_i: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
         Ok(DecodeBatch {
             epoch: self.blocks.epoch(),
             seqs: seqs.to_vec(),
@@ -483,6 +525,83 @@ impl GpuKvCache {
                 .clone_htod(&if lens_i.is_empty() { vec![0] } else { lens_i })
                 .map_err(KernelError::driver("uploading sequence lengths"))?,
         })
+    }
+
+    /// Rewrites `batch` in place (same device buffers, same stride) for `seqs`, as many as
+    /// the batch holds, each needing at most `batch`'s stride of block-table entries: for a
+    /// caller that replays a captured CUDA graph whose decode kernels read those buffers.
+    /// Fails, changing nothing, when the shape does not fit (then make a new batch).
+    pub fn decode_batch_refill(&self, seqs: &[SeqId], batch: &mut DecodeBatch) -> Result<()> {
+        let (lens, stride) = self.batch_lens(seqs)?;
+        if seqs.len() != batch.seqs.len() || stride > batch.bt_stride {
+            return Err(KvError::ShapeMismatch {
+                what: "a refilled decode batch (sequences, block-table stride)",
+                actual: if seqs.len() != batch.seqs.len() {
+                    seqs.len()
+                } else {
+                    stride
+                },
+                expected: if seqs.len() != batch.seqs.len() {
+                    batch.seqs.len()
+                } else {
+                    batch.bt_stride
+                },
+            });
+        }
+        let (tables, lens_i, max_tiles) = self.batch_tables(seqs, &lens, batch.bt_stride)?;
+        let stream = self.store.gpu.stream();
+        if !tables.is_empty() {
+            stream
+                .memcpy_htod(&tables, &mut batch.block_tables.slice_mut(..tables.len()))
+                .map_err(KernelError::driver("uploading block tables"))?;
+            stream
+                .memcpy_htod(&lens_i, &mut batch.seq_lens.slice_mut(..lens_i.len()))
+                .map_err(KernelError::driver("uploading sequence lengths"))?;
+        }
+        batch.epoch = self.blocks.epoch();
+        batch.seqs = seqs.to_vec();
+        batch.lens = lens;
+        batch.max_tiles = max_tiles;
+        Ok(())
+    }
+
+    /// Lengths of `seqs` (none empty) and the widest block table among them.
+    fn batch_lens(&self, seqs: &[SeqId]) -> Result<(Vec<usize>, usize)> {
+        let mut lens = Vec::with_capacity(seqs.len());
+        let mut stride = 1;
+        for &s in seqs {
+            let len = self.blocks.len(s)?;
+            if len == 0 {
+                return Err(KvError::EmptySequence(s.raw()));
+            }
+            lens.push(len);
+            stride = stride.max(self.blocks.block_table(s)?.len());
+        }
+        Ok((lens, stride))
+    }
+
+    /// `(B, stride)` block tables (-1 where evicted or past the end), lengths as i32, and
+    /// the most tiles any sequence walks.
+    fn batch_tables(
+        &self,
+        seqs: &[SeqId],
+        lens: &[usize],
+        stride: usize,
+    ) -> Result<(Vec<i32>, Vec<i32>, usize)> {
+        let cfg = self.blocks.config();
+        let mut tables = vec![-1i32; seqs.len() * stride];
+        for (b, &s) in seqs.iter().enumerate() {
+            for (k, pg) in self.blocks.block_table(s)?.iter().enumerate() {
+                tables[b * stride + k] = pg.map_or(-1, |p| p as i32);
+            }
+        }
+        let max_tiles = lens
+            .iter()
+            .map(|&l| visible_tiles(cfg, l))
+            .max()
+            .unwrap_or(0);
+        let lens_i: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        Ok((tables, lens_i, max_tiles))
     }
 }
 
@@ -765,6 +884,10 @@ impl DecodeBatch {
     /// Most tiles any sequence of the batch walks.
     pub fn max_tiles(&self) -> usize {
         self.max_tiles
+    }
+    /// Block-table entries per sequence (the row stride of `block_tables`).
+    pub fn stride(&self) -> usize {
+        self.bt_stride
     }
 }
 

@@ -18,6 +18,15 @@
 //!   (bf16 x bf16 -> f32), copied to the host with the step's non-finite counter: the one
 //!   synchronization of a step.
 //!
+//! Decode steps (every sequence of the step appends one token) are replayed from a CUDA graph:
+//! their inputs (ids, positions, pool slots, block tables, lengths) live in device buffers
+//! refilled in place, so the second step of a shape is captured and later steps launch the
+//! whole forward pass (some 450 kernels for 32 layers) with one call. A graph is keyed by the
+//! cache, the decode kernels' split plan and block-table stride and the decode workspace; a
+//! step with another key runs eagerly and is captured when its key repeats. The cache's
+//! bookkeeping is done on the host as for an eager step ([`kv_int4`]'s
+//! `record_graph_writes`).
+//!
 //! Prompts of sequences that already hold tokens (a second prompt chunk) run token by token
 //! through the decode path, so set `KvCacheOptions::max_prefill_chunk` to the longest
 //! prompt. Attention of a prompt reads its own K/V in f16 (as computed), while later tokens
@@ -33,11 +42,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use flash_attn_sm120::cuda::{flash_attn_fwd_cuda, ProblemGpu};
 use flash_attn_sm120::{Heads, Mask, MaskInputs, Positions, Problem, Seqs};
 use half::{bf16, f16};
-use kv_int4::cuda::{decode_attention_cuda, DecodeWorkspace, GpuKvCache};
+use kv_int4::cuda::{
+    decode_attention_cuda, split_plan, DecodeBatch, DecodeWorkspace, GpuKvCache, SlotBatch,
+};
 use ternary_gemm::cuda::{
     ternary_matmul_a8_cuda, ternary_mlp_cuda, GemvActivations, GemvWorkspace, MlpWorkspace,
     TernaryMatrixGpu, TernaryMlpGpu,
@@ -56,6 +68,8 @@ use crate::{Result, TritterError};
 const ROW_THREADS: u32 = 256;
 /// Heads per CTA of `engine_qkv` (one warp each).
 const QKV_HEADS_PER_CTA: usize = 4;
+/// cuBLAS workspace of the LM head (its recommended size on Hopper).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 /// Step sizes whose buffers are kept (decode batch sizes recur; prompt sizes mostly not).
 const KEPT_ROW_BUFFERS: usize = 8;
 
@@ -100,11 +114,105 @@ struct Rows {
     mlp: MlpWorkspace,
 }
 
+/// The buffers of steps of one size: the working rows and, for decode steps, the inputs a
+/// captured graph reads and the graph itself.
+struct RowSet {
+    work: Rows,
+    decode: Option<DecodeState>,
+}
+
+/// What identifies a captured decode graph: the cache it writes, the decode kernels' split
+/// plan and block-table stride (launch arguments), and the decode workspace it was captured
+/// with (replaced when it grows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GraphKey {
+    cache: u64,
+    splits: usize,
+    tps: usize,
+    stride: usize,
+    workspace: u64,
+}
+
+/// Device inputs of decode steps of one size, refilled in place every step.
+struct DecodeBufs {
+    ids: CudaSlice<u32>,
+    pos: CudaSlice<i32>,
+    /// `0..n`: every row's logits.
+    wanted: CudaSlice<i32>,
+    hidden: CudaSlice<bf16>,
+    logits: CudaSlice<f32>,
+}
+
+impl DecodeBufs {
+    fn alloc(g: &Gpu, n: usize, cfg: &TritterConfig) -> std::result::Result<Self, KernelError> {
+        let s = g.stream();
+        let e = |what: &'static str| KernelError::driver(format!("allocating {what}"));
+        let wanted: Vec<i32> = (0..n as i32).collect();
+        Ok(DecodeBufs {
+            ids: s.alloc_zeros(n).map_err(e("decode token ids"))?,
+            pos: s.alloc_zeros(n).map_err(e("decode positions"))?,
+            wanted: s.clone_htod(&wanted).map_err(e("decode rows"))?,
+            hidden: s
+                .alloc_zeros(n * cfg.hidden_size)
+                .map_err(e("decode hidden states"))?,
+            logits: s
+                .alloc_zeros(n * cfg.vocab_size)
+                .map_err(e("decode logits"))?,
+        })
+    }
+}
+
+/// The decode state of one batch size (see [`GpuEngine`]'s graph notes in the module docs).
+#[derive(Default)]
+struct DecodeState {
+    bufs: Option<DecodeBufs>,
+    slots: Option<SlotBatch>,
+    batch: Option<DecodeBatch>,
+    /// The key of the last eager step: a step with the same key is captured.
+    seen: Option<GraphKey>,
+    graph: Option<(GraphKey, CudaGraph)>,
+}
+
 /// Buffers shared by every step.
 struct Shared {
-    rows: HashMap<usize, Rows>,
+    rows: HashMap<usize, RowSet>,
     gemv: GemvWorkspace,
-    decode: DecodeWorkspace,
+    decode: DecodeWs,
+}
+
+/// The split-KV decode workspace and what it holds.
+struct DecodeWs {
+    ws: DecodeWorkspace,
+    /// `(query rows, splits)` it holds.
+    cap: (usize, usize),
+    /// Bumped whenever it is reallocated (graphs captured with the old one are stale).
+    generation: u64,
+}
+
+impl DecodeWs {
+    /// Grows the workspace to `rows` query rows of `splits` splits if it is smaller.
+    fn reserve(&mut self, g: &Gpu, rows: usize, d: usize, splits: usize) -> Result<()> {
+        if self.cap.0 < rows || self.cap.1 < splits {
+            let cap = (self.cap.0.max(rows), self.cap.1.max(splits));
+            self.ws = DecodeWorkspace::new(g, cap.0, d, cap.1)?;
+            self.cap = cap;
+            self.generation += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Per-step device inputs of [`GpuEngine::launch_step`].
+struct StepInputs<'a> {
+    n: usize,
+    n_prompt: usize,
+    ids: &'a CudaSlice<u32>,
+    pos: &'a CudaSlice<i32>,
+    slots: &'a SlotBatch,
+    decode: Option<&'a DecodeBatch>,
+    problem: Option<&'a ProblemGpu>,
+    wanted: &'a CudaSlice<i32>,
+    r: usize,
 }
 
 /// The model on a GPU (module docs). `&self` everywhere: the step buffers sit behind a mutex,
@@ -122,8 +230,12 @@ pub struct GpuEngine {
     /// RoPE `inv_freq` `(D/2,)` in f64 (the reference's values).
     inv_freq: CudaSlice<f64>,
     blas: CudaBlas,
+    /// cuBLAS's workspace (set on the handle).
+    _blas_ws: CudaSlice<u8>,
     shared: Mutex<Shared>,
     weight_bytes: usize,
+    /// Replay decode steps from CUDA graphs (default on).
+    graphs: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GpuEngine {
@@ -223,6 +335,30 @@ impl GpuEngine {
             context: "creating the handle".into(),
             detail: e.to_string(),
         })?;
+        // A workspace of our own, so the LM head's GEMM can be captured into a decode graph
+        // (cuBLAS would otherwise allocate one on first use inside the capture).
+        let mut blas_ws = gpu
+            .stream()
+            .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+            .map_err(alloc_err("the cuBLAS workspace"))?;
+        {
+            let (ptr, _guard) = blas_ws.device_ptr_mut(gpu.stream());
+            // SAFETY: the handle is ours; blas_ws holds BLAS_WORKSPACE_BYTES bytes and lives as
+            // long as the engine (dropped after the handle: declared after `blas`).
+            let status = unsafe {
+                blas_sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE_BYTES,
+                )
+            };
+            if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(TritterError::Cublas {
+                    context: "setting the workspace".into(),
+                    detail: format!("{status:?}"),
+                });
+            }
+        }
         Ok(GpuEngine {
             embed: upload(g, "the embedding table", &ckpt.embed_tokens)?,
             lm_head: match &ckpt.lm_head {
@@ -234,14 +370,20 @@ impl GpuEngine {
             shared: Mutex::new(Shared {
                 rows: HashMap::new(),
                 gemv: GemvWorkspace::new(g, max_n_out)?,
-                decode: DecodeWorkspace::new(g, hq, d, 1)?,
+                decode: DecodeWs {
+                    ws: DecodeWorkspace::new(g, hq, d, 1)?,
+                    cap: (hq, 1),
+                    generation: 0,
+                },
             }),
             zero_pad: ckpt.architecture.zero_pad_embedding,
             gpu: gpu.clone(),
             blas,
+            _blas_ws: blas_ws,
             layers,
             cfg,
             weight_bytes,
+            graphs: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -253,6 +395,13 @@ impl GpuEngine {
     /// The device.
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    /// Turns the CUDA-graph replay of decode steps on or off (on by default; off runs every
+    /// kernel launch from the host, e.g. to compare or to profile single kernels). The
+    /// results are the same bit for bit.
+    pub fn set_decode_graphs(&self, on: bool) {
+        self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Bytes of weights on the device (packed ternary, bf16 tables).
@@ -271,7 +420,9 @@ impl GpuEngine {
         }
         self.cfg.validate()?;
         let cfg = paged_config(&self.cfg, options)?.expect("paged format checked above");
+        static NEXT_CACHE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(GpuCache {
+            id: NEXT_CACHE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             kv: GpuKvCache::new(&self.gpu, cfg)?,
             seqs: BTreeMap::new(),
             next_id: 0,
@@ -328,11 +479,11 @@ impl GpuEngine {
     }
 
     /// One round (see [`step`](Self::step)): appends each item's tokens and returns the
-    /// wanted logits per item.
+    /// wanted logits per item. Decode-only rounds (every item one token) run from a CUDA
+    /// graph once their shape has repeated ([`DecodeState`]).
     fn forward_round(&self, cache: &mut GpuCache, items: &[Item<'_>]) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
-        let (h, d, hq, hkv, v) = (
-            cfg.hidden_size,
+        let (d, hq, hkv, v) = (
             cfg.head_dim(),
             cfg.num_heads,
             cfg.num_kv_heads,
@@ -344,7 +495,7 @@ impl GpuEngine {
         let prompts = items.iter().filter(|it| it.tokens.len() > 1).count();
         let n_prompt: usize = items[..prompts].iter().map(|it| it.tokens.len()).sum();
 
-        // Host-side bookkeeping first: ids, positions, tickets, slots, decode tables.
+        // Host-side bookkeeping first: ids, positions, tickets.
         let mut ids = Vec::with_capacity(n);
         let mut pos = Vec::with_capacity(n);
         let mut tickets = Vec::with_capacity(items.len());
@@ -355,141 +506,6 @@ impl GpuEngine {
             pos.extend((start..start + it.tokens.len()).map(|p| p as i32));
             tickets.push(cache.kv.begin_append(kv_seq, start, it.tokens.len())?);
         }
-        let slots = cache.kv.slot_batch(&tickets)?;
-        let decode_seqs: Vec<_> = tickets[prompts..].iter().map(|t| t.seq()).collect();
-        let decode_batch = if decode_seqs.is_empty() {
-            None
-        } else {
-            Some(cache.kv.decode_batch(&decode_seqs)?)
-        };
-        let problem = if prompts > 0 {
-            let mut cu = vec![0i32];
-            for it in &items[..prompts] {
-                cu.push(cu.last().copied().unwrap_or(0) + it.tokens.len() as i32);
-            }
-            let mask = match cfg.sliding_window {
-                Some(w) => Mask::sliding(w, cfg.attention_sinks),
-                None => Mask::CAUSAL,
-            };
-            let problem = Problem {
-                heads: Heads::new(hq, hkv, d),
-                seqs: Seqs::Varlen {
-                    cu_q: cu.clone(),
-                    cu_k: cu,
-                },
-                mask,
-                inputs: MaskInputs::default(),
-            };
-            Some(ProblemGpu::new(g, problem, Positions::default())?)
-        } else {
-            None
-        };
-        let ids_d = upload(g, "token ids", &ids)?;
-        let pos_d = upload(g, "positions", &pos)?;
-
-        let mut guard = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        let shared = &mut *guard;
-        if !shared.rows.contains_key(&n) {
-            if shared.rows.len() >= KEPT_ROW_BUFFERS {
-                shared.rows.clear();
-            }
-            let rows = self.alloc_rows(n, n_prompt)?;
-            shared.rows.insert(n, rows);
-        }
-        let rows = shared.rows.get_mut(&n).expect("inserted above");
-        if rows.lse.len() < hq * n_prompt.max(1) {
-            rows.lse = stream
-                .alloc_zeros(hq * n_prompt.max(1))
-                .map_err(alloc_err("the attention logsumexp"))?;
-        }
-
-        self.launch_embed(&ids_d, n, &mut rows.x)?;
-        let scale = (1.0 / (d as f64).sqrt()) as f32;
-        let (qd, kvd) = (hq * d, hkv * d);
-        for (l, layer) in self.layers.iter().enumerate() {
-            rows.x_acts.quantize_from(g, &rows.x.as_view())?;
-            ternary_matmul_a8_cuda(
-                g,
-                &layer.qkv,
-                &rows.x_acts,
-                &mut rows.qkv.as_view_mut(),
-                &mut shared.gemv,
-            )?;
-            self.launch_qkv(layer, &pos_d, n, rows)?;
-            cache.kv.write_layer_slots(
-                &slots,
-                l,
-                &rows.k.as_view(),
-                &rows.v.as_view(),
-                &mut cache.nonfinite,
-            )?;
-            if let Some(pb) = &problem {
-                if n_prompt == n {
-                    flash_attn_fwd_cuda(
-                        g,
-                        pb,
-                        &rows.q,
-                        &rows.k,
-                        &rows.v,
-                        &mut rows.att,
-                        &mut rows.lse,
-                        None,
-                    )?;
-                } else {
-                    // A mixed round: the prompt rows as exact-size tensors.
-                    let copy = |src: &CudaSlice<f16>, w: usize| -> Result<CudaSlice<f16>> {
-                        let mut dst = stream
-                            .alloc_zeros(n_prompt * w)
-                            .map_err(alloc_err("prompt attention rows"))?;
-                        stream
-                            .memcpy_dtod(&src.slice(..n_prompt * w), &mut dst)
-                            .map_err(KernelError::driver("copying prompt attention rows"))?;
-                        Ok(dst)
-                    };
-                    let (pq, pk, pv) =
-                        (copy(&rows.q, qd)?, copy(&rows.k, kvd)?, copy(&rows.v, kvd)?);
-                    let mut po = copy(&rows.att, qd)?;
-                    let mut lse = stream
-                        .alloc_zeros(hq * n_prompt)
-                        .map_err(alloc_err("the attention logsumexp"))?;
-                    flash_attn_fwd_cuda(g, pb, &pq, &pk, &pv, &mut po, &mut lse, None)?;
-                    stream
-                        .memcpy_dtod(&po, &mut rows.att.slice_mut(..n_prompt * qd))
-                        .map_err(KernelError::driver("copying prompt attention output"))?;
-                }
-            }
-            if let Some(batch) = &decode_batch {
-                decode_attention_cuda(
-                    &cache.kv,
-                    l,
-                    batch,
-                    &rows.q.slice(n_prompt * qd..),
-                    hq,
-                    scale,
-                    &mut rows.att.slice_mut(n_prompt * qd..),
-                    &mut shared.decode,
-                )?;
-            }
-            rows.o_acts.quantize_from(g, &rows.att.as_view())?;
-            ternary_matmul_a8_cuda(
-                g,
-                &layer.o,
-                &rows.o_acts,
-                &mut rows.a.as_view_mut(),
-                &mut shared.gemv,
-            )?;
-            self.launch_add_rmsnorm(&mut rows.x, &rows.a, &layer.attn_norm, n)?;
-            ternary_mlp_cuda(
-                g,
-                &layer.mlp,
-                &rows.x.as_view(),
-                &mut rows.a.as_view_mut(),
-                &mut rows.mlp,
-            )?;
-            self.launch_add_rmsnorm(&mut rows.x, &rows.a, &layer.mlp_norm, n)?;
-        }
-
-        // Final norm of the wanted rows, the LM head, one copy back.
         let mut wanted = Vec::new();
         let mut r0 = 0;
         for it in items {
@@ -502,22 +518,216 @@ impl GpuEngine {
             r0 += len;
         }
         let r = wanted.len();
-        let mut logits_h = vec![0f32; r * v];
-        if r > 0 {
-            let wanted_i: Vec<i32> = wanted.iter().map(|&x| x as i32).collect();
-            let wanted_d = upload(g, "wanted rows", &wanted_i)?;
-            let mut hidden = stream
-                .alloc_zeros::<bf16>(r * h)
-                .map_err(alloc_err("final hidden states"))?;
-            self.launch_final_norm(&rows.x, &wanted_d, r, &mut hidden)?;
-            let mut logits = stream
-                .alloc_zeros::<f32>(r * v)
-                .map_err(alloc_err("logits"))?;
-            self.lm_head(&hidden, r, &mut logits)?;
-            stream
-                .memcpy_dtoh(&logits, &mut logits_h)
-                .map_err(KernelError::driver("copying logits to the host"))?;
+
+        let mut guard = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = &mut *guard;
+        if !shared.rows.contains_key(&n) {
+            if shared.rows.len() >= KEPT_ROW_BUFFERS {
+                shared.rows.clear();
+            }
+            let work = self.alloc_rows(n)?;
+            shared.rows.insert(n, RowSet { work, decode: None });
         }
+        let rows = shared.rows.get_mut(&n).expect("inserted above");
+        let mut logits_h = vec![0f32; r * v];
+
+        if prompts == 0 {
+            // Decode: persistent inputs, refilled in place, so a captured graph can replay.
+            let st = rows.decode.get_or_insert_with(DecodeState::default);
+            let seqs: Vec<_> = tickets.iter().map(|t| t.seq()).collect();
+            let fresh_slots = match st.slots.as_mut() {
+                Some(sb) => cache.kv.slot_batch_refill(&tickets, sb).is_err(),
+                None => true,
+            };
+            if fresh_slots {
+                st.slots = Some(cache.kv.slot_batch(&tickets)?);
+                st.graph = None;
+            }
+            let fresh_batch = match st.batch.as_mut() {
+                Some(b) => cache.kv.decode_batch_refill(&seqs, b).is_err(),
+                None => true,
+            };
+            if fresh_batch {
+                // Room for the block tables to grow (a wider table means a new graph).
+                let need = cache.kv.decode_batch(&seqs)?.stride();
+                st.batch = Some(
+                    cache
+                        .kv
+                        .decode_batch_with_stride(&seqs, need.next_power_of_two().max(8))?,
+                );
+                st.graph = None;
+            }
+            let batch = st.batch.as_ref().expect("set above");
+            let (splits, tps) = split_plan(
+                cache.kv.config().format,
+                g.info().sm_count as usize,
+                n,
+                hkv,
+                batch.max_tiles(),
+            );
+            shared.decode.reserve(g, n * hq, d, splits)?;
+            let key = GraphKey {
+                cache: cache.id,
+                splits,
+                tps,
+                stride: batch.stride(),
+                workspace: shared.decode.generation,
+            };
+            if st.bufs.is_none() {
+                st.bufs = Some(DecodeBufs::alloc(g, n, cfg)?);
+            }
+            let bufs = st.bufs.as_mut().expect("set above");
+            stream
+                .memcpy_htod(&ids, &mut bufs.ids)
+                .map_err(KernelError::driver("uploading token ids"))?;
+            stream
+                .memcpy_htod(&pos, &mut bufs.pos)
+                .map_err(KernelError::driver("uploading positions"))?;
+            let slots = st.slots.as_ref().expect("set above");
+            if !self.graphs.load(std::sync::atomic::Ordering::Relaxed) {
+                st.graph = None;
+            }
+            match &st.graph {
+                Some((k, graph)) if *k == key => {
+                    graph
+                        .launch()
+                        .map_err(KernelError::driver("launching the decode graph"))?;
+                    cache.kv.record_graph_writes(slots)?;
+                }
+                _ => {
+                    let capture = st.seen == Some(key)
+                        && self.graphs.load(std::sync::atomic::Ordering::Relaxed);
+                    if capture {
+                        stream
+                            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                            .map_err(KernelError::driver("starting the decode graph capture"))?;
+                    }
+                    let res = self.launch_step(
+                        cache,
+                        &mut shared.gemv,
+                        &mut shared.decode.ws,
+                        &mut rows.work,
+                        StepInputs {
+                            n,
+                            n_prompt: 0,
+                            ids: &bufs.ids,
+                            pos: &bufs.pos,
+                            slots,
+                            decode: Some(batch),
+                            problem: None,
+                            wanted: &bufs.wanted,
+                            r,
+                        },
+                        &mut bufs.hidden,
+                        &mut bufs.logits,
+                    );
+                    if capture {
+                        let graph = stream
+                            .end_capture(CUgraphInstantiate_flags(0))
+                            .map_err(KernelError::driver("instantiating the decode graph"))?;
+                        res?;
+                        if let Some(graph) = graph {
+                            graph
+                                .launch()
+                                .map_err(KernelError::driver("launching the decode graph"))?;
+                            st.graph = Some((key, graph));
+                        }
+                    } else {
+                        res?;
+                        st.seen = Some(key);
+                    }
+                }
+            }
+            if r > 0 {
+                stream
+                    .memcpy_dtoh(&bufs.logits.slice(..r * v), &mut logits_h)
+                    .map_err(KernelError::driver("copying logits to the host"))?;
+            }
+        } else {
+            let slots = cache.kv.slot_batch(&tickets)?;
+            let decode_seqs: Vec<_> = tickets[prompts..].iter().map(|t| t.seq()).collect();
+            let decode_batch = if decode_seqs.is_empty() {
+                None
+            } else {
+                Some(cache.kv.decode_batch(&decode_seqs)?)
+            };
+            let mut cu = vec![0i32];
+            for it in &items[..prompts] {
+                cu.push(cu.last().copied().unwrap_or(0) + it.tokens.len() as i32);
+            }
+            let mask = match cfg.sliding_window {
+                Some(w) => Mask::sliding(w, cfg.attention_sinks),
+                None => Mask::CAUSAL,
+            };
+            let problem = ProblemGpu::new(
+                g,
+                Problem {
+                    heads: Heads::new(hq, hkv, d),
+                    seqs: Seqs::Varlen {
+                        cu_q: cu.clone(),
+                        cu_k: cu,
+                    },
+                    mask,
+                    inputs: MaskInputs::default(),
+                },
+                Positions::default(),
+            )?;
+            if let Some(b) = &decode_batch {
+                let sms = g.info().sm_count as usize;
+                let (splits, _) = split_plan(
+                    cache.kv.config().format,
+                    sms,
+                    b.seqs().len(),
+                    hkv,
+                    b.max_tiles(),
+                );
+                shared.decode.reserve(g, n * hq, d, splits)?;
+            }
+            let ids_d = upload(g, "token ids", &ids)?;
+            let pos_d = upload(g, "positions", &pos)?;
+            let wanted_i: Vec<i32> = wanted.iter().map(|&x| x as i32).collect();
+            let wanted_d = upload(
+                g,
+                "wanted rows",
+                &if wanted_i.is_empty() {
+                    vec![0]
+                } else {
+                    wanted_i
+                },
+            )?;
+            let h = cfg.hidden_size;
+            let mut hidden = stream
+                .alloc_zeros::<bf16>(r.max(1) * h)
+                .map_err(alloc_err("final hidden states"))?;
+            let mut logits = stream
+                .alloc_zeros::<f32>(r.max(1) * v)
+                .map_err(alloc_err("logits"))?;
+            self.launch_step(
+                cache,
+                &mut shared.gemv,
+                &mut shared.decode.ws,
+                &mut rows.work,
+                StepInputs {
+                    n,
+                    n_prompt,
+                    ids: &ids_d,
+                    pos: &pos_d,
+                    slots: &slots,
+                    decode: decode_batch.as_ref(),
+                    problem: Some(&problem),
+                    wanted: &wanted_d,
+                    r,
+                },
+                &mut hidden,
+                &mut logits,
+            )?;
+            if r > 0 {
+                stream
+                    .memcpy_dtoh(&logits.slice(..r * v), &mut logits_h)
+                    .map_err(KernelError::driver("copying logits to the host"))?;
+            }
+        }
+
         let bad = stream
             .clone_dtoh(&cache.nonfinite)
             .map_err(KernelError::driver("reading the non-finite counter"))?;
@@ -555,7 +765,112 @@ impl GpuEngine {
         Ok(out)
     }
 
-    fn alloc_rows(&self, n: usize, n_prompt: usize) -> Result<Rows> {
+    /// Every kernel of a step, in stream order: embedding, the layers, the final norm of the
+    /// wanted rows and the LM head into `hidden` `(r, H)` and `logits` `(r, V)`. No host
+    /// synchronization and no allocation (so it can be captured into a graph).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_step(
+        &self,
+        cache: &mut GpuCache,
+        gemv: &mut GemvWorkspace,
+        decode_ws: &mut DecodeWorkspace,
+        rows: &mut Rows,
+        inp: StepInputs<'_>,
+        hidden: &mut CudaSlice<bf16>,
+        logits: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (d, hq, hkv) = (cfg.head_dim(), cfg.num_heads, cfg.num_kv_heads);
+        let g = self.gpu.as_ref();
+        let stream = g.stream();
+        let (n, n_prompt) = (inp.n, inp.n_prompt);
+        self.launch_embed(inp.ids, n, &mut rows.x)?;
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let (qd, kvd) = (hq * d, hkv * d);
+        for (l, layer) in self.layers.iter().enumerate() {
+            rows.x_acts.quantize_from(g, &rows.x.as_view())?;
+            ternary_matmul_a8_cuda(
+                g,
+                &layer.qkv,
+                &rows.x_acts,
+                &mut rows.qkv.as_view_mut(),
+                gemv,
+            )?;
+            self.launch_qkv(layer, inp.pos, n, rows)?;
+            cache.kv.write_layer_slots(
+                inp.slots,
+                l,
+                &rows.k.as_view(),
+                &rows.v.as_view(),
+                &mut cache.nonfinite,
+            )?;
+            if let Some(pb) = inp.problem {
+                if n_prompt == n {
+                    flash_attn_fwd_cuda(
+                        g,
+                        pb,
+                        &rows.q,
+                        &rows.k,
+                        &rows.v,
+                        &mut rows.att,
+                        &mut rows.lse,
+                        None,
+                    )?;
+                } else {
+                    // A mixed round: the prompt rows as exact-size tensors.
+                    let copy = |src: &CudaSlice<f16>, w: usize| -> Result<CudaSlice<f16>> {
+                        let mut dst = stream
+                            .alloc_zeros(n_prompt * w)
+                            .map_err(alloc_err("prompt attention rows"))?;
+                        stream
+                            .memcpy_dtod(&src.slice(..n_prompt * w), &mut dst)
+                            .map_err(KernelError::driver("copying prompt attention rows"))?;
+                        Ok(dst)
+                    };
+                    let (pq, pk, pv) =
+                        (copy(&rows.q, qd)?, copy(&rows.k, kvd)?, copy(&rows.v, kvd)?);
+                    let mut po = copy(&rows.att, qd)?;
+                    let mut lse = stream
+                        .alloc_zeros(hq * n_prompt)
+                        .map_err(alloc_err("the attention logsumexp"))?;
+                    flash_attn_fwd_cuda(g, pb, &pq, &pk, &pv, &mut po, &mut lse, None)?;
+                    stream
+                        .memcpy_dtod(&po, &mut rows.att.slice_mut(..n_prompt * qd))
+                        .map_err(KernelError::driver("copying prompt attention output"))?;
+                }
+            }
+            if let Some(batch) = inp.decode {
+                decode_attention_cuda(
+                    &cache.kv,
+                    l,
+                    batch,
+                    &rows.q.slice(n_prompt * qd..),
+                    hq,
+                    scale,
+                    &mut rows.att.slice_mut(n_prompt * qd..),
+                    decode_ws,
+                )?;
+            }
+            rows.o_acts.quantize_from(g, &rows.att.as_view())?;
+            ternary_matmul_a8_cuda(g, &layer.o, &rows.o_acts, &mut rows.a.as_view_mut(), gemv)?;
+            self.launch_add_rmsnorm(&mut rows.x, &rows.a, &layer.attn_norm, n)?;
+            ternary_mlp_cuda(
+                g,
+                &layer.mlp,
+                &rows.x.as_view(),
+                &mut rows.a.as_view_mut(),
+                &mut rows.mlp,
+            )?;
+            self.launch_add_rmsnorm(&mut rows.x, &rows.a, &layer.mlp_norm, n)?;
+        }
+        if inp.r > 0 {
+            self.launch_final_norm(&rows.x, inp.wanted, inp.r, hidden)?;
+            self.lm_head(hidden, inp.r, logits)?;
+        }
+        Ok(())
+    }
+
+    fn alloc_rows(&self, n: usize) -> Result<Rows> {
         let cfg = &self.cfg;
         let (h, d, hq, hkv) = (
             cfg.hidden_size,
@@ -581,7 +896,7 @@ impl GpuEngine {
                 .alloc_zeros(n * hq * d)
                 .map_err(alloc_err("attention output"))?,
             lse: s
-                .alloc_zeros(hq * n_prompt.max(1))
+                .alloc_zeros(hq * n)
                 .map_err(alloc_err("the attention logsumexp"))?,
             x_acts: GemvActivations::new(g, n, h)?,
             o_acts: GemvActivations::new(g, n, hq * d)?,
@@ -773,6 +1088,8 @@ struct Item<'a> {
 /// The GPU engine's KV cache: `kv_int4`'s paged cache on the device (INT4 or f16 pages,
 /// window and sinks from the config) and the step's non-finite counter.
 pub struct GpuCache {
+    /// Unique per cache (keys the decode graphs, which write into this cache's pool).
+    id: u64,
     kv: GpuKvCache,
     seqs: BTreeMap<u64, kv_int4::SeqId>,
     next_id: u64,
