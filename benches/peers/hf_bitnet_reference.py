@@ -2,12 +2,13 @@
 transformers' BitNet forward, run on the GPU machine (PyTorch, no Rust there).
 
 Modes
-  make   --out DIR [--seed S] [--preset small|2b4t] [--hf-init] [--shards N] [--tokenizer FILE]
+  make   --out DIR [--seed S] [--preset small|2b4t|tritter7b] [--hf-init] [--shards N] [--tokenizer FILE]
          A random BitNet checkpoint laid out as transformers' save_pretrained writes it:
          config.json (model_type "bitnet", quantization_config online autobitlinear, as
          microsoft/bitnet-b1.58-2B-4T-bf16) + model.safetensors in bf16 (or N shards with
          model.safetensors.index.json). `small`: hidden 256, 4 layers, 8 heads over 2 KV heads,
-         intermediate 688, vocab 1024, tied embeddings; `2b4t`: the 2B4T shapes (for `bench`).
+         intermediate 688, vocab 1024, tied embeddings; `2b4t`: the 2B4T shapes, `tritter7b`:
+         Tritter's 7B preset shapes (both for `bench`).
          Weights: linears N(0, 0.02^2) as transformers' _init_weights; unless --hf-init, norms
          are 1 + N(0, 0.2^2) and the embedding N(0, 1), so every norm weight matters and the
          logits spread over several units (transformers' init gives norms of 1 and logits ~0.3).
@@ -70,6 +71,11 @@ PRESETS = {
     "2b4t": dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_hidden_layers=30,
                  num_attention_heads=20, num_key_value_heads=5, max_position_embeddings=4096,
                  rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
+    # Tritter's 7B preset shapes (crates/tritter config: hidden 4096, 32 layers, 32 heads over
+    # 8 KV heads, intermediate 13824, vocab 65536): the peer of `tritter bench --preset 7b`.
+    "tritter7b": dict(vocab_size=65536, hidden_size=4096, intermediate_size=13824, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                      rope_theta=500000.0, bos_token_id=1, eos_token_id=2),
 }
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

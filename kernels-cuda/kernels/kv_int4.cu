@@ -131,6 +131,40 @@ __device__ __forceinline__ void count_nonfinite(const __half* __restrict__ x, lo
 // ------------------------------------------------------------------------------------------
 // Writes: one thread per group of 32 values.
 // ------------------------------------------------------------------------------------------
+// Asymmetric 4-bit quantization of one group of 32 values, bit-exact with the CPU's
+// quantize_group: codes (8 per word, low nibble first), f16 scale and minimum.
+__device__ __forceinline__ void quantize_group32(const float (&x)[32], uint32_t (&words)[4], __half& scale_h,
+                                                 __half& min_h) {
+    float lo = x[0], hi = x[0];
+#pragma unroll
+    for (int i = 1; i < 32; ++i) {
+        lo = fminf(lo, x[i]);
+        hi = fmaxf(hi, x[i]);
+    }
+    // + 0 turns -0 into +0 (IEEE, not folded without fast math): bit-exact with the CPU.
+    min_h = __float2half_rn(__fadd_rn(lo, 0.0f));
+    scale_h = __float2half_rn(__fadd_rn(__fdiv_rn(__fsub_rn(hi, lo), 15.0f), 0.0f));
+    const float m = __half2float(min_h), s = __half2float(scale_h);
+    words[0] = words[1] = words[2] = words[3] = 0u;
+    if (s > 0.0f) {
+        // (x - m) / s correctly rounded without a division (Markstein): with inv =
+        // RN(1/s), y0 = RN(d * inv) is within 1 ulp of d / s, the residual
+        // r = d - s * y0 is exact in one FMA, and RN(y0 + r * inv) = RN(d / s) (no
+        // overflow: |d / s| <= ~15; an underflowing d rounds to code 0 either way). So
+        // the code equals quantize_group's IEEE division bit for bit, in 3 FP ops.
+        const float inv = __frcp_rn(s);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            const float d = __fsub_rn(x[i], m);
+            const float y0 = __fmul_rn(d, inv);
+            const float y = __fmaf_rn(__fmaf_rn(-y0, s, d), inv, y0);
+            float q = roundf(y);
+            q = fminf(fmaxf(q, 0.0f), 15.0f);
+            words[i / 8] |= static_cast<uint32_t>(q) << (4 * (i % 8));
+        }
+    }
+}
+
 // Quantizes (INT4) or copies (F16) one group of 32 values `src` of head h into slot `slot`
 // of the page at `base` (K half for kv = 0, V half for kv = 1). With `nonfinite` (the slot
 // writer), a group holding NaN or Inf is stored as zeros and counted instead, so no page ever
@@ -173,34 +207,9 @@ __device__ __forceinline__ void store_group(const __half* __restrict__ src, uint
         const long long par_bytes = (long long)heads_kv * page_size * groups_per_row * 4;
         uint8_t* region = base + kv * (val_bytes + par_bytes);
         const long long row = (long long)h * page_size + slot;
-        float lo = x[0], hi = x[0];
-#pragma unroll
-        for (int i = 1; i < 32; ++i) {
-            lo = fminf(lo, x[i]);
-            hi = fmaxf(hi, x[i]);
-        }
-        // + 0 turns -0 into +0 (IEEE, not folded without fast math): bit-exact with the CPU.
-        const __half min_h = __float2half_rn(__fadd_rn(lo, 0.0f));
-        const __half scale_h = __float2half_rn(__fadd_rn(__fdiv_rn(__fsub_rn(hi, lo), 15.0f), 0.0f));
-        const float m = __half2float(min_h), s = __half2float(scale_h);
-        uint32_t words[4] = {0u, 0u, 0u, 0u};
-        if (s > 0.0f) {
-            // (x - m) / s correctly rounded without a division (Markstein): with inv =
-            // RN(1/s), y0 = RN(d * inv) is within 1 ulp of d / s, the residual
-            // r = d - s * y0 is exact in one FMA, and RN(y0 + r * inv) = RN(d / s) (no
-            // overflow: |d / s| <= ~15; an underflowing d rounds to code 0 either way). So
-            // the code equals quantize_group's IEEE division bit for bit, in 3 FP ops.
-            const float inv = __frcp_rn(s);
-#pragma unroll
-            for (int i = 0; i < 32; ++i) {
-                const float d = __fsub_rn(x[i], m);
-                const float y0 = __fmul_rn(d, inv);
-                const float y = __fmaf_rn(__fmaf_rn(-y0, s, d), inv, y0);
-                float q = roundf(y);
-                q = fminf(fmaxf(q, 0.0f), 15.0f);
-                words[i / 8] |= static_cast<uint32_t>(q) << (4 * (i % 8));
-            }
-        }
+        uint32_t words[4];
+        __half scale_h, min_h;
+        quantize_group32(x, words, scale_h, min_h);
         *reinterpret_cast<uint4*>(region + row * (head_dim / 2) + g * 16) = make_uint4(words[0], words[1], words[2], words[3]);
         *reinterpret_cast<__half2*>(region + val_bytes + (row * groups_per_row + g) * 4) = __halves2half2(scale_h, min_h);
     } else {
@@ -1066,6 +1075,27 @@ KV_WRITE(kv_write_f16, false)
     }
 KV_WRITE_SLOTS(kv_write_slots_int4, true)
 KV_WRITE_SLOTS(kv_write_slots_f16, false)
+
+// x (groups of 32 f16 values) replaced by its INT4 round trip, dequantized as the CPU does
+// (code * scale + min in one fused multiply-add, then f16): what a prompt's attention reads
+// when its keys and values are to be seen as the INT4 cache stores them. One thread per group.
+extern "C" __global__ void __launch_bounds__(kWriteThreads) kv_round_trip_int4(__half* __restrict__ x, int groups) {
+    const int gid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gid >= groups) return;
+    __half* p = x + (long long)gid * 32;
+    float v[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) v[i] = __half2float(p[i]);
+    uint32_t words[4];
+    __half scale_h, min_h;
+    quantize_group32(v, words, scale_h, min_h);
+    const float s = __half2float(scale_h), m = __half2float(min_h);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+        const float code = (float)((words[i / 8] >> (4 * (i % 8))) & 15u);
+        p[i] = __float2half_rn(__fmaf_rn(code, s, m));
+    }
+}
 
 #define KV_DECODE(FMT, INT4, D, G)                                                                                   \
     extern "C" __global__ void __launch_bounds__(kThreads, 1) kv_decode_##FMT##_d##D##_g##G(                          \

@@ -23,6 +23,13 @@ gpu_test!(
 );
 
 gpu_test!(
+    /// The GPU INT4 round trip (`round_trip_int4_cuda`) equals the CPU's
+    /// `dequantize_int4(quantize_int4(x))` rounded to f16, bit for bit, on random groups,
+    /// constant groups and signed zeros; a length that is not whole groups is refused.
+    gpu_round_trip_matches_cpu => round_trip
+);
+
+gpu_test!(
     /// Bad input on the GPU is a typed error and leaves the cache unchanged: NaN in K/V,
     /// stale decode batches, head-count and length mismatches, unwritten layers.
     gpu_bad_input_is_refused => bad_input
@@ -569,5 +576,41 @@ mod bad_input {
             .unwrap_err();
         assert!(matches!(err, KvError::StaleTicket { .. }), "{err}");
         println!("GPU bad input: all refused with typed errors");
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod round_trip {
+    use super::common::random_f16;
+    use half::f16;
+    use kv_int4::cuda::round_trip_int4_cuda;
+    use kv_int4::{dequantize_int4, quantize_int4, KvError, GROUP};
+    use tritter_kernels_cuda::Gpu;
+
+    pub fn run(g: &std::sync::Arc<Gpu>) {
+        let st = g.stream();
+        let mut x = random_f16(GROUP * 257, 42);
+        x[..GROUP].fill(f16::from_f32(0.75)); // a constant group (scale 0)
+        x[GROUP] = f16::NEG_ZERO;
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let want: Vec<f16> = dequantize_int4(&quantize_int4(&xf, GROUP).unwrap())
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let mut d = st.clone_htod(&x).unwrap();
+        round_trip_int4_cuda(g, &mut d.as_view_mut()).unwrap();
+        let got = st.clone_dtoh(&d).unwrap();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(diff, 0, "{diff} values differ from the CPU round trip");
+        let err = round_trip_int4_cuda(g, &mut d.slice_mut(..GROUP + 1)).unwrap_err();
+        assert!(matches!(err, KvError::LengthMismatch { .. }), "{err}");
+        println!(
+            "INT4 round trip: {} groups bit-exact with the CPU",
+            got.len() / GROUP
+        );
     }
 }

@@ -605,6 +605,45 @@ impl GpuKvCache {
     }
 }
 
+/// Replaces `x` (groups of [`GROUP`](crate::GROUP) f16 values, e.g. `(n, heads_kv,
+/// head_dim)` keys) by its INT4 round trip: each group quantized exactly as the cache stores
+/// it and dequantized as the CPU does (`code * scale + min`, rounded to f16). An engine runs
+/// it on a prompt's own keys and values before the prompt's attention, so the prompt sees
+/// them as later tokens will read them from the INT4 pages (the CPU engine's rule: logits do
+/// not depend on how a prompt is chunked). Asynchronous; one thread per group.
+pub fn round_trip_int4_cuda(gpu: &Gpu, x: &mut CudaViewMut<'_, f16>) -> Result<()> {
+    if x.len() % crate::GROUP != 0 {
+        return Err(KvError::LengthMismatch {
+            what: "x (INT4 round trip)",
+            shape: format!("(groups, {})", crate::GROUP),
+            actual: x.len(),
+            expected: x.len().next_multiple_of(crate::GROUP),
+        });
+    }
+    let groups = x.len() / crate::GROUP;
+    if groups == 0 {
+        return Ok(());
+    }
+    if groups > i32::MAX as usize {
+        return Err(KvError::Unsupported(format!(
+            "{groups} groups in one INT4 round trip, more than one launch takes; split it"
+        )));
+    }
+    let func = gpu.function(&images::KV_INT4, "kv_round_trip_int4")?;
+    let g = groups as i32;
+    let mut launch = gpu.stream().launch_builder(&func);
+    launch.arg(x).arg(&g);
+    let lc = LaunchConfig {
+        grid_dim: (groups.div_ceil(WRITE_THREADS as usize) as u32, 1, 1),
+        block_dim: (WRITE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: matches `kv_round_trip_int4(__half*, int)`; x holds groups * 32 values
+    // (checked), each thread rewrites its own group, bounds-checked against `groups`.
+    unsafe { launch.launch(lc) }.map_err(KernelError::driver("launching kv_round_trip_int4"))?;
+    Ok(())
+}
+
 /// Tiles of [`DECODE_TILE`] tokens the decode kernel walks for a sequence of `len` tokens
 /// (sink tiles, then window tiles, without duplicates): mirrors `seq_view` in the kernel.
 pub fn visible_tiles(cfg: &CacheConfig, len: usize) -> usize {

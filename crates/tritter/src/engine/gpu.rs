@@ -29,10 +29,11 @@
 //!
 //! Prompts of sequences that already hold tokens (a second prompt chunk) run token by token
 //! through the decode path, so set `KvCacheOptions::max_prefill_chunk` to the longest
-//! prompt. Attention of a prompt reads its own K/V in f16 (as computed), while later tokens
-//! read them from the cache (INT4 or f16): the logits equal the CPU engine's within the
-//! rounding of the cache format and of the f32 summation order, not bit for bit
-//! (`tests/gpu_engine.rs` states the tolerances).
+//! prompt. A prompt attends to its own K/V as the cache stores them (f16, or the INT4 round
+//! trip), as later tokens read them and as the CPU engine computes. The logits equal the CPU
+//! engine's within the f16 rounding of q/k/v and the attention output and the f32 summation
+//! order, not bit for bit (`tests/gpu_engine.rs` states the tolerances); the decode
+//! kernels merge partial sums with float atomics, so two runs may differ in the last bits.
 //!
 //! Pre-norm checkpoints with sub-norms (Hugging Face BitNet) are refused for now: their
 //! MLP needs the sub-norm between the GLU and the down projection, which the fused MLP kernel
@@ -48,8 +49,10 @@ use flash_attn_sm120::cuda::{flash_attn_fwd_cuda, ProblemGpu};
 use flash_attn_sm120::{Heads, Mask, MaskInputs, Positions, Problem, Seqs};
 use half::{bf16, f16};
 use kv_int4::cuda::{
-    decode_attention_cuda, split_plan, DecodeBatch, DecodeWorkspace, GpuKvCache, SlotBatch,
+    decode_attention_cuda, round_trip_int4_cuda, split_plan, DecodeBatch, DecodeWorkspace,
+    GpuKvCache, SlotBatch,
 };
+use kv_int4::KvFormat;
 use ternary_gemm::cuda::{
     ternary_matmul_a8_cuda, ternary_mlp_cuda, GemvActivations, GemvWorkspace, MlpWorkspace,
     TernaryMatrixGpu, TernaryMlpGpu,
@@ -805,6 +808,12 @@ impl GpuEngine {
                 &mut cache.nonfinite,
             )?;
             if let Some(pb) = inp.problem {
+                if cache.kv.config().format == KvFormat::Int4 {
+                    // The prompt attends to its own keys and values as the INT4 pages hold
+                    // them (as the CPU engine does), so its logits do not depend on chunking.
+                    round_trip_int4_cuda(g, &mut rows.k.slice_mut(..n_prompt * kvd))?;
+                    round_trip_int4_cuda(g, &mut rows.v.slice_mut(..n_prompt * kvd))?;
+                }
                 if n_prompt == n {
                     flash_attn_fwd_cuda(
                         g,
