@@ -393,6 +393,10 @@ struct BenchArgs {
     /// Seed of the random weights and prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// GPU engine: after the timed runs, time every phase of the decode steps with CUDA
+    /// events (graphs off) and print where a step's time goes.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Args, Debug)]
@@ -725,6 +729,64 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
             r.decode_tokens_per_s,
             r.peak_memory_bytes.unwrap_or(0)
         );
+        #[cfg(feature = "cuda")]
+        if let (true, AnyEngine::Gpu(e)) = (a.profile, &engine) {
+            profile_decode(e, &options, b, a)?;
+        }
+    }
+    Ok(())
+}
+
+/// `tritter bench --profile`: `b` sequences prefilled with `prompt_len` tokens, then
+/// `decode_steps` decode steps with every phase timed by CUDA events; prints ms per step.
+#[cfg(feature = "cuda")]
+fn profile_decode(
+    e: &tritter::engine::GpuEngine,
+    options: &KvCacheOptions,
+    b: usize,
+    a: &BenchArgs,
+) -> Result<()> {
+    use tritter::engine::{EngineCache, LogitsFor, StepInput};
+    let cfg = e.config();
+    let mut cache = e.new_cache(options)?;
+    let seqs: Vec<_> = (0..b).map(|_| cache.add_sequence()).collect();
+    let prompt: Vec<u32> = (0..a.prompt_len)
+        .map(|i| 8 + (i as u32 * 7919) % (cfg.vocab_size as u32 - 8))
+        .collect();
+    let step = |cache: &mut tritter::engine::GpuCache, toks: &[u32]| {
+        let inputs: Vec<StepInput<'_>> = seqs
+            .iter()
+            .map(|&seq| StepInput {
+                seq,
+                tokens: toks,
+                logits: LogitsFor::Last,
+            })
+            .collect();
+        e.step(cache, &inputs)
+    };
+    step(&mut cache, &prompt)?;
+    let _ = e.take_profile();
+    e.set_profiling(true);
+    let res = (0..a.decode_steps).try_for_each(|i| step(&mut cache, &[8 + i as u32]).map(|_| ()));
+    e.set_profiling(false);
+    res?;
+    let prof = e.take_profile();
+    let steps = prof
+        .iter()
+        .find(|p| p.0 == "steps")
+        .map_or(1, |p| p.2.max(1)) as f64;
+    let total: f64 = prof.iter().map(|p| p.1).sum();
+    println!("decode step profile, batch {b} (CUDA events, graphs off, {steps} steps):");
+    for (phase, ms, _) in prof.iter().filter(|p| p.0 != "steps") {
+        println!(
+            "  {phase:<24} {:>8.3} ms/step  {:>5.1}%",
+            ms / steps,
+            100.0 * ms / total.max(1e-12)
+        );
+    }
+    println!("  {:<24} {:>8.3} ms/step", "total", total / steps);
+    for s in seqs {
+        cache.free(s)?;
     }
     Ok(())
 }

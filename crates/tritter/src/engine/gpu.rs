@@ -43,8 +43,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaEvent, CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use flash_attn_sm120::cuda::{flash_attn_fwd_cuda, ProblemGpu};
 use flash_attn_sm120::{Heads, Mask, MaskInputs, Positions, Problem, Seqs};
 use half::{bf16, f16};
@@ -239,6 +241,9 @@ pub struct GpuEngine {
     weight_bytes: usize,
     /// Replay decode steps from CUDA graphs (default on).
     graphs: std::sync::atomic::AtomicBool,
+    /// Time per phase (ms, launches) while profiling ([`GpuEngine::set_profiling`]).
+    profile: Mutex<BTreeMap<&'static str, (f64, u64)>>,
+    profiling: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GpuEngine {
@@ -387,6 +392,8 @@ impl GpuEngine {
             cfg,
             weight_bytes,
             graphs: std::sync::atomic::AtomicBool::new(true),
+            profile: Mutex::new(BTreeMap::new()),
+            profiling: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -405,6 +412,28 @@ impl GpuEngine {
     /// results are the same bit for bit.
     pub fn set_decode_graphs(&self, on: bool) {
         self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Times every phase of each step with CUDA events while on (steps then run without
+    /// graphs and synchronize once more): what [`take_profile`](Self::take_profile) reports
+    /// and `tritter bench --profile` prints.
+    pub fn set_profiling(&self, on: bool) {
+        self.profiling
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn profiling(&self) -> bool {
+        self.profiling.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The profile gathered since the last call, sorted by phase name: `(phase, total ms,
+    /// times run)`; the entry `steps` counts the profiled steps (its time is 0).
+    pub fn take_profile(&self) -> Vec<(String, f64, u64)> {
+        let mut prof = self.profile.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *prof)
+            .into_iter()
+            .map(|(k, (ms, n))| (k.to_string(), ms, n))
+            .collect()
     }
 
     /// Bytes of weights on the device (packed ternary, bf16 tables).
@@ -587,7 +616,7 @@ impl GpuEngine {
                 .memcpy_htod(&pos, &mut bufs.pos)
                 .map_err(KernelError::driver("uploading positions"))?;
             let slots = st.slots.as_ref().expect("set above");
-            if !self.graphs.load(std::sync::atomic::Ordering::Relaxed) {
+            if !self.graphs.load(std::sync::atomic::Ordering::Relaxed) || self.profiling() {
                 st.graph = None;
             }
             match &st.graph {
@@ -599,7 +628,8 @@ impl GpuEngine {
                 }
                 _ => {
                     let capture = st.seen == Some(key)
-                        && self.graphs.load(std::sync::atomic::Ordering::Relaxed);
+                        && self.graphs.load(std::sync::atomic::Ordering::Relaxed)
+                        && !self.profiling();
                     if capture {
                         stream
                             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
@@ -787,7 +817,20 @@ impl GpuEngine {
         let g = self.gpu.as_ref();
         let stream = g.stream();
         let (n, n_prompt) = (inp.n, inp.n_prompt);
+        let profile = self.profiling();
+        let mut marks: Vec<(&'static str, CudaEvent)> = Vec::new();
+        let mut mark = |phase: &'static str| -> Result<()> {
+            if profile {
+                let e = stream
+                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(KernelError::driver("recording a profile event"))?;
+                marks.push((phase, e));
+            }
+            Ok(())
+        };
+        mark("start")?;
         self.launch_embed(inp.ids, n, &mut rows.x)?;
+        mark("embedding")?;
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let (qd, kvd) = (hq * d, hkv * d);
         for (l, layer) in self.layers.iter().enumerate() {
@@ -799,7 +842,9 @@ impl GpuEngine {
                 &mut rows.qkv.as_view_mut(),
                 gemv,
             )?;
+            mark("A8 + q/k/v projection")?;
             self.launch_qkv(layer, inp.pos, n, rows)?;
+            mark("QK-Norm + RoPE")?;
             cache.kv.write_layer_slots(
                 inp.slots,
                 l,
@@ -807,6 +852,7 @@ impl GpuEngine {
                 &rows.v.as_view(),
                 &mut cache.nonfinite,
             )?;
+            mark("KV cache write")?;
             if let Some(pb) = inp.problem {
                 if cache.kv.config().format == KvFormat::Int4 {
                     // The prompt attends to its own keys and values as the INT4 pages hold
@@ -860,9 +906,12 @@ impl GpuEngine {
                     decode_ws,
                 )?;
             }
+            mark("attention")?;
             rows.o_acts.quantize_from(g, &rows.att.as_view())?;
             ternary_matmul_a8_cuda(g, &layer.o, &rows.o_acts, &mut rows.a.as_view_mut(), gemv)?;
+            mark("A8 + o projection")?;
             self.launch_add_rmsnorm(&mut rows.x, &rows.a, &layer.attn_norm, n)?;
+            mark("residual norms")?;
             ternary_mlp_cuda(
                 g,
                 &layer.mlp,
@@ -870,11 +919,30 @@ impl GpuEngine {
                 &mut rows.a.as_view_mut(),
                 &mut rows.mlp,
             )?;
+            mark("MLP")?;
             self.launch_add_rmsnorm(&mut rows.x, &rows.a, &layer.mlp_norm, n)?;
+            mark("residual norms")?;
         }
         if inp.r > 0 {
             self.launch_final_norm(&rows.x, inp.wanted, inp.r, hidden)?;
             self.lm_head(hidden, inp.r, logits)?;
+        }
+        mark("final norm + LM head")?;
+        if profile {
+            stream
+                .synchronize()
+                .map_err(KernelError::driver("synchronizing a profiled step"))?;
+            let mut prof = self.profile.lock().unwrap_or_else(|p| p.into_inner());
+            for w in marks.windows(2) {
+                let ms = w[0]
+                    .1
+                    .elapsed_ms(&w[1].1)
+                    .map_err(KernelError::driver("reading a profile event"))?;
+                let e = prof.entry(w[1].0).or_insert((0.0, 0));
+                e.0 += f64::from(ms);
+                e.1 += 1;
+            }
+            prof.entry("steps").or_insert((0.0, 0)).1 += 1;
         }
         Ok(())
     }
