@@ -7,7 +7,11 @@
 //   Grid N, 256 threads; 16-byte bf16 loads when H % 8 == 0. Memory bound (2H B read, 4H B
 //   written per row).
 //
-// ---- engine_add_rmsnorm: x[r] += rmsnorm(a[r]) * w (Chameleon's normed residual branch) ----
+// ---- engine_add_rmsnorm_a8: x[r] += rmsnorm(a[r]) * w (Chameleon's normed residual branch), ---
+//   then the BitNet A8 of the new row straight into ternary-gemm's GEMV layout (codes in MMA
+//   k order, row sum, scale s = 127 / max(max|x|, 1e-5), non-finite flag): the input of the
+//   next projection (the MLP's, or the next layer's q/k/v) in the launch that updates x, with
+//   act_quant's formula and rounding (bit-exact with ternary_gemm::absmax_quantize_rows).
 // ---- engine_rmsnorm_{f32,bf16}: out[i] = rmsnorm(x[rows[i]]) * w (pre-norm, final norm) ------
 //   Grid N, 256 threads, the row in registers (H <= 256 * 16), sum of squares reduced with
 //   warp shuffles then across warps in shared memory; the formula of the CPU engine
@@ -48,6 +52,32 @@ __device__ __forceinline__ float block_sum(float v) {
     __syncthreads();
     float t = l < kThreads / 32 ? part[l] : 0.0f;
     return warp_sum(t);
+}
+
+// Max over the CTA; every thread gets the result.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float part[kThreads / 32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    __syncthreads();
+    if (l == 0) part[w] = v;
+    __syncthreads();
+    float t = l < kThreads / 32 ? part[l] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(kFull, t, o));
+    return t;
+}
+
+// Integer sum over the CTA; every thread gets the result.
+__device__ __forceinline__ int block_sum_int(int v) {
+    __shared__ int part[kThreads / 32];
+    v = __reduce_add_sync(kFull, v);
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    __syncthreads();
+    if (l == 0) part[w] = v;
+    __syncthreads();
+    return __reduce_add_sync(kFull, l < kThreads / 32 ? part[l] : 0);
 }
 
 // 1 / sqrt(mean(v^2) + eps) inputs: ms = sum * f32(1/h) as candle computes the mean.
@@ -159,10 +189,48 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
-    engine_add_rmsnorm(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w, int h,
-                       float eps) {
+    engine_add_rmsnorm_a8(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w, int h,
+                          float eps, int8_t* __restrict__ codes, int* __restrict__ sums, float* __restrict__ scales,
+                          unsigned* __restrict__ nonfinite, int kp) {
     const long long r = blockIdx.x;
-    rmsnorm_row<float, true>(a + r * h, w, h, eps, x + r * h);
+    float* xr = x + r * h;
+    rmsnorm_row<float, true>(a + r * h, w, h, eps, xr);
+    __syncthreads();  // the updated row is visible to the whole CTA
+    float amax = 0.0f;
+    unsigned bad = 0u;
+    for (int i = threadIdx.x; i < h; i += kThreads) {
+        const float v = fabsf(xr[i]);
+        amax = fmaxf(amax, v);
+        bad |= !(v <= 3.402823466e38f);  // NaN or Inf (fmaxf alone would drop a NaN)
+    }
+    amax = block_max(amax);
+    bad = block_sum_int((int)bad) != 0;
+    const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+    int local = 0;
+    for (int wd = threadIdx.x; wd < kp / 4; wd += kThreads) {
+        // Word wd of the MMA k order holds k = kb, kb + 4, kb + 8, kb + 12 (act_quant.cu).
+        const int blk = wd >> 5, j = (wd >> 3) & 3, t = wd & 7;
+        const int kb = 128 * blk + 16 * t + j;
+        unsigned word = 0u;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int k = kb + 4 * e;
+            int q = 0;
+            if (k < h && !bad) {
+                float f = roundf(__fmul_rn(xr[k], s));
+                q = (int)fminf(fmaxf(f, -128.0f), 127.0f);
+            }
+            word |= ((unsigned)q & 0xffu) << (8 * e);
+        }
+        local = __dp4a((int)word, 0x01010101, local);
+        reinterpret_cast<unsigned*>(codes + r * kp)[wd] = word;
+    }
+    const int total = block_sum_int(local);
+    if (threadIdx.x == 0) {
+        sums[r] = total;
+        scales[r] = bad ? __int_as_float(0x7fc00000) : s;
+        nonfinite[r] = bad;
+    }
 }
 
 // rows: source row of each output row (nullptr: the identity).

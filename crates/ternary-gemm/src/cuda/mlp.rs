@@ -193,22 +193,74 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
     }
     check_gemv(&mlp.gate_up, &ws.x_acts, &ws.gemv)?;
     ws.x_acts.quantize_from(gpu, x)?;
-    if let Some(gu) = ws.gu.as_mut() {
+    mlp_from_codes(gpu, mlp, None, y, ws)
+}
+
+/// [`ternary_mlp_cuda`] for an input already quantized into the GEMV layout (`x.rows() =
+/// ws.rows()`, `x.cols()` = hidden): an engine that produces the A8 codes of its residual
+/// stream in the kernel that updates it (a fused norm + quantization) saves the MLP's own
+/// quantization launch. Same result bit for bit as quantizing the same values here.
+pub fn ternary_mlp_a8_cuda(
+    gpu: &Gpu,
+    mlp: &TernaryMlpGpu,
+    x: &GemvActivations,
+    y: &mut CudaViewMut<'_, f32>,
+    ws: &mut MlpWorkspace,
+) -> Result<()> {
+    let m = ws.m;
+    if ws.x_acts.cols() != mlp.hidden || ws.h_acts.cols() != mlp.inter {
+        return Err(TernaryError::ShapeMismatch {
+            what: "MlpWorkspace (hidden, inter) made for another MLP: hidden",
+            actual: ws.x_acts.cols(),
+            expected: mlp.hidden,
+        });
+    }
+    if x.rows() != m {
+        return Err(TernaryError::ShapeMismatch {
+            what: "activation rows (the MlpWorkspace's m)",
+            actual: x.rows(),
+            expected: m,
+        });
+    }
+    crate::act_quant::check_shape("y", y.len(), m, mlp.hidden)?;
+    if m == 0 {
+        return Ok(());
+    }
+    check_gemv(&mlp.gate_up, x, &ws.gemv)?;
+    mlp_from_codes(gpu, mlp, Some(x), y, ws)
+}
+
+/// The MLP after the A8 of its input: gate/up (GEMV with the relu²⊙ epilogue, or GEMM +
+/// `glu_rows`), A8 of h, down projection. `x`: the input codes, or the workspace's own.
+fn mlp_from_codes(
+    gpu: &Gpu,
+    mlp: &TernaryMlpGpu,
+    x: Option<&GemvActivations>,
+    y: &mut CudaViewMut<'_, f32>,
+    ws: &mut MlpWorkspace,
+) -> Result<()> {
+    let MlpWorkspace {
+        m,
+        x_acts,
+        h,
+        h_acts,
+        amax_bits,
+        arrivals,
+        gemv,
+        gu,
+    } = ws;
+    let m = *m;
+    let xa: &GemvActivations = x.unwrap_or(&*x_acts);
+    if let Some(gu) = gu.as_mut() {
         // Prefill sizes: gate/up through the tiled GEMM in chunks of rows, then relu^2 * up
         // and the row maxima (glu_rows); the same values as the GEMV's fused epilogue.
-        stream_zero_sums(gpu, &mut ws.h_acts.sums, m)?;
+        stream_zero_sums(gpu, &mut h_acts.sums, m)?;
         let cols = mlp.gate_up.n_out();
         let func = gpu.function(&images::TERNARY_GEMV, "glu_rows")?;
         for r0 in (0..m).step_by(MLP_GEMM_ROWS) {
             let rows = r0..(r0 + MLP_GEMM_ROWS).min(m);
             let n = rows.len();
-            launch_gemm(
-                gpu,
-                &mlp.gate_up,
-                &ws.x_acts,
-                rows,
-                &mut gu.slice_mut(..n * cols),
-            )?;
+            launch_gemm(gpu, &mlp.gate_up, xa, rows, &mut gu.slice_mut(..n * cols))?;
             let cfg = LaunchConfig {
                 grid_dim: (mlp.inter.div_ceil(256) as u32, n as u32, 1),
                 block_dim: (256, 1, 1),
@@ -219,8 +271,8 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
             launch
                 .arg(&*gu)
                 .arg(&cols_i)
-                .arg(&mut ws.h)
-                .arg(&mut ws.amax_bits)
+                .arg(&mut *h)
+                .arg(&mut *amax_bits)
                 .arg(&inter_i)
                 .arg(&r0_i);
             // SAFETY: matches `glu_rows(const float*, int, float*, unsigned*, int, int)`; gu
@@ -236,13 +288,13 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
         launch_gemv(
             gpu,
             &mlp.gate_up,
-            &ws.x_acts,
-            &mut ws.h.as_view_mut(),
-            &mut ws.gemv,
+            xa,
+            &mut h.as_view_mut(),
+            &mut *gemv,
             Some(GluOut {
-                amax_bits: &mut ws.amax_bits,
+                amax_bits: &mut *amax_bits,
                 inter: mlp.inter,
-                sums: &mut ws.h_acts.sums,
+                sums: &mut h_acts.sums,
             }),
         )?;
     }
@@ -255,13 +307,13 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
         shared_mem_bytes: 0,
     };
     let mut args = KernelArgs::new();
-    args.ptr(gpu, &ws.h)
-        .ptr_mut(gpu, &mut ws.amax_bits)
-        .ptr_mut(gpu, &mut ws.h_acts.codes_mma)
-        .ptr_mut(gpu, &mut ws.h_acts.sums)
-        .ptr_mut(gpu, &mut ws.h_acts.scales)
-        .ptr_mut(gpu, &mut ws.h_acts.nonfinite_rows)
-        .ptr_mut(gpu, &mut ws.arrivals)
+    args.ptr(gpu, &*h)
+        .ptr_mut(gpu, &mut *amax_bits)
+        .ptr_mut(gpu, &mut h_acts.codes_mma)
+        .ptr_mut(gpu, &mut h_acts.sums)
+        .ptr_mut(gpu, &mut h_acts.scales)
+        .ptr_mut(gpu, &mut h_acts.nonfinite_rows)
+        .ptr_mut(gpu, &mut *arrivals)
         .i32(m as i32)
         .i32(mlp.inter as i32)
         .i32(kp as i32);
@@ -272,7 +324,7 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
     // word index; it waits (griddepcontrol.wait) before touching any of them.
     unsafe { gpu.launch_pdl(&func, "act_quant_mma_absmax_f32", cfg, args) }?;
 
-    ternary_matmul_a8_cuda(gpu, &mlp.down, &ws.h_acts, y, &mut ws.gemv)
+    ternary_matmul_a8_cuda(gpu, &mlp.down, &*h_acts, y, &mut *gemv)
 }
 
 /// Zeroes the first `m` row sums of the hidden activations (the GEMV path's gate/up pass does

@@ -4,16 +4,18 @@
 //!
 //! Per step (rows of all sequences stacked into `(N, H)`, prompts first, then the decode
 //! tokens):
-//! * `engine_embed` (bf16 table -> f32 rows);
-//! * per layer: A8 quantization of x (ternary-gemm's `act_quant`), **one** ternary
+//! * `engine_embed` (bf16 table -> f32 rows) and the A8 quantization of x for layer 0
+//!   (ternary-gemm's `act_quant`);
+//! * per layer: **one** ternary
 //!   GEMV/GEMM for q, k and v (the three matrices concatenated at upload, per-row scales:
 //!   one pass over x and one launch instead of three), `engine_qkv` (QK-Norm, RoPE at each
 //!   row's position, f16), the step's K/V quantized straight into the paged cache
 //!   (`kv_int4`, one launch for every sequence of the step), attention (flash-attn-sm120
 //!   varlen over the prompts of new sequences; kv-int4's split-KV decode kernel over the
-//!   INT4 or f16 pages for single tokens), A8 + the o-projection GEMV, `engine_add_rmsnorm`
-//!   (Chameleon's normed residual), the fused squared-ReLU GLU MLP (ternary-gemm's
-//!   `ternary_mlp_cuda`), `engine_add_rmsnorm`;
+//!   INT4 or f16 pages for single tokens), A8 + the o-projection GEMV,
+//!   `engine_add_rmsnorm_a8` (Chameleon's normed residual, and the A8 of the new residual
+//!   stream for the next projection in the same launch), the fused squared-ReLU GLU MLP on
+//!   those codes (ternary-gemm's `ternary_mlp_a8_cuda`), `engine_add_rmsnorm_a8`;
 //! * the final norm of the rows whose logits are wanted (bf16) and the LM head through cuBLAS
 //!   (bf16 x bf16 -> f32), copied to the host with the step's non-finite counter: the one
 //!   synchronization of a step.
@@ -56,7 +58,7 @@ use kv_int4::cuda::{
 };
 use kv_int4::KvFormat;
 use ternary_gemm::cuda::{
-    ternary_matmul_a8_cuda, ternary_mlp_cuda, GemvActivations, GemvWorkspace, MlpWorkspace,
+    ternary_matmul_a8_cuda, ternary_mlp_a8_cuda, GemvActivations, GemvWorkspace, MlpWorkspace,
     TernaryMatrixGpu, TernaryMlpGpu,
 };
 use ternary_gemm::{TernaryMatrix, TernaryScales};
@@ -830,11 +832,12 @@ impl GpuEngine {
         };
         mark("start")?;
         self.launch_embed(inp.ids, n, &mut rows.x)?;
+        // Layer 0's A8 input; every later one comes from the fused residual norm + A8.
+        rows.x_acts.quantize_from(g, &rows.x.as_view())?;
         mark("embedding")?;
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let (qd, kvd) = (hq * d, hkv * d);
         for (l, layer) in self.layers.iter().enumerate() {
-            rows.x_acts.quantize_from(g, &rows.x.as_view())?;
             ternary_matmul_a8_cuda(
                 g,
                 &layer.qkv,
@@ -842,7 +845,7 @@ impl GpuEngine {
                 &mut rows.qkv.as_view_mut(),
                 gemv,
             )?;
-            mark("A8 + q/k/v projection")?;
+            mark("q/k/v projection")?;
             self.launch_qkv(layer, inp.pos, n, rows)?;
             mark("QK-Norm + RoPE")?;
             cache.kv.write_layer_slots(
@@ -910,18 +913,18 @@ impl GpuEngine {
             rows.o_acts.quantize_from(g, &rows.att.as_view())?;
             ternary_matmul_a8_cuda(g, &layer.o, &rows.o_acts, &mut rows.a.as_view_mut(), gemv)?;
             mark("A8 + o projection")?;
-            self.launch_add_rmsnorm(&mut rows.x, &rows.a, &layer.attn_norm, n)?;
-            mark("residual norms")?;
-            ternary_mlp_cuda(
+            self.launch_add_rmsnorm_a8(rows, &layer.attn_norm, n)?;
+            mark("residual norms + A8")?;
+            ternary_mlp_a8_cuda(
                 g,
                 &layer.mlp,
-                &rows.x.as_view(),
+                &rows.x_acts,
                 &mut rows.a.as_view_mut(),
                 &mut rows.mlp,
             )?;
             mark("MLP")?;
-            self.launch_add_rmsnorm(&mut rows.x, &rows.a, &layer.mlp_norm, n)?;
-            mark("residual norms")?;
+            self.launch_add_rmsnorm_a8(rows, &layer.mlp_norm, n)?;
+            mark("residual norms + A8")?;
         }
         if inp.r > 0 {
             self.launch_final_norm(&rows.x, inp.wanted, inp.r, hidden)?;
@@ -1052,22 +1055,35 @@ impl GpuEngine {
         Ok(())
     }
 
-    fn launch_add_rmsnorm(
-        &self,
-        x: &mut CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        n: usize,
-    ) -> Result<()> {
+    /// `x += rmsnorm(a) * w` per row, then `x_acts = A8(x)` (GEMV layout), in one launch.
+    fn launch_add_rmsnorm_a8(&self, rows: &mut Rows, w: &CudaSlice<f32>, n: usize) -> Result<()> {
         let g = self.gpu.as_ref();
-        let func = g.function(&images::ENGINE, "engine_add_rmsnorm")?;
-        let (h, eps) = (self.cfg.hidden_size as i32, self.cfg.norm_eps as f32);
+        let func = g.function(&images::ENGINE, "engine_add_rmsnorm_a8")?;
+        let h = self.cfg.hidden_size;
+        let (h_i, eps, kp) = (
+            h as i32,
+            self.cfg.norm_eps as f32,
+            ternary_gemm::gemv_padded_cols(h) as i32,
+        );
+        let acts = &mut rows.x_acts;
         let mut launch = g.stream().launch_builder(&func);
-        launch.arg(x).arg(a).arg(w).arg(&h).arg(&eps);
-        // SAFETY: `engine_add_rmsnorm(float*, const float*, const float*, int, float)`; x and a
-        // hold n rows of H (the step's buffers), w H values; one CTA per row.
+        launch
+            .arg(&mut rows.x)
+            .arg(&rows.a)
+            .arg(w)
+            .arg(&h_i)
+            .arg(&eps)
+            .arg(&mut acts.codes_mma)
+            .arg(&mut acts.sums)
+            .arg(&mut acts.scales)
+            .arg(&mut acts.nonfinite_rows)
+            .arg(&kp);
+        // SAFETY: `engine_add_rmsnorm_a8(float*, const float*, const float*, int, float,
+        // int8_t*, int*, float*, unsigned*, int)`; x and a hold n rows of H (the step's
+        // buffers), w H values, x_acts was made for n rows of H (codes n x kp, sums, scales
+        // and flags n); one CTA per row.
         unsafe { launch.launch(Self::row_launch(n)) }
-            .map_err(KernelError::driver("launching engine_add_rmsnorm"))?;
+            .map_err(KernelError::driver("launching engine_add_rmsnorm_a8"))?;
         Ok(())
     }
 
