@@ -225,6 +225,24 @@ __device__ __forceinline__ void store_group(const __half* __restrict__ src, uint
     }
 }
 
+// This thread's group of a write of n tokens: K (kv = 0) or V, token t, head h, group g of
+// 32 values; false past the last group. 32-bit index math (the launches check
+// 2 * n * heads_kv * head_dim / 32 <= INT_MAX): 64-bit division and modulo per thread cost
+// more than the quantization.
+__device__ __forceinline__ bool group_coords(int n, int heads_kv, int head_dim, int& kv, int& t, int& h, int& g) {
+    const unsigned groups_per_row = head_dim / 32;
+    const unsigned per_kv = (unsigned)n * heads_kv * groups_per_row;
+    const unsigned gid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gid >= 2 * per_kv) return false;
+    kv = gid >= per_kv;
+    const unsigned r = gid - kv * per_kv;
+    const unsigned tok_head = r / groups_per_row;  // token * heads_kv + head
+    g = (int)(r - tok_head * groups_per_row);
+    t = (int)(tok_head / heads_kv);
+    h = (int)(tok_head - t * heads_kv);
+    return true;
+}
+
 // One thread per group of one append (a sequence's consecutive positions start..start+n,
 // pages resolved through the ticket's logical page range).
 template <bool kInt4>
@@ -232,18 +250,8 @@ __device__ __forceinline__ void write_groups(const __half* __restrict__ k, const
                                              uint8_t* __restrict__ pool, const int* __restrict__ pages,
                                              int first_page, int start, int n, int heads_kv, int head_dim,
                                              int page_size, int num_pages, long long page_bytes, int layer0) {
-    // 32-bit index math (the launch checks 2 * n * heads_kv * groups_per_row <= INT_MAX):
-    // 64-bit division and modulo per thread cost more than the quantization.
-    const unsigned groups_per_row = head_dim / 32;
-    const unsigned per_kv = (unsigned)n * heads_kv * groups_per_row;
-    const unsigned gid = blockIdx.x * blockDim.x + threadIdx.x;
-    if (gid >= 2 * per_kv) return;
-    const int kv = gid >= per_kv;
-    const unsigned r = gid - kv * per_kv;
-    const unsigned tok_head = r / groups_per_row;  // token * heads_kv + head
-    const int g = (int)(r - tok_head * groups_per_row);
-    const int t = (int)(tok_head / heads_kv);
-    const int h = (int)(tok_head - t * heads_kv);
+    int kv, t, h, g;
+    if (!group_coords(n, heads_kv, head_dim, kv, t, h, g)) return;
     const int pos = start + t;
     const int page = pages[pos / page_size - first_page];
     if (page < 0 || page >= num_pages) return;  // token already outside the window: not stored
@@ -261,16 +269,8 @@ __device__ __forceinline__ void write_slot_groups(const __half* __restrict__ k, 
                                                   uint8_t* __restrict__ pool, const int* __restrict__ slots, int n,
                                                   int heads_kv, int head_dim, int page_shift, int num_pages,
                                                   long long page_bytes, int layer, unsigned* __restrict__ nonfinite) {
-    const unsigned groups_per_row = head_dim / 32;
-    const unsigned per_kv = (unsigned)n * heads_kv * groups_per_row;
-    const unsigned gid = blockIdx.x * blockDim.x + threadIdx.x;
-    if (gid >= 2 * per_kv) return;
-    const int kv = gid >= per_kv;
-    const unsigned r = gid - kv * per_kv;
-    const unsigned tok_head = r / groups_per_row;
-    const int g = (int)(r - tok_head * groups_per_row);
-    const int t = (int)(tok_head / heads_kv);
-    const int h = (int)(tok_head - t * heads_kv);
+    int kv, t, h, g;
+    if (!group_coords(n, heads_kv, head_dim, kv, t, h, g)) return;
     const int s = slots[t];
     const int page = s >> page_shift;
     if (s < 0 || page >= num_pages) return;

@@ -1388,19 +1388,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         ..sampling_options(a, &tok)
     };
     let codec = Codec::Tritter(tok);
-    let gpu = engine.is_gpu();
-    on_engine!(engine, |e| run_generation(
-        a,
-        e,
-        &codec,
-        &prompts,
-        &options,
-        Loaded {
-            source: checkpoint,
-            load,
-            gpu
-        }
-    ))
+    run_generation(a, &engine, &codec, &prompts, &options, checkpoint, load)
 }
 
 /// `tritter generate --hf`: a Hugging Face BitNet checkpoint with its own tokenizer and
@@ -1464,19 +1452,7 @@ fn generate_hf(a: &GenerateArgs, dir: &Path) -> Result<()> {
     };
     let codec = Codec::Hf(hf.tokenizer);
     let engine = AnyEngine::new(a.device, hf.checkpoint)?;
-    let gpu = engine.is_gpu();
-    on_engine!(engine, |e| run_generation(
-        a,
-        e,
-        &codec,
-        &prompts,
-        &options,
-        Loaded {
-            source: dir,
-            load,
-            gpu
-        }
-    ))
+    run_generation(a, &engine, &codec, &prompts, &options, dir, load)
 }
 
 /// The tokenizer of an imported model, or an error naming the flag that needs it.
@@ -1517,7 +1493,28 @@ struct Loaded<'a> {
 
 /// Runs the engine on `prompts` (one streamed to stdout, several batched) and prints the
 /// timings to stderr.
-fn run_generation<E: Engine>(
+fn run_generation(
+    a: &GenerateArgs,
+    engine: &AnyEngine,
+    codec: &Codec,
+    prompts: &[Vec<u32>],
+    options: &SamplingOptions<'_>,
+    source: &Path,
+    load: Instant,
+) -> Result<()> {
+    let gpu = engine.is_gpu();
+    on_engine!(engine, |e| generate_on(
+        a,
+        e,
+        codec,
+        prompts,
+        options,
+        Loaded { source, load, gpu }
+    ))
+}
+
+/// [`run_generation`] on one engine.
+fn generate_on<E: Engine>(
     a: &GenerateArgs,
     engine: &E,
     codec: &Codec,

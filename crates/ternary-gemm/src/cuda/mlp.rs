@@ -172,13 +172,7 @@ pub fn ternary_mlp_cuda<T: DeviceActivation>(
     ws: &mut MlpWorkspace,
 ) -> Result<()> {
     let m = ws.m;
-    if ws.x_acts.cols() != mlp.hidden || ws.h_acts.cols() != mlp.inter {
-        return Err(TernaryError::ShapeMismatch {
-            what: "MlpWorkspace (hidden, inter) made for another MLP: hidden",
-            actual: ws.x_acts.cols(),
-            expected: mlp.hidden,
-        });
-    }
+    check_workspace(mlp, ws)?;
     if m > 65535 {
         return Err(TernaryError::BadDimension {
             what: "MLP tokens per call",
@@ -208,13 +202,7 @@ pub fn ternary_mlp_a8_cuda(
     ws: &mut MlpWorkspace,
 ) -> Result<()> {
     let m = ws.m;
-    if ws.x_acts.cols() != mlp.hidden || ws.h_acts.cols() != mlp.inter {
-        return Err(TernaryError::ShapeMismatch {
-            what: "MlpWorkspace (hidden, inter) made for another MLP: hidden",
-            actual: ws.x_acts.cols(),
-            expected: mlp.hidden,
-        });
-    }
+    check_workspace(mlp, ws)?;
     if x.rows() != m {
         return Err(TernaryError::ShapeMismatch {
             what: "activation rows (the MlpWorkspace's m)",
@@ -228,6 +216,18 @@ pub fn ternary_mlp_a8_cuda(
     }
     check_gemv(&mlp.gate_up, x, &ws.gemv)?;
     mlp_from_codes(gpu, mlp, Some(x), y, ws)
+}
+
+/// Fails unless `ws` was made for `mlp`'s (hidden, inter).
+fn check_workspace(mlp: &TernaryMlpGpu, ws: &MlpWorkspace) -> Result<()> {
+    if ws.x_acts.cols() != mlp.hidden || ws.h_acts.cols() != mlp.inter {
+        return Err(TernaryError::ShapeMismatch {
+            what: "MlpWorkspace (hidden, inter) made for another MLP: hidden",
+            actual: ws.x_acts.cols(),
+            expected: mlp.hidden,
+        });
+    }
+    Ok(())
 }
 
 /// The MLP after the A8 of its input: gate/up (GEMV with the relu²⊙ epilogue, or GEMM +

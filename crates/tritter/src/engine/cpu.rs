@@ -202,11 +202,7 @@ impl CpuEngine {
                 if left > 0 {
                     let n = cache.max_chunk(input.seq, left)?;
                     let last = n == left;
-                    let rows = match input.logits {
-                        LogitsFor::All => RowsWanted::All,
-                        LogitsFor::Last if last => RowsWanted::Last,
-                        LogitsFor::Last => RowsWanted::None,
-                    };
+                    let rows = RowsWanted::of_chunk(input.logits, last);
                     round.push((b, &input.tokens[done[b]..done[b] + n], rows));
                     done[b] += n;
                 }
@@ -298,34 +294,17 @@ impl CpuEngine {
         }
 
         // Final norm of the wanted rows, then one pass over the LM head for all of them.
-        let mut wanted_rows = Vec::new();
-        let mut r0 = 0;
-        for (_, t, wanted) in items {
-            wanted_rows.extend(match wanted {
-                RowsWanted::None => r0..r0,
-                RowsWanted::Last => r0 + t.len() - 1..r0 + t.len(),
-                RowsWanted::All => r0..r0 + t.len(),
-            });
-            r0 += t.len();
-        }
+        let wanted_rows = wanted_rows(items.iter().map(|(_, t, w)| (t.len(), *w)));
         let mut hidden = vec![0f32; wanted_rows.len() * h]; // (R, H)
         for (hn, &r) in hidden.chunks_exact_mut(h).zip(&wanted_rows) {
             rms_norm_row(&x[r * h..(r + 1) * h], &self.final_norm, eps, hn);
         }
         let logits = self.lm_head(&hidden, wanted_rows.len()); // (R, V)
-        let v = cfg.vocab_size;
-        let mut out = Vec::with_capacity(items.len());
-        let mut at = 0;
-        for (_, t, wanted) in items {
-            let n = match wanted {
-                RowsWanted::None => 0,
-                RowsWanted::Last => 1,
-                RowsWanted::All => t.len(),
-            };
-            out.push(logits[at * v..(at + n) * v].to_vec());
-            at += n;
-        }
-        Ok(out)
+        Ok(split_logits(
+            items.iter().map(|(_, t, w)| (t.len(), *w)),
+            &logits,
+            cfg.vocab_size,
+        ))
     }
 
     /// Logits `(R, V)` of final hidden states `(R, H)`: `h · Eᵀ` (tied) or `h · Wᵀ`. Each
@@ -506,12 +485,62 @@ pub(crate) fn check_step_inputs(
     Ok(())
 }
 
-/// Rows of a round whose logits are computed.
+/// Rows of a round whose logits are computed (shared by the CPU and GPU engines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RowsWanted {
+pub(crate) enum RowsWanted {
     None,
     Last,
     All,
+}
+
+impl RowsWanted {
+    /// The rows of a chunk of an input that asks for `logits`: all of them, or the last one
+    /// when the chunk ends the input (`last_chunk`), else none.
+    pub(crate) fn of_chunk(logits: LogitsFor, last_chunk: bool) -> Self {
+        match logits {
+            LogitsFor::All => RowsWanted::All,
+            LogitsFor::Last if last_chunk => RowsWanted::Last,
+            LogitsFor::Last => RowsWanted::None,
+        }
+    }
+
+    /// The wanted rows among a chunk's `n`, as offsets `0..n`.
+    fn range(self, n: usize) -> std::ops::Range<usize> {
+        match self {
+            RowsWanted::None => 0..0,
+            RowsWanted::Last => n - 1..n,
+            RowsWanted::All => 0..n,
+        }
+    }
+}
+
+/// Round row indices of the wanted rows of chunks `(tokens, wanted)` stacked in order.
+pub(crate) fn wanted_rows(chunks: impl Iterator<Item = (usize, RowsWanted)>) -> Vec<usize> {
+    let mut rows = Vec::new();
+    let mut r0 = 0;
+    for (n, w) in chunks {
+        rows.extend(w.range(n).map(|r| r0 + r));
+        r0 += n;
+    }
+    rows
+}
+
+/// `logits` `(R, V)` of the wanted rows split back per chunk: `(k, V)` each, `k` its wanted
+/// rows.
+pub(crate) fn split_logits(
+    chunks: impl Iterator<Item = (usize, RowsWanted)>,
+    logits: &[f32],
+    v: usize,
+) -> Vec<Vec<f32>> {
+    let mut at = 0;
+    chunks
+        .map(|(n, w)| {
+            let k = w.range(n).len();
+            let out = logits[at * v..(at + k) * v].to_vec();
+            at += k;
+            out
+        })
+        .collect()
 }
 
 /// What every layer of a round shares: `(item, position)` per row, the appends, and the

@@ -65,7 +65,7 @@ use ternary_gemm::{TernaryMatrix, TernaryScales};
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use super::checkpoint::{InferenceCheckpoint, LayerNorms};
-use super::cpu::{check_step_inputs, LogitsFor, StepInput};
+use super::cpu::{check_step_inputs, split_logits, wanted_rows, RowsWanted, StepInput};
 use super::kv::{paged_config, KvCacheFormat, KvCacheOptions, SequenceId};
 use super::traits::{Engine, EngineCache};
 use crate::config::{AttentionMode, TritterConfig};
@@ -469,7 +469,7 @@ impl GpuEngine {
     }
 
     /// Appends each input's tokens to its sequence and returns its logits (see
-    /// [`LogitsFor`]), in input order. Inputs are validated before the cache changes; an
+    /// [`LogitsFor`](super::LogitsFor)), in input order. Inputs are validated before the cache changes; an
     /// error after that (a non-finite activation, an exhausted page pool) leaves the step's
     /// sequences partly appended, so free them.
     pub fn step(&self, cache: &mut GpuCache, inputs: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>> {
@@ -486,11 +486,7 @@ impl GpuEngine {
                     continue;
                 }
                 let n = if cache.len(input.seq)? == 0 { left } else { 1 };
-                let rows = match input.logits {
-                    LogitsFor::All => RowsWanted::All,
-                    LogitsFor::Last if n == left => RowsWanted::Last,
-                    LogitsFor::Last => RowsWanted::None,
-                };
+                let rows = RowsWanted::of_chunk(input.logits, n == left);
                 round.push(Item {
                     input: b,
                     seq: input.seq,
@@ -540,17 +536,7 @@ impl GpuEngine {
             pos.extend((start..start + it.tokens.len()).map(|p| p as i32));
             tickets.push(cache.kv.begin_append(kv_seq, start, it.tokens.len())?);
         }
-        let mut wanted = Vec::new();
-        let mut r0 = 0;
-        for it in items {
-            let len = it.tokens.len();
-            wanted.extend(match it.rows {
-                RowsWanted::None => r0..r0,
-                RowsWanted::Last => r0 + len - 1..r0 + len,
-                RowsWanted::All => r0..r0 + len,
-            });
-            r0 += len;
-        }
+        let wanted = wanted_rows(items.iter().map(|it| (it.tokens.len(), it.rows)));
         let r = wanted.len();
 
         let mut guard = self.shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -786,18 +772,11 @@ impl GpuEngine {
                 value: logits_h[i].to_string(),
             });
         }
-        let mut out = Vec::with_capacity(items.len());
-        let mut at = 0;
-        for it in items {
-            let k = match it.rows {
-                RowsWanted::None => 0,
-                RowsWanted::Last => 1,
-                RowsWanted::All => it.tokens.len(),
-            };
-            out.push(logits_h[at * v..(at + k) * v].to_vec());
-            at += k;
-        }
-        Ok(out)
+        Ok(split_logits(
+            items.iter().map(|it| (it.tokens.len(), it.rows)),
+            &logits_h,
+            v,
+        ))
     }
 
     /// Every kernel of a step, in stream order: embedding, the layers, the final norm of the
@@ -1160,14 +1139,6 @@ impl GpuEngine {
             detail: e.to_string(),
         })
     }
-}
-
-/// Rows of an item whose logits are computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RowsWanted {
-    None,
-    Last,
-    All,
 }
 
 /// Tokens a round appends to one sequence.
