@@ -27,11 +27,6 @@
 //   (j, j + D/2) for j = l, l + 32, ...; the angle pos * inv_freq[j] is computed in double
 //   precision (as the CPU reference does, then rounded to f32 once), so long contexts keep
 //   their precision; each RoPE product is rounded before the sum, as in the reference.
-//
-// Every kernel here is launched with programmatic dependent launch (Gpu::launch_pdl) and
-// starts with pdl_wait + pdl_launch_dependents: its CTAs are scheduled while the previous
-// kernel drains, and the next one (a GEMV prefetching its weights) may start as soon as this
-// one runs. Inside a CUDA graph the edges stay programmatic.
 
 #include "common.cuh"
 
@@ -168,8 +163,6 @@ __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ xr, const 
 extern "C" __global__ void __launch_bounds__(kThreads)
     engine_embed(const unsigned* __restrict__ ids, const __nv_bfloat16* __restrict__ table, int hidden, int zero_pad,
                  float* __restrict__ x) {
-    tritter::pdl_wait();
-    tritter::pdl_launch_dependents();
     const int r = blockIdx.x;
     const unsigned id = ids[r];
     float* xr = x + (long long)r * hidden;
@@ -199,8 +192,6 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     engine_add_rmsnorm_a8(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w, int h,
                           float eps, int8_t* __restrict__ codes, int* __restrict__ sums, float* __restrict__ scales,
                           unsigned* __restrict__ nonfinite, int kp) {
-    tritter::pdl_wait();
-    tritter::pdl_launch_dependents();
     const long long r = blockIdx.x;
     float* xr = x + r * h;
     rmsnorm_row<float, true>(a + r * h, w, h, eps, xr);
@@ -247,8 +238,6 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     extern "C" __global__ void __launch_bounds__(kThreads)                                                     \
         NAME(const float* __restrict__ x, const int* __restrict__ rows, const float* __restrict__ w, int h,    \
              float eps, OUT* __restrict__ out) {                                                               \
-        tritter::pdl_wait();                                                                                   \
-        tritter::pdl_launch_dependents();                                                                      \
         const long long i = blockIdx.x;                                                                        \
         const long long src = rows ? rows[i] : i;                                                              \
         rmsnorm_row<OUT, false>(x + src * h, w, h, eps, out + i * h);                                          \
@@ -258,11 +247,8 @@ ENGINE_RMSNORM(engine_rmsnorm_bf16, __nv_bfloat16)
 
 extern "C" __global__ void __launch_bounds__(128)
     engine_qkv(const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ q_norm,
-               const float* __restrict__ k_norm, int use_norm, const double* __restrict__ inv_freq, int heads_q,
-               int heads_kv, int head_dim, float eps, __half* __restrict__ q, __half* __restrict__ k,
-               __half* __restrict__ v) {
-    tritter::pdl_wait();
-    tritter::pdl_launch_dependents();
+               const float* __restrict__ k_norm, const double* __restrict__ inv_freq, int heads_q, int heads_kv,
+               int head_dim, float eps, __half* __restrict__ q, __half* __restrict__ k, __half* __restrict__ v) {
     const int r = blockIdx.x;
     const int head = blockIdx.y * 4 + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -289,7 +275,7 @@ extern "C" __global__ void __launch_bounds__(128)
         x2[p] = j < half_d ? src[j + half_d] : 0.0f;
         s += x1[p] * x1[p] + x2[p] * x2[p];
     }
-    if (use_norm) {
+    if (norm != nullptr) {
         const float rd = rms_denominator(warp_sum(s), head_dim, eps);
 #pragma unroll
         for (int p = 0; p < kMaxPairs; ++p) {

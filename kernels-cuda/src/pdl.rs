@@ -85,11 +85,6 @@ impl<'a> KernelArgs<'a> {
     pub fn i32(&mut self, v: i32) -> &mut Self {
         self.push(u64::from(v as u32), None)
     }
-
-    /// A `float` argument.
-    pub fn f32(&mut self, v: f32) -> &mut Self {
-        self.push(u64::from(v.to_bits()), None)
-    }
 }
 
 impl Gpu {

@@ -46,7 +46,9 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
+use cudarc::driver::{
+    CudaEvent, CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use flash_attn_sm120::cuda::{flash_attn_fwd_cuda, ProblemGpu};
 use flash_attn_sm120::{Heads, Mask, MaskInputs, Positions, Problem, Seqs};
 use half::{bf16, f16};
@@ -60,7 +62,7 @@ use ternary_gemm::cuda::{
     TernaryMatrixGpu, TernaryMlpGpu,
 };
 use ternary_gemm::{TernaryMatrix, TernaryScales};
-use tritter_kernels_cuda::{images, Gpu, KernelArgs, KernelError};
+use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use super::checkpoint::{InferenceCheckpoint, LayerNorms};
 use super::cpu::{check_step_inputs, split_logits, wanted_rows, RowsWanted, StepInput};
@@ -972,17 +974,14 @@ impl GpuEngine {
     fn launch_embed(&self, ids: &CudaSlice<u32>, n: usize, x: &mut CudaSlice<f32>) -> Result<()> {
         let g = self.gpu.as_ref();
         let func = g.function(&images::ENGINE, "engine_embed")?;
-        let mut args = KernelArgs::new();
-        args.ptr(g, ids)
-            .ptr(g, &self.embed)
-            .i32(self.cfg.hidden_size as i32)
-            .i32(i32::from(self.zero_pad))
-            .ptr_mut(g, x);
+        let (h, zp) = (self.cfg.hidden_size as i32, i32::from(self.zero_pad));
+        let mut launch = g.stream().launch_builder(&func);
+        launch.arg(ids).arg(&self.embed).arg(&h).arg(&zp).arg(x);
         // SAFETY: `engine_embed(const unsigned*, const bf16*, int, int, float*)`; ids holds n
         // ids below vocab_size (check_step_inputs), the table (V, H), x (N, H) with N >= n
-        // (the step's row buffers); one CTA per row; it waits (griddepcontrol.wait) before
-        // touching memory.
-        unsafe { g.launch_pdl(&func, "engine_embed", Self::row_launch(n), args) }?;
+        // (the step's row buffers); one CTA per row.
+        unsafe { launch.launch(Self::row_launch(n)) }
+            .map_err(KernelError::driver("launching engine_embed"))?;
         Ok(())
     }
 
@@ -996,36 +995,42 @@ impl GpuEngine {
         let g = self.gpu.as_ref();
         let cfg = &self.cfg;
         let func = g.function(&images::ENGINE, "engine_qkv")?;
-        // Without QK-Norm the kernel ignores the norm pointers (any buffer stands in).
+        let (hq, hkv, d) = (
+            cfg.num_heads as i32,
+            cfg.num_kv_heads as i32,
+            cfg.head_dim() as i32,
+        );
+        let eps = cfg.norm_eps as f32;
+        let stream = g.stream();
         let (qn, kn) = match &layer.qk_norm {
-            Some((q, k)) => (q, k),
-            None => (&self.final_norm, &self.final_norm),
+            Some((q, k)) => (q.device_ptr(stream).0, k.device_ptr(stream).0),
+            None => (0, 0),
         };
-        let mut args = KernelArgs::new();
-        args.ptr(g, &rows.qkv)
-            .ptr(g, pos)
-            .ptr(g, qn)
-            .ptr(g, kn)
-            .i32(i32::from(layer.qk_norm.is_some()))
-            .ptr(g, &self.inv_freq)
-            .i32(cfg.num_heads as i32)
-            .i32(cfg.num_kv_heads as i32)
-            .i32(cfg.head_dim() as i32)
-            .f32(cfg.norm_eps as f32)
-            .ptr_mut(g, &mut rows.q)
-            .ptr_mut(g, &mut rows.k)
-            .ptr_mut(g, &mut rows.v);
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&rows.qkv)
+            .arg(pos)
+            .arg(&qn)
+            .arg(&kn)
+            .arg(&self.inv_freq)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&d)
+            .arg(&eps)
+            .arg(&mut rows.q)
+            .arg(&mut rows.k)
+            .arg(&mut rows.v);
         let heads = cfg.num_heads + 2 * cfg.num_kv_heads;
         let lc = LaunchConfig {
             grid_dim: (n as u32, heads.div_ceil(QKV_HEADS_PER_CTA) as u32, 1),
             block_dim: (32 * QKV_HEADS_PER_CTA as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: `engine_qkv(const float*, const int*, const float*, const float*, int,
-        // const double*, int, int, int, float, half*, half*, half*)`; qkv (n, (Hq + 2 Hkv) D),
-        // pos (n,), norms (D,) (read only with use_norm), inv_freq (D/2,), q (n, Hq, D), k and
-        // v (n, Hkv, D): the step's row buffers; D <= 256; it waits before touching memory.
-        unsafe { g.launch_pdl(&func, "engine_qkv", lc, args) }?;
+        // SAFETY: `engine_qkv(const float*, const int*, const float*, const float*, const
+        // double*, int, int, int, float, half*, half*, half*)`; qkv (n, (Hq + 2 Hkv) D), pos
+        // (n,), norms (D,) or null (the layer owns them, so they outlive the launch),
+        // inv_freq (D/2,), q (n, Hq, D), k and v (n, Hkv, D): the step's row buffers; D <= 256.
+        unsafe { launch.launch(lc) }.map_err(KernelError::driver("launching engine_qkv"))?;
         Ok(())
     }
 
@@ -1040,22 +1045,24 @@ impl GpuEngine {
             ternary_gemm::gemv_padded_cols(h) as i32,
         );
         let acts = &mut rows.x_acts;
-        let mut args = KernelArgs::new();
-        args.ptr_mut(g, &mut rows.x)
-            .ptr(g, &rows.a)
-            .ptr(g, w)
-            .i32(h_i)
-            .f32(eps)
-            .ptr_mut(g, &mut acts.codes_mma)
-            .ptr_mut(g, &mut acts.sums)
-            .ptr_mut(g, &mut acts.scales)
-            .ptr_mut(g, &mut acts.nonfinite_rows)
-            .i32(kp);
+        let mut launch = g.stream().launch_builder(&func);
+        launch
+            .arg(&mut rows.x)
+            .arg(&rows.a)
+            .arg(w)
+            .arg(&h_i)
+            .arg(&eps)
+            .arg(&mut acts.codes_mma)
+            .arg(&mut acts.sums)
+            .arg(&mut acts.scales)
+            .arg(&mut acts.nonfinite_rows)
+            .arg(&kp);
         // SAFETY: `engine_add_rmsnorm_a8(float*, const float*, const float*, int, float,
         // int8_t*, int*, float*, unsigned*, int)`; x and a hold n rows of H (the step's
         // buffers), w H values, x_acts was made for n rows of H (codes n x kp, sums, scales
-        // and flags n); one CTA per row; it waits before touching memory.
-        unsafe { g.launch_pdl(&func, "engine_add_rmsnorm_a8", Self::row_launch(n), args) }?;
+        // and flags n); one CTA per row.
+        unsafe { launch.launch(Self::row_launch(n)) }
+            .map_err(KernelError::driver("launching engine_add_rmsnorm_a8"))?;
         Ok(())
     }
 
@@ -1068,18 +1075,20 @@ impl GpuEngine {
     ) -> Result<()> {
         let g = self.gpu.as_ref();
         let func = g.function(&images::ENGINE, "engine_rmsnorm_bf16")?;
-        let mut args = KernelArgs::new();
-        args.ptr(g, x)
-            .ptr(g, rows)
-            .ptr(g, &self.final_norm)
-            .i32(self.cfg.hidden_size as i32)
-            .f32(self.cfg.norm_eps as f32)
-            .ptr_mut(g, out);
+        let (h, eps) = (self.cfg.hidden_size as i32, self.cfg.norm_eps as f32);
+        let mut launch = g.stream().launch_builder(&func);
+        launch
+            .arg(x)
+            .arg(rows)
+            .arg(&self.final_norm)
+            .arg(&h)
+            .arg(&eps)
+            .arg(out);
         // SAFETY: `engine_rmsnorm_bf16(const float*, const int*, const float*, int, float,
         // bf16*)`; rows holds r indices below the step's row count (built from its items), x
-        // that many rows of H, out (r, H); one CTA per output row; it waits before touching
-        // memory.
-        unsafe { g.launch_pdl(&func, "engine_rmsnorm_bf16", Self::row_launch(r), args) }?;
+        // that many rows of H, out (r, H); one CTA per output row.
+        unsafe { launch.launch(Self::row_launch(r)) }
+            .map_err(KernelError::driver("launching engine_rmsnorm_bf16"))?;
         Ok(())
     }
 
