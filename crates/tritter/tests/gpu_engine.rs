@@ -258,6 +258,25 @@ mod conformance {
         let c = cpu.step(&mut cc, &inputs).unwrap();
         let gl = gpu.step(&mut gc, &inputs).unwrap();
         worst = worst.max(compare("mixed round", &c, &gl, v, tol));
+        // A continuation of 3 tokens (decoded one per round, only the last row's logits
+        // wanted) next to another sequence's single token.
+        let more = random_tokens(cfg, 3, 2002);
+        let one = random_tokens(cfg, 1, 2003);
+        let inputs = [
+            StepInput {
+                seq: seqs[1],
+                tokens: &more,
+                logits: LogitsFor::Last,
+            },
+            StepInput {
+                seq: nc,
+                tokens: &one,
+                logits: LogitsFor::Last,
+            },
+        ];
+        let c = cpu.step(&mut cc, &inputs).unwrap();
+        let gl = gpu.step(&mut gc, &inputs).unwrap();
+        worst = worst.max(compare("continuation round", &c, &gl, v, tol));
         for &s in &[seqs[0], seqs[1], nc] {
             assert_eq!(cc.len(s).unwrap(), gc.len(s).unwrap());
         }
