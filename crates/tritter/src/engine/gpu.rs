@@ -672,6 +672,11 @@ impl GpuEngine {
             stream
                 .memcpy_dtoh(&bufs.logits, &mut bufs.host)
                 .map_err(KernelError::driver("copying logits to the host"))?;
+            // The copy into page-locked memory is asynchronous, and this context does not
+            // track events (Gpu::new), so the pinned slice does not wait by itself.
+            stream
+                .synchronize()
+                .map_err(KernelError::driver("waiting for the logits"))?;
             let all = bufs
                 .host
                 .as_slice()
