@@ -193,33 +193,16 @@ impl CpuEngine {
     /// appended, so free them.
     pub fn step(&self, cache: &mut KvCache, inputs: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>> {
         check_step_inputs(self.config(), inputs, |s| cache.len(s))?;
-        let mut done = vec![0usize; inputs.len()];
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
-        loop {
-            let mut round = Vec::new();
-            for (b, input) in inputs.iter().enumerate() {
-                let left = input.tokens.len() - done[b];
-                if left > 0 {
-                    let n = cache.max_chunk(input.seq, left)?;
-                    let last = n == left;
-                    let rows = RowsWanted::of_chunk(input.logits, last);
-                    round.push((b, &input.tokens[done[b]..done[b] + n], rows));
-                    done[b] += n;
-                }
-            }
-            if round.is_empty() {
-                break;
-            }
-            let items: Vec<(SequenceId, &[u32], RowsWanted)> = round
-                .iter()
-                .map(|&(b, t, r)| (inputs[b].seq, t, r))
-                .collect();
-            let logits = self.forward_round(cache, &items)?;
-            for ((b, _, _), l) in round.iter().zip(logits) {
-                out[*b].extend(l);
-            }
-        }
-        Ok(out)
+        run_rounds(
+            inputs,
+            cache,
+            |cache, seq, left| cache.max_chunk(seq, left),
+            |cache, chunks| {
+                let items: Vec<(SequenceId, &[u32], RowsWanted)> =
+                    chunks.iter().map(|c| (c.seq, c.tokens, c.rows)).collect();
+                self.forward_round(cache, &items)
+            },
+        )
     }
 
     /// One round: appends each item's tokens to its sequence and returns the logits of the
@@ -483,6 +466,52 @@ pub(crate) fn check_step_inputs(
         }
     }
     Ok(())
+}
+
+/// The tokens a round appends to one sequence.
+pub(crate) struct Chunk<'a> {
+    /// Index of the step input they come from.
+    pub input: usize,
+    pub seq: SequenceId,
+    pub tokens: &'a [u32],
+    pub rows: RowsWanted,
+}
+
+/// Runs a step's `inputs` in rounds (both engines): each round takes from every unfinished
+/// input its next chunk of `chunk(cache, seq, tokens left)` tokens and `round` appends them
+/// and returns their wanted logits (it may reorder the chunks; the logits follow its order).
+/// Returns each input's logits, in input order.
+pub(crate) fn run_rounds<'a, C>(
+    inputs: &[StepInput<'a>],
+    cache: &mut C,
+    chunk: impl Fn(&C, SequenceId, usize) -> Result<usize>,
+    mut round: impl FnMut(&mut C, &mut [Chunk<'a>]) -> Result<Vec<Vec<f32>>>,
+) -> Result<Vec<Vec<f32>>> {
+    let mut done = vec![0usize; inputs.len()];
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
+    loop {
+        let mut chunks = Vec::new();
+        for (b, input) in inputs.iter().enumerate() {
+            let left = input.tokens.len() - done[b];
+            if left > 0 {
+                let n = chunk(cache, input.seq, left)?;
+                chunks.push(Chunk {
+                    input: b,
+                    seq: input.seq,
+                    tokens: &input.tokens[done[b]..done[b] + n],
+                    rows: RowsWanted::of_chunk(input.logits, n == left),
+                });
+                done[b] += n;
+            }
+        }
+        if chunks.is_empty() {
+            return Ok(out);
+        }
+        let logits = round(cache, &mut chunks)?;
+        for (c, l) in chunks.iter().zip(logits) {
+            out[c.input].extend(l);
+        }
+    }
 }
 
 /// Rows of a round whose logits are computed (shared by the CPU and GPU engines).

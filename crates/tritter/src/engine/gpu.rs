@@ -66,7 +66,7 @@ use ternary_gemm::{TernaryMatrix, TernaryScales};
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use super::checkpoint::{InferenceCheckpoint, LayerNorms};
-use super::cpu::{check_step_inputs, split_logits, wanted_rows, RowsWanted, StepInput};
+use super::cpu::{check_step_inputs, run_rounds, split_logits, wanted_rows, Chunk, StepInput};
 use super::kv::{paged_config, KvCacheFormat, KvCacheOptions, SequenceId};
 use super::traits::{Engine, EngineCache};
 use crate::config::{AttentionMode, TritterConfig};
@@ -482,44 +482,24 @@ impl GpuEngine {
     /// sequences partly appended, so free them.
     pub fn step(&self, cache: &mut GpuCache, inputs: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>> {
         check_step_inputs(&self.cfg, inputs, |s| cache.len(s))?;
-        let mut done = vec![0usize; inputs.len()];
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
-        loop {
+        run_rounds(
+            inputs,
+            cache,
             // A new sequence's whole prompt in one round (flash attention); anything else
             // one token per round (decode attention over the cache).
-            let mut round = Vec::new();
-            for (b, input) in inputs.iter().enumerate() {
-                let left = input.tokens.len() - done[b];
-                if left == 0 {
-                    continue;
-                }
-                let n = if cache.len(input.seq)? == 0 { left } else { 1 };
-                let rows = RowsWanted::of_chunk(input.logits, n == left);
-                round.push(Item {
-                    input: b,
-                    seq: input.seq,
-                    tokens: &input.tokens[done[b]..done[b] + n],
-                    rows,
-                });
-                done[b] += n;
-            }
-            if round.is_empty() {
-                break;
-            }
-            // Prompts (n > 1) first, then the single tokens.
-            round.sort_by_key(|it| it.tokens.len() == 1);
-            let logits = self.forward_round(cache, &round)?;
-            for (it, l) in round.iter().zip(logits) {
-                out[it.input].extend(l);
-            }
-        }
-        Ok(out)
+            |cache, seq, left| Ok(if cache.len(seq)? == 0 { left } else { 1 }),
+            |cache, chunks| {
+                // Prompts (n > 1) first, then the single tokens.
+                chunks.sort_by_key(|c| c.tokens.len() == 1);
+                self.forward_round(cache, chunks)
+            },
+        )
     }
 
     /// One round (see [`step`](Self::step)): appends each item's tokens and returns the
     /// wanted logits per item. Decode-only rounds (every item one token) run from a CUDA
     /// graph once their shape has repeated ([`DecodeState`]).
-    fn forward_round(&self, cache: &mut GpuCache, items: &[Item<'_>]) -> Result<Vec<Vec<f32>>> {
+    fn forward_round(&self, cache: &mut GpuCache, items: &[Chunk<'_>]) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let (d, hq, hkv, v) = (
             cfg.head_dim(),
@@ -1159,14 +1139,6 @@ impl GpuEngine {
             detail: e.to_string(),
         })
     }
-}
-
-/// Tokens a round appends to one sequence.
-struct Item<'a> {
-    input: usize,
-    seq: SequenceId,
-    tokens: &'a [u32],
-    rows: RowsWanted,
 }
 
 /// The GPU engine's KV cache: `kv_int4`'s paged cache on the device (INT4 or f16 pages,
