@@ -182,15 +182,7 @@ mod conformance {
         }
         let mut worst = 0f32;
         // Prefill: every position's logits.
-        let inputs: Vec<StepInput<'_>> = seqs
-            .iter()
-            .zip(&prompts)
-            .map(|(&seq, p)| StepInput {
-                seq,
-                tokens: p,
-                logits: LogitsFor::All,
-            })
-            .collect();
+        let inputs = StepInput::batch(&seqs, &prompts, LogitsFor::All);
         let c = cpu.step(&mut cc, &inputs).unwrap();
         let gl = gpu.step(&mut gc, &inputs).unwrap();
         worst = worst.max(compare("prefill", &c, &gl, v, tol));
@@ -223,15 +215,7 @@ mod conformance {
                 .enumerate()
                 .map(|(i, _)| random_tokens(cfg, 1, 1000 + 10 * t + i as u64))
                 .collect();
-            let inputs: Vec<StepInput<'_>> = live
-                .iter()
-                .zip(&toks)
-                .map(|(&seq, tk)| StepInput {
-                    seq,
-                    tokens: tk,
-                    logits: LogitsFor::Last,
-                })
-                .collect();
+            let inputs = StepInput::batch(live, &toks, LogitsFor::Last);
             let c = cpu.step(&mut cc, &inputs).unwrap();
             let gl = gpu.step(&mut gc, &inputs).unwrap();
             worst = worst.max(compare(&format!("decode step {t}"), &c, &gl, v, tol));

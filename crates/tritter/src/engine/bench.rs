@@ -108,15 +108,7 @@ pub fn bench_engine<E: Engine>(
 
     let seqs: Vec<_> = (0..batch).map(|_| cache.add_sequence()).collect();
     let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(prompt_len)).collect();
-    let inputs: Vec<StepInput<'_>> = seqs
-        .iter()
-        .zip(&prompts)
-        .map(|(&seq, p)| StepInput {
-            seq,
-            tokens: p,
-            logits: LogitsFor::Last,
-        })
-        .collect();
+    let inputs = StepInput::batch(&seqs, &prompts, LogitsFor::Last);
     let t = Instant::now();
     let mut logits = engine.step(&mut cache, &inputs)?;
     let prefill_s = t.elapsed().as_secs_f64();
@@ -125,15 +117,7 @@ pub fn bench_engine<E: Engine>(
     let mut decode_s = 0.0;
     for i in 0..=decode_steps {
         let next: Vec<Vec<u32>> = logits.iter().map(|l| vec![argmax(l)]).collect();
-        let inputs: Vec<StepInput<'_>> = seqs
-            .iter()
-            .zip(&next)
-            .map(|(&seq, t)| StepInput {
-                seq,
-                tokens: t,
-                logits: LogitsFor::Last,
-            })
-            .collect();
+        let inputs = StepInput::batch(&seqs, &next, LogitsFor::Last);
         let t = Instant::now();
         logits = engine.step(&mut cache, &inputs)?;
         if i > 0 {

@@ -80,6 +80,25 @@ pub struct StepInput<'a> {
     pub logits: LogitsFor,
 }
 
+impl<'a> StepInput<'a> {
+    /// One input per sequence: `seqs[i]` appends `tokens[i]`, every one asking for `logits`
+    /// (a batch of prompts, or one decode token per sequence).
+    pub fn batch<T: AsRef<[u32]> + 'a>(
+        seqs: &[SequenceId],
+        tokens: &'a [T],
+        logits: LogitsFor,
+    ) -> Vec<StepInput<'a>> {
+        seqs.iter()
+            .zip(tokens)
+            .map(|(&seq, t)| StepInput {
+                seq,
+                tokens: t.as_ref(),
+                logits,
+            })
+            .collect()
+    }
+}
+
 /// The model on the CPU: packed ternary weights, f32 activations, a [`KvCache`] per set of
 /// sequences. Cheap to share across threads (`&self` everywhere; the cache is passed in).
 #[derive(Debug, Clone)]
