@@ -33,9 +33,10 @@ const THREADS: u32 = 32 * WARPS as u32;
 /// or `(n_out,)` f32. Every kernel of this crate (GEMV, GEMM, transposed GEMM, fused MLP)
 /// reads that one copy.
 ///
-/// Immutable once uploaded: the decode kernels read the weights before they wait for the
-/// previous kernel on the stream (programmatic dependent launch), so the buffers are only
-/// exposed read-only; new weights mean a new upload.
+/// Read-only to users: the decode kernels read the weights before they wait for the
+/// previous kernel on the stream (programmatic dependent launch). The one in-place update is
+/// [`absmean_quantize_cuda`](super::absmean_quantize_cuda) (a training step's
+/// re-quantization), whose docs state the ordering it needs.
 #[derive(Debug)]
 pub struct TernaryMatrixGpu {
     n_out: usize,
@@ -88,6 +89,29 @@ impl TernaryMatrixGpu {
     /// Input features.
     pub fn k_in(&self) -> usize {
         self.k_in
+    }
+
+    /// Assembles a matrix from device buffers already in the tiled layout (used by
+    /// [`zeros`](Self::zeros)).
+    pub(super) fn from_parts(
+        n_out: usize,
+        k_in: usize,
+        per_row: bool,
+        tiles: CudaSlice<u32>,
+        scales: CudaSlice<f32>,
+    ) -> Self {
+        TernaryMatrixGpu {
+            n_out,
+            k_in,
+            per_row,
+            tiles,
+            scales,
+        }
+    }
+
+    /// The tiles and scales for an in-place re-quantization (`absmean_quantize_cuda`).
+    pub(super) fn parts_mut(&mut self) -> (&mut CudaSlice<u32>, &mut CudaSlice<f32>) {
+        (&mut self.tiles, &mut self.scales)
     }
 }
 

@@ -6,6 +6,7 @@ mod act_quant;
 mod gemm_t;
 mod gemv;
 mod mlp;
+mod quant;
 
 pub use act_quant::{
     absmax_quantize_rows_cuda, absmax_quantize_rows_into, DeviceActivation, GemvActivations,
@@ -14,3 +15,4 @@ pub use act_quant::{
 pub use gemm_t::ternary_matmul_t_cuda;
 pub use gemv::{ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu, GEMM_MIN_M, GEMV_MAX_M};
 pub use mlp::{ternary_mlp_a8_cuda, ternary_mlp_cuda, MlpWorkspace, TernaryMlpGpu, MLP_GEMM_ROWS};
+pub use quant::{absmean_quantize_cuda, AbsmeanWorkspace};

@@ -1,0 +1,78 @@
+// BitNet b1.58 absmean quantization on the device, straight into ternary-gemm's tiled layout
+// (crates/ternary-gemm/src/tiles.rs): the per-step re-quantization of a training engine's f32
+// shadow weights, so the forward GEMMs read 2-bit weights without a host round trip.
+//
+// ---- absmean_abs_sum: sum |w| of a (rows, k_in) f32 block into one f64 (zeroed by the caller) -
+//   Grid-stride, 256 threads, each thread sums in f64 (as the CPU reference
+//   ternary_gemm::absmean_quantize does), block reduction in shared memory, one f64 atomicAdd
+//   per CTA. The order differs from the CPU's row-by-row sum only in f64 rounding (relative
+//   1e-16), far below the f32 rounding of gamma. Memory bound: 4 B read per weight.
+//
+// ---- absmean_pack_tiles: codes of the block into rows [row0, row0 + rows) of the tiles ------
+//   One thread per canonical word (row n, word q of 16 weights): gamma = f32(sum / count),
+//   code = clamp(round(w / (gamma + 1e-5)), -1, 1) + 1 with IEEE division and round half away
+//   from zero (the CPU formula, so codes are bit-identical for equal gamma), 16 codes packed
+//   into one u32 and stored at its tiled position (tiled_word_index of tiles.rs). Weights past
+//   k_in in the last word are code 1 (zero); padding words outside the matrix keep the
+//   ZERO_WORD the buffer was made with. The scale goes to scales[0] (per-tensor matrix) or to
+//   scales[row0 .. row0 + rows) (a per-row matrix stacking several BitLinear layers, each with
+//   its own absmean gamma: the training engine's fused q/k/v and gate/up matrices). A
+//   non-finite sum gives a NaN gamma, which every product then carries (the caller's loss
+//   check reports it). Memory bound: 4 B read and 0.25 B written per weight.
+
+#include <cstdint>
+
+namespace {
+constexpr int kThreads = 256;
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    absmean_abs_sum(const float* __restrict__ w, long long n, double* __restrict__ sum) {
+    double acc = 0.0;
+    for (long long i = (long long)blockIdx.x * kThreads + threadIdx.x; i < n; i += (long long)gridDim.x * kThreads)
+        acc += (double)fabsf(w[i]);
+    __shared__ double part[kThreads];
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = kThreads / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) part[threadIdx.x] += part[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicAdd(sum, part[0]);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    absmean_pack_tiles(const float* __restrict__ w, int rows, int k_in, const double* __restrict__ sum,
+                       unsigned* __restrict__ tiles, float* __restrict__ scales, int row0, int quads,
+                       int per_row_scales) {
+    const int wpr = (k_in + 15) / 16;
+    const long long idx = (long long)blockIdx.x * kThreads + threadIdx.x;
+    if (idx >= (long long)rows * wpr) return;
+    const int n = (int)(idx / wpr), word = (int)(idx % wpr);
+    const float gamma = (float)(*sum / ((double)rows * (double)k_in));
+    const float denom = gamma + 1e-5f;
+    const float* row = w + (long long)n * k_in;
+    unsigned packed = 0;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const int k = word * 16 + j;
+        unsigned code = 1u;
+        if (k < k_in) {
+            const float q = fminf(fmaxf(roundf(__fdiv_rn(row[k], denom)), -1.0f), 1.0f);
+            code = (unsigned)((int)q + 1);
+        }
+        packed |= code << (2 * j);
+    }
+    const int r_all = row0 + n;
+    const int tile = r_all / 16, r = r_all % 16;
+    const int half = r / 8, g = r % 8;
+    const int q = word / 8, wq = word % 8;
+    const int hi = wq / 4, t = wq % 4;
+    const long long pos = (((long long)tile * quads + q) * 32 + 4 * g + t) * 4 + 2 * hi + half;
+    tiles[pos] = packed;
+    if (per_row_scales) {
+        if (word == 0) scales[r_all] = gamma;
+    } else if (idx == 0) {
+        scales[0] = gamma;
+    }
+}
