@@ -52,6 +52,8 @@ Examples:
   tritter export --hf models/bitnet-b1.58-2B-4T-bf16 --out models/bitnet-2b4t-tritter
   tritter eval-hf --hf models/tiny-bitnet --reference logits.json   # max abs logit diff, top-1 agreement
   tritter info --context 131072
+  tritter info --train --preset 500m --batch 8 --seq-len 2048   # GPU training memory plan
+  tritter bench-train --preset 500m --batch 8 --seq-len 2048     # GPU training tokens/s and MFU
   tritter tokenize --file src/lib.rs --modality code";
 
 /// Train, evaluate and sample Tritter (BitNet b1.58) models on the CPU.
@@ -99,6 +101,11 @@ enum Command {
         after_help = "Examples:\n  tritter bench                                  # test preset, CPU\n  tritter bench --preset 7b --device cuda --batch 1,8,32 --prompt-len 512\n  tritter bench --preset 7b --device cuda --batch 1 --pool-tokens 131072   # memory at 128K context\n  tritter bench --checkpoint runs/test/inference --batch 1,4"
     )]
     Bench(BenchArgs),
+    /// Time the GPU training engine (tokens/s, MFU, device memory) on random batches.
+    #[command(
+        after_help = "Examples:\n  tritter bench-train --preset 500m --batch 8 --seq-len 2048\n  tritter bench-train --preset 3b --batch 4 --seq-len 4096 --recompute"
+    )]
+    BenchTrain(BenchTrainArgs),
     /// Print the token ids of a text or file.
     #[command(
         after_help = "Examples:\n  tritter tokenize --text 'hello'\n  tritter tokenize --file src/main.rs --modality code --tokenizer tokenizer.json"
@@ -117,6 +124,48 @@ struct InfoArgs {
     /// Print the full estimate of this preset only.
     #[arg(long)]
     preset: Option<String>,
+    /// Print the GPU training engine's allocation plan (bytes per buffer class) for
+    /// --preset (default test) at micro-batches of --batch x --seq-len.
+    #[arg(long)]
+    train: bool,
+    /// Tokens per training sequence (with --train).
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Plan with layer recomputation (with --train).
+    #[arg(long)]
+    recompute: bool,
+}
+
+#[derive(Args, Debug)]
+struct BenchTrainArgs {
+    /// Preset trained from its seeded initialization.
+    #[arg(long, default_value = "500m")]
+    preset: String,
+    /// A model config file instead of a preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Sequences per micro-batch (one micro-batch per optimizer step).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Recompute each layer's activations in the backward pass.
+    #[arg(long)]
+    recompute: bool,
+    /// Untimed steps first (CUDA module loading, cuBLAS heuristics).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Dense bf16 peak of the device for the MFU (TFLOP/s; H100/H200 are known: 989).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Then time two more steps phase by phase (CUDA events) and print where a step's time
+    /// goes.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -536,6 +585,7 @@ fn main() -> ExitCode {
         Command::EvalHf(a) => eval_hf(&a),
         Command::Tokenize(a) => tokenize(&a),
         Command::Bench(a) => bench_cmd(&a),
+        Command::BenchTrain(a) => bench_train_cmd(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -737,6 +787,63 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `tritter bench-train`: the GPU training engine's speed on random batches.
+fn bench_train_cmd(a: &BenchTrainArgs) -> Result<()> {
+    let cfg = load_config(&a.preset, a.config.as_deref())?;
+    #[cfg(feature = "cuda")]
+    {
+        let gpu = tritter_kernels_cuda::Gpu::new(0)?;
+        eprintln!(
+            "bench-train: {} ({:.3}B parameters) on {}, micro-batch {} x {}, recompute {}",
+            a.config
+                .as_ref()
+                .map_or(a.preset.clone(), |p| p.display().to_string()),
+            cfg.param_count() as f64 / 1e9,
+            gpu.info().name,
+            a.batch,
+            a.seq_len,
+            a.recompute
+        );
+        let r = tritter::train::bench_train(
+            &gpu,
+            &cfg,
+            a.batch,
+            a.seq_len,
+            a.recompute,
+            a.warmup,
+            a.steps,
+            a.peak_tflops,
+            a.profile,
+        )?;
+        println!(
+            "RESULT impl=tritter-gpu preset={} batch={} seq={} recompute={} tokens_per_s={:.0} mfu={} peak_gb={:.2} step_ms={:.1} params={} loss={:.3}",
+            a.preset,
+            a.batch,
+            a.seq_len,
+            a.recompute,
+            r.tokens_per_s,
+            r.mfu.map_or("n/a".into(), |m| format!("{m:.3}")),
+            r.device_bytes as f64 / 1e9,
+            r.step_ms,
+            r.params,
+            r.loss
+        );
+        if !r.profile.is_empty() {
+            let total: f64 = r.profile.iter().map(|p| p.1).sum();
+            println!("profile (ms per step, {total:.1} ms in all):");
+            for (phase, ms) in &r.profile {
+                println!("  {phase:<40} {ms:>9.2} ms  {:>5.1}%", 100.0 * ms / total);
+            }
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = cfg;
+        Err(tritter_kernels_cuda::KernelError::CudaFeatureOff.into())
+    }
+}
+
 /// `tritter bench --profile`: `b` sequences prefilled with `prompt_len` tokens, then
 /// `decode_steps` decode steps with every phase timed by CUDA events; prints ms per step.
 #[cfg(feature = "cuda")]
@@ -796,6 +903,15 @@ fn gb(bytes: u64) -> f64 {
 }
 
 fn info(a: &InfoArgs) -> Result<()> {
+    if a.train {
+        let cfg = TritterConfig::preset(a.preset.as_deref().unwrap_or("test"))?;
+        tritter::train::check_trainable(&cfg)?;
+        print!(
+            "{}",
+            tritter::train::TrainPlan::new(&cfg, a.batch, a.seq_len, a.recompute)?
+        );
+        return Ok(());
+    }
     if let Some(name) = &a.preset {
         let cfg = TritterConfig::preset(name)?;
         print!("{}", MemoryEstimate::new(&cfg, a.context, a.batch)?);

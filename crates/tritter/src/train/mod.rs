@@ -9,11 +9,22 @@
 //! cannot be seeded, so a config with `dropout > 0` resumes statistically, not exactly.
 
 mod checkpoint;
+#[cfg(feature = "cuda")]
+mod gpu;
+mod layout;
 mod optim;
 
 pub use checkpoint::{
     latest_checkpoint, model_checkpoint_dir, TrainerState, LATEST_FILE, OPTIMIZER_FILE,
     TRAINER_STATE_FILE,
+};
+#[cfg(feature = "cuda")]
+pub use gpu::{
+    bench_train, dense_bf16_peak_tflops, GpuStepMetrics, GpuTrainModel, MicroBatch, TrainBench,
+};
+pub use layout::{
+    check_trainable, init_params, layer_act_bytes, logits_chunk_rows, ParamLayout, ParamSlot,
+    TrainPlan,
 };
 pub use optim::{clip_global_norm, decays, global_norm, AdamW, AdamWConfig, LrSchedule};
 

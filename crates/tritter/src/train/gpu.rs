@@ -1,0 +1,1846 @@
+//! The GPU training engine (feature `cuda`; DESIGN.md section 5, in the manner of llm.c): the
+//! reference model's forward and backward pass and AdamW written on our kernels and cuBLAS,
+//! with every buffer allocated up front.
+//!
+//! State ([`ParamLayout`](super::ParamLayout)): f32 shadow weights, gradients and AdamW
+//! moments in four flat buffers; per layer the BitLinear weights re-quantized after every
+//! update by the device absmean kernel into ternary-gemm's tiled layout (q/k/v stacked into one
+//! matrix with one gamma per projection, gate/up likewise); bf16 copies of the embedding / LM
+//! head (cuBLAS) and of the QK-Norm weights (flash-attn's prologue).
+//!
+//! One micro-batch (`T = B L` tokens), per layer:
+//! * forward: A8 of the layer input into the GEMM layout, fused q/k/v ternary GEMM (f32),
+//!   split to raw bf16 q/k/v, FlashAttention with QK-Norm + RoPE fused (bf16 output and
+//!   logsumexp saved), A8 + o_proj GEMM, `h = x + norm_a(a)`, A8 + gate/up GEMM, squared-ReLU
+//!   GLU, A8 + down GEMM, `out = h + norm_f(d)`;
+//! * backward (straight-through estimator, as the reference's BitLinear): for each BitLinear
+//!   `dW += dYᵀ · deq(A8(x))` through cuBLAS (bf16 in, f32 accumulated into the gradient
+//!   buffer) and `dX = dY · (Wq gamma)` through the transposed ternary GEMM; the attention
+//!   backward returns the gradients of raw q/k and of the QK-Norm weights; RMSNorm, GLU and
+//!   embedding backward are small kernels (`kernels-cuda/kernels/train.cu`).
+//! * head: final norm, then chunks of [`logits_chunk_rows`](super::logits_chunk_rows) rows:
+//!   logits through cuBLAS, fused softmax cross-entropy writing bf16 `dlogits`, `dhidden` and
+//!   the head's weight gradient through cuBLAS — never a `(T, V)` f32 tensor.
+//!
+//! With recomputation only the layer inputs are kept; each layer's forward is re-run just
+//! before its backward (one layer's activations in memory).
+//!
+//! No host synchronisation inside a step: the loss sum, the gradient norm and the clip factor
+//! stay on the device until [`GpuTrainModel::read_metrics`]. A non-finite gradient norm makes
+//! the AdamW kernel leave every parameter as it was (the caller sees the norm and stops).
+//!
+//! Precision against the f32 reference: attention inputs and outputs are bf16 (the reference
+//! computes them in f32) and dense gradient products run on bf16 tensor cores; the A8
+//! quantizers then move some int8 codes by one step. The GPU conformance test states the
+//! resulting tolerances.
+
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{
+    CudaEvent, CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
+};
+use flash_attn_sm120::cuda::{
+    flash_attn_bwd_cuda, flash_attn_fwd_cuda, BwdMode, BwdWorkspace, GradsGpu, NormGradsGpu,
+    NormRopeGpu, ProblemGpu, PrologueBwd, PrologueFwd, RopeTable,
+};
+use flash_attn_sm120::{Heads, Mask, MaskInputs, MaskMode, Positions, Problem, Seqs};
+use half::bf16;
+use ternary_gemm::cuda::{
+    absmean_quantize_cuda, ternary_matmul_a8_cuda, ternary_matmul_t_cuda, AbsmeanWorkspace,
+    GemvActivations, GemvWorkspace, TernaryMatrixGpu,
+};
+use tritter_kernels_cuda::{images, Gpu, KernelError};
+
+use super::layout::{check_trainable, logits_chunk_rows, ParamLayout, TrainPlan};
+use super::AdamWConfig;
+use crate::config::{AttentionMode, TritterConfig};
+use crate::model::MaskSpec;
+use crate::{Result, TritterError, TritterModel};
+
+const THREADS: u32 = 256;
+/// Rows per CTA of `train_norm_bwd` (its weight-gradient partial sums stay in registers).
+const NORM_BWD_ROWS: usize = 32;
+/// Columns `train_norm_bwd` holds per row (256 threads x 16).
+const MAX_NORM_COLS: usize = 256 * 16;
+
+fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    gpu: &Gpu,
+    n: usize,
+    what: &str,
+) -> Result<CudaSlice<T>> {
+    gpu.stream()
+        .alloc_zeros::<T>(n.max(1))
+        .map_err(|e| KernelError::driver(format!("allocating {what}"))(e).into())
+}
+
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn flat_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as usize * 4).clamp(1, 4096) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Element offsets of one layer's parameters in the flat buffers.
+#[derive(Debug, Clone, Copy)]
+struct LayerOffsets {
+    /// q_proj; k_proj and v_proj follow (one stacked matrix).
+    qkv: usize,
+    o: usize,
+    /// gate_proj; up_proj follows.
+    gu: usize,
+    down: usize,
+    attn_norm: usize,
+    mlp_norm: usize,
+    q_norm: usize,
+    k_norm: usize,
+}
+
+/// One layer's device weights derived from the shadow weights.
+struct LayerDev {
+    off: LayerOffsets,
+    /// `(Hq D + 2 Hkv D, H)`, one gamma per projection (per-row scales).
+    qkv: TernaryMatrixGpu,
+    o: TernaryMatrixGpu,
+    /// `(2 I, H)`, gate rows then up rows, one gamma each.
+    gu: TernaryMatrixGpu,
+    down: TernaryMatrixGpu,
+    q_norm: CudaSlice<bf16>,
+    k_norm: CudaSlice<bf16>,
+}
+
+/// One layer's saved activations (`T` tokens).
+struct LayerActs {
+    q: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    /// Attention output `(T, Hq D)`.
+    o: CudaSlice<bf16>,
+    lse: CudaSlice<f32>,
+    /// o_proj output and its RMSNorm denominators.
+    a: CudaSlice<f32>,
+    ra: CudaSlice<f32>,
+    /// Residual after attention.
+    h: CudaSlice<f32>,
+    /// gate/up output `(T, 2I)`.
+    gu: CudaSlice<f32>,
+    /// down output and its RMSNorm denominators.
+    d: CudaSlice<f32>,
+    rf: CudaSlice<f32>,
+}
+
+/// Buffers of one micro-batch shape.
+struct Acts {
+    batch: usize,
+    seq_len: usize,
+    recompute: bool,
+    slots: Vec<LayerActs>,
+    /// Layer inputs `resid[l]` `(T, H)`, `resid[L]` the last layer's output.
+    resid: Vec<CudaSlice<f32>>,
+    final_out: CudaSlice<f32>,
+    final_rd: CudaSlice<f32>,
+    hidden_bf16: CudaSlice<bf16>,
+    ids: CudaSlice<u32>,
+    targets: CudaSlice<u32>,
+    loss_mask: CudaSlice<f32>,
+    // scratch
+    acts_h: GemvActivations,
+    acts_i: GemvActivations,
+    gemv_ws: GemvWorkspace,
+    y_qkv: CudaSlice<f32>,
+    mh: CudaSlice<f32>,
+    dmh: CudaSlice<f32>,
+    deq: CudaSlice<bf16>,
+    dyb: CudaSlice<bf16>,
+    dgu: CudaSlice<bf16>,
+    dqkv: CudaSlice<bf16>,
+    g: CudaSlice<f32>,
+    g2: CudaSlice<f32>,
+    tmp: CudaSlice<f32>,
+    k_hat: CudaSlice<bf16>,
+    dout: CudaSlice<bf16>,
+    attn_grads: GradsGpu<bf16>,
+    norm_grads: NormGradsGpu,
+    bwd_ws: BwdWorkspace<bf16>,
+    logits: CudaSlice<f32>,
+    dlogits: CudaSlice<bf16>,
+    chunk: usize,
+    rope: RopeTable,
+}
+
+/// Host metrics of the steps since the last read ([`GpuTrainModel::read_metrics`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuStepMetrics {
+    /// Sum over micro-batches of `sum(mask * nll) / denominator` since the last read.
+    pub loss: f64,
+    /// Global gradient norm of the last optimizer step, before clipping.
+    pub grad_norm: f64,
+}
+
+/// One micro-batch for [`GpuTrainModel::forward_backward`]: `(B, L)` row-major token ids,
+/// targets and loss mask (the reference trainer's `Batch`), the attention mask, and the
+/// loss denominator (real targets of the whole optimizer step, as the reference divides).
+#[derive(Debug, Clone, Copy)]
+pub struct MicroBatch<'a> {
+    /// Input ids `(B * L)`.
+    pub inputs: &'a [u32],
+    /// Target ids `(B * L)`.
+    pub targets: &'a [u32],
+    /// 1 where the target counts, else 0 `(B * L)`.
+    pub loss_mask: &'a [f32],
+    /// Visibility (mode, window, sinks, prefix lengths, document ids) as the reference takes it.
+    pub mask: &'a MaskSpec,
+    /// Divisor of the summed NLL (the step's target count).
+    pub denominator: usize,
+}
+
+/// The GPU training engine ([module docs](self)).
+pub struct GpuTrainModel {
+    gpu: Arc<Gpu>,
+    cfg: TritterConfig,
+    layout: ParamLayout,
+    adam: AdamWConfig,
+    blas: CudaBlas,
+    params: CudaSlice<f32>,
+    grads: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    layers: Vec<LayerDev>,
+    /// bf16 copy of the LM head (the embedding when tied) `(V, H)`.
+    head_bf16: CudaSlice<bf16>,
+    head_off: usize,
+    embed_off: usize,
+    final_norm_off: usize,
+    absmean_ws: AbsmeanWorkspace,
+    norm_sq: CudaSlice<f64>,
+    /// `[clip factor, grad norm]` of the last step.
+    clip: CudaSlice<f32>,
+    loss: CudaSlice<f64>,
+    updates: u64,
+    acts: Option<Acts>,
+    /// Phase marks of a profiled step (`set_profiling`): each event ends the named phase.
+    marks: Option<Vec<(&'static str, CudaEvent)>>,
+}
+
+/// Records the end of phase `name` when profiling.
+fn mark(
+    marks: &mut Option<Vec<(&'static str, CudaEvent)>>,
+    gpu: &Gpu,
+    name: &'static str,
+) -> Result<()> {
+    if let Some(m) = marks {
+        let e = gpu
+            .stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(KernelError::driver("recording a profile event"))?;
+        m.push((name, e));
+    }
+    Ok(())
+}
+
+impl std::fmt::Debug for GpuTrainModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuTrainModel")
+            .field("config", &self.cfg)
+            .field("params", &self.layout.len())
+            .field("updates", &self.updates)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GpuTrainModel {
+    /// Uploads the reference model's weights (any dtype; kept as f32 shadow weights) with
+    /// zeroed gradients and AdamW moments. Refuses configs the engine cannot train
+    /// ([`check_trainable`]).
+    pub fn from_model(gpu: &Arc<Gpu>, model: &TritterModel, adam: AdamWConfig) -> Result<Self> {
+        let cfg = model.config().clone();
+        check_trainable(&cfg)?;
+        let layout = ParamLayout::new(&cfg)?;
+        let mut host = vec![0f32; layout.len()];
+        {
+            let vars = model.varmap().data().lock().map_err(|_| {
+                TritterError::config("model parameters", "a poisoned lock", "a usable VarMap")
+            })?;
+            for s in layout.slots() {
+                let var = vars.get(&s.name).ok_or_else(|| {
+                    TritterError::config("parameter", &s.name, "present in the model's VarMap")
+                })?;
+                let vals = var
+                    .as_tensor()
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                if vals.len() != s.len() {
+                    return Err(TritterError::ShapeMismatch {
+                        what: s.name.clone(),
+                        actual: var.dims().to_vec(),
+                        expected: format!("{:?}", s.dims),
+                    });
+                }
+                host[s.range()].copy_from_slice(&vals);
+            }
+        }
+        Self::from_flat(gpu, cfg, layout, &host, adam)
+    }
+
+    /// A freshly initialized model: the weights `TritterModel::new(config, F32, cpu, seed)`
+    /// would have ([`init_params`](super::init_params)), without building it on the host.
+    pub fn new(
+        gpu: &Arc<Gpu>,
+        config: &TritterConfig,
+        seed: u64,
+        adam: AdamWConfig,
+    ) -> Result<Self> {
+        check_trainable(config)?;
+        let layout = ParamLayout::new(config)?;
+        let host = super::init_params(config, &layout, seed);
+        Self::from_flat(gpu, config.clone(), layout, &host, adam)
+    }
+
+    fn from_flat(
+        gpu: &Arc<Gpu>,
+        cfg: TritterConfig,
+        layout: ParamLayout,
+        host: &[f32],
+        adam: AdamWConfig,
+    ) -> Result<Self> {
+        let g = gpu.as_ref();
+        let n = layout.len();
+        let params = g
+            .stream()
+            .clone_htod(host)
+            .map_err(KernelError::driver("uploading the shadow weights"))?;
+        let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let qkv_rows = cfg.num_heads * d + 2 * cfg.kv_dim();
+        let off = |name: String| layout.get(&name).map(|s| s.offset);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("layers.{l}");
+            layers.push(LayerDev {
+                off: LayerOffsets {
+                    qkv: off(format!("{p}.attn.q_proj.weight"))?,
+                    o: off(format!("{p}.attn.o_proj.weight"))?,
+                    gu: off(format!("{p}.mlp.gate_proj.weight"))?,
+                    down: off(format!("{p}.mlp.down_proj.weight"))?,
+                    attn_norm: off(format!("{p}.attn_norm.weight"))?,
+                    mlp_norm: off(format!("{p}.mlp_norm.weight"))?,
+                    q_norm: off(format!("{p}.attn.q_norm.weight"))?,
+                    k_norm: off(format!("{p}.attn.k_norm.weight"))?,
+                },
+                qkv: TernaryMatrixGpu::zeros(g, qkv_rows, h, true)?,
+                o: TernaryMatrixGpu::zeros(g, h, cfg.num_heads * d, false)?,
+                gu: TernaryMatrixGpu::zeros(g, 2 * i, h, true)?,
+                down: TernaryMatrixGpu::zeros(g, h, i, false)?,
+                q_norm: alloc(g, d, "QK-Norm weights")?,
+                k_norm: alloc(g, d, "QK-Norm weights")?,
+            });
+        }
+        let head_name = if cfg.tie_embeddings {
+            "embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let blas = CudaBlas::new(g.stream().clone()).map_err(|e| TritterError::Cublas {
+            context: "creating the handle".into(),
+            detail: e.to_string(),
+        })?;
+        let mut model = GpuTrainModel {
+            head_bf16: alloc(g, cfg.vocab_size * h, "the bf16 LM head")?,
+            head_off: layout.get(head_name)?.offset,
+            embed_off: layout.get("embed_tokens.weight")?.offset,
+            final_norm_off: layout.get("norm.weight")?.offset,
+            grads: alloc(g, n, "gradients")?,
+            m: alloc(g, n, "AdamW first moments")?,
+            v: alloc(g, n, "AdamW second moments")?,
+            absmean_ws: AbsmeanWorkspace::new(g)?,
+            norm_sq: alloc(g, 1, "the gradient norm")?,
+            clip: alloc(g, 2, "the clip factor")?,
+            loss: alloc(g, 1, "the loss sum")?,
+            params,
+            layers,
+            blas,
+            gpu: gpu.clone(),
+            cfg,
+            layout,
+            adam,
+            updates: 0,
+            acts: None,
+            marks: None,
+        };
+        model.refresh_derived()?;
+        Ok(model)
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &TritterConfig {
+        &self.cfg
+    }
+
+    /// The flat parameter layout.
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// AdamW updates applied.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// Allocates the activation buffers for micro-batches of `batch` x `seq_len` (a no-op
+    /// when they exist for that shape). Refuses, before allocating, a plan that exceeds the
+    /// device's free memory, printing the plan.
+    pub fn prepare(&mut self, batch: usize, seq_len: usize, recompute: bool) -> Result<()> {
+        if let Some(a) = &self.acts {
+            if (a.batch, a.seq_len, a.recompute) == (batch, seq_len, recompute) {
+                return Ok(());
+            }
+        }
+        self.acts = None;
+        let plan = TrainPlan::new(&self.cfg, batch, seq_len, recompute)?;
+        let (free, _) = self
+            .gpu
+            .context()
+            .mem_get_info()
+            .map_err(KernelError::driver("reading free device memory"))?;
+        // Already allocated: weights, optimizer state and packed copies.
+        let held: u64 = plan.classes[..5].iter().map(|c| c.1).sum();
+        let needed = plan.total_bytes() - held;
+        if needed > free as u64 {
+            return Err(TritterError::DeviceUnavailable {
+                device: self.gpu.info().name.clone(),
+                detail: format!(
+                    "the activations need {:.3} GB but {:.3} GB are free\n{plan}",
+                    needed as f64 / 1e9,
+                    free as f64 / 1e9
+                ),
+            });
+        }
+        self.acts = Some(Acts::new(&self.gpu, &self.cfg, batch, seq_len, recompute)?);
+        Ok(())
+    }
+
+    /// Turns per-phase timing on (CUDA events between the phases of every following
+    /// `forward_backward` / `optimizer_step`) or off; [`take_profile`](Self::take_profile)
+    /// reads it. Off by default: events cost a little and profiling is for `bench-train`.
+    pub fn set_profiling(&mut self, on: bool) -> Result<()> {
+        self.marks = None;
+        if on {
+            self.marks = Some(Vec::new());
+            mark(&mut self.marks, &self.gpu, "start")?;
+        }
+        Ok(())
+    }
+
+    /// Synchronizes and returns milliseconds per phase summed since profiling was turned on,
+    /// largest first, with how often each phase ran; restarts the profile.
+    pub fn take_profile(&mut self) -> Result<Vec<(&'static str, f64, usize)>> {
+        let Some(marks) = self.marks.take() else {
+            return Ok(Vec::new());
+        };
+        self.gpu
+            .stream()
+            .synchronize()
+            .map_err(KernelError::driver("synchronizing a profiled step"))?;
+        let mut out: Vec<(&'static str, f64, usize)> = Vec::new();
+        for w in marks.windows(2) {
+            let ms = f64::from(
+                w[0].1
+                    .elapsed_ms(&w[1].1)
+                    .map_err(KernelError::driver("reading a profile event"))?,
+            );
+            match out.iter_mut().find(|e| e.0 == w[1].0) {
+                Some(e) => {
+                    e.1 += ms;
+                    e.2 += 1;
+                }
+                None => out.push((w[1].0, ms, 1)),
+            }
+        }
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        self.set_profiling(true)?;
+        Ok(out)
+    }
+
+    /// Zeroes the gradient buffer and the loss sum (the start of an optimizer step).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        let s = self.gpu.stream();
+        s.memset_zeros(&mut self.grads)
+            .map_err(KernelError::driver("zeroing gradients"))?;
+        Ok(())
+    }
+
+    /// Forward and backward pass of one micro-batch: adds its gradients to the gradient
+    /// buffer and `sum(mask * nll) / denominator` to the device loss sum. Asynchronous; the
+    /// inputs are checked (lengths, ids, mask) before anything is queued.
+    pub fn forward_backward(&mut self, mb: &MicroBatch<'_>) -> Result<()> {
+        let (b, l) = {
+            let a = self
+                .acts
+                .as_ref()
+                .ok_or_else(|| TritterError::InvalidArgument {
+                    what: "GPU training step",
+                    actual: "no activation buffers".into(),
+                    expected: "prepare(batch, seq_len, recompute) first".into(),
+                })?;
+            (a.batch, a.seq_len)
+        };
+        self.check_batch(mb, b, l)?;
+        let problem = self.problem(mb.mask, b, l)?;
+        let acts = self.acts.as_mut().expect("checked above");
+        let s = self.gpu.stream();
+        s.memcpy_htod(mb.inputs, &mut acts.ids)
+            .map_err(KernelError::driver("uploading token ids"))?;
+        s.memcpy_htod(mb.targets, &mut acts.targets)
+            .map_err(KernelError::driver("uploading targets"))?;
+        s.memcpy_htod(mb.loss_mask, &mut acts.loss_mask)
+            .map_err(KernelError::driver("uploading the loss mask"))?;
+        let t = b * l;
+        mark(&mut self.marks, &self.gpu, "inputs upload")?;
+        self.embed(t)?;
+        mark(&mut self.marks, &self.gpu, "embedding")?;
+        let layers = self.cfg.num_layers;
+        let recompute = self.acts.as_ref().is_some_and(|a| a.recompute);
+        for li in 0..layers {
+            self.forward_layer(li, if recompute { 0 } else { li }, t, &problem)?;
+        }
+        self.head(t, mb.denominator)?;
+        for li in (0..layers).rev() {
+            let slot = if recompute { 0 } else { li };
+            if recompute {
+                self.forward_layer(li, slot, t, &problem)?;
+            }
+            self.backward_layer(li, slot, t, &problem)?;
+        }
+        self.embed_bwd(t)?;
+        mark(&mut self.marks, &self.gpu, "embedding backward")
+    }
+
+    /// Global-norm clipping (`max_norm <= 0`: none) and one AdamW update with learning rate
+    /// `lr`, then re-quantization of every BitLinear weight and the bf16 copies. All on the
+    /// device; the gradients are zeroed for the next step.
+    pub fn optimizer_step(&mut self, lr: f64, max_norm: f64) -> Result<()> {
+        let g = self.gpu.clone();
+        let s = g.stream();
+        let n = self.layout.len();
+        s.memset_zeros(&mut self.norm_sq)
+            .map_err(KernelError::driver("zeroing the norm"))?;
+        let n_i = n as i64;
+        let f = g.function(&images::TRAIN, "train_sq_sum")?;
+        let mut lb = s.launch_builder(&f);
+        lb.arg(&self.grads).arg(&n_i).arg(&mut self.norm_sq);
+        // SAFETY: `train_sq_sum(const float*, long long, double*)`; grads hold n values.
+        unsafe { lb.launch(flat_cfg(n)) }.map_err(KernelError::driver("launching train_sq_sum"))?;
+        let f = g.function(&images::TRAIN, "train_clip_scale")?;
+        let mn = max_norm as f32;
+        let mut lb = s.launch_builder(&f);
+        lb.arg(&self.norm_sq).arg(&mn).arg(&mut self.clip);
+        // SAFETY: `train_clip_scale(const double*, float, float*)`; clip holds 2 values.
+        unsafe { lb.launch(LaunchConfig::for_num_elems(1)) }
+            .map_err(KernelError::driver("launching train_clip_scale"))?;
+        self.updates += 1;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.adam;
+        let t = self.updates as i32;
+        let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+        let f = g.function(&images::TRAIN, "train_adamw")?;
+        let dl = self.layout.decay_len();
+        for (range, decay) in [(0..dl, 1.0 - lr * weight_decay), (dl..n, 1.0)] {
+            if range.is_empty() {
+                continue;
+            }
+            let len = range.len();
+            let len_i = len as i64;
+            let (lr_f, b1, b2, e, dec, c1, c2) = (
+                lr as f32,
+                beta1 as f32,
+                beta2 as f32,
+                eps as f32,
+                decay as f32,
+                bc1 as f32,
+                bc2 as f32,
+            );
+            let mut p = self.params.slice_mut(range.clone());
+            let gr = self.grads.slice(range.clone());
+            let mut m = self.m.slice_mut(range.clone());
+            let mut v = self.v.slice_mut(range);
+            let mut lb = s.launch_builder(&f);
+            lb.arg(&mut p)
+                .arg(&gr)
+                .arg(&mut m)
+                .arg(&mut v)
+                .arg(&len_i)
+                .arg(&lr_f)
+                .arg(&b1)
+                .arg(&b2)
+                .arg(&e)
+                .arg(&dec)
+                .arg(&c1)
+                .arg(&c2)
+                .arg(&self.clip);
+            // SAFETY: `train_adamw(float*, const float*, float*, float*, long long, float x7,
+            // const float*)`; the four views hold `len` values, clip 2.
+            unsafe { lb.launch(flat_cfg(len)) }
+                .map_err(KernelError::driver("launching train_adamw"))?;
+        }
+        mark(&mut self.marks, &self.gpu, "optimizer: norm + AdamW")?;
+        self.refresh_derived()?;
+        self.zero_grads()?;
+        mark(&mut self.marks, &self.gpu, "optimizer: re-quantize + zero")
+    }
+
+    /// Synchronizes and returns the loss summed since the last read (then zeroed) and the
+    /// last step's gradient norm. Fails with [`TritterError::Diverged`] when either is not
+    /// finite (the parameters then hold the last finite update: AdamW skips a step whose
+    /// gradient norm is not finite).
+    pub fn read_metrics(&mut self) -> Result<GpuStepMetrics> {
+        let s = self.gpu.stream();
+        let loss = s
+            .clone_dtoh(&self.loss)
+            .map_err(KernelError::driver("reading the loss"))?[0];
+        let clip = s
+            .clone_dtoh(&self.clip)
+            .map_err(KernelError::driver("reading the gradient norm"))?;
+        s.memset_zeros(&mut self.loss)
+            .map_err(KernelError::driver("zeroing the loss"))?;
+        let m = GpuStepMetrics {
+            loss,
+            grad_norm: f64::from(clip[1]),
+        };
+        for (what, v) in [("loss", m.loss), ("gradient norm", m.grad_norm)] {
+            if !v.is_finite() {
+                return Err(TritterError::Diverged {
+                    step: self.updates,
+                    what,
+                    value: v,
+                });
+            }
+        }
+        Ok(m)
+    }
+
+    /// Every parameter's shadow weights, by checkpoint name (synchronizes).
+    pub fn download_params(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        self.download(&self.params, "parameters")
+    }
+
+    /// Every parameter's accumulated gradient, by checkpoint name (synchronizes).
+    pub fn download_grads(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        self.download(&self.grads, "gradients")
+    }
+
+    fn download(&self, buf: &CudaSlice<f32>, what: &str) -> Result<Vec<(String, Vec<f32>)>> {
+        let all = self
+            .gpu
+            .stream()
+            .clone_dtoh(buf)
+            .map_err(|e| KernelError::driver(format!("reading {what}"))(e))?;
+        Ok(self
+            .layout
+            .slots()
+            .iter()
+            .map(|s| (s.name.clone(), all[s.range()].to_vec()))
+            .collect())
+    }
+
+    fn check_batch(&self, mb: &MicroBatch<'_>, b: usize, l: usize) -> Result<()> {
+        let t = b * l;
+        for (what, len) in [
+            ("inputs", mb.inputs.len()),
+            ("targets", mb.targets.len()),
+            ("loss_mask", mb.loss_mask.len()),
+        ] {
+            if len != t {
+                return Err(TritterError::ShapeMismatch {
+                    what: what.into(),
+                    actual: vec![len],
+                    expected: format!("({b} * {l}) values of the prepared batch shape"),
+                });
+            }
+        }
+        let v = self.cfg.vocab_size;
+        for (row, chunk) in mb.inputs.chunks(l).enumerate() {
+            crate::model::check_token_ids(chunk, row, v)?;
+        }
+        if let Some(i) = mb.targets.iter().position(|&id| id as usize >= v) {
+            return Err(TritterError::InvalidArgument {
+                what: "targets",
+                actual: format!("id {} at flat index {i}", mb.targets[i]),
+                expected: format!("ids below the vocabulary size {v}"),
+            });
+        }
+        if let Some(i) = mb
+            .loss_mask
+            .iter()
+            .position(|&m| !(m.is_finite() && (0.0..=1.0).contains(&m)))
+        {
+            return Err(TritterError::NonFinite {
+                what: "loss_mask (values must be finite, in 0..=1)".into(),
+                index: i,
+                value: mb.loss_mask[i].to_string(),
+            });
+        }
+        if mb.denominator == 0 {
+            return Err(TritterError::InvalidArgument {
+                what: "loss denominator",
+                actual: "0".into(),
+                expected: "the step's target count (>= 1)".into(),
+            });
+        }
+        mb.mask.validate(b, l)
+    }
+
+    /// flash-attn's problem for the reference's mask on a fixed `(b, l)` batch.
+    fn problem(&self, mask: &MaskSpec, b: usize, l: usize) -> Result<ProblemGpu> {
+        let mode = match mask.mode {
+            AttentionMode::Causal => MaskMode::Causal,
+            AttentionMode::Bidirectional | AttentionMode::Embedding => MaskMode::Bidirectional,
+            AttentionMode::PrefixLm => MaskMode::PrefixLm,
+        };
+        let inputs = MaskInputs {
+            prefix_lens: mask
+                .prefix_lens
+                .as_ref()
+                .map(|p| p.iter().map(|&x| x as i32).collect()),
+            doc_ids: mask
+                .doc_ids
+                .as_ref()
+                .map(|d| d.iter().flatten().map(|&x| x as i32).collect()),
+        };
+        let d = self.cfg.head_dim();
+        let problem = Problem {
+            heads: Heads::new(self.cfg.num_heads, self.cfg.num_kv_heads, d),
+            seqs: Seqs::Fixed {
+                batch: b,
+                lq: l,
+                lk: l,
+            },
+            mask: Mask {
+                mode,
+                window: mask.sliding_window,
+                sinks: if mask.sliding_window.is_some() {
+                    mask.sinks
+                } else {
+                    0
+                },
+            },
+            inputs,
+        };
+        Ok(ProblemGpu::new(&self.gpu, problem, Positions::default())?)
+    }
+
+    /// Re-quantizes every BitLinear weight and refreshes the bf16 copies from the shadow
+    /// weights.
+    fn refresh_derived(&mut self) -> Result<()> {
+        let g = self.gpu.clone();
+        let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let (q, kv) = (self.cfg.num_heads * self.cfg.head_dim(), self.cfg.kv_dim());
+        let d = self.cfg.head_dim();
+        for layer in &mut self.layers {
+            let o = layer.off;
+            let blocks: [(usize, usize, usize); 3] = [
+                (o.qkv, 0, q),
+                (o.qkv + q * h, q, kv),
+                (o.qkv + (q + kv) * h, q + kv, kv),
+            ];
+            for (start, row0, rows) in blocks {
+                let w = self.params.slice(start..start + rows * h);
+                absmean_quantize_cuda(
+                    &g,
+                    &w,
+                    row0..row0 + rows,
+                    &mut layer.qkv,
+                    &mut self.absmean_ws,
+                )?;
+            }
+            for (start, row0) in [(o.gu, 0), (o.gu + i * h, i)] {
+                let w = self.params.slice(start..start + i * h);
+                absmean_quantize_cuda(&g, &w, row0..row0 + i, &mut layer.gu, &mut self.absmean_ws)?;
+            }
+            let w = self.params.slice(o.o..o.o + h * q);
+            absmean_quantize_cuda(&g, &w, 0..h, &mut layer.o, &mut self.absmean_ws)?;
+            let w = self.params.slice(o.down..o.down + h * i);
+            absmean_quantize_cuda(&g, &w, 0..h, &mut layer.down, &mut self.absmean_ws)?;
+            to_bf16(
+                &g,
+                &self.params.slice(o.q_norm..o.q_norm + d),
+                &mut layer.q_norm.slice_mut(..),
+                d,
+            )?;
+            to_bf16(
+                &g,
+                &self.params.slice(o.k_norm..o.k_norm + d),
+                &mut layer.k_norm.slice_mut(..),
+                d,
+            )?;
+        }
+        let vh = self.cfg.vocab_size * h;
+        to_bf16(
+            &g,
+            &self.params.slice(self.head_off..self.head_off + vh),
+            &mut self.head_bf16.slice_mut(..),
+            vh,
+        )
+    }
+
+    fn embed(&mut self, t: usize) -> Result<()> {
+        let g = self.gpu.clone();
+        let h = self.cfg.hidden_size;
+        let acts = self.acts.as_mut().expect("prepared");
+        let table = self
+            .params
+            .slice(self.embed_off..self.embed_off + self.cfg.vocab_size * h);
+        let f = g.function(&images::TRAIN, "train_embed")?;
+        let h_i = h as i32;
+        let mut lb = g.stream().launch_builder(&f);
+        lb.arg(&acts.ids)
+            .arg(&table)
+            .arg(&mut acts.resid[0])
+            .arg(&h_i);
+        // SAFETY: `train_embed(const unsigned*, const float*, float*, int)`; ids hold t ids
+        // < V (checked), table (V, H), resid[0] (t, H); one CTA per row.
+        unsafe { lb.launch(rows_cfg(t)) }.map_err(KernelError::driver("launching train_embed"))?;
+        Ok(())
+    }
+
+    fn embed_bwd(&mut self, t: usize) -> Result<()> {
+        let g = self.gpu.clone();
+        let h = self.cfg.hidden_size;
+        let acts = self.acts.as_ref().expect("prepared");
+        let mut table = self
+            .grads
+            .slice_mut(self.embed_off..self.embed_off + self.cfg.vocab_size * h);
+        let f = g.function(&images::TRAIN, "train_embed_bwd")?;
+        let h_i = h as i32;
+        let mut lb = g.stream().launch_builder(&f);
+        lb.arg(&acts.ids).arg(&acts.g).arg(&mut table).arg(&h_i);
+        // SAFETY: `train_embed_bwd(const unsigned*, const float*, float*, int)`; as train_embed.
+        unsafe { lb.launch(rows_cfg(t)) }
+            .map_err(KernelError::driver("launching train_embed_bwd"))?;
+        Ok(())
+    }
+
+    /// Layer `li`'s forward from `resid[li]` into `resid[li + 1]`, saving into `slot`.
+    fn forward_layer(&mut self, li: usize, slot: usize, t: usize, pb: &ProblemGpu) -> Result<()> {
+        let g = self.gpu.clone();
+        let cfg = &self.cfg;
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (q, kv) = (cfg.num_heads * cfg.head_dim(), cfg.kv_dim());
+        let eps = cfg.norm_eps as f32;
+        let layer = &self.layers[li];
+        let acts = self.acts.as_mut().expect("prepared");
+        let Acts {
+            slots,
+            resid,
+            acts_h,
+            acts_i,
+            gemv_ws,
+            y_qkv,
+            mh,
+            k_hat,
+            rope,
+            ..
+        } = acts;
+        let sa = &mut slots[slot];
+        let (before, after) = resid.split_at_mut(li + 1);
+        let x = &before[li];
+        let out = &mut after[0];
+        acts_h.quantize_from(&g, &x.slice(..))?;
+        ternary_matmul_a8_cuda(&g, &layer.qkv, acts_h, &mut y_qkv.slice_mut(..), gemv_ws)?;
+        launch_split_qkv(&g, y_qkv, &mut sa.q, &mut sa.k, &mut sa.v, t, q, kv)?;
+        mark(&mut self.marks, &g, "fwd: A8 + q/k/v GEMM")?;
+        let nr = NormRopeGpu {
+            q_norm: &layer.q_norm,
+            k_norm: &layer.k_norm,
+            eps,
+            rope,
+        };
+        flash_attn_fwd_cuda(
+            &g,
+            pb,
+            &sa.q,
+            &sa.k,
+            &sa.v,
+            &mut sa.o,
+            &mut sa.lse,
+            Some(PrologueFwd {
+                norm_rope: &nr,
+                k_hat,
+            }),
+        )?;
+        mark(&mut self.marks, &g, "fwd: attention")?;
+        acts_h.quantize_from(&g, &sa.o.slice(..))?;
+        ternary_matmul_a8_cuda(&g, &layer.o, acts_h, &mut sa.a.slice_mut(..), gemv_ws)?;
+        mark(&mut self.marks, &g, "fwd: A8 + o GEMM")?;
+        let o = layer.off;
+        norm_fwd(
+            &g,
+            Some(x),
+            &sa.a,
+            &self.params.slice(o.attn_norm..o.attn_norm + h),
+            &mut sa.h,
+            &mut sa.ra,
+            t,
+            h,
+            eps,
+        )?;
+        acts_h.quantize_from(&g, &sa.h.slice(..))?;
+        ternary_matmul_a8_cuda(&g, &layer.gu, acts_h, &mut sa.gu.slice_mut(..), gemv_ws)?;
+        mark(&mut self.marks, &g, "fwd: norm_a + A8 + gate/up GEMM")?;
+        launch_glu(&g, &sa.gu, mh, t, i)?;
+        acts_i.quantize_from(&g, &mh.slice(..))?;
+        ternary_matmul_a8_cuda(&g, &layer.down, acts_i, &mut sa.d.slice_mut(..), gemv_ws)?;
+        mark(&mut self.marks, &g, "fwd: GLU + A8 + down GEMM")?;
+        norm_fwd(
+            &g,
+            Some(&sa.h),
+            &sa.d,
+            &self.params.slice(o.mlp_norm..o.mlp_norm + h),
+            out,
+            &mut sa.rf,
+            t,
+            h,
+            eps,
+        )?;
+        mark(&mut self.marks, &g, "fwd: norm_f")?;
+        Ok(())
+    }
+
+    /// Final norm, LM head and cross-entropy in row chunks; leaves `dL/d resid[L]` in `g`.
+    fn head(&mut self, t: usize, denominator: usize) -> Result<()> {
+        let g = self.gpu.clone();
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let eps = self.cfg.norm_eps as f32;
+        let layers = self.cfg.num_layers;
+        let acts = self.acts.as_mut().expect("prepared");
+        let fw = self
+            .params
+            .slice(self.final_norm_off..self.final_norm_off + h);
+        norm_fwd(
+            &g,
+            None,
+            &acts.resid[layers],
+            &fw,
+            &mut acts.final_out,
+            &mut acts.final_rd,
+            t,
+            h,
+            eps,
+        )?;
+        to_bf16(
+            &g,
+            &acts.final_out.slice(..),
+            &mut acts.hidden_bf16.slice_mut(..),
+            t * h,
+        )?;
+        mark(&mut self.marks, &g, "head: final norm")?;
+        let scale = 1.0f32 / denominator as f32;
+        let f_ce = g.function(&images::TRAIN, "train_ce")?;
+        let v_i = v as i32;
+        let mut r0 = 0;
+        while r0 < t {
+            let r = acts.chunk.min(t - r0);
+            let hid = acts.hidden_bf16.slice(r0 * h..(r0 + r) * h);
+            // logits (r, V) = hidden (r, H) · headᵀ
+            gemm_nt(
+                &self.blas,
+                &g,
+                &hid,
+                &self.head_bf16.slice(..),
+                &mut acts.logits.slice_mut(..r * v),
+                r,
+                v,
+                h,
+                0.0,
+                "computing logits",
+            )?;
+            {
+                let targets = acts.targets.slice(r0..r0 + r);
+                let mask = acts.loss_mask.slice(r0..r0 + r);
+                let mut lb = g.stream().launch_builder(&f_ce);
+                let logits = acts.logits.slice(..r * v);
+                let mut dl = acts.dlogits.slice_mut(..r * v);
+                lb.arg(&logits)
+                    .arg(&targets)
+                    .arg(&mask)
+                    .arg(&mut dl)
+                    .arg(&mut self.loss)
+                    .arg(&v_i)
+                    .arg(&scale);
+                // SAFETY: `train_ce(const float*, const unsigned*, const float*, bf16*, double*,
+                // int, float)`; logits/dlogits hold r rows of V, targets (< V, checked) and
+                // mask r values, loss one; one CTA per row.
+                unsafe { lb.launch(rows_cfg(r)) }
+                    .map_err(KernelError::driver("launching train_ce"))?;
+            }
+            let dl = acts.dlogits.slice(..r * v);
+            // dhidden (r, H) = dlogits (r, V) · head (V, H)
+            gemm_nn(
+                &self.blas,
+                &g,
+                &dl,
+                &self.head_bf16.slice(..),
+                &mut acts.g2.slice_mut(r0 * h..(r0 + r) * h),
+                r,
+                h,
+                v,
+                0.0,
+                "back-propagating the logits",
+            )?;
+            // dhead (V, H) += dlogitsᵀ (V, r) · hidden (r, H)
+            gemm_tn(
+                &self.blas,
+                &g,
+                &dl,
+                &hid,
+                &mut self.grads.slice_mut(self.head_off..self.head_off + v * h),
+                v,
+                h,
+                r,
+                1.0,
+                "computing the LM head gradient",
+            )?;
+            r0 += r;
+        }
+        mark(&mut self.marks, &g, "head: logits + CE + LM head grads")?;
+        let mut dw = self
+            .grads
+            .slice_mut(self.final_norm_off..self.final_norm_off + h);
+        norm_bwd(
+            &g,
+            &acts.resid[layers],
+            &fw,
+            &acts.final_rd,
+            &acts.g2,
+            &mut acts.g,
+            &mut dw,
+            t,
+            h,
+        )?;
+        mark(&mut self.marks, &g, "head: final norm backward")?;
+        Ok(())
+    }
+
+    /// Layer `li`'s backward: `g` holds `dL/d resid[li + 1]` on entry and `dL/d resid[li]` on
+    /// exit; parameter gradients are added to `grads`.
+    fn backward_layer(&mut self, li: usize, slot: usize, t: usize, pb: &ProblemGpu) -> Result<()> {
+        let g = self.gpu.clone();
+        let cfg = &self.cfg;
+        let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let (q, kv) = (cfg.num_heads * d, cfg.kv_dim());
+        let qkv = q + 2 * kv;
+        let eps = cfg.norm_eps as f32;
+        let layer = &self.layers[li];
+        let o = layer.off;
+        let acts = self.acts.as_mut().expect("prepared");
+        let Acts {
+            slots,
+            resid,
+            mh,
+            dmh,
+            deq,
+            dyb,
+            dgu,
+            dqkv,
+            g: gr,
+            g2,
+            tmp,
+            dout,
+            attn_grads,
+            norm_grads,
+            bwd_ws,
+            rope,
+            ..
+        } = acts;
+        let sa = &slots[slot];
+        let params = &self.params;
+        let grads = &mut self.grads;
+        let blas = &self.blas;
+        // out = h + norm_f(d): dd = norm_bwd(g); dh = g (+ MLP input gradient below).
+        norm_bwd(
+            &g,
+            &sa.d,
+            &params.slice(o.mlp_norm..o.mlp_norm + h),
+            &sa.rf,
+            gr,
+            g2,
+            &mut grads.slice_mut(o.mlp_norm..o.mlp_norm + h),
+            t,
+            h,
+        )?;
+        to_bf16(&g, &g2.slice(..), &mut dyb.slice_mut(..t * h), t * h)?;
+        mark(&mut self.marks, &g, "bwd: norm_f")?;
+        // down: dW += ddᵀ · deq(A8(glu)), dmh = dd · W.
+        launch_glu(&g, &sa.gu, mh, t, i)?;
+        a8_deq(&g, &mh.slice(..), &mut deq.slice_mut(..t * i), t, i, false)?;
+        gemm_tn(
+            blas,
+            &g,
+            &dyb.slice(..t * h),
+            &deq.slice(..t * i),
+            &mut grads.slice_mut(o.down..o.down + h * i),
+            h,
+            i,
+            t,
+            1.0,
+            "computing the down_proj gradient",
+        )?;
+        ternary_matmul_t_cuda(
+            &g,
+            &layer.down,
+            &dyb.slice(..t * h),
+            t,
+            &mut dmh.slice_mut(..),
+        )?;
+        launch_glu_bwd(&g, &sa.gu, dmh, dgu, t, i)?;
+        mark(&mut self.marks, &g, "bwd: down dW + dX, GLU")?;
+        // gate/up: dW += dguᵀ · deq(A8(h)), dh += dgu · W.
+        a8_deq(
+            &g,
+            &sa.h.slice(..),
+            &mut deq.slice_mut(..t * h),
+            t,
+            h,
+            false,
+        )?;
+        gemm_tn(
+            blas,
+            &g,
+            &dgu.slice(..),
+            &deq.slice(..t * h),
+            &mut grads.slice_mut(o.gu..o.gu + 2 * i * h),
+            2 * i,
+            h,
+            t,
+            1.0,
+            "computing the gate/up_proj gradient",
+        )?;
+        ternary_matmul_t_cuda(
+            &g,
+            &layer.gu,
+            &dgu.slice(..),
+            t,
+            &mut tmp.slice_mut(..t * h),
+        )?;
+        add(&g, gr, &tmp.slice(..t * h), t * h)?;
+        mark(&mut self.marks, &g, "bwd: gate/up dW + dX")?;
+        // h = x + norm_a(a): da = norm_bwd(dh); dx = dh (+ attention input gradient below).
+        norm_bwd(
+            &g,
+            &sa.a,
+            &params.slice(o.attn_norm..o.attn_norm + h),
+            &sa.ra,
+            gr,
+            g2,
+            &mut grads.slice_mut(o.attn_norm..o.attn_norm + h),
+            t,
+            h,
+        )?;
+        to_bf16(&g, &g2.slice(..), &mut dyb.slice_mut(..t * h), t * h)?;
+        mark(&mut self.marks, &g, "bwd: norm_a")?;
+        // o_proj: dW += daᵀ · deq(A8(o)), do = da · W.
+        a8_deq(&g, &sa.o.slice(..), &mut deq.slice_mut(..t * q), t, q, true)?;
+        gemm_tn(
+            blas,
+            &g,
+            &dyb.slice(..t * h),
+            &deq.slice(..t * q),
+            &mut grads.slice_mut(o.o..o.o + h * q),
+            h,
+            q,
+            t,
+            1.0,
+            "computing the o_proj gradient",
+        )?;
+        ternary_matmul_t_cuda(
+            &g,
+            &layer.o,
+            &dyb.slice(..t * h),
+            t,
+            &mut tmp.slice_mut(..t * q),
+        )?;
+        to_bf16(&g, &tmp.slice(..t * q), &mut dout.slice_mut(..), t * q)?;
+        mark(&mut self.marks, &g, "bwd: o dW + dX")?;
+        // attention (QK-Norm + RoPE fused): raw dq, dk, dv and the norm weights' gradients.
+        let nr = NormRopeGpu {
+            q_norm: &layer.q_norm,
+            k_norm: &layer.k_norm,
+            eps,
+            rope,
+        };
+        flash_attn_bwd_cuda(
+            &g,
+            pb,
+            &sa.q,
+            &sa.k,
+            &sa.v,
+            &sa.o,
+            &sa.lse,
+            dout,
+            attn_grads,
+            bwd_ws,
+            Some(PrologueBwd {
+                norm_rope: &nr,
+                grads: norm_grads,
+            }),
+            BwdMode::Atomic,
+        )?;
+        add(
+            &g,
+            &mut grads.slice_mut(o.q_norm..o.q_norm + d),
+            &norm_grads.dq_norm.slice(..),
+            d,
+        )?;
+        add(
+            &g,
+            &mut grads.slice_mut(o.k_norm..o.k_norm + d),
+            &norm_grads.dk_norm.slice(..),
+            d,
+        )?;
+        launch_merge_qkv(&g, attn_grads, dqkv, t, q, kv)?;
+        mark(&mut self.marks, &g, "bwd: attention")?;
+        // q/k/v: dW += dqkvᵀ · deq(A8(x)), dx += dqkv · W.
+        a8_deq(
+            &g,
+            &resid[li].slice(..),
+            &mut deq.slice_mut(..t * h),
+            t,
+            h,
+            false,
+        )?;
+        gemm_tn(
+            blas,
+            &g,
+            &dqkv.slice(..),
+            &deq.slice(..t * h),
+            &mut grads.slice_mut(o.qkv..o.qkv + qkv * h),
+            qkv,
+            h,
+            t,
+            1.0,
+            "computing the q/k/v_proj gradient",
+        )?;
+        ternary_matmul_t_cuda(
+            &g,
+            &layer.qkv,
+            &dqkv.slice(..),
+            t,
+            &mut tmp.slice_mut(..t * h),
+        )?;
+        add(&g, gr, &tmp.slice(..t * h), t * h)?;
+        mark(&mut self.marks, &g, "bwd: q/k/v dW + dX")?;
+        Ok(())
+    }
+}
+
+impl Acts {
+    fn new(
+        gpu: &Arc<Gpu>,
+        cfg: &TritterConfig,
+        batch: usize,
+        seq_len: usize,
+        recompute: bool,
+    ) -> Result<Self> {
+        let g = gpu.as_ref();
+        let t = batch * seq_len;
+        let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let (q, kv) = (cfg.num_heads * d, cfg.kv_dim());
+        let qkv = q + 2 * kv;
+        if h > MAX_NORM_COLS {
+            return Err(TritterError::config(
+                "hidden_size",
+                h,
+                format!("at most {MAX_NORM_COLS} for the training engine's norm kernels"),
+            ));
+        }
+        let slots = (0..if recompute { 1 } else { cfg.num_layers })
+            .map(|_| {
+                Ok(LayerActs {
+                    q: alloc(g, t * q, "saved q")?,
+                    k: alloc(g, t * kv, "saved k")?,
+                    v: alloc(g, t * kv, "saved v")?,
+                    o: alloc(g, t * q, "saved attention output")?,
+                    lse: alloc(g, t * cfg.num_heads, "saved logsumexp")?,
+                    a: alloc(g, t * h, "saved o_proj output")?,
+                    ra: alloc(g, t, "saved norm denominators")?,
+                    h: alloc(g, t * h, "saved residual")?,
+                    gu: alloc(g, t * 2 * i, "saved gate/up output")?,
+                    d: alloc(g, t * h, "saved down output")?,
+                    rf: alloc(g, t, "saved norm denominators")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let resid = (0..=cfg.num_layers)
+            .map(|_| alloc(g, t * h, "layer inputs"))
+            .collect::<Result<Vec<_>>>()?;
+        let problem = Problem::fixed(
+            Heads::new(cfg.num_heads, cfg.num_kv_heads, d),
+            batch,
+            seq_len,
+            seq_len,
+            Mask::CAUSAL,
+        );
+        let chunk = logits_chunk_rows(t, cfg.vocab_size);
+        let wide = h.max(i).max(q);
+        Ok(Acts {
+            batch,
+            seq_len,
+            recompute,
+            slots,
+            resid,
+            final_out: alloc(g, t * h, "final hidden states")?,
+            final_rd: alloc(g, t, "final norm denominators")?,
+            hidden_bf16: alloc(g, t * h, "bf16 hidden states")?,
+            ids: alloc(g, t, "token ids")?,
+            targets: alloc(g, t, "targets")?,
+            loss_mask: alloc(g, t, "loss mask")?,
+            acts_h: GemvActivations::new(g, t, h)?,
+            acts_i: GemvActivations::new(g, t, i)?,
+            gemv_ws: GemvWorkspace::new(g, qkv.max(h).max(2 * i))?,
+            y_qkv: alloc(g, t * qkv, "q/k/v projections")?,
+            mh: alloc(g, t * i, "MLP hidden")?,
+            dmh: alloc(g, t * i, "MLP hidden gradient")?,
+            deq: alloc(g, t * wide, "dequantized activations")?,
+            dyb: alloc(g, t * h, "bf16 output gradients")?,
+            dgu: alloc(g, t * 2 * i, "gate/up gradients")?,
+            dqkv: alloc(g, t * qkv, "q/k/v gradients")?,
+            g: alloc(g, t * h, "residual gradient")?,
+            g2: alloc(g, t * h, "branch gradient")?,
+            tmp: alloc(g, t * wide, "input gradient")?,
+            k_hat: alloc(g, t * kv, "normalized keys")?,
+            dout: alloc(g, t * q, "attention output gradient")?,
+            attn_grads: GradsGpu::new(g, &problem)?,
+            norm_grads: NormGradsGpu::new(g, d)?,
+            bwd_ws: BwdWorkspace::new(g, &problem, true)?,
+            logits: alloc(g, chunk * cfg.vocab_size, "logits chunk")?,
+            dlogits: alloc(g, chunk * cfg.vocab_size, "logits gradient chunk")?,
+            chunk,
+            rope: RopeTable::new(g, d, cfg.rope_theta as f32, seq_len)?,
+        })
+    }
+}
+
+fn to_bf16(
+    gpu: &Gpu,
+    x: &CudaView<'_, f32>,
+    y: &mut CudaViewMut<'_, bf16>,
+    n: usize,
+) -> Result<()> {
+    let f = gpu.function(&images::TRAIN, "train_to_bf16")?;
+    let n_i = n as i64;
+    let mut lb = gpu.stream().launch_builder(&f);
+    lb.arg(x).arg(y).arg(&n_i);
+    // SAFETY: `train_to_bf16(const float*, bf16*, long long)`; both views hold >= n values
+    // (the callers slice them to n).
+    unsafe { lb.launch(flat_cfg(n)) }.map_err(KernelError::driver("launching train_to_bf16"))?;
+    Ok(())
+}
+
+fn add<Y: DevicePtrMut<f32>>(gpu: &Gpu, y: &mut Y, x: &CudaView<'_, f32>, n: usize) -> Result<()> {
+    let f = gpu.function(&images::TRAIN, "train_add")?;
+    let n_i = n as i64;
+    let s = gpu.stream();
+    let (yp, _gy) = y.device_ptr_mut(s);
+    let (xp, _gx) = x.device_ptr(s);
+    let mut lb = s.launch_builder(&f);
+    lb.arg(&yp).arg(&xp).arg(&n_i);
+    // SAFETY: `train_add(float*, const float*, long long)`; y and x hold >= n f32 values
+    // (callers pass buffers of n or more) and do not overlap.
+    unsafe { lb.launch(flat_cfg(n)) }.map_err(KernelError::driver("launching train_add"))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn norm_fwd(
+    gpu: &Gpu,
+    res: Option<&CudaSlice<f32>>,
+    a: &CudaSlice<f32>,
+    w: &CudaView<'_, f32>,
+    out: &mut CudaSlice<f32>,
+    rd: &mut CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
+    let f = gpu.function(&images::TRAIN, "train_norm_fwd")?;
+    let s = gpu.stream();
+    let res_p: u64 = res.map_or(0, |r| r.device_ptr(s).0);
+    let c = cols as i32;
+    let mut lb = s.launch_builder(&f);
+    lb.arg(&res_p)
+        .arg(a)
+        .arg(w)
+        .arg(out)
+        .arg(rd)
+        .arg(&c)
+        .arg(&eps);
+    // SAFETY: `train_norm_fwd(const float*, const float*, const float*, float*, float*, int,
+    // float)`; res (or null), a and out hold rows x cols, w cols, rd rows; one CTA per row.
+    unsafe { lb.launch(rows_cfg(rows)) }
+        .map_err(KernelError::driver("launching train_norm_fwd"))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn norm_bwd(
+    gpu: &Gpu,
+    a: &CudaSlice<f32>,
+    w: &CudaView<'_, f32>,
+    rd: &CudaSlice<f32>,
+    dy: &CudaSlice<f32>,
+    da: &mut CudaSlice<f32>,
+    dw: &mut CudaViewMut<'_, f32>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    let f = gpu.function(&images::TRAIN, "train_norm_bwd")?;
+    let (r, c, rpc) = (rows as i32, cols as i32, NORM_BWD_ROWS as i32);
+    let mut lb = gpu.stream().launch_builder(&f);
+    lb.arg(a)
+        .arg(w)
+        .arg(rd)
+        .arg(dy)
+        .arg(da)
+        .arg(dw)
+        .arg(&r)
+        .arg(&c)
+        .arg(&rpc);
+    // SAFETY: `train_norm_bwd(const float*, const float*, const float*, const float*, float*,
+    // float*, int, int, int)`; a, dy, da hold rows x cols (cols <= 4096, checked at
+    // allocation), w and dw cols, rd rows.
+    unsafe { lb.launch(rows_cfg(rows.div_ceil(NORM_BWD_ROWS))) }
+        .map_err(KernelError::driver("launching train_norm_bwd"))?;
+    Ok(())
+}
+
+fn a8_deq<T: cudarc::driver::DeviceRepr>(
+    gpu: &Gpu,
+    x: &CudaView<'_, T>,
+    y: &mut CudaViewMut<'_, bf16>,
+    rows: usize,
+    cols: usize,
+    bf16_in: bool,
+) -> Result<()> {
+    let name = if bf16_in {
+        "train_a8_deq_bf16"
+    } else {
+        "train_a8_deq_f32"
+    };
+    let f = gpu.function(&images::TRAIN, name)?;
+    let c = cols as i32;
+    let mut lb = gpu.stream().launch_builder(&f);
+    lb.arg(x).arg(y).arg(&c);
+    // SAFETY: `train_a8_deq_{f32,bf16}(const T*, bf16*, int)` with T matching `bf16_in` at
+    // every call site; x and y hold rows x cols; one CTA per row.
+    unsafe { lb.launch(rows_cfg(rows)) }
+        .map_err(|e| KernelError::driver(format!("launching {name}"))(e))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_split_qkv(
+    gpu: &Gpu,
+    y: &CudaSlice<f32>,
+    q: &mut CudaSlice<bf16>,
+    k: &mut CudaSlice<bf16>,
+    v: &mut CudaSlice<bf16>,
+    t: usize,
+    nq: usize,
+    nkv: usize,
+) -> Result<()> {
+    let f = gpu.function(&images::TRAIN, "train_split_qkv")?;
+    let (a, b) = (nq as i32, nkv as i32);
+    let mut lb = gpu.stream().launch_builder(&f);
+    lb.arg(y).arg(q).arg(k).arg(v).arg(&a).arg(&b);
+    // SAFETY: `train_split_qkv(const float*, bf16*, bf16*, bf16*, int, int)`; y holds
+    // t x (nq + 2 nkv), q t x nq, k and v t x nkv; one CTA per row.
+    unsafe { lb.launch(rows_cfg(t)) }.map_err(KernelError::driver("launching train_split_qkv"))?;
+    Ok(())
+}
+
+fn launch_merge_qkv(
+    gpu: &Gpu,
+    gr: &GradsGpu<bf16>,
+    out: &mut CudaSlice<bf16>,
+    t: usize,
+    nq: usize,
+    nkv: usize,
+) -> Result<()> {
+    let f = gpu.function(&images::TRAIN, "train_merge_qkv")?;
+    let (a, b) = (nq as i32, nkv as i32);
+    let mut lb = gpu.stream().launch_builder(&f);
+    lb.arg(&gr.dq)
+        .arg(&gr.dk)
+        .arg(&gr.dv)
+        .arg(out)
+        .arg(&a)
+        .arg(&b);
+    // SAFETY: `train_merge_qkv(const bf16*, const bf16*, const bf16*, bf16*, int, int)`;
+    // dq holds t x nq, dk and dv t x nkv, out t x (nq + 2 nkv); one CTA per row.
+    unsafe { lb.launch(rows_cfg(t)) }.map_err(KernelError::driver("launching train_merge_qkv"))?;
+    Ok(())
+}
+
+fn launch_glu(
+    gpu: &Gpu,
+    gu: &CudaSlice<f32>,
+    h: &mut CudaSlice<f32>,
+    t: usize,
+    i: usize,
+) -> Result<()> {
+    let f = gpu.function(&images::TRAIN, "train_glu")?;
+    let i_i = i as i32;
+    let mut lb = gpu.stream().launch_builder(&f);
+    lb.arg(gu).arg(h).arg(&i_i);
+    // SAFETY: `train_glu(const float*, float*, int)`; gu holds t x 2i, h t x i.
+    unsafe { lb.launch(rows_cfg(t)) }.map_err(KernelError::driver("launching train_glu"))?;
+    Ok(())
+}
+
+fn launch_glu_bwd(
+    gpu: &Gpu,
+    gu: &CudaSlice<f32>,
+    dh: &CudaSlice<f32>,
+    dgu: &mut CudaSlice<bf16>,
+    t: usize,
+    i: usize,
+) -> Result<()> {
+    let f = gpu.function(&images::TRAIN, "train_glu_bwd")?;
+    let i_i = i as i32;
+    let mut lb = gpu.stream().launch_builder(&f);
+    lb.arg(gu).arg(dh).arg(dgu).arg(&i_i);
+    // SAFETY: `train_glu_bwd(const float*, const float*, bf16*, int)`; gu and dgu hold
+    // t x 2i, dh t x i.
+    unsafe { lb.launch(rows_cfg(t)) }.map_err(KernelError::driver("launching train_glu_bwd"))?;
+    Ok(())
+}
+
+/// Column-major `C (m, n) = op(A) op(B) * 1 + beta C` with bf16 A/B and f32 C on the
+/// stream of `blas` (cuBLAS `gemmEx`, f32 compute).
+#[allow(clippy::too_many_arguments)]
+fn gemm_cm(
+    blas: &CudaBlas,
+    ta: bool,
+    tb: bool,
+    (m, n, k): (usize, usize, usize),
+    a: u64,
+    lda: usize,
+    b: u64,
+    ldb: usize,
+    c: u64,
+    ldc: usize,
+    beta: f32,
+    what: &str,
+) -> Result<()> {
+    use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let op = |t| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let alpha = 1.0f32;
+    let dims = [m, n, k, lda, ldb, ldc];
+    if dims.iter().any(|&x| x > i32::MAX as usize) {
+        return Err(TritterError::Cublas {
+            context: what.into(),
+            detail: format!("dimensions {dims:?} exceed cuBLAS's i32 range"),
+        });
+    }
+    // SAFETY: the callers pass device pointers of buffers holding the column-major operands
+    // with these leading dimensions (row-major wrappers below, lengths sliced to fit); the
+    // handle is bound to the stream every buffer was written on.
+    unsafe {
+        blas_result::gemm_ex(
+            *blas.handle(),
+            op(ta),
+            op(tb),
+            m as i32,
+            n as i32,
+            k as i32,
+            (&alpha) as *const f32 as *const _,
+            a as *const _,
+            blas_sys::cudaDataType::CUDA_R_16BF,
+            lda as i32,
+            b as *const _,
+            blas_sys::cudaDataType::CUDA_R_16BF,
+            ldb as i32,
+            (&beta) as *const f32 as *const _,
+            c as *mut _,
+            blas_sys::cudaDataType::CUDA_R_32F,
+            ldc as i32,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| TritterError::Cublas {
+        context: what.into(),
+        detail: e.to_string(),
+    })
+}
+
+/// Row-major `C (M, N) = A (M, K) · B (N, K)ᵀ + beta C`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_nt(
+    blas: &CudaBlas,
+    gpu: &Gpu,
+    a: &CudaView<'_, bf16>,
+    b: &CudaView<'_, bf16>,
+    c: &mut CudaViewMut<'_, f32>,
+    m: usize,
+    n: usize,
+    k: usize,
+    beta: f32,
+    what: &str,
+) -> Result<()> {
+    check_gemm(what, [(a.len(), m * k), (b.len(), n * k), (c.len(), m * n)])?;
+    let s = gpu.stream();
+    let (ap, _ga) = a.device_ptr(s);
+    let (bp, _gb) = b.device_ptr(s);
+    let (cp, _gc) = c.device_ptr_mut(s);
+    gemm_cm(
+        blas,
+        true,
+        false,
+        (n, m, k),
+        bp,
+        k,
+        ap,
+        k,
+        cp,
+        n,
+        beta,
+        what,
+    )
+}
+
+/// Row-major `C (M, N) = A (M, K) · B (K, N) + beta C`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_nn(
+    blas: &CudaBlas,
+    gpu: &Gpu,
+    a: &CudaView<'_, bf16>,
+    b: &CudaView<'_, bf16>,
+    c: &mut CudaViewMut<'_, f32>,
+    m: usize,
+    n: usize,
+    k: usize,
+    beta: f32,
+    what: &str,
+) -> Result<()> {
+    check_gemm(what, [(a.len(), m * k), (b.len(), k * n), (c.len(), m * n)])?;
+    let s = gpu.stream();
+    let (ap, _ga) = a.device_ptr(s);
+    let (bp, _gb) = b.device_ptr(s);
+    let (cp, _gc) = c.device_ptr_mut(s);
+    gemm_cm(
+        blas,
+        false,
+        false,
+        (n, m, k),
+        bp,
+        n,
+        ap,
+        k,
+        cp,
+        n,
+        beta,
+        what,
+    )
+}
+
+/// Row-major `C (M, N) = A (K, M)ᵀ · B (K, N) + beta C` (weight gradients `dYᵀ · X`).
+#[allow(clippy::too_many_arguments)]
+fn gemm_tn(
+    blas: &CudaBlas,
+    gpu: &Gpu,
+    a: &CudaView<'_, bf16>,
+    b: &CudaView<'_, bf16>,
+    c: &mut CudaViewMut<'_, f32>,
+    m: usize,
+    n: usize,
+    k: usize,
+    beta: f32,
+    what: &str,
+) -> Result<()> {
+    check_gemm(what, [(a.len(), k * m), (b.len(), k * n), (c.len(), m * n)])?;
+    let s = gpu.stream();
+    let (ap, _ga) = a.device_ptr(s);
+    let (bp, _gb) = b.device_ptr(s);
+    let (cp, _gc) = c.device_ptr_mut(s);
+    gemm_cm(
+        blas,
+        false,
+        true,
+        (n, m, k),
+        bp,
+        n,
+        ap,
+        m,
+        cp,
+        n,
+        beta,
+        what,
+    )
+}
+
+/// Every operand of a product is exactly as long as its shape says.
+fn check_gemm(what: &str, lens: [(usize, usize); 3]) -> Result<()> {
+    for (i, (actual, expected)) in lens.into_iter().enumerate() {
+        if actual != expected {
+            return Err(TritterError::ShapeMismatch {
+                what: format!("{what}: operand {}", ["A", "B", "C"][i]),
+                actual: vec![actual],
+                expected: format!("{expected} elements"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What [`bench_train`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainBench {
+    /// Parameters trained (the `N` of `6 N` FLOPs per token).
+    pub params: usize,
+    /// Training tokens per second (timed steps only, CUDA events).
+    pub tokens_per_s: f64,
+    /// Milliseconds per optimizer step.
+    pub step_ms: f64,
+    /// Model FLOPs utilization `6 N tokens/s / peak`, when the peak is known.
+    pub mfu: Option<f64>,
+    /// The dense bf16 peak used for the MFU (TFLOP/s).
+    pub peak_tflops: Option<f64>,
+    /// Device bytes the engine holds after the first step (every buffer is allocated up front,
+    /// so this is the peak).
+    pub device_bytes: u64,
+    /// Mean loss of the timed steps (finite: a diverging run is an error).
+    pub loss: f64,
+    /// With profiling: milliseconds per step of each phase (two extra steps timed phase by
+    /// phase with CUDA events), largest first.
+    pub profile: Vec<(&'static str, f64)>,
+}
+
+/// Dense bf16 tensor-core peak of known devices, TFLOP/s (H100/H200 SXM: 989).
+pub fn dense_bf16_peak_tflops(device_name: &str) -> Option<f64> {
+    let n = device_name.to_ascii_uppercase();
+    if n.contains("H100") || n.contains("H200") {
+        Some(989.0)
+    } else {
+        None
+    }
+}
+
+/// Trains `config` from its seeded initialization on random token batches of
+/// `batch` x `seq_len` for `warmup` + `steps` optimizer steps (one micro-batch each, AdamW,
+/// clipping at 1) and reports the speed of the timed steps, with the loss read once at the
+/// end (no host synchronisation between steps). With `profile`, two more steps are timed
+/// phase by phase.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_train(
+    gpu: &Arc<Gpu>,
+    config: &TritterConfig,
+    batch: usize,
+    seq_len: usize,
+    recompute: bool,
+    warmup: usize,
+    steps: usize,
+    peak_tflops: Option<f64>,
+    profile: bool,
+) -> Result<TrainBench> {
+    if steps == 0 {
+        return Err(TritterError::InvalidArgument {
+            what: "timed steps",
+            actual: "0".into(),
+            expected: ">= 1".into(),
+        });
+    }
+    let (free0, _) = gpu
+        .context()
+        .mem_get_info()
+        .map_err(KernelError::driver("reading free device memory"))?;
+    let mut model = GpuTrainModel::new(gpu, config, 0, AdamWConfig::default())?;
+    model.prepare(batch, seq_len, recompute)?;
+    let t = batch * seq_len;
+    let mut rng = crate::model::SeededRng::new(7);
+    let v = config.vocab_size as u64;
+    let batches: Vec<(Vec<u32>, Vec<u32>)> = (0..4)
+        .map(|_| {
+            let row: Vec<u32> = (0..t + 1).map(|_| 1 + rng.below(v - 1) as u32).collect();
+            (row[..t].to_vec(), row[1..].to_vec())
+        })
+        .collect();
+    let ones = vec![1f32; t];
+    let mask = MaskSpec::from_config(config);
+    let run = |model: &mut GpuTrainModel, n: usize| -> Result<()> {
+        for i in 0..n {
+            let (inputs, targets) = &batches[i % batches.len()];
+            model.forward_backward(&MicroBatch {
+                inputs,
+                targets,
+                loss_mask: &ones,
+                mask: &mask,
+                denominator: t,
+            })?;
+            model.optimizer_step(3e-4, 1.0)?;
+        }
+        Ok(())
+    };
+    run(&mut model, warmup.max(1))?;
+    model.read_metrics()?;
+    let (free1, _) = gpu
+        .context()
+        .mem_get_info()
+        .map_err(KernelError::driver("reading free device memory"))?;
+    let stream = gpu.stream();
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let start = stream
+        .record_event(flags)
+        .map_err(KernelError::driver("recording an event"))?;
+    run(&mut model, steps)?;
+    let end = stream
+        .record_event(flags)
+        .map_err(KernelError::driver("recording an event"))?;
+    end.synchronize()
+        .map_err(KernelError::driver("waiting for the timed steps"))?;
+    let ms = f64::from(
+        start
+            .elapsed_ms(&end)
+            .map_err(KernelError::driver("reading the step time"))?,
+    ) / steps as f64;
+    let loss = model.read_metrics()?.loss / steps as f64;
+    let mut phases = Vec::new();
+    if profile {
+        const PROFILED: usize = 2;
+        model.set_profiling(true)?;
+        run(&mut model, PROFILED)?;
+        phases = model
+            .take_profile()?
+            .into_iter()
+            .map(|(n, ms, _)| (n, ms / PROFILED as f64))
+            .collect();
+        model.set_profiling(false)?;
+    }
+    let tokens_per_s = t as f64 / (ms / 1e3);
+    let params = model.layout().len();
+    let peak = peak_tflops.or_else(|| dense_bf16_peak_tflops(&gpu.info().name));
+    Ok(TrainBench {
+        params,
+        tokens_per_s,
+        step_ms: ms,
+        mfu: peak.map(|p| 6.0 * params as f64 * tokens_per_s / (p * 1e12)),
+        peak_tflops: peak,
+        device_bytes: free0.saturating_sub(free1) as u64,
+        loss,
+        profile: phases,
+    })
+}

@@ -1,0 +1,300 @@
+// The small kernels of the Tritter GPU training engine (crates/tritter/src/train/gpu.rs, llm.c
+// style): everything of a training step that is not a ternary GEMM (ternary-gemm), attention
+// (flash-attn-sm120) or a dense product (cuBLAS). Activations are f32 rows `(T, C)` (T tokens
+// of the micro-batch), the gradients of dense products bf16 (cuBLAS and the transposed
+// ternary GEMM take bf16), parameters, gradients and AdamW moments f32.
+//
+// All row kernels: one CTA of 256 threads per row (grid = rows), columns strided by 256,
+// sums reduced with warp shuffles and shared memory. They are memory bound (each reads its
+// row once or twice and writes it once); a training step spends >90% of its time in the
+// GEMMs and attention, so these favour clarity over fusion for now.
+//
+// ---- train_embed / train_embed_bwd: x[r] = table[ids[r]] (zeros for <pad> = 0, as the
+//   reference's keep mask); dtable[ids[r]] += dx[r] with f32 atomics (pad rows skipped).
+// ---- train_norm_fwd: out[r] = res[r] + a[r] / rd * w (res may be null: a plain RMSNorm),
+//   rd = sqrt(sum(a^2) * f32(1/C) + eps) saved per row for the backward pass (the formula of
+//   tritter::model::rms_norm_row; IEEE division, no fast math).
+// ---- train_norm_bwd: da = w dy / rd - a * sum(w dy a) / (C rd^3); dw += dy a / rd over the
+//   CTA's `rows_per_cta` rows in registers (C <= 256 * 16), then one f32 atomicAdd per column.
+// ---- train_a8_deq_{f32,bf16}: the BitNet A8 fake quantization as bf16,
+//   q / s with q = clamp(round(x s), -128, 127), s = 127 / max(max|x|, 1e-5): the activation
+//   operand of a BitLinear weight gradient dW = dY^T deq(A8(x)) (straight-through estimator).
+// ---- train_split_qkv / train_merge_qkv: the fused q/k/v projection's f32 output rows
+//   [q | k | v] -> raw bf16 q (T, Hq D), k, v (T, Hkv D); and the bf16 gradients back to rows.
+// ---- train_glu / train_glu_bwd: h = relu(g)^2 * u over gate/up rows [g | u] (T, 2I);
+//   dg = 2 relu(g) u dh, du = relu(g)^2 dh as bf16.
+// ---- train_ce: fused softmax cross-entropy of one logits chunk (rows, V) f32: the row's
+//   loss mask[r] * scale * (logsumexp - logit[target]) summed into an f64, and
+//   dlogits = mask[r] * scale * (softmax - onehot) as bf16 (scale = 1 / targets of the step).
+// ---- train_sq_sum / train_clip_scale / train_adamw: global gradient norm (f64 sum of
+//   squares), the clip factor min(1, max_norm / (norm + 1e-6)) kept on the device (no host
+//   synchronisation inside a step), and AdamW with decoupled weight decay in the reference's
+//   operation order (crates/tritter/src/train/optim.rs).
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxCols = 16;  // columns per thread held in registers by train_norm_bwd
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+    return v;
+}
+
+// Sum over the CTA; every thread gets the result.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float part[kThreads / 32];
+    v = warp_sum(v);
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    __syncthreads();
+    if (l == 0) part[w] = v;
+    __syncthreads();
+    return warp_sum(l < kThreads / 32 ? part[l] : 0.0f);
+}
+
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float part[kThreads / 32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    __syncthreads();
+    if (l == 0) part[w] = v;
+    __syncthreads();
+    float t = l < kThreads / 32 ? part[l] : -INFINITY;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(kFull, t, o));
+    return t;
+}
+
+__device__ __forceinline__ double block_sum_f64(double v) {
+    __shared__ double part[kThreads / 32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    __syncthreads();
+    if (l == 0) part[w] = v;
+    __syncthreads();
+    double t = l < kThreads / 32 ? part[l] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(kFull, t, o);
+    return t;
+}
+
+__device__ __forceinline__ float rms_denominator(float sumsq, int c, float eps) {
+    const float inv_n = (float)(1.0 / (double)c);
+    return sqrtf(__fadd_rn(__fmul_rn(sumsq, inv_n), eps));
+}
+
+__device__ __forceinline__ float load_f(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float load_f(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
+
+template <typename T>
+__device__ __forceinline__ void a8_deq_row(const T* __restrict__ x, __nv_bfloat16* __restrict__ y, int cols) {
+    const long long base = (long long)blockIdx.x * cols;
+    float amax = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += kThreads) amax = fmaxf(amax, fabsf(load_f(x, base + c)));
+    amax = block_max(amax);
+    const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+    for (int c = threadIdx.x; c < cols; c += kThreads) {
+        const float q = fminf(fmaxf(roundf(__fmul_rn(load_f(x, base + c), s)), -128.0f), 127.0f);
+        y[base + c] = __float2bfloat16_rn(__fdiv_rn(q, s));
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_embed(const unsigned* __restrict__ ids, const float* __restrict__ table, float* __restrict__ x, int h) {
+    const unsigned id = ids[blockIdx.x];
+    const long long r = (long long)blockIdx.x * h;
+    for (int c = threadIdx.x; c < h; c += kThreads) x[r + c] = id == 0 ? 0.0f : table[(long long)id * h + c];
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_embed_bwd(const unsigned* __restrict__ ids, const float* __restrict__ dx, float* __restrict__ dtable, int h) {
+    const unsigned id = ids[blockIdx.x];
+    if (id == 0) return;
+    const long long r = (long long)blockIdx.x * h;
+    for (int c = threadIdx.x; c < h; c += kThreads) atomicAdd(dtable + (long long)id * h + c, dx[r + c]);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_norm_fwd(const float* __restrict__ res, const float* __restrict__ a, const float* __restrict__ w,
+                   float* __restrict__ out, float* __restrict__ rd_out, int cols, float eps) {
+    const long long base = (long long)blockIdx.x * cols;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += kThreads) s += a[base + c] * a[base + c];
+    const float rd = rms_denominator(block_sum(s), cols, eps);
+    for (int c = threadIdx.x; c < cols; c += kThreads) {
+        const float y = __fmul_rn(__fdiv_rn(a[base + c], rd), w[c]);
+        out[base + c] = res ? __fadd_rn(res[base + c], y) : y;
+    }
+    if (threadIdx.x == 0) rd_out[blockIdx.x] = rd;
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_norm_bwd(const float* __restrict__ a, const float* __restrict__ w, const float* __restrict__ rd,
+                   const float* __restrict__ dy, float* __restrict__ da, float* __restrict__ dw, int rows, int cols,
+                   int rows_per_cta) {
+    float acc[kMaxCols];
+#pragma unroll
+    for (int j = 0; j < kMaxCols; ++j) acc[j] = 0.0f;
+    const int r0 = blockIdx.x * rows_per_cta;
+    const int r1 = min(rows, r0 + rows_per_cta);
+    const float inv_c = 1.0f / (float)cols;
+    for (int r = r0; r < r1; ++r) {
+        const long long base = (long long)r * cols;
+        const float d = rd[r];
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kMaxCols; ++j) {
+            const int c = threadIdx.x + kThreads * j;
+            if (c < cols) s += w[c] * dy[base + c] * a[base + c];
+        }
+        s = block_sum(s);
+        const float k = s * inv_c / (d * d * d);
+#pragma unroll
+        for (int j = 0; j < kMaxCols; ++j) {
+            const int c = threadIdx.x + kThreads * j;
+            if (c < cols) {
+                const float av = a[base + c], g = dy[base + c];
+                da[base + c] = w[c] * g / d - av * k;
+                acc[j] += g * av / d;
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < kMaxCols; ++j) {
+        const int c = threadIdx.x + kThreads * j;
+        if (c < cols && r0 < r1) atomicAdd(dw + c, acc[j]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_a8_deq_f32(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, int cols) {
+    a8_deq_row(x, y, cols);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_a8_deq_bf16(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y, int cols) {
+    a8_deq_row(x, y, cols);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, long long n) {
+    for (long long i = (long long)blockIdx.x * kThreads + threadIdx.x; i < n; i += (long long)gridDim.x * kThreads)
+        y[i] = __float2bfloat16_rn(x[i]);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_add(float* __restrict__ y, const float* __restrict__ x, long long n) {
+    for (long long i = (long long)blockIdx.x * kThreads + threadIdx.x; i < n; i += (long long)gridDim.x * kThreads)
+        y[i] += x[i];
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_split_qkv(const float* __restrict__ y, __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ k,
+                    __nv_bfloat16* __restrict__ v, int nq, int nkv) {
+    const long long r = blockIdx.x, w = nq + 2 * nkv;
+    for (int c = threadIdx.x; c < w; c += kThreads) {
+        const __nv_bfloat16 b = __float2bfloat16_rn(y[r * w + c]);
+        if (c < nq)
+            q[r * nq + c] = b;
+        else if (c < nq + nkv)
+            k[r * nkv + c - nq] = b;
+        else
+            v[r * nkv + c - nq - nkv] = b;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_merge_qkv(const __nv_bfloat16* __restrict__ dq, const __nv_bfloat16* __restrict__ dk,
+                    const __nv_bfloat16* __restrict__ dv, __nv_bfloat16* __restrict__ out, int nq, int nkv) {
+    const long long r = blockIdx.x, w = nq + 2 * nkv;
+    for (int c = threadIdx.x; c < w; c += kThreads) {
+        out[r * w + c] = c < nq ? dq[r * nq + c] : c < nq + nkv ? dk[r * nkv + c - nq] : dv[r * nkv + c - nq - nkv];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_glu(const float* __restrict__ gu, float* __restrict__ h, int inter) {
+    const long long r = blockIdx.x;
+    for (int c = threadIdx.x; c < inter; c += kThreads) {
+        const float g = fmaxf(gu[r * 2 * inter + c], 0.0f);
+        h[r * inter + c] = g * g * gu[r * 2 * inter + inter + c];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_glu_bwd(const float* __restrict__ gu, const float* __restrict__ dh, __nv_bfloat16* __restrict__ dgu,
+                  int inter) {
+    const long long r = blockIdx.x;
+    for (int c = threadIdx.x; c < inter; c += kThreads) {
+        const float g = fmaxf(gu[r * 2 * inter + c], 0.0f), u = gu[r * 2 * inter + inter + c];
+        const float d = dh[r * inter + c];
+        dgu[r * 2 * inter + c] = __float2bfloat16_rn(2.0f * g * u * d);
+        dgu[r * 2 * inter + inter + c] = __float2bfloat16_rn(g * g * d);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_ce(const float* __restrict__ logits, const unsigned* __restrict__ targets, const float* __restrict__ mask,
+             __nv_bfloat16* __restrict__ dlogits, double* __restrict__ loss, int vocab, float scale) {
+    const long long base = (long long)blockIdx.x * vocab;
+    const float m = mask[blockIdx.x];
+    float mx = -INFINITY;
+    for (int c = threadIdx.x; c < vocab; c += kThreads) mx = fmaxf(mx, logits[base + c]);
+    mx = block_max(mx);
+    float se = 0.0f;
+    for (int c = threadIdx.x; c < vocab; c += kThreads) se += expf(logits[base + c] - mx);
+    se = block_sum(se);
+    const unsigned t = targets[blockIdx.x];
+    if (threadIdx.x == 0 && m != 0.0f) {
+        const double lse = (double)mx + log((double)se);
+        atomicAdd(loss, (double)m * (double)scale * (lse - (double)logits[base + t]));
+    }
+    const float k = m * scale / se;
+    for (int c = threadIdx.x; c < vocab; c += kThreads) {
+        const float p = expf(logits[base + c] - mx) * k;
+        dlogits[base + c] = __float2bfloat16_rn((unsigned)c == t ? p - m * scale : p);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_sq_sum(const float* __restrict__ g, long long n, double* __restrict__ acc) {
+    double s = 0.0;
+    for (long long i = (long long)blockIdx.x * kThreads + threadIdx.x; i < n; i += (long long)gridDim.x * kThreads)
+        s += (double)g[i] * (double)g[i];
+    s = block_sum_f64(s);
+    if (threadIdx.x == 0) atomicAdd(acc, s);
+}
+
+// out[0] = clip factor applied to the gradients, out[1] = the norm before clipping.
+extern "C" __global__ void train_clip_scale(const double* __restrict__ sq, float max_norm, float* __restrict__ out) {
+    const double norm = sqrt(*sq);
+    out[0] = (max_norm > 0.0f && norm > (double)max_norm) ? (float)((double)max_norm / (norm + 1e-6)) : 1.0f;
+    out[1] = (float)norm;
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_adamw(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+                long long n, float lr, float b1, float b2, float eps, float decay, float bc1, float bc2,
+                const float* __restrict__ clip) {
+    const float cs = clip[0];
+    const float ob1 = 1.0f - b1, ob2 = 1.0f - b2;
+    for (long long i = (long long)blockIdx.x * kThreads + threadIdx.x; i < n; i += (long long)gridDim.x * kThreads) {
+        const float gi = cs == 1.0f ? g[i] : g[i] * cs;
+        const float mi = m[i] * b1 + gi * ob1;
+        const float vi = v[i] * b2 + (gi * gi) * ob2;
+        m[i] = mi;
+        v[i] = vi;
+        const float upd = (mi / bc1) / (sqrtf(vi / bc2) + eps);
+        p[i] = p[i] * decay - upd * lr;
+    }
+}
