@@ -24,6 +24,7 @@
 // per launch: the "incl. A8 quant" figures of the GEMV bench); fusing it into the previous
 // kernel's epilogue is left to the engine.
 
+#include "a8_mma.cuh"
 #include "common.cuh"
 
 namespace {
@@ -185,37 +186,6 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
 // Pass 1 is the absmax reduction above (16-byte loads when aligned); pass 2 writes one
 // permuted 32-bit word per thread and step (coalesced), gathering its 4 inputs from the
 // L1-resident row. `Src` is an activation type (quantize) or int8 codes (permute only).
-// Writes row `row` of codes_mma / sums from codes produced by `code_of(k)` (k < cols).
-template <typename CodeOf>
-__device__ __forceinline__ void store_mma_row(int8_t* __restrict__ codes_mma, int* __restrict__ sums, int row,
-                                              int cols, int cols_pad, CodeOf code_of) {
-    __shared__ unsigned scratch_sum[32];
-    unsigned* out = reinterpret_cast<unsigned*>(codes_mma + static_cast<size_t>(row) * cols_pad);
-    int local = 0;
-    for (int wd = threadIdx.x; wd < cols_pad / 4; wd += kThreads) {
-        const int blk = wd >> 5, j = (wd >> 3) & 3, t = wd & 7;
-        const int kb = 128 * blk + 16 * t + j;
-        unsigned word = 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int k = kb + 4 * e;
-            const int q = k < cols ? code_of(k) : 0;
-            word |= (static_cast<unsigned>(q) & 0xffu) << (8 * e);
-        }
-        local = __dp4a(static_cast<int>(word), 0x01010101, local);
-        out[wd] = word;
-    }
-    // block sum (two's complement: an unsigned OR-free add is exact for the int sum)
-    local = __reduce_add_sync(0xffffffffu, local);
-    if ((threadIdx.x & 31) == 0) scratch_sum[threadIdx.x >> 5] = static_cast<unsigned>(local);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int total = 0;
-        for (int w = 0; w < kThreads / 32; ++w) total += static_cast<int>(scratch_sum[w]);
-        sums[row] = total;
-    }
-}
-
 template <typename T>
 __device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_t* __restrict__ codes_mma,
                                                   int* __restrict__ sums, float* __restrict__ scales,
@@ -239,12 +209,12 @@ __device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_
     if (threadIdx.x == 0) nonfinite_flags[row] = bad ? 1u : 0u;
     if (bad) {
         if (threadIdx.x == 0) scales[row] = __int_as_float(0x7fc00000);
-        store_mma_row(codes_mma, sums, row, cols, cols_pad, [](int) { return 0; });
+        tritter::store_mma_row<kThreads>(codes_mma, sums, row, cols, cols_pad, [](int) { return 0; });
         return;
     }
     const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
     if (threadIdx.x == 0) scales[row] = s;
-    store_mma_row(codes_mma, sums, row, cols, cols_pad,
+    tritter::store_mma_row<kThreads>(codes_mma, sums, row, cols, cols_pad,
                   [&](int k) { return static_cast<int>(quantize_one(tritter::to_float(xr[k]), s)); });
 }
 
@@ -282,7 +252,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     if (row >= rows) return;
     if (threadIdx.x == 0) nonfinite_flags[row] = 0u;  // int8 codes are finite by construction
     const int8_t* cr = codes + static_cast<size_t>(row) * cols;
-    store_mma_row(codes_mma, sums, row, cols, cols_pad, [&](int k) { return static_cast<int>(cr[k]); });
+    tritter::store_mma_row<kThreads>(codes_mma, sums, row, cols, cols_pad, [&](int k) { return static_cast<int>(cr[k]); });
 }
 
 // ---------------------------------------------------------------------------------------

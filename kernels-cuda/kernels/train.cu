@@ -21,8 +21,14 @@
 //   operand of a BitLinear weight gradient dW = dY^T deq(A8(x)) (straight-through estimator).
 // ---- train_split_qkv / train_merge_qkv: the fused q/k/v projection's f32 output rows
 //   [q | k | v] -> raw bf16 q (T, Hq D), k, v (T, Hkv D); and the bf16 gradients back to rows.
-// ---- train_glu / train_glu_bwd: h = relu(g)^2 * u over gate/up rows [g | u] (T, 2I);
-//   dg = 2 relu(g) u dh, du = relu(g)^2 dh as bf16.
+// ---- train_glu_a8: the MLP's middle in one pass over the gate/up GEMM output [g | u]
+//   (T, 2I) f32: h = relu(g)^2 * u, then the A8 of h straight into ternary-gemm's GEMV layout
+//   (codes in MMA k order, row sum, scale s = 127 / max(max|h|, 1e-5), non-finite flag: the
+//   down GEMM's input), and the two copies the backward pass needs, saved as bf16: [g | u]
+//   and deq(A8(h)) = q / s (the down projection's weight-gradient operand). Two passes over
+//   the row (max|h|, then codes), the second from L1/L2.
+// ---- train_glu_bwd: dg = 2 relu(g) u dh, du = relu(g)^2 dh from the saved bf16 [g | u],
+//   as bf16 (the operand of the gate/up weight gradient and transposed GEMM).
 // ---- train_ce: fused softmax cross-entropy of one logits chunk (rows, V) f32: the row's
 //   loss mask[r] * scale * (logsumexp - logit[target]) summed into an f64, and
 //   dlogits = mask[r] * scale * (softmax - onehot) as bf16 (scale = 1 / targets of the step).
@@ -32,6 +38,8 @@
 //   operation order (crates/tritter/src/train/optim.rs).
 
 #include <cuda_bf16.h>
+
+#include "a8_mma.cuh"
 
 #include <cstdint>
 
@@ -223,20 +231,51 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
-    train_glu(const float* __restrict__ gu, float* __restrict__ h, int inter) {
+    train_glu_a8(const float* __restrict__ gu, __nv_bfloat16* __restrict__ gu_save, __nv_bfloat16* __restrict__ deq,
+                 int8_t* __restrict__ codes_mma, int* __restrict__ sums, float* __restrict__ scales,
+                 unsigned* __restrict__ nonfinite_flags, int inter, int cols_pad) {
     const long long r = blockIdx.x;
+    const float* row = gu + r * 2 * inter;
+    float amax = 0.0f;
+    unsigned bad = 0;
     for (int c = threadIdx.x; c < inter; c += kThreads) {
-        const float g = fmaxf(gu[r * 2 * inter + c], 0.0f);
-        h[r * inter + c] = g * g * gu[r * 2 * inter + inter + c];
+        const float g = row[c], u = row[inter + c];
+        gu_save[r * 2 * inter + c] = __float2bfloat16_rn(g);
+        gu_save[r * 2 * inter + inter + c] = __float2bfloat16_rn(u);
+        const float rg = fmaxf(g, 0.0f);
+        const float a = fabsf(rg * rg * u);
+        amax = fmaxf(amax, a);
+        bad |= !(a <= 3.402823466e38f);
     }
+    amax = block_max(amax);
+    __shared__ unsigned any_bad;
+    if (threadIdx.x == 0) any_bad = 0;
+    __syncthreads();
+    if (bad) atomicOr(&any_bad, 1u);
+    __syncthreads();
+    bad = any_bad;
+    if (threadIdx.x == 0) {
+        nonfinite_flags[r] = bad ? 1u : 0u;
+        scales[r] = bad ? __int_as_float(0x7fc00000) : __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+    }
+    const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+    __nv_bfloat16* dq = deq + r * inter;
+    tritter::store_mma_row<kThreads>(codes_mma, sums, (int)r, inter, cols_pad, [&](int k) {
+        const float rg = fmaxf(row[k], 0.0f);
+        const float h = rg * rg * row[inter + k];
+        const float q = bad ? 0.0f : fminf(fmaxf(roundf(__fmul_rn(h, s)), -128.0f), 127.0f);
+        dq[k] = __float2bfloat16_rn(bad ? __int_as_float(0x7fc00000) : __fdiv_rn(q, s));
+        return (int)q;
+    });
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
-    train_glu_bwd(const float* __restrict__ gu, const float* __restrict__ dh, __nv_bfloat16* __restrict__ dgu,
+    train_glu_bwd(const __nv_bfloat16* __restrict__ gu, const float* __restrict__ dh, __nv_bfloat16* __restrict__ dgu,
                   int inter) {
     const long long r = blockIdx.x;
     for (int c = threadIdx.x; c < inter; c += kThreads) {
-        const float g = fmaxf(gu[r * 2 * inter + c], 0.0f), u = gu[r * 2 * inter + inter + c];
+        const float g = fmaxf(__bfloat162float(gu[r * 2 * inter + c]), 0.0f);
+        const float u = __bfloat162float(gu[r * 2 * inter + inter + c]);
         const float d = dh[r * inter + c];
         dgu[r * 2 * inter + c] = __float2bfloat16_rn(2.0f * g * u * d);
         dgu[r * 2 * inter + inter + c] = __float2bfloat16_rn(g * g * d);
@@ -286,6 +325,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     train_adamw(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
                 long long n, float lr, float b1, float b2, float eps, float decay, float bc1, float bc2,
                 const float* __restrict__ clip) {
+    if (!isfinite(clip[1])) return;  // non-finite gradients: keep the last good parameters
     const float cs = clip[0];
     const float ob1 = 1.0f - b1, ob2 = 1.0f - b2;
     for (long long i = (long long)blockIdx.x * kThreads + threadIdx.x; i < n; i += (long long)gridDim.x * kThreads) {

@@ -33,6 +33,14 @@ gpu_test!(
     gpu_train_follows_reference_loss_curve => curve
 );
 
+gpu_test!(
+    /// The trainer on the GPU engine (`Trainer::use_gpu`): the same first step as the CPU
+    /// trainer (loss within the gradient tolerance), a checkpoint written from the GPU
+    /// resumes on the CPU with the GPU's weights and AdamW state, and a CPU checkpoint
+    /// resumes on the GPU; the loss falls over the run.
+    gpu_trainer_moves_between_devices => trainer
+);
+
 #[cfg(feature = "cuda")]
 mod setup {
     use candle_core::{DType, Device, Tensor, D};
@@ -487,5 +495,142 @@ mod curve {
             last < 0.7 * first,
             "the GPU run does not learn: {first} -> {last}"
         );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod trainer {
+    use super::setup::*;
+    use candle_core::Device;
+    use std::sync::Arc;
+    use tritter::data::{corpus, PackedDataset};
+    use tritter::tokenizer::{MultimodalTokenizer, VocabLayout};
+    use tritter::train::{TrainOptions, Trainer};
+    use tritter_kernels_cuda::Gpu;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("tritter-gpu-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    pub fn run(gpu: &Arc<Gpu>) {
+        let cfg = small_d64();
+        let opts = TrainOptions {
+            steps: 12,
+            batch_size: 4,
+            seq_len: 64,
+            grad_accum: 2,
+            warmup_steps: 2,
+            lr: 2e-3,
+            eval_batches: 2,
+            ..TrainOptions::default()
+        };
+        let tok = MultimodalTokenizer::new(VocabLayout::new(cfg.vocab_size).unwrap());
+        let (train_docs, val_docs) = corpus::builtin_documents();
+        let train = PackedDataset::from_documents(&train_docs[..6], &tok, opts.seq_len).unwrap();
+        let val = PackedDataset::from_documents(&val_docs[..2], &tok, opts.seq_len).unwrap();
+        let new = || {
+            Trainer::new(
+                &cfg,
+                opts.clone(),
+                train.clone(),
+                Some(val.clone()),
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+
+        // First step: GPU and CPU trainers from the same seed agree.
+        let mut cpu = new();
+        let cpu_first = cpu.train_step().unwrap();
+        let mut g = new();
+        g.use_gpu(gpu).unwrap();
+        assert!(g.on_gpu());
+        let gpu_first = g.train_step().unwrap();
+        let rel = (gpu_first.loss - cpu_first.loss).abs() / cpu_first.loss;
+        println!(
+            "first step: GPU loss {:.5}, CPU {:.5}; grad norm {:.4} vs {:.4}",
+            gpu_first.loss, cpu_first.loss, gpu_first.grad_norm, cpu_first.grad_norm
+        );
+        assert!(rel <= LOSS_REL_TOL, "first-step loss differs by {rel:.2e}");
+        let norm_rel = (gpu_first.grad_norm - cpu_first.grad_norm).abs() / cpu_first.grad_norm;
+        assert!(
+            norm_rel <= GRAD_REL_TOL,
+            "gradient norm differs by {norm_rel:.2e}"
+        );
+
+        // GPU -> checkpoint -> CPU: the checkpoint holds the GPU's state.
+        for _ in 1..6 {
+            g.train_step().unwrap();
+        }
+        let dir = scratch("ckpt");
+        let ckpt = g.save_checkpoint(&dir).unwrap();
+        let params = {
+            let data = g.model().varmap().data().lock().unwrap();
+            let mut v: Vec<(String, Vec<f32>)> = data
+                .iter()
+                .map(|(n, var)| {
+                    (
+                        n.clone(),
+                        var.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+                    )
+                })
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let mut resumed = Trainer::resume(
+            &ckpt,
+            &cfg,
+            train.clone(),
+            Some(val.clone()),
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(resumed.step(), 6);
+        {
+            let data = resumed.model().varmap().data().lock().unwrap();
+            for (n, want) in &params {
+                let got: Vec<f32> = data[n]
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(&got, want, "{n} after the GPU checkpoint round trip");
+            }
+        }
+        let cpu_next = resumed.train_step().unwrap();
+        let gpu_next = g.train_step().unwrap();
+        println!(
+            "step 7: GPU {:.5}, CPU resumed from the GPU checkpoint {:.5}",
+            gpu_next.loss, cpu_next.loss
+        );
+        assert!((gpu_next.loss - cpu_next.loss).abs() / cpu_next.loss <= LOSS_REL_TOL);
+
+        // CPU checkpoint -> GPU.
+        let dir2 = scratch("ckpt-cpu");
+        let ckpt2 = resumed.save_checkpoint(&dir2).unwrap();
+        let mut back = Trainer::resume(&ckpt2, &cfg, train, Some(val), None, &Device::Cpu).unwrap();
+        back.use_gpu(gpu).unwrap();
+        let a = resumed.train_step().unwrap();
+        let b = back.train_step().unwrap();
+        println!(
+            "step 8: CPU {:.5}, GPU resumed from the CPU checkpoint {:.5}",
+            a.loss, b.loss
+        );
+        assert!((a.loss - b.loss).abs() / a.loss <= LOSS_REL_TOL);
+        let summary = back.run(12, None, &mut tritter::train::Silent).unwrap();
+        let first = gpu_first.loss;
+        let last = *summary.losses.last().unwrap();
+        println!("GPU run: loss {first:.4} -> {last:.4}");
+        assert!(
+            last < first,
+            "the GPU run does not learn: {first} -> {last}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(dir2);
     }
 }

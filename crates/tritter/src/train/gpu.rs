@@ -133,8 +133,10 @@ struct LayerActs {
     ra: CudaSlice<f32>,
     /// Residual after attention.
     h: CudaSlice<f32>,
-    /// gate/up output `(T, 2I)`.
-    gu: CudaSlice<f32>,
+    /// gate/up output `(T, 2I)`, bf16.
+    gu: CudaSlice<bf16>,
+    /// `deq(A8(relu(g)^2 u))` `(T, I)`: the down projection's input as the forward saw it.
+    mq: CudaSlice<bf16>,
     /// down output and its RMSNorm denominators.
     d: CudaSlice<f32>,
     rf: CudaSlice<f32>,
@@ -159,7 +161,8 @@ struct Acts {
     acts_i: GemvActivations,
     gemv_ws: GemvWorkspace,
     y_qkv: CudaSlice<f32>,
-    mh: CudaSlice<f32>,
+    /// gate/up GEMM output `(T, 2I)` f32.
+    gu_out: CudaSlice<f32>,
     dmh: CudaSlice<f32>,
     deq: CudaSlice<bf16>,
     dyb: CudaSlice<bf16>,
@@ -633,6 +636,65 @@ impl GpuTrainModel {
         Ok(m)
     }
 
+    /// Loads a host optimizer's state (moments by name and update count) into the device
+    /// buffers: a run continues on the GPU from a CPU checkpoint.
+    pub fn load_optimizer(&mut self, opt: &super::AdamW) -> Result<()> {
+        let n = self.layout.len();
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        for s in self.layout.slots() {
+            let (mt, vt) = opt.moments(&s.name).ok_or_else(|| {
+                TritterError::config("optimizer state", &s.name, "a moment for every parameter")
+            })?;
+            for (dst, t) in [(&mut m, mt), (&mut v, vt)] {
+                let vals = t.flatten_all()?.to_vec1::<f32>()?;
+                if vals.len() != s.len() {
+                    return Err(TritterError::ShapeMismatch {
+                        what: format!("optimizer moment of {}", s.name),
+                        actual: t.dims().to_vec(),
+                        expected: format!("{:?}", s.dims),
+                    });
+                }
+                dst[s.range()].copy_from_slice(&vals);
+            }
+        }
+        let st = self.gpu.stream();
+        st.memcpy_htod(&m, &mut self.m)
+            .map_err(KernelError::driver("uploading AdamW moments"))?;
+        st.memcpy_htod(&v, &mut self.v)
+            .map_err(KernelError::driver("uploading AdamW moments"))?;
+        self.updates = opt.num_updates();
+        Ok(())
+    }
+
+    /// Copies the device state into the host model and optimizer (synchronizes): shadow
+    /// weights into the model's variables, moments and update count into `opt`. What a
+    /// checkpoint or a CPU evaluation of a GPU run needs.
+    pub fn store_into(&self, model: &TritterModel, opt: &mut super::AdamW) -> Result<()> {
+        let params = self.download_params()?;
+        let m = self.download(&self.m, "AdamW moments")?;
+        let v = self.download(&self.v, "AdamW moments")?;
+        let vars = model.varmap().data().lock().map_err(|_| {
+            TritterError::config("model parameters", "a poisoned lock", "a usable VarMap")
+        })?;
+        let mut moments = Vec::with_capacity(params.len());
+        for (((name, p), (_, mv)), (_, vv)) in params.into_iter().zip(m).zip(v) {
+            let var = vars.get(&name).ok_or_else(|| {
+                TritterError::config("parameter", &name, "present in the model's VarMap")
+            })?;
+            let dims = var.dims().to_vec();
+            let dev = var.device().clone();
+            var.set(
+                &candle_core::Tensor::from_vec(p, dims.as_slice(), &dev)?.to_dtype(var.dtype())?,
+            )?;
+            moments.push((
+                name,
+                candle_core::Tensor::from_vec(mv, dims.as_slice(), &dev)?,
+                candle_core::Tensor::from_vec(vv, dims.as_slice(), &dev)?,
+            ));
+        }
+        opt.set_state(moments, self.updates)
+    }
+
     /// Every parameter's shadow weights, by checkpoint name (synchronizes).
     pub fn download_params(&self) -> Result<Vec<(String, Vec<f32>)>> {
         self.download(&self.params, "parameters")
@@ -850,7 +912,7 @@ impl GpuTrainModel {
             acts_i,
             gemv_ws,
             y_qkv,
-            mh,
+            gu_out,
             k_hat,
             rope,
             ..
@@ -899,10 +961,9 @@ impl GpuTrainModel {
             eps,
         )?;
         acts_h.quantize_from(&g, &sa.h.slice(..))?;
-        ternary_matmul_a8_cuda(&g, &layer.gu, acts_h, &mut sa.gu.slice_mut(..), gemv_ws)?;
+        ternary_matmul_a8_cuda(&g, &layer.gu, acts_h, &mut gu_out.slice_mut(..), gemv_ws)?;
         mark(&mut self.marks, &g, "fwd: norm_a + A8 + gate/up GEMM")?;
-        launch_glu(&g, &sa.gu, mh, t, i)?;
-        acts_i.quantize_from(&g, &mh.slice(..))?;
+        launch_glu_a8(&g, gu_out, &mut sa.gu, &mut sa.mq, acts_i, t, i)?;
         ternary_matmul_a8_cuda(&g, &layer.down, acts_i, &mut sa.d.slice_mut(..), gemv_ws)?;
         mark(&mut self.marks, &g, "fwd: GLU + A8 + down GEMM")?;
         norm_fwd(
@@ -1050,7 +1111,6 @@ impl GpuTrainModel {
         let Acts {
             slots,
             resid,
-            mh,
             dmh,
             deq,
             dyb,
@@ -1084,14 +1144,12 @@ impl GpuTrainModel {
         )?;
         to_bf16(&g, &g2.slice(..), &mut dyb.slice_mut(..t * h), t * h)?;
         mark(&mut self.marks, &g, "bwd: norm_f")?;
-        // down: dW += ddᵀ · deq(A8(glu)), dmh = dd · W.
-        launch_glu(&g, &sa.gu, mh, t, i)?;
-        a8_deq(&g, &mh.slice(..), &mut deq.slice_mut(..t * i), t, i, false)?;
+        // down: dW += ddᵀ · deq(A8(glu)) (saved by the forward), dmh = dd · W.
         gemm_tn(
             blas,
             &g,
             &dyb.slice(..t * h),
-            &deq.slice(..t * i),
+            &sa.mq.slice(..),
             &mut grads.slice_mut(o.down..o.down + h * i),
             h,
             i,
@@ -1279,6 +1337,7 @@ impl Acts {
                     ra: alloc(g, t, "saved norm denominators")?,
                     h: alloc(g, t * h, "saved residual")?,
                     gu: alloc(g, t * 2 * i, "saved gate/up output")?,
+                    mq: alloc(g, t * i, "saved MLP hidden")?,
                     d: alloc(g, t * h, "saved down output")?,
                     rf: alloc(g, t, "saved norm denominators")?,
                 })
@@ -1312,7 +1371,7 @@ impl Acts {
             acts_i: GemvActivations::new(g, t, i)?,
             gemv_ws: GemvWorkspace::new(g, qkv.max(h).max(2 * i))?,
             y_qkv: alloc(g, t * qkv, "q/k/v projections")?,
-            mh: alloc(g, t * i, "MLP hidden")?,
+            gu_out: alloc(g, t * 2 * i, "gate/up output")?,
             dmh: alloc(g, t * i, "MLP hidden gradient")?,
             deq: alloc(g, t * wide, "dequantized activations")?,
             dyb: alloc(g, t * h, "bf16 output gradients")?,
@@ -1495,25 +1554,37 @@ fn launch_merge_qkv(
     Ok(())
 }
 
-fn launch_glu(
+fn launch_glu_a8(
     gpu: &Gpu,
     gu: &CudaSlice<f32>,
-    h: &mut CudaSlice<f32>,
+    gu_save: &mut CudaSlice<bf16>,
+    deq: &mut CudaSlice<bf16>,
+    acts: &mut GemvActivations,
     t: usize,
     i: usize,
 ) -> Result<()> {
-    let f = gpu.function(&images::TRAIN, "train_glu")?;
-    let i_i = i as i32;
+    let f = gpu.function(&images::TRAIN, "train_glu_a8")?;
+    let (i_i, kp) = (i as i32, ternary_gemm::gemv_padded_cols(i) as i32);
     let mut lb = gpu.stream().launch_builder(&f);
-    lb.arg(gu).arg(h).arg(&i_i);
-    // SAFETY: `train_glu(const float*, float*, int)`; gu holds t x 2i, h t x i.
-    unsafe { lb.launch(rows_cfg(t)) }.map_err(KernelError::driver("launching train_glu"))?;
+    lb.arg(gu)
+        .arg(gu_save)
+        .arg(deq)
+        .arg(&mut acts.codes_mma)
+        .arg(&mut acts.sums)
+        .arg(&mut acts.scales)
+        .arg(&mut acts.nonfinite_rows)
+        .arg(&i_i)
+        .arg(&kp);
+    // SAFETY: `train_glu_a8(const float*, bf16*, bf16*, int8_t*, int*, float*, unsigned*, int,
+    // int)`; gu and gu_save hold t x 2i, deq t x i; `acts` was made for t rows of i columns
+    // (codes t x kp, sums, scales and flags t); one CTA per row.
+    unsafe { lb.launch(rows_cfg(t)) }.map_err(KernelError::driver("launching train_glu_a8"))?;
     Ok(())
 }
 
 fn launch_glu_bwd(
     gpu: &Gpu,
-    gu: &CudaSlice<f32>,
+    gu: &CudaSlice<bf16>,
     dh: &CudaSlice<f32>,
     dgu: &mut CudaSlice<bf16>,
     t: usize,
@@ -1523,7 +1594,7 @@ fn launch_glu_bwd(
     let i_i = i as i32;
     let mut lb = gpu.stream().launch_builder(&f);
     lb.arg(gu).arg(dh).arg(dgu).arg(&i_i);
-    // SAFETY: `train_glu_bwd(const float*, const float*, bf16*, int)`; gu and dgu hold
+    // SAFETY: `train_glu_bwd(const bf16*, const float*, bf16*, int)`; gu and dgu hold
     // t x 2i, dh t x i.
     unsafe { lb.launch(rows_cfg(t)) }.map_err(KernelError::driver("launching train_glu_bwd"))?;
     Ok(())

@@ -277,8 +277,8 @@ pub fn logits_chunk_rows(tokens: usize, vocab: usize) -> usize {
 
 /// Bytes of one layer's saved activations for `t` tokens (the engine's `LayerActs`): raw
 /// q/k/v bf16, attention output bf16 and its logsumexp, o_proj output f32 and its norm's
-/// rms, the residual after attention f32, gate/up output f32, down output f32 and its norm's
-/// rms. The layer input is kept apart (every layer's, also under recomputation).
+/// rms, the residual after attention f32, gate/up output bf16, the down projection's
+/// dequantized A8 input bf16, down output f32 and its norm's rms. The layer input is kept apart (every layer's, also under recomputation).
 pub fn layer_act_bytes(config: &TritterConfig, t: usize) -> u64 {
     let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
     let (q, kv) = (
@@ -286,7 +286,7 @@ pub fn layer_act_bytes(config: &TritterConfig, t: usize) -> u64 {
         config.kv_dim() as u64,
     );
     let t = t as u64;
-    t * (2 * (q + 2 * kv) + 2 * q + 4 * config.num_heads as u64 + 12 * h + 8 * i + 8)
+    t * (2 * (q + 2 * kv) + 2 * q + 4 * config.num_heads as u64 + 12 * h + 6 * i + 8)
 }
 
 /// Bytes of the engine's per-shape scratch (`Acts` beyond the saved activations) for `t`
@@ -309,7 +309,7 @@ fn scratch_bytes(config: &TritterConfig, t: usize, seq_len: usize) -> u64 {
     let kp = |c: u64| ternary_gemm::gemv_padded_cols(c as usize) as u64;
     let t = t as u64;
     t * (kp(h) + 12 + kp(i) + 12) // A8 activations in the GEMM layout (+ sums, scales, flags)
-        + t * (4 * qkv + 4 * i + 4 * i) // q/k/v output, GLU output and its gradient
+        + t * (4 * qkv + 8 * i + 4 * i) // q/k/v and gate/up outputs, the MLP hidden's gradient
         + t * (2 * wide + 2 * h + 4 * i + 2 * qkv) // bf16 operands of the gradient products
         + t * (4 * h + 4 * h + 4 * wide) // residual and branch gradients, transposed-GEMM output
         + t * (2 * kv + 2 * q) // prologue keys, attention output gradient

@@ -250,9 +250,14 @@ pub struct Trainer {
     options: TrainOptions,
     step: u64,
     tokens_seen: u64,
+    /// The GPU engine when training runs there ([`Trainer::use_gpu`]); `model` and
+    /// `optimizer` then hold the state of the last sync (checkpoint or evaluation).
+    #[cfg(feature = "cuda")]
+    gpu: Option<GpuTrainModel>,
 }
 
-/// The device named `name` (`cpu`; `cuda` is the GPU engine of a later issue).
+/// The candle device named `name`: `cpu` (`cuda` is refused: GPU training uses the GPU
+/// engine through [`Trainer::use_gpu`], with the host model on the CPU).
 pub fn device_from_name(name: &str) -> Result<Device> {
     match name.to_ascii_lowercase().as_str() {
         "cpu" => Ok(Device::Cpu),
@@ -260,8 +265,9 @@ pub fn device_from_name(name: &str) -> Result<Device> {
             Err(TritterError::DeviceUnavailable {
                 device: name.to_string(),
                 detail:
-                    "the GPU training engine (issue 10, DESIGN.md section 5) is not available yet; \
-                     train with --device cpu (checkpoints will move to the GPU engine unchanged)"
+                    "candle's CUDA device is not used (DESIGN.md section 2): GPU training runs on \
+                     the GPU engine (`tritter train --device cuda`, Trainer::use_gpu) with the \
+                     model on the CPU as its host copy"
                         .into(),
             })
         }
@@ -291,6 +297,8 @@ impl Trainer {
             options,
             step: 0,
             tokens_seen: 0,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
     }
 
@@ -346,6 +354,8 @@ impl Trainer {
             options,
             step: state.step,
             tokens_seen: state.tokens_seen,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
     }
 
@@ -383,7 +393,55 @@ impl Trainer {
         Ok(())
     }
 
-    /// The model.
+    /// Moves training onto the GPU engine ([`GpuTrainModel`]): the current weights, AdamW
+    /// moments and update count go to the device, and every following step runs there on
+    /// the same data, schedule and clipping. Checkpoints and evaluations copy the state back
+    /// first, so a checkpoint written on the GPU resumes on the CPU and the other way round.
+    /// Refused (typed errors): an embedding-prediction objective, configs the engine cannot
+    /// train ([`check_trainable`]), a micro-batch that does not fit the device.
+    #[cfg(feature = "cuda")]
+    pub fn use_gpu(&mut self, gpu: &std::sync::Arc<tritter_kernels_cuda::Gpu>) -> Result<()> {
+        if !self.options.objective.is_ce_only() {
+            return Err(TritterError::option(
+                "objective",
+                "an embedding-prediction term or a CE weight other than 1",
+                "the plain cross-entropy objective on the GPU engine (train it with --device cpu)",
+            ));
+        }
+        check_trainable(self.model.config())?;
+        let mut g = GpuTrainModel::from_model(gpu, &self.model, self.options.adamw)?;
+        g.load_optimizer(&self.optimizer)?;
+        g.prepare(
+            self.options.batch_size,
+            self.options.seq_len,
+            self.model.config().gradient_checkpointing,
+        )?;
+        self.gpu = Some(g);
+        Ok(())
+    }
+
+    /// Whether steps run on the GPU engine.
+    pub fn on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.gpu.is_some()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            false
+        }
+    }
+
+    /// Copies the GPU engine's state into `model` and `optimizer` (no-op on the CPU).
+    fn sync_host(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            g.store_into(&self.model, &mut self.optimizer)?;
+        }
+        Ok(())
+    }
+
+    /// The model (on the GPU engine: as of the last checkpoint or evaluation).
     pub fn model(&self) -> &TritterModel {
         &self.model
     }
@@ -420,6 +478,10 @@ impl Trainer {
     /// One optimizer step: `grad_accum` micro-batches, loss normalized by the step's total
     /// target count, clipping, AdamW update with the scheduled learning rate.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() {
+            return self.train_step_gpu();
+        }
         let start = Instant::now();
         let device = self.model.device().clone();
         let batches = (0..self.options.grad_accum)
@@ -459,9 +521,56 @@ impl Trainer {
         Ok(metrics)
     }
 
+    /// [`train_step`](Self::train_step) on the GPU engine: the same batches, loss
+    /// normalization, schedule and clipping; one host synchronisation per step (the loss
+    /// and gradient-norm read-back).
+    #[cfg(feature = "cuda")]
+    fn train_step_gpu(&mut self) -> Result<StepMetrics> {
+        let start = Instant::now();
+        let batches = (0..self.options.grad_accum)
+            .map(|_| self.loader.next_batch(&Device::Cpu))
+            .collect::<Result<Vec<_>>>()?;
+        let total: usize = batches.iter().map(|b| b.num_targets).sum();
+        let masks: Vec<MaskSpec> = batches.iter().map(|b| self.mask(b)).collect();
+        let gpu = self.gpu.as_mut().expect("checked by train_step");
+        for (batch, mask) in batches.iter().zip(&masks) {
+            let inputs = batch.inputs.flatten_all()?.to_vec1::<u32>()?;
+            let targets = batch.targets.flatten_all()?.to_vec1::<u32>()?;
+            let loss_mask = batch.loss_mask.flatten_all()?.to_vec1::<f32>()?;
+            gpu.forward_backward(&MicroBatch {
+                inputs: &inputs,
+                targets: &targets,
+                loss_mask: &loss_mask,
+                mask,
+                denominator: total.max(1),
+            })?;
+        }
+        let lr = self.options.schedule().lr(self.step);
+        gpu.optimizer_step(lr, self.options.grad_clip)?;
+        let m = gpu.read_metrics()?;
+        self.step += 1;
+        self.tokens_seen += total as u64;
+        Ok(StepMetrics {
+            step: self.step,
+            loss: m.loss,
+            ce_loss: m.loss,
+            embedding_loss: None,
+            ce_weight: 1.0,
+            embedding_weight: 0.0,
+            lr,
+            grad_norm: m.grad_norm,
+            tokens: total,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
     /// Mean validation loss over the first `eval_batches` batches of the validation set
-    /// in order (all of it when `eval_batches == 0`); `None` without a validation set.
-    pub fn evaluate(&self) -> Result<Option<EvalMetrics>> {
+    /// in order (all of it when `eval_batches == 0`); `None` without a validation set. On the
+    /// GPU engine the state is first copied to the host model, which evaluates on the CPU.
+    pub fn evaluate(&mut self) -> Result<Option<EvalMetrics>> {
+        if self.validation.is_some() {
+            self.sync_host()?;
+        }
         match &self.validation {
             None => Ok(None),
             Some(val) => evaluate(
@@ -476,8 +585,10 @@ impl Trainer {
 
     /// Saves a checkpoint `step-{step:08}` under `checkpoints_dir` atomically (written to a
     /// temporary directory, fsynced, renamed) and points `latest` at it. Returns its path.
-    /// On failure the previous checkpoints and `latest` are untouched.
-    pub fn save_checkpoint(&self, checkpoints_dir: &Path) -> Result<PathBuf> {
+    /// On failure the previous checkpoints and `latest` are untouched. On the GPU engine the
+    /// device state is copied to the host first (weights, moments, update count).
+    pub fn save_checkpoint(&mut self, checkpoints_dir: &Path) -> Result<PathBuf> {
+        self.sync_host()?;
         let state = TrainerState {
             step: self.step,
             tokens_seen: self.tokens_seen,

@@ -152,6 +152,54 @@ impl AdamW {
         Ok(())
     }
 
+    /// The moments `(m, v)` of parameter `name` (f32, the parameter's shape).
+    pub fn moments(&self, name: &str) -> Option<(&Tensor, &Tensor)> {
+        self.params
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| (&p.m, &p.v))
+    }
+
+    /// Replaces the moments of `name` and the update count: the state of an optimizer that
+    /// ran elsewhere (the GPU engine), so a checkpoint saves it and a resume continues it.
+    /// Shapes are checked before anything is assigned.
+    pub fn set_state(
+        &mut self,
+        moments: Vec<(String, Tensor, Tensor)>,
+        updates: u64,
+    ) -> Result<()> {
+        for (name, m, v) in &moments {
+            let p = self
+                .params
+                .iter()
+                .find(|p| &p.name == name)
+                .ok_or_else(|| {
+                    TritterError::config(
+                        "optimizer parameter",
+                        name,
+                        "a parameter of this optimizer",
+                    )
+                })?;
+            for t in [m, v] {
+                if t.dims() != p.var.dims() || t.dtype() != DType::F32 {
+                    return Err(TritterError::ShapeMismatch {
+                        what: format!("optimizer moment of {name}"),
+                        actual: t.dims().to_vec(),
+                        expected: format!("{:?} f32", p.var.dims()),
+                    });
+                }
+            }
+        }
+        for (name, m, v) in moments {
+            if let Some(p) = self.params.iter_mut().find(|p| p.name == name) {
+                p.m = m;
+                p.v = v;
+            }
+        }
+        self.t = updates;
+        Ok(())
+    }
+
     /// Saves the moments (`m.{name}`, `v.{name}`, f32) and the update count to a
     /// safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
