@@ -232,6 +232,22 @@ pub enum TritterError {
         value: f64,
     },
 
+    /// GPU training diverged: the step's gradients hold NaN/Inf. The update was skipped on the
+    /// device (the parameters are the last finite ones) and no checkpoint was written.
+    #[error(
+        "training diverged at step {step}: the gradient of {tensor} is the first non-finite \
+         tensor (it holds {value}); the parameters keep the last finite update and the last \
+         checkpoint is untouched; lower --lr or raise --warmup"
+    )]
+    NonFiniteGradient {
+        /// The optimizer step.
+        step: u64,
+        /// The first parameter (in layout order) whose gradient is not finite.
+        tensor: String,
+        /// Its first non-finite value (NaN, inf or -inf).
+        value: String,
+    },
+
     /// An argument of a call is out of range (a `k`, a cluster count, a threshold, a task
     /// difficulty); `expected` says what would be valid.
     #[error("invalid argument: {what} is {actual} but {expected}")]

@@ -41,6 +41,15 @@ gpu_test!(
     gpu_trainer_moves_between_devices => trainer
 );
 
+gpu_test!(
+    /// Bad input to the GPU engine is a typed error before anything is queued (ids or targets
+    /// out of range, a NaN loss mask, wrong lengths, no prepared shape, an untrainable config,
+    /// a preset too large for the device: refused before allocating, with the plan); a
+    /// non-finite step names the first non-finite gradient and leaves the parameters as
+    /// they were.
+    gpu_train_bad_input_is_refused => bad_input
+);
+
 #[cfg(feature = "cuda")]
 mod setup {
     use candle_core::{DType, Device, Tensor, D};
@@ -632,5 +641,119 @@ mod trainer {
         );
         let _ = std::fs::remove_dir_all(dir);
         let _ = std::fs::remove_dir_all(dir2);
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod bad_input {
+    use super::setup::*;
+    use candle_core::{DType, Device, Tensor};
+    use std::sync::Arc;
+    use tritter::train::{AdamWConfig, GpuTrainModel, MicroBatch};
+    use tritter::{TritterConfig, TritterError, TritterModel};
+    use tritter_kernels_cuda::Gpu;
+
+    pub fn run(gpu: &Arc<Gpu>) {
+        let cfg = small_d64();
+        let model = TritterModel::new(&cfg, DType::F32, &Device::Cpu, 1).unwrap();
+        let mut eng = GpuTrainModel::from_model(gpu, &model, AdamWConfig::default()).unwrap();
+        let batch = HostBatch::new(&cfg, 2, 32, 4, false);
+        let err = eng.forward_backward(&batch.micro()).unwrap_err();
+        assert!(matches!(err, TritterError::InvalidArgument { .. }), "{err}");
+        eng.prepare(2, 32, false).unwrap();
+        let v = cfg.vocab_size as u32;
+        let mut ids = batch.inputs.clone();
+        ids[5] = v;
+        let err = eng
+            .forward_backward(&MicroBatch {
+                inputs: &ids,
+                ..batch.micro()
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, TritterError::TokenOutOfRange { id, .. } if id == v),
+            "{err}"
+        );
+        let mut targets = batch.targets.clone();
+        targets[7] = v + 3;
+        let err = eng
+            .forward_backward(&MicroBatch {
+                targets: &targets,
+                ..batch.micro()
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("targets"), "{err}");
+        let mut mask = batch.loss_mask.clone();
+        mask[1] = f32::NAN;
+        let err = eng
+            .forward_backward(&MicroBatch {
+                loss_mask: &mask,
+                ..batch.micro()
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, TritterError::NonFinite { index: 1, .. }),
+            "{err}"
+        );
+        let err = eng
+            .forward_backward(&MicroBatch {
+                inputs: &batch.inputs[1..],
+                ..batch.micro()
+            })
+            .unwrap_err();
+        assert!(matches!(err, TritterError::ShapeMismatch { .. }), "{err}");
+        // None of the refused calls queued work: the gradients are still zero.
+        assert!(eng
+            .download_grads()
+            .unwrap()
+            .iter()
+            .all(|(_, g)| g.iter().all(|&x| x == 0.0)));
+
+        // Untrainable configs and presets beyond the device's memory.
+        let test = TritterConfig::preset("test").unwrap();
+        let m = TritterModel::new(&test, DType::F32, &Device::Cpu, 1).unwrap();
+        let err = GpuTrainModel::from_model(gpu, &m, AdamWConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("head_dim"), "{err}");
+        let mut huge = TritterConfig::preset("7b").unwrap();
+        huge.num_layers = 80;
+        let err = GpuTrainModel::new(gpu, &huge, 0, AdamWConfig::default()).unwrap_err();
+        println!("oversized preset: {err}");
+        assert!(
+            matches!(&err, TritterError::DeviceUnavailable { detail, .. } if detail.contains("GB are free")),
+            "{err}"
+        );
+
+        // A NaN weight: the step is skipped and the first non-finite gradient is named.
+        let poisoned = TritterModel::new(&cfg, DType::F32, &Device::Cpu, 2).unwrap();
+        {
+            let data = poisoned.varmap().data().lock().unwrap();
+            let var = &data["layers.1.mlp.down_proj.weight"];
+            let mut w = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            w[3] = f32::NAN;
+            var.set(&Tensor::from_vec(w, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let mut eng = GpuTrainModel::from_model(gpu, &poisoned, AdamWConfig::default()).unwrap();
+        eng.prepare(2, 32, false).unwrap();
+        let before = eng.download_params().unwrap();
+        eng.zero_grads().unwrap();
+        eng.forward_backward(&batch.micro()).unwrap();
+        eng.optimizer_step(1e-3, 1.0).unwrap();
+        let err = eng.read_metrics().unwrap_err();
+        println!("poisoned step: {err}");
+        assert!(
+            matches!(err, TritterError::NonFiniteGradient { .. }),
+            "{err}"
+        );
+        let after = eng.download_params().unwrap();
+        for ((n, a), (_, b)) in before.iter().zip(&after) {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{n} changed by a non-finite step");
+        }
     }
 }

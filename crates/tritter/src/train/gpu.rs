@@ -92,6 +92,30 @@ fn flat_cfg(n: usize) -> LaunchConfig {
     }
 }
 
+/// Refuses, before any allocation or host initialization, a model whose training state
+/// (shadow weights, gradients, AdamW moments, packed and bf16 copies) exceeds the device's
+/// free memory, printing the plan.
+fn check_fits(gpu: &Gpu, cfg: &TritterConfig) -> Result<()> {
+    let plan = TrainPlan::new(cfg, 1, 1, true)?;
+    let state: u64 = plan.classes[..5].iter().map(|c| c.1).sum();
+    let (free, _) = gpu
+        .context()
+        .mem_get_info()
+        .map_err(KernelError::driver("reading free device memory"))?;
+    if state > free as u64 {
+        return Err(TritterError::DeviceUnavailable {
+            device: gpu.info().name.clone(),
+            detail: format!(
+                "the model's training state needs {:.3} GB but {:.3} GB are free \
+                 (shadow weights, gradients, AdamW moments: 16 bytes per parameter)\n{plan}",
+                state as f64 / 1e9,
+                free as f64 / 1e9
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Element offsets of one layer's parameters in the flat buffers.
 #[derive(Debug, Clone, Copy)]
 struct LayerOffsets {
@@ -269,6 +293,7 @@ impl GpuTrainModel {
     pub fn from_model(gpu: &Arc<Gpu>, model: &TritterModel, adam: AdamWConfig) -> Result<Self> {
         let cfg = model.config().clone();
         check_trainable(&cfg)?;
+        check_fits(gpu, &cfg)?;
         let layout = ParamLayout::new(&cfg)?;
         let mut host = vec![0f32; layout.len()];
         {
@@ -306,6 +331,7 @@ impl GpuTrainModel {
         adam: AdamWConfig,
     ) -> Result<Self> {
         check_trainable(config)?;
+        check_fits(gpu, config)?;
         let layout = ParamLayout::new(config)?;
         let host = super::init_params(config, &layout, seed);
         Self::from_flat(gpu, config.clone(), layout, &host, adam)
@@ -531,7 +557,8 @@ impl GpuTrainModel {
 
     /// Global-norm clipping (`max_norm <= 0`: none) and one AdamW update with learning rate
     /// `lr`, then re-quantization of every BitLinear weight and the bf16 copies. All on the
-    /// device; the gradients are zeroed for the next step.
+    /// device. The gradients stay until the next [`zero_grads`](Self::zero_grads) (the start
+    /// of the next step), so a diverged step can name its first non-finite gradient.
     pub fn optimizer_step(&mut self, lr: f64, max_norm: f64) -> Result<()> {
         let g = self.gpu.clone();
         let s = g.stream();
@@ -602,14 +629,15 @@ impl GpuTrainModel {
         }
         mark(&mut self.marks, &self.gpu, "optimizer: norm + AdamW")?;
         self.refresh_derived()?;
-        self.zero_grads()?;
-        mark(&mut self.marks, &self.gpu, "optimizer: re-quantize + zero")
+        mark(&mut self.marks, &self.gpu, "optimizer: re-quantize")
     }
 
     /// Synchronizes and returns the loss summed since the last read (then zeroed) and the
-    /// last step's gradient norm. Fails with [`TritterError::Diverged`] when either is not
-    /// finite (the parameters then hold the last finite update: AdamW skips a step whose
-    /// gradient norm is not finite).
+    /// last step's gradient norm. Fails when either is not finite: with
+    /// [`TritterError::NonFiniteGradient`] naming the first parameter whose gradient holds
+    /// NaN/Inf (read before the next `zero_grads`), else [`TritterError::Diverged`]. The
+    /// parameters then hold the last finite update: AdamW skips a step whose gradient norm
+    /// is not finite.
     pub fn read_metrics(&mut self) -> Result<GpuStepMetrics> {
         let s = self.gpu.stream();
         let loss = s
@@ -626,6 +654,15 @@ impl GpuTrainModel {
         };
         for (what, v) in [("loss", m.loss), ("gradient norm", m.grad_norm)] {
             if !v.is_finite() {
+                for (tensor, g) in self.download_grads()? {
+                    if let Some(x) = g.iter().find(|x| !x.is_finite()) {
+                        return Err(TritterError::NonFiniteGradient {
+                            step: self.updates,
+                            tensor,
+                            value: x.to_string(),
+                        });
+                    }
+                }
                 return Err(TritterError::Diverged {
                     step: self.updates,
                     what,
@@ -1855,6 +1892,7 @@ pub fn bench_train(
     let run = |model: &mut GpuTrainModel, n: usize| -> Result<()> {
         for i in 0..n {
             let (inputs, targets) = &batches[i % batches.len()];
+            model.zero_grads()?;
             model.forward_backward(&MicroBatch {
                 inputs,
                 targets,

@@ -533,6 +533,7 @@ impl Trainer {
         let total: usize = batches.iter().map(|b| b.num_targets).sum();
         let masks: Vec<MaskSpec> = batches.iter().map(|b| self.mask(b)).collect();
         let gpu = self.gpu.as_mut().expect("checked by train_step");
+        gpu.zero_grads()?;
         for (batch, mask) in batches.iter().zip(&masks) {
             let inputs = batch.inputs.flatten_all()?.to_vec1::<u32>()?;
             let targets = batch.targets.flatten_all()?.to_vec1::<u32>()?;
