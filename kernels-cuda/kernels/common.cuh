@@ -28,6 +28,13 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// Sum over the 32 lanes of a warp (xor butterfly); every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
 // Max over the 32 lanes of a warp; every lane gets the result.
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -54,10 +61,31 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     v = warp_max(v);
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < nwarps ? scratch[lane] : 0.0f;
+    v = lane < nwarps ? scratch[lane] : -INFINITY;  // signed inputs (logits) are fine too
     v = warp_max(v);
     __syncthreads();  // scratch may be reused by the caller right after
     return v;
+}
+
+// Sum over the whole block (as block_max): warp sums, then the warps' sums in warp order.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0f;
+    v = warp_sum(v);
+    __syncthreads();
+    return v;
+}
+
+// RMSNorm denominator sqrt(mean(v^2) + eps) from the row's sum of squares, with the mean
+// formed as candle forms it (sum * f32(1 / n)), so the engines match the CPU reference.
+__device__ __forceinline__ float rms_denominator(float sumsq, int n, float eps) {
+    const float inv_n = (float)(1.0 / (double)n);
+    return sqrtf(__fadd_rn(__fmul_rn(sumsq, inv_n), eps));
 }
 
 __device__ __forceinline__ unsigned block_or(unsigned v, unsigned* scratch) {

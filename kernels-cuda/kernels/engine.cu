@@ -36,38 +36,8 @@ constexpr int kThreads = 256;
 constexpr int kMaxVecs = 4;  // 16-byte vectors of 4 f32 per thread: rows up to 4096 in registers
 constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-    return v;
-}
-
-// Sum over the CTA (256 threads); every thread gets the result.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float part[kThreads / 32];
-    v = warp_sum(v);
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    __syncthreads();  // part may still be read by a previous call
-    if (l == 0) part[w] = v;
-    __syncthreads();
-    float t = l < kThreads / 32 ? part[l] : 0.0f;
-    return warp_sum(t);
-}
-
-// Max over the CTA; every thread gets the result.
-__device__ __forceinline__ float block_max(float v) {
-    __shared__ float part[kThreads / 32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    __syncthreads();
-    if (l == 0) part[w] = v;
-    __syncthreads();
-    float t = l < kThreads / 32 ? part[l] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(kFull, t, o));
-    return t;
-}
+using tritter::rms_denominator;
+using tritter::warp_sum;
 
 // Integer sum over the CTA; every thread gets the result.
 __device__ __forceinline__ int block_sum_int(int v) {
@@ -80,11 +50,6 @@ __device__ __forceinline__ int block_sum_int(int v) {
     return __reduce_add_sync(kFull, l < kThreads / 32 ? part[l] : 0);
 }
 
-// 1 / sqrt(mean(v^2) + eps) inputs: ms = sum * f32(1/h) as candle computes the mean.
-__device__ __forceinline__ float rms_denominator(float sumsq, int h, float eps) {
-    const float inv_n = (float)(1.0 / (double)h);
-    return sqrtf(__fadd_rn(__fmul_rn(sumsq, inv_n), eps));
-}
 
 // Loads row xr (h floats) into v (thread i holds elements 4 * (i + 256 j) .. +3 when
 // vectorized, else i + 256 j); returns the partial sum of squares. Rows longer than
@@ -126,9 +91,10 @@ __device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) {
 template <typename OutT, bool kAdd>
 __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ xr, const float* __restrict__ w, int h, float eps,
                                             OutT* __restrict__ out) {
+    __shared__ float red[32];
     if (row_fits(h)) {
         RowRegs r;
-        const float rd = rms_denominator(block_sum(load_row(xr, h, r)), h, eps);
+        const float rd = rms_denominator(tritter::block_sum(load_row(xr, h, r), red), h, eps);
 #pragma unroll
         for (int j = 0; j < kMaxVecs; ++j) {
             const int i = 4 * (threadIdx.x + kThreads * j);
@@ -147,7 +113,7 @@ __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ xr, const 
     }
     float s = 0.0f;
     for (int i = threadIdx.x; i < h; i += kThreads) s += xr[i] * xr[i];
-    const float rd = rms_denominator(block_sum(s), h, eps);
+    const float rd = rms_denominator(tritter::block_sum(s, red), h, eps);
     for (int i = threadIdx.x; i < h; i += kThreads) {
         const float y = __fmul_rn(__fdiv_rn(xr[i], rd), w[i]);
         if constexpr (kAdd) {
@@ -203,7 +169,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         amax = fmaxf(amax, v);
         bad |= !(v <= 3.402823466e38f);  // NaN or Inf (fmaxf alone would drop a NaN)
     }
-    amax = block_max(amax);
+    __shared__ float red[32];
+    amax = tritter::block_max(amax, red);
     bad = block_sum_int((int)bad) != 0;
     const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
     int local = 0;

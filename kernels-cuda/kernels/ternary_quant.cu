@@ -18,7 +18,11 @@
 //   scales[row0 .. row0 + rows) (a per-row matrix stacking several BitLinear layers, each with
 //   its own absmean gamma: the training engine's fused q/k/v and gate/up matrices). A
 //   non-finite sum gives a NaN gamma, which every product then carries (the caller's loss
-//   check reports it). Memory bound: 4 B read and 0.25 B written per weight.
+//   check reports it). Memory bound: 4 B read and 0.25 B written per weight. With `deq`
+//   non-null the dequantized weights Wq * gamma are also written there as bf16, row-major
+//   (rows, k_in): the operand of a cuBLAS input-gradient product (2 B more per weight).
+
+#include <cuda_bf16.h>
 
 #include <cstdint>
 
@@ -44,7 +48,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 extern "C" __global__ void __launch_bounds__(kThreads)
     absmean_pack_tiles(const float* __restrict__ w, int rows, int k_in, const double* __restrict__ sum,
                        unsigned* __restrict__ tiles, float* __restrict__ scales, int row0, int quads,
-                       int per_row_scales) {
+                       int per_row_scales, __nv_bfloat16* __restrict__ deq) {
     const int wpr = (k_in + 15) / 16;
     const long long idx = (long long)blockIdx.x * kThreads + threadIdx.x;
     if (idx >= (long long)rows * wpr) return;
@@ -60,6 +64,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         if (k < k_in) {
             const float q = fminf(fmaxf(roundf(__fdiv_rn(row[k], denom)), -1.0f), 1.0f);
             code = (unsigned)((int)q + 1);
+            if (deq) deq[(long long)n * k_in + k] = __float2bfloat16_rn(q * gamma);
         }
         packed |= code << (2 * j);
     }

@@ -40,6 +40,7 @@
 #include <cuda_bf16.h>
 
 #include "a8_mma.cuh"
+#include "common.cuh"
 
 #include <cstdint>
 
@@ -49,35 +50,15 @@ constexpr int kThreads = 256;
 constexpr int kMaxCols = 16;  // columns per thread held in registers by train_norm_bwd
 constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-    return v;
-}
-
-// Sum over the CTA; every thread gets the result.
+// Sum / max over the CTA with the shared scratch of tritter::block_sum / block_max.
 __device__ __forceinline__ float block_sum(float v) {
-    __shared__ float part[kThreads / 32];
-    v = warp_sum(v);
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    __syncthreads();
-    if (l == 0) part[w] = v;
-    __syncthreads();
-    return warp_sum(l < kThreads / 32 ? part[l] : 0.0f);
+    __shared__ float red[32];
+    return tritter::block_sum(v, red);
 }
 
 __device__ __forceinline__ float block_max(float v) {
-    __shared__ float part[kThreads / 32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    __syncthreads();
-    if (l == 0) part[w] = v;
-    __syncthreads();
-    float t = l < kThreads / 32 ? part[l] : -INFINITY;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(kFull, t, o));
-    return t;
+    __shared__ float red[32];
+    return tritter::block_max(v, red);
 }
 
 __device__ __forceinline__ double block_sum_f64(double v) {
@@ -94,10 +75,7 @@ __device__ __forceinline__ double block_sum_f64(double v) {
     return t;
 }
 
-__device__ __forceinline__ float rms_denominator(float sumsq, int c, float eps) {
-    const float inv_n = (float)(1.0 / (double)c);
-    return sqrtf(__fadd_rn(__fmul_rn(sumsq, inv_n), eps));
-}
+using tritter::rms_denominator;
 
 __device__ __forceinline__ float load_f(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float load_f(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }

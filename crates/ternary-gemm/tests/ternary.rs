@@ -766,14 +766,17 @@ gpu_test!(
     /// Device absmean quantization writes the same tiled codes and scales as the CPU
     /// `absmean_quantize` + `repack_tiles` (scales within 1e-6 relative: only the f64
     /// summation order differs), for a whole per-tensor matrix and for a per-row matrix filled
-    /// block by block (three stacked layers with their own gamma), re-quantized in place.
+    /// block by block (three stacked layers with their own gamma), re-quantized in place; the
+    /// optional bf16 dequantized copy equals `dequantize()` within one bf16 rounding.
     absmean_gpu_matches_cpu => absmean_conformance
 );
 
 #[cfg(feature = "cuda")]
 mod absmean_conformance {
     use super::*;
-    use ternary_gemm::cuda::{absmean_quantize_cuda, AbsmeanWorkspace, TernaryMatrixGpu};
+    use ternary_gemm::cuda::{
+        absmean_quantize_cuda, absmean_quantize_dequant_cuda, AbsmeanWorkspace, TernaryMatrixGpu,
+    };
     use ternary_gemm::{repack_tiles, TernaryError, TernaryMatrix};
     use tritter_kernels_cuda::testing::random_f32;
     use tritter_kernels_cuda::Gpu;
@@ -809,7 +812,16 @@ mod absmean_conformance {
             let w0: Vec<f32> = w.iter().map(|v| -2.0 * v).collect();
             let dw0 = stream.clone_htod(&w0).unwrap();
             absmean_quantize_cuda(gpu, &dw0.as_view(), 0..n, &mut m, &mut ws).unwrap();
-            absmean_quantize_cuda(gpu, &dw.as_view(), 0..n, &mut m, &mut ws).unwrap();
+            let mut deq = stream.alloc_zeros::<half::bf16>(n * k).unwrap();
+            absmean_quantize_dequant_cuda(
+                gpu,
+                &dw.as_view(),
+                0..n,
+                &mut m,
+                &mut ws,
+                &mut deq.as_view_mut(),
+            )
+            .unwrap();
             let (tiles, scales) = download(gpu, &m);
             assert_eq!(
                 tiles,
@@ -817,6 +829,16 @@ mod absmean_conformance {
                 "{n}x{k} codes"
             );
             assert_scales(&scales, want.scales().as_slice(), "per-tensor");
+            // The bf16 dequantized copy is Wq * gamma rounded once (within one bf16 step:
+            // gamma may differ from the CPU's in its last f32 bit).
+            let deq = stream.clone_dtoh(&deq).unwrap();
+            for (j, (d, w)) in deq.iter().zip(want.dequantize()).enumerate() {
+                let d = d.to_f32();
+                assert!(
+                    (d - w).abs() <= w.abs() * 2f32.powi(-8),
+                    "deq {j}: {d} vs {w}"
+                );
+            }
 
             // Three stacked blocks of n rows, each its own gamma, in a per-row matrix.
             let blocks: Vec<Vec<f32>> = (0..3)

@@ -134,6 +134,9 @@ struct InfoArgs {
     /// Plan with layer recomputation (with --train).
     #[arg(long)]
     recompute: bool,
+    /// Plan for this input-gradient path (with --train; the engine uses cuBLAS on Hopper).
+    #[arg(long, value_enum, default_value_t = DxArg::Ternary)]
+    dx: DxArg,
 }
 
 #[derive(Args, Debug)]
@@ -166,6 +169,26 @@ struct BenchTrainArgs {
     /// goes.
     #[arg(long)]
     profile: bool,
+    /// Input gradients of BitLinear layers: the transposed ternary GEMM, or cuBLAS on bf16
+    /// weight copies (2 bytes more per linear weight); default: the device's faster one
+    /// (cuBLAS on Hopper).
+    #[arg(long, value_enum)]
+    dx: Option<DxArg>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DxArg {
+    Ternary,
+    Cublas,
+}
+
+impl DxArg {
+    fn path(self) -> tritter::train::DxPath {
+        match self {
+            DxArg::Ternary => tritter::train::DxPath::TernaryT,
+            DxArg::Cublas => tritter::train::DxPath::Cublas,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -831,13 +854,15 @@ fn bench_train_cmd(a: &BenchTrainArgs) -> Result<()> {
             a.steps,
             a.peak_tflops,
             a.profile,
+            a.dx.map(DxArg::path),
         )?;
         println!(
-            "RESULT impl=tritter-gpu preset={} batch={} seq={} recompute={} tokens_per_s={:.0} mfu={} peak_gb={:.2} step_ms={:.1} params={} loss={:.3}",
+            "RESULT impl=tritter-gpu preset={} batch={} seq={} recompute={} dx={:?} tokens_per_s={:.0} mfu={} peak_gb={:.2} step_ms={:.1} params={} loss={:.3}",
             a.preset,
             a.batch,
             a.seq_len,
             a.recompute,
+            r.dx,
             r.tokens_per_s,
             r.mfu.map_or("n/a".into(), |m| format!("{m:.3}")),
             r.device_bytes as f64 / 1e9,
@@ -926,6 +951,7 @@ fn info(a: &InfoArgs) -> Result<()> {
         print!(
             "{}",
             tritter::train::TrainPlan::new(&cfg, a.batch, a.seq_len, a.recompute)?
+                .with_dx(&cfg, a.dx.path())
         );
         return Ok(());
     }

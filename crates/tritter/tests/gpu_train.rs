@@ -15,7 +15,8 @@ gpu_test!(
     /// Loss and every parameter gradient of the GPU engine match the candle reference on the
     /// same weights and batch: a D = 64 two-layer model (tied head, pad tokens and masked
     /// targets) and a 4-layer GQA model (D = 64, window + sinks, untied head), and a D = 128
-    /// model with document masks; recomputation gives the same gradients.
+    /// model with document masks; recomputation and the cuBLAS input-gradient path give the
+    /// same gradients.
     gpu_train_gradients_match_reference => conformance
 );
 
@@ -236,7 +237,7 @@ mod conformance {
     use super::setup::*;
     use candle_core::{DType, Device};
     use std::sync::Arc;
-    use tritter::train::{AdamWConfig, GpuTrainModel};
+    use tritter::train::{AdamWConfig, DxPath, GpuTrainModel};
     use tritter::{AttentionMode, TritterModel};
     use tritter_kernels_cuda::Gpu;
 
@@ -260,6 +261,8 @@ mod conformance {
             let (_, other_grads) = reference(&model, &other);
 
             let mut eng = GpuTrainModel::from_model(gpu, &model, AdamWConfig::default()).unwrap();
+            // The transposed ternary GEMM first (the device default may be cuBLAS).
+            eng.set_dx_path(DxPath::TernaryT).unwrap();
             let mut per_recompute = Vec::new();
             for recompute in [false, true] {
                 eng.prepare(b, l, recompute).unwrap();
@@ -300,6 +303,23 @@ mod conformance {
                     "{name}: {pn} differs with recomputation ({e:.2e})"
                 );
             }
+            // Input gradients through cuBLAS on bf16 weight copies: the same gradients up to
+            // the bf16 rounding of Wq * gamma (2^-9 relative).
+            eng.set_dx_path(DxPath::Cublas).unwrap();
+            eng.prepare(b, l, false).unwrap();
+            eng.zero_grads().unwrap();
+            eng.forward_backward(&batch.micro()).unwrap();
+            eng.read_metrics().unwrap();
+            let mut worst_dx = 0f64;
+            for ((pn, a), (_, c)) in per_recompute[0].iter().zip(&eng.download_grads().unwrap()) {
+                let e = rel_l2(c, a);
+                worst_dx = worst_dx.max(e);
+                assert!(
+                    e <= 1e-2,
+                    "{name}: {pn} differs with the cuBLAS dX path ({e:.2e})"
+                );
+            }
+            println!("  cuBLAS dX path: worst rel L2 to the ternary path {worst_dx:.2e}");
             // Negative control: another batch's reference gradients fail the tolerance.
             let worst_other = per_recompute[0]
                 .iter()

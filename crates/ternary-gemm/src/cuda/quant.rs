@@ -6,7 +6,8 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtrMut, LaunchConfig, PushKernelArg};
+use half::bf16;
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use super::TernaryMatrixGpu;
@@ -73,6 +74,33 @@ pub fn absmean_quantize_cuda(
     out: &mut TernaryMatrixGpu,
     ws: &mut AbsmeanWorkspace,
 ) -> Result<()> {
+    quantize(gpu, w, rows, out, ws, None)
+}
+
+/// [`absmean_quantize_cuda`] that also writes the dequantized block `Wq * gamma` as bf16
+/// into `deq` `(rows.len(), k_in)` row-major, in the same launch: for a backward pass that
+/// forms `dX = dY · (Wq gamma)` with a dense bf16 GEMM (cuBLAS) instead of
+/// [`ternary_matmul_t_cuda`](super::ternary_matmul_t_cuda), at 2 bytes per weight.
+pub fn absmean_quantize_dequant_cuda(
+    gpu: &Gpu,
+    w: &CudaView<'_, f32>,
+    rows: Range<usize>,
+    out: &mut TernaryMatrixGpu,
+    ws: &mut AbsmeanWorkspace,
+    deq: &mut CudaViewMut<'_, bf16>,
+) -> Result<()> {
+    crate::act_quant::check_shape("deq", deq.len(), rows.len(), out.k_in())?;
+    quantize(gpu, w, rows, out, ws, Some(deq))
+}
+
+fn quantize(
+    gpu: &Gpu,
+    w: &CudaView<'_, f32>,
+    rows: Range<usize>,
+    out: &mut TernaryMatrixGpu,
+    ws: &mut AbsmeanWorkspace,
+    deq: Option<&mut CudaViewMut<'_, bf16>>,
+) -> Result<()> {
     let (n_out, k_in) = (out.n_out(), out.k_in());
     if rows.start >= rows.end || rows.end > n_out {
         return Err(TernaryError::BadDimension {
@@ -121,6 +149,7 @@ pub fn absmean_quantize_cuda(
         i32::from(out.per_row()),
     );
     let pack_fn = gpu.function(&images::TERNARY_QUANT, "absmean_pack_tiles")?;
+    let deq_ptr: u64 = deq.map_or(0, |d| d.device_ptr_mut(stream).0);
     let (tiles, scales) = out.parts_mut();
     let mut launch = stream.launch_builder(&pack_fn);
     launch
@@ -132,9 +161,11 @@ pub fn absmean_quantize_cuda(
         .arg(scales)
         .arg(&row0)
         .arg(&quads)
-        .arg(&per_row);
+        .arg(&per_row)
+        .arg(&deq_ptr);
     // SAFETY: matches `absmean_pack_tiles(const float*, int, int, const double*, unsigned*,
-    // float*, int, int, int)`; w is (n, k_in) (checked); tiles were made by `zeros`/`upload`
+    // float*, int, int, int, bf16*)`; deq is null or holds (n, k_in) bf16 (checked by the
+    // caller); w is (n, k_in) (checked); tiles were made by `zeros`/`upload`
     // for (n_out, k_in) and every written index is a tiled position of rows row0..row0 + n
     // < n_out; scales hold n_out (per-row) or 1 values; threads past n * wpr return.
     unsafe {

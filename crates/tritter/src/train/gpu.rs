@@ -49,12 +49,12 @@ use flash_attn_sm120::cuda::{
 use flash_attn_sm120::{Heads, Mask, MaskInputs, MaskMode, Positions, Problem, Seqs};
 use half::bf16;
 use ternary_gemm::cuda::{
-    absmean_quantize_cuda, ternary_matmul_a8_cuda, ternary_matmul_t_cuda, AbsmeanWorkspace,
-    GemvActivations, GemvWorkspace, TernaryMatrixGpu,
+    absmean_quantize_cuda, absmean_quantize_dequant_cuda, ternary_matmul_a8_cuda,
+    ternary_matmul_t_cuda, AbsmeanWorkspace, GemvActivations, GemvWorkspace, TernaryMatrixGpu,
 };
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
-use super::layout::{check_trainable, logits_chunk_rows, ParamLayout, TrainPlan};
+use super::layout::{check_trainable, logits_chunk_rows, DxPath, ParamLayout, TrainPlan};
 use super::AdamWConfig;
 use crate::config::{AttentionMode, TritterConfig};
 use crate::model::MaskSpec;
@@ -96,8 +96,9 @@ fn flat_cfg(n: usize) -> LaunchConfig {
 /// (shadow weights, gradients, AdamW moments, packed and bf16 copies) exceeds the device's
 /// free memory, printing the plan.
 fn check_fits(gpu: &Gpu, cfg: &TritterConfig) -> Result<()> {
-    let plan = TrainPlan::new(cfg, 1, 1, true)?;
-    let state: u64 = plan.classes[..5].iter().map(|c| c.1).sum();
+    let dx = DxPath::for_compute_capability(gpu.info().compute_capability);
+    let plan = TrainPlan::new(cfg, 1, 1, true)?.with_dx(cfg, dx);
+    let state = plan.state_bytes();
     let (free, _) = gpu
         .context()
         .mem_get_info()
@@ -142,6 +143,22 @@ struct LayerDev {
     down: TernaryMatrixGpu,
     q_norm: CudaSlice<bf16>,
     k_norm: CudaSlice<bf16>,
+    /// With [`DxPath::Cublas`]: `Wq * gamma` of qkv, o, gu, down as bf16, row-major.
+    deq: Option<[CudaSlice<bf16>; 4]>,
+}
+
+impl LayerDev {
+    /// Matrix `m` (0 qkv, 1 o, 2 gate/up, 3 down) and its bf16 dequantized copy, if kept.
+    fn matrix(&mut self, m: usize) -> (&mut TernaryMatrixGpu, Option<&mut CudaSlice<bf16>>) {
+        let deq = self.deq.as_mut().map(|d| &mut d[m]);
+        let w = match m {
+            0 => &mut self.qkv,
+            1 => &mut self.o,
+            2 => &mut self.gu,
+            _ => &mut self.down,
+        };
+        (w, deq)
+    }
 }
 
 /// One layer's saved activations (`T` tokens).
@@ -258,6 +275,8 @@ pub struct GpuTrainModel {
     acts: Option<Acts>,
     /// Phase marks of a profiled step (`set_profiling`): each event ends the named phase.
     marks: Option<Vec<(&'static str, CudaEvent)>>,
+    /// How input gradients are formed (`set_dx_path`).
+    dx: DxPath,
 }
 
 /// Records the end of phase `name` when profiling.
@@ -373,6 +392,7 @@ impl GpuTrainModel {
                 down: TernaryMatrixGpu::zeros(g, h, i, false)?,
                 q_norm: alloc(g, d, "QK-Norm weights")?,
                 k_norm: alloc(g, d, "QK-Norm weights")?,
+                deq: None,
             });
         }
         let head_name = if cfg.tie_embeddings {
@@ -406,8 +426,14 @@ impl GpuTrainModel {
             updates: 0,
             acts: None,
             marks: None,
+            dx: DxPath::TernaryT,
         };
-        model.refresh_derived()?;
+        let dx = DxPath::for_compute_capability(g.info().compute_capability);
+        if dx == DxPath::TernaryT {
+            model.refresh_derived()?;
+        } else {
+            model.set_dx_path(dx)?; // allocates the copies and refreshes
+        }
         Ok(model)
     }
 
@@ -421,6 +447,11 @@ impl GpuTrainModel {
         &self.layout
     }
 
+    /// How input gradients are formed.
+    pub fn dx_path(&self) -> DxPath {
+        self.dx
+    }
+
     /// AdamW updates applied.
     pub fn updates(&self) -> u64 {
         self.updates
@@ -428,7 +459,8 @@ impl GpuTrainModel {
 
     /// Allocates the activation buffers for micro-batches of `batch` x `seq_len` (a no-op
     /// when they exist for that shape). Refuses, before allocating, a plan that exceeds the
-    /// device's free memory, printing the plan.
+    /// device's free memory, printing the plan; when dropping the bf16 weight copies of
+    /// [`DxPath::Cublas`] makes it fit, switches to [`DxPath::TernaryT`] instead.
     pub fn prepare(&mut self, batch: usize, seq_len: usize, recompute: bool) -> Result<()> {
         if let Some(a) = &self.acts {
             if (a.batch, a.seq_len, a.recompute) == (batch, seq_len, recompute) {
@@ -436,15 +468,28 @@ impl GpuTrainModel {
             }
         }
         self.acts = None;
-        let plan = TrainPlan::new(&self.cfg, batch, seq_len, recompute)?;
+        let plan =
+            TrainPlan::new(&self.cfg, batch, seq_len, recompute)?.with_dx(&self.cfg, self.dx);
         let (free, _) = self
             .gpu
             .context()
             .mem_get_info()
             .map_err(KernelError::driver("reading free device memory"))?;
-        // Already allocated: weights, optimizer state and packed copies.
-        let held: u64 = plan.classes[..5].iter().map(|c| c.1).sum();
-        let needed = plan.total_bytes() - held;
+        // Already allocated: weights, optimizer state, packed and bf16 copies.
+        let needed = plan.total_bytes() - plan.state_bytes();
+        let copies = plan.state_bytes()
+            - TrainPlan::new(&self.cfg, batch, seq_len, recompute)?.state_bytes();
+        if needed > free as u64 && copies > 0 && needed <= free as u64 + copies {
+            // The cuBLAS path's weight copies are what keeps this micro-batch out: the
+            // slower path that fits beats the faster one that does not.
+            self.set_dx_path(DxPath::TernaryT)?;
+            // Freed stream-ordered memory goes back to the device at a synchronisation.
+            self.gpu
+                .stream()
+                .synchronize()
+                .map_err(KernelError::driver("releasing the bf16 weight copies"))?;
+            return self.prepare(batch, seq_len, recompute);
+        }
         if needed > free as u64 {
             return Err(TritterError::DeviceUnavailable {
                 device: self.gpu.info().name.clone(),
@@ -457,6 +502,28 @@ impl GpuTrainModel {
         }
         self.acts = Some(Acts::new(&self.gpu, &self.cfg, batch, seq_len, recompute)?);
         Ok(())
+    }
+
+    /// Picks how input gradients of BitLinear layers are formed ([`DxPath`]; the default is
+    /// [`DxPath::for_compute_capability`] of the device); the cuBLAS path allocates the bf16
+    /// weight copies (2 bytes per linear weight) and fills them now.
+    pub fn set_dx_path(&mut self, path: DxPath) -> Result<()> {
+        let g = self.gpu.clone();
+        let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let (q, kv) = (self.cfg.num_heads * self.cfg.head_dim(), self.cfg.kv_dim());
+        self.dx = path;
+        for layer in &mut self.layers {
+            layer.deq = match path {
+                DxPath::TernaryT => None,
+                DxPath::Cublas => Some([
+                    alloc(&g, (q + 2 * kv) * h, "bf16 q/k/v weights")?,
+                    alloc(&g, h * q, "bf16 o_proj weights")?,
+                    alloc(&g, 2 * i * h, "bf16 gate/up weights")?,
+                    alloc(&g, h * i, "bf16 down_proj weights")?,
+                ]),
+            };
+        }
+        self.refresh_derived()
     }
 
     /// Turns per-phase timing on (CUDA events between the phases of every following
@@ -851,29 +918,34 @@ impl GpuTrainModel {
         let d = self.cfg.head_dim();
         for layer in &mut self.layers {
             let o = layer.off;
-            let blocks: [(usize, usize, usize); 3] = [
-                (o.qkv, 0, q),
-                (o.qkv + q * h, q, kv),
-                (o.qkv + (q + kv) * h, q + kv, kv),
+            // (matrix, first parameter element, first row, rows, columns): one absmean
+            // gamma per BitLinear layer, q/k/v and gate/up as row blocks of stacked matrices.
+            let blocks: [(usize, usize, usize, usize, usize); 7] = [
+                (0, o.qkv, 0, q, h),
+                (0, o.qkv + q * h, q, kv, h),
+                (0, o.qkv + (q + kv) * h, q + kv, kv, h),
+                (1, o.o, 0, h, q),
+                (2, o.gu, 0, i, h),
+                (2, o.gu + i * h, i, i, h),
+                (3, o.down, 0, h, i),
             ];
-            for (start, row0, rows) in blocks {
-                let w = self.params.slice(start..start + rows * h);
-                absmean_quantize_cuda(
-                    &g,
-                    &w,
-                    row0..row0 + rows,
-                    &mut layer.qkv,
-                    &mut self.absmean_ws,
-                )?;
+            for (m, start, row0, rows, k) in blocks {
+                let w = self.params.slice(start..start + rows * k);
+                let (mat, deq) = layer.matrix(m);
+                match deq {
+                    Some(dq) => absmean_quantize_dequant_cuda(
+                        &g,
+                        &w,
+                        row0..row0 + rows,
+                        mat,
+                        &mut self.absmean_ws,
+                        &mut dq.slice_mut(row0 * k..(row0 + rows) * k),
+                    )?,
+                    None => {
+                        absmean_quantize_cuda(&g, &w, row0..row0 + rows, mat, &mut self.absmean_ws)?
+                    }
+                }
             }
-            for (start, row0) in [(o.gu, 0), (o.gu + i * h, i)] {
-                let w = self.params.slice(start..start + i * h);
-                absmean_quantize_cuda(&g, &w, row0..row0 + i, &mut layer.gu, &mut self.absmean_ws)?;
-            }
-            let w = self.params.slice(o.o..o.o + h * q);
-            absmean_quantize_cuda(&g, &w, 0..h, &mut layer.o, &mut self.absmean_ws)?;
-            let w = self.params.slice(o.down..o.down + h * i);
-            absmean_quantize_cuda(&g, &w, 0..h, &mut layer.down, &mut self.absmean_ws)?;
             to_bf16(
                 &g,
                 &self.params.slice(o.q_norm..o.q_norm + d),
@@ -1054,15 +1126,14 @@ impl GpuTrainModel {
             let r = acts.chunk.min(t - r0);
             let hid = acts.hidden_bf16.slice(r0 * h..(r0 + r) * h);
             // logits (r, V) = hidden (r, H) · headᵀ
-            gemm_nt(
+            gemm(
                 &self.blas,
                 &g,
+                Product::ABt,
                 &hid,
                 &self.head_bf16.slice(..),
                 &mut acts.logits.slice_mut(..r * v),
-                r,
-                v,
-                h,
+                (r, v, h),
                 0.0,
                 "computing logits",
             )?;
@@ -1087,28 +1158,26 @@ impl GpuTrainModel {
             }
             let dl = acts.dlogits.slice(..r * v);
             // dhidden (r, H) = dlogits (r, V) · head (V, H)
-            gemm_nn(
+            gemm(
                 &self.blas,
                 &g,
+                Product::AB,
                 &dl,
                 &self.head_bf16.slice(..),
                 &mut acts.g2.slice_mut(r0 * h..(r0 + r) * h),
-                r,
-                h,
-                v,
+                (r, h, v),
                 0.0,
                 "back-propagating the logits",
             )?;
             // dhead (V, H) += dlogitsᵀ (V, r) · hidden (r, H)
-            gemm_tn(
+            gemm(
                 &self.blas,
                 &g,
+                Product::AtB,
                 &dl,
                 &hid,
                 &mut self.grads.slice_mut(self.head_off..self.head_off + v * h),
-                v,
-                h,
-                r,
+                (v, h, r),
                 1.0,
                 "computing the LM head gradient",
             )?;
@@ -1182,21 +1251,22 @@ impl GpuTrainModel {
         to_bf16(&g, &g2.slice(..), &mut dyb.slice_mut(..t * h), t * h)?;
         mark(&mut self.marks, &g, "bwd: norm_f")?;
         // down: dW += ddᵀ · deq(A8(glu)) (saved by the forward), dmh = dd · W.
-        gemm_tn(
+        gemm(
             blas,
             &g,
+            Product::AtB,
             &dyb.slice(..t * h),
             &sa.mq.slice(..),
             &mut grads.slice_mut(o.down..o.down + h * i),
-            h,
-            i,
-            t,
+            (h, i, t),
             1.0,
             "computing the down_proj gradient",
         )?;
-        ternary_matmul_t_cuda(
+        input_grad(
+            blas,
             &g,
             &layer.down,
+            layer.deq.as_ref().map(|d| &d[3]),
             &dyb.slice(..t * h),
             t,
             &mut dmh.slice_mut(..),
@@ -1212,21 +1282,22 @@ impl GpuTrainModel {
             h,
             false,
         )?;
-        gemm_tn(
+        gemm(
             blas,
             &g,
+            Product::AtB,
             &dgu.slice(..),
             &deq.slice(..t * h),
             &mut grads.slice_mut(o.gu..o.gu + 2 * i * h),
-            2 * i,
-            h,
-            t,
+            (2 * i, h, t),
             1.0,
             "computing the gate/up_proj gradient",
         )?;
-        ternary_matmul_t_cuda(
+        input_grad(
+            blas,
             &g,
             &layer.gu,
+            layer.deq.as_ref().map(|d| &d[2]),
             &dgu.slice(..),
             t,
             &mut tmp.slice_mut(..t * h),
@@ -1249,21 +1320,22 @@ impl GpuTrainModel {
         mark(&mut self.marks, &g, "bwd: norm_a")?;
         // o_proj: dW += daᵀ · deq(A8(o)), do = da · W.
         a8_deq(&g, &sa.o.slice(..), &mut deq.slice_mut(..t * q), t, q, true)?;
-        gemm_tn(
+        gemm(
             blas,
             &g,
+            Product::AtB,
             &dyb.slice(..t * h),
             &deq.slice(..t * q),
             &mut grads.slice_mut(o.o..o.o + h * q),
-            h,
-            q,
-            t,
+            (h, q, t),
             1.0,
             "computing the o_proj gradient",
         )?;
-        ternary_matmul_t_cuda(
+        input_grad(
+            blas,
             &g,
             &layer.o,
+            layer.deq.as_ref().map(|d| &d[1]),
             &dyb.slice(..t * h),
             t,
             &mut tmp.slice_mut(..t * q),
@@ -1317,21 +1389,22 @@ impl GpuTrainModel {
             h,
             false,
         )?;
-        gemm_tn(
+        gemm(
             blas,
             &g,
+            Product::AtB,
             &dqkv.slice(..),
             &deq.slice(..t * h),
             &mut grads.slice_mut(o.qkv..o.qkv + qkv * h),
-            qkv,
-            h,
-            t,
+            (qkv, h, t),
             1.0,
             "computing the q/k/v_proj gradient",
         )?;
-        ternary_matmul_t_cuda(
+        input_grad(
+            blas,
             &g,
             &layer.qkv,
+            layer.deq.as_ref().map(|d| &d[0]),
             &dqkv.slice(..),
             t,
             &mut tmp.slice_mut(..t * h),
@@ -1696,109 +1769,70 @@ fn gemm_cm(
     })
 }
 
-/// Row-major `C (M, N) = A (M, K) · B (N, K)ᵀ + beta C`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_nt(
+/// `dx (t, k_in) = dy (t, n_out) · (Wq gamma)` through the transposed ternary GEMM, or
+/// through cuBLAS on the bf16 copy `deq` `(n_out, k_in)` when the [`DxPath::Cublas`] keeps one.
+fn input_grad(
     blas: &CudaBlas,
     gpu: &Gpu,
-    a: &CudaView<'_, bf16>,
-    b: &CudaView<'_, bf16>,
-    c: &mut CudaViewMut<'_, f32>,
-    m: usize,
-    n: usize,
-    k: usize,
-    beta: f32,
-    what: &str,
+    w: &TernaryMatrixGpu,
+    deq: Option<&CudaSlice<bf16>>,
+    dy: &CudaView<'_, bf16>,
+    t: usize,
+    dx: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    check_gemm(what, [(a.len(), m * k), (b.len(), n * k), (c.len(), m * n)])?;
-    let s = gpu.stream();
-    let (ap, _ga) = a.device_ptr(s);
-    let (bp, _gb) = b.device_ptr(s);
-    let (cp, _gc) = c.device_ptr_mut(s);
-    gemm_cm(
-        blas,
-        true,
-        false,
-        (n, m, k),
-        bp,
-        k,
-        ap,
-        k,
-        cp,
-        n,
-        beta,
-        what,
-    )
+    match deq {
+        None => Ok(ternary_matmul_t_cuda(gpu, w, dy, t, dx)?),
+        Some(d) => gemm(
+            blas,
+            gpu,
+            Product::AB,
+            dy,
+            &d.slice(..),
+            dx,
+            (t, w.k_in(), w.n_out()),
+            0.0,
+            "computing an input gradient",
+        ),
+    }
 }
 
-/// Row-major `C (M, N) = A (M, K) · B (K, N) + beta C`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_nn(
-    blas: &CudaBlas,
-    gpu: &Gpu,
-    a: &CudaView<'_, bf16>,
-    b: &CudaView<'_, bf16>,
-    c: &mut CudaViewMut<'_, f32>,
-    m: usize,
-    n: usize,
-    k: usize,
-    beta: f32,
-    what: &str,
-) -> Result<()> {
-    check_gemm(what, [(a.len(), m * k), (b.len(), k * n), (c.len(), m * n)])?;
-    let s = gpu.stream();
-    let (ap, _ga) = a.device_ptr(s);
-    let (bp, _gb) = b.device_ptr(s);
-    let (cp, _gc) = c.device_ptr_mut(s);
-    gemm_cm(
-        blas,
-        false,
-        false,
-        (n, m, k),
-        bp,
-        n,
-        ap,
-        k,
-        cp,
-        n,
-        beta,
-        what,
-    )
+/// The row-major products of the engine (bf16 operands, f32 result).
+#[derive(Debug, Clone, Copy)]
+enum Product {
+    /// `C (M, N) = A (M, K) · B (N, K)ᵀ` (logits).
+    ABt,
+    /// `C (M, N) = A (M, K) · B (K, N)` (dhidden).
+    AB,
+    /// `C (M, N) = A (K, M)ᵀ · B (K, N)` (weight gradients `dYᵀ · X`).
+    AtB,
 }
 
-/// Row-major `C (M, N) = A (K, M)ᵀ · B (K, N) + beta C` (weight gradients `dYᵀ · X`).
+/// Row-major `C = product(A, B) + beta C` with `(m, n, k)` as in [`Product`]: the column-major
+/// cuBLAS call `Cᵀ = op(B) op(A)` (row-major buffers are their column-major transposes).
 #[allow(clippy::too_many_arguments)]
-fn gemm_tn(
+fn gemm(
     blas: &CudaBlas,
     gpu: &Gpu,
+    product: Product,
     a: &CudaView<'_, bf16>,
     b: &CudaView<'_, bf16>,
     c: &mut CudaViewMut<'_, f32>,
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     beta: f32,
     what: &str,
 ) -> Result<()> {
-    check_gemm(what, [(a.len(), k * m), (b.len(), k * n), (c.len(), m * n)])?;
+    // (elements of A, of B, op on B, its leading dim, op on A, its leading dim)
+    let (a_len, b_len, tb, ldb, ta, lda) = match product {
+        Product::ABt => (m * k, n * k, true, k, false, k),
+        Product::AB => (m * k, k * n, false, n, false, k),
+        Product::AtB => (k * m, k * n, false, n, true, m),
+    };
+    check_gemm(what, [(a.len(), a_len), (b.len(), b_len), (c.len(), m * n)])?;
     let s = gpu.stream();
     let (ap, _ga) = a.device_ptr(s);
     let (bp, _gb) = b.device_ptr(s);
     let (cp, _gc) = c.device_ptr_mut(s);
-    gemm_cm(
-        blas,
-        false,
-        true,
-        (n, m, k),
-        bp,
-        n,
-        ap,
-        m,
-        cp,
-        n,
-        beta,
-        what,
-    )
+    gemm_cm(blas, tb, ta, (n, m, k), bp, ldb, ap, lda, cp, n, beta, what)
 }
 
 /// Every operand of a product is exactly as long as its shape says.
@@ -1836,6 +1870,8 @@ pub struct TrainBench {
     /// With profiling: milliseconds per step of each phase (two extra steps timed phase by
     /// phase with CUDA events), largest first.
     pub profile: Vec<(&'static str, f64)>,
+    /// The input-gradient path that ran.
+    pub dx: DxPath,
 }
 
 /// Dense bf16 tensor-core peak of known devices, TFLOP/s (H100/H200 SXM: 989).
@@ -1864,6 +1900,7 @@ pub fn bench_train(
     steps: usize,
     peak_tflops: Option<f64>,
     profile: bool,
+    dx: Option<DxPath>,
 ) -> Result<TrainBench> {
     if steps == 0 {
         return Err(TritterError::InvalidArgument {
@@ -1877,6 +1914,9 @@ pub fn bench_train(
         .mem_get_info()
         .map_err(KernelError::driver("reading free device memory"))?;
     let mut model = GpuTrainModel::new(gpu, config, 0, AdamWConfig::default())?;
+    if let Some(dx) = dx {
+        model.set_dx_path(dx)?;
+    }
     model.prepare(batch, seq_len, recompute)?;
     let t = batch * seq_len;
     let mut rng = crate::model::SeededRng::new(7);
@@ -1951,5 +1991,6 @@ pub fn bench_train(
         device_bytes: free0.saturating_sub(free1) as u64,
         loss,
         profile: phases,
+        dx: model.dx_path(),
     })
 }

@@ -252,6 +252,33 @@ pub fn check_trainable(config: &TritterConfig) -> Result<()> {
     Ok(())
 }
 
+/// How the backward pass forms a BitLinear input gradient `dX = dY · (Wq gamma)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum DxPath {
+    /// ternary-gemm's transposed product on the 2-bit weights (bf16 `mma.sync`): no memory
+    /// beyond the packed weights; the path of sm_120, where cuBLAS runs `mma.sync` too.
+    #[default]
+    TernaryT,
+    /// cuBLAS bf16 on a dequantized bf16 copy of every BitLinear weight, refreshed by the
+    /// re-quantization launch: 2 bytes more per linear weight; on Hopper cuBLAS's `wgmma`
+    /// outruns any `mma.sync` kernel (ternary-gemm README: 0.42x for the transposed product).
+    Cublas,
+}
+
+impl DxPath {
+    /// The faster path of a device of compute capability `(major, minor)`, measured: on
+    /// Hopper (9.x) cuBLAS (`wgmma`; 500M preset, H100: 84.7K vs 74.9K tokens/s); elsewhere
+    /// (sm_120 has no `wgmma`, cuBLAS runs `mma.sync` as our kernel does) the transposed
+    /// ternary GEMM, which needs no weight copies.
+    pub fn for_compute_capability((major, _): (u32, u32)) -> Self {
+        if major == 9 {
+            DxPath::Cublas
+        } else {
+            DxPath::TernaryT
+        }
+    }
+}
+
 /// Device bytes of one training configuration, by buffer class: what the engine allocates,
 /// computed before allocating (the engine refuses a plan larger than the free memory, with
 /// this table in the message).
@@ -387,6 +414,35 @@ impl TrainPlan {
             params: layout.len(),
             classes,
         })
+    }
+
+    /// With the bf16 weight copies of [`DxPath::Cublas`] (2 bytes per BitLinear weight),
+    /// a class of their own.
+    pub fn with_dx(mut self, config: &TritterConfig, dx: DxPath) -> Self {
+        if dx == DxPath::Cublas {
+            let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
+            let q = (config.num_heads * config.head_dim()) as u64;
+            let kv = config.kv_dim() as u64;
+            let per_layer = (q + 2 * kv) * h + h * q + 3 * i * h;
+            self.classes.insert(
+                5,
+                (
+                    "bf16 BitLinear copies (cuBLAS dX)",
+                    2 * per_layer * config.num_layers as u64,
+                ),
+            );
+        }
+        self
+    }
+
+    /// Bytes of the model's training state (everything but activations and scratch): what
+    /// the engine allocates when it is created, before any micro-batch shape is known.
+    pub fn state_bytes(&self) -> u64 {
+        self.classes
+            .iter()
+            .filter(|c| c.0 != "saved activations" && c.0 != "scratch")
+            .map(|c| c.1)
+            .sum()
     }
 
     /// All bytes.

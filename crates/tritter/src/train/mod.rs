@@ -1,6 +1,9 @@
-//! CPU training of the reference model: AdamW with parameter groups, warmup + cosine
+//! Training of the reference model: AdamW with parameter groups, warmup + cosine
 //! schedule, gradient clipping and accumulation, optional gradient checkpointing,
-//! validation loss/perplexity, JSONL metrics and atomic, exactly resumable checkpoints.
+//! validation loss/perplexity, JSONL metrics and atomic, exactly resumable checkpoints. Steps
+//! run on the CPU (candle autograd) or, after [`Trainer::use_gpu`], on the GPU training
+//! engine (`GpuTrainModel`, feature `cuda`, DESIGN.md section 5) with the same data, schedule
+//! and checkpoints; [`ParamLayout`] and [`TrainPlan`] describe that engine's buffers.
 //!
 //! Exact resume: everything a step depends on is saved (weights, AdamW moments and update
 //! count, step, data cursor, options) and every operation is deterministic on the CPU, so a
@@ -23,8 +26,8 @@ pub use gpu::{
     bench_train, dense_bf16_peak_tflops, GpuStepMetrics, GpuTrainModel, MicroBatch, TrainBench,
 };
 pub use layout::{
-    check_trainable, init_params, layer_act_bytes, logits_chunk_rows, ParamLayout, ParamSlot,
-    TrainPlan,
+    check_trainable, init_params, layer_act_bytes, logits_chunk_rows, DxPath, ParamLayout,
+    ParamSlot, TrainPlan,
 };
 pub use optim::{clip_global_norm, decays, global_norm, AdamW, AdamWConfig, LrSchedule};
 
