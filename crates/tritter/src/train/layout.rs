@@ -562,6 +562,21 @@ mod tests {
         assert!(TrainPlan::new(&cfg, 0, l, false).is_err());
     }
 
+    /// The cuBLAS input-gradient path adds exactly 2 bytes per BitLinear weight, counted as
+    /// training state; the ternary path adds nothing; Hopper picks cuBLAS, sm_120 ternary.
+    #[test]
+    fn dx_copies_are_two_bytes_per_linear_weight() {
+        let cfg = TritterConfig::preset("1b").unwrap();
+        let base = TrainPlan::new(&cfg, 2, 256, false).unwrap();
+        let with = base.clone().with_dx(&cfg, DxPath::Cublas);
+        let linear = cfg.param_breakdown().linear;
+        assert_eq!(with.total_bytes() - base.total_bytes(), 2 * linear);
+        assert_eq!(with.state_bytes() - base.state_bytes(), 2 * linear);
+        assert_eq!(base.clone().with_dx(&cfg, DxPath::TernaryT), base);
+        assert_eq!(DxPath::for_compute_capability((9, 0)), DxPath::Cublas);
+        assert_eq!(DxPath::for_compute_capability((12, 0)), DxPath::TernaryT);
+    }
+
     /// Configs the engine cannot train are refused naming the field.
     #[test]
     fn untrainable_configs_are_refused() {
