@@ -56,7 +56,7 @@ mod setup {
     use candle_core::{DType, Device, Tensor, D};
     use tritter::config::MIN_VOCAB_SIZE;
     use tritter::model::SeededRng;
-    use tritter::train::{MicroBatch, ParamLayout};
+    use tritter::train::{AdamW, MicroBatch, ParamLayout};
     use tritter::{AttentionMode, MaskSpec, TritterConfig, TritterModel};
 
     /// Relative L2 error allowed per parameter gradient (measured worst: see the test output).
@@ -209,6 +209,22 @@ mod setup {
             })
             .collect();
         (f64::from(loss.to_scalar::<f32>().unwrap()), grads)
+    }
+
+    /// Named flat gradients as the host `AdamW::step` takes them: one tensor per parameter,
+    /// in the optimizer's (name-sorted) order, shaped by `layout`.
+    pub fn in_optimizer_order(
+        opt: &AdamW,
+        grads: &[(String, Vec<f32>)],
+        layout: &ParamLayout,
+    ) -> Vec<Option<Tensor>> {
+        opt.params()
+            .map(|(n, _, _)| {
+                let (_, g) = grads.iter().find(|(gn, _)| gn == n).unwrap();
+                let s = layout.get(n).unwrap();
+                Some(Tensor::from_vec(g.clone(), s.dims.clone(), &Device::Cpu).unwrap())
+            })
+            .collect()
     }
 
     /// `||a - b|| / ||b||` (0 when both are zero).
@@ -387,15 +403,7 @@ mod adamw {
             }
             // AdamW::new sorts by name: give it the gradients in its order.
             let opt_ref = opt.as_mut().unwrap();
-            let order: Vec<String> = opt_ref.params().map(|(n, _, _)| n.to_string()).collect();
-            let mut g: Vec<Option<Tensor>> = order
-                .iter()
-                .map(|n| {
-                    let (_, gv) = grads.iter().find(|(gn, _)| gn == n).unwrap();
-                    let s = eng.layout().get(n).unwrap();
-                    Some(Tensor::from_vec(gv.clone(), s.dims.clone(), &Device::Cpu).unwrap())
-                })
-                .collect();
+            let mut g = in_optimizer_order(opt_ref, &grads, eng.layout());
             let norm = clip_global_norm(&mut g, max_norm).unwrap();
             assert!(
                 (m.grad_norm - norm).abs() <= 1e-5 * norm,
@@ -429,7 +437,7 @@ mod adamw {
 #[cfg(feature = "cuda")]
 mod curve {
     use super::setup::*;
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device};
     use std::sync::Arc;
     use tritter::train::{clip_global_norm, AdamW, AdamWConfig, GpuTrainModel};
     use tritter::TritterModel;
@@ -484,16 +492,7 @@ mod curve {
             gpu_curve.push(eng.read_metrics().unwrap().loss);
 
             let (ref_loss, ref_grads) = reference(&model, batch);
-            let order: Vec<String> = opt.params().map(|(n, _, _)| n.to_string()).collect();
-            let layout = eng.layout().clone();
-            let mut g: Vec<Option<Tensor>> = order
-                .iter()
-                .map(|n| {
-                    let (_, gv) = ref_grads.iter().find(|(gn, _)| gn == n).unwrap();
-                    let s = layout.get(n).unwrap();
-                    Some(Tensor::from_vec(gv.clone(), s.dims.clone(), &Device::Cpu).unwrap())
-                })
-                .collect();
+            let mut g = in_optimizer_order(&opt, &ref_grads, eng.layout());
             clip_global_norm(&mut g, max_norm).unwrap();
             opt.step(&g, lr).unwrap();
             ref_curve.push(ref_loss);

@@ -92,27 +92,43 @@ fn flat_cfg(n: usize) -> LaunchConfig {
     }
 }
 
+/// Free device memory in bytes.
+fn free_bytes(gpu: &Gpu) -> Result<u64> {
+    let (free, _) = gpu
+        .context()
+        .mem_get_info()
+        .map_err(KernelError::driver("reading free device memory"))?;
+    Ok(free as u64)
+}
+
+/// The refusal of a plan whose `what` needs `needed` bytes when `free` are free.
+fn does_not_fit(gpu: &Gpu, what: &str, needed: u64, free: u64, plan: &TrainPlan) -> TritterError {
+    TritterError::DeviceUnavailable {
+        device: gpu.info().name.clone(),
+        detail: format!(
+            "{what} needs {:.3} GB but {:.3} GB are free\n{plan}",
+            needed as f64 / 1e9,
+            free as f64 / 1e9
+        ),
+    }
+}
+
 /// Refuses, before any allocation or host initialization, a model whose training state
 /// (shadow weights, gradients, AdamW moments, packed and bf16 copies) exceeds the device's
 /// free memory, printing the plan.
 fn check_fits(gpu: &Gpu, cfg: &TritterConfig) -> Result<()> {
     let dx = DxPath::for_compute_capability(gpu.info().compute_capability);
     let plan = TrainPlan::new(cfg, 1, 1, true)?.with_dx(cfg, dx);
-    let state = plan.state_bytes();
-    let (free, _) = gpu
-        .context()
-        .mem_get_info()
-        .map_err(KernelError::driver("reading free device memory"))?;
-    if state > free as u64 {
-        return Err(TritterError::DeviceUnavailable {
-            device: gpu.info().name.clone(),
-            detail: format!(
-                "the model's training state needs {:.3} GB but {:.3} GB are free \
-                 (shadow weights, gradients, AdamW moments: 16 bytes per parameter)\n{plan}",
-                state as f64 / 1e9,
-                free as f64 / 1e9
-            ),
-        });
+    let (state, free) = (plan.state_bytes(), free_bytes(gpu)?);
+    if state > free {
+        return Err(does_not_fit(
+            gpu,
+            "the model's training state (shadow weights, gradients, AdamW moments: 16 bytes \
+             per parameter)",
+            state,
+            free,
+            &plan,
+        ));
     }
     Ok(())
 }
@@ -468,18 +484,13 @@ impl GpuTrainModel {
             }
         }
         self.acts = None;
-        let plan =
-            TrainPlan::new(&self.cfg, batch, seq_len, recompute)?.with_dx(&self.cfg, self.dx);
-        let (free, _) = self
-            .gpu
-            .context()
-            .mem_get_info()
-            .map_err(KernelError::driver("reading free device memory"))?;
+        let base = TrainPlan::new(&self.cfg, batch, seq_len, recompute)?;
+        let plan = base.clone().with_dx(&self.cfg, self.dx);
+        let free = free_bytes(&self.gpu)?;
         // Already allocated: weights, optimizer state, packed and bf16 copies.
         let needed = plan.total_bytes() - plan.state_bytes();
-        let copies = plan.state_bytes()
-            - TrainPlan::new(&self.cfg, batch, seq_len, recompute)?.state_bytes();
-        if needed > free as u64 && copies > 0 && needed <= free as u64 + copies {
+        let copies = plan.state_bytes() - base.state_bytes();
+        if needed > free && copies > 0 && needed <= free + copies {
             // The cuBLAS path's weight copies are what keeps this micro-batch out: the
             // slower path that fits beats the faster one that does not.
             self.set_dx_path(DxPath::TernaryT)?;
@@ -490,15 +501,14 @@ impl GpuTrainModel {
                 .map_err(KernelError::driver("releasing the bf16 weight copies"))?;
             return self.prepare(batch, seq_len, recompute);
         }
-        if needed > free as u64 {
-            return Err(TritterError::DeviceUnavailable {
-                device: self.gpu.info().name.clone(),
-                detail: format!(
-                    "the activations need {:.3} GB but {:.3} GB are free\n{plan}",
-                    needed as f64 / 1e9,
-                    free as f64 / 1e9
-                ),
-            });
+        if needed > free {
+            return Err(does_not_fit(
+                &self.gpu,
+                "the activations",
+                needed,
+                free,
+                &plan,
+            ));
         }
         self.acts = Some(Acts::new(&self.gpu, &self.cfg, batch, seq_len, recompute)?);
         Ok(())
@@ -1909,10 +1919,7 @@ pub fn bench_train(
             expected: ">= 1".into(),
         });
     }
-    let (free0, _) = gpu
-        .context()
-        .mem_get_info()
-        .map_err(KernelError::driver("reading free device memory"))?;
+    let free0 = free_bytes(gpu)?;
     let mut model = GpuTrainModel::new(gpu, config, 0, AdamWConfig::default())?;
     if let Some(dx) = dx {
         model.set_dx_path(dx)?;
@@ -1946,10 +1953,7 @@ pub fn bench_train(
     };
     run(&mut model, warmup.max(1))?;
     model.read_metrics()?;
-    let (free1, _) = gpu
-        .context()
-        .mem_get_info()
-        .map_err(KernelError::driver("reading free device memory"))?;
+    let free1 = free_bytes(gpu)?;
     let stream = gpu.stream();
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let start = stream
@@ -1988,7 +1992,7 @@ pub fn bench_train(
         step_ms: ms,
         mfu: peak.map(|p| 6.0 * params as f64 * tokens_per_s / (p * 1e12)),
         peak_tflops: peak,
-        device_bytes: free0.saturating_sub(free1) as u64,
+        device_bytes: free0.saturating_sub(free1),
         loss,
         profile: phases,
         dx: model.dx_path(),

@@ -478,6 +478,16 @@ impl Trainer {
         }
     }
 
+    /// The `grad_accum` micro-batches of the next optimizer step on `device`, and their total
+    /// target count (the loss denominator of the step).
+    fn step_batches(&mut self, device: &Device) -> Result<(Vec<Batch>, usize)> {
+        let batches = (0..self.options.grad_accum)
+            .map(|_| self.loader.next_batch(device))
+            .collect::<Result<Vec<_>>>()?;
+        let total = batches.iter().map(|b| b.num_targets).sum();
+        Ok((batches, total))
+    }
+
     /// One optimizer step: `grad_accum` micro-batches, loss normalized by the step's total
     /// target count, clipping, AdamW update with the scheduled learning rate.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
@@ -487,10 +497,7 @@ impl Trainer {
         }
         let start = Instant::now();
         let device = self.model.device().clone();
-        let batches = (0..self.options.grad_accum)
-            .map(|_| self.loader.next_batch(&device))
-            .collect::<Result<Vec<_>>>()?;
-        let total: usize = batches.iter().map(|b| b.num_targets).sum();
+        let (batches, total) = self.step_batches(&device)?;
         let objective = self.options.objective;
         let mut grads = StepGrads::new(&self.optimizer);
         for batch in &batches {
@@ -530,10 +537,7 @@ impl Trainer {
     #[cfg(feature = "cuda")]
     fn train_step_gpu(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
-        let batches = (0..self.options.grad_accum)
-            .map(|_| self.loader.next_batch(&Device::Cpu))
-            .collect::<Result<Vec<_>>>()?;
-        let total: usize = batches.iter().map(|b| b.num_targets).sum();
+        let (batches, total) = self.step_batches(&Device::Cpu)?;
         let masks: Vec<MaskSpec> = batches.iter().map(|b| self.mask(b)).collect();
         let gpu = self.gpu.as_mut().expect("checked by train_step");
         gpu.zero_grads()?;
