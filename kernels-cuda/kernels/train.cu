@@ -18,7 +18,9 @@
 //   CTA's `rows_per_cta` rows in registers (C <= 256 * 16), then one f32 atomicAdd per column.
 // ---- train_a8_deq_{f32,bf16}: the BitNet A8 fake quantization as bf16,
 //   q / s with q = clamp(round(x s), -128, 127), s = 127 / max(max|x|, 1e-5): the activation
-//   operand of a BitLinear weight gradient dW = dY^T deq(A8(x)) (straight-through estimator).
+//   operand of a BitLinear weight gradient dW = dY^T deq(A8(x)) (straight-through estimator)
+//   and, on the cuBLAS forward path, of the forward product. A row holding NaN/Inf becomes
+//   all NaN (never quantized to finite codes), so the loss and gradients report it.
 // ---- train_split_qkv / train_merge_qkv: the fused q/k/v projection's f32 output rows
 //   [q | k | v] -> raw bf16 q (T, Hq D), k, v (T, Hkv D); and the bf16 gradients back to rows.
 // ---- train_glu_a8: the MLP's middle in one pass over the gate/up GEMM output [g | u]
@@ -27,6 +29,9 @@
 //   down GEMM's input), and the two copies the backward pass needs, saved as bf16: [g | u]
 //   and deq(A8(h)) = q / s (the down projection's weight-gradient operand). Two passes over
 //   the row (max|h|, then codes), the second from L1/L2.
+// ---- train_glu_deq: the same middle for the cuBLAS forward, whose gate/up product is
+//   written straight as bf16 [g | u] (T, 2I) (the backward's saved copy): h = relu(g)^2 * u in
+//   f32, and deq(A8(h)) as bf16, the down product's operand (NaN rows as above).
 // ---- train_glu_bwd: dg = 2 relu(g) u dh, du = relu(g)^2 dh from the saved bf16 [g | u],
 //   as bf16 (the operand of the gate/up weight gradient and transposed GEMM).
 // ---- train_ce: fused softmax cross-entropy of one logits chunk (rows, V) f32: the row's
@@ -80,17 +85,30 @@ using tritter::rms_denominator;
 __device__ __forceinline__ float load_f(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float load_f(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
 
+// deq(A8(v)) of one row of `cols` values v(c) into y (bf16): the row's max|v| (a NaN or Inf
+// anywhere makes the whole row NaN), then q / s with q = clamp(round(v s), -128, 127).
+template <typename ValueOf>
+__device__ __forceinline__ void a8_deq_values(ValueOf value_of, __nv_bfloat16* __restrict__ y, int cols) {
+    float amax = 0.0f;
+    bool bad = false;
+    for (int c = threadIdx.x; c < cols; c += kThreads) {
+        const float a = fabsf(value_of(c));
+        amax = fmaxf(amax, a);
+        bad |= !(a <= 3.402823466e38f);
+    }
+    amax = block_max(amax);
+    bad = __syncthreads_or(bad);
+    const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+    for (int c = threadIdx.x; c < cols; c += kThreads) {
+        const float q = fminf(fmaxf(roundf(__fmul_rn(value_of(c), s)), -128.0f), 127.0f);
+        y[c] = __float2bfloat16_rn(bad ? __int_as_float(0x7fc00000) : __fdiv_rn(q, s));
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void a8_deq_row(const T* __restrict__ x, __nv_bfloat16* __restrict__ y, int cols) {
     const long long base = (long long)blockIdx.x * cols;
-    float amax = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += kThreads) amax = fmaxf(amax, fabsf(load_f(x, base + c)));
-    amax = block_max(amax);
-    const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
-    for (int c = threadIdx.x; c < cols; c += kThreads) {
-        const float q = fminf(fmaxf(roundf(__fmul_rn(load_f(x, base + c), s)), -128.0f), 127.0f);
-        y[base + c] = __float2bfloat16_rn(__fdiv_rn(q, s));
-    }
+    a8_deq_values([&](int c) { return load_f(x, base + c); }, y + base, cols);
 }
 
 }  // namespace
@@ -245,6 +263,18 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         dq[k] = __float2bfloat16_rn(bad ? __int_as_float(0x7fc00000) : __fdiv_rn(q, s));
         return (int)q;
     });
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_glu_deq(const __nv_bfloat16* __restrict__ gu, __nv_bfloat16* __restrict__ deq, int inter) {
+    const long long r = blockIdx.x;
+    const __nv_bfloat16* row = gu + r * 2 * inter;
+    a8_deq_values(
+        [&](int c) {
+            const float rg = fmaxf(__bfloat162float(row[c]), 0.0f);
+            return rg * rg * __bfloat162float(row[inter + c]);
+        },
+        deq + r * inter, inter);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)

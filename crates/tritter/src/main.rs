@@ -134,9 +134,10 @@ struct InfoArgs {
     /// Plan with layer recomputation (with --train).
     #[arg(long)]
     recompute: bool,
-    /// Plan for this input-gradient path (with --train; the engine uses cuBLAS on Hopper).
-    #[arg(long, value_enum, default_value_t = DxArg::Ternary)]
-    dx: DxArg,
+    /// Plan for this BitLinear product path (with --train; the engine picks cuBLAS on Hopper,
+    /// ternary elsewhere).
+    #[arg(long, value_enum, default_value_t = LinearArg::Ternary)]
+    linear: LinearArg,
 }
 
 #[derive(Args, Debug)]
@@ -169,24 +170,26 @@ struct BenchTrainArgs {
     /// goes.
     #[arg(long)]
     profile: bool,
-    /// Input gradients of BitLinear layers: the transposed ternary GEMM, or cuBLAS on bf16
-    /// weight copies (2 bytes more per linear weight); default: the device's faster one
-    /// (cuBLAS on Hopper).
+    /// BitLinear products: ternary-gemm for the forward and dX, cuBLAS for dX only
+    /// (`cublas-dx`), or cuBLAS for both (`cublas`); the cuBLAS paths keep bf16 weight copies
+    /// (2 bytes per linear weight). Default: the device's faster one (cuBLAS on Hopper).
     #[arg(long, value_enum)]
-    dx: Option<DxArg>,
+    linear: Option<LinearArg>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum DxArg {
+enum LinearArg {
     Ternary,
+    CublasDx,
     Cublas,
 }
 
-impl DxArg {
-    fn path(self) -> tritter::train::DxPath {
+impl LinearArg {
+    fn path(self) -> tritter::train::LinearPath {
         match self {
-            DxArg::Ternary => tritter::train::DxPath::TernaryT,
-            DxArg::Cublas => tritter::train::DxPath::Cublas,
+            LinearArg::Ternary => tritter::train::LinearPath::Ternary,
+            LinearArg::CublasDx => tritter::train::LinearPath::CublasDx,
+            LinearArg::Cublas => tritter::train::LinearPath::Cublas,
         }
     }
 }
@@ -854,15 +857,15 @@ fn bench_train_cmd(a: &BenchTrainArgs) -> Result<()> {
             a.steps,
             a.peak_tflops,
             a.profile,
-            a.dx.map(DxArg::path),
+            a.linear.map(LinearArg::path),
         )?;
         println!(
-            "RESULT impl=tritter-gpu preset={} batch={} seq={} recompute={} dx={:?} tokens_per_s={:.0} mfu={} peak_gb={:.2} step_ms={:.1} params={} loss={:.3}",
+            "RESULT impl=tritter-gpu preset={} batch={} seq={} recompute={} linear={:?} tokens_per_s={:.0} mfu={} peak_gb={:.2} step_ms={:.1} params={} loss={:.3}",
             a.preset,
             a.batch,
             a.seq_len,
             a.recompute,
-            r.dx,
+            r.linear,
             r.tokens_per_s,
             r.mfu.map_or("n/a".into(), |m| format!("{m:.3}")),
             r.device_bytes as f64 / 1e9,
@@ -951,7 +954,7 @@ fn info(a: &InfoArgs) -> Result<()> {
         print!(
             "{}",
             tritter::train::TrainPlan::new(&cfg, a.batch, a.seq_len, a.recompute)?
-                .with_dx(&cfg, a.dx.path())
+                .with_linear_path(&cfg, a.linear.path())
         );
         return Ok(());
     }

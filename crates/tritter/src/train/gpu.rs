@@ -13,9 +13,14 @@
 //!   split to raw bf16 q/k/v, FlashAttention with QK-Norm + RoPE fused (bf16 output and
 //!   logsumexp saved), A8 + o_proj GEMM, `h = x + norm_a(a)`, A8 + gate/up GEMM, squared-ReLU
 //!   GLU, A8 + down GEMM, `out = h + norm_f(d)`;
+//!   On [`LinearPath::Cublas`] (the Hopper default) every BitLinear product is instead a
+//!   cuBLAS bf16 GEMM of `deq(A8(x))` (the A8 fake quantization as bf16, the operand the
+//!   weight gradient uses too) with a bf16 copy of `Wq gamma` refreshed at each
+//!   re-quantization; q/k/v and gate/up come out as bf16 straight into the saved copies.
 //! * backward (straight-through estimator, as the reference's BitLinear): for each BitLinear
 //!   `dW += dYᵀ · deq(A8(x))` through cuBLAS (bf16 in, f32 accumulated into the gradient
-//!   buffer) and `dX = dY · (Wq gamma)` through the transposed ternary GEMM; the attention
+//!   buffer) and `dX = dY · (Wq gamma)` through the transposed ternary GEMM (cuBLAS on the
+//!   bf16 copies on the cuBLAS paths); the attention
 //!   backward returns the gradients of raw q/k and of the QK-Norm weights; RMSNorm, GLU and
 //!   embedding backward are small kernels (`kernels-cuda/kernels/train.cu`).
 //! * head: final norm, then chunks of [`logits_chunk_rows`](super::logits_chunk_rows) rows:
@@ -54,7 +59,7 @@ use ternary_gemm::cuda::{
 };
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
-use super::layout::{check_trainable, logits_chunk_rows, DxPath, ParamLayout, TrainPlan};
+use super::layout::{check_trainable, logits_chunk_rows, LinearPath, ParamLayout, TrainPlan};
 use super::AdamWConfig;
 use crate::config::{AttentionMode, TritterConfig};
 use crate::model::MaskSpec;
@@ -117,8 +122,8 @@ fn does_not_fit(gpu: &Gpu, what: &str, needed: u64, free: u64, plan: &TrainPlan)
 /// (shadow weights, gradients, AdamW moments, packed and bf16 copies) exceeds the device's
 /// free memory, printing the plan.
 fn check_fits(gpu: &Gpu, cfg: &TritterConfig) -> Result<()> {
-    let dx = DxPath::for_compute_capability(gpu.info().compute_capability);
-    let plan = TrainPlan::new(cfg, 1, 1, true)?.with_dx(cfg, dx);
+    let path = LinearPath::for_compute_capability(gpu.info().compute_capability);
+    let plan = TrainPlan::new(cfg, 1, 1, true)?.with_linear_path(cfg, path);
     let (state, free) = (plan.state_bytes(), free_bytes(gpu)?);
     if state > free {
         return Err(does_not_fit(
@@ -159,7 +164,7 @@ struct LayerDev {
     down: TernaryMatrixGpu,
     q_norm: CudaSlice<bf16>,
     k_norm: CudaSlice<bf16>,
-    /// With [`DxPath::Cublas`]: `Wq * gamma` of qkv, o, gu, down as bf16, row-major.
+    /// With [`LinearPath::keeps_copies`]: `Wq * gamma` of qkv, o, gu, down as bf16, row-major.
     deq: Option<[CudaSlice<bf16>; 4]>,
 }
 
@@ -199,6 +204,19 @@ struct LayerActs {
     rf: CudaSlice<f32>,
 }
 
+/// Scratch of the ternary-GEMM forward: A8 codes in the GEMM layout and f32 outputs.
+struct TernaryFwd {
+    /// A8 of hidden-width (and attention-output) rows.
+    acts_h: GemvActivations,
+    /// A8 of the MLP hidden `(T, I)`.
+    acts_i: GemvActivations,
+    gemv_ws: GemvWorkspace,
+    /// Fused q/k/v GEMM output `(T, Hq D + 2 Hkv D)` f32.
+    y_qkv: CudaSlice<f32>,
+    /// gate/up GEMM output `(T, 2I)` f32.
+    gu_out: CudaSlice<f32>,
+}
+
 /// Buffers of one micro-batch shape.
 struct Acts {
     batch: usize,
@@ -214,12 +232,8 @@ struct Acts {
     targets: CudaSlice<u32>,
     loss_mask: CudaSlice<f32>,
     // scratch
-    acts_h: GemvActivations,
-    acts_i: GemvActivations,
-    gemv_ws: GemvWorkspace,
-    y_qkv: CudaSlice<f32>,
-    /// gate/up GEMM output `(T, 2I)` f32.
-    gu_out: CudaSlice<f32>,
+    /// The ternary forward's buffers ([`LinearPath::ternary_forward`]).
+    tern: Option<TernaryFwd>,
     dmh: CudaSlice<f32>,
     deq: CudaSlice<bf16>,
     dyb: CudaSlice<bf16>,
@@ -291,8 +305,8 @@ pub struct GpuTrainModel {
     acts: Option<Acts>,
     /// Phase marks of a profiled step (`set_profiling`): each event ends the named phase.
     marks: Option<Vec<(&'static str, CudaEvent)>>,
-    /// How input gradients are formed (`set_dx_path`).
-    dx: DxPath,
+    /// Which kernels run the BitLinear products (`set_linear_path`).
+    linear: LinearPath,
 }
 
 /// Records the end of phase `name` when profiling.
@@ -442,13 +456,13 @@ impl GpuTrainModel {
             updates: 0,
             acts: None,
             marks: None,
-            dx: DxPath::TernaryT,
+            linear: LinearPath::Ternary,
         };
-        let dx = DxPath::for_compute_capability(g.info().compute_capability);
-        if dx == DxPath::TernaryT {
-            model.refresh_derived()?;
+        let path = LinearPath::for_compute_capability(g.info().compute_capability);
+        if path.keeps_copies() {
+            model.set_linear_path(path)?; // allocates the copies and refreshes
         } else {
-            model.set_dx_path(dx)?; // allocates the copies and refreshes
+            model.refresh_derived()?;
         }
         Ok(model)
     }
@@ -463,9 +477,9 @@ impl GpuTrainModel {
         &self.layout
     }
 
-    /// How input gradients are formed.
-    pub fn dx_path(&self) -> DxPath {
-        self.dx
+    /// Which kernels run the BitLinear products.
+    pub fn linear_path(&self) -> LinearPath {
+        self.linear
     }
 
     /// AdamW updates applied.
@@ -475,8 +489,8 @@ impl GpuTrainModel {
 
     /// Allocates the activation buffers for micro-batches of `batch` x `seq_len` (a no-op
     /// when they exist for that shape). Refuses, before allocating, a plan that exceeds the
-    /// device's free memory, printing the plan; when dropping the bf16 weight copies of
-    /// [`DxPath::Cublas`] makes it fit, switches to [`DxPath::TernaryT`] instead.
+    /// device's free memory, printing the plan; when dropping the bf16 weight copies of the
+    /// cuBLAS paths makes it fit, switches to [`LinearPath::Ternary`] instead.
     pub fn prepare(&mut self, batch: usize, seq_len: usize, recompute: bool) -> Result<()> {
         if let Some(a) = &self.acts {
             if (a.batch, a.seq_len, a.recompute) == (batch, seq_len, recompute) {
@@ -485,7 +499,7 @@ impl GpuTrainModel {
         }
         self.acts = None;
         let base = TrainPlan::new(&self.cfg, batch, seq_len, recompute)?;
-        let plan = base.clone().with_dx(&self.cfg, self.dx);
+        let plan = base.clone().with_linear_path(&self.cfg, self.linear);
         let free = free_bytes(&self.gpu)?;
         // Already allocated: weights, optimizer state, packed and bf16 copies.
         let needed = plan.total_bytes() - plan.state_bytes();
@@ -493,7 +507,7 @@ impl GpuTrainModel {
         if needed > free && copies > 0 && needed <= free + copies {
             // The cuBLAS path's weight copies are what keeps this micro-batch out: the
             // slower path that fits beats the faster one that does not.
-            self.set_dx_path(DxPath::TernaryT)?;
+            self.set_linear_path(LinearPath::Ternary)?;
             // Freed stream-ordered memory goes back to the device at a synchronisation.
             self.gpu
                 .stream()
@@ -510,28 +524,40 @@ impl GpuTrainModel {
                 &plan,
             ));
         }
-        self.acts = Some(Acts::new(&self.gpu, &self.cfg, batch, seq_len, recompute)?);
+        self.acts = Some(Acts::new(
+            &self.gpu,
+            &self.cfg,
+            batch,
+            seq_len,
+            recompute,
+            self.linear,
+        )?);
         Ok(())
     }
 
-    /// Picks how input gradients of BitLinear layers are formed ([`DxPath`]; the default is
-    /// [`DxPath::for_compute_capability`] of the device); the cuBLAS path allocates the bf16
-    /// weight copies (2 bytes per linear weight) and fills them now.
-    pub fn set_dx_path(&mut self, path: DxPath) -> Result<()> {
+    /// Picks which kernels run the BitLinear products ([`LinearPath`]; the default is
+    /// [`LinearPath::for_compute_capability`] of the device); the cuBLAS paths allocate the
+    /// bf16 weight copies (2 bytes per linear weight) and fill them now. Activation buffers
+    /// made for another path's forward are dropped (`prepare` makes them again).
+    pub fn set_linear_path(&mut self, path: LinearPath) -> Result<()> {
         let g = self.gpu.clone();
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let (q, kv) = (self.cfg.num_heads * self.cfg.head_dim(), self.cfg.kv_dim());
-        self.dx = path;
+        if path.ternary_forward() != self.linear.ternary_forward() {
+            self.acts = None;
+        }
+        self.linear = path;
         for layer in &mut self.layers {
-            layer.deq = match path {
-                DxPath::TernaryT => None,
-                DxPath::Cublas => Some([
+            if !path.keeps_copies() {
+                layer.deq = None;
+            } else if layer.deq.is_none() {
+                layer.deq = Some([
                     alloc(&g, (q + 2 * kv) * h, "bf16 q/k/v weights")?,
                     alloc(&g, h * q, "bf16 o_proj weights")?,
                     alloc(&g, 2 * i * h, "bf16 gate/up weights")?,
                     alloc(&g, h * i, "bf16 down_proj weights")?,
-                ]),
-            };
+                ]);
+            }
         }
         self.refresh_derived()
     }
@@ -1015,7 +1041,9 @@ impl GpuTrainModel {
         Ok(())
     }
 
-    /// Layer `li`'s forward from `resid[li]` into `resid[li + 1]`, saving into `slot`.
+    /// Layer `li`'s forward from `resid[li]` into `resid[li + 1]`, saving into `slot`. The
+    /// BitLinear products run on the ternary GEMM or, on [`LinearPath::Cublas`], through
+    /// cuBLAS on `deq(A8(x))` and the bf16 weight copies.
     fn forward_layer(&mut self, li: usize, slot: usize, t: usize, pb: &ProblemGpu) -> Result<()> {
         let g = self.gpu.clone();
         let cfg = &self.cfg;
@@ -1023,15 +1051,13 @@ impl GpuTrainModel {
         let (q, kv) = (cfg.num_heads * cfg.head_dim(), cfg.kv_dim());
         let eps = cfg.norm_eps as f32;
         let layer = &self.layers[li];
+        let blas = &self.blas;
         let acts = self.acts.as_mut().expect("prepared");
         let Acts {
             slots,
             resid,
-            acts_h,
-            acts_i,
-            gemv_ws,
-            y_qkv,
-            gu_out,
+            tern,
+            deq,
             k_hat,
             rope,
             ..
@@ -1040,9 +1066,52 @@ impl GpuTrainModel {
         let (before, after) = resid.split_at_mut(li + 1);
         let x = &before[li];
         let out = &mut after[0];
-        acts_h.quantize_from(&g, &x.slice(..))?;
-        ternary_matmul_a8_cuda(&g, &layer.qkv, acts_h, &mut y_qkv.slice_mut(..), gemv_ws)?;
-        launch_split_qkv(&g, y_qkv, &mut sa.q, &mut sa.k, &mut sa.v, t, q, kv)?;
+        // The cuBLAS path's weight copies (the path keeps them; checked, not assumed).
+        let copies = || {
+            layer
+                .deq
+                .as_ref()
+                .ok_or_else(|| TritterError::InvalidArgument {
+                    what: "cuBLAS forward",
+                    actual: "no bf16 weight copies".into(),
+                    expected: "set_linear_path(LinearPath::Cublas) to make them".into(),
+                })
+        };
+        match tern.as_mut() {
+            Some(tf) => {
+                tf.acts_h.quantize_from(&g, &x.slice(..))?;
+                ternary_matmul_a8_cuda(
+                    &g,
+                    &layer.qkv,
+                    &tf.acts_h,
+                    &mut tf.y_qkv.slice_mut(..),
+                    &mut tf.gemv_ws,
+                )?;
+                launch_split_qkv(&g, &tf.y_qkv, &mut sa.q, &mut sa.k, &mut sa.v, t, q, kv)?;
+            }
+            None => {
+                let w = &copies()?[0];
+                a8_deq(&g, &x.slice(..), &mut deq.slice_mut(..t * h), t, h, false)?;
+                // q, k, v straight as bf16 from the row blocks of the stacked weight.
+                for (dst, r0, n, what) in [
+                    (&mut sa.q, 0, q, "the q projection"),
+                    (&mut sa.k, q, kv, "the k projection"),
+                    (&mut sa.v, q + kv, kv, "the v projection"),
+                ] {
+                    gemm(
+                        blas,
+                        &g,
+                        Product::ABt,
+                        &deq.slice(..t * h),
+                        &w.slice(r0 * h..(r0 + n) * h),
+                        &mut dst.slice_mut(..),
+                        (t, n, h),
+                        0.0,
+                        what,
+                    )?;
+                }
+            }
+        }
         mark(&mut self.marks, &g, "fwd: A8 + q/k/v GEMM")?;
         let nr = NormRopeGpu {
             q_norm: &layer.q_norm,
@@ -1064,8 +1133,32 @@ impl GpuTrainModel {
             }),
         )?;
         mark(&mut self.marks, &g, "fwd: attention")?;
-        acts_h.quantize_from(&g, &sa.o.slice(..))?;
-        ternary_matmul_a8_cuda(&g, &layer.o, acts_h, &mut sa.a.slice_mut(..), gemv_ws)?;
+        match tern.as_mut() {
+            Some(tf) => {
+                tf.acts_h.quantize_from(&g, &sa.o.slice(..))?;
+                ternary_matmul_a8_cuda(
+                    &g,
+                    &layer.o,
+                    &tf.acts_h,
+                    &mut sa.a.slice_mut(..),
+                    &mut tf.gemv_ws,
+                )?;
+            }
+            None => {
+                a8_deq(&g, &sa.o.slice(..), &mut deq.slice_mut(..t * q), t, q, true)?;
+                gemm(
+                    blas,
+                    &g,
+                    Product::ABt,
+                    &deq.slice(..t * q),
+                    &copies()?[1].slice(..),
+                    &mut sa.a.slice_mut(..),
+                    (t, h, q),
+                    0.0,
+                    "the o projection",
+                )?;
+            }
+        }
         mark(&mut self.marks, &g, "fwd: A8 + o GEMM")?;
         let o = layer.off;
         norm_fwd(
@@ -1079,11 +1172,63 @@ impl GpuTrainModel {
             h,
             eps,
         )?;
-        acts_h.quantize_from(&g, &sa.h.slice(..))?;
-        ternary_matmul_a8_cuda(&g, &layer.gu, acts_h, &mut gu_out.slice_mut(..), gemv_ws)?;
-        mark(&mut self.marks, &g, "fwd: norm_a + A8 + gate/up GEMM")?;
-        launch_glu_a8(&g, gu_out, &mut sa.gu, &mut sa.mq, acts_i, t, i)?;
-        ternary_matmul_a8_cuda(&g, &layer.down, acts_i, &mut sa.d.slice_mut(..), gemv_ws)?;
+        match tern.as_mut() {
+            Some(tf) => {
+                tf.acts_h.quantize_from(&g, &sa.h.slice(..))?;
+                ternary_matmul_a8_cuda(
+                    &g,
+                    &layer.gu,
+                    &tf.acts_h,
+                    &mut tf.gu_out.slice_mut(..),
+                    &mut tf.gemv_ws,
+                )?;
+                mark(&mut self.marks, &g, "fwd: norm_a + A8 + gate/up GEMM")?;
+                launch_glu_a8(&g, &tf.gu_out, &mut sa.gu, &mut sa.mq, &mut tf.acts_i, t, i)?;
+                ternary_matmul_a8_cuda(
+                    &g,
+                    &layer.down,
+                    &tf.acts_i,
+                    &mut sa.d.slice_mut(..),
+                    &mut tf.gemv_ws,
+                )?;
+            }
+            None => {
+                let w = copies()?;
+                a8_deq(
+                    &g,
+                    &sa.h.slice(..),
+                    &mut deq.slice_mut(..t * h),
+                    t,
+                    h,
+                    false,
+                )?;
+                // [g | u] straight into the saved bf16 copy.
+                gemm(
+                    blas,
+                    &g,
+                    Product::ABt,
+                    &deq.slice(..t * h),
+                    &w[2].slice(..),
+                    &mut sa.gu.slice_mut(..),
+                    (t, 2 * i, h),
+                    0.0,
+                    "the gate/up projection",
+                )?;
+                mark(&mut self.marks, &g, "fwd: norm_a + A8 + gate/up GEMM")?;
+                launch_glu_deq(&g, &sa.gu, &mut sa.mq, t, i)?;
+                gemm(
+                    blas,
+                    &g,
+                    Product::ABt,
+                    &sa.mq.slice(..),
+                    &w[3].slice(..),
+                    &mut sa.d.slice_mut(..),
+                    (t, h, i),
+                    0.0,
+                    "the down projection",
+                )?;
+            }
+        }
         mark(&mut self.marks, &g, "fwd: GLU + A8 + down GEMM")?;
         norm_fwd(
             &g,
@@ -1432,6 +1577,7 @@ impl Acts {
         batch: usize,
         seq_len: usize,
         recompute: bool,
+        path: LinearPath,
     ) -> Result<Self> {
         let g = gpu.as_ref();
         let t = batch * seq_len;
@@ -1487,11 +1633,17 @@ impl Acts {
             ids: alloc(g, t, "token ids")?,
             targets: alloc(g, t, "targets")?,
             loss_mask: alloc(g, t, "loss mask")?,
-            acts_h: GemvActivations::new(g, t, h)?,
-            acts_i: GemvActivations::new(g, t, i)?,
-            gemv_ws: GemvWorkspace::new(g, qkv.max(h).max(2 * i))?,
-            y_qkv: alloc(g, t * qkv, "q/k/v projections")?,
-            gu_out: alloc(g, t * 2 * i, "gate/up output")?,
+            tern: if path.ternary_forward() {
+                Some(TernaryFwd {
+                    acts_h: GemvActivations::new(g, t, h)?,
+                    acts_i: GemvActivations::new(g, t, i)?,
+                    gemv_ws: GemvWorkspace::new(g, qkv.max(h).max(2 * i))?,
+                    y_qkv: alloc(g, t * qkv, "q/k/v projections")?,
+                    gu_out: alloc(g, t * 2 * i, "gate/up output")?,
+                })
+            } else {
+                None
+            },
             dmh: alloc(g, t * i, "MLP hidden gradient")?,
             deq: alloc(g, t * wide, "dequantized activations")?,
             dyb: alloc(g, t * h, "bf16 output gradients")?,
@@ -1702,6 +1854,24 @@ fn launch_glu_a8(
     Ok(())
 }
 
+/// `mq = deq(A8(relu(g)^2 u))` `(t, i)` bf16 from the cuBLAS forward's bf16 `[g | u]`.
+fn launch_glu_deq(
+    gpu: &Gpu,
+    gu: &CudaSlice<bf16>,
+    mq: &mut CudaSlice<bf16>,
+    t: usize,
+    i: usize,
+) -> Result<()> {
+    let f = gpu.function(&images::TRAIN, "train_glu_deq")?;
+    let i_i = i as i32;
+    let mut lb = gpu.stream().launch_builder(&f);
+    lb.arg(gu).arg(mq).arg(&i_i);
+    // SAFETY: `train_glu_deq(const bf16*, bf16*, int)`; gu holds t x 2i, mq t x i (the
+    // saved-activation slots); one CTA per row.
+    unsafe { lb.launch(rows_cfg(t)) }.map_err(KernelError::driver("launching train_glu_deq"))?;
+    Ok(())
+}
+
 fn launch_glu_bwd(
     gpu: &Gpu,
     gu: &CudaSlice<bf16>,
@@ -1720,7 +1890,20 @@ fn launch_glu_bwd(
     Ok(())
 }
 
-/// Column-major `C (m, n) = op(A) op(B) * 1 + beta C` with bf16 A/B and f32 C on the
+/// Result element types of the engine's cuBLAS products (f32 accumulation either way).
+trait GemmOut: cudarc::driver::DeviceRepr {
+    const CUDA_TYPE: blas_sys::cudaDataType;
+}
+
+impl GemmOut for f32 {
+    const CUDA_TYPE: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_32F;
+}
+
+impl GemmOut for bf16 {
+    const CUDA_TYPE: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16BF;
+}
+
+/// Column-major `C (m, n) = op(A) op(B) * 1 + beta C` with bf16 A/B and C of `c_type` on the
 /// stream of `blas` (cuBLAS `gemmEx`, f32 compute).
 #[allow(clippy::too_many_arguments)]
 fn gemm_cm(
@@ -1732,7 +1915,7 @@ fn gemm_cm(
     lda: usize,
     b: u64,
     ldb: usize,
-    c: u64,
+    (c, c_type): (u64, blas_sys::cudaDataType),
     ldc: usize,
     beta: f32,
     what: &str,
@@ -1767,7 +1950,7 @@ fn gemm_cm(
             ldb as i32,
             (&beta) as *const f32 as *const _,
             c as *mut _,
-            blas_sys::cudaDataType::CUDA_R_32F,
+            c_type,
             ldc as i32,
             blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -1780,7 +1963,7 @@ fn gemm_cm(
 }
 
 /// `dx (t, k_in) = dy (t, n_out) · (Wq gamma)` through the transposed ternary GEMM, or
-/// through cuBLAS on the bf16 copy `deq` `(n_out, k_in)` when the [`DxPath::Cublas`] keeps one.
+/// through cuBLAS on the bf16 copy `deq` `(n_out, k_in)` when the [`LinearPath::Cublas`] keeps one.
 fn input_grad(
     blas: &CudaBlas,
     gpu: &Gpu,
@@ -1819,14 +2002,16 @@ enum Product {
 
 /// Row-major `C = product(A, B) + beta C` with `(m, n, k)` as in [`Product`]: the column-major
 /// cuBLAS call `Cᵀ = op(B) op(A)` (row-major buffers are their column-major transposes).
+/// C is f32, or bf16 where the result only feeds bf16 consumers (the cuBLAS forward's q/k/v
+/// and gate/up outputs).
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+fn gemm<C: GemmOut>(
     blas: &CudaBlas,
     gpu: &Gpu,
     product: Product,
     a: &CudaView<'_, bf16>,
     b: &CudaView<'_, bf16>,
-    c: &mut CudaViewMut<'_, f32>,
+    c: &mut CudaViewMut<'_, C>,
     (m, n, k): (usize, usize, usize),
     beta: f32,
     what: &str,
@@ -1842,7 +2027,20 @@ fn gemm(
     let (ap, _ga) = a.device_ptr(s);
     let (bp, _gb) = b.device_ptr(s);
     let (cp, _gc) = c.device_ptr_mut(s);
-    gemm_cm(blas, tb, ta, (n, m, k), bp, ldb, ap, lda, cp, n, beta, what)
+    gemm_cm(
+        blas,
+        tb,
+        ta,
+        (n, m, k),
+        bp,
+        ldb,
+        ap,
+        lda,
+        (cp, C::CUDA_TYPE),
+        n,
+        beta,
+        what,
+    )
 }
 
 /// Every operand of a product is exactly as long as its shape says.
@@ -1880,8 +2078,8 @@ pub struct TrainBench {
     /// With profiling: milliseconds per step of each phase (two extra steps timed phase by
     /// phase with CUDA events), largest first.
     pub profile: Vec<(&'static str, f64)>,
-    /// The input-gradient path that ran.
-    pub dx: DxPath,
+    /// The BitLinear product path that ran.
+    pub linear: LinearPath,
 }
 
 /// Dense bf16 tensor-core peak of known devices, TFLOP/s (H100/H200 SXM: 989).
@@ -1910,7 +2108,7 @@ pub fn bench_train(
     steps: usize,
     peak_tflops: Option<f64>,
     profile: bool,
-    dx: Option<DxPath>,
+    linear: Option<LinearPath>,
 ) -> Result<TrainBench> {
     if steps == 0 {
         return Err(TritterError::InvalidArgument {
@@ -1921,8 +2119,8 @@ pub fn bench_train(
     }
     let free0 = free_bytes(gpu)?;
     let mut model = GpuTrainModel::new(gpu, config, 0, AdamWConfig::default())?;
-    if let Some(dx) = dx {
-        model.set_dx_path(dx)?;
+    if let Some(path) = linear {
+        model.set_linear_path(path)?;
     }
     model.prepare(batch, seq_len, recompute)?;
     let t = batch * seq_len;
@@ -1995,6 +2193,6 @@ pub fn bench_train(
         device_bytes: free0.saturating_sub(free1),
         loss,
         profile: phases,
-        dx: model.dx_path(),
+        linear: model.linear_path(),
     })
 }

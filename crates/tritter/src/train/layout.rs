@@ -252,30 +252,49 @@ pub fn check_trainable(config: &TritterConfig) -> Result<()> {
     Ok(())
 }
 
-/// How the backward pass forms a BitLinear input gradient `dX = dY · (Wq gamma)`.
+/// Which kernels run the BitLinear products of a training step: the forward `Y = A8(X) ·
+/// (Wq gamma)ᵀ` and the input gradient `dX = dY · (Wq gamma)` (the weight gradient
+/// `dW = dYᵀ · deq(A8(X))` always runs on cuBLAS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub enum DxPath {
-    /// ternary-gemm's transposed product on the 2-bit weights (bf16 `mma.sync`): no memory
-    /// beyond the packed weights; the path of sm_120, where cuBLAS runs `mma.sync` too.
+pub enum LinearPath {
+    /// ternary-gemm on the 2-bit weights: the W2A8 GEMM (int8 `mma.sync`) forward and the
+    /// transposed product (bf16 `mma.sync`) for dX; no memory beyond the packed weights. The
+    /// path of sm_120, which has no `wgmma` (cuBLAS runs `mma.sync` there too, and int8
+    /// `mma.sync` has twice the bf16 rate).
     #[default]
-    TernaryT,
-    /// cuBLAS bf16 on a dequantized bf16 copy of every BitLinear weight, refreshed by the
-    /// re-quantization launch: 2 bytes more per linear weight; on Hopper cuBLAS's `wgmma`
-    /// outruns any `mma.sync` kernel (ternary-gemm README: 0.42x for the transposed product).
+    Ternary,
+    /// The ternary GEMM forward, dX through cuBLAS bf16 on a dequantized copy of every
+    /// BitLinear weight (refreshed by the re-quantization launch: 2 bytes per linear weight).
+    CublasDx,
+    /// Forward and dX through cuBLAS bf16 on the dequantized copies, with the activations
+    /// fake-quantized to bf16 `deq(A8(X))` (the operand the weight gradient uses too); the
+    /// GEMM-layout A8 buffers and f32 projection outputs are not allocated. On Hopper cuBLAS's
+    /// `wgmma` outruns any `mma.sync` kernel (ternary-gemm README: the W2A8 GEMM reaches 0.76x
+    /// cuBLAS bf16, the transposed product 0.42x).
     Cublas,
 }
 
-impl DxPath {
+impl LinearPath {
     /// The faster path of a device of compute capability `(major, minor)`, measured: on
-    /// Hopper (9.x) cuBLAS (`wgmma`; 500M preset, H100: 84.7K vs 74.9K tokens/s); elsewhere
-    /// (sm_120 has no `wgmma`, cuBLAS runs `mma.sync` as our kernel does) the transposed
-    /// ternary GEMM, which needs no weight copies.
+    /// Hopper (9.x) cuBLAS for both products (500M preset on the H100: crates/tritter
+    /// README, "Training engine (GPU)"); elsewhere (sm_120 has no `wgmma`) ternary-gemm,
+    /// which needs no weight copies.
     pub fn for_compute_capability((major, _): (u32, u32)) -> Self {
         if major == 9 {
-            DxPath::Cublas
+            LinearPath::Cublas
         } else {
-            DxPath::TernaryT
+            LinearPath::Ternary
         }
+    }
+
+    /// Whether the path keeps bf16 copies of the BitLinear weights.
+    pub fn keeps_copies(self) -> bool {
+        self != LinearPath::Ternary
+    }
+
+    /// Whether the forward runs the ternary GEMM (A8 codes in the GEMM layout, f32 outputs).
+    pub fn ternary_forward(self) -> bool {
+        self != LinearPath::Cublas
     }
 }
 
@@ -333,10 +352,9 @@ fn scratch_bytes(config: &TritterConfig, t: usize, seq_len: usize) -> u64 {
     let wide = h.max(i).max(q);
     let v = config.vocab_size as u64;
     let chunk = logits_chunk_rows(t, config.vocab_size) as u64;
-    let kp = |c: u64| ternary_gemm::gemv_padded_cols(c as usize) as u64;
     let t = t as u64;
-    t * (kp(h) + 12 + kp(i) + 12) // A8 activations in the GEMM layout (+ sums, scales, flags)
-        + t * (4 * qkv + 8 * i + 4 * i) // q/k/v and gate/up outputs, the MLP hidden's gradient
+    ternary_forward_scratch(config, t as usize)
+        + t * 4 * i // the MLP hidden's gradient
         + t * (2 * wide + 2 * h + 4 * i + 2 * qkv) // bf16 operands of the gradient products
         + t * (4 * h + 4 * h + 4 * wide) // residual and branch gradients, transposed-GEMM output
         + t * (2 * kv + 2 * q) // prologue keys, attention output gradient
@@ -345,6 +363,17 @@ fn scratch_bytes(config: &TritterConfig, t: usize, seq_len: usize) -> u64 {
         + chunk * v * 6 // logits chunk f32 + its bf16 gradient
         + seq_len as u64 * d * 4 // RoPE table
         + t * 12 // ids, targets, loss mask
+}
+
+/// The part of [`scratch_bytes`] only the ternary forward uses: the A8 activations in the
+/// GEMM layout (codes, sums, scales, flags) of the hidden and intermediate widths and the
+/// f32 q/k/v and gate/up GEMM outputs.
+fn ternary_forward_scratch(config: &TritterConfig, t: usize) -> u64 {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let qkv = (config.num_heads * config.head_dim() + 2 * config.kv_dim()) as u64;
+    let kp = |c: usize| ternary_gemm::gemv_padded_cols(c) as u64;
+    let t = t as u64;
+    t * (kp(h) + 12 + kp(i) + 12) + t * (4 * qkv + 8 * i as u64)
 }
 
 impl TrainPlan {
@@ -416,10 +445,17 @@ impl TrainPlan {
         })
     }
 
-    /// With the bf16 weight copies of [`DxPath::Cublas`] (2 bytes per BitLinear weight),
-    /// a class of their own.
-    pub fn with_dx(mut self, config: &TritterConfig, dx: DxPath) -> Self {
-        if dx == DxPath::Cublas {
+    /// The plan (made for [`LinearPath::Ternary`]) for another path: the bf16 weight copies
+    /// (2 bytes per BitLinear weight) as a state class of their own, and without the ternary
+    /// forward's scratch on [`LinearPath::Cublas`].
+    pub fn with_linear_path(mut self, config: &TritterConfig, path: LinearPath) -> Self {
+        if !path.ternary_forward() {
+            let t = self.batch * self.seq_len;
+            if let Some(c) = self.classes.iter_mut().find(|c| c.0 == "scratch") {
+                c.1 -= ternary_forward_scratch(config, t);
+            }
+        }
+        if path.keeps_copies() {
             let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
             let q = (config.num_heads * config.head_dim()) as u64;
             let kv = config.kv_dim() as u64;
@@ -427,7 +463,7 @@ impl TrainPlan {
             self.classes.insert(
                 5,
                 (
-                    "bf16 BitLinear copies (cuBLAS dX)",
+                    "bf16 BitLinear copies (cuBLAS products)",
                     2 * per_layer * config.num_layers as u64,
                 ),
             );
@@ -562,19 +598,39 @@ mod tests {
         assert!(TrainPlan::new(&cfg, 0, l, false).is_err());
     }
 
-    /// The cuBLAS input-gradient path adds exactly 2 bytes per BitLinear weight, counted as
-    /// training state; the ternary path adds nothing; Hopper picks cuBLAS, sm_120 ternary.
+    /// The cuBLAS paths add exactly 2 bytes per BitLinear weight, counted as training state;
+    /// the cuBLAS forward drops the ternary forward's scratch; the ternary path adds
+    /// nothing; Hopper picks cuBLAS, sm_120 ternary.
     #[test]
-    fn dx_copies_are_two_bytes_per_linear_weight() {
+    fn cublas_copies_are_two_bytes_per_linear_weight() {
         let cfg = TritterConfig::preset("1b").unwrap();
-        let base = TrainPlan::new(&cfg, 2, 256, false).unwrap();
-        let with = base.clone().with_dx(&cfg, DxPath::Cublas);
+        let (b, l) = (2, 256);
+        let base = TrainPlan::new(&cfg, b, l, false).unwrap();
+        let with = base.clone().with_linear_path(&cfg, LinearPath::CublasDx);
         let linear = cfg.param_breakdown().linear;
         assert_eq!(with.total_bytes() - base.total_bytes(), 2 * linear);
         assert_eq!(with.state_bytes() - base.state_bytes(), 2 * linear);
-        assert_eq!(base.clone().with_dx(&cfg, DxPath::TernaryT), base);
-        assert_eq!(DxPath::for_compute_capability((9, 0)), DxPath::Cublas);
-        assert_eq!(DxPath::for_compute_capability((12, 0)), DxPath::TernaryT);
+        let full = base.clone().with_linear_path(&cfg, LinearPath::Cublas);
+        assert_eq!(full.state_bytes(), with.state_bytes());
+        let saved = with.total_bytes() - full.total_bytes();
+        let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+        let t = (b * l) as u64;
+        // At least the f32 gate/up output and the int8 codes of both widths.
+        assert!(saved >= t * (8 * i + h + i), "{saved}");
+        let scratch = base.classes.iter().find(|c| c.0 == "scratch").unwrap().1;
+        assert!(saved < scratch, "{saved} of {scratch}");
+        assert_eq!(
+            base.clone().with_linear_path(&cfg, LinearPath::Ternary),
+            base
+        );
+        assert_eq!(
+            LinearPath::for_compute_capability((9, 0)),
+            LinearPath::Cublas
+        );
+        assert_eq!(
+            LinearPath::for_compute_capability((12, 0)),
+            LinearPath::Ternary
+        );
     }
 
     /// Configs the engine cannot train are refused naming the field.

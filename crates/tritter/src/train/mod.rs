@@ -26,7 +26,7 @@ pub use gpu::{
     bench_train, dense_bf16_peak_tflops, GpuStepMetrics, GpuTrainModel, MicroBatch, TrainBench,
 };
 pub use layout::{
-    check_trainable, init_params, layer_act_bytes, logits_chunk_rows, DxPath, ParamLayout,
+    check_trainable, init_params, layer_act_bytes, logits_chunk_rows, LinearPath, ParamLayout,
     ParamSlot, TrainPlan,
 };
 pub use optim::{clip_global_norm, decays, global_norm, AdamW, AdamWConfig, LrSchedule};
