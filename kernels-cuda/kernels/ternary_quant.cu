@@ -21,6 +21,13 @@
 //   check reports it). Memory bound: 4 B read and 0.25 B written per weight. With `deq`
 //   non-null the dequantized weights Wq * gamma are also written there as bf16, row-major
 //   (rows, k_in): the operand of a cuBLAS input-gradient product (2 B more per weight).
+//
+// ---- absmean_dequant_bf16: only the dequantized block, Wq * gamma as bf16, row-major ----------
+//   For an engine whose products all run on the bf16 copy (no packed codes needed): the same
+//   gamma, division and rounding as absmean_pack_tiles (so the same bf16 values), written by a
+//   streaming grid-stride loop, 8 weights per thread and step (two 16-byte loads, one 16-byte
+//   store) when the block's length is a multiple of 8 and both pointers are 16-byte aligned,
+//   else one weight at a time. Memory bound: 4 B read and 2 B written per weight.
 
 #include <cuda_bf16.h>
 
@@ -45,6 +52,41 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) atomicAdd(sum, part[0]);
 }
 
+namespace {
+// Wq * gamma of one weight, rounded to bf16 once (absmean_pack_tiles' formula).
+__device__ __forceinline__ __nv_bfloat16 deq_weight(float w, float gamma, float denom) {
+    const float q = fminf(fmaxf(roundf(__fdiv_rn(w, denom)), -1.0f), 1.0f);
+    return __float2bfloat16_rn(q * gamma);
+}
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    absmean_dequant_bf16(const float* __restrict__ w, long long n, const double* __restrict__ sum,
+                         __nv_bfloat16* __restrict__ deq, int vectorized) {
+    const float gamma = (float)(*sum / (double)n);
+    const float denom = gamma + 1e-5f;
+    const long long stride = (long long)gridDim.x * kThreads;
+    const long long first = (long long)blockIdx.x * kThreads + threadIdx.x;
+    if (vectorized) {
+        for (long long i = first; i < n / 8; i += stride) {
+            const float4 a = reinterpret_cast<const float4*>(w)[2 * i];
+            const float4 b = reinterpret_cast<const float4*>(w)[2 * i + 1];
+            const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            uint4 out;
+            unsigned* o = reinterpret_cast<unsigned*>(&out);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const __nv_bfloat16 lo = deq_weight(v[2 * e], gamma, denom);
+                const __nv_bfloat16 hi = deq_weight(v[2 * e + 1], gamma, denom);
+                o[e] = (unsigned)__bfloat16_as_ushort(lo) | ((unsigned)__bfloat16_as_ushort(hi) << 16);
+            }
+            reinterpret_cast<uint4*>(deq)[i] = out;
+        }
+    } else {
+        for (long long i = first; i < n; i += stride) deq[i] = deq_weight(w[i], gamma, denom);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(kThreads)
     absmean_pack_tiles(const float* __restrict__ w, int rows, int k_in, const double* __restrict__ sum,
                        unsigned* __restrict__ tiles, float* __restrict__ scales, int row0, int quads,
@@ -64,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         if (k < k_in) {
             const float q = fminf(fmaxf(roundf(__fdiv_rn(row[k], denom)), -1.0f), 1.0f);
             code = (unsigned)((int)q + 1);
-            if (deq) deq[(long long)n * k_in + k] = __float2bfloat16_rn(q * gamma);
+            if (deq) deq[(long long)n * k_in + k] = deq_weight(row[k], gamma, denom);
         }
         packed |= code << (2 * j);
     }

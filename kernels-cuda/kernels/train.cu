@@ -14,8 +14,10 @@
 // ---- train_norm_fwd: out[r] = res[r] + a[r] / rd * w (res may be null: a plain RMSNorm),
 //   rd = sqrt(sum(a^2) * f32(1/C) + eps) saved per row for the backward pass (the formula of
 //   tritter::model::rms_norm_row; IEEE division, no fast math).
-// ---- train_norm_bwd: da = w dy / rd - a * sum(w dy a) / (C rd^3); dw += dy a / rd over the
-//   CTA's `rows_per_cta` rows in registers (C <= 256 * 16), then one f32 atomicAdd per column.
+// ---- train_norm_bwd[_bf16]: da = w dy / rd - a * sum(w dy a) / (C rd^3); dw += dy a / rd over
+//   the CTA's `rows_per_cta` rows in registers (C <= 256 * 16), then one f32 atomicAdd per
+//   column. da in f32 (the residual stream's gradient) or bf16 (a branch gradient, which only
+//   feeds the dense products).
 // ---- train_a8_deq_{f32,bf16}: the BitNet A8 fake quantization as bf16,
 //   q / s with q = clamp(round(x s), -128, 127), s = 127 / max(max|x|, 1e-5): the activation
 //   operand of a BitLinear weight gradient dW = dY^T deq(A8(x)) (straight-through estimator)
@@ -32,11 +34,13 @@
 // ---- train_glu_deq: the same middle for the cuBLAS forward, whose gate/up product is
 //   written straight as bf16 [g | u] (T, 2I) (the backward's saved copy): h = relu(g)^2 * u in
 //   f32, and deq(A8(h)) as bf16, the down product's operand (NaN rows as above).
-// ---- train_glu_bwd: dg = 2 relu(g) u dh, du = relu(g)^2 dh from the saved bf16 [g | u],
-//   as bf16 (the operand of the gate/up weight gradient and transposed GEMM).
+// ---- train_glu_bwd: dg = 2 relu(g) u dh, du = relu(g)^2 dh from the saved bf16 [g | u] and
+//   f32 dh, as bf16 (the operand of the gate/up weight gradient and transposed GEMM).
 // ---- train_ce: fused softmax cross-entropy of one logits chunk (rows, V) f32: the row's
 //   loss mask[r] * scale * (logsumexp - logit[target]) summed into an f64, and
 //   dlogits = mask[r] * scale * (softmax - onehot) as bf16 (scale = 1 / targets of the step).
+//   Two passes over the row (online max + sum, then the gradient): a 65536-wide row does not
+//   stay in L1, so each pass is an HBM read.
 // ---- train_sq_sum / train_clip_scale / train_adamw: global gradient norm (f64 sum of
 //   squares), the clip factor min(1, max_norm / (norm + 1e-6)) kept on the device (no host
 //   synchronisation inside a step), and AdamW with decoupled weight decay in the reference's
@@ -83,6 +87,16 @@ __device__ __forceinline__ double block_sum_f64(double v) {
 using tritter::rms_denominator;
 
 __device__ __forceinline__ float load_f(const float* p, long long i) { return p[i]; }
+template <typename OutT>
+__device__ __forceinline__ OutT to_out(float v);
+template <>
+__device__ __forceinline__ float to_out<float>(float v) {
+    return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
 __device__ __forceinline__ float load_f(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
 
 // deq(A8(v)) of one row of `cols` values v(c) into y (bf16): the row's max|v| (a NaN or Inf
@@ -142,10 +156,11 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) rd_out[blockIdx.x] = rd;
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads)
-    train_norm_bwd(const float* __restrict__ a, const float* __restrict__ w, const float* __restrict__ rd,
-                   const float* __restrict__ dy, float* __restrict__ da, float* __restrict__ dw, int rows, int cols,
-                   int rows_per_cta) {
+template <typename OutT>
+__device__ __forceinline__ void norm_bwd_rows(const float* __restrict__ a, const float* __restrict__ w,
+                                              const float* __restrict__ rd, const float* __restrict__ dy,
+                                              OutT* __restrict__ da, float* __restrict__ dw, int rows, int cols,
+                                              int rows_per_cta) {
     float acc[kMaxCols];
 #pragma unroll
     for (int j = 0; j < kMaxCols; ++j) acc[j] = 0.0f;
@@ -168,7 +183,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
             const int c = threadIdx.x + kThreads * j;
             if (c < cols) {
                 const float av = a[base + c], g = dy[base + c];
-                da[base + c] = w[c] * g / d - av * k;
+                da[base + c] = to_out<OutT>(w[c] * g / d - av * k);
                 acc[j] += g * av / d;
             }
         }
@@ -178,6 +193,20 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         const int c = threadIdx.x + kThreads * j;
         if (c < cols && r0 < r1) atomicAdd(dw + c, acc[j]);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_norm_bwd(const float* __restrict__ a, const float* __restrict__ w, const float* __restrict__ rd,
+                   const float* __restrict__ dy, float* __restrict__ da, float* __restrict__ dw, int rows, int cols,
+                   int rows_per_cta) {
+    norm_bwd_rows(a, w, rd, dy, da, dw, rows, cols, rows_per_cta);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    train_norm_bwd_bf16(const float* __restrict__ a, const float* __restrict__ w, const float* __restrict__ rd,
+                        const float* __restrict__ dy, __nv_bfloat16* __restrict__ da, float* __restrict__ dw,
+                        int rows, int cols, int rows_per_cta) {
+    norm_bwd_rows(a, w, rd, dy, da, dw, rows, cols, rows_per_cta);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
@@ -295,12 +324,33 @@ extern "C" __global__ void __launch_bounds__(kThreads)
              __nv_bfloat16* __restrict__ dlogits, double* __restrict__ loss, int vocab, float scale) {
     const long long base = (long long)blockIdx.x * vocab;
     const float m = mask[blockIdx.x];
-    float mx = -INFINITY;
-    for (int c = threadIdx.x; c < vocab; c += kThreads) mx = fmaxf(mx, logits[base + c]);
-    mx = block_max(mx);
-    float se = 0.0f;
-    for (int c = threadIdx.x; c < vocab; c += kThreads) se += expf(logits[base + c] - mx);
-    se = block_sum(se);
+    // Max and sum of exponentials in one pass over the row (online softmax: a thread's sum is
+    // rescaled when its max grows), so the logits are read twice instead of three times.
+    // The running max starts at -FLT_MAX, not -inf, so a -inf logit adds exp(-inf) = 0; a NaN
+    // makes the sum (and the loss) NaN.
+    float mt = -3.402823466e38f, st = 0.0f;
+    auto online = [&](float x) {
+        if (x > mt) {
+            st = fmaf(st, expf(mt - x), 1.0f);
+            mt = x;
+        } else {
+            st += expf(x - mt);
+        }
+    };
+    if (vocab % 4 == 0) {
+        const float4* row4 = reinterpret_cast<const float4*>(logits + base);
+        for (int c = threadIdx.x; c < vocab / 4; c += kThreads) {
+            const float4 x = row4[c];
+            online(x.x);
+            online(x.y);
+            online(x.z);
+            online(x.w);
+        }
+    } else {
+        for (int c = threadIdx.x; c < vocab; c += kThreads) online(logits[base + c]);
+    }
+    const float mx = block_max(mt);
+    const float se = block_sum(st * expf(mt - mx));
     const unsigned t = targets[blockIdx.x];
     if (threadIdx.x == 0 && m != 0.0f) {
         const double lse = (double)mx + log((double)se);

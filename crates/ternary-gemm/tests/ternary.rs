@@ -775,7 +775,8 @@ gpu_test!(
 mod absmean_conformance {
     use super::*;
     use ternary_gemm::cuda::{
-        absmean_quantize_cuda, absmean_quantize_dequant_cuda, AbsmeanWorkspace, TernaryMatrixGpu,
+        absmean_dequant_cuda, absmean_quantize_cuda, absmean_quantize_dequant_cuda,
+        AbsmeanWorkspace, TernaryMatrixGpu,
     };
     use ternary_gemm::{repack_tiles, TernaryError, TernaryMatrix};
     use tritter_kernels_cuda::testing::random_f32;
@@ -829,6 +830,23 @@ mod absmean_conformance {
                 "{n}x{k} codes"
             );
             assert_scales(&scales, want.scales().as_slice(), "per-tensor");
+            // The dequantize-only kernel writes the same bf16 values as the packer, on the
+            // vectorized path (aligned, length % 8 == 0) and the scalar one (an offset view).
+            let mut only = stream.alloc_zeros::<half::bf16>(n * k + 1).unwrap();
+            for off in [0usize, 1] {
+                let mut v = only.slice_mut(off..off + n * k);
+                absmean_dequant_cuda(gpu, &dw.as_view(), &mut ws, &mut v).unwrap();
+                let got = stream.clone_dtoh(&v).unwrap();
+                assert_eq!(
+                    got,
+                    stream.clone_dtoh(&deq).unwrap(),
+                    "{n}x{k} dequantize-only, offset {off}"
+                );
+            }
+            // A copy of another length is refused.
+            assert!(
+                absmean_dequant_cuda(gpu, &dw.as_view(), &mut ws, &mut only.slice_mut(..)).is_err()
+            );
             // The bf16 dequantized copy is Wq * gamma rounded once (within one bf16 step:
             // gamma may differ from the CPU's in its last f32 bit).
             let deq = stream.clone_dtoh(&deq).unwrap();

@@ -15,4 +15,6 @@ pub use act_quant::{
 pub use gemm_t::ternary_matmul_t_cuda;
 pub use gemv::{ternary_matmul_a8_cuda, GemvWorkspace, TernaryMatrixGpu, GEMM_MIN_M, GEMV_MAX_M};
 pub use mlp::{ternary_mlp_a8_cuda, ternary_mlp_cuda, MlpWorkspace, TernaryMlpGpu, MLP_GEMM_ROWS};
-pub use quant::{absmean_quantize_cuda, absmean_quantize_dequant_cuda, AbsmeanWorkspace};
+pub use quant::{
+    absmean_dequant_cuda, absmean_quantize_cuda, absmean_quantize_dequant_cuda, AbsmeanWorkspace,
+};

@@ -6,7 +6,9 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use half::bf16;
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
@@ -93,6 +95,81 @@ pub fn absmean_quantize_dequant_cuda(
     quantize(gpu, w, rows, out, ws, Some(deq))
 }
 
+/// The absmean fake quantization of the f32 block `w` alone: `Wq * gamma` as bf16 into
+/// `deq` (the same length, row-major like `w`), gamma = mean(|w|) over the whole block, with
+/// no packed codes. For an engine whose products all run on the dense bf16 copy (the Tritter
+/// training engine's cuBLAS path): the same values [`absmean_quantize_dequant_cuda`] writes,
+/// from a streaming kernel (16-byte loads and stores) instead of the tile packer. Two
+/// launches, asynchronous on `gpu.stream()`; a non-finite weight makes every value NaN.
+pub fn absmean_dequant_cuda(
+    gpu: &Gpu,
+    w: &CudaView<'_, f32>,
+    ws: &mut AbsmeanWorkspace,
+    deq: &mut CudaViewMut<'_, bf16>,
+) -> Result<()> {
+    let n = w.len();
+    if n == 0 || deq.len() != n {
+        return Err(TernaryError::ShapeMismatch {
+            what: "dequantized copy length (the weight block's, at least 1)",
+            actual: deq.len(),
+            expected: n.max(1),
+        });
+    }
+    abs_sum(gpu, w, ws)?;
+    let stream = gpu.stream();
+    let f = gpu.function(&images::TERNARY_QUANT, "absmean_dequant_bf16")?;
+    let (wp, _gw) = w.device_ptr(stream);
+    let (dp, _gd) = deq.device_ptr_mut(stream);
+    let vectorized = i32::from(n % 8 == 0 && wp % 16 == 0 && dp % 16 == 0);
+    let per_thread = if vectorized == 1 { 8 } else { 1 };
+    let blocks = n.div_ceil(THREADS as usize * per_thread).clamp(1, 65535) as u32;
+    let count = n as i64;
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&wp)
+        .arg(&count)
+        .arg(&ws.sum)
+        .arg(&dp)
+        .arg(&vectorized);
+    // SAFETY: matches `absmean_dequant_bf16(const float*, long long, const double*, bf16*,
+    // int)`; w and deq hold n values (checked), sum one f64 (written by abs_sum above, same
+    // stream); the vectorized loop runs only when n % 8 == 0 and both pointers are 16-byte
+    // aligned (checked here), and both loops are bounded by n.
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(KernelError::driver("launching absmean_dequant_bf16"))?;
+    Ok(())
+}
+
+/// Zeroes `ws.sum` and adds sum |w| of the block into it (f64).
+fn abs_sum(gpu: &Gpu, w: &CudaView<'_, f32>, ws: &mut AbsmeanWorkspace) -> Result<()> {
+    let stream = gpu.stream();
+    stream
+        .memset_zeros(&mut ws.sum)
+        .map_err(KernelError::driver("zeroing the absmean sum"))?;
+    let count = w.len() as i64;
+    let sum_fn = gpu.function(&images::TERNARY_QUANT, "absmean_abs_sum")?;
+    let blocks = w.len().div_ceil(THREADS as usize * 8).clamp(1, 1024) as u32;
+    let mut launch = stream.launch_builder(&sum_fn);
+    launch.arg(w).arg(&count).arg(&mut ws.sum);
+    // SAFETY: matches `absmean_abs_sum(const float*, long long, double*)`; w holds `count`
+    // values, sum one f64; grid-stride loop bounded by `count`.
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(KernelError::driver("launching absmean_abs_sum"))?;
+    Ok(())
+}
+
 fn quantize(
     gpu: &Gpu,
     w: &CudaView<'_, f32>,
@@ -118,27 +195,8 @@ fn quantize(
     }
     let n = rows.len();
     crate::act_quant::check_shape("w", w.len(), n, k_in)?;
+    abs_sum(gpu, w, ws)?;
     let stream = gpu.stream();
-    stream
-        .memset_zeros(&mut ws.sum)
-        .map_err(KernelError::driver("zeroing the absmean sum"))?;
-    let count = (n * k_in) as i64;
-    let sum_fn = gpu.function(&images::TERNARY_QUANT, "absmean_abs_sum")?;
-    let blocks = (count as usize)
-        .div_ceil(THREADS as usize * 8)
-        .clamp(1, 1024) as u32;
-    let mut launch = stream.launch_builder(&sum_fn);
-    launch.arg(w).arg(&count).arg(&mut ws.sum);
-    // SAFETY: matches `absmean_abs_sum(const float*, long long, double*)`; w holds `count`
-    // values (checked), sum one f64; grid-stride loop bounded by `count`.
-    unsafe {
-        launch.launch(LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(KernelError::driver("launching absmean_abs_sum"))?;
     let wpr = words_per_row(k_in);
     let quads = wpr.div_ceil(TILE_ROW_WORDS) as i32;
     let words = n * wpr;

@@ -54,8 +54,9 @@ use flash_attn_sm120::cuda::{
 use flash_attn_sm120::{Heads, Mask, MaskInputs, MaskMode, Positions, Problem, Seqs};
 use half::bf16;
 use ternary_gemm::cuda::{
-    absmean_quantize_cuda, absmean_quantize_dequant_cuda, ternary_matmul_a8_cuda,
-    ternary_matmul_t_cuda, AbsmeanWorkspace, GemvActivations, GemvWorkspace, TernaryMatrixGpu,
+    absmean_dequant_cuda, absmean_quantize_cuda, absmean_quantize_dequant_cuda,
+    ternary_matmul_a8_cuda, ternary_matmul_t_cuda, AbsmeanWorkspace, GemvActivations,
+    GemvWorkspace, TernaryMatrixGpu,
 };
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
@@ -234,7 +235,6 @@ struct Acts {
     // scratch
     /// The ternary forward's buffers ([`LinearPath::ternary_forward`]).
     tern: Option<TernaryFwd>,
-    dmh: CudaSlice<f32>,
     deq: CudaSlice<bf16>,
     dyb: CudaSlice<bf16>,
     dgu: CudaSlice<bf16>,
@@ -946,12 +946,14 @@ impl GpuTrainModel {
     }
 
     /// Re-quantizes every BitLinear weight and refreshes the bf16 copies from the shadow
-    /// weights.
+    /// weights (on [`LinearPath::Cublas`] only the bf16 `Wq gamma` copies: no product reads
+    /// the packed codes there).
     fn refresh_derived(&mut self) -> Result<()> {
         let g = self.gpu.clone();
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let (q, kv) = (self.cfg.num_heads * self.cfg.head_dim(), self.cfg.kv_dim());
         let d = self.cfg.head_dim();
+        let ternary_used = self.linear != LinearPath::Cublas;
         for layer in &mut self.layers {
             let o = layer.off;
             // (matrix, first parameter element, first row, rows, columns): one absmean
@@ -969,6 +971,13 @@ impl GpuTrainModel {
                 let w = self.params.slice(start..start + rows * k);
                 let (mat, deq) = layer.matrix(m);
                 match deq {
+                    // No product reads the packed codes on the cuBLAS path.
+                    Some(dq) if !ternary_used => absmean_dequant_cuda(
+                        &g,
+                        &w,
+                        &mut self.absmean_ws,
+                        &mut dq.slice_mut(row0 * k..(row0 + rows) * k),
+                    )?,
                     Some(dq) => absmean_quantize_dequant_cuda(
                         &g,
                         &w,
@@ -1348,7 +1357,7 @@ impl GpuTrainModel {
             &fw,
             &acts.final_rd,
             &acts.g2,
-            &mut acts.g,
+            &mut acts.g.slice_mut(..),
             &mut dw,
             t,
             h,
@@ -1372,13 +1381,11 @@ impl GpuTrainModel {
         let Acts {
             slots,
             resid,
-            dmh,
             deq,
             dyb,
             dgu,
             dqkv,
             g: gr,
-            g2,
             tmp,
             dout,
             attn_grads,
@@ -1391,19 +1398,19 @@ impl GpuTrainModel {
         let params = &self.params;
         let grads = &mut self.grads;
         let blas = &self.blas;
-        // out = h + norm_f(d): dd = norm_bwd(g); dh = g (+ MLP input gradient below).
+        // out = h + norm_f(d): dd = norm_bwd(g) (bf16: it only feeds products); dh = g (+ MLP
+        // input gradient below).
         norm_bwd(
             &g,
             &sa.d,
             &params.slice(o.mlp_norm..o.mlp_norm + h),
             &sa.rf,
             gr,
-            g2,
+            &mut dyb.slice_mut(..),
             &mut grads.slice_mut(o.mlp_norm..o.mlp_norm + h),
             t,
             h,
         )?;
-        to_bf16(&g, &g2.slice(..), &mut dyb.slice_mut(..t * h), t * h)?;
         mark(&mut self.marks, &g, "bwd: norm_f")?;
         // down: dW += ddᵀ · deq(A8(glu)) (saved by the forward), dmh = dd · W.
         gemm(
@@ -1417,6 +1424,8 @@ impl GpuTrainModel {
             1.0,
             "computing the down_proj gradient",
         )?;
+        // dmh stays f32 (in tmp): rounding it to bf16 before the GLU backward saved 2.7 ms
+        // of a 500M step but moved the 200-step loss curve test past its tolerance.
         input_grad(
             blas,
             &g,
@@ -1424,9 +1433,10 @@ impl GpuTrainModel {
             layer.deq.as_ref().map(|d| &d[3]),
             &dyb.slice(..t * h),
             t,
-            &mut dmh.slice_mut(..),
+            DxDst::F32,
+            tmp,
         )?;
-        launch_glu_bwd(&g, &sa.gu, dmh, dgu, t, i)?;
+        launch_glu_bwd(&g, &sa.gu, &tmp.slice(..t * i), dgu, t, i)?;
         mark(&mut self.marks, &g, "bwd: down dW + dX, GLU")?;
         // gate/up: dW += dguᵀ · deq(A8(h)), dh += dgu · W.
         a8_deq(
@@ -1455,9 +1465,9 @@ impl GpuTrainModel {
             layer.deq.as_ref().map(|d| &d[2]),
             &dgu.slice(..),
             t,
-            &mut tmp.slice_mut(..t * h),
+            DxDst::Add(gr),
+            tmp,
         )?;
-        add(&g, gr, &tmp.slice(..t * h), t * h)?;
         mark(&mut self.marks, &g, "bwd: gate/up dW + dX")?;
         // h = x + norm_a(a): da = norm_bwd(dh); dx = dh (+ attention input gradient below).
         norm_bwd(
@@ -1466,12 +1476,11 @@ impl GpuTrainModel {
             &params.slice(o.attn_norm..o.attn_norm + h),
             &sa.ra,
             gr,
-            g2,
+            &mut dyb.slice_mut(..),
             &mut grads.slice_mut(o.attn_norm..o.attn_norm + h),
             t,
             h,
         )?;
-        to_bf16(&g, &g2.slice(..), &mut dyb.slice_mut(..t * h), t * h)?;
         mark(&mut self.marks, &g, "bwd: norm_a")?;
         // o_proj: dW += daᵀ · deq(A8(o)), do = da · W.
         a8_deq(&g, &sa.o.slice(..), &mut deq.slice_mut(..t * q), t, q, true)?;
@@ -1493,9 +1502,9 @@ impl GpuTrainModel {
             layer.deq.as_ref().map(|d| &d[1]),
             &dyb.slice(..t * h),
             t,
-            &mut tmp.slice_mut(..t * q),
+            DxDst::Bf16(&mut dout.slice_mut(..)),
+            tmp,
         )?;
-        to_bf16(&g, &tmp.slice(..t * q), &mut dout.slice_mut(..), t * q)?;
         mark(&mut self.marks, &g, "bwd: o dW + dX")?;
         // attention (QK-Norm + RoPE fused): raw dq, dk, dv and the norm weights' gradients.
         let nr = NormRopeGpu {
@@ -1562,9 +1571,9 @@ impl GpuTrainModel {
             layer.deq.as_ref().map(|d| &d[0]),
             &dqkv.slice(..),
             t,
-            &mut tmp.slice_mut(..t * h),
+            DxDst::Add(gr),
+            tmp,
         )?;
-        add(&g, gr, &tmp.slice(..t * h), t * h)?;
         mark(&mut self.marks, &g, "bwd: q/k/v dW + dX")?;
         Ok(())
     }
@@ -1644,7 +1653,6 @@ impl Acts {
             } else {
                 None
             },
-            dmh: alloc(g, t * i, "MLP hidden gradient")?,
             deq: alloc(g, t * wide, "dequantized activations")?,
             dyb: alloc(g, t * h, "bf16 output gradients")?,
             dgu: alloc(g, t * 2 * i, "gate/up gradients")?,
@@ -1726,19 +1734,21 @@ fn norm_fwd(
     Ok(())
 }
 
+/// RMSNorm backward over `rows` rows: `da` (f32, or bf16 for a branch gradient that only
+/// feeds products) and `dw +=` the weight gradient.
 #[allow(clippy::too_many_arguments)]
-fn norm_bwd(
+fn norm_bwd<O: Elem>(
     gpu: &Gpu,
     a: &CudaSlice<f32>,
     w: &CudaView<'_, f32>,
     rd: &CudaSlice<f32>,
     dy: &CudaSlice<f32>,
-    da: &mut CudaSlice<f32>,
+    da: &mut CudaViewMut<'_, O>,
     dw: &mut CudaViewMut<'_, f32>,
     rows: usize,
     cols: usize,
 ) -> Result<()> {
-    let f = gpu.function(&images::TRAIN, "train_norm_bwd")?;
+    let f = gpu.function(&images::TRAIN, O::NORM_BWD)?;
     let (r, c, rpc) = (rows as i32, cols as i32, NORM_BWD_ROWS as i32);
     let mut lb = gpu.stream().launch_builder(&f);
     lb.arg(a)
@@ -1750,9 +1760,9 @@ fn norm_bwd(
         .arg(&r)
         .arg(&c)
         .arg(&rpc);
-    // SAFETY: `train_norm_bwd(const float*, const float*, const float*, const float*, float*,
-    // float*, int, int, int)`; a, dy, da hold rows x cols (cols <= 4096, checked at
-    // allocation), w and dw cols, rd rows.
+    // SAFETY: `train_norm_bwd[_bf16](const float*, const float*, const float*, const float*,
+    // O*, float*, int, int, int)` (the entry of O); a, dy, da hold rows x cols (cols <= 4096,
+    // checked at allocation), w and dw cols, rd rows.
     unsafe { lb.launch(rows_cfg(rows.div_ceil(NORM_BWD_ROWS))) }
         .map_err(KernelError::driver("launching train_norm_bwd"))?;
     Ok(())
@@ -1872,10 +1882,12 @@ fn launch_glu_deq(
     Ok(())
 }
 
+/// `dgu` `(t, 2i)` bf16 from the saved `[g | u]` and the MLP hidden's gradient `dh`
+/// `(t, i)` f32.
 fn launch_glu_bwd(
     gpu: &Gpu,
     gu: &CudaSlice<bf16>,
-    dh: &CudaSlice<f32>,
+    dh: &CudaView<'_, f32>,
     dgu: &mut CudaSlice<bf16>,
     t: usize,
     i: usize,
@@ -1885,22 +1897,26 @@ fn launch_glu_bwd(
     let mut lb = gpu.stream().launch_builder(&f);
     lb.arg(gu).arg(dh).arg(dgu).arg(&i_i);
     // SAFETY: `train_glu_bwd(const bf16*, const float*, bf16*, int)`; gu and dgu hold
-    // t x 2i, dh t x i.
+    // t x 2i, dh t x i (callers slice it so).
     unsafe { lb.launch(rows_cfg(t)) }.map_err(KernelError::driver("launching train_glu_bwd"))?;
     Ok(())
 }
 
-/// Result element types of the engine's cuBLAS products (f32 accumulation either way).
-trait GemmOut: cudarc::driver::DeviceRepr {
+/// Element types the engine writes from cuBLAS products (f32 accumulation either way) and
+/// passes between its backward kernels: the cuBLAS type and the kernel entry of each.
+trait Elem: cudarc::driver::DeviceRepr {
     const CUDA_TYPE: blas_sys::cudaDataType;
+    const NORM_BWD: &'static str;
 }
 
-impl GemmOut for f32 {
+impl Elem for f32 {
     const CUDA_TYPE: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_32F;
+    const NORM_BWD: &'static str = "train_norm_bwd";
 }
 
-impl GemmOut for bf16 {
+impl Elem for bf16 {
     const CUDA_TYPE: blas_sys::cudaDataType = blas_sys::cudaDataType::CUDA_R_16BF;
+    const NORM_BWD: &'static str = "train_norm_bwd_bf16";
 }
 
 /// Column-major `C (m, n) = op(A) op(B) * 1 + beta C` with bf16 A/B and C of `c_type` on the
@@ -1962,8 +1978,21 @@ fn gemm_cm(
     })
 }
 
-/// `dx (t, k_in) = dy (t, n_out) · (Wq gamma)` through the transposed ternary GEMM, or
-/// through cuBLAS on the bf16 copy `deq` `(n_out, k_in)` when the [`LinearPath::Cublas`] keeps one.
+/// Where [`input_grad`] puts `dx` `(t, k_in)`.
+enum DxDst<'a, 'b> {
+    /// Added to the residual stream's gradient (f32).
+    Add(&'a mut CudaSlice<f32>),
+    /// Written as bf16 (an operand of the next products).
+    Bf16(&'a mut CudaViewMut<'b, bf16>),
+    /// Written as f32 into the first `t k_in` values of the `tmp` scratch.
+    F32,
+}
+
+/// `dx (t, k_in) = dy (t, n_out) · (Wq gamma)` into `dst`: through cuBLAS on the bf16 copy
+/// `deq` `(n_out, k_in)` when the path keeps one, writing or accumulating in place (no pass
+/// of its own); else through the transposed ternary GEMM into `tmp` (f32) and, for
+/// [`DxDst::Add`] / [`DxDst::Bf16`], one elementwise pass.
+#[allow(clippy::too_many_arguments)]
 fn input_grad(
     blas: &CudaBlas,
     gpu: &Gpu,
@@ -1971,21 +2000,54 @@ fn input_grad(
     deq: Option<&CudaSlice<bf16>>,
     dy: &CudaView<'_, bf16>,
     t: usize,
-    dx: &mut CudaViewMut<'_, f32>,
+    dst: DxDst<'_, '_>,
+    tmp: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    match deq {
-        None => Ok(ternary_matmul_t_cuda(gpu, w, dy, t, dx)?),
-        Some(d) => gemm(
+    let k = w.k_in();
+    let what = "computing an input gradient";
+    let dims = (t, k, w.n_out());
+    match (deq, dst) {
+        (Some(d), DxDst::Add(acc)) => gemm(
             blas,
             gpu,
             Product::AB,
             dy,
             &d.slice(..),
-            dx,
-            (t, w.k_in(), w.n_out()),
-            0.0,
-            "computing an input gradient",
+            &mut acc.slice_mut(..t * k),
+            dims,
+            1.0,
+            what,
         ),
+        (Some(d), DxDst::Bf16(out)) => gemm(
+            blas,
+            gpu,
+            Product::AB,
+            dy,
+            &d.slice(..),
+            out,
+            dims,
+            0.0,
+            what,
+        ),
+        (Some(d), DxDst::F32) => gemm(
+            blas,
+            gpu,
+            Product::AB,
+            dy,
+            &d.slice(..),
+            &mut tmp.slice_mut(..t * k),
+            dims,
+            0.0,
+            what,
+        ),
+        (None, dst) => {
+            ternary_matmul_t_cuda(gpu, w, dy, t, &mut tmp.slice_mut(..t * k))?;
+            match dst {
+                DxDst::Add(acc) => add(gpu, acc, &tmp.slice(..t * k), t * k),
+                DxDst::Bf16(out) => to_bf16(gpu, &tmp.slice(..t * k), out, t * k),
+                DxDst::F32 => Ok(()),
+            }
+        }
     }
 }
 
@@ -2005,7 +2067,7 @@ enum Product {
 /// C is f32, or bf16 where the result only feeds bf16 consumers (the cuBLAS forward's q/k/v
 /// and gate/up outputs).
 #[allow(clippy::too_many_arguments)]
-fn gemm<C: GemmOut>(
+fn gemm<C: Elem>(
     blas: &CudaBlas,
     gpu: &Gpu,
     product: Product,

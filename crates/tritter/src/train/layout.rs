@@ -354,7 +354,6 @@ fn scratch_bytes(config: &TritterConfig, t: usize, seq_len: usize) -> u64 {
     let chunk = logits_chunk_rows(t, config.vocab_size) as u64;
     let t = t as u64;
     ternary_forward_scratch(config, t as usize)
-        + t * 4 * i // the MLP hidden's gradient
         + t * (2 * wide + 2 * h + 4 * i + 2 * qkv) // bf16 operands of the gradient products
         + t * (4 * h + 4 * h + 4 * wide) // residual and branch gradients, transposed-GEMM output
         + t * (2 * kv + 2 * q) // prologue keys, attention output gradient
