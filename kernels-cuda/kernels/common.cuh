@@ -101,4 +101,17 @@ __device__ __forceinline__ unsigned block_or(unsigned v, unsigned* scratch) {
     return v;
 }
 
+// An f32 result stored as OutT (f32 as is, bf16 rounded to nearest even): kernels templated
+// on their output type.
+template <typename OutT>
+__device__ __forceinline__ OutT to_out(float v);
+template <>
+__device__ __forceinline__ float to_out<float>(float v) {
+    return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
 }  // namespace tritter

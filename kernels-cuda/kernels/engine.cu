@@ -76,16 +76,7 @@ __device__ __forceinline__ float load_row(const float* __restrict__ xr, int h, R
     return s;
 }
 
-template <typename OutT>
-__device__ __forceinline__ OutT to_out(float v);
-template <>
-__device__ __forceinline__ float to_out<float>(float v) {
-    return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
+using tritter::to_out;
 
 // out = rmsnorm(x) * w (add = false) or x_out += rmsnorm(x) * w (add = true).
 template <typename OutT, bool kAdd>

@@ -87,16 +87,7 @@ __device__ __forceinline__ double block_sum_f64(double v) {
 using tritter::rms_denominator;
 
 __device__ __forceinline__ float load_f(const float* p, long long i) { return p[i]; }
-template <typename OutT>
-__device__ __forceinline__ OutT to_out(float v);
-template <>
-__device__ __forceinline__ float to_out<float>(float v) {
-    return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
+using tritter::to_out;
 __device__ __forceinline__ float load_f(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
 
 // deq(A8(v)) of one row of `cols` values v(c) into y (bf16): the row's max|v| (a NaN or Inf
