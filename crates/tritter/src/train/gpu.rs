@@ -1100,7 +1100,7 @@ impl GpuTrainModel {
             }
             None => {
                 let w = &copies()?[0];
-                a8_deq(&g, &x.slice(..), &mut deq.slice_mut(..t * h), t, h, false)?;
+                a8_deq(&g, &x.slice(..), deq, t, h, false)?;
                 // q, k, v straight as bf16 from the row blocks of the stacked weight.
                 for (dst, r0, n, what) in [
                     (&mut sa.q, 0, q, "the q projection"),
@@ -1154,7 +1154,7 @@ impl GpuTrainModel {
                 )?;
             }
             None => {
-                a8_deq(&g, &sa.o.slice(..), &mut deq.slice_mut(..t * q), t, q, true)?;
+                a8_deq(&g, &sa.o.slice(..), deq, t, q, true)?;
                 gemm(
                     blas,
                     &g,
@@ -1203,14 +1203,7 @@ impl GpuTrainModel {
             }
             None => {
                 let w = copies()?;
-                a8_deq(
-                    &g,
-                    &sa.h.slice(..),
-                    &mut deq.slice_mut(..t * h),
-                    t,
-                    h,
-                    false,
-                )?;
+                a8_deq(&g, &sa.h.slice(..), deq, t, h, false)?;
                 // [g | u] straight into the saved bf16 copy.
                 gemm(
                     blas,
@@ -1439,14 +1432,7 @@ impl GpuTrainModel {
         launch_glu_bwd(&g, &sa.gu, &tmp.slice(..t * i), dgu, t, i)?;
         mark(&mut self.marks, &g, "bwd: down dW + dX, GLU")?;
         // gate/up: dW += dguᵀ · deq(A8(h)), dh += dgu · W.
-        a8_deq(
-            &g,
-            &sa.h.slice(..),
-            &mut deq.slice_mut(..t * h),
-            t,
-            h,
-            false,
-        )?;
+        a8_deq(&g, &sa.h.slice(..), deq, t, h, false)?;
         gemm(
             blas,
             &g,
@@ -1483,7 +1469,7 @@ impl GpuTrainModel {
         )?;
         mark(&mut self.marks, &g, "bwd: norm_a")?;
         // o_proj: dW += daᵀ · deq(A8(o)), do = da · W.
-        a8_deq(&g, &sa.o.slice(..), &mut deq.slice_mut(..t * q), t, q, true)?;
+        a8_deq(&g, &sa.o.slice(..), deq, t, q, true)?;
         gemm(
             blas,
             &g,
@@ -1545,14 +1531,7 @@ impl GpuTrainModel {
         launch_merge_qkv(&g, attn_grads, dqkv, t, q, kv)?;
         mark(&mut self.marks, &g, "bwd: attention")?;
         // q/k/v: dW += dqkvᵀ · deq(A8(x)), dx += dqkv · W.
-        a8_deq(
-            &g,
-            &resid[li].slice(..),
-            &mut deq.slice_mut(..t * h),
-            t,
-            h,
-            false,
-        )?;
+        a8_deq(&g, &resid[li].slice(..), deq, t, h, false)?;
         gemm(
             blas,
             &g,
@@ -1768,14 +1747,24 @@ fn norm_bwd<O: Elem>(
     Ok(())
 }
 
+/// `deq(A8(x))` of `rows` rows of `cols` into the first `rows * cols` values of `y` (bf16).
 fn a8_deq<T: cudarc::driver::DeviceRepr>(
     gpu: &Gpu,
     x: &CudaView<'_, T>,
-    y: &mut CudaViewMut<'_, bf16>,
+    y: &mut CudaSlice<bf16>,
     rows: usize,
     cols: usize,
     bf16_in: bool,
 ) -> Result<()> {
+    let n = rows * cols;
+    if x.len() != n || y.len() < n {
+        return Err(TritterError::ShapeMismatch {
+            what: "A8 fake quantization (input, output) lengths".into(),
+            actual: vec![x.len(), y.len()],
+            expected: format!("{n} input values and at least {n} outputs ({rows} x {cols})"),
+        });
+    }
+    let mut y = y.slice_mut(..n);
     let name = if bf16_in {
         "train_a8_deq_bf16"
     } else {
@@ -1784,7 +1773,7 @@ fn a8_deq<T: cudarc::driver::DeviceRepr>(
     let f = gpu.function(&images::TRAIN, name)?;
     let c = cols as i32;
     let mut lb = gpu.stream().launch_builder(&f);
-    lb.arg(x).arg(y).arg(&c);
+    lb.arg(x).arg(&mut y).arg(&c);
     // SAFETY: `train_a8_deq_{f32,bf16}(const T*, bf16*, int)` with T matching `bf16_in` at
     // every call site; x and y hold rows x cols; one CTA per row.
     unsafe { lb.launch(rows_cfg(rows)) }
