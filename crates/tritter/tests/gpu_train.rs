@@ -356,6 +356,21 @@ mod conformance {
                     "  {path:?}: loss rel {loss_err:.2e}, worst gradient rel L2 {worst_ref:.3e} \
                      to the reference, {worst_tern:.2e} to the ternary path"
                 );
+                if path == LinearPath::Cublas {
+                    // The cuBLAS forward re-run under recomputation changes nothing but the
+                    // attention backward's atomic summation order.
+                    eng.prepare(b, l, true).unwrap();
+                    eng.zero_grads().unwrap();
+                    eng.forward_backward(&batch.micro()).unwrap();
+                    eng.read_metrics().unwrap();
+                    for ((pn, c), (_, a)) in eng.download_grads().unwrap().iter().zip(&grads) {
+                        let e = rel_l2(c, a);
+                        assert!(
+                            e <= 1e-3,
+                            "{name}: {pn} differs with recomputation on the cuBLAS path ({e:.2e})"
+                        );
+                    }
+                }
             }
             // Negative control: another batch's reference gradients fail the tolerance.
             let worst_other = per_recompute[0]
