@@ -87,8 +87,8 @@ __device__ __forceinline__ double block_sum_f64(double v) {
 using tritter::rms_denominator;
 
 __device__ __forceinline__ float load_f(const float* p, long long i) { return p[i]; }
-using tritter::to_out;
 __device__ __forceinline__ float load_f(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
+using tritter::to_out;
 
 // deq(A8(v)) of one row of `cols` values v(c) into y (bf16): the row's max|v| (a NaN or Inf
 // anywhere makes the whole row NaN), then q / s with q = clamp(round(v s), -128, 127).

@@ -17,6 +17,15 @@ use crate::{tiled_len, words_per_row, Result, TernaryError, TILE_ROW_WORDS, ZERO
 
 const THREADS: u32 = 256;
 
+/// `blocks` CTAs of [`THREADS`] threads, no dynamic shared memory: every launch here.
+fn blocks_cfg(blocks: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 impl TernaryMatrixGpu {
     /// An all-zero `(n_out, k_in)` matrix (every code 1, scales 0) to be filled by
     /// [`absmean_quantize_cuda`]: one scale `(1,)`, or one per row `(n_out,)` with `per_row`
@@ -135,14 +144,8 @@ pub fn absmean_dequant_cuda(
     // int)`; w and deq hold n values (checked), sum one f64 (written by abs_sum above, same
     // stream); the vectorized loop runs only when n % 8 == 0 and both pointers are 16-byte
     // aligned (checked here), and both loops are bounded by n.
-    unsafe {
-        launch.launch(LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(KernelError::driver("launching absmean_dequant_bf16"))?;
+    unsafe { launch.launch(blocks_cfg(blocks)) }
+        .map_err(KernelError::driver("launching absmean_dequant_bf16"))?;
     Ok(())
 }
 
@@ -159,14 +162,8 @@ fn abs_sum(gpu: &Gpu, w: &CudaView<'_, f32>, ws: &mut AbsmeanWorkspace) -> Resul
     launch.arg(w).arg(&count).arg(&mut ws.sum);
     // SAFETY: matches `absmean_abs_sum(const float*, long long, double*)`; w holds `count`
     // values, sum one f64; grid-stride loop bounded by `count`.
-    unsafe {
-        launch.launch(LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(KernelError::driver("launching absmean_abs_sum"))?;
+    unsafe { launch.launch(blocks_cfg(blocks)) }
+        .map_err(KernelError::driver("launching absmean_abs_sum"))?;
     Ok(())
 }
 
@@ -226,13 +223,7 @@ fn quantize(
     // caller); w is (n, k_in) (checked); tiles were made by `zeros`/`upload`
     // for (n_out, k_in) and every written index is a tiled position of rows row0..row0 + n
     // < n_out; scales hold n_out (per-row) or 1 values; threads past n * wpr return.
-    unsafe {
-        launch.launch(LaunchConfig {
-            grid_dim: (words.div_ceil(THREADS as usize) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(KernelError::driver("launching absmean_pack_tiles"))?;
+    unsafe { launch.launch(blocks_cfg(words.div_ceil(THREADS as usize) as u32)) }
+        .map_err(KernelError::driver("launching absmean_pack_tiles"))?;
     Ok(())
 }

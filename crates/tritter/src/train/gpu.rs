@@ -953,7 +953,6 @@ impl GpuTrainModel {
         let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let (q, kv) = (self.cfg.num_heads * self.cfg.head_dim(), self.cfg.kv_dim());
         let d = self.cfg.head_dim();
-        let ternary_used = self.linear != LinearPath::Cublas;
         for layer in &mut self.layers {
             let o = layer.off;
             // (matrix, first parameter element, first row, rows, columns): one absmean
@@ -972,7 +971,7 @@ impl GpuTrainModel {
                 let (mat, deq) = layer.matrix(m);
                 match deq {
                     // No product reads the packed codes on the cuBLAS path.
-                    Some(dq) if !ternary_used => absmean_dequant_cuda(
+                    Some(dq) if !self.linear.ternary_forward() => absmean_dequant_cuda(
                         &g,
                         &w,
                         &mut self.absmean_ws,
