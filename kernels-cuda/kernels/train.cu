@@ -36,11 +36,16 @@
 //   f32, and deq(A8(h)) as bf16, the down product's operand (NaN rows as above).
 // ---- train_glu_bwd: dg = 2 relu(g) u dh, du = relu(g)^2 dh from the saved bf16 [g | u] and
 //   f32 dh, as bf16 (the operand of the gate/up weight gradient and transposed GEMM).
-// ---- train_ce: fused softmax cross-entropy of one logits chunk (rows, V) f32: the row's
-//   loss mask[r] * scale * (logsumexp - logit[target]) summed into an f64, and
-//   dlogits = mask[r] * scale * (softmax - onehot) as bf16 (scale = 1 / targets of the step).
-//   Two passes over the row (online max + sum, then the gradient): a 65536-wide row does not
-//   stay in L1, so each pass is an HBM read.
+// ---- train_ce: fused softmax cross-entropy of one bf16 logits chunk (rows, V), in place
+//   (llm.c's fused classifier): the row's loss mask[r] * scale * (logsumexp - logit[target])
+//   summed into an f64, and dlogits = mask[r] * scale * (softmax - onehot) written as bf16
+//   over the logits (scale = 1 / targets of the step); max, sum and exponentials in f32.
+//   One CTA of 512 threads per row. A row of V <= 512 * 16 * 8 = 65536 logits (V % 8 == 0)
+//   is held in registers (16 16-byte loads per thread), so HBM sees one read and one write
+//   per logit: against f32 logits read twice, a third of the traffic, and with the gradient
+//   in place the chunk takes 2 bytes per logit instead of 6 (3x the rows per chunk, so the
+//   LM-head gradient, accumulated in f32 once per chunk, is read and written 3x less often).
+//   Wider or odd rows take two passes over global memory.
 // ---- train_sq_sum / train_clip_scale / train_adamw: global gradient norm (f64 sum of
 //   squares), the clip factor min(1, max_norm / (norm + 1e-6)) kept on the device (no host
 //   synchronisation inside a step), and AdamW with decoupled weight decay in the reference's
@@ -310,47 +315,102 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads)
-    train_ce(const float* __restrict__ logits, const unsigned* __restrict__ targets, const float* __restrict__ mask,
-             __nv_bfloat16* __restrict__ dlogits, double* __restrict__ loss, int vocab, float scale) {
-    const long long base = (long long)blockIdx.x * vocab;
+constexpr int kCeThreads = 512;
+constexpr int kCeChunks = 16;  // 16-byte chunks (8 logits) per thread held in registers
+
+// exp(x - mx) for the sum and the gradient; a -inf logit gives 0, a NaN stays NaN.
+__device__ __forceinline__ float ce_exp(float x, float mx) { return expf(x - mx); }
+
+extern "C" __global__ void __launch_bounds__(kCeThreads)
+    train_ce(__nv_bfloat16* logits, const unsigned* __restrict__ targets, const float* __restrict__ mask,
+             double* __restrict__ loss, int vocab, float scale) {
+    __shared__ float red[32];
+    __nv_bfloat16* row = logits + (long long)blockIdx.x * vocab;
     const float m = mask[blockIdx.x];
-    // Max and sum of exponentials in one pass over the row (online softmax: a thread's sum is
-    // rescaled when its max grows), so the logits are read twice instead of three times.
-    // The running max starts at -FLT_MAX, not -inf, so a -inf logit adds exp(-inf) = 0; a NaN
-    // makes the sum (and the loss) NaN.
-    float mt = -3.402823466e38f, st = 0.0f;
-    auto online = [&](float x) {
-        if (x > mt) {
-            st = fmaf(st, expf(mt - x), 1.0f);
-            mt = x;
-        } else {
-            st += expf(x - mt);
+    const unsigned t = targets[blockIdx.x];
+    // The target's logit is read before the block reductions below: every write of the
+    // gradient over the row comes after their barriers.
+    const float x_t = __bfloat162float(row[t]);
+    const float gt = m * scale;
+    float mx, se;
+    if (vocab % 8 == 0 && vocab <= kCeThreads * kCeChunks * 8) {
+        // The row in registers: one HBM read and one write per logit. fmaxf skips a NaN, the
+        // sum of exponentials then carries it into the loss.
+        const int chunks = vocab / 8;
+        uint4* row8 = reinterpret_cast<uint4*>(row);
+        uint4 v[kCeChunks];
+        float mt = -3.402823466e38f;
+#pragma unroll
+        for (int j = 0; j < kCeChunks; ++j) {
+            const int c = threadIdx.x + j * kCeThreads;
+            v[j] = c < chunks ? row8[c] : make_uint4(0u, 0u, 0u, 0u);
+            if (c < chunks) {
+                const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v[j]);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const float2 f = __bfloat1622float2(h[q]);
+                    mt = fmaxf(mt, fmaxf(f.x, f.y));
+                }
+            }
         }
-    };
-    if (vocab % 4 == 0) {
-        const float4* row4 = reinterpret_cast<const float4*>(logits + base);
-        for (int c = threadIdx.x; c < vocab / 4; c += kThreads) {
-            const float4 x = row4[c];
-            online(x.x);
-            online(x.y);
-            online(x.z);
-            online(x.w);
+        mx = tritter::block_max(mt, red);
+        float st = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kCeChunks; ++j) {
+            if (threadIdx.x + j * kCeThreads < chunks) {
+                const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v[j]);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const float2 f = __bfloat1622float2(h[q]);
+                    st += ce_exp(f.x, mx) + ce_exp(f.y, mx);
+                }
+            }
+        }
+        se = tritter::block_sum(st, red);
+        const float k = gt / se;
+#pragma unroll
+        for (int j = 0; j < kCeChunks; ++j) {
+            const int c = threadIdx.x + j * kCeThreads;
+            if (c < chunks) {
+                const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v[j]);
+                uint4 out;
+                __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const float2 f = __bfloat1622float2(h[q]);
+                    const unsigned i0 = (unsigned)(c * 8 + 2 * q);
+                    float p0 = ce_exp(f.x, mx) * k, p1 = ce_exp(f.y, mx) * k;
+                    if (i0 == t) p0 -= gt;
+                    if (i0 + 1 == t) p1 -= gt;
+                    o[q] = __floats2bfloat162_rn(p0, p1);
+                }
+                row8[c] = out;
+            }
         }
     } else {
-        for (int c = threadIdx.x; c < vocab; c += kThreads) online(logits[base + c]);
+        // Wider or odd rows: max and sum in one online pass over global memory, then the
+        // gradient (each thread rewrites only the logits it reads).
+        float mt = -3.402823466e38f, st = 0.0f;
+        for (int c = threadIdx.x; c < vocab; c += kCeThreads) {
+            const float x = __bfloat162float(row[c]);
+            if (x > mt) {
+                st = fmaf(st, expf(mt - x), 1.0f);
+                mt = x;
+            } else {
+                st += expf(x - mt);
+            }
+        }
+        mx = tritter::block_max(mt, red);
+        se = tritter::block_sum(st * expf(mt - mx), red);
+        const float k = gt / se;
+        for (int c = threadIdx.x; c < vocab; c += kCeThreads) {
+            const float p = ce_exp(__bfloat162float(row[c]), mx) * k;
+            row[c] = __float2bfloat16_rn((unsigned)c == t ? p - gt : p);
+        }
     }
-    const float mx = block_max(mt);
-    const float se = block_sum(st * expf(mt - mx));
-    const unsigned t = targets[blockIdx.x];
     if (threadIdx.x == 0 && m != 0.0f) {
         const double lse = (double)mx + log((double)se);
-        atomicAdd(loss, (double)m * (double)scale * (lse - (double)logits[base + t]));
-    }
-    const float k = m * scale / se;
-    for (int c = threadIdx.x; c < vocab; c += kThreads) {
-        const float p = expf(logits[base + c] - mx) * k;
-        dlogits[base + c] = __float2bfloat16_rn((unsigned)c == t ? p - m * scale : p);
+        atomicAdd(loss, (double)m * (double)scale * (lse - (double)x_t));
     }
 }
 

@@ -24,8 +24,9 @@
 //!   backward returns the gradients of raw q/k and of the QK-Norm weights; RMSNorm, GLU and
 //!   embedding backward are small kernels (`kernels-cuda/kernels/train.cu`).
 //! * head: final norm, then chunks of [`logits_chunk_rows`](super::logits_chunk_rows) rows:
-//!   logits through cuBLAS, fused softmax cross-entropy writing bf16 `dlogits`, `dhidden` and
-//!   the head's weight gradient through cuBLAS — never a `(T, V)` f32 tensor.
+//!   bf16 logits through cuBLAS (f32 accumulation), fused softmax cross-entropy (f32 math)
+//!   writing bf16 `dlogits` over them in place (llm.c's fused classifier), `dhidden` and the
+//!   head's weight gradient through cuBLAS — never a `(T, V)` tensor.
 //!
 //! With recomputation only the layer inputs are kept; each layer's forward is re-run just
 //! before its backward (one layer's activations in memory).
@@ -67,6 +68,8 @@ use crate::model::MaskSpec;
 use crate::{Result, TritterError, TritterModel};
 
 const THREADS: u32 = 256;
+/// Threads of `train_ce` (its `kCeThreads`): a 65536-logit row fits their registers.
+const CE_THREADS: u32 = 512;
 /// Rows per CTA of `train_norm_bwd` (its weight-gradient partial sums stay in registers).
 const NORM_BWD_ROWS: usize = 32;
 /// Columns `train_norm_bwd` holds per row (256 threads x 16).
@@ -247,8 +250,8 @@ struct Acts {
     attn_grads: GradsGpu<bf16>,
     norm_grads: NormGradsGpu,
     bwd_ws: BwdWorkspace<bf16>,
-    logits: CudaSlice<f32>,
-    dlogits: CudaSlice<bf16>,
+    /// `(chunk, V)` bf16 logits, overwritten in place by their gradient (`train_ce`).
+    logits: CudaSlice<bf16>,
     chunk: usize,
     rope: RopeTable,
 }
@@ -1281,7 +1284,7 @@ impl GpuTrainModel {
         while r0 < t {
             let r = acts.chunk.min(t - r0);
             let hid = acts.hidden_bf16.slice(r0 * h..(r0 + r) * h);
-            // logits (r, V) = hidden (r, H) · headᵀ
+            // logits (r, V) = hidden (r, H) · headᵀ, bf16 (f32 accumulation)
             gemm(
                 &self.blas,
                 &g,
@@ -1297,23 +1300,27 @@ impl GpuTrainModel {
                 let targets = acts.targets.slice(r0..r0 + r);
                 let mask = acts.loss_mask.slice(r0..r0 + r);
                 let mut lb = g.stream().launch_builder(&f_ce);
-                let logits = acts.logits.slice(..r * v);
-                let mut dl = acts.dlogits.slice_mut(..r * v);
-                lb.arg(&logits)
+                let mut logits = acts.logits.slice_mut(..r * v);
+                lb.arg(&mut logits)
                     .arg(&targets)
                     .arg(&mask)
-                    .arg(&mut dl)
                     .arg(&mut self.loss)
                     .arg(&v_i)
                     .arg(&scale);
-                // SAFETY: `train_ce(const float*, const unsigned*, const float*, bf16*, double*,
-                // int, float)`; logits/dlogits hold r rows of V, targets (< V, checked) and
-                // mask r values, loss one; one CTA per row.
-                unsafe { lb.launch(rows_cfg(r)) }
-                    .map_err(KernelError::driver("launching train_ce"))?;
+                // SAFETY: `train_ce(bf16*, const unsigned*, const float*, double*, int, float)`;
+                // logits hold r rows of V (the gradient replaces them), targets (< V, checked)
+                // and mask r values, loss one; one CTA of CE_THREADS per row.
+                unsafe {
+                    lb.launch(LaunchConfig {
+                        grid_dim: (r as u32, 1, 1),
+                        block_dim: (CE_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .map_err(KernelError::driver("launching train_ce"))?;
             }
-            let dl = acts.dlogits.slice(..r * v);
-            // dhidden (r, H) = dlogits (r, V) · head (V, H)
+            let dl = acts.logits.slice(..r * v); // now dlogits
+                                                 // dhidden (r, H) = dlogits (r, V) · head (V, H)
             gemm(
                 &self.blas,
                 &g,
@@ -1644,7 +1651,6 @@ impl Acts {
             norm_grads: NormGradsGpu::new(g, d)?,
             bwd_ws: BwdWorkspace::new(g, &problem, true)?,
             logits: alloc(g, chunk * cfg.vocab_size, "logits chunk")?,
-            dlogits: alloc(g, chunk * cfg.vocab_size, "logits gradient chunk")?,
             chunk,
             rope: RopeTable::new(g, d, cfg.rope_theta as f32, seq_len)?,
         })

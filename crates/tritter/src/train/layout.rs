@@ -315,10 +315,11 @@ pub struct TrainPlan {
     pub classes: Vec<(&'static str, u64)>,
 }
 
-/// Rows of the LM-head / cross-entropy chunk: logits `(rows, V)` f32 plus their bf16
-/// gradient stay under 256 MiB, never a full `(B L, V)` f32 tensor.
+/// Rows of the LM-head / cross-entropy chunk: bf16 logits `(rows, V)`, overwritten in place by
+/// their gradient, stay under 256 MiB (2048 rows at V = 65536), never a full `(B L, V)`
+/// tensor. Fewer chunks mean fewer f32 read-modify-writes of the `(V, H)` head gradient.
 pub fn logits_chunk_rows(tokens: usize, vocab: usize) -> usize {
-    ((256usize << 20) / (6 * vocab.max(1))).clamp(1, tokens.max(1))
+    ((256usize << 20) / (2 * vocab.max(1))).clamp(1, tokens.max(1))
 }
 
 /// Bytes of one layer's saved activations for `t` tokens (the engine's `LayerActs`): raw
@@ -359,7 +360,7 @@ fn scratch_bytes(config: &TritterConfig, t: usize, seq_len: usize) -> u64 {
         + t * (2 * kv + 2 * q) // prologue keys, attention output gradient
         + t * (2 * q + 4 * kv) // dq, dk, dv
         + t * (4 * q + 4 * hq + 2 * q + 2 * kv + 4 * kv) // attention backward workspace
-        + chunk * v * 6 // logits chunk f32 + its bf16 gradient
+        + chunk * v * 2 // bf16 logits chunk (its gradient in place)
         + seq_len as u64 * d * 4 // RoPE table
         + t * 12 // ids, targets, loss mask
 }
