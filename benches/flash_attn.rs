@@ -2,7 +2,9 @@
 //! for causal; a window counts the visible pairs), next to a materialized baseline measured in
 //! the same run (cuBLAS bf16 Q K^T, a softmax kernel, cuBLAS P V) where its L x L scores fit,
 //! plus the fused QK-Norm + RoPE prologue against the plain kernel and against separate
-//! norm-rope kernels followed by attention. CPU: the f32 reference on a small shape.
+//! norm-rope kernels followed by attention, and paired against single tiles per CTA
+//! (`TileSchedule`) on causal shapes, the 500M training shape among them. CPU: the f32
+//! reference on a small shape.
 //!
 //! Run: `cargo bench --bench flash_attn` (add `--features cuda` for the GPU groups).
 
@@ -29,7 +31,7 @@ mod gpu {
     use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use flash_attn_sm120::cuda::{
         flash_attn_bwd_cuda, flash_attn_fwd_cuda, qk_norm_rope_cuda, BwdMode, BwdWorkspace,
-        GradsGpu, NormRopeGpu, ProblemGpu, PrologueFwd, RopeTable,
+        GradsGpu, NormRopeGpu, ProblemGpu, PrologueFwd, RopeTable, TileSchedule,
     };
     use flash_attn_sm120::{MaskMode, Positions};
     use half::bf16;
@@ -298,6 +300,67 @@ mod gpu {
         }
     }
 
+    /// Forward and atomic backward with one tile per CTA against pairs of tiles (the
+    /// schedule `Auto` picks for these causal shapes), same run, same inputs.
+    fn schedules(gpu: &Gpu, heads: Heads, b: usize, l: usize) {
+        let p = Problem::fixed(heads, b, l, l, Mask::CAUSAL);
+        let q = random_bf16(gpu, p.q_len(), 1);
+        let k = random_bf16(gpu, p.kv_len(), 2);
+        let v = random_bf16(gpu, p.kv_len(), 3);
+        let dout = random_bf16(gpu, p.q_len(), 4);
+        let mut o = gpu.stream().alloc_zeros::<bf16>(p.q_len()).unwrap();
+        let mut lse = gpu.stream().alloc_zeros::<f32>(p.lse_len()).unwrap();
+        let mut grads = GradsGpu::<bf16>::new(gpu, &p).unwrap();
+        let mut ws = BwdWorkspace::<bf16>::new(gpu, &p, false).unwrap();
+        let flops = 4.0 * (b * heads.q * heads.dim) as f64 * pairs(l, Mask::CAUSAL);
+        let mut times = Vec::new();
+        for schedule in [TileSchedule::Single, TileSchedule::Paired] {
+            let mut pb = ProblemGpu::new(gpu, p.clone(), Positions::default()).unwrap();
+            pb.set_tile_schedule(schedule);
+            let fwd = time_launches(gpu, 5, 5, |_| {
+                flash_attn_fwd_cuda(gpu, &pb, &q, &k, &v, &mut o, &mut lse, None)
+            })
+            .unwrap();
+            let bwd = time_launches(gpu, 5, 5, |_| {
+                flash_attn_bwd_cuda(
+                    gpu,
+                    &pb,
+                    &q,
+                    &k,
+                    &v,
+                    &o,
+                    &lse,
+                    &dout,
+                    &mut grads,
+                    &mut ws,
+                    None,
+                    BwdMode::Atomic,
+                )
+            })
+            .unwrap();
+            times.push((fwd, bwd));
+        }
+        let [(f1, b1), (f2, b2)] = [&times[0], &times[1]];
+        println!(
+            "RESULT flash_schedule Causal B={b} Hq={} Hkv={} L={l} D={}: forward single {:.3} ms \
+             ({:.1} TFLOP/s), paired {:.3} ms ({:.1}), paired/single time {:.3} | backward single \
+             {:.3} ms ({:.1}), paired {:.3} ms ({:.1}), paired/single time {:.3}",
+            heads.q,
+            heads.kv,
+            heads.dim,
+            f1.median_ms,
+            tflops(f1, flops),
+            f2.median_ms,
+            tflops(f2, flops),
+            f2.median_ms / f1.median_ms,
+            b1.median_ms,
+            tflops(b1, 2.5 * flops),
+            b2.median_ms,
+            tflops(b2, 2.5 * flops),
+            b2.median_ms / b1.median_ms
+        );
+    }
+
     pub fn benches(_c: &mut Criterion) {
         let Some(gpu) = gpu_for_test("flash_attn GPU bench") else {
             return;
@@ -312,6 +375,11 @@ mod gpu {
         backward(&gpu, (2, 16, 8192, 128, Mask::CAUSAL));
         backward(&gpu, (2, 32, 8192, 64, Mask::CAUSAL));
         backward(&gpu, (2, 16, 8192, 128, Mask::BIDIRECTIONAL));
+        // the 500M preset's attention at its 8 x 2048 training batch, then the bench shapes
+        schedules(&gpu, Heads::new(16, 4, 64), 8, 2048);
+        schedules(&gpu, Heads::new(16, 16, 128), 8, 2048);
+        schedules(&gpu, Heads::new(16, 16, 128), 2, 8192);
+        schedules(&gpu, Heads::new(32, 32, 64), 2, 8192);
     }
 }
 

@@ -48,8 +48,41 @@ struct Params {
     float scale;       // softmax scale
     float scale_log2;  // scale * log2(e)
     float eps;         // QK-Norm epsilon
-    int pad_;
+    int pair_tiles;    // 1: each CTA runs a pair of tiles (for_tiles), grid.x halved
 };
+
+// The tiles (query blocks of the forward and the deterministic dQ pass, key blocks of the
+// backward's main kernel) that the CTA at blockIdx.x of a (tiles, heads, batch) grid runs,
+// each through `body(tile)`; `tiles` is its sequence's count, `heavy_high` says whether the
+// costly tiles of a causal mask are the high ones (query blocks: tile i sees ~i + 1 key
+// blocks) or the low ones (key blocks: seen by ~tiles - i query blocks).
+// * Unpaired: one tile, the heavy end first in launch order.
+// * Paired (p.pair_tiles; the host sets it for causal and prefix-LM masks without a window
+//   when the halved grid still fills the GPU twice): tiles j and tiles - 1 - j, so every CTA
+//   costs ~tiles + 1 blocks. With one tile per CTA the costs run from tiles down to 1 and the
+//   CTAs of the last heads and sequences, heavy ones among them, start when the GPU is
+//   nearly done: a tail in which most SMs idle (causal L = 2K, 8 x 16 heads: the makespan
+//   of the forward ~1.25x its average load). Pairs keep each CTA on one head, so the K/V
+//   (or Q/dO) reuse in L2 across the CTAs of a head is unchanged.
+template <typename Body>
+__device__ __forceinline__ void for_tiles(const Params& p, int tiles, bool heavy_high, Body&& body) {
+    const int j = static_cast<int>(blockIdx.x);
+    int first, second = -1;
+    if (p.pair_tiles) {
+        const int hi = tiles - 1 - j;
+        if (hi < j) return;
+        first = heavy_high ? hi : j;
+        if (hi > j) second = heavy_high ? j : hi;
+    } else {
+        first = heavy_high ? static_cast<int>(gridDim.x) - 1 - j : j;
+    }
+    // One call site, so the (large, inlined) body is emitted once.
+#pragma unroll 1
+    for (int i = 0; i < (second >= 0 ? 2 : 1); ++i) {
+        if (i > 0) __syncthreads();  // the first tile's epilogue is done with shared memory
+        body(i == 0 ? first : second);
+    }
+}
 
 // Row-major tile of `kD` 16-bit elements per row in shared memory with 16-byte chunks
 // XOR-swizzled by the row's low 3 bits: ldmatrix and cp.async of 8 consecutive rows at the

@@ -12,7 +12,8 @@
 // * flash_bwd_pre_*: delta (f32, the logsumexp's layout) from O and dO, one warp per (token,
 //   head) row; zeroes the f32 dQ accumulator when the atomic mode needs it.
 // * flash_bwd_kv[_dq]_*: the main kernel. One CTA per (key block of kBN = 64 keys, KV head,
-//   sequence), 8 warps. It loads K and V once, then walks the query heads of its GQA group and,
+//   sequence), 8 warps (or per pair of key blocks (j, n - 1 - j), for_tiles in flash_attn.cuh,
+//   so that under a causal mask every CTA visits the same number of query blocks). It loads K and V once, then walks the query heads of its GQA group and,
 //   for each, the query blocks of kBM = 64 rows that can see the key block (query_rows: the
 //   inverse of the forward's key_range, so fully masked tiles are never visited and a sliding
 //   window costs O(L W)), keeping dK and dV of its 64 keys in registers: GQA needs no expanded
@@ -25,10 +26,10 @@
 //                                   f32x2 atomics into dq_accum (total_q, Hq, D), pre-scaled.
 //   The next block's Q and dO are fetched (cp.async) while dQ is computed and added.
 // * flash_bwd_dq_*: the deterministic mode's dQ, parallel over query blocks like the forward:
-//   one CTA per (64 query rows, query head, sequence), 4 warps of 16 rows, walking the forward's
-//   key blocks (key_range) with K/V double-buffered, recomputing P and dP and accumulating
-//   dQ = dS K in registers (dS re-packed from the accumulators into A fragments, as the
-//   forward's P). No atomics anywhere, fixed summation order: bitwise reproducible.
+//   one CTA per (64 query rows or a pair of such blocks, query head, sequence), 4 warps of 16
+//   rows, walking the forward's key blocks (key_range) with K/V double-buffered, recomputing
+//   P and dP and accumulating dQ = dS K in registers (dS re-packed from the accumulators into
+//   A fragments, as the forward's P). No atomics anywhere, fixed summation order: bitwise reproducible.
 // * flash_bwd_dq_convert_*: dq_accum (f32) -> dq (T) after the atomic mode.
 // * norm_rope_pos_* / norm_rope_bwd_* / norm_grad_reduce: the prologue. Forward of QK-Norm +
 //   RoPE into q_hat/k_hat (the same row transform and positions as the fused forward), then its
@@ -172,7 +173,7 @@ __device__ __forceinline__ void preprocess(const Params& p, int zero_dq) {
 // ---------------------------------------------------------------------------------------------
 // Main kernel: dK, dV of one key block (and, with kDq, atomic dQ contributions).
 template <typename T, int kD, bool kDq>
-__device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32) {
+__device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, const int n_block) {
     constexpr int kDH = kD / 2;   // d columns per warp for dK, dV, dQ
     constexpr int kDT = kDH / 8;  // their n8 tiles
     extern __shared__ __align__(128) unsigned char smem[];
@@ -186,7 +187,7 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32) {
 
     const int b = blockIdx.z, hk = blockIdx.y;
     const Seq s = load_seq(p, b);
-    const int n0 = blockIdx.x * kBN;
+    const int n0 = n_block * kBN;
     if (n0 >= s.lk) return;
     const int keys = min(kBN, s.lk - n0);
     const int group = p.hq / p.hkv;
@@ -389,11 +390,18 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32) {
     }
 }
 
+// The key blocks of this CTA (for_tiles: under a causal mask the first ones cost the most).
+template <typename T, int kD, bool kDq>
+__device__ __forceinline__ void flash_bwd_kv_cta(const Params& p, float* dk_f32) {
+    const int n_blocks = (load_seq(p, blockIdx.z).lk + kBN - 1) / kBN;
+    for_tiles(p, n_blocks, false, [&](int n) { flash_bwd_kv<T, kD, kDq>(p, dk_f32, n); });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Deterministic dQ: one CTA per (kDqBM query rows, query head, sequence), dQ in registers.
 // Writes dq (T), or f32 into dq_accum when `out_f32` (the prologue's backward reads it).
 template <typename T, int kD>
-__device__ __forceinline__ void flash_bwd_dq(const Params& p, int out_f32) {
+__device__ __forceinline__ void flash_bwd_dq(const Params& p, int out_f32, const int m_block) {
     constexpr int kNT = kBN / 8;  // n8 tiles of S per warp (all 64 keys)
     constexpr int kDT = kD / 8;   // n8 tiles of dQ
     extern __shared__ __align__(128) unsigned char smem[];
@@ -404,7 +412,6 @@ __device__ __forceinline__ void flash_bwd_dq(const Params& p, int out_f32) {
 
     const int b = blockIdx.z, h = blockIdx.y;
     const Seq s = load_seq(p, b);
-    const int m_block = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
     const int m0 = m_block * kDqBM;
     if (m0 >= s.lq) return;
     const int rows = min(kDqBM, s.lq - m0);
@@ -572,6 +579,14 @@ __device__ __forceinline__ void dq_convert(const Params& p, long long n) {
     *reinterpret_cast<uint2*>(static_cast<T*>(p.dq) + i) = out;
 }
 
+
+// The query blocks of this CTA (for_tiles: the heaviest, under a causal mask the last, first).
+template <typename T, int kD>
+__device__ __forceinline__ void flash_bwd_dq_cta(const Params& p, int out_f32) {
+    const int m_blocks = (load_seq(p, blockIdx.z).lq + kDqBM - 1) / kDqBM;
+    for_tiles(p, m_blocks, true, [&](int m) { flash_bwd_dq<T, kD>(p, out_f32, m); });
+}
+
 // ---------------------------------------------------------------------------------------------
 // The prologue. Position of query token t (is_q) or key token t, as the fused forward uses:
 // explicit positions, else the aligned position (queries; the row when lq > lk) or the index
@@ -693,15 +708,15 @@ using tritter::flash::Params;
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(tritter::flash::bwd::kThreads, MINB)                            \
         flash_bwd_kv_dq_##TN##_d##D(const Params p, float* dk_f32) {                                           \
-        tritter::flash::bwd::flash_bwd_kv<T, D, true>(p, dk_f32);                                              \
+        tritter::flash::bwd::flash_bwd_kv_cta<T, D, true>(p, dk_f32);                                          \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(tritter::flash::bwd::kThreads, MINB)                            \
         flash_bwd_kv_##TN##_d##D(const Params p, float* dk_f32) {                                              \
-        tritter::flash::bwd::flash_bwd_kv<T, D, false>(p, dk_f32);                                             \
+        tritter::flash::bwd::flash_bwd_kv_cta<T, D, false>(p, dk_f32);                                          \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(tritter::flash::bwd::kDqThreads, 1)                          \
         flash_bwd_dq_##TN##_d##D(const Params p, int out_f32) {                                                \
-        tritter::flash::bwd::flash_bwd_dq<T, D>(p, out_f32);                                                   \
+        tritter::flash::bwd::flash_bwd_dq_cta<T, D>(p, out_f32);                                               \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) norm_rope_pos_##TN##_d##D(                              \
         const Params p, const T* x, T* y, const T* w, int rows, int heads, int is_q) {                        \

@@ -3,7 +3,8 @@
 // prologue.
 //
 // Algorithm (Dao, FlashAttention-2): one CTA per (query block of kBM = 128 rows, query head,
-// sequence). The CTA keeps its Q tile in shared memory and walks the key/value blocks of
+// sequence), or per pair of query blocks (j, n - 1 - j) under causal masks on large grids
+// (for_tiles in flash_attn.cuh: equal work per CTA, no tail of heavy blocks). The CTA keeps its Q tile in shared memory and walks the key/value blocks of
 // kBN keys (FwdCfg: 128 at D = 128, 64 at D = 64) that the mask leaves (flash_attn.cuh:
 // key_range), from the last block down, keeping the running row max m, row sum l and the output accumulator O in registers
 // (online softmax in base 2: p = exp2(s * scale * log2 e - m)). At the end O / l is written
@@ -96,7 +97,7 @@ __device__ __forceinline__ void load_tile(void* tile, const void* src, size_t ro
 }
 
 template <typename T, int kD, bool kNormRope>
-__device__ __forceinline__ void flash_fwd(const Params& p) {
+__device__ __forceinline__ void flash_fwd(const Params& p, const int m_block) {
     constexpr int kBN = FwdCfg<kD>::kBN;
     constexpr int kThreads = FwdCfg<kD>::kThreads;
     constexpr int kMT = FwdCfg<kD>::kMT;
@@ -113,8 +114,6 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
     const int b = blockIdx.z, h = blockIdx.y;
     const Seq s = load_seq(p, b);
     const int m_blocks = (s.lq + kBM - 1) / kBM;
-    // heaviest (causal: last) query blocks first
-    const int m_block = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
     if (m_block >= m_blocks) return;
     const int m0 = m_block * kBM;
     const int rows = min(kBM, s.lq - m0);
@@ -346,6 +345,13 @@ __device__ __forceinline__ void flash_fwd(const Params& p) {
     }
 }
 
+// The query blocks of this CTA (for_tiles: the heaviest, under a causal mask the last, first).
+template <typename T, int kD, bool kNormRope>
+__device__ __forceinline__ void flash_fwd_cta(const Params& p) {
+    const int m_blocks = (load_seq(p, blockIdx.z).lq + kBM - 1) / kBM;
+    for_tiles(p, m_blocks, true, [&](int m) { flash_fwd<T, kD, kNormRope>(p, m); });
+}
+
 // Standalone QK-Norm + RoPE: x (rows = tokens * heads, D) -> y, one warp per row; token of row r
 // is r / heads, its position pos[token] (or the token index when pos is null). Used to store
 // normalized, rotated keys in a KV cache and as the unfused baseline of the benches.
@@ -414,7 +420,7 @@ QK_NORM_ROPE(qk_norm_rope_f16_d128, __half, 128)
 #define FLASH_FWD(name, T, D, NR)                                                        \
     extern "C" __global__ void __launch_bounds__(tritter::flash::FwdCfg<D>::kThreads, FLASH_FWD_MIN_BLOCKS)           \
         name(const tritter::flash::Params p) {                                         \
-        tritter::flash::flash_fwd<T, D, NR>(p);                                         \
+        tritter::flash::flash_fwd_cta<T, D, NR>(p);                                     \
     }
 
 FLASH_FWD(flash_fwd_bf16_d64, __nv_bfloat16, 64, false)

@@ -104,7 +104,7 @@ struct FlashParams {
     scale: f32,
     scale_log2: f32,
     eps: f32,
-    pad: i32,
+    pair_tiles: i32,
 }
 
 // SAFETY: a #[repr(C)] struct of integers and floats whose layout matches the kernels'
@@ -227,6 +227,26 @@ pub struct ProblemGpu {
     /// Largest RoPE position any token uses (+1 = table rows needed).
     max_position: usize,
     max_lq: usize,
+    schedule: TileSchedule,
+}
+
+/// How the CTAs of the attention kernels take their tiles (query blocks of the forward and of
+/// the deterministic dQ pass, key blocks of the backward's main kernel): `for_tiles` in
+/// `kernels-cuda/kernels/flash_attn.cuh`.
+///
+/// Under a causal mask tile costs fall linearly (from `n` key blocks down to 1); with one tile
+/// per CTA the heavy CTAs of the last heads and sequences start when the GPU is nearly done,
+/// and most SMs idle through that tail. Pairs `(j, n - 1 - j)` give every CTA the same cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TileSchedule {
+    /// `Paired` for causal and prefix-LM masks without a sliding window (whose tiles cost the
+    /// same) when the halved grid still gives every SM two CTAs; `Single` otherwise.
+    #[default]
+    Auto,
+    /// One tile per CTA, the costly end of the mask first in launch order.
+    Single,
+    /// Tiles `j` and `n - 1 - j` of a sequence per CTA; half the CTAs.
+    Paired,
 }
 
 fn upload(gpu: &Gpu, what: &str, v: Option<&Vec<i32>>) -> Result<Option<CudaSlice<i32>>> {
@@ -269,12 +289,45 @@ impl ProblemGpu {
             problem,
             max_position,
             max_lq,
+            schedule: TileSchedule::Auto,
         })
     }
 
     /// The host description.
     pub fn problem(&self) -> &Problem {
         &self.problem
+    }
+
+    /// Sets how the kernels' CTAs take their tiles (default [`TileSchedule::Auto`]); results
+    /// are the same either way (the deterministic mode bit for bit).
+    pub fn set_tile_schedule(&mut self, schedule: TileSchedule) {
+        self.schedule = schedule;
+    }
+
+    /// How the kernels' CTAs take their tiles.
+    pub fn tile_schedule(&self) -> TileSchedule {
+        self.schedule
+    }
+
+    /// Grid x and the `pair_tiles` flag of a launch over `tiles` tiles (of the longest
+    /// sequence) and `heads` heads per sequence.
+    pub(crate) fn tile_grid(&self, gpu: &Gpu, tiles: usize, heads: usize) -> (u32, i32) {
+        let p = &self.problem;
+        let pair = match self.schedule {
+            TileSchedule::Single => false,
+            TileSchedule::Paired => true,
+            TileSchedule::Auto => {
+                matches!(p.mask.mode, MaskMode::Causal | MaskMode::PrefixLm)
+                    && p.mask.window.is_none()
+                    && tiles.div_ceil(2) * heads * p.seqs.batch()
+                        >= 2 * gpu.info().sm_count as usize
+            }
+        };
+        if pair {
+            (tiles.div_ceil(2) as u32, 1)
+        } else {
+            (tiles as u32, 0)
+        }
     }
 }
 
@@ -378,12 +431,10 @@ pub fn flash_attn_fwd_cuda<T: AttnDtype>(
     params.v = v_ptr;
     params.o = o_ptr;
     params.lse = lse_ptr;
+    let (grid_x, pair) = pb.tile_grid(gpu, pb.max_lq.div_ceil(FWD_BLOCK_M), p.heads.q);
+    params.pair_tiles = pair;
     let cfg = LaunchConfig {
-        grid_dim: (
-            pb.max_lq.div_ceil(FWD_BLOCK_M) as u32,
-            p.heads.q as u32,
-            p.seqs.batch() as u32,
-        ),
+        grid_dim: (grid_x, p.heads.q as u32, p.seqs.batch() as u32),
         block_dim: (fwd_tile(d).1, 1, 1),
         shared_mem_bytes: smem as u32,
     };

@@ -12,6 +12,11 @@ gpu_test!(
     forward_matches_reference => fwd
 );
 gpu_test!(
+    /// Paired tiles (two query blocks per CTA) and single tiles give bitwise equal outputs and
+    /// logsumexps over the whole case table, with and without the prologue.
+    tile_schedules_agree_bitwise => schedules
+);
+gpu_test!(
     /// The fused QK-Norm + RoPE forward equals attention over the reference's normalized,
     /// rotated q and k rounded to the storage type (what the kernel computes in registers).
     fused_prologue_matches_reference => prologue
@@ -29,7 +34,7 @@ gpu_test!(
 mod common {
     use cudarc::driver::CudaSlice;
     use flash_attn_sm120::cuda::{
-        flash_attn_fwd_cuda, AttnDtype, NormRopeGpu, ProblemGpu, PrologueFwd,
+        flash_attn_fwd_cuda, AttnDtype, NormRopeGpu, ProblemGpu, PrologueFwd, TileSchedule,
     };
     use flash_attn_sm120::reference::{attention_fwd_ref, FwdOut};
     use flash_attn_sm120::{Heads, Mask, MaskInputs, MaskMode, Positions, Problem, Seqs};
@@ -296,9 +301,23 @@ mod common {
         v: &[T],
         prologue: Option<(&NormRopeGpu<'_, T>, Positions)>,
     ) -> (Vec<f32>, Vec<f32>) {
+        run_gpu_with(gpu, case, q, k, v, prologue, TileSchedule::Auto)
+    }
+
+    /// [`run_gpu`] with the CTAs taking their query blocks by `schedule`.
+    pub fn run_gpu_with<T: AttnDtype>(
+        gpu: &Gpu,
+        case: &Case,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        prologue: Option<(&NormRopeGpu<'_, T>, Positions)>,
+        schedule: TileSchedule,
+    ) -> (Vec<f32>, Vec<f32>) {
         let p = &case.problem;
         let positions = prologue.as_ref().map(|x| x.1.clone()).unwrap_or_default();
-        let pb = ProblemGpu::new(gpu, p.clone(), positions).expect("problem");
+        let mut pb = ProblemGpu::new(gpu, p.clone(), positions).expect("problem");
+        pb.set_tile_schedule(schedule);
         let (q, k, v) = (upload(gpu, q), upload(gpu, k), upload(gpu, v));
         let mut out = gpu.stream().alloc_zeros::<T>(p.q_len()).unwrap();
         let mut lse = gpu.stream().alloc_zeros::<f32>(p.lse_len()).unwrap();
@@ -367,6 +386,46 @@ mod fwd {
         for (i, case) in cases().iter().enumerate() {
             check::<bf16>(gpu, case, 100 + 10 * i as u64);
             check::<f16>(gpu, case, 500 + 10 * i as u64);
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod schedules {
+    use super::common::*;
+    use flash_attn_sm120::cuda::{NormRopeGpu, RopeTable, TileSchedule};
+    use flash_attn_sm120::Positions;
+    use half::bf16;
+    use tritter_kernels_cuda::Gpu;
+
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|f| f.to_bits()).collect()
+    }
+
+    pub fn run(gpu: &Gpu) {
+        for (i, case) in cases().iter().enumerate() {
+            let p = &case.problem;
+            let d = p.heads.dim;
+            let (q, _) = inputs::<bf16>(p.q_len(), 900 + 10 * i as u64);
+            let (k, _) = inputs::<bf16>(p.kv_len(), 901 + 10 * i as u64);
+            let (v, _) = inputs::<bf16>(p.kv_len(), 902 + 10 * i as u64);
+            let (lq, lk) = p.seqs.max_lens();
+            let table = RopeTable::new(gpu, d, 10_000.0, lq.max(lk)).unwrap();
+            let w = upload(gpu, &vec![bf16::from_f32(0.75); d]);
+            let nr = NormRopeGpu {
+                q_norm: &w,
+                k_norm: &w,
+                eps: 1e-6,
+                rope: &table,
+            };
+            for with_prologue in [false, true] {
+                let pro = || with_prologue.then(|| (&nr, Positions::default()));
+                let single = run_gpu_with(gpu, case, &q, &k, &v, pro(), TileSchedule::Single);
+                let paired = run_gpu_with(gpu, case, &q, &k, &v, pro(), TileSchedule::Paired);
+                let name = format!("{} prologue={with_prologue}", case.name);
+                assert_eq!(bits(&single.0), bits(&paired.0), "{name}: out differs");
+                assert_eq!(bits(&single.1), bits(&paired.1), "{name}: lse differs");
+            }
         }
     }
 }

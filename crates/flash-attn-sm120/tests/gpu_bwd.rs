@@ -18,11 +18,13 @@
 use tritter_kernels_cuda::gpu_test;
 
 gpu_test!(
-    /// The backward (atomic and deterministic dq) matches the reference over the case table.
+    /// The backward (atomic and deterministic dq) matches the reference over the case table,
+    /// with single and with paired tiles per CTA.
     backward_matches_reference => bwd
 );
 gpu_test!(
-    /// Two deterministic runs (with an atomic run between them) are bitwise equal.
+    /// Two deterministic runs (with an atomic run between them) are bitwise equal, and equal
+    /// to the deterministic run with paired tiles.
     deterministic_backward_is_bitwise_reproducible => determinism
 );
 gpu_test!(
@@ -538,7 +540,7 @@ mod common {
 #[cfg(feature = "cuda")]
 mod bwd {
     use super::common::*;
-    use flash_attn_sm120::cuda::{AttnDtype, BwdMode, ProblemGpu};
+    use flash_attn_sm120::cuda::{AttnDtype, BwdMode, ProblemGpu, TileSchedule};
     use flash_attn_sm120::{attention_bwd_ref, Positions};
     use half::{bf16, f16};
     use tritter_kernels_cuda::Gpu;
@@ -549,18 +551,21 @@ mod bwd {
         let (k, kf) = inputs::<T>(p.kv_len(), seed + 1);
         let (v, vf) = inputs::<T>(p.kv_len(), seed + 2);
         let (dout, doutf) = inputs::<T>(p.q_len(), seed + 3);
-        let pb = ProblemGpu::new(gpu, p.clone(), Positions::default()).expect("problem");
-        let mut run = Run::new(gpu, pb, [&q, &k, &v, &dout], None);
-        let (out, lse) = run.forward_results(gpu);
-        let want = attention_bwd_ref(p, &qf, &kf, &vf, None, &out, Some(&lse), &doutf)
-            .unwrap_or_else(|e| panic!("{}: reference: {e}", case.name));
-        let (lq, lk, lv) = lowp_bwd(round::<T>, p, &qf, &kf, &vf, &out, &lse, &doutf);
-        for mode in [BwdMode::Atomic, BwdMode::Deterministic] {
-            let got = run.backward(gpu, mode, None);
-            let name = format!("{} {} {mode:?}", case.name, T::NAME);
-            compare::<T>(&name, "dq", &got[0], &want.dq, &lq);
-            compare::<T>(&name, "dk", &got[1], &want.dk, &lk);
-            compare::<T>(&name, "dv", &got[2], &want.dv, &lv);
+        for schedule in [TileSchedule::Single, TileSchedule::Paired] {
+            let mut pb = ProblemGpu::new(gpu, p.clone(), Positions::default()).expect("problem");
+            pb.set_tile_schedule(schedule);
+            let mut run = Run::new(gpu, pb, [&q, &k, &v, &dout], None);
+            let (out, lse) = run.forward_results(gpu);
+            let want = attention_bwd_ref(p, &qf, &kf, &vf, None, &out, Some(&lse), &doutf)
+                .unwrap_or_else(|e| panic!("{}: reference: {e}", case.name));
+            let (lq, lk, lv) = lowp_bwd(round::<T>, p, &qf, &kf, &vf, &out, &lse, &doutf);
+            for mode in [BwdMode::Atomic, BwdMode::Deterministic] {
+                let got = run.backward(gpu, mode, None);
+                let name = format!("{} {} {mode:?} {schedule:?}", case.name, T::NAME);
+                compare::<T>(&name, "dq", &got[0], &want.dq, &lq);
+                compare::<T>(&name, "dk", &got[1], &want.dk, &lk);
+                compare::<T>(&name, "dv", &got[2], &want.dv, &lv);
+            }
         }
     }
 
@@ -581,7 +586,9 @@ mod bwd {
 #[cfg(feature = "cuda")]
 mod determinism {
     use super::common::*;
-    use flash_attn_sm120::cuda::{AttnDtype, BwdMode, NormRopeGpu, ProblemGpu, RopeTable};
+    use flash_attn_sm120::cuda::{
+        AttnDtype, BwdMode, NormRopeGpu, ProblemGpu, RopeTable, TileSchedule,
+    };
     use flash_attn_sm120::{Heads, Mask, Positions, Problem};
     use half::{bf16, f16};
     use tritter_kernels_cuda::Gpu;
@@ -608,21 +615,32 @@ mod determinism {
             rope: &table,
         };
         let nr = with_prologue.then_some(&nr);
-        let pb = ProblemGpu::new(gpu, p, Positions::default()).unwrap();
+        let mut pb = ProblemGpu::new(gpu, p.clone(), Positions::default()).unwrap();
+        pb.set_tile_schedule(TileSchedule::Single);
         let mut run = Run::new(gpu, pb, [&q, &k, &v, &dout], nr);
         let first = bits(&run.backward(gpu, BwdMode::Deterministic, nr));
         let _ = run.backward(gpu, BwdMode::Atomic, nr); // leaves other values in the buffers
         let second = bits(&run.backward(gpu, BwdMode::Deterministic, nr));
-        for (i, (a, b)) in first.iter().zip(&second).enumerate() {
-            let diff = a.iter().zip(b).filter(|(x, y)| x != y).count();
-            assert_eq!(
-                diff,
-                0,
-                "{} prologue={with_prologue}: output {i} (dq, dk, dv, dq_norm, dk_norm) differs \
-                 in {diff} of {} elements between two deterministic runs",
-                T::NAME,
-                a.len()
-            );
+        // Paired tiles run the same per-tile arithmetic in the same order: bitwise equal too.
+        let mut pb = ProblemGpu::new(gpu, p, Positions::default()).unwrap();
+        pb.set_tile_schedule(TileSchedule::Paired);
+        let mut run = Run::new(gpu, pb, [&q, &k, &v, &dout], nr);
+        let paired = bits(&run.backward(gpu, BwdMode::Deterministic, nr));
+        for (other, what) in [
+            (&second, "two deterministic runs"),
+            (&paired, "single and paired tiles"),
+        ] {
+            for (i, (a, b)) in first.iter().zip(other).enumerate() {
+                let diff = a.iter().zip(b).filter(|(x, y)| x != y).count();
+                assert_eq!(
+                    diff,
+                    0,
+                    "{} prologue={with_prologue}: output {i} (dq, dk, dv, dq_norm, dk_norm) \
+                     differs in {diff} of {} elements between {what}",
+                    T::NAME,
+                    a.len()
+                );
+            }
         }
     }
 

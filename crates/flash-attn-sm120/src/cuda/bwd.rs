@@ -487,6 +487,9 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
         &[Arg::Params(&params), Arg::I32(atomic as i32)],
     )?;
     // dK, dV (and atomic dQ) per key block.
+    let mut kv_params = params;
+    let (kv_grid, kv_pair) = pb.tile_grid(gpu, max_lk.div_ceil(BWD_BLOCK_N), hkv);
+    kv_params.pair_tiles = kv_pair;
     launch(
         gpu,
         bwd_name::<T>(
@@ -497,10 +500,10 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
             },
             d,
         ),
-        (max_lk.div_ceil(BWD_BLOCK_N), hkv, batch),
+        (kv_grid as usize, hkv, batch),
         KV_THREADS,
         smem_kv,
-        &[Arg::Params(&params), Arg::Ptr(dk_f32)],
+        &[Arg::Params(&kv_params), Arg::Ptr(dk_f32)],
     )?;
     if atomic {
         if pro.is_none() {
@@ -519,13 +522,16 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
             )?;
         }
     } else {
+        let mut dq_params = params;
+        let (dq_grid, dq_pair) = pb.tile_grid(gpu, max_lq.div_ceil(BWD_DQ_BLOCK_M), hq);
+        dq_params.pair_tiles = dq_pair;
         launch(
             gpu,
             bwd_name::<T>("flash_bwd_dq", d),
-            (max_lq.div_ceil(BWD_DQ_BLOCK_M), hq, batch),
+            (dq_grid as usize, hq, batch),
             DQ_THREADS,
             smem_dq,
-            &[Arg::Params(&params), Arg::I32(pro.is_some() as i32)],
+            &[Arg::Params(&dq_params), Arg::I32(pro.is_some() as i32)],
         )?;
     }
 
