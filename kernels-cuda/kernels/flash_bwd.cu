@@ -390,11 +390,19 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, con
     }
 }
 
-// The key blocks of this CTA (for_tiles: under a causal mask the first ones cost the most).
-template <typename T, int kD, bool kDq>
+// The key blocks of this CTA: block blockIdx.x, or with kPair (the _pair kernels, launched
+// with p.pair_tiles = 1) the pair for_tiles gives (under a causal mask the first blocks cost
+// the most). Separate kernels rather than the runtime flag alone: wrapping the body in the
+// pair loop costs the unpaired kernel ~10% at D = 128 with atomic dQ (H100: its register
+// allocation changes), so the unpaired kernels keep the plain body.
+template <typename T, int kD, bool kDq, bool kPair>
 __device__ __forceinline__ void flash_bwd_kv_cta(const Params& p, float* dk_f32) {
-    const int n_blocks = (load_seq(p, blockIdx.z).lk + kBN - 1) / kBN;
-    for_tiles(p, n_blocks, false, [&](int n) { flash_bwd_kv<T, kD, kDq>(p, dk_f32, n); });
+    if constexpr (kPair) {
+        const int n_blocks = (load_seq(p, blockIdx.z).lk + kBN - 1) / kBN;
+        for_tiles(p, n_blocks, false, [&](int n) { flash_bwd_kv<T, kD, kDq>(p, dk_f32, n); });
+    } else {
+        flash_bwd_kv<T, kD, kDq>(p, dk_f32, static_cast<int>(blockIdx.x));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -702,18 +710,20 @@ __device__ __forceinline__ void norm_rope_bwd_rows(const Params& p, const T* x, 
 
 using tritter::flash::Params;
 
+#define FLASH_BWD_KV(NAME, T, D, MINB, DQ, PAIR)                                                                   \
+    extern "C" __global__ void __launch_bounds__(tritter::flash::bwd::kThreads, MINB)                            \
+        NAME(const Params p, float* dk_f32) {                                                                  \
+        tritter::flash::bwd::flash_bwd_kv_cta<T, D, DQ, PAIR>(p, dk_f32);                                      \
+    }
+
 #define FLASH_BWD_D(T, TN, D, MINB)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) flash_bwd_pre_##TN##_d##D(const Params p, int zero_dq) { \
         tritter::flash::bwd::preprocess<T, D>(p, zero_dq);                                                     \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(tritter::flash::bwd::kThreads, MINB)                            \
-        flash_bwd_kv_dq_##TN##_d##D(const Params p, float* dk_f32) {                                           \
-        tritter::flash::bwd::flash_bwd_kv_cta<T, D, true>(p, dk_f32);                                          \
-    }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(tritter::flash::bwd::kThreads, MINB)                            \
-        flash_bwd_kv_##TN##_d##D(const Params p, float* dk_f32) {                                              \
-        tritter::flash::bwd::flash_bwd_kv_cta<T, D, false>(p, dk_f32);                                          \
-    }                                                                                                          \
+    FLASH_BWD_KV(flash_bwd_kv_dq_##TN##_d##D, T, D, MINB, true, false)                                        \
+    FLASH_BWD_KV(flash_bwd_kv_##TN##_d##D, T, D, MINB, false, false)                                          \
+    FLASH_BWD_KV(flash_bwd_kv_dq_pair_##TN##_d##D, T, D, MINB, true, true)                                    \
+    FLASH_BWD_KV(flash_bwd_kv_pair_##TN##_d##D, T, D, MINB, false, true)                                      \
     extern "C" __global__ void __launch_bounds__(tritter::flash::bwd::kDqThreads, 1)                          \
         flash_bwd_dq_##TN##_d##D(const Params p, int out_f32) {                                                \
         tritter::flash::bwd::flash_bwd_dq_cta<T, D>(p, out_f32);                                               \

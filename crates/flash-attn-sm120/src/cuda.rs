@@ -240,7 +240,11 @@ pub struct ProblemGpu {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum TileSchedule {
     /// `Paired` for causal and prefix-LM masks without a sliding window (whose tiles cost the
-    /// same) when the halved grid still gives every SM two CTAs; `Single` otherwise.
+    /// same) when the halved grid still gives every SM two CTAs; for the backward's main
+    /// kernel only where the tail is long as well: when its heaviest CTA carries more than a
+    /// quarter of the average load of a CTA slot (the paired kernel is a separate, slightly
+    /// slower build of the body, H100: 0.87x the time at the 500M training shape, 1.00-1.10x
+    /// at L = 8K, where one heavy CTA is a small part of a slot's load). `Single` otherwise.
     #[default]
     Auto,
     /// One tile per CTA, the costly end of the mask first in launch order.
@@ -310,17 +314,28 @@ impl ProblemGpu {
     }
 
     /// Grid x and the `pair_tiles` flag of a launch over `tiles` tiles (of the longest
-    /// sequence) and `heads` heads per sequence.
-    pub(crate) fn tile_grid(&self, gpu: &Gpu, tiles: usize, heads: usize) -> (u32, i32) {
+    /// sequence) and `heads` heads per sequence. `tail_slots`: for the backward's main kernel,
+    /// the CTAs an SM holds; `Auto` then also asks for a long tail (see [`TileSchedule`]).
+    pub(crate) fn tile_grid(
+        &self,
+        gpu: &Gpu,
+        tiles: usize,
+        heads: usize,
+        tail_slots: Option<usize>,
+    ) -> (u32, i32) {
         let p = &self.problem;
+        let sms = gpu.info().sm_count as usize;
+        let ctas = heads * p.seqs.batch();
         let pair = match self.schedule {
             TileSchedule::Single => false,
             TileSchedule::Paired => true,
             TileSchedule::Auto => {
                 matches!(p.mask.mode, MaskMode::Causal | MaskMode::PrefixLm)
                     && p.mask.window.is_none()
-                    && tiles.div_ceil(2) * heads * p.seqs.batch()
-                        >= 2 * gpu.info().sm_count as usize
+                    && tiles.div_ceil(2) * ctas >= 2 * sms
+                    // heaviest CTA (tiles units) > 1/4 of a slot's average load
+                    // (ctas * tiles (tiles + 1) / 2 units over sms * per_sm slots)
+                    && tail_slots.is_none_or(|per_sm| 8 * sms * per_sm > ctas * (tiles + 1))
             }
         };
         if pair {
@@ -431,7 +446,7 @@ pub fn flash_attn_fwd_cuda<T: AttnDtype>(
     params.v = v_ptr;
     params.o = o_ptr;
     params.lse = lse_ptr;
-    let (grid_x, pair) = pb.tile_grid(gpu, pb.max_lq.div_ceil(FWD_BLOCK_M), p.heads.q);
+    let (grid_x, pair) = pb.tile_grid(gpu, pb.max_lq.div_ceil(FWD_BLOCK_M), p.heads.q, None);
     params.pair_tiles = pair;
     let cfg = LaunchConfig {
         grid_dim: (grid_x, p.heads.q as u32, p.seqs.batch() as u32),
@@ -709,6 +724,8 @@ mod tests {
                     "flash_bwd_pre",
                     "flash_bwd_kv",
                     "flash_bwd_kv_dq",
+                    "flash_bwd_kv_pair",
+                    "flash_bwd_kv_dq_pair",
                     "flash_bwd_dq",
                     "norm_rope_pos",
                     "norm_rope_bwd",

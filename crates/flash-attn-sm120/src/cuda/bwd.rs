@@ -281,7 +281,7 @@ fn launch(
 
 /// Static kernel name `{base}_{bf16|f16}_d{64|128}` (Gpu::function caches by `&'static str`).
 pub(super) fn bwd_name<T: AttnDtype>(base: &str, d: usize) -> &'static str {
-    const NAMES: [&str; 24] = [
+    const NAMES: [&str; 32] = [
         "flash_bwd_pre_bf16_d64",
         "flash_bwd_pre_bf16_d128",
         "flash_bwd_pre_f16_d64",
@@ -294,6 +294,14 @@ pub(super) fn bwd_name<T: AttnDtype>(base: &str, d: usize) -> &'static str {
         "flash_bwd_kv_bf16_d128",
         "flash_bwd_kv_f16_d64",
         "flash_bwd_kv_f16_d128",
+        "flash_bwd_kv_dq_pair_bf16_d64",
+        "flash_bwd_kv_dq_pair_bf16_d128",
+        "flash_bwd_kv_dq_pair_f16_d64",
+        "flash_bwd_kv_dq_pair_f16_d128",
+        "flash_bwd_kv_pair_bf16_d64",
+        "flash_bwd_kv_pair_bf16_d128",
+        "flash_bwd_kv_pair_f16_d64",
+        "flash_bwd_kv_pair_f16_d128",
         "flash_bwd_dq_bf16_d64",
         "flash_bwd_dq_bf16_d128",
         "flash_bwd_dq_f16_d64",
@@ -488,15 +496,17 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
     )?;
     // dK, dV (and atomic dQ) per key block.
     let mut kv_params = params;
-    let (kv_grid, kv_pair) = pb.tile_grid(gpu, max_lk.div_ceil(BWD_BLOCK_N), hkv);
+    let per_sm = if d == 64 { 2 } else { 1 }; // the kernels' __launch_bounds__
+    let (kv_grid, kv_pair) = pb.tile_grid(gpu, max_lk.div_ceil(BWD_BLOCK_N), hkv, Some(per_sm));
     kv_params.pair_tiles = kv_pair;
     launch(
         gpu,
         bwd_name::<T>(
-            if atomic {
-                "flash_bwd_kv_dq"
-            } else {
-                "flash_bwd_kv"
+            match (atomic, kv_pair != 0) {
+                (true, false) => "flash_bwd_kv_dq",
+                (false, false) => "flash_bwd_kv",
+                (true, true) => "flash_bwd_kv_dq_pair",
+                (false, true) => "flash_bwd_kv_pair",
             },
             d,
         ),
@@ -523,7 +533,7 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
         }
     } else {
         let mut dq_params = params;
-        let (dq_grid, dq_pair) = pb.tile_grid(gpu, max_lq.div_ceil(BWD_DQ_BLOCK_M), hq);
+        let (dq_grid, dq_pair) = pb.tile_grid(gpu, max_lq.div_ceil(BWD_DQ_BLOCK_M), hq, None);
         dq_params.pair_tiles = dq_pair;
         launch(
             gpu,
