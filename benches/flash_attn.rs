@@ -264,34 +264,65 @@ mod gpu {
         );
     }
 
+    /// Random inputs and the outputs, gradients and workspace of one attention problem.
+    struct Bufs {
+        q: CudaSlice<bf16>,
+        k: CudaSlice<bf16>,
+        v: CudaSlice<bf16>,
+        dout: CudaSlice<bf16>,
+        o: CudaSlice<bf16>,
+        lse: CudaSlice<f32>,
+        grads: GradsGpu<bf16>,
+        ws: BwdWorkspace<bf16>,
+    }
+
+    impl Bufs {
+        fn new(gpu: &Gpu, p: &Problem) -> Bufs {
+            Bufs {
+                q: random_bf16(gpu, p.q_len(), 1),
+                k: random_bf16(gpu, p.kv_len(), 2),
+                v: random_bf16(gpu, p.kv_len(), 3),
+                dout: random_bf16(gpu, p.q_len(), 4),
+                o: gpu.stream().alloc_zeros::<bf16>(p.q_len()).unwrap(),
+                lse: gpu.stream().alloc_zeros::<f32>(p.lse_len()).unwrap(),
+                grads: GradsGpu::<bf16>::new(gpu, p).unwrap(),
+                ws: BwdWorkspace::<bf16>::new(gpu, p, false).unwrap(),
+            }
+        }
+    }
+
     /// Backward (both dq modes) against the forward of the same shape; FLOPs counted as
     /// FlashAttention does (2.5x the forward's: five matmuls instead of two).
-    fn backward(gpu: &Gpu, (b, h, l, d, mask): (usize, usize, usize, usize, Mask)) {
-        let p = Problem::fixed(Heads::new(h, h, d), b, l, l, mask);
+    fn backward(gpu: &Gpu, (batch, h, l, d, mask): (usize, usize, usize, usize, Mask)) {
+        let p = Problem::fixed(Heads::new(h, h, d), batch, l, l, mask);
         let pb = ProblemGpu::new(gpu, p.clone(), Positions::default()).unwrap();
-        let q = random_bf16(gpu, p.q_len(), 1);
-        let k = random_bf16(gpu, p.kv_len(), 2);
-        let v = random_bf16(gpu, p.kv_len(), 3);
-        let dout = random_bf16(gpu, p.q_len(), 4);
-        let mut o = gpu.stream().alloc_zeros::<bf16>(p.q_len()).unwrap();
-        let mut lse = gpu.stream().alloc_zeros::<f32>(p.lse_len()).unwrap();
-        let mut grads = GradsGpu::<bf16>::new(gpu, &p).unwrap();
-        let mut ws = BwdWorkspace::<bf16>::new(gpu, &p, false).unwrap();
+        let mut b = Bufs::new(gpu, &p);
         let fwd = time_launches(gpu, 5, 5, |_| {
-            flash_attn_fwd_cuda(gpu, &pb, &q, &k, &v, &mut o, &mut lse, None)
+            flash_attn_fwd_cuda(gpu, &pb, &b.q, &b.k, &b.v, &mut b.o, &mut b.lse, None)
         })
         .unwrap();
-        let flops = 4.0 * (b * h * d) as f64 * pairs(l, mask);
+        let flops = 4.0 * (batch * h * d) as f64 * pairs(l, mask);
         for mode in [BwdMode::Atomic, BwdMode::Deterministic] {
             let bwd = time_launches(gpu, 5, 5, |_| {
                 flash_attn_bwd_cuda(
-                    gpu, &pb, &q, &k, &v, &o, &lse, &dout, &mut grads, &mut ws, None, mode,
+                    gpu,
+                    &pb,
+                    &b.q,
+                    &b.k,
+                    &b.v,
+                    &b.o,
+                    &b.lse,
+                    &b.dout,
+                    &mut b.grads,
+                    &mut b.ws,
+                    None,
+                    mode,
                 )
             })
             .unwrap();
             let (tf_f, tf_b) = (tflops(&fwd, flops), tflops(&bwd, 2.5 * flops));
             println!(
-                "RESULT flash_bwd {mode:?} {:?} B={b} H={h} L={l} D={d}: {:.3} ms, {tf_b:.1} TFLOP/s | forward {:.3} ms, {tf_f:.1} TFLOP/s | bwd/fwd throughput {:.2}",
+                "RESULT flash_bwd {mode:?} {:?} B={batch} H={h} L={l} D={d}: {:.3} ms, {tf_b:.1} TFLOP/s | forward {:.3} ms, {tf_f:.1} TFLOP/s | bwd/fwd throughput {:.2}",
                 mask.mode,
                 bwd.median_ms,
                 fwd.median_ms,
@@ -300,39 +331,32 @@ mod gpu {
         }
     }
 
-    /// Forward and atomic backward with one tile per CTA against pairs of tiles (the
-    /// schedule `Auto` picks for these causal shapes), same run, same inputs.
-    fn schedules(gpu: &Gpu, heads: Heads, b: usize, l: usize) {
-        let p = Problem::fixed(heads, b, l, l, Mask::CAUSAL);
-        let q = random_bf16(gpu, p.q_len(), 1);
-        let k = random_bf16(gpu, p.kv_len(), 2);
-        let v = random_bf16(gpu, p.kv_len(), 3);
-        let dout = random_bf16(gpu, p.q_len(), 4);
-        let mut o = gpu.stream().alloc_zeros::<bf16>(p.q_len()).unwrap();
-        let mut lse = gpu.stream().alloc_zeros::<f32>(p.lse_len()).unwrap();
-        let mut grads = GradsGpu::<bf16>::new(gpu, &p).unwrap();
-        let mut ws = BwdWorkspace::<bf16>::new(gpu, &p, false).unwrap();
-        let flops = 4.0 * (b * heads.q * heads.dim) as f64 * pairs(l, Mask::CAUSAL);
+    /// Forward and atomic backward with one tile per CTA against pairs of tiles
+    /// (`TileSchedule`; which one `Auto` takes depends on the shape), same run, same inputs.
+    fn schedules(gpu: &Gpu, heads: Heads, batch: usize, l: usize) {
+        let p = Problem::fixed(heads, batch, l, l, Mask::CAUSAL);
+        let mut b = Bufs::new(gpu, &p);
+        let flops = 4.0 * (batch * heads.q * heads.dim) as f64 * pairs(l, Mask::CAUSAL);
         let mut times = Vec::new();
         for schedule in [TileSchedule::Single, TileSchedule::Paired] {
             let mut pb = ProblemGpu::new(gpu, p.clone(), Positions::default()).unwrap();
             pb.set_tile_schedule(schedule);
             let fwd = time_launches(gpu, 5, 5, |_| {
-                flash_attn_fwd_cuda(gpu, &pb, &q, &k, &v, &mut o, &mut lse, None)
+                flash_attn_fwd_cuda(gpu, &pb, &b.q, &b.k, &b.v, &mut b.o, &mut b.lse, None)
             })
             .unwrap();
             let bwd = time_launches(gpu, 5, 5, |_| {
                 flash_attn_bwd_cuda(
                     gpu,
                     &pb,
-                    &q,
-                    &k,
-                    &v,
-                    &o,
-                    &lse,
-                    &dout,
-                    &mut grads,
-                    &mut ws,
+                    &b.q,
+                    &b.k,
+                    &b.v,
+                    &b.o,
+                    &b.lse,
+                    &b.dout,
+                    &mut b.grads,
+                    &mut b.ws,
                     None,
                     BwdMode::Atomic,
                 )
@@ -342,7 +366,7 @@ mod gpu {
         }
         let [(f1, b1), (f2, b2)] = [&times[0], &times[1]];
         println!(
-            "RESULT flash_schedule Causal B={b} Hq={} Hkv={} L={l} D={}: forward single {:.3} ms \
+            "RESULT flash_schedule Causal B={batch} Hq={} Hkv={} L={l} D={}: forward single {:.3} ms \
              ({:.1} TFLOP/s), paired {:.3} ms ({:.1}), paired/single time {:.3} | backward single \
              {:.3} ms ({:.1}), paired {:.3} ms ({:.1}), paired/single time {:.3}",
             heads.q,

@@ -390,16 +390,22 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, con
     }
 }
 
-// The key blocks of this CTA: block blockIdx.x, or with kPair (the _pair kernels, launched
-// with p.pair_tiles = 1) the pair for_tiles gives (under a causal mask the first blocks cost
-// the most). Separate kernels rather than the runtime flag alone: wrapping the body in the
-// pair loop costs the unpaired kernel ~10% at D = 128 with atomic dQ (H100: its register
-// allocation changes), so the unpaired kernels keep the plain body.
+// The key blocks of this CTA: block blockIdx.x, or with kPair (the _pair kernels) blocks j =
+// blockIdx.x and n - 1 - j of its sequence (for_tiles' pairs; under a causal mask the first
+// blocks cost the most). Separate kernels, and two inlined bodies rather than for_tiles'
+// loop: a loop around the body (its key block a loop variable) changed the register
+// allocation of the D = 128 atomic-dQ kernel and cost ~10% on the H100, paired or not.
 template <typename T, int kD, bool kDq, bool kPair>
 __device__ __forceinline__ void flash_bwd_kv_cta(const Params& p, float* dk_f32) {
     if constexpr (kPair) {
         const int n_blocks = (load_seq(p, blockIdx.z).lk + kBN - 1) / kBN;
-        for_tiles(p, n_blocks, false, [&](int n) { flash_bwd_kv<T, kD, kDq>(p, dk_f32, n); });
+        const int j = static_cast<int>(blockIdx.x), hi = n_blocks - 1 - j;
+        if (hi < j) return;
+        flash_bwd_kv<T, kD, kDq>(p, dk_f32, j);
+        if (hi > j) {
+            __syncthreads();
+            flash_bwd_kv<T, kD, kDq>(p, dk_f32, hi);
+        }
     } else {
         flash_bwd_kv<T, kD, kDq>(p, dk_f32, static_cast<int>(blockIdx.x));
     }

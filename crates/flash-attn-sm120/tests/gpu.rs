@@ -292,20 +292,9 @@ mod common {
         v
     }
 
-    /// Runs `case` on the GPU in `T` and returns (out as f32, lse).
+    /// Runs `case` on the GPU in `T`, the CTAs taking their query blocks by `schedule`, and
+    /// returns (out as f32, lse).
     pub fn run_gpu<T: AttnDtype>(
-        gpu: &Gpu,
-        case: &Case,
-        q: &[T],
-        k: &[T],
-        v: &[T],
-        prologue: Option<(&NormRopeGpu<'_, T>, Positions)>,
-    ) -> (Vec<f32>, Vec<f32>) {
-        run_gpu_with(gpu, case, q, k, v, prologue, TileSchedule::Auto)
-    }
-
-    /// [`run_gpu`] with the CTAs taking their query blocks by `schedule`.
-    pub fn run_gpu_with<T: AttnDtype>(
         gpu: &Gpu,
         case: &Case,
         q: &[T],
@@ -366,7 +355,7 @@ mod common {
 #[cfg(feature = "cuda")]
 mod fwd {
     use super::common::*;
-    use flash_attn_sm120::cuda::AttnDtype;
+    use flash_attn_sm120::cuda::{AttnDtype, TileSchedule};
     use half::{bf16, f16};
     use tritter_kernels_cuda::Gpu;
 
@@ -375,7 +364,7 @@ mod fwd {
         let (q, qf) = inputs::<T>(p.q_len(), seed);
         let (k, kf) = inputs::<T>(p.kv_len(), seed + 1);
         let (v, vf) = inputs::<T>(p.kv_len(), seed + 2);
-        let (out, lse) = run_gpu(gpu, case, &q, &k, &v, None);
+        let (out, lse) = run_gpu(gpu, case, &q, &k, &v, None, TileSchedule::Auto);
         let want = reference(case, &qf, &kf, &vf);
         let name = format!("{} {}", case.name, T::NAME);
         compare(&name, "out", &out, &want.out, out_tol::<T>());
@@ -420,8 +409,8 @@ mod schedules {
             };
             for with_prologue in [false, true] {
                 let pro = || with_prologue.then(|| (&nr, Positions::default()));
-                let single = run_gpu_with(gpu, case, &q, &k, &v, pro(), TileSchedule::Single);
-                let paired = run_gpu_with(gpu, case, &q, &k, &v, pro(), TileSchedule::Paired);
+                let single = run_gpu(gpu, case, &q, &k, &v, pro(), TileSchedule::Single);
+                let paired = run_gpu(gpu, case, &q, &k, &v, pro(), TileSchedule::Paired);
                 let name = format!("{} prologue={with_prologue}", case.name);
                 assert_eq!(bits(&single.0), bits(&paired.0), "{name}: out differs");
                 assert_eq!(bits(&single.1), bits(&paired.1), "{name}: lse differs");
@@ -433,7 +422,7 @@ mod schedules {
 #[cfg(feature = "cuda")]
 mod prologue {
     use super::common::*;
-    use flash_attn_sm120::cuda::{AttnDtype, NormRopeGpu, RopeTable};
+    use flash_attn_sm120::cuda::{AttnDtype, NormRopeGpu, RopeTable, TileSchedule};
     use flash_attn_sm120::reference::qk_norm_rope_ref;
     use flash_attn_sm120::{NormRope, Positions};
     use half::{bf16, f16};
@@ -501,7 +490,7 @@ mod prologue {
             eps: nr.eps,
             rope: &table,
         };
-        let (out, lse) = run_gpu(gpu, case, &q, &k, &v, Some((&g, pos)));
+        let (out, lse) = run_gpu(gpu, case, &q, &k, &v, Some((&g, pos)), TileSchedule::Auto);
         let name = format!("{} {} prologue explicit={explicit}", case.name, T::NAME);
         // |logit| <= |q||k| scale = sqrt(D) after the norm: one rounding flip of an input
         // element moves a logit by ~2^-8 relative; the bound is the unfused one.
