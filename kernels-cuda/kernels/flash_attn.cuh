@@ -51,11 +51,11 @@ struct Params {
     int pair_tiles;    // 1: each CTA runs a pair of tiles (for_tiles), grid.x halved
 };
 
-// The tiles (query blocks of the forward and the deterministic dQ pass, key blocks of the
-// backward's main kernel) that the CTA at blockIdx.x of a (tiles, heads, batch) grid runs,
-// each through `body(tile)`; `tiles` is its sequence's count, `heavy_high` says whether the
-// costly tiles of a causal mask are the high ones (query blocks: tile i sees ~i + 1 key
-// blocks) or the low ones (key blocks: seen by ~tiles - i query blocks).
+// The tiles (query blocks of the forward and of the deterministic dQ pass; the backward's
+// main kernel pairs its key blocks the same way in its own _pair builds, flash_bwd.cu) that
+// the CTA at blockIdx.x of a (tiles, heads, batch) grid runs, each through `body(tile)`;
+// `tiles` is its sequence's count, `heavy_high` says whether the costly tiles of a causal
+// mask are the high ones (query blocks: tile i sees ~i + 1 key blocks) or the low ones.
 // * Unpaired: one tile, the heavy end first in launch order.
 // * Paired (p.pair_tiles; the host sets it for causal and prefix-LM masks without a window
 //   when the halved grid still fills the GPU twice): tiles j and tiles - 1 - j, so every CTA

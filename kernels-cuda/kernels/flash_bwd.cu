@@ -12,9 +12,10 @@
 // * flash_bwd_pre_*: delta (f32, the logsumexp's layout) from O and dO, one warp per (token,
 //   head) row; zeroes the f32 dQ accumulator when the atomic mode needs it.
 // * flash_bwd_kv[_dq]_*: the main kernel. One CTA per (key block of kBN = 64 keys, KV head,
-//   sequence), 8 warps (or per pair of key blocks (j, n - 1 - j), for_tiles in flash_attn.cuh,
-//   so that under a causal mask every CTA visits the same number of query blocks). It loads K and V once, then walks the query heads of its GQA group and,
-//   for each, the query blocks of kBM = 64 rows that can see the key block (query_rows: the
+//   sequence), 8 warps; the flash_bwd_kv[_dq]_pair_* builds run a pair of key blocks (j,
+//   n - 1 - j) per CTA (flash_bwd_kv_cta), so that under a causal mask every CTA visits the
+//   same number of query blocks. It loads K and V once, then walks the query heads of its GQA
+//   group and, for each, the query blocks of kBM = 64 rows that can see the key block (query_rows: the
 //   inverse of the forward's key_range, so fully masked tiles are never visited and a sliding
 //   window costs O(L W)), keeping dK and dV of its 64 keys in registers: GQA needs no expanded
 //   K/V, no dK/dV atomics and no reduction pass. Per query block:
@@ -44,12 +45,13 @@
 //
 // Shared memory and registers (nvcc 13.0 --resource-usage, sm_90 / sm_120; README has the table):
 // * main kernel: Q, dO, K, V (64 x D each), P, dS (64 x 64 each), doc ids = 82,176 B at
-//   D = 128, 49,408 B at D = 64. D = 128: 218-225 / 240-244 registers, no spills, 1 CTA of
+//   D = 128, 49,408 B at D = 64. D = 128: 218-225 / 240-246 registers (_pair: 222-229 /
+//   240-244), no spills, 1 CTA of
 //   8 warps per SM (dK + dV alone hold 64 f32 registers per thread; a 128-register cap for
 //   2 CTAs spills ~96 B). D = 64: __launch_bounds__(256, 2), 128 registers, no spills, 2 CTAs.
 // * dq kernel: Q, dO (64 x D), K, V double-buffered (2 x 2 x 64 x D), doc ids = 98,816 B at
 //   D = 128 (under sm_120's 101,376 B per block), 49,664 B at D = 64. D = 128: 255 registers,
-//   8 B of spill on sm_90 (none on sm_120); D = 64: 227 / 243, no spills.
+//   8 B of spill on sm_90 (none on sm_120); D = 64: 236 / 253, no spills.
 // * preprocess, convert, norm kernels: <= 40 registers, <= 4 KB static shared memory.
 //
 // Bound: tensor cores for L >= 1K. Per (64 x 64) tile the main kernel issues 5 GEMMs of

@@ -19,7 +19,8 @@
 //
 // Shared memory (16-bit T, 16-byte chunks XOR-swizzled by row): Q kBM x D, K kBN x D, V kBN x D,
 // plus kBN doc ids and D floats of prologue weight = 99,328 B at D = 128 (sm_120 allows
-// 101,376 per block: 1 CTA per SM there and on the H100, by registers), 33,536 B at D = 64. Pipeline (FA2): the V load of block n overlaps Q K^T of block n, the K
+// 101,376 per block: 1 CTA per SM there and on the H100, by registers), 33,280 B at D = 64.
+// Pipeline (FA2): the V load of block n overlaps Q K^T of block n, the K
 // load of block n - 1 overlaps softmax and P V of block n (cp.async, one buffer each).
 //
 // Masks: blocks outside key_range are never loaded; blocks that tile_all_visible proves fully
@@ -44,8 +45,9 @@ namespace flash {
 
 // Tiles per head dim (measured on the H100, dev/flash_tune.sh): D = 128 takes 8 warps of 16
 // rows and 128-key blocks (~10% faster than 4 warps x 32 rows x 64 keys, which spills ~320
-// bytes on sm_90; this one spills ~110 bytes on sm_90, none on sm_120), D = 64 takes 4 warps of
-// 32 rows and 64-key blocks (no spills; 8 warps were 25% slower there). FLASH_FWD_BN /
+// bytes on sm_90; this one spills ~70 bytes on sm_90, none on sm_120), D = 64 takes 4 warps of
+// 32 rows and 64-key blocks (20 bytes of spill on sm_90 since the for_tiles loop, none on
+// sm_120; 8 warps were 25% slower there). FLASH_FWD_BN /
 // FLASH_FWD_WARPS / FLASH_FWD_MIN_BLOCKS override them for tuning builds only; the Rust side
 // (cuda.rs: fwd_tile) assumes the defaults.
 #ifndef FLASH_FWD_MIN_BLOCKS

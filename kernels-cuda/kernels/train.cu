@@ -42,9 +42,10 @@
 //   over the logits (scale = 1 / targets of the step); max, sum and exponentials in f32.
 //   One CTA of 512 threads per row. A row of V <= 512 * 16 * 8 = 65536 logits (V % 8 == 0)
 //   is held in registers (16 16-byte loads per thread), so HBM sees one read and one write
-//   per logit: against f32 logits read twice, a third of the traffic, and with the gradient
-//   in place the chunk takes 2 bytes per logit instead of 6 (3x the rows per chunk, so the
-//   LM-head gradient, accumulated in f32 once per chunk, is read and written 3x less often).
+//   per logit: against f32 logits read twice and a separate bf16 gradient, 40% of the
+//   traffic (4 bytes per logit instead of 10); with the gradient in place the chunk takes 2
+//   bytes per logit instead of 6 (3x the rows per chunk, so the LM-head gradient,
+//   accumulated in f32 once per chunk, is read and written 3x less often).
 //   Wider or odd rows take two passes over global memory.
 // ---- train_sq_sum / train_clip_scale / train_adamw: global gradient norm (f64 sum of
 //   squares), the clip factor min(1, max_norm / (norm + 1e-6)) kept on the device (no host

@@ -15,6 +15,7 @@ use half::{bf16, f16};
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use crate::error::{AttnError, Result};
+pub use crate::params::TileSchedule;
 use crate::params::{MaskMode, NormRope, Positions, Problem, Seqs};
 
 mod bwd;
@@ -230,29 +231,6 @@ pub struct ProblemGpu {
     schedule: TileSchedule,
 }
 
-/// How the CTAs of the attention kernels take their tiles (query blocks of the forward and of
-/// the deterministic dQ pass, key blocks of the backward's main kernel): `for_tiles` in
-/// `kernels-cuda/kernels/flash_attn.cuh`.
-///
-/// Under a causal mask tile costs fall linearly (from `n` key blocks down to 1); with one tile
-/// per CTA the heavy CTAs of the last heads and sequences start when the GPU is nearly done,
-/// and most SMs idle through that tail. Pairs `(j, n - 1 - j)` give every CTA the same cost.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum TileSchedule {
-    /// `Paired` for causal and prefix-LM masks without a sliding window (whose tiles cost the
-    /// same) when the halved grid still gives every SM two CTAs; for the backward's main
-    /// kernel only where the tail is long as well: when its heaviest CTA carries more than a
-    /// quarter of the average load of a CTA slot (the paired kernel is a separate, slightly
-    /// slower build of the body, H100: 0.87x the time at the 500M training shape, 1.00-1.10x
-    /// at L = 8K, where one heavy CTA is a small part of a slot's load). `Single` otherwise.
-    #[default]
-    Auto,
-    /// One tile per CTA, the costly end of the mask first in launch order.
-    Single,
-    /// Tiles `j` and `n - 1 - j` of a sequence per CTA; half the CTAs.
-    Paired,
-}
-
 fn upload(gpu: &Gpu, what: &str, v: Option<&Vec<i32>>) -> Result<Option<CudaSlice<i32>>> {
     v.map(|v| {
         gpu.stream()
@@ -314,8 +292,8 @@ impl ProblemGpu {
     }
 
     /// Grid x and the `pair_tiles` flag of a launch over `tiles` tiles (of the longest
-    /// sequence) and `heads` heads per sequence. `tail_slots`: for the backward's main kernel,
-    /// the CTAs an SM holds; `Auto` then also asks for a long tail (see [`TileSchedule`]).
+    /// sequence) and `heads` heads per sequence; `tail_slots` as in
+    /// [`TileSchedule::pairs`].
     pub(crate) fn tile_grid(
         &self,
         gpu: &Gpu,
@@ -325,20 +303,10 @@ impl ProblemGpu {
     ) -> (u32, i32) {
         let p = &self.problem;
         let sms = gpu.info().sm_count as usize;
-        let ctas = heads * p.seqs.batch();
-        let pair = match self.schedule {
-            TileSchedule::Single => false,
-            TileSchedule::Paired => true,
-            TileSchedule::Auto => {
-                matches!(p.mask.mode, MaskMode::Causal | MaskMode::PrefixLm)
-                    && p.mask.window.is_none()
-                    && tiles.div_ceil(2) * ctas >= 2 * sms
-                    // heaviest CTA (tiles units) > 1/4 of a slot's average load
-                    // (ctas * tiles (tiles + 1) / 2 units over sms * per_sm slots)
-                    && tail_slots.is_none_or(|per_sm| 8 * sms * per_sm > ctas * (tiles + 1))
-            }
-        };
-        if pair {
+        if self
+            .schedule
+            .pairs(&p.mask, tiles, heads * p.seqs.batch(), sms, tail_slots)
+        {
             (tiles.div_ceil(2) as u32, 1)
         } else {
             (tiles as u32, 0)

@@ -34,7 +34,8 @@ pub mod reference;
 
 pub use error::{AttnError, Result};
 pub use params::{
-    Heads, Mask, MaskInputs, MaskMode, NormRope, Positions, Problem, Seqs, SUPPORTED_HEAD_DIMS,
+    Heads, Mask, MaskInputs, MaskMode, NormRope, Positions, Problem, Seqs, TileSchedule,
+    SUPPORTED_HEAD_DIMS,
 };
 
 pub use reference::{

@@ -18,6 +18,59 @@ use crate::error::{AttnError, Result};
 /// Head dims the kernels are built for (DESIGN.md section 4: 64 and 128 at least).
 pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
 
+/// How the CTAs of the CUDA attention kernels take their tiles (query blocks of the forward
+/// and of the deterministic dQ pass, key blocks of the backward's main kernel): `for_tiles`
+/// in `kernels-cuda/kernels/flash_attn.cuh` and the `flash_bwd_kv[_dq]_pair` kernels. Set on
+/// `cuda::ProblemGpu`; the forward output and the deterministic backward are bitwise the same
+/// under every schedule (the atomic dQ's summation order is not fixed under any).
+///
+/// Under a causal mask tile costs fall linearly (from `n` key blocks down to 1); with one tile
+/// per CTA the heavy CTAs of the last heads and sequences start when the GPU is nearly done,
+/// and most SMs idle through that tail. Pairs `(j, n - 1 - j)` give every CTA the same cost
+/// and keep it on one head (K/V, Q/dO and dQ reuse in L2 unchanged).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TileSchedule {
+    /// Paired for causal and prefix-LM masks without a sliding window (whose tiles cost the
+    /// same) when the halved grid still gives every SM two CTAs; for the backward's main
+    /// kernel only where the tail is long as well (its heaviest CTA above a quarter of a CTA
+    /// slot's average load): elsewhere the pair gains or loses 1-2% there (H100: 0.99-1.02x
+    /// the time at L = 8K, 0.86x at the 500M training shape, 8 x 2048 with GQA 16/4).
+    /// Single otherwise.
+    #[default]
+    Auto,
+    /// One tile per CTA, the costly end of the mask first in launch order.
+    Single,
+    /// Tiles `j` and `n - 1 - j` of a sequence per CTA; half the CTAs.
+    Paired,
+}
+
+impl TileSchedule {
+    /// Whether a launch over `tiles` tiles (of the longest sequence) for `ctas` (heads x
+    /// sequences) CTA rows on a GPU of `sms` SMs runs pairs under `mask`. `tail_slots`: for
+    /// the backward's main kernel, the CTAs an SM holds; `Auto` then also asks that the
+    /// heaviest CTA (`tiles` units) carry more than a quarter of a slot's average load
+    /// (`ctas * tiles * (tiles + 1) / 2` units over `sms * tail_slots` slots).
+    pub fn pairs(
+        self,
+        mask: &Mask,
+        tiles: usize,
+        ctas: usize,
+        sms: usize,
+        tail_slots: Option<usize>,
+    ) -> bool {
+        match self {
+            TileSchedule::Single => false,
+            TileSchedule::Paired => true,
+            TileSchedule::Auto => {
+                matches!(mask.mode, MaskMode::Causal | MaskMode::PrefixLm)
+                    && mask.window.is_none()
+                    && tiles.div_ceil(2) * ctas >= 2 * sms
+                    && tail_slots.is_none_or(|per_sm| 8 * sms * per_sm > ctas * (tiles + 1))
+            }
+        }
+    }
+}
+
 /// Base visibility rule of a mask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaskMode {
@@ -580,5 +633,57 @@ impl Problem {
             p
         });
         (q, k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SMs of the H100 the schedule table in the README was measured on.
+    const H100_SMS: usize = 132;
+    /// Tile sizes of the kernels (forward query blocks, backward key blocks).
+    const FWD_ROWS: usize = 128;
+    const BWD_KEYS: usize = 64;
+
+    /// `Auto` picks what the README's schedule table says for its measured shapes: pairs in
+    /// the forward of large causal grids, and in the backward's main kernel only at the
+    /// long-tail 500M training shape (8 x 2048, GQA 16/4, D = 64: 2 CTAs per SM).
+    #[test]
+    fn auto_schedule_matches_the_measured_table() {
+        let auto = |tiles, ctas, slots| {
+            TileSchedule::Auto.pairs(&Mask::CAUSAL, tiles, ctas, H100_SMS, slots)
+        };
+        // (batch, q heads, kv heads, L, backward CTAs per SM), forward and backward picks
+        let shapes = [
+            ((8, 16, 4, 2048, 2), (true, true)),
+            ((8, 16, 16, 2048, 1), (true, false)),
+            ((2, 16, 16, 8192, 1), (true, false)),
+            ((2, 32, 32, 8192, 2), (true, false)),
+        ];
+        for ((b, hq, hkv, l, per_sm), want) in shapes {
+            let fwd = auto(l / FWD_ROWS, b * hq, None);
+            let bwd = auto(l / BWD_KEYS, b * hkv, Some(per_sm));
+            assert_eq!((fwd, bwd), want, "B={b} Hq={hq} Hkv={hkv} L={l}");
+        }
+    }
+
+    /// Masks whose tiles cost the same, and grids too small to fill the GPU twice after
+    /// halving, are never paired by `Auto`; `Single` and `Paired` ignore the shape.
+    #[test]
+    fn auto_schedule_leaves_uniform_and_small_grids_alone() {
+        let (tiles, ctas) = (8192 / FWD_ROWS, 2 * 16);
+        for mask in [Mask::BIDIRECTIONAL, Mask::sliding(4096, 4)] {
+            assert!(!TileSchedule::Auto.pairs(&mask, tiles, ctas, H100_SMS, None));
+        }
+        let prefix = Mask {
+            mode: MaskMode::PrefixLm,
+            ..Mask::CAUSAL
+        };
+        assert!(TileSchedule::Auto.pairs(&prefix, tiles, ctas, H100_SMS, None));
+        // 4 query blocks x 4 heads: 8 paired CTAs for 132 SMs
+        assert!(!TileSchedule::Auto.pairs(&Mask::CAUSAL, 4, 4, H100_SMS, None));
+        assert!(TileSchedule::Paired.pairs(&Mask::BIDIRECTIONAL, 1, 1, H100_SMS, None));
+        assert!(!TileSchedule::Single.pairs(&Mask::CAUSAL, tiles, ctas, H100_SMS, None));
     }
 }

@@ -1319,8 +1319,8 @@ impl GpuTrainModel {
                 }
                 .map_err(KernelError::driver("launching train_ce"))?;
             }
-            let dl = acts.logits.slice(..r * v); // now dlogits
-                                                 // dhidden (r, H) = dlogits (r, V) · head (V, H)
+            // dhidden (r, H) = dlogits (r, V) · head (V, H); the chunk now holds dlogits
+            let dl = acts.logits.slice(..r * v);
             gemm(
                 &self.blas,
                 &g,
