@@ -289,6 +289,44 @@ mod gpu {
                 ws: BwdWorkspace::<bf16>::new(gpu, p, false).unwrap(),
             }
         }
+
+        /// The forward's time (5 samples of 5 launches); leaves o and lse for the backward.
+        fn time_fwd(&mut self, gpu: &Gpu, pb: &ProblemGpu) -> Timing {
+            time_launches(gpu, 5, 5, |_| {
+                flash_attn_fwd_cuda(
+                    gpu,
+                    pb,
+                    &self.q,
+                    &self.k,
+                    &self.v,
+                    &mut self.o,
+                    &mut self.lse,
+                    None,
+                )
+            })
+            .unwrap()
+        }
+
+        /// The backward's time in `mode` (5 samples of 5 launches), from the forward's o, lse.
+        fn time_bwd(&mut self, gpu: &Gpu, pb: &ProblemGpu, mode: BwdMode) -> Timing {
+            time_launches(gpu, 5, 5, |_| {
+                flash_attn_bwd_cuda(
+                    gpu,
+                    pb,
+                    &self.q,
+                    &self.k,
+                    &self.v,
+                    &self.o,
+                    &self.lse,
+                    &self.dout,
+                    &mut self.grads,
+                    &mut self.ws,
+                    None,
+                    mode,
+                )
+            })
+            .unwrap()
+        }
     }
 
     /// Backward (both dq modes) against the forward of the same shape; FLOPs counted as
@@ -297,29 +335,10 @@ mod gpu {
         let p = Problem::fixed(Heads::new(h, h, d), batch, l, l, mask);
         let pb = ProblemGpu::new(gpu, p.clone(), Positions::default()).unwrap();
         let mut b = Bufs::new(gpu, &p);
-        let fwd = time_launches(gpu, 5, 5, |_| {
-            flash_attn_fwd_cuda(gpu, &pb, &b.q, &b.k, &b.v, &mut b.o, &mut b.lse, None)
-        })
-        .unwrap();
+        let fwd = b.time_fwd(gpu, &pb);
         let flops = 4.0 * (batch * h * d) as f64 * pairs(l, mask);
         for mode in [BwdMode::Atomic, BwdMode::Deterministic] {
-            let bwd = time_launches(gpu, 5, 5, |_| {
-                flash_attn_bwd_cuda(
-                    gpu,
-                    &pb,
-                    &b.q,
-                    &b.k,
-                    &b.v,
-                    &b.o,
-                    &b.lse,
-                    &b.dout,
-                    &mut b.grads,
-                    &mut b.ws,
-                    None,
-                    mode,
-                )
-            })
-            .unwrap();
+            let bwd = b.time_bwd(gpu, &pb, mode);
             let (tf_f, tf_b) = (tflops(&fwd, flops), tflops(&bwd, 2.5 * flops));
             println!(
                 "RESULT flash_bwd {mode:?} {:?} B={batch} H={h} L={l} D={d}: {:.3} ms, {tf_b:.1} TFLOP/s | forward {:.3} ms, {tf_f:.1} TFLOP/s | bwd/fwd throughput {:.2}",
@@ -341,27 +360,8 @@ mod gpu {
         for schedule in [TileSchedule::Single, TileSchedule::Paired] {
             let mut pb = ProblemGpu::new(gpu, p.clone(), Positions::default()).unwrap();
             pb.set_tile_schedule(schedule);
-            let fwd = time_launches(gpu, 5, 5, |_| {
-                flash_attn_fwd_cuda(gpu, &pb, &b.q, &b.k, &b.v, &mut b.o, &mut b.lse, None)
-            })
-            .unwrap();
-            let bwd = time_launches(gpu, 5, 5, |_| {
-                flash_attn_bwd_cuda(
-                    gpu,
-                    &pb,
-                    &b.q,
-                    &b.k,
-                    &b.v,
-                    &b.o,
-                    &b.lse,
-                    &b.dout,
-                    &mut b.grads,
-                    &mut b.ws,
-                    None,
-                    BwdMode::Atomic,
-                )
-            })
-            .unwrap();
+            let fwd = b.time_fwd(gpu, &pb);
+            let bwd = b.time_bwd(gpu, &pb, BwdMode::Atomic);
             times.push((fwd, bwd));
         }
         let [(f1, b1), (f2, b2)] = [&times[0], &times[1]];

@@ -86,9 +86,14 @@ fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 }
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
+    rows_cfg_of(rows, THREADS)
+}
+
+/// One CTA of `threads` per row.
+fn rows_cfg_of(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -1310,14 +1315,8 @@ impl GpuTrainModel {
                 // SAFETY: `train_ce(bf16*, const unsigned*, const float*, double*, int, float)`;
                 // logits hold r rows of V (the gradient replaces them), targets (< V, checked)
                 // and mask r values, loss one; one CTA of CE_THREADS per row.
-                unsafe {
-                    lb.launch(LaunchConfig {
-                        grid_dim: (r as u32, 1, 1),
-                        block_dim: (CE_THREADS, 1, 1),
-                        shared_mem_bytes: 0,
-                    })
-                }
-                .map_err(KernelError::driver("launching train_ce"))?;
+                unsafe { lb.launch(rows_cfg_of(r, CE_THREADS)) }
+                    .map_err(KernelError::driver("launching train_ce"))?;
             }
             // dhidden (r, H) = dlogits (r, V) · head (V, H); the chunk now holds dlogits
             let dl = acts.logits.slice(..r * v);
