@@ -325,7 +325,6 @@ __device__ __forceinline__ float ce_exp(float x, float mx) { return expf(x - mx)
 extern "C" __global__ void __launch_bounds__(kCeThreads)
     train_ce(__nv_bfloat16* logits, const unsigned* __restrict__ targets, const float* __restrict__ mask,
              double* __restrict__ loss, int vocab, float scale) {
-    __shared__ float red[32];
     __nv_bfloat16* row = logits + (long long)blockIdx.x * vocab;
     const float m = mask[blockIdx.x];
     const unsigned t = targets[blockIdx.x];
@@ -354,7 +353,7 @@ extern "C" __global__ void __launch_bounds__(kCeThreads)
                 }
             }
         }
-        mx = tritter::block_max(mt, red);
+        mx = block_max(mt);
         float st = 0.0f;
 #pragma unroll
         for (int j = 0; j < kCeChunks; ++j) {
@@ -367,7 +366,7 @@ extern "C" __global__ void __launch_bounds__(kCeThreads)
                 }
             }
         }
-        se = tritter::block_sum(st, red);
+        se = block_sum(st);
         const float k = gt / se;
 #pragma unroll
         for (int j = 0; j < kCeChunks; ++j) {
@@ -401,8 +400,8 @@ extern "C" __global__ void __launch_bounds__(kCeThreads)
                 st += expf(x - mt);
             }
         }
-        mx = tritter::block_max(mt, red);
-        se = tritter::block_sum(st * expf(mt - mx), red);
+        mx = block_max(mt);
+        se = block_sum(st * expf(mt - mx));
         const float k = gt / se;
         for (int c = threadIdx.x; c < vocab; c += kCeThreads) {
             const float p = ce_exp(__bfloat162float(row[c]), mx) * k;
