@@ -13,9 +13,10 @@
 //   bit-exact with kv_int4::quantize_group. Bound: |x - x_hat| <= scale_h/2 + |min - min_h|
 //   + 2^-20 (1 + max|x|).
 //
-// ---- kv_write_{int4,f16}: one thread per group of 32 values of one token and head ---------
-//   Grid (ceil(2 * n * Hkv * D/32 / 256), layers), 256 threads. Reads 64 B of f16 (4 x 16-byte
-//   loads when aligned), writes 16 B of codes + 4 B of params (INT4) or 64 B (F16) into the
+// ---- kv_write_{int4,f16}: one thread per group of 32 values of one token and head, of K
+//   and of V (two independent loads in flight per thread) -----------------------------------
+//   Grid (ceil(n * Hkv * D/32 / 256), layers), 256 threads. Reads 2 x 64 B of f16 (16-byte
+//   loads when aligned), writes 2 x (16 B of codes + 4 B of params) (INT4) or 2 x 64 B (F16) into the
 //   token's page slot. Memory bound: 84 B moved per group for INT4.
 //   kv_write_slots_{int4,f16}: the same store for a batch of appends of one layer (an
 //   engine step: one token of each of B sequences, or several prompts), each token's pool
@@ -51,7 +52,8 @@
 //
 // ---- kv_decode_int4tc_d{64,128}_g{1,2,4,8}: INT4 on tensor cores (the default for INT4) ----
 //   Same grid, tile enumeration, visibility rule and (o, m, l) partials as above (so the same
-//   kv_decode_reduce), 128 threads, launch bounds of 3 CTAs per SM (no spills). A pipeline
+//   kv_decode_reduce), 128 threads, launch bounds of 4 CTAs per SM (127 registers on sm_90,
+//   no spills; sm_120's 100 KB of shared memory per SM holds 2 such CTAs). A pipeline
 //   stage is 64 tokens = 2 enumerated tiles (K codes, K params, V codes, V params: 10 KB for
 //   D=128), 3 stages of 16-byte cp.async; code rows are padded to D/2 + 16 bytes in shared
 //   memory so each 8-row ldmatrix phase hits 8 distinct 16-byte bank groups. The copy is
@@ -61,33 +63,42 @@
 //   thread and stage); everything stage-invariant is hoisted (the per-chunk index
 //   arithmetic was ~40% of the kernel's instructions). Warp w owns
 //   tokens 16w..16w+15 of a stage and keeps its own online softmax; the 4 warps merge at the
-//   end (shared-memory atomics, log-sum-exp factors). mma.sync m16n8k16 f16 x f16 -> f32;
+//   end (log-sum-exp factors; each warp's partials in a shared-memory slot of its own, summed
+//   in warp order, so the result is bit-reproducible). mma.sync m16n8k16 f16 x f16 -> f32;
 //   fragment coordinates of lane l: g = l / 4, t = l % 4. The pages are unchanged.
 //   Codes -> f16: codes_to_half(w) gives (c0,c4), (c1,c5), (c2,c6), (c3,c7) of a word's 8
 //   nibbles: (w & 0x000F000F) | 0x64006400 is the half2 1024 + c (HSUB2 1024), the 0x00F0
 //   nibble gives 1024 + 16c (HFMA2 by 1/16, -64), and w >> 8 gives the other two; exact.
+//   Then dequant4: one HFMA2 code * scale + min per pair with the pair's tokens' f16
+//   (scale, min) (PRMT-gathered), i.e. K and V rounded to f16 once, the values an f16 cache
+//   of the same dequantized keys would hold (relative error <= 2^-11; the INT4 step itself
+//   is scale / 2, ~2^-5 of the group's range).
 //   Scores, per 32-dim group j (two k-steps): A = raw f16 q (row g = head g < G, rows 8..15
 //   zero), B = codes: ldmatrix.x4 (non-trans) of the 8x16-byte matrices (tokens th*8..+7,
 //   group j) gives lane (g, t) word t of group j of token th*8 + g, i.e. dims 32j + 8t + i;
 //   k-step s uses b0 = (c_{2s}, c_{2s+4}), b1 = (c_{2s+1}, c_{2s+5}), and the q fragment
 //   a0 = (q[32j+8t+2s], q[32j+8t+2s+4]), a2 = (q[32j+8t+2s+1], q[32j+8t+2s+5]) (same dim
-//   permutation). C: lane (g, t) gets acc of head g, tokens th*8 + 2t + {0, 1}; then
-//   s = log2e * scale * sum_j (scale_tj acc_j + min_tj * sum_{d in j} q_d) in f32.
+//   permutation); the B registers are dequantized K of token th*8 + g (its scale and min
+//   broadcast to both halves). The groups accumulate in f32, even and odd groups in two
+//   chains (latency). C: lane (g, t) gets the score of head g, tokens th*8 + 2t + {0, 1},
+//   times log2e * softmax_scale.
 //   Softmax: row max over the 4 lanes of head g (2 shuffles), p = exp2(s - m) in f32.
-//   Output: O^T (dims x heads) += codes^T (dims x 16 tokens) * P'^T (16 tokens x heads) per
-//   group j, P'_tj = p_t * scale_tj. ldmatrix.x4.trans of the V code matrices gives lane
-//   (g, t) the 16-bit words (4 codes, dims 32j + 4g..+3) of tokens 2t (low) and 2t+1 (high),
-//   so codes_to_half yields A registers pairing two tokens per dim with no nibble gathers:
-//   m-tile (j, p) has row g = dim 32j + 4g + 2p, row g+8 = that dim + 1. B = P'^T: b0 =
-//   (P'[2t], P'[2t+1]) of head g, b1 = tokens 8 + 2t, 9 + 2t: exactly the tokens whose
-//   scores lane (g, t) holds, so no shuffles. P' is split into f16 hi + lo (two MMAs; error
-//   ~2^-22 relative instead of f16's 2^-11, which alone could use the test's 1e-3 margin).
-//   The min term sum_t p_t min_tj is accumulated in f32 per (head, group) and added to the
-//   group's 32 dims at the end. Masked tokens are zero-filled (codes and params 0) and get
-//   p = 0. Heads >= G compute finite garbage in unused rows/columns, never written.
-//   Work per warp and 16 tokens (D=128): 2+2 ldmatrix, 16 + 32 MMAs, about 150 INT/FP16
-//   instructions for the code conversion and 150 FP32 for scale/min/softmax: ~500 warp
-//   instructions per 16 tokens and head, a third of the issue budget at 2.1 TB/s.
+//   Output: O^T (dims x heads) += V^T (dims x 16 tokens) * P^T (16 tokens x heads) per group
+//   j. ldmatrix.x4.trans of the V code matrices gives lane (g, t) the 16-bit words (4 codes,
+//   dims 32j + 4g..+3) of tokens 2t (low) and 2t+1 (high), so codes_to_half yields A
+//   registers pairing two tokens per dim with no nibble gathers, dequantized with the two
+//   tokens' (scale, min): m-tile (j, p) has row g = dim 32j + 4g + 2p, row g+8 = that dim
+//   + 1. B = P^T in f16 (as FlashAttention rounds P): b0 = (p[2t], p[2t+1]) of head g, b1 =
+//   tokens 8 + 2t, 9 + 2t: exactly the tokens whose scores lane (g, t) holds, so no
+//   shuffles. Masked tokens are zero-filled (codes and params 0, so value 0) and get p = 0.
+//   Heads >= G compute finite garbage in unused rows/columns, never written.
+//   Work per warp and 16 tokens (D=128): 2+2 ldmatrix, 16 + 16 MMAs, about 200 INT/FP16
+//   instructions for the code conversion and dequantization, ~40 FP32 for the softmax.
+//   The earlier form (raw codes in the MMAs, scale and min applied to the f32 products, P
+//   times the V scale split into f16 hi + lo for two MMAs) needed ~500 instructions and 167
+//   registers (3 CTAs per SM); this one is 12% faster at B = 1 and 16% at B = 8, 128K
+//   (H100, dev/kv_profile.py) with the same error against the f32 reference (3.9e-4 of
+//   max |o|, dominated by the f16 output).
 //   Tuning variants kv_decode_int4tc_s{S}_m{M}_d*_g* (S stages, M CTAs per SM in the launch
 //   bounds; TRITTER_KV_TC_VARIANT, see the crate README) are the same code; stages above
 //   40 KB use dynamic shared memory.
@@ -129,7 +140,7 @@ __device__ __forceinline__ void count_nonfinite(const __half* __restrict__ x, lo
 }
 
 // ------------------------------------------------------------------------------------------
-// Writes: one thread per group of 32 values.
+// Writes: one thread per (K, V) pair of groups of 32 values.
 // ------------------------------------------------------------------------------------------
 // Asymmetric 4-bit quantization of one group of 32 values, bit-exact with the CPU's
 // quantize_group: codes (8 per word, low nibble first), f16 scale and minimum.
@@ -225,17 +236,17 @@ __device__ __forceinline__ void store_group(const __half* __restrict__ src, uint
     }
 }
 
-// This thread's group of a write of n tokens: K (kv = 0) or V, token t, head h, group g of
-// 32 values; false past the last group. 32-bit index math (the launches check
-// 2 * n * heads_kv * head_dim / 32 <= INT_MAX): 64-bit division and modulo per thread cost
-// more than the quantization.
-__device__ __forceinline__ bool group_coords(int n, int heads_kv, int head_dim, int& kv, int& t, int& h, int& g) {
+// This thread's pair of groups of a write of n tokens: token t, head h, group g of 32
+// values, of K and of V (one thread quantizes both: two independent 64-byte loads in
+// flight before the first quantization, which took the bench's append from 79% to 85% of
+// the copy rate on the H100); false past the last group. 32-bit index math (the launches
+// check 2 * n * heads_kv * head_dim / 32 <= INT_MAX): 64-bit division and modulo per
+// thread cost more than the quantization.
+__device__ __forceinline__ bool group_coords(int n, int heads_kv, int head_dim, int& t, int& h, int& g) {
     const unsigned groups_per_row = head_dim / 32;
     const unsigned per_kv = (unsigned)n * heads_kv * groups_per_row;
-    const unsigned gid = blockIdx.x * blockDim.x + threadIdx.x;
-    if (gid >= 2 * per_kv) return false;
-    kv = gid >= per_kv;
-    const unsigned r = gid - kv * per_kv;
+    const unsigned r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= per_kv) return false;
     const unsigned tok_head = r / groups_per_row;  // token * heads_kv + head
     g = (int)(r - tok_head * groups_per_row);
     t = (int)(tok_head / heads_kv);
@@ -243,25 +254,26 @@ __device__ __forceinline__ bool group_coords(int n, int heads_kv, int head_dim, 
     return true;
 }
 
-// One thread per group of one append (a sequence's consecutive positions start..start+n,
+// One thread per (K, V) pair of groups of one append (a sequence's consecutive positions start..start+n,
 // pages resolved through the ticket's logical page range).
 template <bool kInt4>
 __device__ __forceinline__ void write_groups(const __half* __restrict__ k, const __half* __restrict__ v,
                                              uint8_t* __restrict__ pool, const int* __restrict__ pages,
                                              int first_page, int start, int n, int heads_kv, int head_dim,
                                              int page_size, int num_pages, long long page_bytes, int layer0) {
-    int kv, t, h, g;
-    if (!group_coords(n, heads_kv, head_dim, kv, t, h, g)) return;
+    int t, h, g;
+    if (!group_coords(n, heads_kv, head_dim, t, h, g)) return;
     const int pos = start + t;
     const int page = pages[pos / page_size - first_page];
     if (page < 0 || page >= num_pages) return;  // token already outside the window: not stored
     const int layer = blockIdx.y;
-    const __half* src = (kv ? v : k) + (((long long)layer * n + t) * heads_kv + h) * head_dim + g * 32;
+    const long long off = (((long long)layer * n + t) * heads_kv + h) * head_dim + g * 32;
     uint8_t* base = pool + ((long long)(layer0 + layer) * num_pages + page) * page_bytes;
-    store_group<kInt4>(src, base, kv, h, pos % page_size, g, heads_kv, head_dim, page_size, nullptr);
+    store_group<kInt4>(k + off, base, 0, h, pos % page_size, g, heads_kv, head_dim, page_size, nullptr);
+    store_group<kInt4>(v + off, base, 1, h, pos % page_size, g, heads_kv, head_dim, page_size, nullptr);
 }
 
-// One thread per group of a batch of appends of one layer (the engine's decode step: one
+// One thread per (K, V) pair of groups of a batch of appends of one layer (the engine's decode step: one
 // token of each of B sequences, or several prompts): token t goes to pool slot slots[t] =
 // page * page_size + slot, or nowhere when slots[t] < 0.
 template <bool kInt4>
@@ -269,15 +281,16 @@ __device__ __forceinline__ void write_slot_groups(const __half* __restrict__ k, 
                                                   uint8_t* __restrict__ pool, const int* __restrict__ slots, int n,
                                                   int heads_kv, int head_dim, int page_shift, int num_pages,
                                                   long long page_bytes, int layer, unsigned* __restrict__ nonfinite) {
-    int kv, t, h, g;
-    if (!group_coords(n, heads_kv, head_dim, kv, t, h, g)) return;
+    int t, h, g;
+    if (!group_coords(n, heads_kv, head_dim, t, h, g)) return;
     const int s = slots[t];
     const int page = s >> page_shift;
     if (s < 0 || page >= num_pages) return;
-    const __half* src = (kv ? v : k) + ((long long)t * heads_kv + h) * head_dim + g * 32;
+    const long long off = ((long long)t * heads_kv + h) * head_dim + g * 32;
     uint8_t* base = pool + ((long long)layer * num_pages + page) * page_bytes;
-    store_group<kInt4>(src, base, kv, h, s & ((1 << page_shift) - 1), g, heads_kv, head_dim, 1 << page_shift,
-                       nonfinite);
+    const int slot = s & ((1 << page_shift) - 1);
+    store_group<kInt4>(k + off, base, 0, h, slot, g, heads_kv, head_dim, 1 << page_shift, nonfinite);
+    store_group<kInt4>(v + off, base, 1, h, slot, g, heads_kv, head_dim, 1 << page_shift, nonfinite);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -410,8 +423,8 @@ __device__ __forceinline__ void decode_split(const __half* __restrict__ q, const
     constexpr int L = C::kLanes;
     __shared__ __align__(16) uint8_t stages[C::kStages][C::kStageBytes];
     __shared__ float s_p[kTile][G + 1];
-    __shared__ float s_red[G][D];
     __shared__ float s_m[G], s_l[G], s_corr[G];
+    static_assert(C::kStages * C::kStageBytes >= kWarps * G * D * 4, "the merge buffer reuses the stages");
 
     const int split = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -423,12 +436,11 @@ __device__ __forceinline__ void decode_split(const __half* __restrict__ q, const
     const int t_begin = split * tiles_per_split;
     const int t_end = min(sv.n_tiles, t_begin + tiles_per_split);
 
-    for (int i = tid; i < G * D; i += kThreads) (&s_red[0][0])[i] = 0.0f;
     if (tid < G) {
         s_m[tid] = -INFINITY;
         s_l[tid] = 0.0f;
     }
-    __syncthreads();  // s_red, s_m, s_l are read/updated by other threads below
+    __syncthreads();  // s_m, s_l are read/updated by other threads below
 
     // Query slice of this lane, pre-scaled into the exp2 domain; per-head sums for the
     // INT4 min term.
@@ -605,16 +617,29 @@ __device__ __forceinline__ void decode_split(const __half* __restrict__ q, const
     cp_async_wait<0>();
 
     // ---- combine the lane groups' partial o, write this split's (o, m, l) ----
+    // In a fixed order, so a decode step is bit-reproducible (a CUDA graph replay equals the
+    // eager launch): the lane groups of a warp by an xor butterfly (both partners add the
+    // same two values), then the warps' sums in warp order through the free stage memory.
+    __syncthreads();  // every warp is done reading the stages
+    float* s_w = reinterpret_cast<float*>(&stages[0][0]);  // [kWarps][G][D]
 #pragma unroll
     for (int g = 0; g < G; ++g) {
 #pragma unroll
-        for (int d = 0; d < 8; ++d) atomicAdd(&s_red[g][li * 8 + d], o[g][d] + oc[g]);
+        for (int d = 0; d < 8; ++d) {
+            float v = o[g][d] + oc[g];
+#pragma unroll
+            for (int off = L; off < 32; off <<= 1) v += __shfl_xor_sync(kFull, v, off);
+            if (lg == 0) s_w[(warp * G + g) * D + li * 8 + d] = v;
+        }
     }
     __syncthreads();
     for (int i = tid; i < G * D; i += kThreads) {
         const int g = i / D, d = i % D;
+        float sum = s_w[i];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) sum += s_w[w * G * D + i];
         const long long row = ((long long)b * heads_q + hkv * G + g) * num_splits + split;
-        o_part[row * D + d] = s_red[g][d];
+        o_part[row * D + d] = sum;
         if (d == 0) ml_part[row] = make_float2(s_m[g], s_l[g]);
     }
 }
@@ -629,7 +654,7 @@ constexpr int kStageTok = 2 * kTile;  // 64 tokens per stage: 16 per warp
 // Default variant (kv_decode_int4tc_d*_g*): 3 stages, launch bounds of 3 CTAs per SM. The
 // tuning variants kv_decode_int4tc_s{S}_m{M}_d*_g* differ only in these two numbers.
 constexpr int kDefStages = 3;
-constexpr int kDefMinBlocks = 3;      // CTAs per SM the registers are sized for (launch bounds)
+constexpr int kDefMinBlocks = 4;      // CTAs per SM the registers are sized for (launch bounds)
 
 template <int D>
 struct Cfg {
@@ -704,21 +729,21 @@ __device__ __forceinline__ void load_params(const uint8_t* p, uint32_t (&w)[kNg]
         w[1] = v.y;
     }
 }
-__device__ __forceinline__ float2 param_f(uint32_t w) { return __half22float2(*reinterpret_cast<const __half2*>(&w)); }
+// e[i] = e[i] * s2 + m2 (half2, one rounding): codes 0..15 (exact in f16) to the
+// dequantized values, rounded to f16 as an f16 cache would hold them.
+__device__ __forceinline__ void dequant4(uint32_t (&e)[4], uint32_t s2, uint32_t m2) {
+    const __half2 s = *reinterpret_cast<const __half2*>(&s2), m = *reinterpret_cast<const __half2*>(&m2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const __half2 x = __hfma2(*reinterpret_cast<const __half2*>(&e[i]), s, m);
+        e[i] = *reinterpret_cast<const uint32_t*>(&x);
+    }
+}
 
 __device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                         uint32_t b1) {
     const unsigned a[4] = {a0, a1, a2, a3};
     tritter::mma_16816<__half>(c, a, b0, b1);
-}
-// d = A B (C = 0) for the score tiles, whose A rows g + 8 are zero: the zero accumulator
-// is one register for every call instead of four moves per tile.
-__device__ __forceinline__ void mma_f16_zero_c(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%5}, {%7,%8}, "
-        "{%9,%9,%9,%9};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(b0), "r"(b1), "f"(0.0f));
 }
 
 template <int D, int G, int kStages>
@@ -730,7 +755,7 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
                                                 float* __restrict__ o_part, float2* __restrict__ ml_part) {
     using C = Cfg<D>;
     constexpr int NG = C::kNg;
-    static_assert(kStages * C::kStageBytes >= G * D * 4, "the merge buffer reuses the stages");
+    static_assert(kStages * C::kStageBytes >= kWarps * G * D * 4, "the merge buffer reuses the stages");
     static_assert(kStages >= 2, "a pipeline needs two stages");
     uint8_t* smem;
     if constexpr (StageMem<D, kStages>::kDynamic) {
@@ -742,8 +767,7 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     }
     auto stage = [&](int i) { return smem + i * C::kStageBytes; };
     __shared__ float s_wm[kWarps][8];
-    __shared__ float s_l[8];
-    __shared__ float s_mv[8][NG];
+    __shared__ float s_wl[kWarps][8];
 
     const int split = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -760,19 +784,14 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     // the f32 scores): group j, k-step s: a0 = (q[32j+8t+2s], q[32j+8t+2s+4]), a2 =
     // (q[32j+8t+2s+1], q[32j+8t+2s+5]) of head g; rows g+8 (a1, a3) are zero.
     uint32_t qa[NG][2][2];
-    float qsum[NG];
     {
         const bool own = g < G;
         const __half* qh = q + ((long long)b * heads_q + hkv * G + (own ? g : 0)) * D;
 #pragma unroll
         for (int j = 0; j < NG; ++j) {
             __half x[8];
-            float sum = 0.0f;
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                x[i] = own ? qh[32 * j + 8 * t + i] : __float2half(0.0f);
-                sum += __half2float(x[i]);
-            }
+            for (int i = 0; i < 8; ++i) x[i] = own ? qh[32 * j + 8 * t + i] : __float2half(0.0f);
 #pragma unroll
             for (int s = 0; s < 2; ++s) {
                 const __half2 lo = __halves2half2(x[2 * s], x[2 * s + 4]);
@@ -780,9 +799,6 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
                 qa[j][s][0] = *reinterpret_cast<const uint32_t*>(&lo);
                 qa[j][s][1] = *reinterpret_cast<const uint32_t*>(&hi);
             }
-            sum += __shfl_xor_sync(kFull, sum, 1);
-            sum += __shfl_xor_sync(kFull, sum, 2);
-            qsum[j] = sum;
         }
     }
 
@@ -857,14 +873,11 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     }
 
     // Per-warp online-softmax state: lane (g, t) holds head g's running max (same on the 4
-    // lanes of a row), a partial sum l and partial min terms mv[j] = sum_t p_t min_tj, and
-    // O^T fragments o[j][p] (rows = dims 32j + 4g + 2p (+1 for c2, c3), cols = heads 2t, 2t+1).
+    // lanes of a row), a partial sum l, and O^T fragments o[j][p] (rows = dims 32j + 4g + 2p (+1 for c2, c3), cols = heads 2t, 2t+1).
     float m_run = -INFINITY, l_run = 0.0f;
-    float mv[NG];
     float o[NG][2][4];
 #pragma unroll
     for (int j = 0; j < NG; ++j) {
-        mv[j] = 0.0f;
 #pragma unroll
         for (int p = 0; p < 2; ++p)
 #pragma unroll
@@ -887,33 +900,39 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
         const uint8_t* st = stage(k % kStages);
         const int pos_w = tile_of(it) * kTile + (warp & 1) * 16;
 
-        // ---- scores S = q K^T per group on tensor cores: A = q (heads x 16 dims), B =
-        // codes (16 dims x 8 tokens, from ldmatrix: word t of group j of token g) ----
+        // ---- scores S = q K^T on tensor cores: A = q (heads x 16 dims), B = K dequantized
+        // to f16 in registers (16 dims x 8 tokens: word t of group j of token th*8 + g from
+        // ldmatrix, code * scale + min in one HFMA2 per pair); two f32 chains per token half
+        // (even / odd groups) for latency ----
         uint32_t kw[NG / 2][4];
 #pragma unroll
         for (int c = 0; c < NG / 2; ++c) tritter::ldmatrix_x4(kw[c], st + C::kKc + ld_row + 32 * c);
-        float sc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-        uint32_t kp[4][NG];  // K (scale, min) of tokens th*8 + 2t + e, index 2 th + e
+        uint32_t kq[2][NG];  // (scale, min) of this lane's B tokens th*8 + g
 #pragma unroll
-        for (int i = 0; i < 4; ++i) load_params<NG>(st + C::kKp + (wt0 + (i >> 1) * 8 + 2 * t + (i & 1)) * C::kPar, kp[i]);
+        for (int th = 0; th < 2; ++th) load_params<NG>(st + C::kKp + (wt0 + th * 8 + g) * C::kPar, kq[th]);
+        float acc[2][2][4];
+#pragma unroll
+        for (int th = 0; th < 2; ++th)
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[th][c][i] = 0.0f;
 #pragma unroll
         for (int j = 0; j < NG; ++j) {
-            float acc[2][4];
 #pragma unroll
             for (int th = 0; th < 2; ++th) {
                 uint32_t e[4];
                 codes_to_half(kw[j / 2][th + 2 * (j & 1)], e);
-                mma_f16_zero_c(acc[th], qa[j][0][0], qa[j][0][1], e[0], e[1]);
-                mma_f16(acc[th], qa[j][1][0], 0u, qa[j][1][1], 0u, e[2], e[3]);
+                dequant4(e, __byte_perm(kq[th][j], 0u, 0x1010), __byte_perm(kq[th][j], 0u, 0x3232));
+                mma_f16(acc[th][j & 1], qa[j][0][0], 0u, qa[j][0][1], 0u, e[0], e[1]);
+                mma_f16(acc[th][j & 1], qa[j][1][0], 0u, qa[j][1][1], 0u, e[2], e[3]);
             }
-#pragma unroll
-            for (int th = 0; th < 2; ++th)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float2 sm = param_f(kp[2 * th + e][j]);
-                    sc[th][e] += fmaf(sm.x, acc[th][e], sm.y * qsum[j]);
-                }
         }
+        float sc[2][2];
+#pragma unroll
+        for (int th = 0; th < 2; ++th)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) sc[th][e] = acc[th][0][e] + acc[th][1][e];
         float mx = -INFINITY;
 #pragma unroll
         for (int th = 0; th < 2; ++th)
@@ -955,34 +974,25 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
                 }
         }
 
-        // ---- O^T += codes^T (dims x tokens, ldmatrix.trans) * (p s)^T per group; the f16
-        // product p*s is split into hi + lo so the rounding stays ~2^-22 ----
+        // ---- O^T += V^T (dims x tokens: ldmatrix.trans codes, dequantized to f16 with the
+        // (scale, min) of the two tokens of each register pair) * P^T (p in f16, as
+        // FlashAttention rounds P) ----
         uint32_t vw[NG / 2][4];
 #pragma unroll
         for (int c = 0; c < NG / 2; ++c) tritter::ldmatrix_x4_trans(vw[c], st + C::kVc + ld_row + 32 * c);
-        uint32_t vp[4][NG];
+        uint32_t vp[4][NG];  // V (scale, min) of tokens (i >> 1) * 8 + 2t + (i & 1)
 #pragma unroll
         for (int i = 0; i < 4; ++i) load_params<NG>(st + C::kVp + (wt0 + (i >> 1) * 8 + 2 * t + (i & 1)) * C::kPar, vp[i]);
+        const uint32_t b0 = tritter::pack2<__half>(p[0][0], p[0][1]), b1 = tritter::pack2<__half>(p[1][0], p[1][1]);
 #pragma unroll
         for (int j = 0; j < NG; ++j) {
-            const float2 v0 = param_f(vp[0][j]), v1 = param_f(vp[1][j]);
-            const float2 v2 = param_f(vp[2][j]), v3 = param_f(vp[3][j]);
-            mv[j] = fmaf(mv[j], corr, fmaf(p[0][0], v0.y, fmaf(p[0][1], v1.y, fmaf(p[1][0], v2.y, p[1][1] * v3.y))));
-            const float x0 = p[0][0] * v0.x, x1 = p[0][1] * v1.x;
-            const float x2 = p[1][0] * v2.x, x3 = p[1][1] * v3.x;
-            const uint32_t bh0 = tritter::pack2<__half>(x0, x1), bh1 = tritter::pack2<__half>(x2, x3);
-            const float2 r0 = __half22float2(*reinterpret_cast<const __half2*>(&bh0));
-            const float2 r1 = __half22float2(*reinterpret_cast<const __half2*>(&bh1));
-            const uint32_t bl0 = tritter::pack2<__half>(x0 - r0.x, x1 - r0.y);
-            const uint32_t bl1 = tritter::pack2<__half>(x2 - r1.x, x3 - r1.y);
             uint32_t f0[4], f1[4];  // tokens (2t, 2t+1) and (8+2t, 9+2t), dims 32j + 4g + i
             codes_to_half(vw[j / 2][2 * (j & 1)], f0);
             codes_to_half(vw[j / 2][2 * (j & 1) + 1], f1);
+            dequant4(f0, __byte_perm(vp[0][j], vp[1][j], 0x5410), __byte_perm(vp[0][j], vp[1][j], 0x7632));
+            dequant4(f1, __byte_perm(vp[2][j], vp[3][j], 0x5410), __byte_perm(vp[2][j], vp[3][j], 0x7632));
 #pragma unroll
-            for (int pp = 0; pp < 2; ++pp) {
-                mma_f16(o[j][pp], f0[2 * pp], f0[2 * pp + 1], f1[2 * pp], f1[2 * pp + 1], bh0, bh1);
-                mma_f16(o[j][pp], f0[2 * pp], f0[2 * pp + 1], f1[2 * pp], f1[2 * pp + 1], bl0, bl1);
-            }
+            for (int pp = 0; pp < 2; ++pp) mma_f16(o[j][pp], f0[2 * pp], f0[2 * pp + 1], f1[2 * pp], f1[2 * pp + 1], b0, b1);
         }
     }
     cp_async_wait<0>();
@@ -990,19 +1000,11 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     // ---- merge the 4 warps (flash-decoding inside the CTA), write (o, m, l) ----
     l_run += __shfl_xor_sync(kFull, l_run, 1);
     l_run += __shfl_xor_sync(kFull, l_run, 2);
-#pragma unroll
-    for (int j = 0; j < NG; ++j) {
-        mv[j] += __shfl_xor_sync(kFull, mv[j], 1);
-        mv[j] += __shfl_xor_sync(kFull, mv[j], 2);
-    }
+    // Each warp writes its rescaled partials to a slot of its own and the slots are summed
+    // in warp order (no atomics), so a decode step is bit-reproducible: a CUDA graph replay
+    // equals the eager launch.
     __syncthreads();  // every warp is done with the stages
-    float* s_red = reinterpret_cast<float*>(smem);  // [G][D]
-    for (int i = tid; i < G * D; i += kThreads) s_red[i] = 0.0f;
-    if (tid < 8) {
-        s_l[tid] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NG; ++j) s_mv[tid][j] = 0.0f;
-    }
+    float* s_w = reinterpret_cast<float*>(smem);  // [kWarps][G][D]
     if (t == 0) s_wm[warp][g] = m_run;
     __syncthreads();
     auto cta_max = [&](int h) {
@@ -1017,9 +1019,7 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     };
     if (t == 0 && g < G) {
         const float f = factor(g);
-        atomicAdd(&s_l[g], f * l_run);
-#pragma unroll
-        for (int j = 0; j < NG; ++j) atomicAdd(&s_mv[g][j], f * mv[j]);
+        s_wl[warp][g] = f * l_run;
     }
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
@@ -1031,17 +1031,25 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
 #pragma unroll
                 for (int pp = 0; pp < 2; ++pp) {
                     const int d = 32 * j + 4 * g + 2 * pp;
-                    atomicAdd(&s_red[h * D + d], f * o[j][pp][hh]);
-                    atomicAdd(&s_red[h * D + d + 1], f * o[j][pp][2 + hh]);
+                    s_w[(warp * G + h) * D + d] = f * o[j][pp][hh];
+                    s_w[(warp * G + h) * D + d + 1] = f * o[j][pp][2 + hh];
                 }
         }
     }
     __syncthreads();
     for (int i = tid; i < G * D; i += kThreads) {
         const int h = i / D, d = i % D;
+        float o_sum = s_w[i];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) o_sum += s_w[w * G * D + i];
         const long long row = ((long long)b * heads_q + hkv * G + h) * num_splits + split;
-        o_part[row * D + d] = s_red[i] + s_mv[h][d / 32];
-        if (d == 0) ml_part[row] = make_float2(cta_max(h), s_l[h]);
+        o_part[row * D + d] = o_sum;
+        if (d == 0) {
+            float l_sum = s_wl[0][h];
+#pragma unroll
+            for (int w = 1; w < kWarps; ++w) l_sum += s_wl[w][h];
+            ml_part[row] = make_float2(cta_max(h), l_sum);
+        }
     }
 }
 
