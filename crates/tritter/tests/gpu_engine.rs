@@ -32,10 +32,10 @@ gpu_test!(
 );
 
 gpu_test!(
-    /// Decode steps replayed from CUDA graphs give the logits of the same steps launched
-    /// kernel by kernel (up to the decode kernels' atomic summation order), across graph
-    /// captures, replays, a batch that shrinks and the split plan changing as the context
-    /// grows (INT4 and f16 caches).
+    /// Decode steps replayed from CUDA graphs give bit-identical logits to the same steps
+    /// launched kernel by kernel (every kernel sums in a fixed order), across graph captures,
+    /// replays, a batch that shrinks and the split plan changing as the context grows (INT4
+    /// and f16 caches).
     gpu_engine_graphs_equal_eager => graphs
 );
 
@@ -122,8 +122,11 @@ mod conformance {
     /// Relative tolerance of GPU vs CPU engine logits with the f16 cache (module docs;
     /// the first H100 run measured 2.0e-2 at the prefill of the D = 64 windowed config).
     const REL_TOL: f32 = 5e-2;
-    /// The same with the INT4 cache.
-    const REL_TOL_INT4: f32 = 8e-2;
+    /// The same with the INT4 cache. The INT4 decode kernel rounds the dequantized K and V
+    /// to f16 (as an f16 cache holds them) where the CPU engine keeps f32, so more A8 codes
+    /// move than with the f16 cache: H100 measured 7.0e-2 (D = 64) and 8.1e-2 (D = 128,
+    /// decode step 5); "another model" stays above 1.4.
+    const REL_TOL_INT4: f32 = 1e-1;
     /// A model with other weights must differ by more than this many tolerances (the
     /// tolerance separates "same model, other rounding" from "another model").
     const OTHER_MODEL_FACTOR: f32 = 4.0;
@@ -434,11 +437,6 @@ mod graphs {
     use super::common::engine::{max_abs, max_abs_diff, random_tokens};
     use super::setup::{engines, gqa4_d128, options, windowed_d64};
 
-    /// Graph replay runs the same kernels as eager launches, but the decode kernels merge
-    /// partial sums with shared-memory float atomics, whose order varies between runs; a
-    /// last-bit difference can move one A8 code by one step (~1e-3 of the logit scale).
-    const GRAPH_TOL: f32 = 1e-2;
-
     pub fn run(g: &Arc<Gpu>) {
         for (cfg, format) in [
             (windowed_d64(), KvCacheFormat::Int4),
@@ -465,15 +463,12 @@ mod graphs {
                 };
                 let x = graphed.step(&mut cg, &input(a)).unwrap();
                 let y = eager.step(&mut ce, &input(b)).unwrap();
-                assert!(
-                    max_abs_diff(&x[0], &y[0]) <= GRAPH_TOL * max_abs(&x[0]),
-                    "prefill {i}"
-                );
+                assert_eq!(x[0], y[0], "prefill {i}: graph engine vs eager engine");
                 seqs.push((a, b));
             }
             // Long enough for the split plan of the growing context to change.
             let steps = 2 * cfg.sliding_window.unwrap_or(64);
-            let (mut worst, mut identical, mut total) = (0f32, 0usize, 0usize);
+            let mut rows = 0usize;
             for t in 0..steps {
                 let live = if t < steps / 2 { &seqs[..] } else { &seqs[..2] };
                 let toks: Vec<Vec<u32>> = (0..live.len())
@@ -495,20 +490,18 @@ mod graphs {
                 let x = graphed.step(&mut cg, &mk(|s| s.0)).unwrap();
                 let y = eager.step(&mut ce, &mk(|s| s.1)).unwrap();
                 for (a, b) in x.iter().zip(&y) {
-                    let rel = max_abs_diff(a, b) / max_abs(a).max(1e-6);
-                    worst = worst.max(rel);
+                    // Bit equality: a last-bit difference anywhere (e.g. an unordered float
+                    // atomic in a decode kernel) moves A8 codes and would show up here.
                     assert!(
-                        rel <= GRAPH_TOL,
-                        "{format:?}: decode step {t}: graph vs eager differ by {rel} of the logit scale"
+                        a == b,
+                        "{format:?}: decode step {t}: graph vs eager logits differ by {:.2e} of the logit scale",
+                        max_abs_diff(a, b) / max_abs(a).max(1e-6)
                     );
-                    if rel == 0.0 {
-                        identical += 1;
-                    }
-                    total += 1;
+                    rows += 1;
                 }
             }
             println!(
-                "decode graphs: {steps} steps, {format:?}, D {}: {identical}/{total} rows bit-identical to eager launches, max |diff| {worst:.1e} of the logit scale",
+                "decode graphs: {steps} steps, {format:?}, D {}: {rows} rows bit-identical to eager launches",
                 cfg.head_dim()
             );
         }

@@ -484,11 +484,16 @@ mod curve {
     /// Steps per compared window: single steps differ more (the two runs quantize slightly
     /// different weights, so ternary codes flip at different steps), window means do not.
     const WINDOW: usize = 20;
-    /// Gap allowed between the two curves' window means: 5% of the reference plus 0.05 nats
+    /// Gap allowed between the two curves' window means: 5% of the reference plus 0.1 nats
     /// (the model memorizes the 4-batch pool and both curves fall below 0.1 nats, where a
-    /// relative gap alone means nothing). Measured worst (H100): 0.039 nats at loss 0.69.
+    /// relative gap alone means nothing). The GPU run is not bit-reproducible (atomic dQ and
+    /// dW sums) and its logits are bf16 since the in-place cross-entropy, so its trajectory
+    /// drifts from the f32 reference while the model memorizes: two H100 runs of one build
+    /// measured 0.085 and 0.074 nats at loss 0.69 (steps 80..100) and 0.108 at loss 1.79
+    /// (steps 60..80); before bf16 logits the worst was 0.039. A wrong gradient stops the
+    /// fall altogether (the last assertion) or opens gaps of whole nats.
     const CURVE_REL_TOL: f64 = 0.05;
-    const CURVE_ABS_TOL: f64 = 0.05;
+    const CURVE_ABS_TOL: f64 = 0.1;
 
     pub fn run(gpu: &Arc<Gpu>) {
         let cfg = gqa4_windowed();

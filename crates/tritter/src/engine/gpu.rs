@@ -34,8 +34,9 @@
 //! prompt. A prompt attends to its own K/V as the cache stores them (f16, or the INT4 round
 //! trip), as later tokens read them and as the CPU engine computes. The logits equal the CPU
 //! engine's within the f16 rounding of q/k/v and the attention output and the f32 summation
-//! order, not bit for bit (`tests/gpu_engine.rs` states the tolerances); the decode
-//! kernels merge partial sums with float atomics, so two runs may differ in the last bits.
+//! order, not bit for bit (`tests/gpu_engine.rs` states the tolerances). Every kernel of a
+//! decode step sums in a fixed order, so a step is bit-reproducible and a graph replay equals
+//! the eager launches.
 //!
 //! Pre-norm checkpoints with sub-norms (Hugging Face BitNet) are refused for now: their
 //! MLP needs the sub-norm between the GLU and the down projection, which the fused MLP kernel
