@@ -11,7 +11,8 @@ import cupy as cp
 import numpy as np
 
 HQ, HKV, D, P = 32, 8, 128, 32
-TILE, MIN_TPS, CTAS = 32, 4, 3
+TILE, MIN_TPS = 32, 4
+CTAS = int(os.environ.get("KV_CTAS", "4"))  # CTAs per SM the split plan assumes (INT4_CTAS_PER_SM)
 INT_MAX = 2**31 - 1
 
 
