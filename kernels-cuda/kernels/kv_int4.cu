@@ -72,7 +72,11 @@
 //   Then dequant4: one HFMA2 code * scale + min per pair with the pair's tokens' f16
 //   (scale, min) (PRMT-gathered), i.e. K and V rounded to f16 once, the values an f16 cache
 //   of the same dequantized keys would hold (relative error <= 2^-11; the INT4 step itself
-//   is scale / 2, ~2^-5 of the group's range).
+//   is scale / 2, ~2^-5 of the group's range). Limit: a group whose maximum lies within
+//   one rounding of the f16 scale of 65504 (e.g. max 65504, min 0: scale rounds up to
+//   4368 and 15 * 4368 rounds to inf) dequantizes to inf here, where the f32 paths (CPU,
+//   SIMT kernel) stay finite; keys after QK-Norm and activations are orders of magnitude
+//   below that.
 //   Scores, per 32-dim group j (two k-steps): A = raw f16 q (row g = head g < G, rows 8..15
 //   zero), B = codes: ldmatrix.x4 (non-trans) of the 8x16-byte matrices (tokens th*8..+7,
 //   group j) gives lane (g, t) word t of group j of token th*8 + g, i.e. dims 32j + 8t + i;
@@ -651,7 +655,7 @@ __device__ __forceinline__ void decode_split(const __half* __restrict__ q, const
 namespace tc {
 
 constexpr int kStageTok = 2 * kTile;  // 64 tokens per stage: 16 per warp
-// Default variant (kv_decode_int4tc_d*_g*): 3 stages, launch bounds of 3 CTAs per SM. The
+// Default variant (kv_decode_int4tc_d*_g*): 3 stages, launch bounds of 4 CTAs per SM. The
 // tuning variants kv_decode_int4tc_s{S}_m{M}_d*_g* differ only in these two numbers.
 constexpr int kDefStages = 3;
 constexpr int kDefMinBlocks = 4;      // CTAs per SM the registers are sized for (launch bounds)
@@ -1141,8 +1145,8 @@ KV_DECODE_G(f16, false, 128)
 // Tuning variants (TRITTER_KV_TC_VARIANT=s{S}m{M}, see the crate README): pipeline depth S,
 // launch bounds of M CTAs per SM.
 #define KV_DECODE_TC_V(S, M, D, G) KV_DECODE_TC_NAMED(kv_decode_int4tc_s##S##_m##M##_d##D##_g##G, S, M, D, G)
-// M = 4 (128 registers) spills at D = 128 on sm_90 (40-byte stack, 60 bytes of spill
-// stores), so no m4 variant; s8m2 trades occupancy for 7 stages (70 KB) in flight per CTA.
+// The default is s3m4 (127 registers, no spills); the m3 variants give deeper pipelines more
+// registers; s8m2 trades occupancy for 7 stages (70 KB) in flight per CTA.
 // Mirrored by TC_VARIANTS in crates/kv-int4/src/cuda.
 #define KV_DECODE_TC_ALL(D, G)   \
     KV_DECODE_TC(D, G)           \
