@@ -72,11 +72,10 @@
 //   Then dequant4: one HFMA2 code * scale + min per pair with the pair's tokens' f16
 //   (scale, min) (PRMT-gathered), i.e. K and V rounded to f16 once, the values an f16 cache
 //   of the same dequantized keys would hold (relative error <= 2^-11; the INT4 step itself
-//   is scale / 2, ~2^-5 of the group's range). Limit: a group whose maximum lies within
-//   one rounding of the f16 scale of 65504 (e.g. max 65504, min 0: scale rounds up to
-//   4368 and 15 * 4368 rounds to inf) dequantizes to inf here, where the f32 paths (CPU,
-//   SIMT kernel) stay finite; keys after QK-Norm and activations are orders of magnitude
-//   below that.
+//   is scale / 2, ~2^-5 of the group's range). No value rounds to inf: the quantizer
+//   (quantize_group32, as the CPU's quantize_group) steps a group's scale down where 15 *
+//   scale + min would round past 65504 (e.g. max 65504, min 0: f16(65504 / 15) = 4368 and
+//   15 * 4368 rounds to inf, so 4364 is stored).
 //   Scores, per 32-dim group j (two k-steps): A = raw f16 q (row g = head g < G, rows 8..15
 //   zero), B = codes: ldmatrix.x4 (non-trans) of the 8x16-byte matrices (tokens th*8..+7,
 //   group j) gives lane (g, t) word t of group j of token th*8 + g, i.e. dims 32j + 8t + i;
@@ -159,6 +158,11 @@ __device__ __forceinline__ void quantize_group32(const float (&x)[32], uint32_t 
     // + 0 turns -0 into +0 (IEEE, not folded without fast math): bit-exact with the CPU.
     min_h = __float2half_rn(__fadd_rn(lo, 0.0f));
     scale_h = __float2half_rn(__fadd_rn(__fdiv_rn(__fsub_rn(hi, lo), 15.0f), 0.0f));
+    // As the CPU: the top code must dequantize to a finite f16 (code * scale + min rounded
+    // once, as the tensor-core decode kernel does), else the next smaller scale. 15 * s is
+    // exact in f32; one rounding for the sum, as in Rust.
+    while (__fadd_rn(__fmul_rn(15.0f, __half2float(scale_h)), __half2float(min_h)) >= 65520.0f)
+        scale_h = __ushort_as_half(static_cast<unsigned short>(__half_as_ushort(scale_h) - 1));
     const float m = __half2float(min_h), s = __half2float(scale_h);
     words[0] = words[1] = words[2] = words[3] = 0u;
     if (s > 0.0f) {

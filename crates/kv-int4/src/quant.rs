@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! min_h   = f16(min(x))                  (round to nearest even; -0 normalized to +0)
-//! scale_h = f16((max(x) - min(x)) / 15)  (f32 division, then round to nearest even)
+//! scale_h = f16((max(x) - min(x)) / 15)  (f32 division, then round to nearest even;
+//!                                         the next smaller f16 while 15 * scale_h + min_h
+//!                                         >= 65520, so no code dequantizes to an f16 inf)
 //! code    = clamp(round((x - min_h) / scale_h), 0, 15)   (0 when scale_h == 0;
 //!                                                         round half away from zero)
 //! x_hat   = code * scale_h + min_h        (f32)
@@ -33,6 +35,9 @@ pub const GROUP_BYTES: usize = GROUP_CODE_BYTES + GROUP_PARAM_BYTES;
 pub const CODE_MAX: u8 = 15;
 /// Largest finite f16; inputs beyond it cannot be stored (the f16 minimum would be Inf).
 pub const F16_MAX: f32 = 65504.0;
+/// The smallest value that rounds to f16 infinity (65504 plus half a step, a tie that
+/// rounds to the even infinity).
+const F16_OVERFLOW: f32 = 65520.0;
 
 const _: () = assert!(GROUP_BYTES == 20 && GROUP_BYTES * 8 == 5 * GROUP);
 
@@ -87,7 +92,15 @@ pub fn quantize_group(x: &[f32; GROUP]) -> Int4Group {
     }
     // `+ 0.0` turns -0 into +0, so -0/+0 ties never change the stored bits.
     let min = f16::from_f32(lo + 0.0);
-    let scale = f16::from_f32((hi - lo) / 15.0 + 0.0);
+    let mut scale = f16::from_f32((hi - lo) / 15.0 + 0.0);
+    // Every code must dequantize to a finite f16 (`code * scale + min` rounded once, as the
+    // tensor-core decode kernel computes it): where the top code would round past 65504
+    // (a group maximum within a scale rounding of it), take the next smaller scale. The
+    // top values then clamp to code 15, within a few f16 steps of the scale, far inside the
+    // `scale / 2` bound.
+    while 15.0 * scale.to_f32() + min.to_f32() >= F16_OVERFLOW {
+        scale = f16::from_bits(scale.to_bits() - 1);
+    }
     let (s, m) = (scale.to_f32(), min.to_f32());
     let mut codes = [0u8; GROUP_CODE_BYTES];
     if s > 0.0 {

@@ -25,7 +25,7 @@ gpu_test!(
 gpu_test!(
     /// The GPU INT4 round trip (`round_trip_int4_cuda`) equals the CPU's
     /// `dequantize_int4(quantize_int4(x))` rounded to f16, bit for bit, on random groups,
-    /// constant groups and signed zeros; a length that is not whole groups is refused.
+    /// constant groups, signed zeros and groups reaching the f16 maximum; a length that is not whole groups is refused.
     gpu_round_trip_matches_cpu => round_trip
 );
 
@@ -600,6 +600,14 @@ mod round_trip {
         let mut x = random_f16(GROUP * 257, 42);
         x[..GROUP].fill(f16::from_f32(0.75)); // a constant group (scale 0)
         x[GROUP] = f16::NEG_ZERO;
+        // Groups reaching the f16 maximum: the scale steps down so code 15 stays finite.
+        let top = f16::MAX.to_f32();
+        for (k, lo) in [0.0, -top].into_iter().enumerate() {
+            for i in 0..GROUP {
+                let v = lo + (top - lo) * i as f32 / (GROUP - 1) as f32;
+                x[(2 + k) * GROUP + i] = f16::from_f32(v);
+            }
+        }
         let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
         let want: Vec<f16> = dequantize_int4(&quantize_int4(&xf, GROUP).unwrap())
             .into_iter()

@@ -33,6 +33,8 @@ proptest! {
         for i in 0..GROUP {
             prop_assert!((x[i] - back[i]).abs() <= bound, "value {i}: {} vs {} (bound {bound}, scale {}, min {})", x[i], back[i], g.scale, g.min);
         }
+        // Every code dequantizes to a finite f16 (the decode kernel rounds once to f16).
+        prop_assert!(f16::from_f32(15.0 * g.scale.to_f32() + g.min.to_f32()).is_finite());
         // The f16 slack is at most half an f16 ulp of the minimum (or of a subnormal).
         let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
         prop_assert!((lo - g.min.to_f32()).abs() <= (lo.abs() * 2f32.powi(-11)).max(2f32.powi(-25)));
@@ -69,6 +71,42 @@ proptest! {
             }
         }
     }
+}
+
+/// Groups reaching the f16 maximum keep every code finite when dequantized in f16 (one
+/// rounding of `code * scale + min`, as the tensor-core decode kernel does) and stay within
+/// the error bound: the scale steps down where the top code would round to infinity.
+#[test]
+fn f16_edge_groups_dequantize_finite() {
+    let ramp = |lo: f32, hi: f32| -> [f32; GROUP] {
+        std::array::from_fn(|i| lo + (hi - lo) * i as f32 / (GROUP - 1) as f32)
+    };
+    for x in [
+        ramp(0.0, F16_MAX),
+        ramp(-F16_MAX, F16_MAX),
+        ramp(65000.0, F16_MAX),
+        ramp(-1.0, F16_MAX),
+        ramp(-F16_MAX, 0.0),
+    ] {
+        let g = quantize_group(&x);
+        let (s, m) = (g.scale.to_f32(), g.min.to_f32());
+        for c in 0..=15u8 {
+            let v = f16::from_f32(f32::from(c) * s + m);
+            assert!(v.is_finite(), "code {c}: {} * {s} + {m} rounds to {v}", c);
+        }
+        let bound = group_error_bound(&x, &g);
+        let back = g.dequantize();
+        for i in 0..GROUP {
+            assert!(
+                (x[i] - back[i]).abs() <= bound,
+                "value {i}: {} vs {} (bound {bound})",
+                x[i],
+                back[i]
+            );
+        }
+    }
+    // The unadjusted scale of 0..65504 (f16(65504 / 15) = 4368) would overflow: 15 * 4368.
+    assert!(f16::from_f32(15.0 * 4368.0).is_infinite());
 }
 
 /// A constant group stores scale 0, all codes 0 and reconstructs as f16(value).
