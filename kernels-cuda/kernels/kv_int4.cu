@@ -16,8 +16,8 @@
 // ---- kv_write_{int4,f16}: one thread per group of 32 values of one token and head, of K
 //   and of V (two independent loads in flight per thread) -----------------------------------
 //   Grid (ceil(n * Hkv * D/32 / 256), layers), 256 threads. Reads 2 x 64 B of f16 (16-byte
-//   loads when aligned), writes 2 x (16 B of codes + 4 B of params) (INT4) or 2 x 64 B (F16) into the
-//   token's page slot. Memory bound: 84 B moved per group for INT4.
+//   loads when aligned), writes 2 x (16 B of codes + 4 B of params) (INT4) or 2 x 64 B (F16)
+//   into the token's page slot. Memory bound: 84 B moved per group for INT4.
 //   kv_write_slots_{int4,f16}: the same store for a batch of appends of one layer (an
 //   engine step: one token of each of B sequences, or several prompts), each token's pool
 //   slot given by a table (page * page_size + slot, -1: not stored). A group holding NaN or
@@ -116,6 +116,15 @@ constexpr int kThreads = 128;        // 4 warps per CTA
 constexpr int kWarps = kThreads / 32;
 constexpr int kWriteThreads = 256;
 constexpr unsigned kFull = 0xffffffffu;
+
+// Sum of element i of the kWarps per-warp slots of a merge buffer (slot w at s + w * stride),
+// in warp order: the fixed order that makes the decode merges bit-reproducible.
+__device__ __forceinline__ float sum_warp_slots(const float* s, int stride, int i) {
+    float sum = s[i];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) sum += s[w * stride + i];
+    return sum;
+}
 
 // ------------------------------------------------------------------------------------------
 // Non-finite check (run before anything is written, so a bad input never reaches a page).
@@ -262,8 +271,8 @@ __device__ __forceinline__ bool group_coords(int n, int heads_kv, int head_dim, 
     return true;
 }
 
-// One thread per (K, V) pair of groups of one append (a sequence's consecutive positions start..start+n,
-// pages resolved through the ticket's logical page range).
+// One thread per (K, V) pair of groups of one append (a sequence's consecutive positions
+// start..start+n, pages resolved through the ticket's logical page range).
 template <bool kInt4>
 __device__ __forceinline__ void write_groups(const __half* __restrict__ k, const __half* __restrict__ v,
                                              uint8_t* __restrict__ pool, const int* __restrict__ pages,
@@ -281,9 +290,9 @@ __device__ __forceinline__ void write_groups(const __half* __restrict__ k, const
     store_group<kInt4>(v + off, base, 1, h, pos % page_size, g, heads_kv, head_dim, page_size, nullptr);
 }
 
-// One thread per (K, V) pair of groups of a batch of appends of one layer (the engine's decode step: one
-// token of each of B sequences, or several prompts): token t goes to pool slot slots[t] =
-// page * page_size + slot, or nowhere when slots[t] < 0.
+// One thread per (K, V) pair of groups of a batch of appends of one layer (the engine's
+// decode step: one token of each of B sequences, or several prompts): token t goes to pool
+// slot slots[t] = page * page_size + slot, or nowhere when slots[t] < 0.
 template <bool kInt4>
 __device__ __forceinline__ void write_slot_groups(const __half* __restrict__ k, const __half* __restrict__ v,
                                                   uint8_t* __restrict__ pool, const int* __restrict__ slots, int n,
@@ -643,11 +652,8 @@ __device__ __forceinline__ void decode_split(const __half* __restrict__ q, const
     __syncthreads();
     for (int i = tid; i < G * D; i += kThreads) {
         const int g = i / D, d = i % D;
-        float sum = s_w[i];
-#pragma unroll
-        for (int w = 1; w < kWarps; ++w) sum += s_w[w * G * D + i];
         const long long row = ((long long)b * heads_q + hkv * G + g) * num_splits + split;
-        o_part[row * D + d] = sum;
+        o_part[row * D + d] = sum_warp_slots(s_w, G * D, i);
         if (d == 0) ml_part[row] = make_float2(s_m[g], s_l[g]);
     }
 }
@@ -881,7 +887,8 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     }
 
     // Per-warp online-softmax state: lane (g, t) holds head g's running max (same on the 4
-    // lanes of a row), a partial sum l, and O^T fragments o[j][p] (rows = dims 32j + 4g + 2p (+1 for c2, c3), cols = heads 2t, 2t+1).
+    // lanes of a row), a partial sum l, and O^T fragments o[j][p] (rows = dims 32j + 4g + 2p
+    // (+1 for c2, c3), cols = heads 2t, 2t+1).
     float m_run = -INFINITY, l_run = 0.0f;
     float o[NG][2][4];
 #pragma unroll
@@ -1047,17 +1054,9 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     __syncthreads();
     for (int i = tid; i < G * D; i += kThreads) {
         const int h = i / D, d = i % D;
-        float o_sum = s_w[i];
-#pragma unroll
-        for (int w = 1; w < kWarps; ++w) o_sum += s_w[w * G * D + i];
         const long long row = ((long long)b * heads_q + hkv * G + h) * num_splits + split;
-        o_part[row * D + d] = o_sum;
-        if (d == 0) {
-            float l_sum = s_wl[0][h];
-#pragma unroll
-            for (int w = 1; w < kWarps; ++w) l_sum += s_wl[w][h];
-            ml_part[row] = make_float2(cta_max(h), l_sum);
-        }
+        o_part[row * D + d] = sum_warp_slots(s_w, G * D, i);
+        if (d == 0) ml_part[row] = make_float2(cta_max(h), sum_warp_slots(&s_wl[0][0], 8, h));
     }
 }
 

@@ -47,20 +47,23 @@ pub struct GpuPages {
 }
 
 impl GpuPages {
-    /// Uploads `pages` unless it equals the last list (see `last_pages`). A list is never
-    /// written in place, so a kernel still reading the previous one is unaffected (its
-    /// buffer is freed in stream order).
-    fn upload_pages(&mut self, pages: &[i32]) -> Result<()> {
-        if self.last_pages.as_ref().is_some_and(|(h, _)| h == pages) {
-            return Ok(());
-        }
-        let dev = self
-            .gpu
-            .stream()
-            .clone_htod(pages)
-            .map_err(KernelError::driver("uploading the append's pages"))?;
-        self.last_pages = Some((pages.to_vec(), dev));
-        Ok(())
+    /// The pool and the device copy of `pages`, uploaded unless it equals the last list
+    /// (see `last_pages`). A list is never written in place, so a kernel still reading the
+    /// previous one is unaffected (its buffer is freed in stream order).
+    fn pool_and_pages(&mut self, pages: &[i32]) -> Result<(&mut CudaSlice<u8>, &CudaSlice<i32>)> {
+        let dev = match self.last_pages.take() {
+            Some((host, dev)) if host == pages => (host, dev),
+            _ => {
+                let dev = self
+                    .gpu
+                    .stream()
+                    .clone_htod(pages)
+                    .map_err(KernelError::driver("uploading the append's pages"))?;
+                (pages.to_vec(), dev)
+            }
+        };
+        let (_, dev) = self.last_pages.insert(dev);
+        Ok((&mut self.pool, dev))
     }
 }
 
@@ -202,12 +205,7 @@ impl GpuKvCache {
         let (first, pages) = self.blocks.ticket_pages(ticket);
         let gpu = self.store.gpu.clone();
         let stream = gpu.stream();
-        self.store.upload_pages(&pages)?;
-        let Some((_, pages)) = self.store.last_pages.as_ref() else {
-            return Err(KvError::Unsupported(
-                "the append's page list was not uploaded".into(),
-            ));
-        };
+        let (pool, pages) = self.store.pool_and_pages(&pages)?;
         let n = ticket.len();
         let groups = 2 * n * cfg.heads_kv * (cfg.head_dim / crate::GROUP);
         // One thread per (K, V) pair of groups.
@@ -241,7 +239,7 @@ impl GpuKvCache {
         launch
             .arg(k)
             .arg(v)
-            .arg(&mut self.store.pool)
+            .arg(pool)
             .arg(pages)
             .arg(&first_page)
             .arg(&start)
