@@ -2,7 +2,7 @@
 synthetic paged cache, without the Rust bundle: B sequences of L tokens, Hq = 32, Hkv = 8,
 D = 128, page size 32, contiguous pages, the launch plan of crates/kv-int4 `plan()`.
     nvcc -cubin -arch=sm_90 -O3 -std=c++17 -Ikernels-cuda/kernels -o kv.cubin kernels-cuda/kernels/kv_int4.cu
-    python3 dev/kv_profile.py kv.cubin [kernel-name-prefix] [B,L ...]
+    python3 dev/kv_profile.py kv.cubin [kernel-name-prefix] [B,L ...] [--check] [--once] [--unfused]
 """
 import os
 import sys
@@ -98,6 +98,13 @@ def main():
                 np.int64(page_bytes), np.int32(0), np.int32(INT_MAX), np.int32(tps), np.int32(splits), scale_log2,
                 o_part, ml_part)
 
+        # the tensor-core kernels merge their splits (last CTA per (sequence, KV head)) and
+        # take (out, tickets); --unfused: a cubin from before that (kv_decode_reduce merges)
+        fused = "--unfused" not in sys.argv
+        counters = cp.zeros(b * HKV, dtype=cp.uint32)
+        if fused:
+            args = args + (out, counters)
+
         def main_kernel():
             fn((splits, HKV, b), (128,), args, shared_mem=smem)
 
@@ -106,7 +113,8 @@ def main():
 
         def step():
             main_kernel()
-            reduce_kernel()
+            if not fused:
+                reduce_kernel()
 
         for _ in range(3):
             step()

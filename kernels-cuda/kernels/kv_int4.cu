@@ -51,13 +51,21 @@
 //   close to the HBM rate (about 12 instructions per byte), see the crate README.
 //
 // ---- kv_decode_int4tc_d{64,128}_g{1,2,4,8}: INT4 on tensor cores (the default for INT4) ----
-//   Same grid, tile enumeration, visibility rule and (o, m, l) partials as above (so the same
-//   kv_decode_reduce), 128 threads, launch bounds of 4 CTAs per SM (127 registers on sm_90,
-//   no spills; sm_120's 100 KB of shared memory per SM holds 2 such CTAs). A pipeline
+//   Same grid, tile enumeration, visibility rule and (o, m, l) partials as above, but no
+//   kv_decode_reduce: the last CTA of each (sequence, KV head) to finish merges that head's
+//   splits (merge_last_split: partials fenced, a ticket per CTA from a counter the last one
+//   resets; sums in split order, so as deterministic as the separate kernel), which saves a
+//   launch and overlaps the merges with the CTAs still running. 128 threads, launch bounds
+//   of 4 CTAs per SM (122-128 registers on sm_90, no spills; sm_120's 100 KB of shared
+//   memory per SM holds 2 such CTAs). A pipeline
 //   stage is 64 tokens = 2 enumerated tiles (K codes, K params, V codes, V params: 10 KB for
 //   D=128), 3 stages of 16-byte cp.async; code rows are padded to D/2 + 16 bytes in shared
-//   memory so each 8-row ldmatrix phase hits 8 distinct 16-byte bank groups. The copy is
-//   token-major: D/32 consecutive threads take one token's code row (coalesced), each
+//   memory so each 8-row ldmatrix phase hits 8 distinct 16-byte bank groups. Fast copy (a
+//   stage whose 2 tiles are fully visible, pages of >= 32 tokens: all but the window/sink
+//   edges and the last partial tile): warp w copies tile w / 2, K (even w) or V (odd w), as
+//   one contiguous run of codes and one of params from one page: one block-table entry
+//   (loaded a stage ahead) and one base address per warp and stage, then 16-byte cp.async at
+//   fixed per-lane offsets. Otherwise the per-token copy: D/32 consecutive threads take one token's code row (coalesced), each
 //   thread resolves its tokens' visibility and page once per stage and issues the K and V
 //   chunks of the same slot from one address (D=128: 2 tokens x (K, V) + 1 param chunk per
 //   thread and stage); everything stage-invariant is hoisted (the per-chunk index
@@ -76,32 +84,36 @@
 //   (quantize_group32, as the CPU's quantize_group) steps a group's scale down where 15 *
 //   scale + min would round past 65504 (e.g. max 65504, min 0: f16(65504 / 15) = 4368 and
 //   15 * 4368 rounds to inf, so 4364 is stored).
-//   Scores, per 32-dim group j (two k-steps): A = raw f16 q (row g = head g < G, rows 8..15
-//   zero), B = codes: ldmatrix.x4 (non-trans) of the 8x16-byte matrices (tokens th*8..+7,
-//   group j) gives lane (g, t) word t of group j of token th*8 + g, i.e. dims 32j + 8t + i;
-//   k-step s uses b0 = (c_{2s}, c_{2s+4}), b1 = (c_{2s+1}, c_{2s+5}), and the q fragment
-//   a0 = (q[32j+8t+2s], q[32j+8t+2s+4]), a2 = (q[32j+8t+2s+1], q[32j+8t+2s+5]) (same dim
-//   permutation); the B registers are dequantized K of token th*8 + g (its scale and min
-//   broadcast to both halves). The groups accumulate in f32, even and odd groups in two
-//   chains (latency). C: lane (g, t) gets the score of head g, tokens th*8 + 2t + {0, 1},
-//   times log2e * softmax_scale.
-//   Softmax: row max over the 4 lanes of head g (2 shuffles), p = exp2(s - m) in f32.
+//   Scores S^T = K q^T (tokens in the MMA rows), per 32-dim group j (two k-steps):
+//   ldmatrix.x4 (non-trans) of the 8x16-byte code matrices (tokens th*8..+7, group j) gives
+//   lane (g, t) word t of group j of token th*8 + g, i.e. dims 32j + 8t + i; k-step s uses,
+//   for tokens g (a0, a2) and 8 + g (a1, a3), the dequantized pairs (c_{2s}, c_{2s+4}) and
+//   (c_{2s+1}, c_{2s+5}) (each token's scale and min broadcast to both halves), and B = q^T
+//   with the same dim permutation: b0 = (q[32j+8t+2s], q[32j+8t+2s+4]), b1 = (q[32j+8t+2s+1],
+//   q[32j+8t+2s+5]) of head g (zero for g >= G). The groups accumulate in f32, even and odd
+//   groups in two chains (latency). C: lane (g, t) gets tokens g, 8 + g x heads 2t, 2t+1,
+//   times log2e * softmax_scale. The G <= 8 heads fill the 8 columns of m16n8k16, so a warp
+//   needs 8 score MMAs per 16 tokens (with the heads in the 16 rows: 16, 3/4 of them zero
+//   rows at G = 4; measured 2-6% slower, see the crate README).
+//   Softmax: max per head over the 8 lanes of a t (3 xor shuffles of 2 values), p =
+//   exp2(s - m) in f32; a head's rescale factor is in the lane that owns its O columns.
 //   Output: O^T (dims x heads) += V^T (dims x 16 tokens) * P^T (16 tokens x heads) per group
 //   j. ldmatrix.x4.trans of the V code matrices gives lane (g, t) the 16-bit words (4 codes,
 //   dims 32j + 4g..+3) of tokens 2t (low) and 2t+1 (high), so codes_to_half yields A
 //   registers pairing two tokens per dim with no nibble gathers, dequantized with the two
 //   tokens' (scale, min): m-tile (j, p) has row g = dim 32j + 4g + 2p, row g+8 = that dim
-//   + 1. B = P^T in f16 (as FlashAttention rounds P): b0 = (p[2t], p[2t+1]) of head g, b1 =
-//   tokens 8 + 2t, 9 + 2t: exactly the tokens whose scores lane (g, t) holds, so no
-//   shuffles. Masked tokens are zero-filled (codes and params 0, so value 0) and get p = 0.
-//   Heads >= G compute finite garbage in unused rows/columns, never written.
-//   Work per warp and 16 tokens (D=128): 2+2 ldmatrix, 16 + 16 MMAs, about 200 INT/FP16
+//   + 1. B = P^T in f16 (as FlashAttention rounds P): the score layout (token g, heads 2t,
+//   2t+1) is the transpose of the B layout (head g, tokens 2t, 2t+1), so b0 / b1 are one
+//   movmatrix.trans each of the packed f16 p of tokens 0..7 / 8..15. Masked tokens are
+//   zero-filled (codes and params 0, so value 0) and get p = 0. Heads >= G compute finite
+//   garbage in unused columns, never written.
+//   Work per warp and 16 tokens (D=128): 2+2 ldmatrix, 8 + 16 MMAs, about 200 INT/FP16
 //   instructions for the code conversion and dequantization, ~40 FP32 for the softmax.
 //   The earlier form (raw codes in the MMAs, scale and min applied to the f32 products, P
 //   times the V scale split into f16 hi + lo for two MMAs) needed ~500 instructions and 167
-//   registers (3 CTAs per SM); this one is 12% faster at B = 1 and 16% at B = 8, 128K
-//   (H100, dev/kv_profile.py) with the same error against the f32 reference (3.9e-4 of
-//   max |o|, dominated by the f16 output).
+//   registers (3 CTAs per SM); dequantizing in registers made the kernel 12% faster at B = 1
+//   and 16% at B = 8, 128K (H100, dev/kv_profile.py) with the same error against the f32
+//   reference (3.9e-4 of max |o|, dominated by the f16 output).
 //   Tuning variants kv_decode_int4tc_s{S}_m{M}_d*_g* (S stages, M CTAs per SM in the launch
 //   bounds; TRITTER_KV_TC_VARIANT, see the crate README) are the same code; stages above
 //   40 KB use dynamic shared memory.
@@ -760,13 +772,145 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1,
     tritter::mma_16816<__half>(c, a, b0, b1);
 }
 
+// The split-KV merge done by the CTA that finishes last among the `num_splits` CTAs of one
+// (sequence, KV head) (the threadFenceReduction pattern of the CUDA samples): every CTA
+// writes its partials, fences, and takes a ticket from `counter`; the last one reads all
+// splits of its G query heads from L2 and writes `out` (the ticket counter is reset for the
+// next launch). Saves the second kernel (its launch gap and a pass over a cold grid) and
+// overlaps the merges with the CTAs still running. Sums run in split order, so the result
+// does not depend on which CTA merges: as deterministic as the separate reduce.
+template <int D, int G, int kSmemFloats>
+__device__ __forceinline__ void merge_last_split(const float* __restrict__ o_part, const float2* __restrict__ ml_part,
+                                                 __half* __restrict__ out, unsigned* __restrict__ counter,
+                                                 float* smem_f, long long row0, long long out0, int num_splits) {
+    __shared__ bool s_last;
+    __shared__ float s_m[G], s_l[G];
+    __threadfence();  // this CTA's partials are visible device-wide before its ticket
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned ticket = atomicAdd(counter, 1u);
+        s_last = ticket == static_cast<unsigned>(num_splits) - 1u;
+        if (s_last) *counter = 0u;  // every CTA of this launch has taken its ticket
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    // per head: M = max m over splits with l > 0, L = sum l 2^(m - M) (warp per head, fixed order)
+    for (int h = warp; h < G; h += kWarps) {
+        const float2* ml = ml_part + row0 + (long long)h * num_splits;
+        float m = -INFINITY;
+        for (int s = lane; s < num_splits; s += 32) {
+            const float2 x = __ldcg(ml + s);
+            if (x.y > 0.0f) m = fmaxf(m, x.x);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, o));
+        float l = 0.0f;
+        for (int s = lane; s < num_splits; s += 32) {
+            const float2 x = __ldcg(ml + s);
+            if (x.y > 0.0f) l = fmaf(x.y, exp2f(x.x - m), l);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(kFull, l, o);
+        if (lane == 0) {
+            s_m[h] = m;
+            s_l[h] = l;
+        }
+    }
+    // o: thread (column c, group r) sums float4 column c (4 dims of one head) over the splits
+    // r, r + kGroups, ... with kUnroll independent 16-byte L2 loads in flight (a serial chain
+    // per output measured +7 us at B = 1, 128K: the merge is the launch's tail), then the
+    // groups are added in group order.
+    constexpr int kCols = G * D / 4;
+    constexpr int kColsPerThread = kCols > kThreads ? kCols / kThreads : 1;
+    constexpr int kGroups = kCols >= kThreads ? 1 : kThreads / kCols;
+    constexpr int kChunk = kSmemFloats / G - (kGroups > 1 ? kThreads * 4 / G : 0);  // splits per weight chunk
+    constexpr int kUnroll = 16 / kColsPerThread;
+    static_assert(kCols % kThreads == 0 || kThreads % kCols == 0, "merge mapping");
+    static_assert(kChunk >= 32, "merge weights chunk");
+    const int grp = tid / (kCols * kColsPerThread >= kThreads ? kThreads : kCols);
+    float4 acc[kColsPerThread];
+#pragma unroll
+    for (int r = 0; r < kColsPerThread; ++r) acc[r] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int c0 = 0; c0 < num_splits; c0 += kChunk) {
+        const int n = min(kChunk, num_splits - c0);
+        __syncthreads();  // s_m / s_l written; the previous chunk's weights consumed
+        for (int i = tid; i < G * n; i += kThreads) {
+            const int h = i / n, s = i % n;
+            const float2 x = __ldcg(ml_part + row0 + (long long)h * num_splits + c0 + s);
+            smem_f[h * kChunk + s] = x.y > 0.0f ? exp2f(x.x - s_m[h]) : 0.0f;
+        }
+        __syncthreads();
+        if (grp < kGroups) {
+#pragma unroll
+            for (int r = 0; r < kColsPerThread; ++r) {
+                const int col = (tid % (kCols < kThreads ? kCols : kThreads)) + r * kThreads;
+                const int h = col / (D / 4);
+                const float4* op = reinterpret_cast<const float4*>(o_part + (row0 + (long long)h * num_splits + c0) * D) +
+                                   col % (D / 4);
+                const float* w = smem_f + h * kChunk;
+                float4 a = acc[r];
+#pragma unroll kUnroll
+                for (int s = grp; s < n; s += kGroups) {
+                    const float4 x = __ldcg(op + (long long)s * (D / 4));
+                    const float ws = w[s];
+                    a.x = fmaf(x.x, ws, a.x);
+                    a.y = fmaf(x.y, ws, a.y);
+                    a.z = fmaf(x.z, ws, a.z);
+                    a.w = fmaf(x.w, ws, a.w);
+                }
+                acc[r] = a;
+            }
+        }
+    }
+    float4* part = reinterpret_cast<float4*>(smem_f + G * kChunk);  // [kGroups][kCols] when kGroups > 1
+    if constexpr (kGroups > 1) {
+        __syncthreads();
+        if (grp < kGroups) part[grp * kCols + tid % kCols] = acc[0];
+        __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < kColsPerThread; ++r) {
+        const int col = tid + r * kThreads;
+        if (col < kCols) {
+            float4 a = acc[r];
+            if constexpr (kGroups > 1) {
+                a = part[col];
+#pragma unroll
+                for (int q = 1; q < kGroups; ++q) {
+                    const float4 x = part[q * kCols + col];
+                    a.x += x.x;
+                    a.y += x.y;
+                    a.z += x.z;
+                    a.w += x.w;
+                }
+            }
+            const int h = col / (D / 4), d = 4 * (col % (D / 4));
+            const float l = s_l[h];
+            __half2* o2 = reinterpret_cast<__half2*>(out + out0 + (long long)h * D + d);
+            o2[0] = __floats2half2_rn(l > 0.0f ? a.x / l : 0.0f, l > 0.0f ? a.y / l : 0.0f);
+            o2[1] = __floats2half2_rn(l > 0.0f ? a.z / l : 0.0f, l > 0.0f ? a.w / l : 0.0f);
+        }
+    }
+}
+
+// The transpose of an 8x8 matrix of 16-bit values held one 32-bit pair per lane (lane (g, t)
+// holds row g, columns 2t, 2t+1; returns the same coordinates of the transpose).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t a) {
+    uint32_t d;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+    return d;
+}
+
 template <int D, int G, int kStages>
 __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, const uint8_t* __restrict__ pool,
                                                 const int* __restrict__ block_tables,
                                                 const int* __restrict__ seq_lens, int bt_stride, int heads_kv,
                                                 int page_shift, int num_pages, long long page_bytes, int sinks,
                                                 int window, int tiles_per_split, int num_splits, float scale_log2,
-                                                float* __restrict__ o_part, float2* __restrict__ ml_part) {
+                                                float* __restrict__ o_part, float2* __restrict__ ml_part,
+                                                __half* __restrict__ out, unsigned* __restrict__ tickets) {
     using C = Cfg<D>;
     constexpr int NG = C::kNg;
     static_assert(kStages * C::kStageBytes >= kWarps * G * D * 4, "the merge buffer reuses the stages");
@@ -880,16 +1024,76 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
         }
     };
 
+    // Fast copy of a stage whose tiles are fully visible and each inside one page (pages of
+    // >= kTile tokens, the common case: everything but the window / sink edges and the last
+    // partial tile): warp w copies tile w / 2 of the stage, K (even w) or V (odd w), as one
+    // contiguous run of codes (kTile * D / 2 bytes) and one of params (kTile * kPar) from one
+    // page: one block-table entry and one base address per warp and stage, then 16-byte
+    // cp.async at fixed per-lane offsets (the per-token path above resolves visibility, page
+    // and address per token: ~190 of the ~690 instructions a warp issued per stage). The
+    // block-table entry is loaded a stage ahead (`fast_page`), so its latency hides behind a
+    // stage of compute instead of stalling the issue.
+    constexpr int kChunkTok = D / 32;                    // 16-byte code chunks per token
+    constexpr int kCodeChunksLane = kTile * kChunkTok / 32;
+    constexpr int kParChunksTile = kTile * C::kPar / 16;  // 32 (D = 128) or 16 (D = 64)
+    static_assert(kCodeChunksLane * 32 == kTile * kChunkTok && kParChunksTile <= 32, "fast copy mapping");
+    // In-page byte offsets fit 32 bits (fast_page requires page_bytes < 2^32): 32-bit
+    // arithmetic and one IMAD.WIDE per stage keep the path short under the 128-register cap.
+    const int f_tile = warp >> 1;
+    const uint32_t f_kv = (warp & 1) ? static_cast<uint32_t>(kv_off) : 0u;
+    const uint32_t f_code = f_kv + static_cast<uint32_t>(hkv * page_size * (D / 2) + 16 * lane);
+    const uint32_t f_par = f_kv + static_cast<uint32_t>(val_region + hkv * page_size * C::kPar + 16 * lane);
+    const bool f_pages_ok = page_size >= kTile && page_bytes <= 0xffffffffll;
+    const int f_code_smem = ((warp & 1) ? C::kVc : C::kKc) + (f_tile * kTile + lane / kChunkTok) * C::kRow +
+                            16 * (lane % kChunkTok);
+    const int f_par_smem = ((warp & 1) ? C::kVp : C::kKp) + f_tile * kTile * C::kPar + 16 * lane;
+    auto tile_full = [&](int it) {
+        const int p0 = tile_of(it) * kTile;
+        return (p0 + kTile <= sv.sinks_end) | ((p0 >= sv.window_start) & (p0 + kTile <= sv.len));
+    };
+    // Stage k's copy mode, warp-uniform and the same on every warp: kSlowPath, or the block-table
+    // entry of this warp's tile (any int: an id outside the pool zero-fills the tile).
+    constexpr int kSlowPath = -0x7fffffff - 1;
+    auto fast_page = [&](int k) {
+        const int it0 = t_begin + 2 * k;
+        const bool fast = f_pages_ok && tile_full(it0) && (it0 + 1 >= t_end || tile_full(it0 + 1));
+        const int it = it0 + f_tile;
+        if (!fast) return kSlowPath;
+        return it < t_end ? __ldg(bt + ((tile_of(it) * kTile) >> page_shift)) : -1;
+    };
+    auto issue_fast = [&](int k, int st, int page) {
+        const int it = t_begin + 2 * k + f_tile;
+        if (it >= t_end) return;  // the last stage of an odd tile count: warps 2, 3 idle
+        const int p0 = tile_of(it) * kTile;
+        const bool ok = static_cast<unsigned>(page) < static_cast<unsigned>(num_pages);
+        const uint8_t* pg = pool + static_cast<unsigned long long>(ok ? page : 0) * static_cast<uint32_t>(page_bytes);
+        const uint32_t tok = static_cast<uint32_t>(p0 & (page_size - 1));
+        const uint8_t* code_src = pg + (f_code + tok * (D / 2));
+        const uint8_t* par_src = pg + (f_par + tok * C::kPar);
+        uint8_t* dst = stage(st);
+#pragma unroll
+        for (int i = 0; i < kCodeChunksLane; ++i)
+            cp_async16(dst + f_code_smem + i * (32 / kChunkTok) * C::kRow, code_src + 512 * i, ok);
+        if (lane < kParChunksTile) cp_async16(dst + f_par_smem, par_src, ok);
+    };
+    auto issue_stage = [&](int k, int st, int page) {
+        if (page == kSlowPath)
+            issue(k, st);
+        else
+            issue_fast(k, st, page);
+    };
+
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < n_st) issue(s, s);
+        if (s < n_st) issue_stage(s, s, fast_page(s));
         cp_async_commit();
     }
+    int next_page = kStages - 1 < n_st ? fast_page(kStages - 1) : kSlowPath;
 
-    // Per-warp online-softmax state: lane (g, t) holds head g's running max (same on the 4
-    // lanes of a row), a partial sum l, and O^T fragments o[j][p] (rows = dims 32j + 4g + 2p
-    // (+1 for c2, c3), cols = heads 2t, 2t+1).
-    float m_run = -INFINITY, l_run = 0.0f;
+    // Per-warp online-softmax state: lane (g, t) holds heads 2t, 2t+1's running max m_tr
+    // (the same on the 8 lanes of a t), partial sums l_tr over its tokens, and O^T fragments
+    // o[j][p] (rows = dims 32j + 4g + 2p (+1 for c2, c3), cols = heads 2t, 2t+1).
+    float m_tr[2] = {-INFINITY, -INFINITY}, l_tr[2] = {0.0f, 0.0f};
     float o[NG][2][4];
 #pragma unroll
     for (int j = 0; j < NG; ++j) {
@@ -907,8 +1111,9 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     for (int k = 0; k < n_st; ++k) {
         cp_async_wait<kStages - 2>();
         __syncthreads();
-        if (k + kStages - 1 < n_st) issue(k + kStages - 1, (k + kStages - 1) % kStages);
+        if (k + kStages - 1 < n_st) issue_stage(k + kStages - 1, (k + kStages - 1) % kStages, next_page);
         cp_async_commit();
+        if (k + kStages < n_st) next_page = fast_page(k + kStages);
 
         const int it = t_begin + 2 * k + (warp >> 1);
         if (it >= t_end) continue;  // warp-uniform; no barrier below
@@ -922,72 +1127,66 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
         uint32_t kw[NG / 2][4];
 #pragma unroll
         for (int c = 0; c < NG / 2; ++c) tritter::ldmatrix_x4(kw[c], st + C::kKc + ld_row + 32 * c);
-        uint32_t kq[2][NG];  // (scale, min) of this lane's B tokens th*8 + g
+        uint32_t kq[2][NG];  // (scale, min) of this lane's K tokens th*8 + g
 #pragma unroll
         for (int th = 0; th < 2; ++th) load_params<NG>(st + C::kKp + (wt0 + th * 8 + g) * C::kPar, kq[th]);
-        float acc[2][2][4];
+        uint32_t b0, b1;  // P^T fragments (16 tokens x 8 heads, f16) for the O MMAs
+        // ---- scores S^T = K q^T: A = K dequantized (16 tokens x 16 dims: rows g, g+8 are
+        // tokens g, 8+g, the same ldmatrix words and dim permutation as below), B = q^T
+        // (16 dims x 8 heads): 8 MMAs per 16 tokens instead of 16 (the heads fill 8
+        // instead of 16 MMA rows). C: lane (g, t) holds tokens g, 8+g x heads 2t, 2t+1.
+        float acc[2][4];
 #pragma unroll
-        for (int th = 0; th < 2; ++th)
+        for (int c = 0; c < 2; ++c)
 #pragma unroll
-            for (int c = 0; c < 2; ++c)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[th][c][i] = 0.0f;
+            for (int i = 0; i < 4; ++i) acc[c][i] = 0.0f;
 #pragma unroll
         for (int j = 0; j < NG; ++j) {
+            uint32_t e[2][4];
 #pragma unroll
             for (int th = 0; th < 2; ++th) {
-                uint32_t e[4];
-                codes_to_half(kw[j / 2][th + 2 * (j & 1)], e);
-                dequant4(e, __byte_perm(kq[th][j], 0u, 0x1010), __byte_perm(kq[th][j], 0u, 0x3232));
-                mma_f16(acc[th][j & 1], qa[j][0][0], 0u, qa[j][0][1], 0u, e[0], e[1]);
-                mma_f16(acc[th][j & 1], qa[j][1][0], 0u, qa[j][1][1], 0u, e[2], e[3]);
+                codes_to_half(kw[j / 2][th + 2 * (j & 1)], e[th]);
+                dequant4(e[th], __byte_perm(kq[th][j], 0u, 0x1010), __byte_perm(kq[th][j], 0u, 0x3232));
             }
+            mma_f16(acc[j & 1], e[0][0], e[1][0], e[0][1], e[1][1], qa[j][0][0], qa[j][0][1]);
+            mma_f16(acc[j & 1], e[0][2], e[1][2], e[0][3], e[1][3], qa[j][1][0], qa[j][1][1]);
         }
-        float sc[2][2];
+        float sc[2][2];  // [token half][head 2t + e]
+        const bool vis0 = token_visible(sv, pos_w + g), vis1 = token_visible(sv, pos_w + 8 + g);
 #pragma unroll
-        for (int th = 0; th < 2; ++th)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) sc[th][e] = acc[th][0][e] + acc[th][1][e];
-        float mx = -INFINITY;
-#pragma unroll
-        for (int th = 0; th < 2; ++th)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const bool vis = token_visible(sv, pos_w + th * 8 + 2 * t + e);
-                sc[th][e] = vis ? sc[th][e] * scale_log2 : -INFINITY;
-                mx = fmaxf(mx, sc[th][e]);
-            }
-        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
-        const float m_new = fmaxf(m_run, mx);
-        float p[2][2];
-        float corr = 1.0f;
-        if (m_new == -INFINITY) {
-            p[0][0] = p[0][1] = p[1][0] = p[1][1] = 0.0f;
-        } else {
-            corr = exp2f(m_run - m_new);
-#pragma unroll
-            for (int th = 0; th < 2; ++th)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) p[th][e] = exp2f(sc[th][e] - m_new);
+        for (int e = 0; e < 2; ++e) {
+            sc[0][e] = vis0 ? (acc[0][e] + acc[1][e]) * scale_log2 : -INFINITY;
+            sc[1][e] = vis1 ? (acc[0][2 + e] + acc[1][2 + e]) * scale_log2 : -INFINITY;
         }
-        m_run = m_new;
-        l_run = fmaf(l_run, corr, (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]));
-        // O is rescaled only when some head's max moved (after the first tokens it rarely
-        // does; warp-uniform branch).
-        if (__any_sync(kFull, corr != 1.0f)) {
-            const float corr0 = __shfl_sync(kFull, corr, 8 * t);      // head 2t: lanes 4 (2t) ..
-            const float corr1 = __shfl_sync(kFull, corr, 8 * t + 4);  // head 2t + 1
+        float mx[2] = {fmaxf(sc[0][0], sc[1][0]), fmaxf(sc[0][1], sc[1][1])};
+#pragma unroll
+        for (int sh = 4; sh < 32; sh <<= 1)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) mx[e] = fmaxf(mx[e], __shfl_xor_sync(kFull, mx[e], sh));
+        float p[2][2], corr[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const float m_new = fmaxf(m_tr[e], mx[e]);
+            corr[e] = m_new == -INFINITY ? 1.0f : exp2f(m_tr[e] - m_new);
+            p[0][e] = m_new == -INFINITY ? 0.0f : exp2f(sc[0][e] - m_new);
+            p[1][e] = m_new == -INFINITY ? 0.0f : exp2f(sc[1][e] - m_new);
+            m_tr[e] = m_new;
+            l_tr[e] = fmaf(l_tr[e], corr[e], p[0][e] + p[1][e]);
+        }
+        if (__any_sync(kFull, (corr[0] != 1.0f) | (corr[1] != 1.0f))) {
 #pragma unroll
             for (int j = 0; j < NG; ++j)
 #pragma unroll
                 for (int pp = 0; pp < 2; ++pp) {
-                    o[j][pp][0] *= corr0;
-                    o[j][pp][1] *= corr1;
-                    o[j][pp][2] *= corr0;
-                    o[j][pp][3] *= corr1;
+                    o[j][pp][0] *= corr[0];
+                    o[j][pp][1] *= corr[1];
+                    o[j][pp][2] *= corr[0];
+                    o[j][pp][3] *= corr[1];
                 }
         }
+        // P^T: the 8x8 f16 matrices (tokens x heads) of each token half, transposed
+        b0 = movmatrix_trans(tritter::pack2<__half>(p[0][0], p[0][1]));
+        b1 = movmatrix_trans(tritter::pack2<__half>(p[1][0], p[1][1]));
 
         // ---- O^T += V^T (dims x tokens: ldmatrix.trans codes, dequantized to f16 with the
         // (scale, min) of the two tokens of each register pair) * P^T (p in f16, as
@@ -998,7 +1197,6 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
         uint32_t vp[4][NG];  // V (scale, min) of tokens (i >> 1) * 8 + 2t + (i & 1)
 #pragma unroll
         for (int i = 0; i < 4; ++i) load_params<NG>(st + C::kVp + (wt0 + (i >> 1) * 8 + 2 * t + (i & 1)) * C::kPar, vp[i]);
-        const uint32_t b0 = tritter::pack2<__half>(p[0][0], p[0][1]), b1 = tritter::pack2<__half>(p[1][0], p[1][1]);
 #pragma unroll
         for (int j = 0; j < NG; ++j) {
             uint32_t f0[4], f1[4];  // tokens (2t, 2t+1) and (8+2t, 9+2t), dims 32j + 4g + i
@@ -1013,14 +1211,19 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     cp_async_wait<0>();
 
     // ---- merge the 4 warps (flash-decoding inside the CTA), write (o, m, l) ----
-    l_run += __shfl_xor_sync(kFull, l_run, 1);
-    l_run += __shfl_xor_sync(kFull, l_run, 2);
+#pragma unroll
+    for (int sh = 4; sh < 32; sh <<= 1)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) l_tr[e] += __shfl_xor_sync(kFull, l_tr[e], sh);
     // Each warp writes its rescaled partials to a slot of its own and the slots are summed
     // in warp order (no atomics), so a decode step is bit-reproducible: a CUDA graph replay
     // equals the eager launch.
     __syncthreads();  // every warp is done with the stages
     float* s_w = reinterpret_cast<float*>(smem);  // [kWarps][G][D]
-    if (t == 0) s_wm[warp][g] = m_run;
+    if (g == 0) {
+        s_wm[warp][2 * t] = m_tr[0];
+        s_wm[warp][2 * t + 1] = m_tr[1];
+    }
     __syncthreads();
     auto cta_max = [&](int h) {
         float mm = s_wm[0][h];
@@ -1032,10 +1235,9 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
         const float mw = s_wm[warp][h];
         return mw == -INFINITY ? 0.0f : exp2f(mw - cta_max(h));
     };
-    if (t == 0 && g < G) {
-        const float f = factor(g);
-        s_wl[warp][g] = f * l_run;
-    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+        if (g == 0 && 2 * t + e < G) s_wl[warp][2 * t + e] = factor(2 * t + e) * l_tr[e];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int h = 2 * t + hh;
@@ -1058,6 +1260,11 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
         o_part[row * D + d] = sum_warp_slots(s_w, G * D, i);
         if (d == 0) ml_part[row] = make_float2(cta_max(h), sum_warp_slots(&s_wl[0][0], 8, h));
     }
+    const long long head0 = (long long)b * heads_q + hkv * G;
+    __syncthreads();  // s_w is read above; the merge reuses the stage memory
+    merge_last_split<D, G, kStages * C::kStageBytes / 4>(o_part, ml_part, out, tickets + (long long)b * heads_kv + hkv,
+                                                         reinterpret_cast<float*>(smem), head0 * num_splits, head0 * D,
+                                                         num_splits);
 }
 
 }  // namespace tc
@@ -1132,15 +1339,18 @@ KV_DECODE_G(int4, true, 128)
 KV_DECODE_G(f16, false, 64)
 KV_DECODE_G(f16, false, 128)
 
+// The tensor-core kernels merge their splits themselves (merge_last_split): two more
+// arguments, the f16 output and one ticket counter per (sequence, KV head).
 #define KV_DECODE_TC_NAMED(NAME, S, M, D, G)                                                                        \
     extern "C" __global__ void __launch_bounds__(kThreads, M) NAME(                                                 \
         const __half* __restrict__ q, const uint8_t* __restrict__ pool, const int* __restrict__ block_tables,       \
         const int* __restrict__ seq_lens, int bt_stride, int heads_kv, int page_shift, int num_pages,               \
         long long page_bytes, int sinks, int window, int tiles_per_split, int num_splits, float scale_log2,         \
-        float* __restrict__ o_part, float2* __restrict__ ml_part) {                                                 \
-        tc::decode_split_tc<D, G, S>(q, pool, block_tables, seq_lens, bt_stride, heads_kv, page_shift, num_pages,   \
-                                     page_bytes, sinks, window, tiles_per_split, num_splits, scale_log2, o_part,    \
-                                     ml_part);                                                                       \
+        float* __restrict__ o_part, float2* __restrict__ ml_part, __half* __restrict__ out,                         \
+        unsigned* __restrict__ tickets) {                                                                           \
+        tc::decode_split_tc<D, G, S>(q, pool, block_tables, seq_lens, bt_stride, heads_kv, page_shift,        \
+                                           num_pages, page_bytes, sinks, window, tiles_per_split, num_splits,       \
+                                           scale_log2, o_part, ml_part, out, tickets);                               \
     }
 // The default variant (what split_plan and the launch use unless tuned).
 #define KV_DECODE_TC(D, G) \
@@ -1148,7 +1358,7 @@ KV_DECODE_G(f16, false, 128)
 // Tuning variants (TRITTER_KV_TC_VARIANT=s{S}m{M}, see the crate README): pipeline depth S,
 // launch bounds of M CTAs per SM.
 #define KV_DECODE_TC_V(S, M, D, G) KV_DECODE_TC_NAMED(kv_decode_int4tc_s##S##_m##M##_d##D##_g##G, S, M, D, G)
-// The default is s3m4 (127 registers, no spills); the m3 variants give deeper pipelines more
+// The default is s3m4 (<= 128 registers, no spills); the m3 variants give deeper pipelines more
 // registers; s8m2 trades occupancy for 7 stages (70 KB) in flight per CTA.
 // Mirrored by TC_VARIANTS in crates/kv-int4/src/cuda.
 #define KV_DECODE_TC_ALL(D, G)   \

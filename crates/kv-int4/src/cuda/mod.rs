@@ -957,11 +957,15 @@ impl DecodeBatch {
     }
 }
 
-/// Split-KV partials: `o` `(B, Hq, splits, D)` f32 and `(m, l)` `(B, Hq, splits, 2)` f32.
-/// Grows on demand; allocate once and reuse (no allocation on the hot path after warm-up).
+/// Split-KV partials: `o` `(B, Hq, splits, D)` f32 and `(m, l)` `(B, Hq, splits, 2)` f32,
+/// plus one ticket counter per (sequence, KV head) for the tensor-core kernel's fused merge
+/// (the last CTA of a head merges; it resets the counter, so the workspace stays reusable and
+/// graph-replayable). Grows on demand; allocate once and reuse (no allocation on the hot path
+/// after warm-up). One workspace serves one stream at a time.
 pub struct DecodeWorkspace {
     o_part: CudaSlice<f32>,
     ml_part: CudaSlice<f32>,
+    tickets: CudaSlice<u32>,
 }
 
 impl std::fmt::Debug for DecodeWorkspace {
@@ -983,11 +987,18 @@ impl DecodeWorkspace {
             ml_part: s
                 .alloc_zeros((rows * 2 * splits).max(2))
                 .map_err(alloc_err("decode partial max/sum"))?,
+            // B * Hkv <= rows = B * Hq counters
+            tickets: s
+                .alloc_zeros(rows.max(1))
+                .map_err(alloc_err("decode merge tickets"))?,
         })
     }
 
     fn ensure(&mut self, gpu: &Gpu, rows: usize, head_dim: usize, splits: usize) -> Result<()> {
-        if self.o_part.len() < rows * head_dim * splits || self.ml_part.len() < rows * 2 * splits {
+        if self.o_part.len() < rows * head_dim * splits
+            || self.ml_part.len() < rows * 2 * splits
+            || self.tickets.len() < rows
+        {
             *self = DecodeWorkspace::new(gpu, rows, head_dim, splits)?;
         }
         Ok(())
@@ -1044,7 +1055,9 @@ fn decode_kernel_default(format: KvFormat, tc: bool, d: usize, g: usize) -> Resu
 /// Decode attention on the GPU, one query token per sequence of `batch`:
 /// `q` `(B, heads_q, head_dim)` f16 -> `out` `(B, heads_q, head_dim)` f16, over layer `layer`
 /// of `cache` (INT4 or f16 pages), with the cache's window and sinks, `softmax(q·kᵀ *
-/// softmax_scale)·v`. Split-KV over [`split_plan`] CTAs, then a reduction kernel; asynchronous.
+/// softmax_scale)·v`. Split-KV over [`split_plan`] CTAs; the splits are merged by the last
+/// CTA of each (sequence, KV head) (INT4 tensor-core kernel) or by a reduction kernel (f16
+/// and SIMT INT4 kernels); asynchronous.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention_cuda(
     cache: &GpuKvCache,
@@ -1155,6 +1168,9 @@ pub fn decode_attention_cuda(
         .arg(&scale_log2)
         .arg(&mut ws.o_part)
         .arg(&mut ws.ml_part);
+    if tc {
+        launch.arg(&mut *out).arg(&mut ws.tickets);
+    }
     let cfg_split = LaunchConfig {
         grid_dim: (splits as u32, hkv as u32, b as u32),
         block_dim: (DECODE_THREADS, 1, 1),
@@ -1165,9 +1181,15 @@ pub fn decode_attention_cuda(
     // D values (checked); the pool view is this layer's num_pages * page_bytes bytes and
     // every page id read from the block tables is bounds-checked by the kernel; block tables
     // are (B, stride) and the kernel reads only logical pages of visible tokens (< len <=
-    // stride * page_size); the workspace holds rows * splits * D and rows * splits * 2 floats.
+    // stride * page_size); the workspace holds rows * splits * D and rows * splits * 2 floats
+    // and rows >= B * Hkv tickets (zeroed at allocation; the kernel's last CTA per head puts
+    // its counter back to 0). The tensor-core kernels take `(__half* out, unsigned*
+    // tickets)` after those: out holds B * Hq * D halves (checked).
     unsafe { launch.launch(cfg_split) }
         .map_err(KernelError::driver(format!("launching {name}")))?;
+    if tc {
+        return Ok(());
+    }
 
     let reduce = gpu.function(&images::KV_INT4, "kv_decode_reduce")?;
     let (splits_r, d_i) = (i(splits), i(d));
