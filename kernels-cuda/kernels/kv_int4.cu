@@ -851,14 +851,24 @@ __device__ __forceinline__ void merge_last_split(const float* __restrict__ o_par
                                    col % (D / 4);
                 const float* w = smem_f + h * kChunk;
                 float4 a = acc[r];
-#pragma unroll kUnroll
-                for (int s = grp; s < n; s += kGroups) {
-                    const float4 x = __ldcg(op + (long long)s * (D / 4));
-                    const float ws = w[s];
-                    a.x = fmaf(x.x, ws, a.x);
-                    a.y = fmaf(x.y, ws, a.y);
-                    a.z = fmaf(x.z, ws, a.z);
-                    a.w = fmaf(x.w, ws, a.w);
+                // batches of kUnroll predicated loads, all issued before the first use (a
+                // runtime-count loop left its remainder, all of it at 8 splits, as a chain)
+                for (int s0 = grp; s0 < n; s0 += kGroups * kUnroll) {
+                    float4 x[kUnroll];
+#pragma unroll
+                    for (int u = 0; u < kUnroll; ++u) {
+                        const int s = s0 + u * kGroups;
+                        x[u] = s < n ? __ldcg(op + (long long)s * (D / 4)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    }
+#pragma unroll
+                    for (int u = 0; u < kUnroll; ++u) {
+                        const int s = s0 + u * kGroups;
+                        const float ws = s < n ? w[s] : 0.0f;  // past n: stale shared memory
+                        a.x = fmaf(x[u].x, ws, a.x);
+                        a.y = fmaf(x[u].y, ws, a.y);
+                        a.z = fmaf(x[u].z, ws, a.z);
+                        a.w = fmaf(x[u].w, ws, a.w);
+                    }
                 }
                 acc[r] = a;
             }
