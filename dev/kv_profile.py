@@ -133,7 +133,10 @@ def main():
             return cp.cuda.get_elapsed_time(s, e) / reps * 1e3
 
         us = timed(step)
-        print(f"  split kernel alone {timed(main_kernel):.1f} us, reduce alone {timed(reduce_kernel):.1f} us")
+        if fused:
+            print(f"  split kernel (merge included) alone {timed(main_kernel):.1f} us")
+        else:
+            print(f"  split kernel alone {timed(main_kernel):.1f} us, reduce alone {timed(reduce_kernel):.1f} us")
         gbs = num_pages * page_bytes / us / 1e3
         print(f"RESULT {prefix} B={b} L={l} splits={splits} tps={tps}: {us:.1f} us, {gbs:.0f} GB/s, "
               f"finite={bool(cp.isfinite(out).all())}")

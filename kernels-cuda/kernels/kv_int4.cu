@@ -1047,13 +1047,13 @@ __device__ __forceinline__ void decode_split_tc(const __half* __restrict__ q, co
     constexpr int kCodeChunksLane = kTile * kChunkTok / 32;
     constexpr int kParChunksTile = kTile * C::kPar / 16;  // 32 (D = 128) or 16 (D = 64)
     static_assert(kCodeChunksLane * 32 == kTile * kChunkTok && kParChunksTile <= 32, "fast copy mapping");
-    // In-page byte offsets fit 32 bits (fast_page requires page_bytes < 2^32): 32-bit
+    // In-page byte offsets fit 31 bits (fast_page requires page_bytes < 2^31): 32-bit
     // arithmetic and one IMAD.WIDE per stage keep the path short under the 128-register cap.
     const int f_tile = warp >> 1;
     const uint32_t f_kv = (warp & 1) ? static_cast<uint32_t>(kv_off) : 0u;
     const uint32_t f_code = f_kv + static_cast<uint32_t>(hkv * page_size * (D / 2) + 16 * lane);
     const uint32_t f_par = f_kv + static_cast<uint32_t>(val_region + hkv * page_size * C::kPar + 16 * lane);
-    const bool f_pages_ok = page_size >= kTile && page_bytes <= 0xffffffffll;
+    const bool f_pages_ok = page_size >= kTile && page_bytes <= 0x7fffffffll;
     const int f_code_smem = ((warp & 1) ? C::kVc : C::kKc) + (f_tile * kTile + lane / kChunkTok) * C::kRow +
                             16 * (lane % kChunkTok);
     const int f_par_smem = ((warp & 1) ? C::kVp : C::kKp) + f_tile * kTile * C::kPar + 16 * lane;
