@@ -10,6 +10,8 @@ import sys
 import cupy as cp
 import numpy as np
 
+import cuda_timing
+
 HQ, HKV, D, P = 32, 8, 128, 32
 TILE, MIN_TPS = 32, 4
 CTAS = int(os.environ.get("KV_CTAS", "4"))  # CTAs per SM the split plan assumes (INT4_CTAS_PER_SM)
@@ -123,14 +125,8 @@ def main():
             check(pool, bt, q, out, b, l, num_pages, page_bytes)
         if "--once" in sys.argv:
             continue
-        def timed(f, reps=20):
-            s, e = cp.cuda.Event(), cp.cuda.Event()
-            s.record()
-            for _ in range(reps):
-                f()
-            e.record()
-            e.synchronize()
-            return cp.cuda.get_elapsed_time(s, e) / reps * 1e3
+        def timed(f):  # one run of 20 calls, already warm (the three steps above)
+            return cuda_timing.timed(f, samples=1, warmup=False)
 
         us = timed(step)
         if fused:

@@ -10,21 +10,9 @@ import sys
 import cupy as cp
 import numpy as np
 
+from cuda_timing import timed
+
 N, HKV, D, P = 32768, 8, 128, 32
-
-
-def timed(f, reps=20, samples=7):
-    f()
-    out = []
-    for _ in range(samples):
-        s, e = cp.cuda.Event(), cp.cuda.Event()
-        s.record()
-        for _ in range(reps):
-            f()
-        e.record()
-        e.synchronize()
-        out.append(cp.cuda.get_elapsed_time(s, e) / reps * 1e3)
-    return sorted(out)[len(out) // 2]
 
 
 def main():
