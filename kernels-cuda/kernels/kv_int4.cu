@@ -23,7 +23,11 @@
 //   slot given by a table (page * page_size + slot, -1: not stored). A group holding NaN or
 //   Inf is stored as zeros and counted in a device counter (no host synchronization between
 //   layers; the engine reads the counter once per step), so no page ever holds a non-finite
-//   value.
+//   value. kv_write_slots_warp_{int4,f16}: the same for batches of <= 64 tokens (decode
+//   steps), a warp per (token, head, K|V) and a lane per value (latency: the per-thread
+//   form leaves n * Hkv * D / 32 threads each quantizing 64 values in a chain). The group
+//   format and page addressing live in kv_int4_store.cuh, shared with the engine's fused
+//   QK-Norm + RoPE + append (engine.cu).
 //
 // ---- kv_decode_{int4,f16}_d{64,128}_g{1,2,4,8} (SIMT): one CTA per (split, kv head, sequence) -
 //   The f16 baseline, and the previous INT4 kernel (TRITTER_KV_INT4_SIMT=1 selects it).
@@ -119,6 +123,7 @@
 //   40 KB use dynamic shared memory.
 
 #include "common.cuh"
+#include "kv_int4_store.cuh"
 #include "warp_mma.cuh"
 
 namespace {
@@ -166,44 +171,7 @@ __device__ __forceinline__ void count_nonfinite(const __half* __restrict__ x, lo
 // ------------------------------------------------------------------------------------------
 // Writes: one thread per (K, V) pair of groups of 32 values.
 // ------------------------------------------------------------------------------------------
-// Asymmetric 4-bit quantization of one group of 32 values, bit-exact with the CPU's
-// quantize_group: codes (8 per word, low nibble first), f16 scale and minimum.
-__device__ __forceinline__ void quantize_group32(const float (&x)[32], uint32_t (&words)[4], __half& scale_h,
-                                                 __half& min_h) {
-    float lo = x[0], hi = x[0];
-#pragma unroll
-    for (int i = 1; i < 32; ++i) {
-        lo = fminf(lo, x[i]);
-        hi = fmaxf(hi, x[i]);
-    }
-    // + 0 turns -0 into +0 (IEEE, not folded without fast math): bit-exact with the CPU.
-    min_h = __float2half_rn(__fadd_rn(lo, 0.0f));
-    scale_h = __float2half_rn(__fadd_rn(__fdiv_rn(__fsub_rn(hi, lo), 15.0f), 0.0f));
-    // As the CPU: the top code must dequantize to a finite f16 (code * scale + min rounded
-    // once, as the tensor-core decode kernel does), else the next smaller scale. 15 * s is
-    // exact in f32; one rounding for the sum, as in Rust.
-    while (__fadd_rn(__fmul_rn(15.0f, __half2float(scale_h)), __half2float(min_h)) >= 65520.0f)
-        scale_h = __ushort_as_half(static_cast<unsigned short>(__half_as_ushort(scale_h) - 1));
-    const float m = __half2float(min_h), s = __half2float(scale_h);
-    words[0] = words[1] = words[2] = words[3] = 0u;
-    if (s > 0.0f) {
-        // (x - m) / s correctly rounded without a division (Markstein): with inv =
-        // RN(1/s), y0 = RN(d * inv) is within 1 ulp of d / s, the residual
-        // r = d - s * y0 is exact in one FMA, and RN(y0 + r * inv) = RN(d / s) (no
-        // overflow: |d / s| <= ~15; an underflowing d rounds to code 0 either way). So
-        // the code equals quantize_group's IEEE division bit for bit, in 3 FP ops.
-        const float inv = __frcp_rn(s);
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-            const float d = __fsub_rn(x[i], m);
-            const float y0 = __fmul_rn(d, inv);
-            const float y = __fmaf_rn(__fmaf_rn(-y0, s, d), inv, y0);
-            float q = roundf(y);
-            q = fminf(fmaxf(q, 0.0f), 15.0f);
-            words[i / 8] |= static_cast<uint32_t>(q) << (4 * (i % 8));
-        }
-    }
-}
+using tritter::kv::quantize_group32;
 
 // Quantizes (INT4) or copies (F16) one group of 32 values `src` of head h into slot `slot`
 // of the page at `base` (K half for kv = 0, V half for kv = 1). With `nonfinite` (the slot
@@ -213,7 +181,6 @@ template <bool kInt4>
 __device__ __forceinline__ void store_group(const __half* __restrict__ src, uint8_t* __restrict__ base, int kv, int h,
                                             int slot, int g, int heads_kv, int head_dim, int page_size,
                                             unsigned* __restrict__ nonfinite) {
-    const unsigned groups_per_row = head_dim / 32;
     float x[32];
     if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
 #pragma unroll
@@ -242,25 +209,20 @@ __device__ __forceinline__ void store_group(const __half* __restrict__ src, uint
             for (int i = 0; i < 32; ++i) x[i] = 0.0f;
         }
     }
+    const tritter::kv::GroupDst dst = tritter::kv::group_dst<kInt4>(base, kv, h, slot, g, heads_kv, head_dim, page_size);
     if constexpr (kInt4) {
-        const long long val_bytes = (long long)heads_kv * page_size * (head_dim / 2);
-        const long long par_bytes = (long long)heads_kv * page_size * groups_per_row * 4;
-        uint8_t* region = base + kv * (val_bytes + par_bytes);
-        const long long row = (long long)h * page_size + slot;
         uint32_t words[4];
         __half scale_h, min_h;
         quantize_group32(x, words, scale_h, min_h);
-        *reinterpret_cast<uint4*>(region + row * (head_dim / 2) + g * 16) = make_uint4(words[0], words[1], words[2], words[3]);
-        *reinterpret_cast<__half2*>(region + val_bytes + (row * groups_per_row + g) * 4) = __halves2half2(scale_h, min_h);
+        *reinterpret_cast<uint4*>(dst.values) = make_uint4(words[0], words[1], words[2], words[3]);
+        *dst.params = __halves2half2(scale_h, min_h);
     } else {
-        const long long val_bytes = (long long)heads_kv * page_size * head_dim * 2;
-        uint8_t* dst = base + kv * val_bytes + ((long long)h * page_size + slot) * head_dim * 2 + g * 64;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             __half2 h2[4];
 #pragma unroll
             for (int j = 0; j < 4; ++j) h2[j] = __floats2half2_rn(x[8 * i + 2 * j], x[8 * i + 2 * j + 1]);
-            reinterpret_cast<uint4*>(dst)[i] = *reinterpret_cast<const uint4*>(h2);
+            reinterpret_cast<uint4*>(dst.values)[i] = *reinterpret_cast<const uint4*>(h2);
         }
     }
 }
@@ -1307,6 +1269,32 @@ KV_WRITE(kv_write_f16, false)
     }
 KV_WRITE_SLOTS(kv_write_slots_int4, true)
 KV_WRITE_SLOTS(kv_write_slots_f16, false)
+
+// The slot writer for decode-size batches: one warp per (token, KV head, K or V), a lane per
+// value, the head's groups in turn (kv_int4_store.cuh's store_group_warp: the same bytes).
+// With one token per sequence the thread-per-group kernel has n * Hkv * D / 32 threads, each
+// quantizing 64 values in a serial chain; here 32 times as many threads share the work.
+#define KV_WRITE_SLOTS_WARP(NAME, INT4)                                                                             \
+    extern "C" __global__ void __launch_bounds__(kWriteThreads) NAME(                                               \
+        const __half* __restrict__ k, const __half* __restrict__ v, uint8_t* __restrict__ pool,                     \
+        const int* __restrict__ slots, int n, int heads_kv, int head_dim, int page_shift, int num_pages,            \
+        long long page_bytes, int layer, unsigned* __restrict__ nonfinite) {                                        \
+        const int w = (int)((blockIdx.x * blockDim.x + threadIdx.x) / 32), lane = threadIdx.x % 32;                 \
+        if (w >= 2 * n * heads_kv) return;                                                                           \
+        const int kv = w % 2, t = w / 2 / heads_kv, h = w / 2 % heads_kv;                                           \
+        const int s = slots[t];                                                                                      \
+        const int page = s >> page_shift;                                                                            \
+        if (s < 0 || page >= num_pages) return;                                                                      \
+        const __half* src = (kv ? v : k) + ((long long)t * heads_kv + h) * head_dim;                                \
+        uint8_t* base = pool + ((long long)layer * num_pages + page) * page_bytes;                                  \
+        for (int g = 0; g < head_dim / 32; ++g) {                                                                    \
+            const tritter::kv::GroupDst d = tritter::kv::group_dst<INT4>(base, kv, h, s & ((1 << page_shift) - 1), g, \
+                                                                         heads_kv, head_dim, 1 << page_shift);      \
+            tritter::kv::store_group_warp<INT4>(__half2float(src[32 * g + lane]), d, nonfinite);                     \
+        }                                                                                                            \
+    }
+KV_WRITE_SLOTS_WARP(kv_write_slots_warp_int4, true)
+KV_WRITE_SLOTS_WARP(kv_write_slots_warp_f16, false)
 
 // x (groups of 32 f16 values) replaced by its INT4 round trip, dequantized as the CPU does
 // (code * scale + min in one fused multiply-add, then f16): what a prompt's attention reads

@@ -191,6 +191,9 @@ mod pool_conformance {
                     assert_eq!(p.append_slots(&[(a, 1), (b, 1), (c, 1)], 600 + 10 * t), 0);
                 }
                 assert_eq!(p.append_slots(&[(c, 5), (a, 1), (b, 33)], 700), 0);
+                // Past WARP_WRITE_MAX_TOKENS: the thread-per-group writer.
+                let big = kv_int4::cuda::WARP_WRITE_MAX_TOKENS + 6;
+                assert_eq!(p.append_slots(&[(c, big), (a, 1)], 800), 0);
                 p.gpu.free(b).unwrap();
                 p.cpu.free(b).unwrap();
                 let e = p.add();

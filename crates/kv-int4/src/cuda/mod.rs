@@ -26,6 +26,9 @@ const DECODE_THREADS: u32 = 128;
 const REDUCE_THREADS: u32 = 256;
 /// Threads per write CTA (`kWriteThreads`).
 const WRITE_THREADS: u32 = 256;
+/// Slot batches of at most this many tokens (decode steps) are written by the warp-per-head
+/// kernel ([`GpuKvCache::write_layer_slots`]).
+pub const WARP_WRITE_MAX_TOKENS: usize = 64;
 /// Fewest tiles a split takes (so the cp.async pipeline fills and the reduction stays small
 /// next to the K/V bytes).
 pub const MIN_TILES_PER_SPLIT: usize = 4;
@@ -382,8 +385,9 @@ impl GpuKvCache {
 
     /// Marks every layer of `batch`'s appends written without launching anything: for a
     /// caller that has just launched a captured CUDA graph holding one
-    /// [`write_layer_slots`](Self::write_layer_slots) per layer on this batch's buffers (the
-    /// graph wrote the pages). Checks every ticket and layer first and changes nothing on an
+    /// [`write_layer_slots`](Self::write_layer_slots) (or
+    /// [`write_layer_slots_with`](Self::write_layer_slots_with)) per layer on this batch's
+    /// buffers (the graph wrote the pages). Checks every ticket and layer first and changes nothing on an
     /// error. Calling it without those writes would let decode attention read stale slots
     /// of the batch's own sequences (never another sequence's: the slots are their pages).
     pub fn record_graph_writes(&mut self, batch: &SlotBatch) -> Result<()> {
@@ -439,7 +443,9 @@ impl GpuKvCache {
     /// zeros and counted into `nonfinite[0]` (never stored as garbage), so the caller checks
     /// the counter once per step (an engine reads it with the step's logits) instead of once
     /// per layer as [`write_layer`](Self::write_layer) does. Tickets and shapes are checked
-    /// before anything is launched.
+    /// before anything is launched. Batches of up to [`WARP_WRITE_MAX_TOKENS`] tokens (decode
+    /// steps) run a warp per token, head and K|V (a lane per value); larger ones a thread per
+    /// group of 32 values: the same bytes either way.
     pub fn write_layer_slots(
         &mut self,
         batch: &SlotBatch,
@@ -448,11 +454,89 @@ impl GpuKvCache {
         v: &CudaView<'_, f16>,
         nonfinite: &mut CudaSlice<u32>,
     ) -> Result<()> {
+        let cfg = self.blocks.config().clone();
+        check_kv_lens(&cfg, false, batch.tokens, k.len(), v.len())?;
+        self.write_layer_slots_with(batch, layer, nonfinite, |st| {
+            let warp = st.tokens <= WARP_WRITE_MAX_TOKENS;
+            let name = match (st.format, warp) {
+                (KvFormat::Int4, false) => "kv_write_slots_int4",
+                (KvFormat::F16, false) => "kv_write_slots_f16",
+                (KvFormat::Int4, true) => "kv_write_slots_warp_int4",
+                (KvFormat::F16, true) => "kv_write_slots_warp_f16",
+            };
+            let gpu = st.gpu;
+            let func = gpu.function(&images::KV_INT4, name)?;
+            let i = |x: usize| x as i32; // bounded by validate() and write_layer_slots_with
+            let (n, hkv, d, shift, np, layer_i) = (
+                i(st.tokens),
+                i(st.heads_kv),
+                i(st.head_dim),
+                st.page_shift as i32,
+                i(st.num_pages),
+                i(st.layer),
+            );
+            let threads = if warp {
+                // A warp per (token, head, K or V).
+                2 * st.tokens * st.heads_kv * 32
+            } else {
+                // A thread per (K, V) pair of groups.
+                st.tokens * st.heads_kv * (st.head_dim / crate::GROUP)
+            };
+            let mut launch = gpu.stream().launch_builder(&func);
+            launch
+                .arg(k)
+                .arg(v)
+                .arg(st.pool)
+                .arg(st.slots)
+                .arg(&n)
+                .arg(&hkv)
+                .arg(&d)
+                .arg(&shift)
+                .arg(&np)
+                .arg(&st.page_bytes)
+                .arg(&layer_i)
+                .arg(st.nonfinite);
+            let lc = LaunchConfig {
+                grid_dim: (threads.div_ceil(WRITE_THREADS as usize) as u32, 1, 1),
+                block_dim: (WRITE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `kv_write_slots_*(const __half*, const __half*, uint8_t*, const
+            // int*, int, int, int, int, int, long long, int, unsigned*)`; k and v hold
+            // n * heads_kv * head_dim values (checked), slots n entries (built by slot_batch
+            // from the tickets' pages, each < num_pages * page_size or -1), layer < layers
+            // (checked), the pool layers * num_pages * page_bytes bytes; each thread (warp)
+            // writes one group (head) inside its own token's slot.
+            unsafe { launch.launch(lc) }
+                .map_err(KernelError::driver(format!("launching {name}")))?;
+            Ok(())
+        })
+    }
+
+    /// Writes layer `layer` of every append of `batch` with a kernel of the caller's: `launch`
+    /// gets the pool and the batch's slots as raw launch parameters ([`SlotStore`]) and must
+    /// enqueue, on the cache's stream, a kernel that stores every token's K and V exactly as
+    /// `kv_int4_store.cuh` of `tritter-kernels-cuda` does (`store_group_warp`, or
+    /// `group_dst` + `quantize_group32`): what a fused producer uses to append in the launch
+    /// that computes K and V (the tritter engine's QK-Norm + RoPE + append), saving a launch
+    /// and a round trip of K and V per layer. Tickets are checked before `launch` runs, the
+    /// layer is marked written only when it returns `Ok`. The stores must stay inside each
+    /// token's slot (`slots[t] = page * page_size + slot`, -1: not stored) and count each
+    /// group holding NaN or Inf into `nonfinite[0]` instead of storing it.
+    pub fn write_layer_slots_with<F>(
+        &mut self,
+        batch: &SlotBatch,
+        layer: usize,
+        nonfinite: &mut CudaSlice<u32>,
+        launch: F,
+    ) -> Result<()>
+    where
+        F: FnOnce(SlotStore<'_>) -> Result<()>,
+    {
         for t in &batch.tickets {
             self.blocks.check_ticket(t, layer)?;
         }
         let cfg = self.blocks.config().clone();
-        check_kv_lens(&cfg, false, batch.tokens, k.len(), v.len())?;
         if nonfinite.is_empty() {
             return Err(KvError::LengthMismatch {
                 what: "nonfinite",
@@ -469,52 +553,22 @@ impl GpuKvCache {
                 i32::MAX
             )));
         }
-        if groups > 0 {
+        if batch.tokens > 0 {
             let gpu = self.store.gpu.clone();
-            let stream = gpu.stream();
-            let name = match cfg.format {
-                KvFormat::Int4 => "kv_write_slots_int4",
-                KvFormat::F16 => "kv_write_slots_f16",
-            };
-            let func = gpu.function(&images::KV_INT4, name)?;
-            let i = |x: usize| x as i32; // bounded by validate() and the checks above
-            let (n, hkv, d, shift, np, layer_i) = (
-                i(batch.tokens),
-                i(cfg.heads_kv),
-                i(cfg.head_dim),
-                i(cfg.page_size.trailing_zeros() as usize),
-                i(cfg.num_pages),
-                i(layer),
-            );
-            let page_bytes = cfg.layout().page_bytes() as i64;
-            let mut launch = stream.launch_builder(&func);
-            launch
-                .arg(k)
-                .arg(v)
-                .arg(&mut self.store.pool)
-                .arg(&batch.slots)
-                .arg(&n)
-                .arg(&hkv)
-                .arg(&d)
-                .arg(&shift)
-                .arg(&np)
-                .arg(&page_bytes)
-                .arg(&layer_i)
-                .arg(&mut *nonfinite);
-            let lc = LaunchConfig {
-                // One thread per (K, V) pair of groups.
-                grid_dim: ((groups / 2).div_ceil(WRITE_THREADS as usize) as u32, 1, 1),
-                block_dim: (WRITE_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: matches `kv_write_slots_*(const __half*, const __half*, uint8_t*, const
-            // int*, int, int, int, int, int, long long, int, unsigned*)`; k and v hold
-            // n * heads_kv * head_dim values (checked), slots n entries (built by slot_batch
-            // from the tickets' pages, each < num_pages * page_size or -1), layer < layers
-            // (check_ticket), the pool layers * num_pages * page_bytes bytes; each thread
-            // writes one group inside its own token's slot.
-            unsafe { launch.launch(lc) }
-                .map_err(KernelError::driver(format!("launching {name}")))?;
+            launch(SlotStore {
+                gpu: &gpu,
+                pool: &mut self.store.pool,
+                slots: &batch.slots,
+                nonfinite,
+                tokens: batch.tokens,
+                format: cfg.format,
+                heads_kv: cfg.heads_kv,
+                head_dim: cfg.head_dim,
+                page_shift: cfg.page_size.trailing_zeros(),
+                num_pages: cfg.num_pages,
+                page_bytes: cfg.layout().page_bytes() as i64,
+                layer,
+            })?;
         }
         for t in &batch.tickets {
             self.blocks.finish_layer(t, layer);
@@ -902,6 +956,47 @@ fn plan(
             }
         }
         (best.1, best.2)
+    }
+}
+
+/// One layer of a [`SlotBatch`] as launch parameters, for a kernel that computes K and V and
+/// stores them in the same launch ([`GpuKvCache::write_layer_slots_with`]). The page layout
+/// and the group format are `kv_int4_store.cuh`'s (`tritter-kernels-cuda`).
+pub struct SlotStore<'a> {
+    /// The cache's GPU; the kernel goes on its stream.
+    pub gpu: &'a Arc<Gpu>,
+    /// `(layers, num_pages, page_bytes)` bytes: the page pool of every layer.
+    pub pool: &'a mut CudaSlice<u8>,
+    /// `(tokens,)` pool slot `page * page_size + slot` per token of the batch, -1 where the
+    /// token is not stored (outside the window).
+    pub slots: &'a CudaSlice<i32>,
+    /// `(1,)` counter of non-finite groups (stored as zeros instead).
+    pub nonfinite: &'a mut CudaSlice<u32>,
+    /// Tokens of the batch (rows of the caller's K and V).
+    pub tokens: usize,
+    /// INT4 or f16 pages.
+    pub format: KvFormat,
+    /// KV heads per token.
+    pub heads_kv: usize,
+    /// Values per head (a multiple of 32).
+    pub head_dim: usize,
+    /// log2 of the page size in tokens.
+    pub page_shift: u32,
+    /// Pages per layer.
+    pub num_pages: usize,
+    /// Bytes per page (K and V of every head).
+    pub page_bytes: i64,
+    /// The layer written.
+    pub layer: usize,
+}
+
+impl std::fmt::Debug for SlotStore<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotStore")
+            .field("tokens", &self.tokens)
+            .field("format", &self.format)
+            .field("layer", &self.layer)
+            .finish_non_exhaustive()
     }
 }
 
