@@ -183,9 +183,65 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
 //   nonfinite_flags [M] u32: 1 where the row held NaN/Inf (its scale is then NaN and its
 //             codes zero), else 0; written every fill, so never reset
 //
-// Pass 1 is the absmax reduction above (16-byte loads when aligned); pass 2 writes one
-// permuted 32-bit word per thread and step (coalesced), gathering its 4 inputs from the
-// L1-resident row. `Src` is an activation type (quantize) or int8 codes (permute only).
+// Rows of up to kThreads * kRegVecs 16-byte vectors (8192 bf16/f16, 4096 f32; aligned) are
+// read once into registers, quantized from there into shared memory in natural k order and
+// written as permuted words from shared memory: one global round trip per row (decode
+// sizes are latency bound). Longer rows: pass 1 is the absmax reduction above (16-byte loads
+// when aligned); pass 2 writes one permuted 32-bit word per thread and step (coalesced),
+// gathering its 4 inputs from the L1-resident row.
+template <typename T>
+__device__ __forceinline__ void act_quant_mma_row_regs(const uint4* __restrict__ xv, int8_t* __restrict__ codes_mma,
+                                                       int* __restrict__ sums, float* __restrict__ scales,
+                                                       unsigned* __restrict__ nonfinite_flags, int row, int cols,
+                                                       int cols_pad) {
+    constexpr int VEC = Vec16<T>::N;
+    __shared__ float scratch_f[32];
+    __shared__ uint32_t q_nat[kThreads * kRegVecs * 2];  // codes in natural k order (<= 8192)
+    const int nvec = cols / VEC;
+    uint4 held[kRegVecs];
+    float amax = 0.0f;
+    unsigned bad = 0;
+#pragma unroll
+    for (int it = 0; it < kRegVecs; ++it) {
+        const int i = threadIdx.x + it * kThreads;
+        if (i < nvec) held[it] = xv[i];
+    }
+#pragma unroll
+    for (int it = 0; it < kRegVecs; ++it) {
+        if (threadIdx.x + it * kThreads < nvec) {
+            const T* e = reinterpret_cast<const T*>(&held[it]);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) absorb_absmax(tritter::to_float(e[j]), amax, bad);
+        }
+    }
+    amax = tritter::block_max(amax, scratch_f);
+    bad = __syncthreads_or(bad);
+    const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
+    if (threadIdx.x == 0) {
+        nonfinite_flags[row] = bad ? 1u : 0u;
+        scales[row] = bad ? __int_as_float(0x7fc00000) : s;
+    }
+    // Vector slot i holds codes VEC * i .. + VEC - 1; slots past the row (the padding up to
+    // cols_pad <= kThreads * kRegVecs * VEC) and every code of a non-finite row are zero.
+#pragma unroll
+    for (int it = 0; it < kRegVecs; ++it) {
+        const int i = threadIdx.x + it * kThreads;
+        union {
+            int8_t q[VEC];
+            uint32_t w[VEC / 4];
+        } out;
+        const T* e = reinterpret_cast<const T*>(&held[it]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) out.q[j] = (i < nvec && !bad) ? quantize_one(tritter::to_float(e[j]), s) : 0;
+#pragma unroll
+        for (int w = 0; w < VEC / 4; ++w) q_nat[(VEC / 4) * i + w] = out.w[w];
+    }
+    __syncthreads();
+    const int8_t* qb = reinterpret_cast<const int8_t*>(q_nat);
+    tritter::store_mma_row<kThreads>(codes_mma, sums, row, cols, cols_pad, [&](int k) { return static_cast<int>(qb[k]); });
+}
+
+// `Src` is an activation type (quantize) or int8 codes (permute only).
 template <typename T>
 __device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_t* __restrict__ codes_mma,
                                                   int* __restrict__ sums, float* __restrict__ scales,
@@ -200,6 +256,12 @@ __device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_
     if (row >= rows) return;
     const T* xr = x + static_cast<size_t>(row) * cols;
     const bool vec_ok = (cols % VEC == 0) && ((reinterpret_cast<uintptr_t>(x) & 15) == 0);
+    const int nvec = cols / VEC;
+    if (vec_ok && nvec <= kThreads * kRegVecs) {
+        act_quant_mma_row_regs<T>(reinterpret_cast<const uint4*>(xr), codes_mma, sums, scales, nonfinite_flags,
+                                  row, cols, cols_pad);
+        return;
+    }
     float amax = 0.0f;
     unsigned bad = 0;
     row_absmax(xr, cols, vec_ok, amax, bad);

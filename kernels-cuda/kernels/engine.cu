@@ -12,6 +12,10 @@
 //   k order, row sum, scale s = 127 / max(max|x|, 1e-5), non-finite flag): the input of the
 //   next projection (the MLP's, or the next layer's q/k/v) in the launch that updates x, with
 //   act_quant's formula and rounding (bit-exact with ternary_gemm::absmax_quantize_rows).
+//   Grid N, 256 threads; rows of up to 4096 values stay in registers (one load of a, x and
+//   w, one store of x, the codes permuted through shared memory). Latency bound at decode
+//   sizes: the rewrite that keeps the row in registers took the 7B batch-1 decode step from
+//   2.38 to 2.29-2.33 ms on the H100.
 // ---- engine_rmsnorm_{f32,bf16}: out[i] = rmsnorm(x[rows[i]]) * w (pre-norm, final norm) ------
 //   Grid N, 256 threads, the row in registers (H <= 256 * 16), sum of squares reduced with
 //   warp shuffles then across warps in shared memory; the formula of the CPU engine
@@ -19,37 +23,30 @@
 //   o = v / r * w with IEEE division (no fast math: only the summation order differs from
 //   the CPU's sequential sum). Memory bound, latency dominated at decode sizes.
 //
-// ---- engine_qkv: QK-Norm + RoPE + f16 conversion of the fused q/k/v projection output ------
+// ---- engine_qkv_store_{int4,f16}: QK-Norm + RoPE + f16 conversion of the fused q/k/v -----
+//   projection output, and the append of K and V to kv-int4's paged cache, in one launch.
 //   in (N, (Hq + 2 Hkv) * D) f32 rows [q heads | k heads | v heads] -> q (N, Hq, D),
 //   k (N, Hkv, D), v (N, Hkv, D) f16, q and k normalized (RMSNorm over D with q_norm / k_norm,
-//   when given) and rotated (rotate-half RoPE at pos[r]), v converted. One warp per head,
+//   when given) and rotated (rotate-half RoPE at pos[r]), v converted; then each K and V head
+//   (its f16 values, staged in shared memory) is stored into token r's pool slot slots[r]
+//   by its warp, a lane per value (kv_int4_store.cuh: the bytes of kv-int4's kv_write_slots,
+//   NaN/Inf groups stored as zeros and counted). One warp per head,
 //   4 heads per 128-thread CTA, grid (N, ceil((Hq + 2 Hkv) / 4)). Lane l holds the pairs
 //   (j, j + D/2) for j = l, l + 32, ...; the angle pos * inv_freq[j] is computed in double
 //   precision (as the CPU reference does, then rounded to f32 once), so long contexts keep
 //   their precision; each RoPE product is rounded before the sum, as in the reference.
 
+#include "a8_mma.cuh"
 #include "common.cuh"
+#include "kv_int4_store.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxVecs = 4;  // 16-byte vectors of 4 f32 per thread: rows up to 4096 in registers
-constexpr unsigned kFull = 0xffffffffu;
 
 using tritter::rms_denominator;
 using tritter::warp_sum;
-
-// Integer sum over the CTA; every thread gets the result.
-__device__ __forceinline__ int block_sum_int(int v) {
-    __shared__ int part[kThreads / 32];
-    v = __reduce_add_sync(kFull, v);
-    const int w = threadIdx.x / 32, l = threadIdx.x % 32;
-    __syncthreads();
-    if (l == 0) part[w] = v;
-    __syncthreads();
-    return __reduce_add_sync(kFull, l < kThreads / 32 ? part[l] : 0);
-}
-
 
 // Loads row xr (h floats) into v (thread i holds elements 4 * (i + 256 j) .. +3 when
 // vectorized, else i + 256 j); returns the partial sum of squares. Rows longer than
@@ -145,13 +142,14 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads)
-    engine_add_rmsnorm_a8(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w, int h,
-                          float eps, int8_t* __restrict__ codes, int* __restrict__ sums, float* __restrict__ scales,
-                          unsigned* __restrict__ nonfinite, int kp) {
-    const long long r = blockIdx.x;
-    float* xr = x + r * h;
-    rmsnorm_row<float, true>(a + r * h, w, h, eps, xr);
+// The general path of engine_add_rmsnorm_a8 (rows longer than 4096 or not a multiple of 4):
+// rmsnorm_row's update, then the A8 pass re-reads the row from memory.
+__device__ __forceinline__ void add_rmsnorm_a8_slow(int row, float* __restrict__ xr, const float* __restrict__ ar,
+                                                    const float* __restrict__ w, int h, float eps,
+                                                    int8_t* __restrict__ codes, int* __restrict__ sums,
+                                                    float* __restrict__ scales, unsigned* __restrict__ nonfinite,
+                                                    int kp) {
+    rmsnorm_row<float, true>(ar, w, h, eps, xr);
     __syncthreads();  // the updated row is visible to the whole CTA
     float amax = 0.0f;
     unsigned bad = 0u;
@@ -162,33 +160,86 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     }
     __shared__ float red[32];
     amax = tritter::block_max(amax, red);
-    bad = block_sum_int((int)bad) != 0;
+    bad = __syncthreads_or(bad) != 0;
     const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
-    int local = 0;
-    for (int wd = threadIdx.x; wd < kp / 4; wd += kThreads) {
-        // Word wd of the MMA k order holds k = kb, kb + 4, kb + 8, kb + 12 (act_quant.cu).
-        const int blk = wd >> 5, j = (wd >> 3) & 3, t = wd & 7;
-        const int kb = 128 * blk + 16 * t + j;
+    if (threadIdx.x == 0) {
+        scales[row] = bad ? __int_as_float(0x7fc00000) : s;
+        nonfinite[row] = bad;
+    }
+    tritter::store_mma_row<kThreads>(codes, sums, row, h, kp, [&](int k) {
+        return bad ? 0 : static_cast<int>(fminf(fmaxf(roundf(__fmul_rn(xr[k], s)), -128.0f), 127.0f));
+    });
+}
+
+// One CTA per row. Rows of up to 4096 values (a multiple of 4) stay in registers from the
+// first load to the last store: a, x and w are requested together (12 independent 16-byte
+// loads per thread), the updated row is written once and quantized from registers, and the
+// codes are permuted into the MMA k order through 4 KB of shared memory. At decode sizes
+// (one row) the kernel is a chain of dependent latencies (one round trip to L2, three
+// reductions, one store), so every re-read of the row from memory is a round trip saved.
+extern "C" __global__ void __launch_bounds__(kThreads)
+    engine_add_rmsnorm_a8(float* __restrict__ x, const float* __restrict__ a, const float* __restrict__ w, int h,
+                          float eps, int8_t* __restrict__ codes, int* __restrict__ sums, float* __restrict__ scales,
+                          unsigned* __restrict__ nonfinite, int kp) {
+    constexpr int kRowMax = 4 * kThreads * kMaxVecs;
+    const long long r = blockIdx.x;
+    float* xr = x + r * h;
+    if (!row_fits(h) || kp > kRowMax) {
+        add_rmsnorm_a8_slow((int)r, xr, a + r * h, w, h, eps, codes, sums, scales, nonfinite, kp);
+        return;
+    }
+    RowRegs ra, rx, rw;
+    const float sumsq = load_row(a + r * h, h, ra);
+    load_row(xr, h, rx);
+    load_row(w, h, rw);
+    __shared__ float red[32];
+    const float rd = rms_denominator(tritter::block_sum(sumsq, red), h, eps);
+    float amax = 0.0f;
+    unsigned bad = 0u;
+#pragma unroll
+    for (int j = 0; j < kMaxVecs; ++j) {
+        const int i = 4 * (threadIdx.x + kThreads * j);
+        if (i < h) {
+            float* v = rx.v + 4 * j;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                // The residual update of rmsnorm_row, operation for operation.
+                v[e] = __fadd_rn(v[e], __fmul_rn(__fdiv_rn(ra.v[4 * j + e], rd), rw.v[4 * j + e]));
+                const float m = fabsf(v[e]);
+                amax = fmaxf(amax, m);
+                bad |= !(m <= 3.402823466e38f);  // NaN or Inf (fmaxf alone would drop a NaN)
+            }
+            *reinterpret_cast<float4*>(xr + i) = make_float4(v[0], v[1], v[2], v[3]);
+        }
+    }
+    amax = tritter::block_max(amax, red);
+    bad = __syncthreads_or(bad) != 0;
+    const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+    // Codes in natural k order (zeros past h, and for a non-finite row), then read back as
+    // words of the MMA k order (a8_mma.cuh's store_mma_row).
+    __shared__ uint32_t q_nat[kRowMax / 4];
+#pragma unroll
+    for (int j = 0; j < kMaxVecs; ++j) {
+        const int i = 4 * (threadIdx.x + kThreads * j);
         unsigned word = 0u;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int k = kb + 4 * e;
             int q = 0;
-            if (k < h && !bad) {
-                float f = roundf(__fmul_rn(xr[k], s));
+            if (i + e < h && !bad) {
+                const float f = roundf(__fmul_rn(rx.v[4 * j + e], s));
                 q = (int)fminf(fmaxf(f, -128.0f), 127.0f);
             }
             word |= ((unsigned)q & 0xffu) << (8 * e);
         }
-        local = __dp4a((int)word, 0x01010101, local);
-        reinterpret_cast<unsigned*>(codes + r * kp)[wd] = word;
+        q_nat[threadIdx.x + kThreads * j] = word;
     }
-    const int total = block_sum_int(local);
     if (threadIdx.x == 0) {
-        sums[r] = total;
         scales[r] = bad ? __int_as_float(0x7fc00000) : s;
         nonfinite[r] = bad;
     }
+    __syncthreads();
+    const int8_t* qb = reinterpret_cast<const int8_t*>(q_nat);
+    tritter::store_mma_row<kThreads>(codes, sums, (int)r, h, kp, [&](int k) { return static_cast<int>(qb[k]); });
 }
 
 // rows: source row of each output row (nullptr: the identity).
@@ -203,58 +254,101 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 ENGINE_RMSNORM(engine_rmsnorm_f32, float)
 ENGINE_RMSNORM(engine_rmsnorm_bf16, __nv_bfloat16)
 
-extern "C" __global__ void __launch_bounds__(128)
-    engine_qkv(const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ q_norm,
-               const float* __restrict__ k_norm, const double* __restrict__ inv_freq, int heads_q, int heads_kv,
-               int head_dim, float eps, __half* __restrict__ q, __half* __restrict__ k, __half* __restrict__ v) {
+namespace {
+
+constexpr int kQkvHeadsPerCta = 4;  // one warp per head
+
+// QK-Norm + RoPE of one token's q/k/v projection row, and the append of its K and V to the
+// paged cache (kv_int4_store.cuh's format: INT4 for kInt4, else f16) in the same launch.
+template <bool kInt4>
+__device__ __forceinline__ void qkv_store(const float* __restrict__ qkv, const int* __restrict__ pos,
+                                          const float* __restrict__ q_norm, const float* __restrict__ k_norm,
+                                          const double* __restrict__ inv_freq, int heads_q, int heads_kv,
+                                          int head_dim, float eps, __half* __restrict__ q, __half* __restrict__ k,
+                                          __half* __restrict__ v, uint8_t* __restrict__ pool,
+                                          const int* __restrict__ slots, int page_shift, int num_pages,
+                                          long long page_bytes, int layer, unsigned* __restrict__ nonfinite) {
+    constexpr int kMaxD = 256;
+    __shared__ __half staged[kQkvHeadsPerCta][kMaxD];  // this warp's K or V head as stored
     const int r = blockIdx.x;
-    const int head = blockIdx.y * 4 + threadIdx.x / 32;
+    const int warp = threadIdx.x / 32;
+    const int head = blockIdx.y * kQkvHeadsPerCta + warp;
     const int lane = threadIdx.x % 32;
     const int heads = heads_q + 2 * heads_kv;
     if (head >= heads) return;
     const int half_d = head_dim / 2;
     const float* src = qkv + ((long long)r * heads + head) * head_dim;
+    __half* st = staged[warp];
     if (head >= heads_q + heads_kv) {
         __half* dst = v + ((long long)r * heads_kv + (head - heads_q - heads_kv)) * head_dim;
-        for (int i = lane; i < head_dim; i += 32) dst[i] = __float2half_rn(src[i]);
-        return;
-    }
-    const bool is_q = head < heads_q;
-    const float* norm = is_q ? q_norm : k_norm;
-    __half* dst = is_q ? q + ((long long)r * heads_q + head) * head_dim
-                       : k + ((long long)r * heads_kv + (head - heads_q)) * head_dim;
-    constexpr int kMaxPairs = 4;  // D <= 256
-    float x1[kMaxPairs], x2[kMaxPairs];
-    float s = 0.0f;
-#pragma unroll
-    for (int p = 0; p < kMaxPairs; ++p) {
-        const int j = lane + 32 * p;
-        x1[p] = j < half_d ? src[j] : 0.0f;
-        x2[p] = j < half_d ? src[j + half_d] : 0.0f;
-        s += x1[p] * x1[p] + x2[p] * x2[p];
-    }
-    if (norm != nullptr) {
-        const float rd = rms_denominator(warp_sum(s), head_dim, eps);
+        for (int i = lane; i < head_dim; i += 32) st[i] = dst[i] = __float2half_rn(src[i]);
+    } else {
+        const bool is_q = head < heads_q;
+        const float* norm = is_q ? q_norm : k_norm;
+        __half* dst = is_q ? q + ((long long)r * heads_q + head) * head_dim
+                           : k + ((long long)r * heads_kv + (head - heads_q)) * head_dim;
+        constexpr int kMaxPairs = kMaxD / 64;
+        float x1[kMaxPairs], x2[kMaxPairs];
+        float s = 0.0f;
 #pragma unroll
         for (int p = 0; p < kMaxPairs; ++p) {
             const int j = lane + 32 * p;
-            if (j < half_d) {
-                x1[p] = __fmul_rn(__fdiv_rn(x1[p], rd), norm[j]);
-                x2[p] = __fmul_rn(__fdiv_rn(x2[p], rd), norm[j + half_d]);
+            x1[p] = j < half_d ? src[j] : 0.0f;
+            x2[p] = j < half_d ? src[j + half_d] : 0.0f;
+            s += x1[p] * x1[p] + x2[p] * x2[p];
+        }
+        if (norm != nullptr) {
+            const float rd = rms_denominator(warp_sum(s), head_dim, eps);
+#pragma unroll
+            for (int p = 0; p < kMaxPairs; ++p) {
+                const int j = lane + 32 * p;
+                if (j < half_d) {
+                    x1[p] = __fmul_rn(__fdiv_rn(x1[p], rd), norm[j]);
+                    x2[p] = __fmul_rn(__fdiv_rn(x2[p], rd), norm[j + half_d]);
+                }
             }
         }
-    }
-    const double ps = (double)pos[r];
+        const double ps = (double)pos[r];
 #pragma unroll
-    for (int p = 0; p < kMaxPairs; ++p) {
-        const int j = lane + 32 * p;
-        if (j >= half_d) break;
-        double sd, cd;
-        sincos(ps * inv_freq[j], &sd, &cd);
-        const float c = (float)cd, sn = (float)sd;
-        const float y1 = __fadd_rn(__fmul_rn(x1[p], c), __fmul_rn(-x2[p], sn));
-        const float y2 = __fadd_rn(__fmul_rn(x2[p], c), __fmul_rn(x1[p], sn));
-        dst[j] = __float2half_rn(y1);
-        dst[j + half_d] = __float2half_rn(y2);
+        for (int p = 0; p < kMaxPairs; ++p) {
+            const int j = lane + 32 * p;
+            if (j >= half_d) break;
+            double sd, cd;
+            sincos(ps * inv_freq[j], &sd, &cd);
+            const float c = (float)cd, sn = (float)sd;
+            const float y1 = __fadd_rn(__fmul_rn(x1[p], c), __fmul_rn(-x2[p], sn));
+            const float y2 = __fadd_rn(__fmul_rn(x2[p], c), __fmul_rn(x1[p], sn));
+            st[j] = dst[j] = __float2half_rn(y1);
+            st[j + half_d] = dst[j + half_d] = __float2half_rn(y2);
+        }
+        if (is_q) return;
+    }
+    // The append: the stored head is read back lane per value, one group of 32 at a time.
+    const int slot = slots[r];
+    const int page = slot >> page_shift;
+    if (slot < 0 || page >= num_pages) return;  // not stored (outside the window)
+    __syncwarp();
+    const int kv = head >= heads_q + heads_kv;
+    const int h = head - heads_q - kv * heads_kv;
+    uint8_t* base = pool + ((long long)layer * num_pages + page) * page_bytes;
+    for (int g = 0; g < head_dim / 32; ++g) {
+        const tritter::kv::GroupDst d = tritter::kv::group_dst<kInt4>(base, kv, h, slot & ((1 << page_shift) - 1), g,
+                                                                      heads_kv, head_dim, 1 << page_shift);
+        tritter::kv::store_group_warp<kInt4>(__half2float(st[32 * g + lane]), d, nonfinite);
     }
 }
+
+}  // namespace
+
+#define ENGINE_QKV_STORE(NAME, INT4)                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * kQkvHeadsPerCta) NAME(                                     \
+        const float* __restrict__ qkv, const int* __restrict__ pos, const float* __restrict__ q_norm,            \
+        const float* __restrict__ k_norm, const double* __restrict__ inv_freq, int heads_q, int heads_kv,        \
+        int head_dim, float eps, __half* __restrict__ q, __half* __restrict__ k, __half* __restrict__ v,         \
+        uint8_t* __restrict__ pool, const int* __restrict__ slots, int page_shift, int num_pages,                \
+        long long page_bytes, int layer, unsigned* __restrict__ nonfinite) {                                    \
+        qkv_store<INT4>(qkv, pos, q_norm, k_norm, inv_freq, heads_q, heads_kv, head_dim, eps, q, k, v, pool,     \
+                        slots, page_shift, num_pages, page_bytes, layer, nonfinite);                            \
+    }
+ENGINE_QKV_STORE(engine_qkv_store_int4, true)
+ENGINE_QKV_STORE(engine_qkv_store_f16, false)

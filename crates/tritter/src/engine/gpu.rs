@@ -8,9 +8,9 @@
 //!   (ternary-gemm's `act_quant`);
 //! * per layer: **one** ternary
 //!   GEMV/GEMM for q, k and v (the three matrices concatenated at upload, per-row scales:
-//!   one pass over x and one launch instead of three), `engine_qkv` (QK-Norm, RoPE at each
-//!   row's position, f16), the step's K/V quantized straight into the paged cache
-//!   (`kv_int4`, one launch for every sequence of the step), attention (flash-attn-sm120
+//!   one pass over x and one launch instead of three), `engine_qkv_store` (QK-Norm, RoPE at each
+//!   row's position, f16, and the step's K/V quantized straight into the paged cache in the
+//!   same launch, for every sequence of the step: kv-int4's `write_layer_slots_with`), attention (flash-attn-sm120
 //!   varlen over the prompts of new sequences; kv-int4's split-KV decode kernel over the
 //!   INT4 or f16 pages for single tokens), A8 + the o-projection GEMV,
 //!   `engine_add_rmsnorm_a8` (Chameleon's normed residual, and the A8 of the new residual
@@ -75,7 +75,7 @@ use crate::{Result, TritterError};
 
 /// Threads of the row kernels (`kThreads` in engine.cu).
 const ROW_THREADS: u32 = 256;
-/// Heads per CTA of `engine_qkv` (one warp each).
+/// Heads per CTA of `engine_qkv_store_*` (one warp each).
 const QKV_HEADS_PER_CTA: usize = 4;
 /// cuBLAS workspace of the LM head (its recommended size on Hopper).
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -826,16 +826,8 @@ impl GpuEngine {
                 gemv,
             )?;
             mark("q/k/v projection")?;
-            self.launch_qkv(layer, inp.pos, n, rows)?;
-            mark("QK-Norm + RoPE")?;
-            cache.kv.write_layer_slots(
-                inp.slots,
-                l,
-                &rows.k.as_view(),
-                &rows.v.as_view(),
-                &mut cache.nonfinite,
-            )?;
-            mark("KV cache write")?;
+            self.launch_qkv_store(layer, l, inp.pos, n, rows, cache, inp.slots)?;
+            mark("QK-Norm + RoPE + KV write")?;
             if let Some(pb) = inp.problem {
                 if cache.kv.config().format == KvFormat::Int4 {
                     // The prompt attends to its own keys and values as the INT4 pages hold
@@ -986,52 +978,87 @@ impl GpuEngine {
         Ok(())
     }
 
-    fn launch_qkv(
+    /// QK-Norm + RoPE of the step's q/k/v rows (f16 q, k, v rows out) and the append of
+    /// layer `l`'s K and V to the cache, in one launch (`engine_qkv_store_*`, through
+    /// kv-int4's `write_layer_slots_with`).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_qkv_store(
         &self,
         layer: &GpuLayer,
+        l: usize,
         pos: &CudaSlice<i32>,
         n: usize,
         rows: &mut Rows,
+        cache: &mut GpuCache,
+        slots: &SlotBatch,
     ) -> Result<()> {
-        let g = self.gpu.as_ref();
         let cfg = &self.cfg;
-        let func = g.function(&images::ENGINE, "engine_qkv")?;
         let (hq, hkv, d) = (
             cfg.num_heads as i32,
             cfg.num_kv_heads as i32,
             cfg.head_dim() as i32,
         );
         let eps = cfg.norm_eps as f32;
-        let stream = g.stream();
-        let (qn, kn) = match &layer.qk_norm {
-            Some((q, k)) => (q.device_ptr(stream).0, k.device_ptr(stream).0),
-            None => (0, 0),
-        };
-        let mut launch = stream.launch_builder(&func);
-        launch
-            .arg(&rows.qkv)
-            .arg(pos)
-            .arg(&qn)
-            .arg(&kn)
-            .arg(&self.inv_freq)
-            .arg(&hq)
-            .arg(&hkv)
-            .arg(&d)
-            .arg(&eps)
-            .arg(&mut rows.q)
-            .arg(&mut rows.k)
-            .arg(&mut rows.v);
         let heads = cfg.num_heads + 2 * cfg.num_kv_heads;
-        let lc = LaunchConfig {
-            grid_dim: (n as u32, heads.div_ceil(QKV_HEADS_PER_CTA) as u32, 1),
-            block_dim: (32 * QKV_HEADS_PER_CTA as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: `engine_qkv(const float*, const int*, const float*, const float*, const
-        // double*, int, int, int, float, half*, half*, half*)`; qkv (n, (Hq + 2 Hkv) D), pos
-        // (n,), norms (D,) or null (the layer owns them, so they outlive the launch),
-        // inv_freq (D/2,), q (n, Hq, D), k and v (n, Hkv, D): the step's row buffers; D <= 256.
-        unsafe { launch.launch(lc) }.map_err(KernelError::driver("launching engine_qkv"))?;
+        let inv_freq = &self.inv_freq;
+        let GpuCache { kv, nonfinite, .. } = cache;
+        kv.write_layer_slots_with(slots, l, nonfinite, |st| {
+            if st.tokens != n {
+                return Err(kv_int4::KvError::ShapeMismatch {
+                    what: "tokens of the slot batch",
+                    actual: st.tokens,
+                    expected: n,
+                });
+            }
+            let g = st.gpu.as_ref();
+            let name = match st.format {
+                KvFormat::Int4 => "engine_qkv_store_int4",
+                KvFormat::F16 => "engine_qkv_store_f16",
+            };
+            let func = g.function(&images::ENGINE, name)?;
+            let stream = g.stream();
+            let (qn, kn) = match &layer.qk_norm {
+                Some((q, k)) => (q.device_ptr(stream).0, k.device_ptr(stream).0),
+                None => (0, 0),
+            };
+            let (shift, np, layer_i) = (st.page_shift as i32, st.num_pages as i32, st.layer as i32);
+            let mut launch = stream.launch_builder(&func);
+            launch
+                .arg(&rows.qkv)
+                .arg(pos)
+                .arg(&qn)
+                .arg(&kn)
+                .arg(inv_freq)
+                .arg(&hq)
+                .arg(&hkv)
+                .arg(&d)
+                .arg(&eps)
+                .arg(&mut rows.q)
+                .arg(&mut rows.k)
+                .arg(&mut rows.v)
+                .arg(st.pool)
+                .arg(st.slots)
+                .arg(&shift)
+                .arg(&np)
+                .arg(&st.page_bytes)
+                .arg(&layer_i)
+                .arg(st.nonfinite);
+            let lc = LaunchConfig {
+                grid_dim: (n as u32, heads.div_ceil(QKV_HEADS_PER_CTA) as u32, 1),
+                block_dim: (32 * QKV_HEADS_PER_CTA as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `engine_qkv_store_*(const float*, const int*, const float*, const
+            // float*, const double*, int, int, int, float, half*, half*, half*, uint8_t*,
+            // const int*, int, int, long long, int, unsigned*)`; qkv (n, (Hq + 2 Hkv) D), pos
+            // (n,), norms (D,) or null (the layer owns them, so they outlive the launch),
+            // inv_freq (D/2,), q (n, Hq, D), k and v (n, Hkv, D): the step's row buffers,
+            // D <= 256; the pool, the n slots (checked above) and the counter from
+            // write_layer_slots_with, which checked the tickets and the layer.
+            unsafe { launch.launch(lc) }
+                .map_err(KernelError::driver(format!("launching {name}")))?;
+            Ok(())
+        })?;
         Ok(())
     }
 
