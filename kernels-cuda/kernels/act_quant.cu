@@ -83,6 +83,27 @@ __device__ __forceinline__ void flag_nonfinite_row(float* __restrict__ scales, u
     }
 }
 
+// Loads the row's nvec <= kThreads * kRegVecs 16-byte vectors (thread i: vectors i, i +
+// kThreads, ...; all loads in flight at once) and folds their absmax / non-finite flag.
+template <typename T>
+__device__ __forceinline__ void load_row_regs(const uint4* __restrict__ xv, int nvec, uint4 (&held)[kRegVecs],
+                                              float& amax, unsigned& bad) {
+    constexpr int VEC = Vec16<T>::N;
+#pragma unroll
+    for (int it = 0; it < kRegVecs; ++it) {
+        const int i = threadIdx.x + it * kThreads;
+        if (i < nvec) held[it] = xv[i];
+    }
+#pragma unroll
+    for (int it = 0; it < kRegVecs; ++it) {
+        if (threadIdx.x + it * kThreads < nvec) {
+            const T* e = reinterpret_cast<const T*>(&held[it]);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) absorb_absmax(tritter::to_float(e[j]), amax, bad);
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* __restrict__ codes,
                                               float* __restrict__ scales,
@@ -112,21 +133,7 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
     uint4 held[kRegVecs];
 
     if (in_regs) {
-#pragma unroll
-        for (int it = 0; it < kRegVecs; ++it) {
-            const int i = threadIdx.x + it * kThreads;
-            if (i < nvec) held[it] = xv[i];
-        }
-#pragma unroll
-        for (int it = 0; it < kRegVecs; ++it) {
-            if (threadIdx.x + it * kThreads < nvec) {
-                const T* e = reinterpret_cast<const T*>(&held[it]);
-#pragma unroll
-                for (int j = 0; j < VEC; ++j) {
-                    absorb_absmax(tritter::to_float(e[j]), amax, bad);
-                }
-            }
-        }
+        load_row_regs<T>(xv, nvec, held, amax, bad);
     } else {
         row_absmax(xr, cols, vec_ok, amax, bad);
     }
@@ -201,19 +208,7 @@ __device__ __forceinline__ void act_quant_mma_row_regs(const uint4* __restrict__
     uint4 held[kRegVecs];
     float amax = 0.0f;
     unsigned bad = 0;
-#pragma unroll
-    for (int it = 0; it < kRegVecs; ++it) {
-        const int i = threadIdx.x + it * kThreads;
-        if (i < nvec) held[it] = xv[i];
-    }
-#pragma unroll
-    for (int it = 0; it < kRegVecs; ++it) {
-        if (threadIdx.x + it * kThreads < nvec) {
-            const T* e = reinterpret_cast<const T*>(&held[it]);
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) absorb_absmax(tritter::to_float(e[j]), amax, bad);
-        }
-    }
+    load_row_regs<T>(xv, nvec, held, amax, bad);
     amax = tritter::block_max(amax, scratch_f);
     bad = __syncthreads_or(bad);
     const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
