@@ -184,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     constexpr int kRowMax = 4 * kThreads * kMaxVecs;
     const long long r = blockIdx.x;
     float* xr = x + r * h;
-    if (!row_fits(h) || kp > kRowMax) {
+    if (!row_fits(h)) {
         add_rmsnorm_a8_slow((int)r, xr, a + r * h, w, h, eps, codes, sums, scales, nonfinite, kp);
         return;
     }
@@ -324,18 +324,10 @@ __device__ __forceinline__ void qkv_store(const float* __restrict__ qkv, const i
         if (is_q) return;
     }
     // The append: the stored head is read back lane per value, one group of 32 at a time.
-    const int slot = slots[r];
-    const int page = slot >> page_shift;
-    if (slot < 0 || page >= num_pages) return;  // not stored (outside the window)
     __syncwarp();
     const int kv = head >= heads_q + heads_kv;
-    const int h = head - heads_q - kv * heads_kv;
-    uint8_t* base = pool + ((long long)layer * num_pages + page) * page_bytes;
-    for (int g = 0; g < head_dim / 32; ++g) {
-        const tritter::kv::GroupDst d = tritter::kv::group_dst<kInt4>(base, kv, h, slot & ((1 << page_shift) - 1), g,
-                                                                      heads_kv, head_dim, 1 << page_shift);
-        tritter::kv::store_group_warp<kInt4>(__half2float(st[32 * g + lane]), d, nonfinite);
-    }
+    tritter::kv::store_head_warp<kInt4>(st, pool, slots[r], layer, kv, head - heads_q - kv * heads_kv, heads_kv,
+                                        head_dim, page_shift, num_pages, page_bytes, nonfinite);
 }
 
 }  // namespace

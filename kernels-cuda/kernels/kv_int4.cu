@@ -1279,19 +1279,12 @@ KV_WRITE_SLOTS(kv_write_slots_f16, false)
         const __half* __restrict__ k, const __half* __restrict__ v, uint8_t* __restrict__ pool,                     \
         const int* __restrict__ slots, int n, int heads_kv, int head_dim, int page_shift, int num_pages,            \
         long long page_bytes, int layer, unsigned* __restrict__ nonfinite) {                                        \
-        const int w = (int)((blockIdx.x * blockDim.x + threadIdx.x) / 32), lane = threadIdx.x % 32;                 \
+        const int w = (int)((blockIdx.x * blockDim.x + threadIdx.x) / 32);                                          \
         if (w >= 2 * n * heads_kv) return;                                                                           \
         const int kv = w % 2, t = w / 2 / heads_kv, h = w / 2 % heads_kv;                                           \
-        const int s = slots[t];                                                                                      \
-        const int page = s >> page_shift;                                                                            \
-        if (s < 0 || page >= num_pages) return;                                                                      \
         const __half* src = (kv ? v : k) + ((long long)t * heads_kv + h) * head_dim;                                \
-        uint8_t* base = pool + ((long long)layer * num_pages + page) * page_bytes;                                  \
-        for (int g = 0; g < head_dim / 32; ++g) {                                                                    \
-            const tritter::kv::GroupDst d = tritter::kv::group_dst<INT4>(base, kv, h, s & ((1 << page_shift) - 1), g, \
-                                                                         heads_kv, head_dim, 1 << page_shift);      \
-            tritter::kv::store_group_warp<INT4>(__half2float(src[32 * g + lane]), d, nonfinite);                     \
-        }                                                                                                            \
+        tritter::kv::store_head_warp<INT4>(src, pool, slots[t], layer, kv, h, heads_kv, head_dim, page_shift,        \
+                                           num_pages, page_bytes, nonfinite);                                       \
     }
 KV_WRITE_SLOTS_WARP(kv_write_slots_warp_int4, true)
 KV_WRITE_SLOTS_WARP(kv_write_slots_warp_f16, false)

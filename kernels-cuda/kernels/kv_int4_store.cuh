@@ -83,14 +83,15 @@ __device__ __forceinline__ GroupDst group_dst(uint8_t* base, int kv, int h, int 
 }
 
 // One group stored by a whole warp, lane l holding value l: the warp-cooperative form of
-// kv_int4.cu's store_group (same bytes). A group holding NaN or Inf is stored as zeros and
-// counted into *nonfinite (when given), so no page ever holds a non-finite value.
+// kv_int4.cu's store_group (same bytes). With `nonfinite`, a group holding NaN or Inf is
+// stored as zeros and counted instead (as store_group), so no page ever holds a non-finite
+// value.
 template <bool kInt4>
 __device__ __forceinline__ void store_group_warp(float x, GroupDst dst, unsigned* __restrict__ nonfinite) {
     constexpr unsigned kAll = 0xffffffffu;
     const int lane = threadIdx.x & 31;
-    if (__any_sync(kAll, !(fabsf(x) <= 3.402823466e38f))) {
-        if (lane == 0 && nonfinite != nullptr) atomicAdd(nonfinite, 1u);
+    if (nonfinite != nullptr && __any_sync(kAll, !(fabsf(x) <= 3.402823466e38f))) {
+        if (lane == 0) atomicAdd(nonfinite, 1u);
         x = 0.0f;
     }
     if constexpr (kInt4) {
@@ -111,6 +112,25 @@ __device__ __forceinline__ void store_group_warp(float x, GroupDst dst, unsigned
         if (lane == 0) *dst.params = __halves2half2(scale_h, min_h);
     } else {
         reinterpret_cast<__half*>(dst.values)[lane] = __float2half_rn(x);
+    }
+}
+
+// Stores head h of K (kv = 0) or V (kv = 1) of one token, head_dim f16 values at `head`
+// (global or shared memory), into pool slot s = page * page_size + slot of `layer` (s < 0 or
+// a page past the pool: not stored), a group of 32 values at a time by the whole warp (every
+// lane must call it with the same arguments).
+template <bool kInt4>
+__device__ __forceinline__ void store_head_warp(const __half* head, uint8_t* __restrict__ pool, int s, int layer,
+                                                int kv, int h, int heads_kv, int head_dim, int page_shift,
+                                                int num_pages, long long page_bytes, unsigned* __restrict__ nonfinite) {
+    const int page = s >> page_shift;
+    if (s < 0 || page >= num_pages) return;
+    uint8_t* base = pool + ((long long)layer * num_pages + page) * page_bytes;
+    const int lane = threadIdx.x & 31;
+    for (int g = 0; g < head_dim / 32; ++g) {
+        const GroupDst d = group_dst<kInt4>(base, kv, h, s & ((1 << page_shift) - 1), g, heads_kv, head_dim,
+                                            1 << page_shift);
+        store_group_warp<kInt4>(__half2float(head[32 * g + lane]), d, nonfinite);
     }
 }
 

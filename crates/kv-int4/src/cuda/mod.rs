@@ -456,7 +456,7 @@ impl GpuKvCache {
     ) -> Result<()> {
         let cfg = self.blocks.config().clone();
         check_kv_lens(&cfg, false, batch.tokens, k.len(), v.len())?;
-        self.write_layer_slots_with(batch, layer, nonfinite, |st| {
+        self.write_layer_slots_with(batch, layer, nonfinite, |mut st| {
             let warp = st.tokens <= WARP_WRITE_MAX_TOKENS;
             let name = match (st.format, warp) {
                 (KvFormat::Int4, false) => "kv_write_slots_int4",
@@ -486,7 +486,7 @@ impl GpuKvCache {
             launch
                 .arg(k)
                 .arg(v)
-                .arg(st.pool)
+                .arg(&mut st.pool)
                 .arg(st.slots)
                 .arg(&n)
                 .arg(&hkv)
@@ -557,7 +557,7 @@ impl GpuKvCache {
             let gpu = self.store.gpu.clone();
             launch(SlotStore {
                 gpu: &gpu,
-                pool: &mut self.store.pool,
+                pool: self.store.pool.as_view_mut(),
                 slots: &batch.slots,
                 nonfinite,
                 tokens: batch.tokens,
@@ -965,8 +965,9 @@ fn plan(
 pub struct SlotStore<'a> {
     /// The cache's GPU; the kernel goes on its stream.
     pub gpu: &'a Arc<Gpu>,
-    /// `(layers, num_pages, page_bytes)` bytes: the page pool of every layer.
-    pub pool: &'a mut CudaSlice<u8>,
+    /// `(layers, num_pages, page_bytes)` bytes: the page pool of every layer (a view: the
+    /// pool itself stays the cache's).
+    pub pool: CudaViewMut<'a, u8>,
     /// `(tokens,)` pool slot `page * page_size + slot` per token of the batch, -1 where the
     /// token is not stored (outside the window).
     pub slots: &'a CudaSlice<i32>,

@@ -1001,14 +1001,29 @@ impl GpuEngine {
         let eps = cfg.norm_eps as f32;
         let heads = cfg.num_heads + 2 * cfg.num_kv_heads;
         let inv_freq = &self.inv_freq;
+        if slots.tokens() != n {
+            return Err(kv_int4::KvError::ShapeMismatch {
+                what: "tokens of the slot batch",
+                actual: slots.tokens(),
+                expected: n,
+            }
+            .into());
+        }
         let GpuCache { kv, nonfinite, .. } = cache;
-        kv.write_layer_slots_with(slots, l, nonfinite, |st| {
-            if st.tokens != n {
-                return Err(kv_int4::KvError::ShapeMismatch {
-                    what: "tokens of the slot batch",
-                    actual: st.tokens,
-                    expected: n,
-                });
+        kv.write_layer_slots_with(slots, l, nonfinite, |mut st| {
+            // The kernel lays pages out with the engine's KV heads and head dim: a cache of
+            // another shape (made by another engine) is refused, never written past a page.
+            for (what, actual, expected) in [
+                ("KV heads of the cache", st.heads_kv, cfg.num_kv_heads),
+                ("head dim of the cache", st.head_dim, cfg.head_dim()),
+            ] {
+                if actual != expected {
+                    return Err(kv_int4::KvError::ShapeMismatch {
+                        what,
+                        actual,
+                        expected,
+                    });
+                }
             }
             let g = st.gpu.as_ref();
             let name = match st.format {
@@ -1036,7 +1051,7 @@ impl GpuEngine {
                 .arg(&mut rows.q)
                 .arg(&mut rows.k)
                 .arg(&mut rows.v)
-                .arg(st.pool)
+                .arg(&mut st.pool)
                 .arg(st.slots)
                 .arg(&shift)
                 .arg(&np)
@@ -1053,8 +1068,9 @@ impl GpuEngine {
             // const int*, int, int, long long, int, unsigned*)`; qkv (n, (Hq + 2 Hkv) D), pos
             // (n,), norms (D,) or null (the layer owns them, so they outlive the launch),
             // inv_freq (D/2,), q (n, Hq, D), k and v (n, Hkv, D): the step's row buffers,
-            // D <= 256; the pool, the n slots (checked above) and the counter from
-            // write_layer_slots_with, which checked the tickets and the layer.
+            // D <= 256; the pool (its heads and head dim checked above equal the engine's, so
+            // every store stays inside its token's slot), the n slots (checked above) and the
+            // counter from write_layer_slots_with, which checked the tickets and the layer.
             unsafe { launch.launch(lc) }
                 .map_err(KernelError::driver(format!("launching {name}")))?;
             Ok(())
