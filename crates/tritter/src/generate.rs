@@ -8,6 +8,8 @@
 //! next input embedding without sampling, as in Coconut) and `<eot>`, then tokens are
 //! sampled as usual.
 
+use std::collections::BinaryHeap;
+
 use candle_core::{DType, Tensor};
 
 use crate::model::{MaskSpec, SeededRng};
@@ -23,8 +25,9 @@ use crate::{Result, TritterError, TritterModel};
 /// on (`SamplingOptions { temperature: 0.0, ..opts }` keeps `opts` usable).
 ///
 /// Order of operations per token: repetition penalty on the logits, candidate filter
-/// (`vocab_limit`, `text_only`), sort, greedy pick at temperature 0, else top-k, softmax at
-/// `temperature`, top-p, one uniform draw.
+/// (`vocab_limit`, `text_only`), candidates in order (logit descending, ties by the lower
+/// id), greedy pick at temperature 0, else top-k, softmax at `temperature`, top-p, one
+/// uniform draw.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingOptions<'a> {
     /// New tokens to generate at most.
@@ -158,6 +161,11 @@ pub fn sample_token(
 /// the tokens generated so far; ids outside the vocabulary are ignored). Draws one uniform
 /// from `rng` unless the pick is greedy, so a seed gives the same tokens as before these
 /// options existed when they are left at their defaults.
+///
+/// Cost: O(V) for greedy and top-k sampling (a selection of the `k` best, then a sort of
+/// those `k`), O(V log V) only with `top_k = 0` at a positive temperature, where every id is
+/// a candidate. (A full sort per token took 3.5 ms at V = 65536, more than a 7B decode step
+/// on the GPU.)
 pub fn sample_token_in_context(
     logits: &[f32],
     context: &[u32],
@@ -165,14 +173,7 @@ pub fn sample_token_in_context(
     rng: &mut SeededRng,
 ) -> Result<u32> {
     options.validate()?;
-    if logits.is_empty() {
-        return Err(TritterError::ShapeMismatch {
-            what: "logits".into(),
-            actual: vec![0],
-            expected: "(V,) with V >= 1".into(),
-        });
-    }
-    if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+    if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
         return Err(TritterError::ShapeMismatch {
             what: format!("logits ({} at index {i})", logits[i]),
             actual: vec![logits.len()],
@@ -186,17 +187,131 @@ pub fn sample_token_in_context(
     } else {
         logits
     };
-    let n = options
-        .vocab_limit
-        .map_or(logits.len(), |l| (l as usize).clamp(1, logits.len()));
-    let eos = SpecialToken::Eos.id() as usize;
-    let markers = LatentMarkers::new(logits.len()).ok();
-    let is_marker = |i: usize| markers.is_some_and(|m| m.is_marker(i as u32));
-    let mut order: Vec<usize> = (0..n)
-        .filter(|&i| {
-            !options.text_only || i == eos || (i >= NUM_SPECIAL_TOKENS as usize && !is_marker(i))
-        })
-        .collect();
+    let candidates = top_candidates(logits, &options.top_spec(logits.len()))?;
+    sample_from_candidates(&candidates, options, rng)
+}
+
+/// The candidates a sampler draws from, best first: `ids[i]` with logit `logits[i]`, in
+/// the sampler's order (logit descending, ties by the lower id). [`top_candidates`] makes
+/// them on the host; the GPU engine makes them on the device
+/// ([`Engine::step_top`](crate::engine::Engine::step_top)), so that a decode step sends
+/// `k` pairs per sequence to the host instead of `V` logits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Candidates {
+    /// Token ids, best first (`(k,)`).
+    pub ids: Vec<u32>,
+    /// Their logits (`(k,)`), non-increasing.
+    pub logits: Vec<f32>,
+}
+
+/// Which candidates a sampler needs: the `k` best ids (sampler order) among those that
+/// pass the filter of [`SamplingOptions`] (`vocab_limit`, `text_only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopSpec {
+    /// How many, `>= 1` (fewer come back when fewer ids pass the filter).
+    pub k: usize,
+    /// Only ids below this (clamped to `1..=V`; `None`: the whole vocabulary).
+    pub vocab_limit: Option<u32>,
+    /// Only text ids and `<eos>`: not the other special ids, not the latent markers.
+    pub text_only: bool,
+}
+
+impl TopSpec {
+    /// The number of ids, `1..=v`, below the vocab limit of a vocabulary of `v` ids.
+    pub fn limit(&self, v: usize) -> usize {
+        self.vocab_limit
+            .map_or(v, |l| (l as usize).clamp(1, v.max(1)))
+    }
+
+    /// Whether id `i` of a vocabulary of `v` ids passes the filter (the GPU engine's
+    /// top-candidates kernel implements the same predicate).
+    pub fn admits(&self, i: usize, v: usize) -> bool {
+        self.filter(v)(i)
+    }
+
+    /// [`admits`](Self::admits) for a vocabulary of `v` ids, with the markers looked up once.
+    fn filter(&self, v: usize) -> impl Fn(usize) -> bool {
+        let n = self.limit(v);
+        let text_only = self.text_only;
+        let markers = LatentMarkers::new(v).ok();
+        let eos = SpecialToken::Eos.id() as usize;
+        move |i| {
+            i < n
+                && (!text_only
+                    || i == eos
+                    || (i >= NUM_SPECIAL_TOKENS as usize
+                        && !markers.is_some_and(|m| m.is_marker(i as u32))))
+        }
+    }
+}
+
+impl SamplingOptions<'_> {
+    /// The candidates sampling needs from a row of `v` logits: the best one when greedy,
+    /// the `top_k` best, or every admitted id (`k = v`) with `top_k = 0`.
+    pub fn top_spec(&self, v: usize) -> TopSpec {
+        let k = if self.temperature.is_nan() || self.temperature <= 0.0 {
+            1
+        } else if self.top_k == 0 {
+            v.max(1)
+        } else {
+            self.top_k
+        };
+        TopSpec {
+            k,
+            vocab_limit: self.vocab_limit,
+            text_only: self.text_only,
+        }
+    }
+}
+
+/// The `spec.k` best ids of `logits` (one row, `(V,)`) that pass `spec`'s filter, best
+/// first (logit descending, ties by the lower id). Errors on an empty row, a non-finite
+/// logit anywhere in the row, or a filter that admits no id. O(V + k log k).
+pub fn top_candidates(logits: &[f32], spec: &TopSpec) -> Result<Candidates> {
+    let v = logits.len();
+    if v == 0 {
+        return Err(TritterError::ShapeMismatch {
+            what: "logits".into(),
+            actual: vec![0],
+            expected: "(V,) with V >= 1".into(),
+        });
+    }
+    if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+        return Err(TritterError::ShapeMismatch {
+            what: format!("logits ({} at index {i})", logits[i]),
+            actual: vec![v],
+            expected: "finite values".into(),
+        });
+    }
+    let n = spec.limit(v);
+    let admits = spec.filter(v);
+    // Sampler order: `a` before `b` is Less.
+    let before = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    let k = spec.k.max(1);
+    let mut order: Vec<usize> = if k == 1 {
+        (0..n)
+            .filter(|&i| admits(i))
+            .min_by(before)
+            .into_iter()
+            .collect()
+    } else if k <= n / 16 {
+        // Few wanted: one pass keeping the k best in a heap whose top is the worst of them,
+        // so most ids cost one comparison.
+        let mut heap: BinaryHeap<Ranked<'_>> = BinaryHeap::with_capacity(k + 1);
+        for i in (0..n).filter(|&i| admits(i)) {
+            let r = Ranked { logits, i };
+            if heap.len() < k {
+                heap.push(r);
+            } else if let Some(mut worst) = heap.peek_mut() {
+                if r < *worst {
+                    *worst = r;
+                }
+            }
+        }
+        heap.into_iter().map(|r| r.i).collect()
+    } else {
+        (0..n).filter(|&i| admits(i)).collect()
+    };
     if order.is_empty() {
         return Err(TritterError::ShapeMismatch {
             what: "sampling candidates".into(),
@@ -204,19 +319,84 @@ pub fn sample_token_in_context(
             expected: format!("at least one id below vocab_limit {n} that is text or <eos>"),
         });
     }
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if k < order.len() {
+        order.select_nth_unstable_by(k - 1, before);
+        order.truncate(k);
+    }
+    order.sort_unstable_by(before);
+    Ok(Candidates {
+        ids: order.iter().map(|&i| i as u32).collect(),
+        logits: order.iter().map(|&i| logits[i]).collect(),
+    })
+}
+
+/// An id of a row of logits, ordered as the sampler walks them (`Less` comes first: the
+/// larger logit, ties by the lower id), so a max-heap of them has the worst on top.
+struct Ranked<'a> {
+    logits: &'a [f32],
+    i: usize,
+}
+
+impl Ord for Ranked<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.logits[other.i]
+            .total_cmp(&self.logits[self.i])
+            .then(self.i.cmp(&other.i))
+    }
+}
+
+impl PartialOrd for Ranked<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Ranked<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.i == other.i
+    }
+}
+
+impl Eq for Ranked<'_> {}
+
+/// Picks a token from `candidates` (from [`top_candidates`] with
+/// [`options.top_spec`](SamplingOptions::top_spec), or any longer prefix of the same
+/// order) as [`sample_token_in_context`] does: the first when greedy, else one uniform draw
+/// from the softmax at `temperature` of the `top_k` first, cut to the `top_p` nucleus. The
+/// repetition penalty is not applied here (it changes the logits before the selection).
+pub fn sample_from_candidates(
+    candidates: &Candidates,
+    options: &SamplingOptions<'_>,
+    rng: &mut SeededRng,
+) -> Result<u32> {
+    options.validate()?;
+    let Candidates { ids, logits } = candidates;
+    if ids.is_empty() || ids.len() != logits.len() {
+        return Err(TritterError::ShapeMismatch {
+            what: "sampling candidates (ids, logits)".into(),
+            actual: vec![ids.len(), logits.len()],
+            expected: "as many logits as ids, at least one".into(),
+        });
+    }
+    if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+        return Err(TritterError::ShapeMismatch {
+            what: format!("candidate logits ({} at index {i})", logits[i]),
+            actual: vec![logits.len()],
+            expected: "finite values".into(),
+        });
+    }
     if options.temperature.is_nan() || options.temperature <= 0.0 {
-        return Ok(order[0] as u32);
+        return Ok(ids[0]);
     }
     let k = if options.top_k == 0 {
-        order.len()
+        ids.len()
     } else {
-        options.top_k.min(order.len())
+        options.top_k.min(ids.len())
     };
-    let max = f64::from(logits[order[0]]);
-    let mut weights: Vec<f64> = order[..k]
+    let max = f64::from(logits[0]);
+    let mut weights: Vec<f64> = logits[..k]
         .iter()
-        .map(|&i| ((f64::from(logits[i]) - max) / options.temperature).exp())
+        .map(|&l| ((f64::from(l) - max) / options.temperature).exp())
         .collect();
     if options.top_p < 1.0 {
         let total: f64 = weights.iter().sum();
@@ -230,16 +410,16 @@ pub fn sample_token_in_context(
             .map_or(weights.len(), |i| i + 1);
         weights.truncate(keep);
     }
-    let kept = &order[..weights.len()];
+    let kept = &ids[..weights.len()];
     let total: f64 = weights.iter().sum();
     let mut r = rng.uniform() * total;
     for (&i, w) in kept.iter().zip(&weights) {
         if r < *w {
-            return Ok(i as u32);
+            return Ok(i);
         }
         r -= w;
     }
-    Ok(kept[kept.len() - 1] as u32)
+    Ok(kept[kept.len() - 1])
 }
 
 /// `logits` with the CTRL penalty `theta` applied once to every distinct id of `context`.

@@ -14,9 +14,11 @@ use tritter::engine::{
     KvCacheFormat, KvCacheOptions, LogitsFor, StepInput,
 };
 use tritter::generate::{
-    generate, sample_token, sample_token_in_context, SamplingOptions, StopReason,
+    generate, sample_from_candidates, sample_token, sample_token_in_context, top_candidates,
+    SamplingOptions, StopReason, TopSpec,
 };
 use tritter::model::SeededRng;
+use tritter::paradigm::LatentMarkers;
 use tritter::{TritterConfig, TritterError};
 
 /// Greedy options (temperature 0), no stop at `<eos>`.
@@ -40,8 +42,115 @@ fn logits_strategy() -> impl Strategy<Value = Vec<f32>> {
     prop::collection::vec(-6.0f32..6.0, 2..80)
 }
 
+/// Rows of up to 2000 logits drawn from a few values, so ties are common and both
+/// selection paths of `top_candidates` (heap for k <= V/16, select-and-sort above) run.
+fn tied_logits_strategy() -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec((-8i32..8).prop_map(|x| x as f32 * 0.5), 1..2000)
+}
+
+/// The filter of the sampler written out: below the clamped limit, and with `text_only`
+/// `<eos>` or a non-special id that is not a latent marker.
+fn admitted(spec: &TopSpec, v: usize) -> Vec<usize> {
+    let n = spec.vocab_limit.map_or(v, |l| (l as usize).clamp(1, v));
+    let markers = LatentMarkers::new(v).ok();
+    (0..n)
+        .filter(|&i| {
+            !spec.text_only || i == 2 || (i >= 8 && !markers.is_some_and(|m| m.is_marker(i as u32)))
+        })
+        .collect()
+}
+
+/// The sampler as it was before `top_candidates` (a full sort of the candidates per
+/// token), kept as the oracle of the selection-based one.
+fn sort_sampler(logits: &[f32], opts: &SamplingOptions<'_>, rng: &mut SeededRng) -> Option<u32> {
+    let spec = opts.top_spec(logits.len());
+    let mut order = admitted(&spec, logits.len());
+    if order.is_empty() {
+        return None;
+    }
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if opts.temperature <= 0.0 {
+        return Some(order[0] as u32);
+    }
+    let k = if opts.top_k == 0 {
+        order.len()
+    } else {
+        opts.top_k.min(order.len())
+    };
+    let max = f64::from(logits[order[0]]);
+    let mut w: Vec<f64> = order[..k]
+        .iter()
+        .map(|&i| ((f64::from(logits[i]) - max) / opts.temperature).exp())
+        .collect();
+    if opts.top_p < 1.0 {
+        let total: f64 = w.iter().sum();
+        let mut c = 0.0;
+        let keep = w
+            .iter()
+            .position(|x| {
+                c += x;
+                c >= opts.top_p * total
+            })
+            .map_or(w.len(), |i| i + 1);
+        w.truncate(keep);
+    }
+    let total: f64 = w.iter().sum();
+    let mut r = rng.uniform() * total;
+    for (&i, x) in order.iter().zip(&w) {
+        if r < *x {
+            return Some(i as u32);
+        }
+        r -= x;
+    }
+    Some(order[w.len() - 1] as u32)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// `top_candidates` is the first `k` of the fully sorted admitted ids (logit descending,
+    /// ties by the lower id), for any k, vocab limit and text filter, ties everywhere.
+    #[test]
+    fn top_candidates_equal_the_sorted_prefix(
+        logits in tied_logits_strategy(), k in 1usize..80, limit in prop::option::of(0u32..2100), text_only: bool,
+    ) {
+        let spec = TopSpec { k, vocab_limit: limit, text_only };
+        let mut order = admitted(&spec, logits.len());
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        order.truncate(k);
+        match top_candidates(&logits, &spec) {
+            Ok(c) => {
+                let ids: Vec<usize> = c.ids.iter().map(|&i| i as usize).collect();
+                prop_assert_eq!(&ids, &order);
+                let l: Vec<f32> = order.iter().map(|&i| logits[i]).collect();
+                prop_assert_eq!(c.logits, l);
+            }
+            Err(_) => prop_assert!(order.is_empty(), "error although {} ids pass", order.len()),
+        }
+    }
+
+    /// Sampling through the selection draws the same tokens, seed for seed, as the
+    /// sort-based sampler it replaced, and the same again from the candidates alone.
+    #[test]
+    fn selection_sampler_equals_the_sort_sampler(
+        logits in tied_logits_strategy(), t in prop::sample::select(vec![0.0, 0.3, 1.0, 2.5]),
+        k in 0usize..70, p in prop::sample::select(vec![1.0, 0.9, 0.5, 1e-9]),
+        limit in prop::option::of(1u32..2100), text_only: bool, seed: u64,
+    ) {
+        let opts = SamplingOptions {
+            temperature: t, top_k: k, top_p: p, vocab_limit: limit, text_only, ..SamplingOptions::default()
+        };
+        let (mut a, mut b, mut c) = (SeededRng::new(seed), SeededRng::new(seed), SeededRng::new(seed));
+        for _ in 0..5 {
+            let want = sort_sampler(&logits, &opts, &mut b);
+            let got = sample_token_in_context(&logits, &[], &opts, &mut a).ok();
+            prop_assert_eq!(got, want);
+            if want.is_some() {
+                let cands = top_candidates(&logits, &opts.top_spec(logits.len())).unwrap();
+                prop_assert_eq!(sample_from_candidates(&cands, &opts, &mut c).ok(), want);
+            }
+        }
+    }
 
     /// A tiny `top_p` keeps only the most likely token: sampling equals the greedy pick at
     /// any temperature and top-k.
