@@ -35,6 +35,22 @@
 //   (j, j + D/2) for j = l, l + 32, ...; the angle pos * inv_freq[j] is computed in double
 //   precision (as the CPU reference does, then rounded to f32 once), so long contexts keep
 //   their precision; each RoPE product is rounded before the sum, as in the reference.
+//
+// ---- engine_top_candidates: the k <= 64 best admitted ids of rows of (R, V) f32 logits, ----
+//   best first in the sampler's order (tritter::generate::top_candidates: logit descending,
+//   ties by the lower id; admitted = below the row's limit and, with text_only, <eos> or an
+//   id >= first_text other than the latent markers bot / eot). A decode step then sends the
+//   host k (id, logit) pairs per sequence instead of V logits (256 KB at V = 65536).
+//   The order as a 64-bit key K = (order-preserving f32 bits << 32) | (0xffffffff - id),
+//   distinct per id, so the top k are the keys >= the k-th largest: a radix select over K's
+//   bytes from the top (one pass over the row per byte, 256-bin histograms per warp in
+//   shared memory, the bin chosen by a warp suffix scan), stopping as soon as the chosen bin
+//   holds exactly the ids still needed (2-4 passes on real logits, 8 at most); one pass
+//   collects the selected keys into shared memory; a rank sort of the <= 64 keys orders them.
+//   The first pass also counts non-finite logits of the whole row (and the first index),
+//   which the host reports as an error. One CTA of 512 threads per row; row r of params
+//   (int4: source row, k, limit, text_only). Bound: L2 reads of the row the LM head just
+//   wrote, (passes + 1) * 4V bytes, ~10 us for one row of 65536 on one SM.
 
 #include "a8_mma.cuh"
 #include "common.cuh"
@@ -344,3 +360,146 @@ __device__ __forceinline__ void qkv_store(const float* __restrict__ qkv, const i
     }
 ENGINE_QKV_STORE(engine_qkv_store_int4, true)
 ENGINE_QKV_STORE(engine_qkv_store_f16, false)
+
+// ---- engine_top_candidates (header comment at the top of the file) -------------------------
+namespace {
+
+constexpr int kTopMax = 64;
+constexpr int kTopThreads = 512;
+constexpr int kTopWarps = kTopThreads / 32;
+constexpr int kTopStride = 4 + 2 * kTopMax;  // count, non-finite, first bad, 0, ids, logits
+
+struct TopFilter {
+    int limit;
+    bool text_only;
+    int eos, first_text, bot, eot;
+    __device__ __forceinline__ bool admits(int i) const {
+        return i < limit && (!text_only || i == eos || (i >= first_text && i != bot && i != eot));
+    }
+};
+
+// The sampler's order as one integer: larger key = earlier candidate.
+__device__ __forceinline__ unsigned long long top_key(float x, int i) {
+    const unsigned u = __float_as_uint(x);
+    const unsigned o = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return (static_cast<unsigned long long>(o) << 32) | (0xffffffffu - static_cast<unsigned>(i));
+}
+
+}  // namespace
+
+// out: (R, kTopStride) u32 per row: [0] candidates found, [1] non-finite logits in the row,
+// [2] index of the first non-finite one (0xffffffff if none), [4, 4 + 64) ids best first,
+// [68, 132) their logits' bits.
+extern "C" __global__ void __launch_bounds__(kTopThreads) engine_top_candidates(
+    const float* __restrict__ logits, int v, const int4* __restrict__ params, int eos,
+    int first_text, int bot, int eot, unsigned* __restrict__ out) {
+    __shared__ unsigned hist[kTopWarps][256];
+    __shared__ unsigned long long sel[kTopMax];
+    __shared__ unsigned long long s_prefix;
+    __shared__ int s_bits, s_need, s_done;
+    __shared__ unsigned s_nonfinite, s_first_bad, s_count;
+    const int4 p = params[blockIdx.x];
+    const float* __restrict__ row = logits + static_cast<size_t>(p.x) * v;
+    const TopFilter f{p.z < v ? p.z : v, p.w != 0, eos, first_text, bot, eot};
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    if (tid == 0) {
+        s_prefix = 0;
+        s_bits = 0;
+        s_need = p.y;
+        s_done = 0;
+        s_nonfinite = 0;
+        s_first_bad = 0xffffffffu;
+        s_count = 0;
+    }
+    for (int pass = 0; pass < 8; ++pass) {
+        for (int b = tid; b < kTopWarps * 256; b += kTopThreads) (&hist[0][0])[b] = 0;
+        __syncthreads();
+        const int bits = s_bits;
+        const unsigned long long prefix = s_prefix;
+        const int shift = 56 - 8 * pass;
+        const int end = pass == 0 ? v : f.limit;
+        for (int i = tid; i < end; i += kTopThreads) {
+            const float x = row[i];
+            if (pass == 0 && !isfinite(x)) {
+                atomicAdd(&s_nonfinite, 1u);
+                atomicMin(&s_first_bad, static_cast<unsigned>(i));
+            }
+            const unsigned long long key = top_key(x, i);
+            const bool counted = f.admits(i) && (bits == 0 || (key >> (64 - bits)) == prefix);
+            const int b = counted ? static_cast<int>((key >> shift) & 255) : -1;
+            // Lanes of one bin add once (the first pass puts most of a row in a few bins).
+            const unsigned same = __match_any_sync(__activemask(), b);
+            if (counted && lane == __ffs(same) - 1) atomicAdd(&hist[warp][b], __popc(same));
+        }
+        __syncthreads();
+        if (warp == 0) {
+            // Lane l owns bins 8l .. 8l + 7; suffix sums over lanes find the bin where the
+            // count of larger keys reaches the ids still needed.
+            unsigned bin[8], mine = 0;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                unsigned c = 0;
+                for (int w = 0; w < kTopWarps; ++w) c += hist[w][8 * lane + j];
+                bin[j] = c;
+                mine += c;
+            }
+            unsigned above = mine;  // inclusive suffix sum: bins of lanes >= this one
+#pragma unroll
+            for (int o = 1; o < 32; o *= 2) {
+                const unsigned t = __shfl_down_sync(0xffffffffu, above, o);
+                if (lane + o < 32) above += t;
+            }
+            const unsigned total = __shfl_sync(0xffffffffu, above, 0);
+            int need = s_need;
+            if (pass == 0 && static_cast<unsigned>(need) > total) need = static_cast<int>(total);
+            const unsigned larger = above - mine;  // keys in the bins of higher lanes
+            __syncwarp();  // every lane has read s_need before one of them rewrites it
+            if (need == 0) {
+                if (lane == 0) {
+                    s_need = 0;
+                    s_done = 1;
+                }
+            } else if (larger < static_cast<unsigned>(need) && above >= static_cast<unsigned>(need)) {
+                unsigned acc = larger;
+                int d = 7;
+                while (acc + bin[d] < static_cast<unsigned>(need)) acc += bin[d--];
+                const int left = need - static_cast<int>(acc);
+                s_need = left;
+                s_prefix = (prefix << 8) | static_cast<unsigned>(8 * lane + d);
+                s_bits = bits + 8;
+                s_done = bin[d] == static_cast<unsigned>(left);
+            }
+        }
+        __syncthreads();
+        if (s_done) break;
+    }
+    const int bits = s_bits;
+    const unsigned long long prefix = s_prefix;
+    if (bits > 0) {
+        for (int i = tid; i < f.limit; i += kTopThreads) {
+            if (!f.admits(i)) continue;
+            const unsigned long long key = top_key(row[i], i);
+            if ((key >> (64 - bits)) >= prefix) {
+                const unsigned slot = atomicAdd(&s_count, 1u);
+                if (slot < kTopMax) sel[slot] = key;
+            }
+        }
+    }
+    __syncthreads();
+    unsigned* o = out + static_cast<size_t>(blockIdx.x) * kTopStride;
+    const unsigned count = s_count < kTopMax ? s_count : kTopMax;
+    if (tid < static_cast<int>(count)) {
+        const unsigned long long key = sel[tid];
+        int rank = 0;
+        for (unsigned j = 0; j < count; ++j) rank += sel[j] > key;
+        const unsigned id = 0xffffffffu - static_cast<unsigned>(key & 0xffffffffu);
+        o[4 + rank] = id;
+        o[4 + kTopMax + rank] = __float_as_uint(row[id]);
+    }
+    if (tid == 0) {
+        o[0] = count;
+        o[1] = s_nonfinite;
+        o[2] = s_first_bad;
+        o[3] = 0;
+    }
+}

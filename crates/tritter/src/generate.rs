@@ -313,11 +313,7 @@ pub fn top_candidates(logits: &[f32], spec: &TopSpec) -> Result<Candidates> {
         (0..n).filter(|&i| admits(i)).collect()
     };
     if order.is_empty() {
-        return Err(TritterError::ShapeMismatch {
-            what: "sampling candidates".into(),
-            actual: vec![0],
-            expected: format!("at least one id below vocab_limit {n} that is text or <eos>"),
-        });
+        return Err(no_candidates(n));
     }
     if k < order.len() {
         order.select_nth_unstable_by(k - 1, before);
@@ -328,6 +324,15 @@ pub fn top_candidates(logits: &[f32], spec: &TopSpec) -> Result<Candidates> {
         ids: order.iter().map(|&i| i as u32).collect(),
         logits: order.iter().map(|&i| logits[i]).collect(),
     })
+}
+
+/// The error of a filter that admits no id below the limit `n`.
+pub(crate) fn no_candidates(n: usize) -> TritterError {
+    TritterError::ShapeMismatch {
+        what: "sampling candidates".into(),
+        actual: vec![0],
+        expected: format!("at least one id below vocab_limit {n} that is text or <eos>"),
+    }
 }
 
 /// An id of a row of logits, ordered as the sampler walks them (`Less` comes first: the

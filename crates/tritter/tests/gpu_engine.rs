@@ -45,6 +45,16 @@ gpu_test!(
     gpu_engine_generates => generation
 );
 
+gpu_test!(
+    /// The device selection of sampling candidates equals the host's (`top_candidates`:
+    /// same ids, same order, ties by the lower id) on tied and continuous rows of the test and
+    /// 7B vocab sizes for every k / vocab limit / text filter, reports non-finite logits
+    /// with their index and an empty filter as errors; `step_top` equals `step` + the host
+    /// selection on prompts and graph-replayed decode steps; and `generate_batch` draws the
+    /// same tokens through it as through the host path.
+    gpu_engine_top_candidates => top
+);
+
 #[cfg(feature = "cuda")]
 mod setup {
     use std::sync::Arc;
@@ -505,5 +515,232 @@ mod graphs {
                 cfg.head_dim()
             );
         }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod top {
+    use std::ops::ControlFlow;
+    use std::sync::Arc;
+
+    use tritter::engine::{
+        device_top_candidates, generate_batch, Engine, EngineCache, GenerationRequest, GpuCache,
+        GpuEngine, KvCacheFormat, KvCacheOptions, LogitsFor, StepInput, StepOutput, DEVICE_TOP_MAX,
+    };
+    use tritter::generate::{top_candidates, SamplingOptions, TopSpec};
+    use tritter::model::SeededRng;
+    use tritter::{TritterConfig, TritterError};
+    use tritter_kernels_cuda::Gpu;
+
+    use super::common::engine::random_tokens;
+    use super::setup::{engines, gqa4_d128, options};
+
+    /// The GPU engine with `step_top` left to the trait's default (step, then the host
+    /// selection): the oracle of the device path.
+    struct HostSelect<'a>(&'a GpuEngine);
+
+    impl Engine for HostSelect<'_> {
+        type Cache = GpuCache;
+        fn config(&self) -> &TritterConfig {
+            self.0.config()
+        }
+        fn new_cache(&self, o: &KvCacheOptions) -> tritter::Result<GpuCache> {
+            self.0.new_cache(o)
+        }
+        fn step(&self, c: &mut GpuCache, i: &[StepInput<'_>]) -> tritter::Result<Vec<Vec<f32>>> {
+            self.0.step(c, i)
+        }
+    }
+
+    fn specs(v: usize) -> Vec<TopSpec> {
+        let mut out = Vec::new();
+        for k in [1, 2, 40, DEVICE_TOP_MAX] {
+            for vocab_limit in [None, Some(300), Some(v as u32 / 2), Some(9)] {
+                for text_only in [false, true] {
+                    out.push(TopSpec {
+                        k,
+                        vocab_limit,
+                        text_only,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn kernel(g: &Arc<Gpu>) {
+        for v in [
+            gqa4_d128().vocab_size,
+            TritterConfig::preset("7b").unwrap().vocab_size,
+        ] {
+            let mut rng = SeededRng::new(v as u64);
+            // Rows: few distinct levels (ties everywhere), all equal, continuous.
+            let mut rows: Vec<Vec<f32>> = vec![
+                (0..v).map(|_| rng.below(7) as f32 * 0.25 - 1.0).collect(),
+                vec![0.5; v],
+                rng.normal_vec(v, 3.0),
+                (0..v).map(|_| -(rng.below(3) as f32)).collect(),
+            ];
+            // The largest value at the end of the row (the last radix bins, id order).
+            rows[2][v - 1] = 100.0;
+            let flat: Vec<f32> = rows.concat();
+            let d = g.stream().clone_htod(&flat).unwrap();
+            let specs = specs(v);
+            let idx: Vec<usize> = (0..specs.len() * rows.len())
+                .map(|i| i % rows.len())
+                .collect();
+            let all: Vec<TopSpec> = (0..idx.len()).map(|i| specs[i / rows.len()]).collect();
+            let mut checked = 0;
+            for (row_i, spec) in idx.iter().zip(&all) {
+                let host = top_candidates(&rows[*row_i], spec);
+                let dev = device_top_candidates(g, &d, v, &[*row_i], &[*spec]);
+                match (host, dev) {
+                    (Ok(h), Ok(mut dv)) => {
+                        assert_eq!(dv.len(), 1);
+                        assert_eq!(dv.remove(0), h, "row {row_i}, {spec:?}, V = {v}");
+                        checked += 1;
+                    }
+                    (Err(_), Err(e)) => assert!(e.to_string().contains("candidates"), "{e}"),
+                    (h, dv) => panic!("row {row_i}, {spec:?}: host {h:?}, device {dv:?}"),
+                }
+            }
+            // All rows in one launch, as the engine does.
+            let batch =
+                device_top_candidates(g, &d, v, &idx[..rows.len()], &all[..rows.len()]).unwrap();
+            for (b, (r, s)) in batch.iter().zip(idx.iter().zip(&all)) {
+                assert_eq!(*b, top_candidates(&rows[*r], s).unwrap());
+            }
+            // A NaN: the error names its row-major index.
+            let mut bad = flat.clone();
+            let at = 2 * v + v / 3;
+            bad[at] = f32::NAN;
+            bad[at + 5] = f32::INFINITY;
+            let bd = g.stream().clone_htod(&bad).unwrap();
+            match device_top_candidates(g, &bd, v, &[0, 2], &[specs[0], specs[0]]) {
+                Err(TritterError::NonFinite { index, .. }) => assert_eq!(index, at),
+                other => panic!("non-finite row accepted: {other:?}"),
+            }
+            // Bad arguments: k out of range, a row past the buffer.
+            let k0 = TopSpec { k: 0, ..specs[0] };
+            let kbig = TopSpec {
+                k: DEVICE_TOP_MAX + 1,
+                ..specs[0]
+            };
+            assert!(device_top_candidates(g, &d, v, &[0], &[k0]).is_err());
+            assert!(device_top_candidates(g, &d, v, &[0], &[kbig]).is_err());
+            assert!(device_top_candidates(g, &d, v, &[rows.len()], &[specs[0]]).is_err());
+            println!("device top candidates, V = {v}: {checked} (row, spec) pairs equal the host");
+        }
+    }
+
+    fn engine_paths(g: &Arc<Gpu>) {
+        let cfg = gqa4_d128();
+        let (_, gpu) = engines(g, &cfg, 11);
+        let v = cfg.vocab_size;
+        let opts = options(&cfg, KvCacheFormat::Int4, 3);
+        let (mut a, mut b) = (gpu.new_cache(&opts).unwrap(), gpu.new_cache(&opts).unwrap());
+        let seqs_a: Vec<_> = (0..3).map(|_| a.add_sequence()).collect();
+        let seqs_b: Vec<_> = (0..3).map(|_| b.add_sequence()).collect();
+        let spec = |i: usize| match i % 3 {
+            0 => Some(TopSpec {
+                k: 40,
+                vocab_limit: None,
+                text_only: false,
+            }),
+            1 => Some(TopSpec {
+                k: 1,
+                vocab_limit: Some(200),
+                text_only: true,
+            }),
+            _ => None,
+        };
+        let mut tokens: Vec<Vec<u32>> = (0..3)
+            .map(|i| random_tokens(&cfg, 9 + 4 * i, 60 + i as u64))
+            .collect();
+        // A prefill step, then decode steps (captured into a graph from the second on).
+        for step in 0..5 {
+            let tops: Vec<Option<TopSpec>> = (0..3).map(|i| spec(i + step)).collect();
+            let ia = StepInput::batch(&seqs_a, &tokens, LogitsFor::Last);
+            let ib = StepInput::batch(&seqs_b, &tokens, LogitsFor::Last);
+            let logits = gpu.step(&mut a, &ia).unwrap();
+            let outs = gpu.step_top(&mut b, &ib, &tops).unwrap();
+            for (i, ((l, o), t)) in logits.iter().zip(&outs).zip(&tops).enumerate() {
+                assert_eq!(l.len(), v);
+                match (t, o) {
+                    (Some(s), StepOutput::Top(c)) => {
+                        assert_eq!(*c, top_candidates(l, s).unwrap(), "step {step}, input {i}")
+                    }
+                    (None, StepOutput::Logits(x)) => assert_eq!(x, l, "step {step}, input {i}"),
+                    _ => panic!("step {step}, input {i}: {t:?} answered by {o:?}"),
+                }
+            }
+            tokens = logits
+                .iter()
+                .map(|l| vec![top_candidates(l, &spec(0).unwrap()).unwrap().ids[0]])
+                .collect();
+        }
+        // A spec on an input that wants every row is refused before the cache changes.
+        let before = a.len(seqs_a[0]).unwrap();
+        let all = [StepInput {
+            seq: seqs_a[0],
+            tokens: &tokens[0],
+            logits: LogitsFor::All,
+        }];
+        assert!(gpu.step_top(&mut a, &all, &[spec(0)]).is_err());
+        assert!(gpu.step_top(&mut a, &all[..0], &[spec(0)]).is_err());
+        assert_eq!(a.len(seqs_a[0]).unwrap(), before);
+
+        // generate_batch: the device path and the host path draw the same tokens.
+        let prompts: Vec<Vec<u32>> = (0..4)
+            .map(|i| random_tokens(&cfg, 5 + 3 * i, 80 + i as u64))
+            .collect();
+        let base = SamplingOptions {
+            max_new_tokens: 8,
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        let variants = [
+            SamplingOptions { seed: 1, ..base },
+            SamplingOptions {
+                temperature: 0.0,
+                ..base
+            },
+            SamplingOptions {
+                seed: 3,
+                top_p: 0.7,
+                vocab_limit: Some(250),
+                text_only: true,
+                ..base
+            },
+            SamplingOptions {
+                seed: 4,
+                repetition_penalty: 1.3,
+                ..base
+            },
+        ];
+        let requests: Vec<GenerationRequest<'_>> = prompts
+            .iter()
+            .zip(variants)
+            .map(|(p, o)| GenerationRequest {
+                prompt: p,
+                options: o,
+            })
+            .collect();
+        let go = options(&cfg, KvCacheFormat::Int4, 3);
+        let dev = generate_batch(&gpu, &requests, &go, |_| ControlFlow::Continue(())).unwrap();
+        let host = generate_batch(&HostSelect(&gpu), &requests, &go, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(dev, host);
+        println!(
+            "generate_batch, device vs host selection: {:?}",
+            dev.iter().map(|g| &g.tokens).collect::<Vec<_>>()
+        );
+    }
+
+    pub fn run(g: &Arc<Gpu>) {
+        kernel(g);
+        engine_paths(g);
     }
 }

@@ -6,14 +6,17 @@
 //! `prompt_len` random tokens in one step (prefill tokens/s = `batch * prompt_len` / that
 //! step's time), one untimed decode step (the step buffers of `batch` rows are allocated
 //! there), then `decode_steps` timed steps of one greedy token per sequence (decode
-//! tokens/s = `batch` / mean step time). Every step returns logits to the host, so each is
-//! complete when timed. Wall-clock time, as a user of the engine sees it.
+//! tokens/s = `batch` / mean step time). Every step returns each sequence's greedy token to
+//! the host through [`Engine::step_top`] (the device selection on the GPU), as
+//! [`generate_batch`](super::generate_batch) does at temperature 0, so each step is complete
+//! when timed. Wall-clock time, as a user of the engine sees it.
 
 use std::time::Instant;
 
 use super::cpu::{LogitsFor, StepInput};
 use super::kv::KvCacheOptions;
-use super::traits::{Engine, EngineCache};
+use super::traits::{Engine, EngineCache, StepOutput};
+use crate::generate::{top_candidates, TopSpec};
 use crate::model::SeededRng;
 use crate::{Result, TritterError};
 
@@ -39,10 +42,27 @@ pub struct BenchResult {
     pub peak_memory_bytes: Option<u64>,
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    (0..row.len())
-        .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-        .unwrap_or(0) as u32
+/// The greedy pick of every input of a step (`inputs.len()` of them), through
+/// [`Engine::step_top`].
+fn greedy_step<E: Engine>(
+    engine: &E,
+    cache: &mut E::Cache,
+    inputs: &[StepInput<'_>],
+) -> Result<Vec<u32>> {
+    let greedy = TopSpec {
+        k: 1,
+        vocab_limit: None,
+        text_only: false,
+    };
+    let tops = vec![Some(greedy); inputs.len()];
+    engine
+        .step_top(cache, inputs, &tops)?
+        .into_iter()
+        .map(|o| match o {
+            StepOutput::Top(c) => Ok(c.ids[0]),
+            StepOutput::Logits(l) => top_candidates(&l, &greedy).map(|c| c.ids[0]),
+        })
+        .collect()
 }
 
 /// Runs the benchmark (module docs) with a cache made from `options` (size its pool for
@@ -93,7 +113,8 @@ pub fn bench_engine<E: Engine>(
     let warm = cache.add_sequence();
     let mut tokens = prompt(prompt_len.min(16));
     for _ in 0..3 {
-        let l = engine.step(
+        let next = greedy_step(
+            engine,
             &mut cache,
             &[StepInput {
                 seq: warm,
@@ -101,7 +122,7 @@ pub fn bench_engine<E: Engine>(
                 logits: LogitsFor::Last,
             }],
         )?;
-        tokens = vec![argmax(&l[0])];
+        tokens = next;
     }
     cache.free(warm)?;
     sample(&mut peak);
@@ -110,16 +131,16 @@ pub fn bench_engine<E: Engine>(
     let prompts: Vec<Vec<u32>> = (0..batch).map(|_| prompt(prompt_len)).collect();
     let inputs = StepInput::batch(&seqs, &prompts, LogitsFor::Last);
     let t = Instant::now();
-    let mut logits = engine.step(&mut cache, &inputs)?;
+    let mut picks = greedy_step(engine, &mut cache, &inputs)?;
     let prefill_s = t.elapsed().as_secs_f64();
     sample(&mut peak);
 
     let mut decode_s = 0.0;
     for i in 0..=decode_steps {
-        let next: Vec<Vec<u32>> = logits.iter().map(|l| vec![argmax(l)]).collect();
+        let next: Vec<[u32; 1]> = picks.iter().map(|&t| [t]).collect();
         let inputs = StepInput::batch(&seqs, &next, LogitsFor::Last);
         let t = Instant::now();
-        logits = engine.step(&mut cache, &inputs)?;
+        picks = greedy_step(engine, &mut cache, &inputs)?;
         if i > 0 {
             decode_s += t.elapsed().as_secs_f64();
         }

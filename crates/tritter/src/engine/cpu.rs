@@ -221,6 +221,7 @@ impl CpuEngine {
                     chunks.iter().map(|c| (c.seq, c.tokens, c.rows)).collect();
                 self.forward_round(cache, &items)
             },
+            |acc, l| acc.extend(l),
         )
     }
 
@@ -498,16 +499,20 @@ pub(crate) struct Chunk<'a> {
 
 /// Runs a step's `inputs` in rounds (both engines): each round takes from every unfinished
 /// input its next chunk of `chunk(cache, seq, tokens left)` tokens and `round` appends them
-/// and returns their wanted logits (it may reorder the chunks; the logits follow its order).
-/// Returns each input's logits, in input order.
-pub(crate) fn run_rounds<'a, C>(
+/// and returns their outputs (wanted logits; it may reorder the chunks; the outputs follow
+/// its order), which `merge` adds to the input's output so far. Returns each input's
+/// output, in input order.
+pub(crate) fn run_rounds<'a, C, O: Default>(
     inputs: &[StepInput<'a>],
     cache: &mut C,
     chunk: impl Fn(&C, SequenceId, usize) -> Result<usize>,
-    mut round: impl FnMut(&mut C, &mut [Chunk<'a>]) -> Result<Vec<Vec<f32>>>,
-) -> Result<Vec<Vec<f32>>> {
+    mut round: impl FnMut(&mut C, &mut [Chunk<'a>]) -> Result<Vec<O>>,
+    merge: impl Fn(&mut O, O),
+) -> Result<Vec<O>> {
     let mut done = vec![0usize; inputs.len()];
-    let mut out: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
+    let mut out: Vec<O> = std::iter::repeat_with(O::default)
+        .take(inputs.len())
+        .collect();
     loop {
         let mut chunks = Vec::new();
         for (b, input) in inputs.iter().enumerate() {
@@ -526,9 +531,9 @@ pub(crate) fn run_rounds<'a, C>(
         if chunks.is_empty() {
             return Ok(out);
         }
-        let logits = round(cache, &mut chunks)?;
-        for (c, l) in chunks.iter().zip(logits) {
-            out[c.input].extend(l);
+        let outputs = round(cache, &mut chunks)?;
+        for (c, o) in chunks.iter().zip(outputs) {
+            merge(&mut out[c.input], o);
         }
     }
 }
@@ -553,7 +558,7 @@ impl RowsWanted {
     }
 
     /// The wanted rows among a chunk's `n`, as offsets `0..n`.
-    fn range(self, n: usize) -> std::ops::Range<usize> {
+    pub(crate) fn range(self, n: usize) -> std::ops::Range<usize> {
         match self {
             RowsWanted::None => 0..0,
             RowsWanted::Last => n - 1..n,

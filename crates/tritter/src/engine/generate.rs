@@ -18,8 +18,10 @@ use std::ops::ControlFlow;
 
 use super::cpu::{LogitsFor, StepInput};
 use super::kv::{KvCacheOptions, SequenceId};
-use super::traits::{Engine, EngineCache};
-use crate::generate::{sample_token_in_context, SamplingOptions, StopReason};
+use super::traits::{Engine, EngineCache, StepOutput};
+use crate::generate::{
+    sample_from_candidates, sample_token_in_context, SamplingOptions, StopReason, TopSpec,
+};
 use crate::model::{check_token_ids, SeededRng};
 use crate::{Result, TritterError};
 
@@ -146,7 +148,28 @@ pub fn generate_batch<E: Engine>(
             break;
         }
         let fed: Vec<usize> = active.iter().map(|a| a.pending.len().min(chunk)).collect();
-        let logits = {
+        // What each sampler needs from the step: its top candidates (the GPU engine
+        // selects them on the device), or the whole row when the repetition penalty changes
+        // the logits first; a prompt that continues needs nothing, so the cheapest: one id.
+        let tops: Vec<Option<TopSpec>> = active
+            .iter()
+            .zip(&fed)
+            .map(|(a, &n)| {
+                let options = &requests[a.request].options;
+                if n < a.pending.len() {
+                    Some(TopSpec {
+                        k: 1,
+                        vocab_limit: None,
+                        text_only: false,
+                    })
+                } else if options.repetition_penalty == 1.0 {
+                    Some(options.top_spec(cfg.vocab_size))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let outputs = {
             let inputs: Vec<StepInput<'_>> = active
                 .iter()
                 .zip(&fed)
@@ -156,16 +179,21 @@ pub fn generate_batch<E: Engine>(
                     logits: LogitsFor::Last,
                 })
                 .collect();
-            engine.step(&mut cache, &inputs)?
+            engine.step_top(&mut cache, &inputs, &tops)?
         };
         let mut finished = Vec::new();
-        for (i, ((a, logits), n)) in active.iter_mut().zip(logits).zip(fed).enumerate() {
+        for (i, ((a, output), n)) in active.iter_mut().zip(outputs).zip(fed).enumerate() {
             a.pending.drain(..n);
             if !a.pending.is_empty() {
                 continue; // the prompt continues next step
             }
             let options = &requests[a.request].options;
-            let token = sample_token_in_context(&logits, &a.context, options, &mut a.rng)?;
+            let token = match output {
+                StepOutput::Top(c) => sample_from_candidates(&c, options, &mut a.rng)?,
+                StepOutput::Logits(l) => {
+                    sample_token_in_context(&l, &a.context, options, &mut a.rng)?
+                }
+            };
             a.generated.push(token);
             a.context.push(token);
             let flow = on_token(&TokenEvent {

@@ -18,7 +18,10 @@
 //!   those codes (ternary-gemm's `ternary_mlp_a8_cuda`), `engine_add_rmsnorm_a8`;
 //! * the final norm of the rows whose logits are wanted (bf16) and the LM head through cuBLAS
 //!   (bf16 x bf16 -> f32), copied to the host with the step's non-finite counter: the one
-//!   synchronization of a step.
+//!   synchronization of a step. Through [`GpuEngine::step_top`] (what generation uses) a
+//!   row whose sampler needs only its best `k <= 64` ids gets them selected on the device
+//!   (`engine_top_candidates`, the host's order and filters) and only those pairs cross to
+//!   the host instead of `V` logits.
 //!
 //! Decode steps (every sequence of the step appends one token) are replayed from a CUDA graph:
 //! their inputs (ids, positions, pool slots, block tables, lengths) live in device buffers
@@ -67,10 +70,13 @@ use ternary_gemm::{TernaryMatrix, TernaryScales};
 use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use super::checkpoint::{InferenceCheckpoint, LayerNorms};
-use super::cpu::{check_step_inputs, run_rounds, split_logits, wanted_rows, Chunk, StepInput};
+use super::cpu::{check_step_inputs, run_rounds, wanted_rows, Chunk, RowsWanted, StepInput};
 use super::kv::{paged_config, KvCacheFormat, KvCacheOptions, SequenceId};
-use super::traits::{Engine, EngineCache};
+use super::traits::{check_top_inputs, Engine, EngineCache, StepOutput};
 use crate::config::{AttentionMode, TritterConfig};
+use crate::generate::{no_candidates, Candidates, TopSpec};
+use crate::tokenizer::vocab::NUM_SPECIAL_TOKENS;
+use crate::tokenizer::SpecialToken;
 use crate::{Result, TritterError};
 
 /// Threads of the row kernels (`kThreads` in engine.cu).
@@ -492,15 +498,55 @@ impl GpuEngine {
             |cache, chunks| {
                 // Prompts (n > 1) first, then the single tokens.
                 chunks.sort_by_key(|c| c.tokens.len() == 1);
-                self.forward_round(cache, chunks)
+                Ok(self
+                    .forward_round(cache, chunks, &[])?
+                    .into_iter()
+                    .map(|o| match o {
+                        StepOutput::Logits(l) => l,
+                        StepOutput::Top(_) => unreachable!("no candidates were asked for"),
+                    })
+                    .collect())
+            },
+            |acc, l| acc.extend(l),
+        )
+    }
+
+    /// [`Engine::step_top`] on the device: the candidates of each input with a spec of
+    /// `k <= DEVICE_TOP_MAX` are selected by `engine_top_candidates` right after the LM head
+    /// and only those `k` pairs are copied to the host; other inputs get their logits.
+    pub fn step_top(
+        &self,
+        cache: &mut GpuCache,
+        inputs: &[StepInput<'_>],
+        tops: &[Option<TopSpec>],
+    ) -> Result<Vec<StepOutput>> {
+        check_top_inputs(inputs, tops)?;
+        check_step_inputs(&self.cfg, inputs, |s| cache.len(s))?;
+        run_rounds(
+            inputs,
+            cache,
+            |cache, seq, left| Ok(if cache.len(seq)? == 0 { left } else { 1 }),
+            |cache, chunks| {
+                chunks.sort_by_key(|c| c.tokens.len() == 1);
+                self.forward_round(cache, chunks, tops)
+            },
+            |acc, o| match (acc, o) {
+                (StepOutput::Logits(a), StepOutput::Logits(b)) => a.extend(b),
+                (acc, o) => *acc = o,
             },
         )
     }
 
     /// One round (see [`step`](Self::step)): appends each item's tokens and returns the
-    /// wanted logits per item. Decode-only rounds (every item one token) run from a CUDA
-    /// graph once their shape has repeated ([`DecodeState`]).
-    fn forward_round(&self, cache: &mut GpuCache, items: &[Chunk<'_>]) -> Result<Vec<Vec<f32>>> {
+    /// wanted logits per item, or its candidates where `tops[item.input]` asks for them
+    /// (`tops` empty: logits for all). Decode-only rounds (every item one token) run from a
+    /// CUDA graph once their shape has repeated ([`DecodeState`]).
+    fn forward_round(
+        &self,
+        cache: &mut GpuCache,
+        items: &[Chunk<'_>],
+        tops: &[Option<TopSpec>],
+    ) -> Result<Vec<StepOutput>> {
         let cfg = &self.cfg;
         let (d, hq, hkv, v) = (
             cfg.head_dim(),
@@ -527,6 +573,22 @@ impl GpuEngine {
         }
         let wanted = wanted_rows(items.iter().map(|it| (it.tokens.len(), it.rows)));
         let r = wanted.len();
+        // Per wanted row: the spec when the device selects its candidates, else None (its
+        // logits go to the host).
+        let plan: Vec<Option<TopSpec>> = items
+            .iter()
+            .flat_map(|it| {
+                let spec = tops
+                    .get(it.input)
+                    .copied()
+                    .flatten()
+                    .filter(|s| it.rows == RowsWanted::Last && s.k <= DEVICE_TOP_MAX);
+                std::iter::repeat_n(spec, it.rows.range(it.tokens.len()).len())
+            })
+            .collect();
+        let host_rows: Vec<usize> = (0..r).filter(|&j| plan[j].is_none()).collect();
+        let dev_rows: Vec<usize> = (0..r).filter(|&j| plan[j].is_some()).collect();
+        let dev_specs: Vec<TopSpec> = plan.iter().flatten().copied().collect();
 
         let mut guard = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let shared = &mut *guard;
@@ -538,7 +600,9 @@ impl GpuEngine {
             shared.rows.insert(n, RowSet { work, decode: None });
         }
         let rows = shared.rows.get_mut(&n).expect("inserted above");
-        let mut logits_h = vec![0f32; r * v];
+        // The host rows' logits, (host_rows, V), and the device rows' raw selections.
+        let mut logits_h = vec![0f32; host_rows.len() * v];
+        let dev_tops: Vec<RawTop>;
 
         if prompts == 0 {
             // Decode: persistent inputs, refilled in place, so a captured graph can replay.
@@ -650,20 +714,25 @@ impl GpuEngine {
                     }
                 }
             }
-            stream
-                .memcpy_dtoh(&bufs.logits, &mut bufs.host)
-                .map_err(KernelError::driver("copying logits to the host"))?;
-            // The copy into page-locked memory is asynchronous, and this context does not
-            // track events (Gpu::new), so the pinned slice does not wait by itself.
-            stream
-                .synchronize()
-                .map_err(KernelError::driver("waiting for the logits"))?;
-            let all = bufs
-                .host
-                .as_slice()
-                .map_err(KernelError::driver("reading the pinned logits"))?;
-            for (dst, &row) in logits_h.chunks_exact_mut(v).zip(&wanted) {
-                dst.copy_from_slice(&all[row * v..(row + 1) * v]);
+            let src: Vec<usize> = dev_rows.iter().map(|&j| wanted[j]).collect();
+            dev_tops = launch_top(g, &bufs.logits, v, &src, &dev_specs)?;
+            if !host_rows.is_empty() {
+                stream
+                    .memcpy_dtoh(&bufs.logits, &mut bufs.host)
+                    .map_err(KernelError::driver("copying logits to the host"))?;
+                // The copy into page-locked memory is asynchronous, and this context does not
+                // track events (Gpu::new), so the pinned slice does not wait by itself.
+                stream
+                    .synchronize()
+                    .map_err(KernelError::driver("waiting for the logits"))?;
+                let all = bufs
+                    .host
+                    .as_slice()
+                    .map_err(KernelError::driver("reading the pinned logits"))?;
+                for (dst, &j) in logits_h.chunks_exact_mut(v).zip(&host_rows) {
+                    let row = wanted[j];
+                    dst.copy_from_slice(&all[row * v..(row + 1) * v]);
+                }
             }
         } else {
             let slots = cache.kv.slot_batch(&tickets)?;
@@ -743,10 +812,15 @@ impl GpuEngine {
                 &mut hidden,
                 &mut logits,
             )?;
-            if r > 0 {
+            dev_tops = launch_top(g, &logits, v, &dev_rows, &dev_specs)?;
+            if !host_rows.is_empty() {
+                let mut all = vec![0f32; r * v];
                 stream
-                    .memcpy_dtoh(&logits.slice(..r * v), &mut logits_h)
+                    .memcpy_dtoh(&logits.slice(..r * v), &mut all)
                     .map_err(KernelError::driver("copying logits to the host"))?;
+                for (dst, &j) in logits_h.chunks_exact_mut(v).zip(&host_rows) {
+                    dst.copy_from_slice(&all[j * v..(j + 1) * v]);
+                }
             }
         }
 
@@ -769,15 +843,30 @@ impl GpuEngine {
         if let Some(i) = logits_h.iter().position(|x| !x.is_finite()) {
             return Err(TritterError::NonFinite {
                 what: "logits (r, V) of the step".into(),
-                index: i,
+                index: host_rows[i / v] * v + i % v,
                 value: logits_h[i].to_string(),
             });
         }
-        Ok(split_logits(
-            items.iter().map(|it| (it.tokens.len(), it.rows)),
-            &logits_h,
-            v,
-        ))
+        let mut cands = Vec::with_capacity(dev_tops.len());
+        for (t, &j) in dev_tops.into_iter().zip(&dev_rows) {
+            cands.push(t.into_candidates(j, v)?);
+        }
+        // Back per item, in item order: its host rows' logits or its device candidates.
+        let (mut cands, mut host) = (cands.into_iter(), logits_h.chunks_exact(v));
+        let mut j = 0;
+        Ok(items
+            .iter()
+            .map(|it| {
+                let k = it.rows.range(it.tokens.len()).len();
+                let out = if k == 1 && plan[j].is_some() {
+                    StepOutput::Top(cands.next().expect("one selection per device row"))
+                } else {
+                    StepOutput::Logits(host.by_ref().take(k).flatten().copied().collect())
+                };
+                j += k;
+                out
+            })
+            .collect())
     }
 
     /// Every kernel of a step, in stream order: embedding, the layers, the final norm of the
@@ -1254,4 +1343,187 @@ impl Engine for GpuEngine {
     fn step(&self, cache: &mut GpuCache, inputs: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>> {
         GpuEngine::step(self, cache, inputs)
     }
+    fn step_top(
+        &self,
+        cache: &mut GpuCache,
+        inputs: &[StepInput<'_>],
+        tops: &[Option<TopSpec>],
+    ) -> Result<Vec<StepOutput>> {
+        GpuEngine::step_top(self, cache, inputs, tops)
+    }
 }
+
+/// Most candidates per row [`device_top_candidates`] selects; a sampler that needs more
+/// (top-k above it, or `top_k = 0` at a positive temperature) gets the row's logits.
+pub const DEVICE_TOP_MAX: usize = 64;
+
+/// u32 words per row of `engine_top_candidates`' output: count, non-finite count, first
+/// non-finite index, padding, `DEVICE_TOP_MAX` ids, `DEVICE_TOP_MAX` logit bit patterns.
+const TOP_STRIDE: usize = 4 + 2 * DEVICE_TOP_MAX;
+
+/// The candidates of rows of device logits `(R, V)` (`logits` holds whole rows of `v`):
+/// `specs[j]` applied to row `rows[j]`, selected on the device (`engine_top_candidates`, one
+/// CTA per row) with the host's semantics ([`top_candidates`](crate::generate::top_candidates):
+/// the same ids in the same order, ties by the lower id). Only `k` (id, logit) pairs per row
+/// cross to the host. Errors: a row index, `v` or a `k` out of range (`1..=DEVICE_TOP_MAX`),
+/// a non-finite logit in a selected row (`NonFinite`, row-major index into `logits`), a
+/// filter that admits no id.
+pub fn device_top_candidates(
+    gpu: &Gpu,
+    logits: &CudaSlice<f32>,
+    v: usize,
+    rows: &[usize],
+    specs: &[TopSpec],
+) -> Result<Vec<Candidates>> {
+    let raw = launch_top(gpu, logits, v, rows, specs)?;
+    raw.into_iter()
+        .zip(rows)
+        .map(|(t, &row)| t.into_candidates(row, v))
+        .collect()
+}
+
+/// One row of `engine_top_candidates`' output, not yet checked.
+struct RawTop {
+    count: usize,
+    nonfinite: u32,
+    first_bad: u32,
+    ids: Vec<u32>,
+    logits: Vec<f32>,
+    limit: usize,
+}
+
+impl RawTop {
+    /// The candidates, or the error of a row (`row` of `(R, V)` logits) with a non-finite
+    /// logit or no admitted id.
+    fn into_candidates(self, row: usize, v: usize) -> Result<Candidates> {
+        if self.nonfinite > 0 {
+            return Err(TritterError::NonFinite {
+                what: format!("logits (r, V) of the step ({} non-finite)", self.nonfinite),
+                index: row * v + self.first_bad as usize,
+                value: "NaN or Inf".into(),
+            });
+        }
+        if self.count == 0 {
+            return Err(no_candidates(self.limit));
+        }
+        Ok(Candidates {
+            ids: self.ids[..self.count].to_vec(),
+            logits: self.logits[..self.count].to_vec(),
+        })
+    }
+}
+
+/// Launches `engine_top_candidates` over `rows` of `logits` and copies the selections back
+/// (one small synchronous copy; nothing when `rows` is empty).
+fn launch_top(
+    gpu: &Gpu,
+    logits: &CudaSlice<f32>,
+    v: usize,
+    rows: &[usize],
+    specs: &[TopSpec],
+) -> Result<Vec<RawTop>> {
+    if rows.len() != specs.len() {
+        return Err(TritterError::ShapeMismatch {
+            what: "top-candidate specs".into(),
+            actual: vec![specs.len()],
+            expected: format!("one per row ({})", rows.len()),
+        });
+    }
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let have = logits.len().checked_div(v).unwrap_or(0);
+    if v == 0 || v > i32::MAX as usize {
+        return Err(TritterError::argument(
+            "v",
+            v,
+            "1..=i32::MAX logits per row",
+        ));
+    }
+    if let Some(&row) = rows.iter().find(|&&r| r >= have) {
+        return Err(TritterError::argument(
+            "row",
+            row,
+            format!("below {have} (rows of {v} in {} logits)", logits.len()),
+        ));
+    }
+    if let Some(s) = specs.iter().find(|s| s.k == 0 || s.k > DEVICE_TOP_MAX) {
+        return Err(TritterError::argument(
+            "k",
+            s.k,
+            format!("1..={DEVICE_TOP_MAX} candidates on the device"),
+        ));
+    }
+    let markers = crate::paradigm::LatentMarkers::new(v).ok();
+    let (bot, eot) = markers.map_or((-1, -1), |m| (m.bot as i32, m.eot as i32));
+    let params: Vec<i32> = rows
+        .iter()
+        .zip(specs)
+        .flat_map(|(&row, s)| {
+            [
+                row as i32,
+                s.k as i32,
+                s.limit(v) as i32,
+                i32::from(s.text_only),
+            ]
+        })
+        .collect();
+    let params_d = upload(gpu, "top-candidate parameters", &params)?;
+    let mut out = gpu
+        .stream()
+        .alloc_zeros::<u32>(rows.len() * TOP_STRIDE)
+        .map_err(alloc_err("top candidates"))?;
+    let func = gpu.function(&images::ENGINE, "engine_top_candidates")?;
+    let (vi, eos, first_text) = (
+        v as i32,
+        SpecialToken::Eos.id() as i32,
+        NUM_SPECIAL_TOKENS as i32,
+    );
+    let mut launch = gpu.stream().launch_builder(&func);
+    launch
+        .arg(logits)
+        .arg(&vi)
+        .arg(&params_d)
+        .arg(&eos)
+        .arg(&first_text)
+        .arg(&bot)
+        .arg(&eot)
+        .arg(&mut out);
+    // SAFETY: `engine_top_candidates(const float*, int, const int4*, int, int, int, int,
+    // unsigned*)`; logits holds `have` rows of v and every source row is below `have`
+    // (checked), params are rows.len() int4 (4 i32 each, 256-byte aligned allocation), out
+    // rows.len() * TOP_STRIDE u32; one CTA of 512 threads per row.
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: (rows.len() as u32, 1, 1),
+            block_dim: (TOP_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(KernelError::driver("launching engine_top_candidates"))?;
+    let host = gpu
+        .stream()
+        .clone_dtoh(&out)
+        .map_err(KernelError::driver("copying top candidates to the host"))?;
+    Ok(host
+        .chunks_exact(TOP_STRIDE)
+        .zip(specs)
+        .map(|(w, s)| {
+            let count = (w[0] as usize).min(DEVICE_TOP_MAX);
+            RawTop {
+                count,
+                nonfinite: w[1],
+                first_bad: w[2],
+                ids: w[4..4 + count].to_vec(),
+                logits: w[4 + DEVICE_TOP_MAX..4 + DEVICE_TOP_MAX + count]
+                    .iter()
+                    .map(|&b| f32::from_bits(b))
+                    .collect(),
+                limit: s.limit(v),
+            }
+        })
+        .collect())
+}
+
+/// Threads per CTA of `engine_top_candidates` (`kTopThreads` in engine.cu).
+const TOP_THREADS: u32 = 512;

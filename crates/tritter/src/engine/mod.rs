@@ -61,6 +61,6 @@ pub use generate::{
     generate_batch, generate_stream, FinishReason, Generation, GenerationRequest, TokenEvent,
 };
 #[cfg(feature = "cuda")]
-pub use gpu::{GpuCache, GpuEngine};
+pub use gpu::{device_top_candidates, GpuCache, GpuEngine, DEVICE_TOP_MAX};
 pub use kv::{KvCache, KvCacheFormat, KvCacheOptions, SequenceId};
-pub use traits::{Engine, EngineCache};
+pub use traits::{Engine, EngineCache, StepOutput};
