@@ -388,8 +388,8 @@ __device__ __forceinline__ unsigned long long top_key(float x, int i) {
 }  // namespace
 
 // out: (R, kTopStride) u32 per row: [0] candidates found, [1] non-finite logits in the row,
-// [2] index of the first non-finite one (0xffffffff if none), [4, 4 + 64) ids best first,
-// [68, 132) their logits' bits.
+// [2] index of the first non-finite one (0xffffffff if none), [3] its bits, [4, 4 + 64) ids
+// best first, [68, 132) their logits' bits.
 extern "C" __global__ void __launch_bounds__(kTopThreads) engine_top_candidates(
     const float* __restrict__ logits, int v, const int4* __restrict__ params, int eos,
     int first_text, int bot, int eot, unsigned* __restrict__ out) {
@@ -500,6 +500,6 @@ extern "C" __global__ void __launch_bounds__(kTopThreads) engine_top_candidates(
         o[0] = count;
         o[1] = s_nonfinite;
         o[2] = s_first_bad;
-        o[3] = 0;
+        o[3] = s_first_bad < static_cast<unsigned>(v) ? __float_as_uint(row[s_first_bad]) : 0u;
     }
 }

@@ -555,7 +555,8 @@ mod top {
     fn specs(v: usize) -> Vec<TopSpec> {
         let mut out = Vec::new();
         for k in [1, 2, 40, DEVICE_TOP_MAX] {
-            for vocab_limit in [None, Some(300), Some(v as u32 / 2), Some(9)] {
+            // Some(2) with text_only admits nothing (ids 0 and 1 are specials).
+            for vocab_limit in [None, Some(300), Some(v as u32 / 2), Some(9), Some(2)] {
                 for text_only in [false, true] {
                     out.push(TopSpec {
                         k,
@@ -590,7 +591,7 @@ mod top {
                 .map(|i| i % rows.len())
                 .collect();
             let all: Vec<TopSpec> = (0..idx.len()).map(|i| specs[i / rows.len()]).collect();
-            let mut checked = 0;
+            let (mut checked, mut empty) = (0, 0);
             for (row_i, spec) in idx.iter().zip(&all) {
                 let host = top_candidates(&rows[*row_i], spec);
                 let dev = device_top_candidates(g, &d, v, &[*row_i], &[*spec]);
@@ -600,15 +601,25 @@ mod top {
                         assert_eq!(dv.remove(0), h, "row {row_i}, {spec:?}, V = {v}");
                         checked += 1;
                     }
-                    (Err(_), Err(e)) => assert!(e.to_string().contains("candidates"), "{e}"),
+                    (Err(_), Err(TritterError::ShapeMismatch { what, .. })) => {
+                        assert_eq!(what, "sampling candidates");
+                        empty += 1;
+                    }
                     (h, dv) => panic!("row {row_i}, {spec:?}: host {h:?}, device {dv:?}"),
                 }
             }
-            // All rows in one launch, as the engine does.
-            let batch =
-                device_top_candidates(g, &d, v, &idx[..rows.len()], &all[..rows.len()]).unwrap();
-            for (b, (r, s)) in batch.iter().zip(idx.iter().zip(&all)) {
-                assert_eq!(*b, top_candidates(&rows[*r], s).unwrap());
+            assert!(empty > 0, "no spec admitted nothing");
+            // Many rows and specs in one launch, as the engine does: every admitting spec
+            // against every row.
+            let (bi, bs): (Vec<usize>, Vec<TopSpec>) = idx
+                .iter()
+                .zip(&all)
+                .filter(|(_, s)| s.vocab_limit != Some(2) || !s.text_only)
+                .map(|(&r, &s)| (r, s))
+                .unzip();
+            let batch = device_top_candidates(g, &d, v, &bi, &bs).unwrap();
+            for (b, (r, s)) in batch.iter().zip(bi.iter().zip(&bs)) {
+                assert_eq!(*b, top_candidates(&rows[*r], s).unwrap(), "row {r}, {s:?}");
             }
             // A NaN: the error names its row-major index.
             let mut bad = flat.clone();
@@ -617,7 +628,10 @@ mod top {
             bad[at + 5] = f32::INFINITY;
             let bd = g.stream().clone_htod(&bad).unwrap();
             match device_top_candidates(g, &bd, v, &[0, 2], &[specs[0], specs[0]]) {
-                Err(TritterError::NonFinite { index, .. }) => assert_eq!(index, at),
+                Err(TritterError::NonFinite { index, value, .. }) => {
+                    assert_eq!(index, at);
+                    assert_eq!(value, "NaN");
+                }
                 other => panic!("non-finite row accepted: {other:?}"),
             }
             // Bad arguments: k out of range, a row past the buffer.
@@ -629,7 +643,11 @@ mod top {
             assert!(device_top_candidates(g, &d, v, &[0], &[k0]).is_err());
             assert!(device_top_candidates(g, &d, v, &[0], &[kbig]).is_err());
             assert!(device_top_candidates(g, &d, v, &[rows.len()], &[specs[0]]).is_err());
-            println!("device top candidates, V = {v}: {checked} (row, spec) pairs equal the host");
+            println!(
+                "device top candidates, V = {v}: {checked} (row, spec) pairs equal the host, \
+                 {empty} empty filters refused by both, {} in one launch",
+                bi.len()
+            );
         }
     }
 
@@ -657,12 +675,25 @@ mod top {
         let mut tokens: Vec<Vec<u32>> = (0..3)
             .map(|i| random_tokens(&cfg, 9 + 4 * i, 60 + i as u64))
             .collect();
-        // A prefill step, then decode steps (captured into a graph from the second on).
-        for step in 0..5 {
-            let tops: Vec<Option<TopSpec>> = (0..3).map(|i| spec(i + step)).collect();
+        // A prefill step, then decode steps, all on cache a with `step`, then the same
+        // tokens on cache b with `step_top` (each cache's decode steps run eagerly, are
+        // captured into a graph at the second and replayed from the third).
+        let steps = 6;
+        let mut fed = Vec::new();
+        let mut rows = Vec::new();
+        for _ in 0..steps {
             let ia = StepInput::batch(&seqs_a, &tokens, LogitsFor::Last);
-            let ib = StepInput::batch(&seqs_b, &tokens, LogitsFor::Last);
             let logits = gpu.step(&mut a, &ia).unwrap();
+            fed.push(tokens);
+            tokens = logits
+                .iter()
+                .map(|l| vec![top_candidates(l, &spec(0).unwrap()).unwrap().ids[0]])
+                .collect();
+            rows.push(logits);
+        }
+        for (step, (toks, logits)) in fed.iter().zip(&rows).enumerate() {
+            let tops: Vec<Option<TopSpec>> = (0..3).map(|i| spec(i + step)).collect();
+            let ib = StepInput::batch(&seqs_b, toks, LogitsFor::Last);
             let outs = gpu.step_top(&mut b, &ib, &tops).unwrap();
             for (i, ((l, o), t)) in logits.iter().zip(&outs).zip(&tops).enumerate() {
                 assert_eq!(l.len(), v);
@@ -674,10 +705,6 @@ mod top {
                     _ => panic!("step {step}, input {i}: {t:?} answered by {o:?}"),
                 }
             }
-            tokens = logits
-                .iter()
-                .map(|l| vec![top_candidates(l, &spec(0).unwrap()).unwrap().ids[0]])
-                .collect();
         }
         // A spec on an input that wants every row is refused before the cache changes.
         let before = a.len(seqs_a[0]).unwrap();

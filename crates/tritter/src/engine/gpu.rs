@@ -1358,7 +1358,7 @@ impl Engine for GpuEngine {
 pub const DEVICE_TOP_MAX: usize = 64;
 
 /// u32 words per row of `engine_top_candidates`' output: count, non-finite count, first
-/// non-finite index, padding, `DEVICE_TOP_MAX` ids, `DEVICE_TOP_MAX` logit bit patterns.
+/// non-finite index and its bits, `DEVICE_TOP_MAX` ids, `DEVICE_TOP_MAX` logit bit patterns.
 const TOP_STRIDE: usize = 4 + 2 * DEVICE_TOP_MAX;
 
 /// The candidates of rows of device logits `(R, V)` (`logits` holds whole rows of `v`):
@@ -1387,6 +1387,7 @@ struct RawTop {
     count: usize,
     nonfinite: u32,
     first_bad: u32,
+    bad_value: f32,
     ids: Vec<u32>,
     logits: Vec<f32>,
     limit: usize,
@@ -1400,7 +1401,7 @@ impl RawTop {
             return Err(TritterError::NonFinite {
                 what: format!("logits (r, V) of the step ({} non-finite)", self.nonfinite),
                 index: row * v + self.first_bad as usize,
-                value: "NaN or Inf".into(),
+                value: self.bad_value.to_string(),
             });
         }
         if self.count == 0 {
@@ -1514,6 +1515,7 @@ fn launch_top(
                 count,
                 nonfinite: w[1],
                 first_bad: w[2],
+                bad_value: f32::from_bits(w[3]),
                 ids: w[4..4 + count].to_vec(),
                 logits: w[4 + DEVICE_TOP_MAX..4 + DEVICE_TOP_MAX + count]
                     .iter()

@@ -33,8 +33,10 @@ pub trait Engine {
 
     /// [`step`](Self::step) for inputs that all want [`LogitsFor::Last`], returning for input
     /// `i` its sampling candidates when `tops[i]` is given (the `k` best ids under the
-    /// spec's filter, [`top_candidates`]) and its logits otherwise. An input whose prompt
-    /// does not end in this step gets empty logits, as from `step`.
+    /// spec's filter, [`top_candidates`]) and its logits otherwise. An engine may answer a
+    /// spec with the logits instead (the GPU engine does for `k > 64`), so callers handle
+    /// both. An input whose prompt does not end in this step gets empty logits, as from
+    /// `step`.
     ///
     /// Why: a sampler needs only the top few logits of a row; the GPU engine selects them on
     /// the device and copies `k` pairs per sequence to the host instead of `V` logits (8 MB
