@@ -42,15 +42,20 @@
 //   id >= first_text other than the latent markers bot / eot). A decode step then sends the
 //   host k (id, logit) pairs per sequence instead of V logits (256 KB at V = 65536).
 //   The order as a 64-bit key K = (order-preserving f32 bits << 32) | (0xffffffff - id),
-//   distinct per id, so the top k are the keys >= the k-th largest: a radix select over K's
-//   bytes from the top (one pass over the row per byte, 256-bin histograms per warp in
-//   shared memory, the bin chosen by a warp suffix scan), stopping as soon as the chosen bin
-//   holds exactly the ids still needed (2-4 passes on real logits, 8 at most); one pass
-//   collects the selected keys into shared memory; a rank sort of the <= 64 keys orders them.
-//   The first pass also counts non-finite logits of the whole row (and the first index),
-//   which the host reports as an error. One CTA of 512 threads per row; row r of params
-//   (int4: source row, k, limit, text_only). Bound: L2 reads of the row the LM head just
-//   wrote, (passes + 1) * 4V bytes, ~10 us for one row of 65536 on one SM.
+//   distinct per id, so the top k are the k largest keys. Fast path, two passes over the row:
+//   (1) each thread keeps the largest key of its slice (16-byte loads, two in flight), and
+//   counts non-finite logits of the whole row (the host reports them as an error); the k-th
+//   largest of those 512 maxima (a bitonic sort in shared memory) is a threshold T <= the
+//   k-th largest key, since k distinct ids reach it; (2) the keys >= T (k plus a few on
+//   real rows; exactly k on a row of ties) are collected into shared memory, and a rank sort
+//   keeps the k largest in order. When more than kTopCap keys pass T (a row built against
+//   the slicing), a radix select over K's bytes from the top (256-bin histograms per warp,
+//   the bin chosen by a warp suffix scan, stopping as soon as the chosen bin holds exactly
+//   the ids still needed) finds the exact k-th key instead. One CTA of 512 threads per row;
+//   row r of params (int4: source row, k, limit, text_only). Bound: instruction issue of one
+//   SM over the row, two passes of ~10 instructions per logit, read from L2 where the LM
+//   head just wrote it. (v1, the radix select alone with one scalar load in flight per
+//   thread, took 122 us per 65536-logit row on the H100: latency bound.)
 
 #include "a8_mma.cuh"
 #include "common.cuh"
@@ -367,7 +372,8 @@ namespace {
 constexpr int kTopMax = 64;
 constexpr int kTopThreads = 512;
 constexpr int kTopWarps = kTopThreads / 32;
-constexpr int kTopStride = 4 + 2 * kTopMax;  // count, non-finite, first bad, 0, ids, logits
+constexpr int kTopCap = 2 * kTopThreads;     // keys the fast path collects at most
+constexpr int kTopStride = 4 + 2 * kTopMax;  // count, non-finite, first bad + bits, ids, logits
 
 struct TopFilter {
     int limit;
@@ -378,38 +384,50 @@ struct TopFilter {
     }
 };
 
-// The sampler's order as one integer: larger key = earlier candidate.
+// The sampler's order as one integer: larger key = earlier candidate; never 0 for a logit.
 __device__ __forceinline__ unsigned long long top_key(float x, int i) {
     const unsigned u = __float_as_uint(x);
     const unsigned o = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
     return (static_cast<unsigned long long>(o) << 32) | (0xffffffffu - static_cast<unsigned>(i));
 }
 
-}  // namespace
+// f(i, row[i]) for i < end, each thread its share: 16-byte loads, two in flight, when the row
+// is 16-byte aligned (the tail and unaligned rows element by element).
+template <class F>
+__device__ __forceinline__ void top_row_each(const float* __restrict__ row, int end, F&& f) {
+    int scalar_from = 0;
+    if ((reinterpret_cast<size_t>(row) & 15) == 0) {
+        const float4* __restrict__ r4 = reinterpret_cast<const float4*>(row);
+        const int n4 = end / 4;
+        int q = threadIdx.x;
+        for (; q + kTopThreads < n4; q += 2 * kTopThreads) {
+            const float4 a = r4[q], b = r4[q + kTopThreads];
+            const int i = 4 * q, j = 4 * (q + kTopThreads);
+            f(i, a.x), f(i + 1, a.y), f(i + 2, a.z), f(i + 3, a.w);
+            f(j, b.x), f(j + 1, b.y), f(j + 2, b.z), f(j + 3, b.w);
+        }
+        if (q < n4) {
+            const float4 a = r4[q];
+            const int i = 4 * q;
+            f(i, a.x), f(i + 1, a.y), f(i + 2, a.z), f(i + 3, a.w);
+        }
+        scalar_from = 4 * n4;
+    }
+    for (int i = scalar_from + threadIdx.x; i < end; i += kTopThreads) f(i, row[i]);
+}
 
-// out: (R, kTopStride) u32 per row: [0] candidates found, [1] non-finite logits in the row,
-// [2] index of the first non-finite one (0xffffffff if none), [3] its bits, [4, 4 + 64) ids
-// best first, [68, 132) their logits' bits.
-extern "C" __global__ void __launch_bounds__(kTopThreads) engine_top_candidates(
-    const float* __restrict__ logits, int v, const int4* __restrict__ params, int eos,
-    int first_text, int bot, int eot, unsigned* __restrict__ out) {
-    __shared__ unsigned hist[kTopWarps][256];
-    __shared__ unsigned long long sel[kTopMax];
+// The exact `need`-th largest admitted key of the row (need >= 1 admitted ids exist): a radix
+// select over the key's bytes from the top. Every thread of the CTA calls it.
+__device__ unsigned long long top_radix_kth(const float* __restrict__ row, const TopFilter& f,
+                                            int need_total, unsigned (*hist)[256]) {
     __shared__ unsigned long long s_prefix;
     __shared__ int s_bits, s_need, s_done;
-    __shared__ unsigned s_nonfinite, s_first_bad, s_count;
-    const int4 p = params[blockIdx.x];
-    const float* __restrict__ row = logits + static_cast<size_t>(p.x) * v;
-    const TopFilter f{p.z < v ? p.z : v, p.w != 0, eos, first_text, bot, eot};
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     if (tid == 0) {
         s_prefix = 0;
         s_bits = 0;
-        s_need = p.y;
+        s_need = need_total;
         s_done = 0;
-        s_nonfinite = 0;
-        s_first_bad = 0xffffffffu;
-        s_count = 0;
     }
     for (int pass = 0; pass < 8; ++pass) {
         for (int b = tid; b < kTopWarps * 256; b += kTopThreads) (&hist[0][0])[b] = 0;
@@ -417,14 +435,8 @@ extern "C" __global__ void __launch_bounds__(kTopThreads) engine_top_candidates(
         const int bits = s_bits;
         const unsigned long long prefix = s_prefix;
         const int shift = 56 - 8 * pass;
-        const int end = pass == 0 ? v : f.limit;
-        for (int i = tid; i < end; i += kTopThreads) {
-            const float x = row[i];
-            if (pass == 0 && !isfinite(x)) {
-                atomicAdd(&s_nonfinite, 1u);
-                atomicMin(&s_first_bad, static_cast<unsigned>(i));
-            }
-            const unsigned long long key = top_key(x, i);
+        for (int i = tid; i < f.limit; i += kTopThreads) {
+            const unsigned long long key = top_key(row[i], i);
             const bool counted = f.admits(i) && (bits == 0 || (key >> (64 - bits)) == prefix);
             const int b = counted ? static_cast<int>((key >> shift) & 255) : -1;
             // Lanes of one bin add once (the first pass puts most of a row in a few bins).
@@ -449,21 +461,14 @@ extern "C" __global__ void __launch_bounds__(kTopThreads) engine_top_candidates(
                 const unsigned t = __shfl_down_sync(0xffffffffu, above, o);
                 if (lane + o < 32) above += t;
             }
-            const unsigned total = __shfl_sync(0xffffffffu, above, 0);
-            int need = s_need;
-            if (pass == 0 && static_cast<unsigned>(need) > total) need = static_cast<int>(total);
+            const unsigned need = static_cast<unsigned>(s_need);
             const unsigned larger = above - mine;  // keys in the bins of higher lanes
             __syncwarp();  // every lane has read s_need before one of them rewrites it
-            if (need == 0) {
-                if (lane == 0) {
-                    s_need = 0;
-                    s_done = 1;
-                }
-            } else if (larger < static_cast<unsigned>(need) && above >= static_cast<unsigned>(need)) {
+            if (larger < need && above >= need) {
                 unsigned acc = larger;
                 int d = 7;
-                while (acc + bin[d] < static_cast<unsigned>(need)) acc += bin[d--];
-                const int left = need - static_cast<int>(acc);
+                while (acc + bin[d] < need) acc += bin[d--];
+                const int left = static_cast<int>(need - acc);
                 s_need = left;
                 s_prefix = (prefix << 8) | static_cast<unsigned>(8 * lane + d);
                 s_bits = bits + 8;
@@ -473,33 +478,113 @@ extern "C" __global__ void __launch_bounds__(kTopThreads) engine_top_candidates(
         __syncthreads();
         if (s_done) break;
     }
-    const int bits = s_bits;
-    const unsigned long long prefix = s_prefix;
-    if (bits > 0) {
-        for (int i = tid; i < f.limit; i += kTopThreads) {
-            if (!f.admits(i)) continue;
-            const unsigned long long key = top_key(row[i], i);
-            if ((key >> (64 - bits)) >= prefix) {
-                const unsigned slot = atomicAdd(&s_count, 1u);
-                if (slot < kTopMax) sel[slot] = key;
-            }
-        }
+    // The keys >= the result are the need_total largest: the chosen bin is taken whole.
+    return s_prefix << (64 - s_bits);
+}
+
+}  // namespace
+
+// out: (R, kTopStride) u32 per row: [0] candidates found, [1] non-finite logits in the row,
+// [2] index of the first non-finite one (0xffffffff if none), [3] its bits, [4, 4 + 64) ids
+// best first, [68, 132) their logits' bits.
+extern "C" __global__ void __launch_bounds__(kTopThreads) engine_top_candidates(
+    const float* __restrict__ logits, int v, const int4* __restrict__ params, int eos,
+    int first_text, int bot, int eot, unsigned* __restrict__ out) {
+    __shared__ unsigned hist[kTopWarps][256];
+    __shared__ unsigned long long maxima[kTopThreads];
+    __shared__ unsigned long long cand[kTopCap];
+    __shared__ unsigned s_admitted, s_nonfinite, s_first_bad, s_count;
+    const int4 p = params[blockIdx.x];
+    const float* __restrict__ row = logits + static_cast<size_t>(p.x) * v;
+    const TopFilter f{p.z < v ? p.z : v, p.w != 0, eos, first_text, bot, eot};
+    const int tid = threadIdx.x, lane = tid % 32;
+    if (tid == 0) {
+        s_admitted = 0;
+        s_nonfinite = 0;
+        s_first_bad = 0xffffffffu;
+        s_count = 0;
     }
     __syncthreads();
-    unsigned* o = out + static_cast<size_t>(blockIdx.x) * kTopStride;
-    const unsigned count = s_count < kTopMax ? s_count : kTopMax;
-    if (tid < static_cast<int>(count)) {
-        const unsigned long long key = sel[tid];
-        int rank = 0;
-        for (unsigned j = 0; j < count; ++j) rank += sel[j] > key;
-        const unsigned id = 0xffffffffu - static_cast<unsigned>(key & 0xffffffffu);
-        o[4 + rank] = id;
-        o[4 + kTopMax + rank] = __float_as_uint(row[id]);
+
+    // (1) Per-thread largest key, admitted count, non-finite logits.
+    unsigned long long best = 0;
+    unsigned admitted = 0, bad = 0, first_bad = 0xffffffffu;
+    top_row_each(row, v, [&](int i, float x) {
+        if (!isfinite(x)) {
+            ++bad;
+            first_bad = min(first_bad, static_cast<unsigned>(i));
+        }
+        if (f.admits(i)) {
+            ++admitted;
+            const unsigned long long key = top_key(x, i);
+            best = key > best ? key : best;
+        }
+    });
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+        admitted += __shfl_xor_sync(0xffffffffu, admitted, o);
+        bad += __shfl_xor_sync(0xffffffffu, bad, o);
+        first_bad = min(first_bad, __shfl_xor_sync(0xffffffffu, first_bad, o));
     }
+    if (lane == 0) {
+        atomicAdd(&s_admitted, admitted);
+        atomicAdd(&s_nonfinite, bad);
+        atomicMin(&s_first_bad, first_bad);
+    }
+    maxima[tid] = best;
+    __syncthreads();
+    // Bitonic sort of the maxima, descending.
+    for (int size = 2; size <= kTopThreads; size *= 2) {
+        for (int stride = size / 2; stride > 0; stride /= 2) {
+            const int j = tid ^ stride;
+            if (j > tid) {
+                const unsigned long long a = maxima[tid], b = maxima[j];
+                if ((a < b) == ((tid & size) == 0)) {
+                    maxima[tid] = b;
+                    maxima[j] = a;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    const int k = min(p.y, static_cast<int>(s_admitted));
+    unsigned* o = out + static_cast<size_t>(blockIdx.x) * kTopStride;
     if (tid == 0) {
-        o[0] = count;
+        o[0] = static_cast<unsigned>(k);
         o[1] = s_nonfinite;
         o[2] = s_first_bad;
         o[3] = s_first_bad < static_cast<unsigned>(v) ? __float_as_uint(row[s_first_bad]) : 0u;
+    }
+    if (k <= 0) return;
+    // T: the k-th largest maximum (1 = every admitted key when fewer threads hold one).
+    unsigned long long t = maxima[k - 1] > 0 ? maxima[k - 1] : 1ull;
+
+    // (2) Keys >= T into shared memory; too many: the exact k-th key by radix select.
+    for (int attempt = 0; attempt < 2; ++attempt) {
+        top_row_each(row, f.limit, [&](int i, float x) {
+            if (!f.admits(i)) return;
+            const unsigned long long key = top_key(x, i);
+            if (key >= t) {
+                const unsigned slot = atomicAdd(&s_count, 1u);
+                if (slot < kTopCap) cand[slot] = key;
+            }
+        });
+        __syncthreads();
+        if (s_count <= kTopCap) break;
+        __syncthreads();  // every thread has read s_count
+        if (tid == 0) s_count = 0;
+        t = top_radix_kth(row, f, k, hist);  // syncs before its first read of s_count's reset
+    }
+    const int n = static_cast<int>(min(s_count, static_cast<unsigned>(kTopCap)));
+    // Rank sort: a key's rank is the number of larger keys; the k smallest ranks are kept.
+    for (int c = tid; c < n; c += kTopThreads) {
+        const unsigned long long key = cand[c];
+        int rank = 0;
+        for (int j = 0; j < n; ++j) rank += cand[j] > key;
+        if (rank < k) {
+            const unsigned id = 0xffffffffu - static_cast<unsigned>(key & 0xffffffffu);
+            o[4 + rank] = id;
+            o[4 + kTopMax + rank] = __float_as_uint(row[id]);
+        }
     }
 }

@@ -570,8 +570,11 @@ mod top {
     }
 
     fn kernel(g: &Arc<Gpu>) {
+        // The 7B vocab, a test config's, and one past it (rows not 16-byte aligned: the
+        // kernel's element-by-element loads).
         for v in [
             gqa4_d128().vocab_size,
+            gqa4_d128().vocab_size + 1,
             TritterConfig::preset("7b").unwrap().vocab_size,
         ] {
             let mut rng = SeededRng::new(v as u64);
@@ -584,6 +587,14 @@ mod top {
             ];
             // The largest value at the end of the row (the last radix bins, id order).
             rows[2][v - 1] = 100.0;
+            // Against the kernel's slicing (thread t loads ids 4q..4q+3, q = t mod 512):
+            // the first 63 threads' slices hold every large value, so more keys than the
+            // fast path collects pass its threshold and the radix select runs.
+            rows.push(
+                (0..v)
+                    .map(|i| if (i / 4) % 512 < 63 { 5.0 } else { -5.0 })
+                    .collect(),
+            );
             let flat: Vec<f32> = rows.concat();
             let d = g.stream().clone_htod(&flat).unwrap();
             let specs = specs(v);
