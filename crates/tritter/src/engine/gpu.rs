@@ -488,27 +488,14 @@ impl GpuEngine {
     /// error after that (a non-finite activation, an exhausted page pool) leaves the step's
     /// sequences partly appended, so free them.
     pub fn step(&self, cache: &mut GpuCache, inputs: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>> {
-        check_step_inputs(&self.cfg, inputs, |s| cache.len(s))?;
-        run_rounds(
-            inputs,
-            cache,
-            // A new sequence's whole prompt in one round (flash attention); anything else
-            // one token per round (decode attention over the cache).
-            |cache, seq, left| Ok(if cache.len(seq)? == 0 { left } else { 1 }),
-            |cache, chunks| {
-                // Prompts (n > 1) first, then the single tokens.
-                chunks.sort_by_key(|c| c.tokens.len() == 1);
-                Ok(self
-                    .forward_round(cache, chunks, &[])?
-                    .into_iter()
-                    .map(|o| match o {
-                        StepOutput::Logits(l) => l,
-                        StepOutput::Top(_) => unreachable!("no candidates were asked for"),
-                    })
-                    .collect())
-            },
-            |acc, l| acc.extend(l),
-        )
+        Ok(self
+            .run_step(cache, inputs, &[])?
+            .into_iter()
+            .map(|o| match o {
+                StepOutput::Logits(l) => l,
+                StepOutput::Top(_) => unreachable!("no candidates were asked for"),
+            })
+            .collect())
     }
 
     /// [`Engine::step_top`] on the device: the candidates of each input with a spec of
@@ -521,12 +508,27 @@ impl GpuEngine {
         tops: &[Option<TopSpec>],
     ) -> Result<Vec<StepOutput>> {
         check_top_inputs(inputs, tops)?;
+        self.run_step(cache, inputs, tops)
+    }
+
+    /// [`step`](Self::step) and [`step_top`](Self::step_top): validates the inputs, then
+    /// runs them in rounds, each input's outputs merged (logits rows appended; candidates
+    /// replace the empty logits of earlier chunks).
+    fn run_step(
+        &self,
+        cache: &mut GpuCache,
+        inputs: &[StepInput<'_>],
+        tops: &[Option<TopSpec>],
+    ) -> Result<Vec<StepOutput>> {
         check_step_inputs(&self.cfg, inputs, |s| cache.len(s))?;
         run_rounds(
             inputs,
             cache,
+            // A new sequence's whole prompt in one round (flash attention); anything else
+            // one token per round (decode attention over the cache).
             |cache, seq, left| Ok(if cache.len(seq)? == 0 { left } else { 1 }),
             |cache, chunks| {
+                // Prompts (n > 1) first, then the single tokens.
                 chunks.sort_by_key(|c| c.tokens.len() == 1);
                 self.forward_round(cache, chunks, tops)
             },
