@@ -47,7 +47,8 @@
 //   counts non-finite logits of the whole row (the host reports them as an error); the k-th
 //   largest of those 512 maxima (a bitonic sort in shared memory) is a threshold T <= the
 //   k-th largest key, since k distinct ids reach it; (2) the keys >= T (k plus a few on
-//   real rows; exactly k on a row of ties) are collected into shared memory, and a rank sort
+//   real rows; at most 4k - 3 on a row of ties, where thread t's maximum is id 4t) are
+//   collected into shared memory, and a rank sort
 //   keeps the k largest in order. When more than kTopCap keys pass T (a row built against
 //   the slicing), a radix select over K's bytes from the top (256-bin histograms per warp,
 //   the bin chosen by a warp suffix scan, stopping as soon as the chosen bin holds exactly

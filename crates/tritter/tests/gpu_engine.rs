@@ -570,12 +570,14 @@ mod top {
     }
 
     fn kernel(g: &Arc<Gpu>) {
-        // The 7B vocab, a test config's, and one past it (rows not 16-byte aligned: the
-        // kernel's element-by-element loads).
+        // The 7B vocab, a test config's, and one past each (rows not 16-byte aligned: the
+        // kernel's element-by-element loads; past the 7B vocab, the radix select on them).
+        let big = TritterConfig::preset("7b").unwrap().vocab_size;
         for v in [
             gqa4_d128().vocab_size,
             gqa4_d128().vocab_size + 1,
-            TritterConfig::preset("7b").unwrap().vocab_size,
+            big,
+            big + 1,
         ] {
             let mut rng = SeededRng::new(v as u64);
             // Rows: few distinct levels (ties everywhere), all equal, continuous.
@@ -587,12 +589,16 @@ mod top {
             ];
             // The largest value at the end of the row (the last radix bins, id order).
             rows[2][v - 1] = 100.0;
-            // Against the kernel's slicing (thread t loads ids 4q..4q+3, q = t mod 512):
-            // the first 63 threads' slices hold every large value, so more keys than the
-            // fast path collects pass its threshold and the radix select runs.
-            rows.push(
+            // Against the kernel's slicing (aligned rows: thread t loads ids 4q..4q+3 for
+            // q = t mod 512; unaligned rows: ids i = t mod 512): the first 63 threads' slices
+            // hold every large value, so more keys than the fast path collects pass its
+            // threshold and the radix select runs. As row 1 it starts v floats into the
+            // buffer: unaligned when v % 4 != 0.
+            let slice = if v % 4 == 0 { 4 } else { 1 };
+            rows.insert(
+                1,
                 (0..v)
-                    .map(|i| if (i / 4) % 512 < 63 { 5.0 } else { -5.0 })
+                    .map(|i| if (i / slice) % 512 < 63 { 5.0 } else { -5.0 })
                     .collect(),
             );
             let flat: Vec<f32> = rows.concat();
