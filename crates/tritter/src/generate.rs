@@ -173,13 +173,8 @@ pub fn sample_token_in_context(
     rng: &mut SeededRng,
 ) -> Result<u32> {
     options.validate()?;
-    if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
-        return Err(TritterError::ShapeMismatch {
-            what: format!("logits ({} at index {i})", logits[i]),
-            actual: vec![logits.len()],
-            expected: "finite values".into(),
-        });
-    }
+    // top_candidates refuses non-finite logits (the penalty keeps NaN and the infinities
+    // where they are, so the error names the same index and value).
     let penalized;
     let logits = if options.repetition_penalty != 1.0 && !context.is_empty() {
         penalized = repetition_penalized(logits, context, options.repetition_penalty);
