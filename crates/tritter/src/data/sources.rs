@@ -64,8 +64,8 @@ pub struct LoadReport {
 }
 
 /// Reads the documents at `path`:
-/// * a directory: every file with an extension of [`CODE_EXTENSIONS`] (as `<code>`) or
-///   [`TEXT_EXTENSIONS`] (as `<text>`), recursively, hidden entries and `target/` skipped,
+/// * a directory: every file with an extension of `CODE_EXTENSIONS` (as `<code>`) or
+///   `TEXT_EXTENSIONS` (as `<text>`), recursively, hidden entries and `target/` skipped,
 ///   in sorted path order;
 /// * `*.jsonl` / `*.json`: one JSON object per line, text in `options.text_field`;
 /// * `*.parquet`: the string column `options.text_field`, one document per row;

@@ -49,7 +49,7 @@ impl ParamSlot {
     }
 }
 
-/// The flat parameter table of a config ([module docs](self)).
+/// The flat parameter table of a config (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamLayout {
     slots: Vec<ParamSlot>,

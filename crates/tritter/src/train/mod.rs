@@ -1,7 +1,7 @@
 //! Training of the reference model: AdamW with parameter groups, warmup + cosine
 //! schedule, gradient clipping and accumulation, optional gradient checkpointing,
 //! validation loss/perplexity, JSONL metrics and atomic, exactly resumable checkpoints. Steps
-//! run on the CPU (candle autograd) or, after [`Trainer::use_gpu`], on the GPU training
+//! run on the CPU (candle autograd) or, after `Trainer::use_gpu` (feature `cuda`), on the GPU training
 //! engine (`GpuTrainModel`, feature `cuda`, DESIGN.md section 5) with the same data, schedule
 //! and checkpoints; [`ParamLayout`] and [`TrainPlan`] describe that engine's buffers.
 //!
@@ -260,7 +260,7 @@ pub struct Trainer {
 }
 
 /// The candle device named `name`: `cpu` (`cuda` is refused: GPU training uses the GPU
-/// engine through [`Trainer::use_gpu`], with the host model on the CPU).
+/// engine through `Trainer::use_gpu` (feature `cuda`), with the host model on the CPU).
 pub fn device_from_name(name: &str) -> Result<Device> {
     match name.to_ascii_lowercase().as_str() {
         "cpu" => Ok(Device::Cpu),
