@@ -815,7 +815,14 @@ impl GpuEngine {
                 &mut logits,
             )?;
             dev_tops = launch_top(g, &logits, v, &dev_rows, &dev_specs)?;
-            if !host_rows.is_empty() {
+            if host_rows.len() == r {
+                // Every wanted row to the host (`step`, scoring): straight into logits_h.
+                if r > 0 {
+                    stream
+                        .memcpy_dtoh(&logits.slice(..r * v), &mut logits_h)
+                        .map_err(KernelError::driver("copying logits to the host"))?;
+                }
+            } else if !host_rows.is_empty() {
                 let mut all = vec![0f32; r * v];
                 stream
                     .memcpy_dtoh(&logits.slice(..r * v), &mut all)
@@ -1386,7 +1393,6 @@ pub fn device_top_candidates(
 
 /// One row of `engine_top_candidates`' output, not yet checked.
 struct RawTop {
-    count: usize,
     nonfinite: u32,
     first_bad: u32,
     bad_value: f32,
@@ -1406,12 +1412,12 @@ impl RawTop {
                 value: self.bad_value.to_string(),
             });
         }
-        if self.count == 0 {
+        if self.ids.is_empty() {
             return Err(no_candidates(self.limit));
         }
         Ok(Candidates {
-            ids: self.ids[..self.count].to_vec(),
-            logits: self.logits[..self.count].to_vec(),
+            ids: self.ids,
+            logits: self.logits,
         })
     }
 }
@@ -1515,7 +1521,6 @@ fn launch_top(
         .map(|(w, s)| {
             let count = (w[0] as usize).min(DEVICE_TOP_MAX);
             RawTop {
-                count,
                 nonfinite: w[1],
                 first_bad: w[2],
                 bad_value: f32::from_bits(w[3]),
