@@ -248,6 +248,17 @@ pub enum TritterError {
         value: String,
     },
 
+    /// Data-parallel training failed across processes: a bad rendezvous environment, a rank
+    /// that never arrived, died or timed out, ranks with different configs, or an NCCL error.
+    /// `rank` is the process that reports it.
+    #[error("data-parallel training, rank {rank}: {detail}")]
+    Distributed {
+        /// The reporting rank (0 before the rank is known).
+        rank: usize,
+        /// What happened, with the actual and expected values and the fix.
+        detail: String,
+    },
+
     /// An argument of a call is out of range (a `k`, a cluster count, a threshold, a task
     /// difficulty); `expected` says what would be valid.
     #[error("invalid argument: {what} is {actual} but {expected}")]

@@ -27,6 +27,7 @@ use tritter::paradigm::experiment::{
 use tritter::paradigm::task::TaskKind;
 use tritter::paradigm::{EmbeddingLossKind, EmbeddingObjective, LatentMarkers, Objective};
 use tritter::tokenizer::{BpeVocab, Modality, MultimodalTokenizer, Segment, VocabLayout};
+use tritter::train::dist::DistEnv;
 use tritter::train::{
     device_from_name, evaluate, latest_checkpoint, model_checkpoint_dir, EvalMetrics, Progress,
     StepMetrics, TrainOptions, Trainer, TrainerState,
@@ -175,6 +176,68 @@ struct BenchTrainArgs {
     /// (2 bytes per linear weight). Default: the device's faster one (cuBLAS on Hopper).
     #[arg(long, value_enum)]
     linear: Option<LinearArg>,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+}
+
+/// Data-parallel training over the GPUs of this host (NCCL, issue 13).
+#[derive(Args, Debug, Clone, Copy)]
+struct ParallelArgs {
+    /// GPUs to train on: starts one process per GPU (ranks 0..N on devices 0..N) and sums
+    /// gradients with NCCL; --batch-size is per GPU. torchrun-style launches (RANK,
+    /// WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK set by the launcher) need no --gpus.
+    /// libnccl: TRITTER_NCCL_LIB or libnccl.so.2 on the loader path.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
+    /// Shard the AdamW moments across the GPUs (ZeRO-1): 8 bytes per parameter become
+    /// 8 / N; the same result as plain data parallelism.
+    #[arg(long)]
+    zero1: bool,
+}
+
+impl ParallelArgs {
+    /// The group this process is a rank of (from the environment), or `None` alone; with
+    /// `--gpus N > 1` and no group yet, starts the N ranks and waits for them
+    /// (`Err(Ok(()))`: the launcher is done, the caller returns).
+    fn join(&self, on_gpu: bool) -> std::result::Result<Option<DistEnv>, Result<()>> {
+        let env = DistEnv::from_env().map_err(Err)?;
+        if self.gpus == 0 {
+            return Err(Err(option_err("gpus", 0, "expected >= 1")));
+        }
+        if (self.gpus > 1 || env.as_ref().is_some_and(|e| e.world_size > 1)) && !on_gpu {
+            return Err(Err(option_err(
+                "gpus",
+                self.gpus,
+                "data-parallel training with --device cuda",
+            )));
+        }
+        match env {
+            None if self.gpus > 1 => {
+                let run = || -> Result<()> {
+                    let exe = std::env::current_exe().map_err(|e| TritterError::Distributed {
+                        rank: 0,
+                        detail: format!("locating this executable to start the ranks: {e}"),
+                    })?;
+                    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+                    eprintln!("starting {} ranks (one per GPU)", self.gpus);
+                    tritter::train::dist::launch_local(
+                        &exe,
+                        &args,
+                        self.gpus,
+                        tritter::train::dist::env_timeout()?,
+                    )
+                };
+                Err(run())
+            }
+            Some(e) if self.gpus > 1 && e.world_size != self.gpus => Err(Err(option_err(
+                "gpus",
+                self.gpus,
+                format!("WORLD_SIZE {} of the launch environment", e.world_size),
+            ))),
+            Some(e) if e.world_size > 1 => Ok(Some(e)),
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -364,6 +427,8 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    parallel: ParallelArgs,
 }
 
 #[derive(Args, Debug)]
@@ -814,18 +879,36 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--device cuda`: the trainer's state onto the GPU engine.
-fn move_to_gpu(trainer: &mut Trainer) -> Result<()> {
+/// `--device cuda`: the trainer's state onto the GPU engine; in a data-parallel group
+/// (`dist`) onto GPU `LOCAL_RANK` as one rank of it.
+fn move_to_gpu(trainer: &mut Trainer, dist: Option<&DistEnv>, zero1: bool) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        let gpu = tritter_kernels_cuda::Gpu::new(0)?;
-        trainer.use_gpu(&gpu)?;
-        println!("training on {} (GPU engine)", gpu.info().name);
+        let gpu = tritter_kernels_cuda::Gpu::new(dist.map_or(0, |e| e.local_rank))?;
+        match dist {
+            Some(env) => {
+                let dp =
+                    tritter::train::DataParallel::connect(&gpu, env, trainer.fingerprint(), zero1)?;
+                trainer.use_gpu_data_parallel(&gpu, dp)?;
+                if env.rank == 0 {
+                    println!(
+                        "training on {} x {} (GPU engine, data parallel over NCCL{})",
+                        env.world_size,
+                        gpu.info().name,
+                        if zero1 { ", ZeRO-1" } else { "" }
+                    );
+                }
+            }
+            None => {
+                trainer.use_gpu(&gpu)?;
+                println!("training on {} (GPU engine)", gpu.info().name);
+            }
+        }
         Ok(())
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = trainer;
+        let _ = (trainer, dist, zero1);
         Err(tritter_kernels_cuda::KernelError::CudaFeatureOff.into())
     }
 }
@@ -833,9 +916,44 @@ fn move_to_gpu(trainer: &mut Trainer) -> Result<()> {
 /// `tritter bench-train`: the GPU training engine's speed on random batches.
 fn bench_train_cmd(a: &BenchTrainArgs) -> Result<()> {
     let cfg = load_config(&a.preset, a.config.as_deref())?;
+    let dist = match a.parallel.join(true) {
+        Ok(d) => d,
+        Err(launched) => return launched,
+    };
     #[cfg(feature = "cuda")]
     {
-        let gpu = tritter_kernels_cuda::Gpu::new(0)?;
+        let gpu = tritter_kernels_cuda::Gpu::new(dist.as_ref().map_or(0, |e| e.local_rank))?;
+        let dp = match &dist {
+            Some(env) => {
+                let fp = format!("{a:?}");
+                let fp = fp.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3)
+                });
+                Some(tritter::train::DataParallel::connect(
+                    &gpu,
+                    env,
+                    fp,
+                    a.parallel.zero1,
+                )?)
+            }
+            None => None,
+        };
+        if dist.as_ref().is_some_and(|e| e.rank != 0) {
+            tritter::train::bench_train(
+                &gpu,
+                &cfg,
+                a.batch,
+                a.seq_len,
+                a.recompute,
+                a.warmup,
+                a.steps,
+                a.peak_tflops,
+                a.profile,
+                a.linear.map(LinearArg::path),
+                dp,
+            )?;
+            return Ok(());
+        }
         eprintln!(
             "bench-train: {} ({:.3}B parameters) on {}, micro-batch {} x {}, recompute {}",
             a.config
@@ -858,10 +976,13 @@ fn bench_train_cmd(a: &BenchTrainArgs) -> Result<()> {
             a.peak_tflops,
             a.profile,
             a.linear.map(LinearArg::path),
+            dp,
         )?;
         println!(
-            "RESULT impl=tritter-gpu preset={} batch={} seq={} recompute={} linear={:?} tokens_per_s={:.0} mfu={} peak_gb={:.2} step_ms={:.1} params={} loss={:.3}",
+            "RESULT impl=tritter-gpu preset={} gpus={}{} batch={} seq={} recompute={} linear={:?} tokens_per_s={:.0} mfu={} peak_gb={:.2} step_ms={:.1} params={} loss={:.3}",
             a.preset,
+            r.gpus,
+            if a.parallel.zero1 { " zero1" } else { "" },
             a.batch,
             a.seq_len,
             a.recompute,
@@ -884,7 +1005,7 @@ fn bench_train_cmd(a: &BenchTrainArgs) -> Result<()> {
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = cfg;
+        let _ = (cfg, dist);
         Err(tritter_kernels_cuda::KernelError::CudaFeatureOff.into())
     }
 }
@@ -1108,6 +1229,12 @@ impl Progress for Bar {
 fn train(a: &TrainArgs) -> Result<()> {
     let dev_name = a.device.to_ascii_lowercase();
     let on_gpu = dev_name == "gpu" || dev_name.starts_with("cuda");
+    let dist = match a.parallel.join(on_gpu) {
+        Ok(d) => d,
+        Err(launched) => return launched,
+    };
+    // Rank 0 of a data-parallel group (or a lone process) prints, evaluates and samples.
+    let lead = dist.as_ref().is_none_or(|e| e.rank == 0);
     // The GPU engine keeps its host copy (checkpoints, evaluation, sampling) on the CPU.
     let device = if on_gpu {
         candle_core::Device::Cpu
@@ -1161,7 +1288,9 @@ fn train(a: &TrainArgs) -> Result<()> {
     }
     let tok = make_tokenizer(config.vocab_size, a.data.tokenizer.as_deref())?;
     let (train_docs, val_docs, desc) = documents(&a.data, options.seed)?;
-    println!("data: {desc}");
+    if lead {
+        println!("data: {desc}");
+    }
     let train_set =
         pack(&train_docs, &tok, options.seq_len, "training split")?.ok_or_else(|| {
             TritterError::EmptyDataset {
@@ -1170,25 +1299,29 @@ fn train(a: &TrainArgs) -> Result<()> {
             }
         })?;
     let val_set = pack(&val_docs, &tok, options.seq_len, "validation split")?;
-    println!(
+    if lead {
+        println!(
         "packed: {} train sequences of {} tokens ({} tokens, unigram entropy {:.3} nats), {} validation sequences",
         train_set.len(),
         options.seq_len,
         train_set.num_tokens(),
         train_set.unigram_entropy(),
         val_set.as_ref().map_or(0, PackedDataset::len)
-    );
+        );
+    }
     let mut trainer = match &resume_dir {
         Some(dir) => {
             let steps = (a.steps != TrainOptions::default().steps).then_some(a.steps);
             let t = Trainer::resume(dir, &config, train_set, val_set, steps, &device)?;
-            println!("resumed from {} at step {}", dir.display(), t.step());
+            if lead {
+                println!("resumed from {} at step {}", dir.display(), t.step());
+            }
             t
         }
         None => Trainer::new(&config, options, train_set, val_set, &device)?,
     };
     if on_gpu {
-        move_to_gpu(&mut trainer)?;
+        move_to_gpu(&mut trainer, dist.as_ref(), a.parallel.zero1)?;
     }
     let out = a
         .out
@@ -1199,24 +1332,32 @@ fn train(a: &TrainArgs) -> Result<()> {
                 .and_then(|d| d.parent()?.parent().map(Path::to_path_buf))
         })
         .unwrap_or_else(|| PathBuf::from("runs").join(&a.preset));
-    if resume_dir.is_none() {
+    if resume_dir.is_none() && lead {
         // A fresh run starts a fresh metrics log.
         let _ = std::fs::remove_file(out.join("metrics.jsonl"));
     }
-    println!(
-        "model: {:.3}M parameters ({}), {} steps x {} x {} x {} tokens, lr {:.1e}, run dir {}",
-        config.param_count() as f64 / 1e6,
-        a.config
-            .as_ref()
-            .map_or(a.preset.clone(), |p| p.display().to_string()),
-        trainer.options().steps,
-        trainer.options().grad_accum,
-        trainer.options().batch_size,
-        trainer.options().seq_len,
-        trainer.options().lr,
-        out.display()
-    );
-    let bar = if a.quiet {
+    let world = trainer.world_size();
+    if lead {
+        println!(
+            "model: {:.3}M parameters ({}), {} steps x {} x {}{} x {} tokens, lr {:.1e}, run dir {}",
+            config.param_count() as f64 / 1e6,
+            a.config
+                .as_ref()
+                .map_or(a.preset.clone(), |p| p.display().to_string()),
+            trainer.options().steps,
+            trainer.options().grad_accum,
+            trainer.options().batch_size,
+            if world > 1 {
+                format!(" x {world} GPUs")
+            } else {
+                String::new()
+            },
+            trainer.options().seq_len,
+            trainer.options().lr,
+            out.display()
+        );
+    }
+    let bar = if a.quiet || !lead {
         ProgressBar::hidden()
     } else {
         let b = ProgressBar::new(trainer.options().steps);
@@ -1230,12 +1371,17 @@ fn train(a: &TrainArgs) -> Result<()> {
     };
     let mut progress = Bar {
         bar,
-        quiet: a.quiet,
+        quiet: a.quiet || !lead,
     };
     let until = a.stop_after.unwrap_or(u64::MAX);
     let summary = trainer.run(until, Some(&out), &mut progress)?;
+    trainer.finish_data_parallel();
     progress.bar.finish_and_clear();
+    if !lead {
+        return Ok(());
+    }
     let tokens: usize = summary.steps as usize
+        * world
         * trainer.options().batch_size
         * trainer.options().grad_accum
         * trainer.options().seq_len;

@@ -294,6 +294,45 @@ fn loader_epochs_and_cursor_resume() {
     ));
 }
 
+/// Data-parallel sharding: a loader serving the global batch (`world x` the per-rank batch)
+/// gives rank `r` rows `r * b..(r + 1) * b`, the ranks' rows are disjoint and together are
+/// the batch one loader of the global size serves; the per-sequence target counts sum to
+/// the global batch's `num_targets` (the loss denominator every rank uses).
+#[test]
+fn data_parallel_shards_are_disjoint_and_complete() {
+    let tokens: Vec<Vec<u32>> = (0..11u32)
+        .map(|d| vec![8 + d; 5 + 3 * d as usize])
+        .collect();
+    let packed = PackedDataset::from_token_documents(&tokens, 16).unwrap();
+    let (b, world) = (2, 3);
+    let mut single = DataLoader::new(packed.clone(), b * world, 7).unwrap();
+    let mut global = DataLoader::new(packed.clone(), b, 7).unwrap();
+    global.set_batch_size(b * world).unwrap();
+    assert!(global.set_batch_size(0).is_err(), "batch 0 is refused");
+    for _ in 0..2 * packed.len() {
+        let idx = global.next_indices();
+        assert_eq!(
+            idx,
+            single.next_indices(),
+            "one order whatever the world size"
+        );
+        let whole = packed.batch(&idx, &Device::Cpu).unwrap();
+        let mut seen = Vec::new();
+        let mut targets = 0;
+        for r in 0..world {
+            let rows = &idx[r * b..(r + 1) * b];
+            seen.extend_from_slice(rows);
+            targets += rows
+                .iter()
+                .map(|&i| packed.num_targets_of(i).unwrap())
+                .sum::<usize>();
+        }
+        assert_eq!(seen, idx, "the shards tile the global batch");
+        assert_eq!(targets, whole.num_targets, "global denominator");
+    }
+    assert_eq!(packed.num_targets_of(packed.len()), None);
+}
+
 /// Bad input: a missing path, a directory without usable files, an empty JSONL and a
 /// dataset too small to pack are typed errors naming the problem.
 #[test]

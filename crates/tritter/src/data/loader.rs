@@ -122,6 +122,17 @@ impl DataLoader {
         self.batch_size
     }
 
+    /// Serves batches of `batch_size` from the current cursor on (data-parallel training
+    /// draws the global batch, `world x` the per-rank one, from one loader, so the order and
+    /// the saved cursor do not depend on the number of ranks).
+    pub fn set_batch_size(&mut self, batch_size: usize) -> Result<()> {
+        if batch_size == 0 {
+            return Err(TritterError::option("batch_size", 0, "expected >= 1"));
+        }
+        self.batch_size = batch_size;
+        Ok(())
+    }
+
     /// The indices of the next batch, advancing the cursor.
     pub fn next_indices(&mut self) -> Vec<usize> {
         let mut out = Vec::with_capacity(self.batch_size);

@@ -153,6 +153,14 @@ impl PackedDataset {
         Some((self.tokens.get(r.clone())?, self.doc_ids.get(r)?))
     }
 
+    /// Real targets of sequence `i` (what its row of a batch's loss mask counts), or `None`
+    /// out of range. Data-parallel ranks sum it over the global batch for the loss
+    /// denominator without building the other ranks' rows.
+    pub fn num_targets_of(&self, i: usize) -> Option<usize> {
+        let (_, d) = self.sequence(i)?;
+        Some(d[1..].iter().filter(|&&doc| doc != PAD_DOC).count())
+    }
+
     /// Entropy in nats of the unigram distribution of the targets (every real token after
     /// the first): the loss of the best model that ignores context, a bar a trained model
     /// must get under.

@@ -107,6 +107,11 @@ pub fn model_checkpoint_dir(path: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The directory name of the checkpoint of step `step` (`step-00000042`).
+pub(crate) fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
 /// Writes a checkpoint (see the module docs) and returns its directory.
 pub(crate) fn save(
     checkpoints_dir: &Path,
@@ -115,7 +120,7 @@ pub(crate) fn save(
     state: &TrainerState,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(checkpoints_dir).map_err(|e| TritterError::io(checkpoints_dir, e))?;
-    let name = format!("step-{:08}", state.step);
+    let name = step_dir_name(state.step);
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let tmp = checkpoints_dir.join(format!(".tmp-{name}-{}-{n}", std::process::id()));

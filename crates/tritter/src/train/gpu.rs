@@ -67,6 +67,10 @@ use crate::config::{AttentionMode, TritterConfig};
 use crate::model::MaskSpec;
 use crate::{Result, TritterError, TritterModel};
 
+#[path = "gpu_dp.rs"]
+mod dp;
+use dp::{Bucket, DpState};
+
 const THREADS: u32 = 256;
 /// Threads of `train_ce` (its `kCeThreads`): a 65536-logit row fits their registers.
 const CE_THREADS: u32 = 512;
@@ -315,6 +319,11 @@ pub struct GpuTrainModel {
     marks: Option<Vec<(&'static str, CudaEvent)>>,
     /// Which kernels run the BitLinear products (`set_linear_path`).
     linear: LinearPath,
+    /// Data-parallel state ([`enable_data_parallel`](Self::enable_data_parallel)).
+    dp: Option<DpState>,
+    /// The elements of the flat buffers that `m` and `v` hold: all (`0..n`), or under
+    /// ZeRO-1 this rank's shard (`m[i]` is element `opt_range.start + i`).
+    opt_range: std::ops::Range<usize>,
 }
 
 /// Records the end of phase `name` when profiling.
@@ -465,6 +474,8 @@ impl GpuTrainModel {
             acts: None,
             marks: None,
             linear: LinearPath::Ternary,
+            dp: None,
+            opt_range: 0..n,
         };
         let path = LinearPath::for_compute_capability(g.info().compute_capability);
         if path.keeps_copies() {
@@ -617,13 +628,31 @@ impl GpuTrainModel {
         let s = self.gpu.stream();
         s.memset_zeros(&mut self.grads)
             .map_err(KernelError::driver("zeroing gradients"))?;
+        if let Some(d) = self.dp.as_mut() {
+            d.reduced = false;
+        }
         Ok(())
     }
 
     /// Forward and backward pass of one micro-batch: adds its gradients to the gradient
     /// buffer and `sum(mask * nll) / denominator` to the device loss sum. Asynchronous; the
-    /// inputs are checked (lengths, ids, mask) before anything is queued.
+    /// inputs are checked (lengths, ids, mask) before anything is queued. In a data-parallel
+    /// group the gradients stay local (DDP's `no_sync`): use
+    /// [`forward_backward_final`](Self::forward_backward_final) for a step's last micro-batch.
     pub fn forward_backward(&mut self, mb: &MicroBatch<'_>) -> Result<()> {
+        self.forward_backward_impl(mb, false)
+    }
+
+    /// [`forward_backward`](Self::forward_backward) for the last micro-batch of an optimizer
+    /// step: in a data-parallel group (DDP) each gradient bucket is summed over the ranks as
+    /// soon as the backward pass has finished it, overlapping communication with the rest of
+    /// the backward pass. On one GPU, and under ZeRO-1, the same as `forward_backward` (the
+    /// optimizer step sums whatever was not summed here).
+    pub fn forward_backward_final(&mut self, mb: &MicroBatch<'_>) -> Result<()> {
+        self.forward_backward_impl(mb, true)
+    }
+
+    fn forward_backward_impl(&mut self, mb: &MicroBatch<'_>, last: bool) -> Result<()> {
         let (b, l) = {
             let a = self
                 .acts
@@ -655,14 +684,24 @@ impl GpuTrainModel {
             self.forward_layer(li, if recompute { 0 } else { li }, t, &problem)?;
         }
         self.head(t, mb.denominator)?;
+        let overlap = last && self.overlaps_reduce();
+        if overlap {
+            self.bucket_ready(Bucket::Head)?;
+        }
         for li in (0..layers).rev() {
             let slot = if recompute { 0 } else { li };
             if recompute {
                 self.forward_layer(li, slot, t, &problem)?;
             }
             self.backward_layer(li, slot, t, &problem)?;
+            if overlap {
+                self.bucket_ready(Bucket::Layer(li))?;
+            }
         }
         self.embed_bwd(t)?;
+        if overlap {
+            self.bucket_ready(Bucket::Tail)?;
+        }
         mark(&mut self.marks, &self.gpu, "embedding backward")
     }
 
@@ -670,18 +709,29 @@ impl GpuTrainModel {
     /// `lr`, then re-quantization of every BitLinear weight and the bf16 copies. All on the
     /// device. The gradients stay until the next [`zero_grads`](Self::zero_grads) (the start
     /// of the next step), so a diverged step can name its first non-finite gradient.
+    /// In a data-parallel group the gradients are first summed over the ranks (unless
+    /// [`forward_backward_final`](Self::forward_backward_final) did); under ZeRO-1 each rank
+    /// updates its shard and the weights are all-gathered.
     pub fn optimizer_step(&mut self, lr: f64, max_norm: f64) -> Result<()> {
         let g = self.gpu.clone();
         let s = g.stream();
         let n = self.layout.len();
+        self.reduce_grads()?;
+        let own = self.opt_range.clone();
         s.memset_zeros(&mut self.norm_sq)
             .map_err(KernelError::driver("zeroing the norm"))?;
-        let n_i = n as i64;
-        let f = g.function(&images::TRAIN, "train_sq_sum")?;
-        let mut lb = s.launch_builder(&f);
-        lb.arg(&self.grads).arg(&n_i).arg(&mut self.norm_sq);
-        // SAFETY: `train_sq_sum(const float*, long long, double*)`; grads hold n values.
-        unsafe { lb.launch(flat_cfg(n)) }.map_err(KernelError::driver("launching train_sq_sum"))?;
+        if !own.is_empty() {
+            let n_i = own.len() as i64;
+            let f = g.function(&images::TRAIN, "train_sq_sum")?;
+            let gr = self.grads.slice(own.clone());
+            let mut lb = s.launch_builder(&f);
+            lb.arg(&gr).arg(&n_i).arg(&mut self.norm_sq);
+            // SAFETY: `train_sq_sum(const float*, long long, double*)`; the view holds n_i
+            // values.
+            unsafe { lb.launch(flat_cfg(own.len())) }
+                .map_err(KernelError::driver("launching train_sq_sum"))?;
+        }
+        self.zero1_norm_sum()?;
         let f = g.function(&images::TRAIN, "train_clip_scale")?;
         let mn = max_norm as f32;
         let mut lb = s.launch_builder(&f);
@@ -701,9 +751,12 @@ impl GpuTrainModel {
         let f = g.function(&images::TRAIN, "train_adamw")?;
         let dl = self.layout.decay_len();
         for (range, decay) in [(0..dl, 1.0 - lr * weight_decay), (dl..n, 1.0)] {
+            // This rank's part (all of it without ZeRO-1).
+            let range = range.start.max(own.start)..range.end.min(own.end);
             if range.is_empty() {
                 continue;
             }
+            let local = range.start - own.start..range.end - own.start;
             let len = range.len();
             let len_i = len as i64;
             let (lr_f, b1, b2, e, dec, c1, c2) = (
@@ -717,8 +770,8 @@ impl GpuTrainModel {
             );
             let mut p = self.params.slice_mut(range.clone());
             let gr = self.grads.slice(range.clone());
-            let mut m = self.m.slice_mut(range.clone());
-            let mut v = self.v.slice_mut(range);
+            let mut m = self.m.slice_mut(local.clone());
+            let mut v = self.v.slice_mut(local);
             let mut lb = s.launch_builder(&f);
             lb.arg(&mut p)
                 .arg(&gr)
@@ -738,6 +791,7 @@ impl GpuTrainModel {
             unsafe { lb.launch(flat_cfg(len)) }
                 .map_err(KernelError::driver("launching train_adamw"))?;
         }
+        self.zero1_gather_params()?;
         mark(&mut self.marks, &self.gpu, "optimizer: norm + AdamW")?;
         self.refresh_derived()?;
         mark(&mut self.marks, &self.gpu, "optimizer: re-quantize")
@@ -750,6 +804,8 @@ impl GpuTrainModel {
     /// parameters then hold the last finite update: AdamW skips a step whose gradient norm
     /// is not finite.
     pub fn read_metrics(&mut self) -> Result<GpuStepMetrics> {
+        self.reduce_loss()?;
+        self.settle("the training step")?;
         let s = self.gpu.stream();
         let loss = s
             .clone_dtoh(&self.loss)
@@ -805,10 +861,12 @@ impl GpuTrainModel {
                 dst[s.range()].copy_from_slice(&vals);
             }
         }
+        // Under ZeRO-1 only this rank's shard.
+        let own = self.opt_range.clone();
         let st = self.gpu.stream();
-        st.memcpy_htod(&m, &mut self.m)
+        st.memcpy_htod(&m[own.clone()], &mut self.m.slice_mut(0..own.len()))
             .map_err(KernelError::driver("uploading AdamW moments"))?;
-        st.memcpy_htod(&v, &mut self.v)
+        st.memcpy_htod(&v[own.clone()], &mut self.v.slice_mut(0..own.len()))
             .map_err(KernelError::driver("uploading AdamW moments"))?;
         self.updates = opt.num_updates();
         Ok(())
@@ -816,16 +874,33 @@ impl GpuTrainModel {
 
     /// Copies the device state into the host model and optimizer (synchronizes): shadow
     /// weights into the model's variables, moments and update count into `opt`. What a
-    /// checkpoint or a CPU evaluation of a GPU run needs.
+    /// checkpoint needs. Under ZeRO-1 the moments are gathered from every rank: a
+    /// collective, so every rank of the group calls it.
     pub fn store_into(&self, model: &TritterModel, opt: &mut super::AdamW) -> Result<()> {
+        self.store_params_into(model)?;
+        let m = self.by_name(self.full_moments(true)?);
+        let v = self.by_name(self.full_moments(false)?);
+        let dev = model.device().clone();
+        let mut moments = Vec::with_capacity(m.len());
+        for ((name, mv), (_, vv)) in m.into_iter().zip(v) {
+            let dims = self.layout.get(&name)?.dims.clone();
+            moments.push((
+                name,
+                candle_core::Tensor::from_vec(mv, dims.as_slice(), &dev)?,
+                candle_core::Tensor::from_vec(vv, dims.as_slice(), &dev)?,
+            ));
+        }
+        opt.set_state(moments, self.updates)
+    }
+
+    /// Copies the shadow weights into the host model's variables (synchronizes): what a CPU
+    /// evaluation or a sample needs. Not a collective: every rank holds all weights.
+    pub fn store_params_into(&self, model: &TritterModel) -> Result<()> {
         let params = self.download_params()?;
-        let m = self.download(&self.m, "AdamW moments")?;
-        let v = self.download(&self.v, "AdamW moments")?;
         let vars = model.varmap().data().lock().map_err(|_| {
             TritterError::config("model parameters", "a poisoned lock", "a usable VarMap")
         })?;
-        let mut moments = Vec::with_capacity(params.len());
-        for (((name, p), (_, mv)), (_, vv)) in params.into_iter().zip(m).zip(v) {
+        for (name, p) in params {
             let var = vars.get(&name).ok_or_else(|| {
                 TritterError::config("parameter", &name, "present in the model's VarMap")
             })?;
@@ -834,13 +909,8 @@ impl GpuTrainModel {
             var.set(
                 &candle_core::Tensor::from_vec(p, dims.as_slice(), &dev)?.to_dtype(var.dtype())?,
             )?;
-            moments.push((
-                name,
-                candle_core::Tensor::from_vec(mv, dims.as_slice(), &dev)?,
-                candle_core::Tensor::from_vec(vv, dims.as_slice(), &dev)?,
-            ));
         }
-        opt.set_state(moments, self.updates)
+        Ok(())
     }
 
     /// Every parameter's shadow weights, by checkpoint name (synchronizes).
@@ -854,17 +924,22 @@ impl GpuTrainModel {
     }
 
     fn download(&self, buf: &CudaSlice<f32>, what: &str) -> Result<Vec<(String, Vec<f32>)>> {
+        self.settle(what)?;
         let all = self
             .gpu
             .stream()
             .clone_dtoh(buf)
             .map_err(|e| KernelError::driver(format!("reading {what}"))(e))?;
-        Ok(self
-            .layout
+        Ok(self.by_name(all))
+    }
+
+    /// A flat host buffer cut into parameters, by checkpoint name.
+    fn by_name(&self, all: Vec<f32>) -> Vec<(String, Vec<f32>)> {
+        self.layout
             .slots()
             .iter()
             .map(|s| (s.name.clone(), all[s.range()].to_vec()))
-            .collect())
+            .collect()
     }
 
     fn check_batch(&self, mb: &MicroBatch<'_>, b: usize, l: usize) -> Result<()> {
@@ -2135,6 +2210,8 @@ pub struct TrainBench {
     pub profile: Vec<(&'static str, f64)>,
     /// The BitLinear product path that ran.
     pub linear: LinearPath,
+    /// GPUs of the data-parallel group (1 alone); `tokens_per_s` counts all of them.
+    pub gpus: usize,
 }
 
 /// Dense bf16 tensor-core peak of known devices, TFLOP/s (H100/H200 SXM: 989).
@@ -2151,7 +2228,10 @@ pub fn dense_bf16_peak_tflops(device_name: &str) -> Option<f64> {
 /// `batch` x `seq_len` for `warmup` + `steps` optimizer steps (one micro-batch each, AdamW,
 /// clipping at 1) and reports the speed of the timed steps, with the loss read once at the
 /// end (no host synchronisation between steps). With `profile`, two more steps are timed
-/// phase by phase.
+/// phase by phase. With `dp`, this is one rank of a data-parallel group: every rank trains
+/// its own random rows, the step includes the gradient all-reduce (overlapped with the
+/// backward pass, or ZeRO-1's reduce-scatter + all-gather), and the figures count all ranks
+/// (tokens/s of the group, MFU against `world x` the peak). Every rank must call it.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_train(
     gpu: &Arc<Gpu>,
@@ -2164,6 +2244,7 @@ pub fn bench_train(
     peak_tflops: Option<f64>,
     profile: bool,
     linear: Option<LinearPath>,
+    dp: Option<super::DataParallel>,
 ) -> Result<TrainBench> {
     if steps == 0 {
         return Err(TritterError::InvalidArgument {
@@ -2177,9 +2258,13 @@ pub fn bench_train(
     if let Some(path) = linear {
         model.set_linear_path(path)?;
     }
+    let (rank, world) = dp.as_ref().map_or((0, 1), |d| (d.rank(), d.world_size()));
+    if let Some(dp) = dp {
+        model.enable_data_parallel(dp)?;
+    }
     model.prepare(batch, seq_len, recompute)?;
     let t = batch * seq_len;
-    let mut rng = crate::model::SeededRng::new(7);
+    let mut rng = crate::model::SeededRng::new(7 + rank as u64);
     let v = config.vocab_size as u64;
     let batches: Vec<(Vec<u32>, Vec<u32>)> = (0..4)
         .map(|_| {
@@ -2193,12 +2278,12 @@ pub fn bench_train(
         for i in 0..n {
             let (inputs, targets) = &batches[i % batches.len()];
             model.zero_grads()?;
-            model.forward_backward(&MicroBatch {
+            model.forward_backward_final(&MicroBatch {
                 inputs,
                 targets,
                 loss_mask: &ones,
                 mask: &mask,
-                denominator: t,
+                denominator: t * world,
             })?;
             model.optimizer_step(3e-4, 1.0)?;
         }
@@ -2236,18 +2321,22 @@ pub fn bench_train(
             .collect();
         model.set_profiling(false)?;
     }
-    let tokens_per_s = t as f64 / (ms / 1e3);
+    if let Some(dp) = model.take_data_parallel() {
+        dp.finish();
+    }
+    let tokens_per_s = (t * world) as f64 / (ms / 1e3);
     let params = model.layout().len();
     let peak = peak_tflops.or_else(|| dense_bf16_peak_tflops(&gpu.info().name));
     Ok(TrainBench {
         params,
         tokens_per_s,
         step_ms: ms,
-        mfu: peak.map(|p| 6.0 * params as f64 * tokens_per_s / (p * 1e12)),
+        mfu: peak.map(|p| 6.0 * params as f64 * tokens_per_s / (p * 1e12 * world as f64)),
         peak_tflops: peak,
         device_bytes: free0.saturating_sub(free1),
         loss,
         profile: phases,
         linear: model.linear_path(),
+        gpus: world,
     })
 }

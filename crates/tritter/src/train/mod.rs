@@ -12,9 +12,12 @@
 //! cannot be seeded, so a config with `dropout > 0` resumes statistically, not exactly.
 
 mod checkpoint;
+pub mod dist;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod layout;
+#[cfg(feature = "cuda")]
+mod nccl;
 mod optim;
 
 pub use checkpoint::{
@@ -29,6 +32,8 @@ pub use layout::{
     check_trainable, init_params, layer_act_bytes, logits_chunk_rows, LinearPath, ParamLayout,
     ParamSlot, TrainPlan,
 };
+#[cfg(feature = "cuda")]
+pub use nccl::{nccl_version, unique_id, DataParallel, NcclComm, NcclElem};
 pub use optim::{clip_global_norm, decays, global_norm, AdamW, AdamWConfig, LrSchedule};
 
 use std::io::Write;
@@ -257,6 +262,10 @@ pub struct Trainer {
     /// `optimizer` then hold the state of the last sync (checkpoint or evaluation).
     #[cfg(feature = "cuda")]
     gpu: Option<GpuTrainModel>,
+    /// This process's rank in a data-parallel group (0 alone).
+    rank: usize,
+    /// Ranks in the group (1 alone); the loader serves `world` x `batch_size` sequences.
+    world: usize,
 }
 
 /// The candle device named `name`: `cpu` (`cuda` is refused: GPU training uses the GPU
@@ -302,6 +311,8 @@ impl Trainer {
             tokens_seen: 0,
             #[cfg(feature = "cuda")]
             gpu: None,
+            rank: 0,
+            world: 1,
         })
     }
 
@@ -359,6 +370,8 @@ impl Trainer {
             tokens_seen: state.tokens_seen,
             #[cfg(feature = "cuda")]
             gpu: None,
+            rank: 0,
+            world: 1,
         })
     }
 
@@ -423,6 +436,68 @@ impl Trainer {
         Ok(())
     }
 
+    /// Moves training onto the GPU engine as rank `dp.rank()` of a data-parallel group
+    /// ([`DataParallel`], issue 13): [`use_gpu`](Self::use_gpu), then the engine joins the
+    /// group and the loader serves the global batch (`world x batch_size` sequences) of
+    /// which this rank trains rows `rank * batch_size..`. The loss of every rank is divided
+    /// by the global batch's target count, so `N` ranks follow the run of one GPU with an
+    /// `N` times larger batch. Only rank 0 evaluates and writes checkpoints and metrics.
+    /// Every rank must have been built with the same config, options and data (the
+    /// rendezvous compared [`fingerprint`](Self::fingerprint)s).
+    #[cfg(feature = "cuda")]
+    pub fn use_gpu_data_parallel(
+        &mut self,
+        gpu: &std::sync::Arc<tritter_kernels_cuda::Gpu>,
+        dp: DataParallel,
+    ) -> Result<()> {
+        let (rank, world) = (dp.rank(), dp.world_size());
+        self.use_gpu(gpu)?;
+        self.gpu
+            .as_mut()
+            .expect("use_gpu succeeded")
+            .enable_data_parallel(dp)?;
+        self.loader
+            .set_batch_size(self.options.batch_size * world)?;
+        self.rank = rank;
+        self.world = world;
+        Ok(())
+    }
+
+    /// Ends this rank's part in a data-parallel group normally (the others do not take its
+    /// exit for a failure); a no-op alone.
+    pub fn finish_data_parallel(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Some(dp) = self
+            .gpu
+            .as_mut()
+            .and_then(GpuTrainModel::take_data_parallel)
+        {
+            dp.finish();
+        }
+    }
+
+    /// This process's rank in its data-parallel group (0 when alone).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks in the data-parallel group (1 when alone).
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// What must agree across the ranks of a data-parallel group: config, options, data
+    /// (fingerprint and cursor) and step, hashed (FNV-1a of their JSON).
+    pub fn fingerprint(&self) -> u64 {
+        let json = serde_json::json!({
+            "config": self.model.config(),
+            "options": self.options,
+            "cursor": self.loader.cursor(),
+            "step": self.step,
+        });
+        crate::model::fnv1a(json.to_string().as_bytes(), crate::model::FNV_OFFSET)
+    }
+
     /// Whether steps run on the GPU engine.
     pub fn on_gpu(&self) -> bool {
         #[cfg(feature = "cuda")]
@@ -435,7 +510,17 @@ impl Trainer {
         }
     }
 
-    /// Copies the GPU engine's state into `model` and `optimizer` (no-op on the CPU).
+    /// Copies the GPU engine's weights into `model` (no-op on the CPU).
+    fn sync_host_params(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            g.store_params_into(&self.model)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the GPU engine's state into `model` and `optimizer` (no-op on the CPU); under
+    /// ZeRO-1 a collective that every rank calls.
     fn sync_host(&mut self) -> Result<()> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
@@ -479,12 +564,32 @@ impl Trainer {
     }
 
     /// The `grad_accum` micro-batches of the next optimizer step on `device`, and their total
-    /// target count (the loss denominator of the step).
+    /// target count (the loss denominator of the step). In a data-parallel group the loader
+    /// serves the global batch; this rank gets its rows, the count is the global one.
     fn step_batches(&mut self, device: &Device) -> Result<(Vec<Batch>, usize)> {
-        let batches = (0..self.options.grad_accum)
-            .map(|_| self.loader.next_batch(device))
-            .collect::<Result<Vec<_>>>()?;
-        let total = batches.iter().map(|b| b.num_targets).sum();
+        let (b, rank) = (self.options.batch_size, self.rank);
+        let mut batches = Vec::with_capacity(self.options.grad_accum);
+        let mut total = 0;
+        for _ in 0..self.options.grad_accum {
+            let idx = self.loader.next_indices();
+            let data = self.loader.dataset();
+            if self.world > 1 {
+                for &i in &idx {
+                    total += data.num_targets_of(i).ok_or_else(|| {
+                        TritterError::option(
+                            "sequence index",
+                            i,
+                            format!("expected < {} sequences", data.len()),
+                        )
+                    })?;
+                }
+                batches.push(data.batch(&idx[rank * b..(rank + 1) * b], device)?);
+            } else {
+                let batch = data.batch(&idx, device)?;
+                total += batch.num_targets;
+                batches.push(batch);
+            }
+        }
         Ok((batches, total))
     }
 
@@ -541,17 +646,23 @@ impl Trainer {
         let masks: Vec<MaskSpec> = batches.iter().map(|b| self.mask(b)).collect();
         let gpu = self.gpu.as_mut().expect("checked by train_step");
         gpu.zero_grads()?;
-        for (batch, mask) in batches.iter().zip(&masks) {
+        let micro = batches.len();
+        for (i, (batch, mask)) in batches.iter().zip(&masks).enumerate() {
             let inputs = batch.inputs.flatten_all()?.to_vec1::<u32>()?;
             let targets = batch.targets.flatten_all()?.to_vec1::<u32>()?;
             let loss_mask = batch.loss_mask.flatten_all()?.to_vec1::<f32>()?;
-            gpu.forward_backward(&MicroBatch {
+            let mb = MicroBatch {
                 inputs: &inputs,
                 targets: &targets,
                 loss_mask: &loss_mask,
                 mask,
                 denominator: total.max(1),
-            })?;
+            };
+            if i + 1 == micro {
+                gpu.forward_backward_final(&mb)?;
+            } else {
+                gpu.forward_backward(&mb)?;
+            }
         }
         let lr = self.options.schedule().lr(self.step);
         gpu.optimizer_step(lr, self.options.grad_clip)?;
@@ -574,10 +685,14 @@ impl Trainer {
 
     /// Mean validation loss over the first `eval_batches` batches of the validation set
     /// in order (all of it when `eval_batches == 0`); `None` without a validation set. On the
-    /// GPU engine the state is first copied to the host model, which evaluates on the CPU.
+    /// GPU engine the weights are first copied to the host model, which evaluates on the
+    /// CPU. In a data-parallel group only rank 0 evaluates (the others get `None`).
     pub fn evaluate(&mut self) -> Result<Option<EvalMetrics>> {
+        if self.rank != 0 {
+            return Ok(None);
+        }
         if self.validation.is_some() {
-            self.sync_host()?;
+            self.sync_host_params()?;
         }
         match &self.validation {
             None => Ok(None),
@@ -594,8 +709,23 @@ impl Trainer {
     /// Saves a checkpoint `step-{step:08}` under `checkpoints_dir` atomically (written to a
     /// temporary directory, fsynced, renamed) and points `latest` at it. Returns its path.
     /// On failure the previous checkpoints and `latest` are untouched. On the GPU engine the
-    /// device state is copied to the host first (weights, moments, update count).
+    /// device state is copied to the host first (weights, moments, update count). In a
+    /// data-parallel group every rank calls it (ZeRO-1 gathers the moments) and only rank 0
+    /// writes; the others get the path rank 0 writes.
     pub fn save_checkpoint(&mut self, checkpoints_dir: &Path) -> Result<PathBuf> {
+        if self.rank != 0 {
+            // Only the ZeRO-1 moment gathering needs this rank.
+            #[cfg(feature = "cuda")]
+            if self
+                .gpu
+                .as_ref()
+                .and_then(GpuTrainModel::data_parallel)
+                .is_some_and(DataParallel::zero1)
+            {
+                self.sync_host()?;
+            }
+            return Ok(checkpoints_dir.join(checkpoint::step_dir_name(self.step)));
+        }
         self.sync_host()?;
         let state = TrainerState {
             step: self.step,
@@ -617,7 +747,7 @@ impl Trainer {
         progress: &mut dyn Progress,
     ) -> Result<RunSummary> {
         let until = until.min(self.options.steps);
-        let mut metrics = match run_dir {
+        let mut metrics = match run_dir.filter(|_| self.rank == 0) {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| TritterError::io(dir, e))?;
                 let path = dir.join("metrics.jsonl");
