@@ -881,14 +881,21 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
 
 /// `--device cuda`: the trainer's state onto the GPU engine; in a data-parallel group
 /// (`dist`) onto GPU `LOCAL_RANK` as one rank of it.
-fn move_to_gpu(trainer: &mut Trainer, dist: Option<&DistEnv>, zero1: bool) -> Result<()> {
+fn move_to_gpu(
+    trainer: &mut Trainer,
+    dist: Option<&DistEnv>,
+    zero1: bool,
+    stop_after: Option<u64>,
+) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
         let gpu = tritter_kernels_cuda::Gpu::new(dist.map_or(0, |e| e.local_rank))?;
         match dist {
             Some(env) => {
-                let dp =
-                    tritter::train::DataParallel::connect(&gpu, env, trainer.fingerprint(), zero1)?;
+                // Ranks must also agree on where the run stops (one leaving early would look
+                // like a failure to the others).
+                let fp = trainer.fingerprint() ^ stop_after.unwrap_or(u64::MAX).rotate_left(17);
+                let dp = tritter::train::DataParallel::connect(&gpu, env, fp, zero1)?;
                 trainer.use_gpu_data_parallel(&gpu, dp)?;
                 if env.rank == 0 {
                     println!(
@@ -908,7 +915,7 @@ fn move_to_gpu(trainer: &mut Trainer, dist: Option<&DistEnv>, zero1: bool) -> Re
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (trainer, dist, zero1);
+        let _ = (trainer, dist, zero1, stop_after);
         Err(tritter_kernels_cuda::KernelError::CudaFeatureOff.into())
     }
 }
@@ -1321,7 +1328,7 @@ fn train(a: &TrainArgs) -> Result<()> {
         None => Trainer::new(&config, options, train_set, val_set, &device)?,
     };
     if on_gpu {
-        move_to_gpu(&mut trainer, dist.as_ref(), a.parallel.zero1)?;
+        move_to_gpu(&mut trainer, dist.as_ref(), a.parallel.zero1, a.stop_after)?;
     }
     let out = a
         .out
@@ -1375,7 +1382,7 @@ fn train(a: &TrainArgs) -> Result<()> {
     };
     let until = a.stop_after.unwrap_or(u64::MAX);
     let summary = trainer.run(until, Some(&out), &mut progress)?;
-    trainer.finish_data_parallel();
+    trainer.finish_data_parallel()?;
     progress.bar.finish_and_clear();
     if !lead {
         return Ok(());

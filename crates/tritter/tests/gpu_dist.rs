@@ -3,7 +3,7 @@
 //! * One GPU (skipped without one, failed under `TRITTER_REQUIRE_GPU=1`): a group of one
 //!   rank through the whole NCCL path (rendezvous, communicator, overlapped bucketed
 //!   all-reduce, ZeRO-1 reduce-scatter / all-gather, moment gathering) reproduces the plain
-//!   engine bit for bit. Needs libnccl (`TRITTER_NCCL_LIB` or `libnccl.so.2`); without it the
+//!   engine within its own run-to-run differences. Needs libnccl (`TRITTER_NCCL_LIB` or `libnccl.so.2`); without it the
 //!   test is skipped with the reason unless `TRITTER_REQUIRE_NCCL=1`.
 //! * Two GPUs (skipped with fewer unless `TRITTER_REQUIRE_GPUS=2`): two ranks, each on its
 //!   own GPU with half the rows, follow one GPU training the whole batch for 50 steps, and
@@ -12,8 +12,9 @@
 use tritter_kernels_cuda::gpu_test;
 
 gpu_test!(
-    /// A data-parallel group of one rank (DDP and ZeRO-1) gives exactly the losses, weights
-    /// and AdamW moments of the plain engine over steps with gradient accumulation.
+    /// A data-parallel group of one rank (DDP and ZeRO-1) gives the losses, weights and
+    /// AdamW moments of the plain engine (within its run-to-run tolerance) over steps with
+    /// gradient accumulation.
     gpu_dp_single_rank_is_exact => single
 );
 
@@ -114,6 +115,31 @@ mod common {
         free_port().unwrap()
     }
 
+    /// Run-to-run tolerance (relative) between two runs of the engine on the same data: its
+    /// embedding and norm weight gradients, loss and norm sums use float atomics, so runs
+    /// differ in the last bits, and a weight that lands on the other side of a ternary
+    /// rounding boundary moves the next steps a little more.
+    pub const RUN_TO_RUN_TOL: f64 = 1e-3;
+
+    /// Largest `|a - b| / |b|` over two loss curves.
+    pub fn rel_max(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / y.abs().max(1e-12))
+            .fold(0.0, f64::max)
+    }
+
+    /// `||a - b|| / ||b||`.
+    pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+        let (mut d, mut n) = (0f64, 0f64);
+        for (x, y) in a.iter().zip(b) {
+            d += f64::from(x - y).powi(2);
+            n += f64::from(*y).powi(2);
+        }
+        (d / n.max(1e-30)).sqrt()
+    }
+
     /// Whether libnccl opens; prints why a test is skipped otherwise (fails when
     /// `TRITTER_REQUIRE_NCCL=1`).
     pub fn nccl_or_skip(test: &str) -> bool {
@@ -182,13 +208,23 @@ mod single {
                 .unwrap();
             let got = train(&mut e);
             println!("zero1 {zero1}: losses {got:?} (plain {want:?})");
-            assert_eq!(got, want, "zero1 {zero1}: losses");
-            for ((n, a), (_, b)) in e.download_params().unwrap().iter().zip(&want_params) {
-                assert!(
-                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "zero1 {zero1}: {n} differs"
-                );
-            }
+            let loss_err = rel_max(&got, &want);
+            let param_err = e
+                .download_params()
+                .unwrap()
+                .iter()
+                .zip(&want_params)
+                .map(|((_, a), (_, b))| rel_l2(a, b))
+                .fold(0.0, f64::max);
+            println!("zero1 {zero1}: worst loss rel. error {loss_err:.2e}, worst weight rel. L2 {param_err:.2e}");
+            assert!(
+                loss_err <= RUN_TO_RUN_TOL,
+                "zero1 {zero1}: losses differ by {loss_err:.2e}"
+            );
+            assert!(
+                param_err <= RUN_TO_RUN_TOL,
+                "zero1 {zero1}: weights differ by {param_err:.2e}"
+            );
             // Moments gathered from the (single) shard equal the plain engine's.
             let host = |e: &tritter::train::GpuTrainModel| {
                 let m = tritter::TritterModel::new(
@@ -218,9 +254,17 @@ mod single {
                 v.sort_by(|a, b| a.0.cmp(&b.0));
                 (opt.num_updates(), v)
             };
-            assert_eq!(host(&e), host(&plain), "zero1 {zero1}: AdamW state");
+            let (got, want) = (host(&e), host(&plain));
+            assert_eq!(got.0, want.0, "zero1 {zero1}: AdamW update count");
+            for ((n, m1, v1), (_, m2, v2)) in got.1.iter().zip(&want.1) {
+                let (em, ev) = (rel_l2(m1, m2), rel_l2(v1, v2));
+                assert!(
+                    em <= RUN_TO_RUN_TOL && ev <= RUN_TO_RUN_TOL,
+                    "zero1 {zero1}: AdamW moments of {n} differ by {em:.2e} / {ev:.2e}"
+                );
+            }
             if let Some(dp) = e.take_data_parallel() {
-                dp.finish();
+                dp.finish().unwrap();
             }
         }
     }
@@ -335,7 +379,7 @@ mod two {
                             losses.push(e.read_metrics().unwrap().loss);
                         }
                         let params = e.download_params().unwrap();
-                        e.take_data_parallel().unwrap().finish();
+                        e.take_data_parallel().unwrap().finish().unwrap();
                         (losses, params)
                     })
                 })
@@ -349,12 +393,7 @@ mod two {
                 out[0].1, out[1].1,
                 "zero1 {zero1}: both ranks hold one model"
             );
-            let worst = out[0]
-                .0
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs() / b)
-                .fold(0.0, f64::max);
+            let worst = rel_max(&out[0].0, &want);
             println!(
                 "zero1 {zero1}: 2 GPUs vs 1 GPU with the doubled batch over {STEPS} steps: \
                  worst relative loss difference {worst:.2e} (first {:.5} / {:.5}, last {:.5} / {:.5})",
@@ -366,8 +405,16 @@ mod two {
             assert!(worst <= LOSS_REL_TOL, "zero1 {zero1}: {worst:.2e}");
             by_mode.push(out.into_iter().next().unwrap());
         }
-        // ZeRO-1 and plain DDP run the same arithmetic on the same sums.
-        assert_eq!(by_mode[0].0, by_mode[1].0, "ZeRO-1 losses equal DDP's");
+        // ZeRO-1 and plain DDP run the same arithmetic on the same sums (up to the engine's
+        // run-to-run differences).
+        let zero_vs_ddp = rel_max(&by_mode[1].0, &by_mode[0].0);
+        println!(
+            "ZeRO-1 vs DDP over {STEPS} steps: worst relative loss difference {zero_vs_ddp:.2e}"
+        );
+        assert!(
+            zero_vs_ddp <= LOSS_REL_TOL,
+            "ZeRO-1 vs DDP: {zero_vs_ddp:.2e}"
+        );
 
         // A rank that dies: the other stops with an error within the timeout.
         let p = port();

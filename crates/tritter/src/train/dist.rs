@@ -7,21 +7,26 @@
 //! and a multi-host launch work the same way as the built-in launcher:
 //! `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (the GPU ordinal on this host, default `RANK`),
 //! `MASTER_ADDR` (default `127.0.0.1`), `MASTER_PORT` (default 29500), plus
-//! `TRITTER_DIST_TIMEOUT` (seconds a rank waits for the others, default 300).
+//! `TRITTER_RDZV_PORT` (the port of this rendezvous, default `MASTER_PORT + 1`: torchrun's
+//! agent already serves its own store on `MASTER_PORT`) and `TRITTER_DIST_TIMEOUT` (seconds
+//! a rank waits for the others' device work, default 300).
 //!
-//! Rendezvous: rank 0 listens on `MASTER_PORT`; every other rank connects (retrying until
+//! Rendezvous: rank 0 listens on the rendezvous port; every other rank connects (retrying until
 //! the timeout, so start order does not matter) and sends its rank, the world size and a
 //! fingerprint of its config, training options and data. Rank 0 checks that every rank is
 //! present exactly once and that all fingerprints agree, then sends each the NCCL unique id
 //! (or the reason it refuses, so a mismatched rank stops with the same message as rank 0).
 //! The connections stay open afterwards as a liveness channel: a process that stops without
 //! saying goodbye ([`Group::finish`]) closes its socket, the peers' watch threads see it,
-//! and their next wait on the GPU aborts the NCCL communicator instead of hanging.
+//! and their next wait on the GPU aborts the NCCL communicator instead of hanging. The same
+//! connections carry rank 0's "go" ([`Group::release_others`]) after it evaluated or wrote a
+//! checkpoint, which the others wait for without a timeout (only rank 0's death ends it).
 
 use std::ffi::OsString;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{Result, TritterError};
@@ -45,6 +50,7 @@ const HELLO_BYTES: usize = 24;
 const REPLY_OK: u8 = 1;
 const REPLY_ERR: u8 = 2;
 const BYE: u8 = 0xB7;
+const GO: u8 = 0x60;
 
 fn dist_err(rank: usize, detail: impl Into<String>) -> TritterError {
     TritterError::Distributed {
@@ -86,8 +92,10 @@ pub struct DistEnv {
     pub local_rank: usize,
     /// Host of rank 0.
     pub master_addr: String,
-    /// Port rank 0 listens on.
+    /// `MASTER_PORT` (torchrun's store; kept for the environment of child processes).
     pub master_port: u16,
+    /// Port rank 0's rendezvous listens on.
+    pub rdzv_port: u16,
     /// How long to wait for the other ranks.
     pub timeout: Duration,
 }
@@ -152,6 +160,26 @@ impl DistEnv {
                 })?,
             None => DEFAULT_PORT,
         };
+        let rdzv_port = match get("TRITTER_RDZV_PORT") {
+            Some(p) => p
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| {
+                    dist_err(
+                        rank,
+                        format!("TRITTER_RDZV_PORT is {p:?} but expected a port in 1..65536"),
+                    )
+                })?,
+            None => master_port.checked_add(1).ok_or_else(|| {
+                dist_err(
+                    rank,
+                    "MASTER_PORT is 65535, so the rendezvous port MASTER_PORT + 1 does not \
+                     exist; set TRITTER_RDZV_PORT",
+                )
+            })?,
+        };
         let timeout = parse_timeout(get("TRITTER_DIST_TIMEOUT"), rank)?;
         Ok(Some(DistEnv {
             rank,
@@ -159,11 +187,13 @@ impl DistEnv {
             local_rank,
             master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
             master_port,
+            rdzv_port,
             timeout,
         }))
     }
 
-    /// Rank `rank` of a group of `world_size` processes on this host, rank 0 on `port`.
+    /// Rank `rank` of a group of `world_size` processes on this host, rank 0's rendezvous
+    /// on `port` (also given as `MASTER_PORT`).
     pub fn local(rank: usize, world_size: usize, port: u16, timeout: Duration) -> Self {
         DistEnv {
             rank,
@@ -171,6 +201,7 @@ impl DistEnv {
             local_rank: rank,
             master_addr: "127.0.0.1".into(),
             master_port: port,
+            rdzv_port: port,
             timeout,
         }
     }
@@ -183,6 +214,7 @@ impl DistEnv {
             ("LOCAL_RANK", self.local_rank.to_string()),
             ("MASTER_ADDR", self.master_addr.clone()),
             ("MASTER_PORT", self.master_port.to_string()),
+            ("TRITTER_RDZV_PORT", self.rdzv_port.to_string()),
             (
                 "TRITTER_DIST_TIMEOUT",
                 format!("{}", self.timeout.as_secs_f64()),
@@ -191,21 +223,31 @@ impl DistEnv {
     }
 }
 
-/// The first failure a watch thread saw on a liveness connection.
+/// What the watch threads saw on the liveness connections: the first failure, and how many
+/// "go" messages came from rank 0.
 #[derive(Debug, Default)]
 struct PeerWatch {
-    failure: Mutex<Option<String>>,
+    state: Mutex<(Option<String>, u64)>,
+    changed: Condvar,
 }
 
 impl PeerWatch {
     fn fail(&self, why: String) {
-        if let Ok(mut f) = self.failure.lock() {
-            f.get_or_insert(why);
+        if let Ok(mut s) = self.state.lock() {
+            s.0.get_or_insert(why);
         }
+        self.changed.notify_all();
+    }
+
+    fn go(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.1 += 1;
+        }
+        self.changed.notify_all();
     }
 
     fn failure(&self) -> Option<String> {
-        self.failure.lock().ok().and_then(|f| f.clone())
+        self.state.lock().ok().and_then(|s| s.0.clone())
     }
 }
 
@@ -219,6 +261,8 @@ pub struct Group {
     timeout: Duration,
     links: Vec<(usize, TcpStream)>,
     watch: Arc<PeerWatch>,
+    /// "go" messages consumed by [`wait_for_rank0`](Self::wait_for_rank0).
+    consumed: AtomicU64,
 }
 
 impl Group {
@@ -245,6 +289,57 @@ impl Group {
         }
     }
 
+    /// Rank 0: lets the other ranks go on after work only rank 0 does (evaluation, writing a
+    /// checkpoint); each of them is in [`wait_for_rank0`](Self::wait_for_rank0). A no-op on
+    /// other ranks.
+    pub fn release_others(&self) -> Result<()> {
+        if self.rank != 0 {
+            return Ok(());
+        }
+        for (peer, mut s) in self.links.iter().map(|(p, s)| (p, s)) {
+            s.write_all(&[GO])
+                .map_err(|e| dist_err(0, format!("releasing rank {peer}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Ranks other than 0: waits until rank 0 calls [`release_others`](Self::release_others),
+    /// without a timeout (rank 0's CPU evaluation may take long) but never past rank 0's
+    /// death, which is an error. A no-op on rank 0.
+    pub fn wait_for_rank0(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Ok(());
+        }
+        let want = self.consumed.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut s = self
+            .watch
+            .state
+            .lock()
+            .map_err(|_| dist_err(self.rank, "a poisoned liveness lock"))?;
+        loop {
+            if s.1 >= want {
+                return Ok(());
+            }
+            if let Some(why) = &s.0 {
+                return Err(dist_err(self.rank, why.clone()));
+            }
+            s = self
+                .changed_wait(s)
+                .map_err(|_| dist_err(self.rank, "a poisoned liveness lock"))?;
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn changed_wait<'a>(
+        &self,
+        s: std::sync::MutexGuard<'a, (Option<String>, u64)>,
+    ) -> std::result::Result<
+        std::sync::MutexGuard<'a, (Option<String>, u64)>,
+        std::sync::PoisonError<std::sync::MutexGuard<'a, (Option<String>, u64)>>,
+    > {
+        self.watch.changed.wait(s)
+    }
+
     /// Tells the peers that this rank ended normally and closes the connections.
     pub fn finish(mut self) {
         for (_, s) in &mut self.links {
@@ -267,13 +362,27 @@ impl Group {
                 .name(format!("tritter-watch-{peer}"))
                 .spawn(move || {
                     let mut b = [0u8; 1];
-                    match r.read(&mut b) {
-                        Ok(1) if b[0] == BYE => {}
-                        Ok(_) => watch.fail(format!(
-                            "rank {peer} stopped: its connection closed before it finished \
-                             (see that rank's output for its error)"
-                        )),
-                        Err(e) => watch.fail(format!("the connection to rank {peer} failed: {e}")),
+                    loop {
+                        match r.read(&mut b) {
+                            Ok(1) if b[0] == BYE => break,
+                            Ok(1) if b[0] == GO => watch.go(),
+                            Ok(1) => {
+                                watch.fail(format!("rank {peer} sent {} on its link", b[0]));
+                                break;
+                            }
+                            Ok(_) => {
+                                watch.fail(format!(
+                                    "rank {peer} stopped: its connection closed before it \
+                                     finished (see that rank's output for its error)"
+                                ));
+                                break;
+                            }
+                            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                watch.fail(format!("the connection to rank {peer} failed: {e}"));
+                                break;
+                            }
+                        }
                     }
                 })
                 .map_err(|e| dist_err(self.rank, format!("starting a watch thread: {e}")))?;
@@ -334,6 +443,7 @@ pub fn rendezvous(
         timeout: env.timeout,
         links: Vec::new(),
         watch: Arc::new(PeerWatch::default()),
+        consumed: AtomicU64::new(0),
     };
     let id = if env.rank == 0 {
         serve(env, fingerprint, deadline, &mut group.links, make_id)?
@@ -362,12 +472,12 @@ fn serve(
     if world == 1 {
         return make_id();
     }
-    let listener = TcpListener::bind(("0.0.0.0", env.master_port)).map_err(|e| {
+    let listener = TcpListener::bind(("0.0.0.0", env.rdzv_port)).map_err(|e| {
         dist_err(
             0,
             format!(
-                "listening on MASTER_PORT {}: {e}; pick a free port (another run may hold it)",
-                env.master_port
+                "listening on the rendezvous port {} (TRITTER_RDZV_PORT, default MASTER_PORT + 1): {e}; pick a free port (another run may hold it)",
+                env.rdzv_port
             ),
         )
     })?;
@@ -426,7 +536,7 @@ fn serve(
                         "ranks {missing:?} did not join within {:.0} s on port {}; start \
                          WORLD_SIZE = {world} processes (or raise TRITTER_DIST_TIMEOUT)",
                         env.timeout.as_secs_f64(),
-                        env.master_port
+                        env.rdzv_port
                     ));
                 } else {
                     std::thread::sleep(Duration::from_millis(5));
@@ -467,7 +577,7 @@ fn join(
     links: &mut Vec<(usize, TcpStream)>,
 ) -> Result<[u8; UNIQUE_ID_BYTES]> {
     let rank = env.rank;
-    let target = format!("{}:{}", env.master_addr, env.master_port);
+    let target = format!("{}:{}", env.master_addr, env.rdzv_port);
     let mut last = String::from("no attempt");
     let mut s = loop {
         let left = remaining(
@@ -768,6 +878,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("rank 1") && err.contains("timed out"), "{err}");
+    }
+
+    /// Rank 0's "go" releases a waiting rank (also one sent before the wait began); a rank
+    /// waiting on a rank 0 that dies gets an error instead of waiting forever.
+    #[test]
+    fn rank0_release_and_death() {
+        let mut out = run_group(group_env(2, 20_000), vec![3, 3]);
+        let (g1, _) = out.pop().unwrap().unwrap();
+        let (g0, _) = out.pop().unwrap().unwrap();
+        g0.release_others().unwrap();
+        g1.wait_for_rank0().unwrap();
+        g1.release_others().unwrap(); // a no-op off rank 0
+        g0.wait_for_rank0().unwrap(); // a no-op on rank 0
+        let waiter = std::thread::spawn(move || g1.wait_for_rank0());
+        std::thread::sleep(Duration::from_millis(50));
+        drop(g0);
+        let err = waiter.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("rank 0 stopped"), "{err}");
     }
 
     /// The launcher gives each child its rank's environment, succeeds when all succeed and

@@ -342,6 +342,12 @@ fn mark(
     Ok(())
 }
 
+impl Drop for GpuTrainModel {
+    fn drop(&mut self) {
+        self.abort_group();
+    }
+}
+
 impl std::fmt::Debug for GpuTrainModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuTrainModel")
@@ -599,6 +605,7 @@ impl GpuTrainModel {
         let Some(marks) = self.marks.take() else {
             return Ok(Vec::new());
         };
+        self.settle("a profiled step")?;
         self.gpu
             .stream()
             .synchronize()
@@ -716,6 +723,7 @@ impl GpuTrainModel {
         let g = self.gpu.clone();
         let s = g.stream();
         let n = self.layout.len();
+        self.check_unsharded("an optimizer step")?;
         self.reduce_grads()?;
         let own = self.opt_range.clone();
         s.memset_zeros(&mut self.norm_sq)
@@ -2286,6 +2294,11 @@ pub fn bench_train(
                 denominator: t * world,
             })?;
             model.optimizer_step(3e-4, 1.0)?;
+            if world > 1 && i % 4 == 3 {
+                // A rank that died must not leave this one queueing steps behind a stuck
+                // collective: check the group every few steps (the queue stays ahead).
+                model.settle("a benchmark step")?;
+            }
         }
         Ok(())
     };
@@ -2301,6 +2314,7 @@ pub fn bench_train(
     let end = stream
         .record_event(flags)
         .map_err(KernelError::driver("recording an event"))?;
+    model.settle("the timed steps")?;
     end.synchronize()
         .map_err(KernelError::driver("waiting for the timed steps"))?;
     let ms = f64::from(
@@ -2322,7 +2336,7 @@ pub fn bench_train(
         model.set_profiling(false)?;
     }
     if let Some(dp) = model.take_data_parallel() {
-        dp.finish();
+        dp.finish()?;
     }
     let tokens_per_s = (t * world) as f64 / (ms / 1e3);
     let params = model.layout().len();

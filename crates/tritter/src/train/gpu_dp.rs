@@ -120,10 +120,26 @@ impl GpuTrainModel {
     }
 
     /// Leaves the group (call [`DataParallel::finish`] on it at the normal end of a run).
-    /// The engine goes on as a single-GPU engine only without ZeRO-1 (a sharded engine
-    /// keeps refusing steps).
+    /// The engine goes on as a single-GPU engine only without ZeRO-1: a sharded engine holds
+    /// one shard of the moments and refuses steps and moment read-backs from then on.
     pub fn take_data_parallel(&mut self) -> Option<DataParallel> {
         self.dp.take().map(|d| d.dp)
+    }
+
+    /// Refuses `what` on an engine that left its ZeRO-1 group (it holds one moment shard).
+    pub(super) fn check_unsharded(&self, what: &'static str) -> Result<()> {
+        if self.dp.is_none() && self.opt_range != (0..self.layout.len()) {
+            return Err(TritterError::InvalidArgument {
+                what,
+                actual: format!(
+                    "an engine holding AdamW moments {:?} of {} after leaving its ZeRO-1 group",
+                    self.opt_range,
+                    self.layout.len()
+                ),
+                expected: "an engine in its group, or one that was never sharded".into(),
+            });
+        }
+        Ok(())
     }
 
     /// The gradient buckets of the overlapped all-reduce, checked to tile the flat buffer.
@@ -249,9 +265,19 @@ impl GpuTrainModel {
         Ok(())
     }
 
-    /// Waits for the queued work when in a group, watching the peers (a dead or stuck rank
-    /// is an error, never a hang); single-GPU callers synchronize in their read-back.
-    pub(super) fn settle(&self, what: &str) -> Result<()> {
+    /// Dropping an engine that is still in a group (an error path: the normal end takes the
+    /// group out first) aborts the communicator before the buffers go, so queued collectives
+    /// neither block the teardown nor touch freed memory.
+    pub(super) fn abort_group(&self) {
+        if let Some(d) = &self.dp {
+            d.dp.comm.abort();
+        }
+    }
+
+    /// Waits for the work queued so far when in a data-parallel group, watching the peers: a
+    /// dead rank or one stuck past the timeout is an error (the communicator is aborted),
+    /// never a hang. Alone: returns at once (read-backs synchronize by themselves).
+    pub fn settle(&self, what: &str) -> Result<()> {
         match &self.dp {
             Some(d) => d.dp.comm.wait(self.gpu.stream(), &d.dp.group, what),
             None => Ok(()),
@@ -265,6 +291,7 @@ impl GpuTrainModel {
         let buf = if first { &self.m } else { &self.v };
         let s = self.gpu.stream();
         let Some(d) = self.dp.as_ref().filter(|d| d.dp.zero1) else {
+            self.check_unsharded("reading the AdamW moments")?;
             self.settle("reading the AdamW moments")?;
             let mut all = s
                 .clone_dtoh(buf)

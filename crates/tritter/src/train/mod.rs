@@ -417,6 +417,18 @@ impl Trainer {
     /// train ([`check_trainable`]), a micro-batch that does not fit the device.
     #[cfg(feature = "cuda")]
     pub fn use_gpu(&mut self, gpu: &std::sync::Arc<tritter_kernels_cuda::Gpu>) -> Result<()> {
+        self.start_gpu(gpu, None)
+    }
+
+    /// [`use_gpu`](Self::use_gpu), joining `dp` before the moments are loaded (ZeRO-1 keeps
+    /// only its shard) and before the activations are allocated (they get what sharding
+    /// freed).
+    #[cfg(feature = "cuda")]
+    fn start_gpu(
+        &mut self,
+        gpu: &std::sync::Arc<tritter_kernels_cuda::Gpu>,
+        dp: Option<DataParallel>,
+    ) -> Result<()> {
         if !self.options.objective.is_ce_only() {
             return Err(TritterError::option(
                 "objective",
@@ -426,6 +438,9 @@ impl Trainer {
         }
         check_trainable(self.model.config())?;
         let mut g = GpuTrainModel::from_model(gpu, &self.model, self.options.adamw)?;
+        if let Some(dp) = dp {
+            g.enable_data_parallel(dp)?;
+        }
         g.load_optimizer(&self.optimizer)?;
         g.prepare(
             self.options.batch_size,
@@ -451,11 +466,7 @@ impl Trainer {
         dp: DataParallel,
     ) -> Result<()> {
         let (rank, world) = (dp.rank(), dp.world_size());
-        self.use_gpu(gpu)?;
-        self.gpu
-            .as_mut()
-            .expect("use_gpu succeeded")
-            .enable_data_parallel(dp)?;
+        self.start_gpu(gpu, Some(dp))?;
         self.loader
             .set_batch_size(self.options.batch_size * world)?;
         self.rank = rank;
@@ -464,16 +475,35 @@ impl Trainer {
     }
 
     /// Ends this rank's part in a data-parallel group normally (the others do not take its
-    /// exit for a failure); a no-op alone.
-    pub fn finish_data_parallel(&mut self) {
+    /// exit for a failure); a no-op alone. The trainer then serves this rank's batch size
+    /// again; a ZeRO-1 engine refuses further steps (it holds one shard of the moments).
+    pub fn finish_data_parallel(&mut self) -> Result<()> {
         #[cfg(feature = "cuda")]
         if let Some(dp) = self
             .gpu
             .as_mut()
             .and_then(GpuTrainModel::take_data_parallel)
         {
-            dp.finish();
+            self.loader.set_batch_size(self.options.batch_size)?;
+            (self.rank, self.world) = (0, 1);
+            dp.finish()?;
         }
+        Ok(())
+    }
+
+    /// In a data-parallel group, rank 0 lets the others go on after work only it does
+    /// (`release = true`, after it), the others wait for that (`release = false`).
+    fn rank0_barrier(&self, release: bool) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(dp) = self.gpu.as_ref().and_then(GpuTrainModel::data_parallel) {
+            return if release {
+                dp.group.release_others()
+            } else {
+                dp.group.wait_for_rank0()
+            };
+        }
+        let _ = release;
+        Ok(())
     }
 
     /// This process's rank in its data-parallel group (0 when alone).
@@ -688,22 +718,27 @@ impl Trainer {
     /// GPU engine the weights are first copied to the host model, which evaluates on the
     /// CPU. In a data-parallel group only rank 0 evaluates (the others get `None`).
     pub fn evaluate(&mut self) -> Result<Option<EvalMetrics>> {
-        if self.rank != 0 {
+        if self.validation.is_none() {
             return Ok(None);
         }
-        if self.validation.is_some() {
-            self.sync_host_params()?;
+        if self.rank != 0 {
+            // Waits (without the device timeout) while rank 0 evaluates on the CPU.
+            self.rank0_barrier(false)?;
+            return Ok(None);
         }
-        match &self.validation {
-            None => Ok(None),
+        self.sync_host_params()?;
+        let out = match &self.validation {
+            None => None,
             Some(val) => evaluate(
                 &self.model,
                 val,
                 self.options.batch_size,
                 self.options.eval_batches,
                 self.options.document_mask,
-            ),
-        }
+            )?,
+        };
+        self.rank0_barrier(true)?;
+        Ok(out)
     }
 
     /// Saves a checkpoint `step-{step:08}` under `checkpoints_dir` atomically (written to a
@@ -724,6 +759,7 @@ impl Trainer {
             {
                 self.sync_host()?;
             }
+            self.rank0_barrier(false)?;
             return Ok(checkpoints_dir.join(checkpoint::step_dir_name(self.step)));
         }
         self.sync_host()?;
@@ -733,7 +769,9 @@ impl Trainer {
             cursor: self.loader.cursor(),
             options: self.options.clone(),
         };
-        checkpoint::save(checkpoints_dir, &self.model, &self.optimizer, &state)
+        let path = checkpoint::save(checkpoints_dir, &self.model, &self.optimizer, &state)?;
+        self.rank0_barrier(true)?;
+        Ok(path)
     }
 
     /// Runs steps until `until` (at most `options.steps`), validating every `eval_every`

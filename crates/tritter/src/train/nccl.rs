@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::CUstream;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
 use tritter_kernels_cuda::{Gpu, KernelError};
 
 use super::dist::{Group, UNIQUE_ID_BYTES};
@@ -67,6 +67,7 @@ struct Api {
     ) -> NcclResult,
     broadcast: Collective,
     abort: unsafe extern "C" fn(RawComm) -> NcclResult,
+    destroy: unsafe extern "C" fn(RawComm) -> NcclResult,
     async_error: unsafe extern "C" fn(RawComm, *mut NcclResult) -> NcclResult,
     error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
 }
@@ -109,6 +110,7 @@ fn open() -> std::result::Result<Api, String> {
             all_gather: sym!(b"ncclAllGather"),
             broadcast: sym!(b"ncclBroadcast"),
             abort: sym!(b"ncclCommAbort"),
+            destroy: sym!(b"ncclCommDestroy"),
             async_error: sym!(b"ncclCommGetAsyncError"),
             error_string: sym!(b"ncclGetErrorString"),
             _lib: lib,
@@ -198,14 +200,20 @@ fn init_bound(rank: usize, world_size: usize, id: &[u8; UNIQUE_ID_BYTES]) -> Res
 }
 
 /// Element types the collectives move.
-pub trait NcclElem: cudarc::driver::DeviceRepr {
+///
+/// # Safety
+/// `TYPE` must be the `ncclDataType_t` whose element size is `size_of::<Self>()`: NCCL
+/// reads and writes `count x` that size, so a wrong value writes out of bounds.
+pub unsafe trait NcclElem: cudarc::driver::DeviceRepr {
     /// The `ncclDataType_t` value.
     const TYPE: c_int;
 }
-impl NcclElem for f32 {
+// SAFETY: ncclFloat32 is 4 bytes.
+unsafe impl NcclElem for f32 {
     const TYPE: c_int = NCCL_FLOAT32;
 }
-impl NcclElem for f64 {
+// SAFETY: ncclFloat64 is 8 bytes.
+unsafe impl NcclElem for f64 {
     const TYPE: c_int = NCCL_FLOAT64;
 }
 
@@ -219,12 +227,9 @@ pub struct NcclComm {
     aborted: AtomicBool,
 }
 
-// SAFETY: an NCCL communicator may be used from any thread (one call at a time, which
-// `&mut`-free collective methods on a comm owned by one engine guarantee in practice), and
-// ncclCommAbort is documented as callable while another thread is blocked in NCCL.
+// SAFETY: an NCCL communicator may be used from any thread, one call at a time; `NcclComm`
+// is not `Sync`, so its calls never overlap.
 unsafe impl Send for NcclComm {}
-// SAFETY: see `Send`; the only state shared by `&self` methods is the atomic abort flag.
-unsafe impl Sync for NcclComm {}
 
 impl std::fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -261,21 +266,24 @@ impl NcclComm {
         self.world_size
     }
 
-    fn live(&self) -> Result<&'static Api> {
+    /// Runs collective `what` in place on `buf[range]`: `call` gets the API and the range's
+    /// device address. The range is checked first; cudarc's write guard on `buf` lives
+    /// across the call, so a context with event tracking orders other streams after it.
+    fn in_place<T: NcclElem>(
+        &self,
+        what: &str,
+        buf: &mut CudaSlice<T>,
+        range: std::ops::Range<usize>,
+        stream: &CudaStream,
+        call: impl FnOnce(&Api, *mut c_void) -> NcclResult,
+    ) -> Result<()> {
         if self.aborted.load(Ordering::Acquire) {
             return Err(TritterError::Distributed {
                 rank: self.rank,
-                detail: "the NCCL communicator was aborted after an earlier failure".into(),
+                detail: format!("{what} on a communicator aborted after an earlier failure"),
             });
         }
-        api(self.rank)
-    }
-
-    fn ptr<T: NcclElem>(
-        buf: &CudaSlice<T>,
-        range: &std::ops::Range<usize>,
-        stream: &CudaStream,
-    ) -> Result<*mut c_void> {
+        let a = api(self.rank)?;
         if range.start > range.end || range.end > buf.len() {
             return Err(TritterError::InvalidArgument {
                 what: "collective range",
@@ -283,8 +291,11 @@ impl NcclComm {
                 expected: format!("within the buffer's {} elements", buf.len()),
             });
         }
-        let (p, _sync) = buf.device_ptr(stream);
-        Ok((p as usize + range.start * std::mem::size_of::<T>()) as *mut c_void)
+        let (p, guard) = buf.device_ptr_mut(stream);
+        let base = (p as usize + range.start * std::mem::size_of::<T>()) as *mut c_void;
+        let r = call(a, base);
+        drop(guard);
+        check(self.rank, what, r)
     }
 
     /// Sums `buf[range]` over all ranks, in place, queued on `stream`.
@@ -294,20 +305,11 @@ impl NcclComm {
         range: std::ops::Range<usize>,
         stream: &CudaStream,
     ) -> Result<()> {
-        let a = self.live()?;
-        let p = Self::ptr(buf, &range, stream)?;
-        // SAFETY: in-place all-reduce of `range.len()` elements inside `buf` (checked), on a
-        // stream of this communicator's device.
-        check(self.rank, "ncclAllReduce", unsafe {
-            (a.all_reduce)(
-                p,
-                p,
-                range.len(),
-                T::TYPE,
-                NCCL_SUM,
-                self.comm,
-                stream.cu_stream(),
-            )
+        let (n, cs) = (range.len(), stream.cu_stream());
+        self.in_place("ncclAllReduce", buf, range, stream, |a, p| {
+            // SAFETY: in-place all-reduce of the checked range, on a stream of this
+            // communicator's device.
+            unsafe { (a.all_reduce)(p, p, n, T::TYPE, NCCL_SUM, self.comm, cs) }
         })
     }
 
@@ -319,21 +321,16 @@ impl NcclComm {
         chunk: usize,
         stream: &CudaStream,
     ) -> Result<()> {
-        let a = self.live()?;
-        let base = Self::ptr(buf, &(0..chunk * self.world_size), stream)?;
-        let own = (base as usize + self.rank * chunk * std::mem::size_of::<T>()) as *mut c_void;
-        // SAFETY: NCCL's in-place form (recvbuff = sendbuff + rank * recvcount); the buffer
-        // holds chunk * world elements (checked).
-        check(self.rank, "ncclReduceScatter", unsafe {
-            (a.reduce_scatter)(
-                base,
-                own,
-                chunk,
-                T::TYPE,
-                NCCL_SUM,
-                self.comm,
-                stream.cu_stream(),
-            )
+        let (own, cs) = (
+            self.rank * chunk * std::mem::size_of::<T>(),
+            stream.cu_stream(),
+        );
+        let range = 0..chunk * self.world_size;
+        self.in_place("ncclReduceScatter", buf, range, stream, |a, p| {
+            let mine = (p as usize + own) as *mut c_void;
+            // SAFETY: NCCL's in-place form (recvbuff = sendbuff + rank * recvcount) over the
+            // checked chunk * world elements.
+            unsafe { (a.reduce_scatter)(p, mine, chunk, T::TYPE, NCCL_SUM, self.comm, cs) }
         })
     }
 
@@ -345,12 +342,16 @@ impl NcclComm {
         chunk: usize,
         stream: &CudaStream,
     ) -> Result<()> {
-        let a = self.live()?;
-        let base = Self::ptr(buf, &(0..chunk * self.world_size), stream)?;
-        let own = (base as usize + self.rank * chunk * std::mem::size_of::<T>()) as *const c_void;
-        // SAFETY: NCCL's in-place form (sendbuff = recvbuff + rank * sendcount), bounds checked.
-        check(self.rank, "ncclAllGather", unsafe {
-            (a.all_gather)(own, base, chunk, T::TYPE, self.comm, stream.cu_stream())
+        let (own, cs) = (
+            self.rank * chunk * std::mem::size_of::<T>(),
+            stream.cu_stream(),
+        );
+        let range = 0..chunk * self.world_size;
+        self.in_place("ncclAllGather", buf, range, stream, |a, p| {
+            let mine = (p as usize + own) as *const c_void;
+            // SAFETY: NCCL's in-place form (sendbuff = recvbuff + rank * sendcount) over the
+            // checked chunk * world elements.
+            unsafe { (a.all_gather)(mine, p, chunk, T::TYPE, self.comm, cs) }
         })
     }
 
@@ -361,12 +362,11 @@ impl NcclComm {
         range: std::ops::Range<usize>,
         stream: &CudaStream,
     ) -> Result<()> {
-        let a = self.live()?;
-        let p = Self::ptr(buf, &range, stream)?;
-        // SAFETY: in-place broadcast (root 0) of a checked range; the "op" slot of the shared
-        // signature is ncclBroadcast's `root` argument.
-        check(self.rank, "ncclBroadcast", unsafe {
-            (a.broadcast)(p, p, range.len(), T::TYPE, 0, self.comm, stream.cu_stream())
+        let (n, cs) = (range.len(), stream.cu_stream());
+        self.in_place("ncclBroadcast", buf, range, stream, |a, p| {
+            // SAFETY: in-place broadcast (root 0) of the checked range; the "op" slot of the
+            // shared signature is ncclBroadcast's `root` argument.
+            unsafe { (a.broadcast)(p, p, n, T::TYPE, 0, self.comm, cs) }
         })
     }
 
@@ -380,6 +380,20 @@ impl NcclComm {
             return Some(format!("ncclCommGetAsyncError returned {q}"));
         }
         (r != 0 && r != NCCL_IN_PROGRESS).then(|| format!("NCCL asynchronous error {r}"))
+    }
+
+    /// Ends a communicator whose collectives have all completed (after a [`wait`](Self::wait)):
+    /// `ncclCommDestroy` flushes and frees it, so a peer still finishing its side of the
+    /// last collective is not cut off (as `abort` would).
+    pub fn finish(self) -> Result<()> {
+        if self.aborted.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let a = api(self.rank)?;
+        // SAFETY: a live communicator, destroyed once (the flag stops Drop's abort).
+        check(self.rank, "ncclCommDestroy", unsafe {
+            (a.destroy)(self.comm)
+        })
     }
 
     /// Aborts the communicator: unblocks every queued collective (they will not complete).
@@ -464,6 +478,8 @@ impl DataParallel {
         // Every rank opens libnccl before the rendezvous: a rank without it fails there and
         // its closed link stops the others, instead of leaving them in ncclCommInitRank.
         api(env.rank)?;
+        // Ranks that disagree on ZeRO-1 would run different collectives: part of the check.
+        let fingerprint = fingerprint.rotate_left(1) ^ u64::from(zero1);
         let (group, id) = super::dist::rendezvous(env, fingerprint, unique_id)?;
         // ncclCommInitRank blocks until every rank calls it; all were alive a moment ago,
         // but one may die in between, so it runs on a helper thread and the wait is bounded.
@@ -526,10 +542,12 @@ impl DataParallel {
         self.zero1
     }
 
-    /// Ends this rank normally: the peers' watch does not count it as a failure.
-    pub fn finish(self) {
+    /// Ends this rank normally, once its last collective has completed: the communicator
+    /// is destroyed (not aborted) and the peers' watch does not count the exit as a failure.
+    pub fn finish(self) -> Result<()> {
         let DataParallel { group, comm, .. } = self;
-        drop(comm);
+        let r = comm.finish();
         group.finish();
+        r
     }
 }
