@@ -932,10 +932,7 @@ fn bench_train_cmd(a: &BenchTrainArgs) -> Result<()> {
         let gpu = tritter_kernels_cuda::Gpu::new(dist.as_ref().map_or(0, |e| e.local_rank))?;
         let dp = match &dist {
             Some(env) => {
-                let fp = format!("{a:?}");
-                let fp = fp.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3)
-                });
+                let fp = tritter::train::dist::fingerprint(format!("{a:?}").as_bytes());
                 Some(tritter::train::DataParallel::connect(
                     &gpu,
                     env,
@@ -945,33 +942,20 @@ fn bench_train_cmd(a: &BenchTrainArgs) -> Result<()> {
             }
             None => None,
         };
-        if dist.as_ref().is_some_and(|e| e.rank != 0) {
-            tritter::train::bench_train(
-                &gpu,
-                &cfg,
+        let lead = dist.as_ref().is_none_or(|e| e.rank == 0);
+        if lead {
+            eprintln!(
+                "bench-train: {} ({:.3}B parameters) on {}, micro-batch {} x {}, recompute {}",
+                a.config
+                    .as_ref()
+                    .map_or(a.preset.clone(), |p| p.display().to_string()),
+                cfg.param_count() as f64 / 1e9,
+                gpu.info().name,
                 a.batch,
                 a.seq_len,
-                a.recompute,
-                a.warmup,
-                a.steps,
-                a.peak_tflops,
-                a.profile,
-                a.linear.map(LinearArg::path),
-                dp,
-            )?;
-            return Ok(());
+                a.recompute
+            );
         }
-        eprintln!(
-            "bench-train: {} ({:.3}B parameters) on {}, micro-batch {} x {}, recompute {}",
-            a.config
-                .as_ref()
-                .map_or(a.preset.clone(), |p| p.display().to_string()),
-            cfg.param_count() as f64 / 1e9,
-            gpu.info().name,
-            a.batch,
-            a.seq_len,
-            a.recompute
-        );
         let r = tritter::train::bench_train(
             &gpu,
             &cfg,
@@ -985,6 +969,9 @@ fn bench_train_cmd(a: &BenchTrainArgs) -> Result<()> {
             a.linear.map(LinearArg::path),
             dp,
         )?;
+        if !lead {
+            return Ok(());
+        }
         println!(
             "RESULT impl=tritter-gpu preset={} gpus={}{} batch={} seq={} recompute={} linear={:?} tokens_per_s={:.0} mfu={} peak_gb={:.2} step_ms={:.1} params={} loss={:.3}",
             a.preset,

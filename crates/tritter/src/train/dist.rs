@@ -146,32 +146,25 @@ impl DistEnv {
             Some(r) => num("LOCAL_RANK", &r)?,
             None => rank,
         };
-        let master_port = match get("MASTER_PORT") {
-            Some(p) => p
-                .trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|&p| p > 0)
-                .ok_or_else(|| {
-                    dist_err(
-                        rank,
-                        format!("MASTER_PORT is {p:?} but expected a port in 1..65536"),
-                    )
-                })?,
-            None => DEFAULT_PORT,
+        let port = |key: &str| -> Result<Option<u16>> {
+            get(key)
+                .map(|p| {
+                    p.trim()
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|&p| p > 0)
+                        .ok_or_else(|| {
+                            dist_err(
+                                rank,
+                                format!("{key} is {p:?} but expected a port in 1..65536"),
+                            )
+                        })
+                })
+                .transpose()
         };
-        let rdzv_port = match get("TRITTER_RDZV_PORT") {
-            Some(p) => p
-                .trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|&p| p > 0)
-                .ok_or_else(|| {
-                    dist_err(
-                        rank,
-                        format!("TRITTER_RDZV_PORT is {p:?} but expected a port in 1..65536"),
-                    )
-                })?,
+        let master_port = port("MASTER_PORT")?.unwrap_or(DEFAULT_PORT);
+        let rdzv_port = match port("TRITTER_RDZV_PORT")? {
+            Some(p) => p,
             None => master_port.checked_add(1).ok_or_else(|| {
                 dist_err(
                     rank,
@@ -645,6 +638,12 @@ fn join(
             format!("rank 0 replied {other} but expected {REPLY_OK} or {REPLY_ERR}"),
         )),
     }
+}
+
+/// FNV-1a hash of `bytes`: how callers turn what must agree across ranks into the
+/// rendezvous fingerprint.
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    crate::model::fnv1a(bytes, crate::model::FNV_OFFSET)
 }
 
 /// A port that was free on this host a moment ago (for a local group's `MASTER_PORT`).

@@ -525,7 +525,7 @@ impl Trainer {
             "cursor": self.loader.cursor(),
             "step": self.step,
         });
-        crate::model::fnv1a(json.to_string().as_bytes(), crate::model::FNV_OFFSET)
+        dist::fingerprint(json.to_string().as_bytes())
     }
 
     /// Whether steps run on the GPU engine.

@@ -298,6 +298,23 @@ impl NcclComm {
         check(self.rank, what, r)
     }
 
+    /// [`in_place`](Self::in_place) over `buf[..chunk * world]`; `call` also gets the address
+    /// of this rank's chunk.
+    fn chunked<T: NcclElem>(
+        &self,
+        what: &str,
+        buf: &mut CudaSlice<T>,
+        chunk: usize,
+        stream: &CudaStream,
+        call: impl FnOnce(&Api, *mut c_void, *mut c_void) -> NcclResult,
+    ) -> Result<()> {
+        let own = self.rank * chunk * std::mem::size_of::<T>();
+        let range = 0..chunk * self.world_size;
+        self.in_place(what, buf, range, stream, |a, all| {
+            call(a, all, (all as usize + own) as *mut c_void)
+        })
+    }
+
     /// Sums `buf[range]` over all ranks, in place, queued on `stream`.
     pub fn all_reduce_sum<T: NcclElem>(
         &self,
@@ -321,16 +338,11 @@ impl NcclComm {
         chunk: usize,
         stream: &CudaStream,
     ) -> Result<()> {
-        let (own, cs) = (
-            self.rank * chunk * std::mem::size_of::<T>(),
-            stream.cu_stream(),
-        );
-        let range = 0..chunk * self.world_size;
-        self.in_place("ncclReduceScatter", buf, range, stream, |a, p| {
-            let mine = (p as usize + own) as *mut c_void;
+        let cs = stream.cu_stream();
+        self.chunked("ncclReduceScatter", buf, chunk, stream, |a, all, mine| {
             // SAFETY: NCCL's in-place form (recvbuff = sendbuff + rank * recvcount) over the
             // checked chunk * world elements.
-            unsafe { (a.reduce_scatter)(p, mine, chunk, T::TYPE, NCCL_SUM, self.comm, cs) }
+            unsafe { (a.reduce_scatter)(all, mine, chunk, T::TYPE, NCCL_SUM, self.comm, cs) }
         })
     }
 
@@ -342,16 +354,11 @@ impl NcclComm {
         chunk: usize,
         stream: &CudaStream,
     ) -> Result<()> {
-        let (own, cs) = (
-            self.rank * chunk * std::mem::size_of::<T>(),
-            stream.cu_stream(),
-        );
-        let range = 0..chunk * self.world_size;
-        self.in_place("ncclAllGather", buf, range, stream, |a, p| {
-            let mine = (p as usize + own) as *const c_void;
+        let cs = stream.cu_stream();
+        self.chunked("ncclAllGather", buf, chunk, stream, |a, all, mine| {
             // SAFETY: NCCL's in-place form (sendbuff = recvbuff + rank * sendcount) over the
             // checked chunk * world elements.
-            unsafe { (a.all_gather)(mine, p, chunk, T::TYPE, self.comm, cs) }
+            unsafe { (a.all_gather)(mine, all, chunk, T::TYPE, self.comm, cs) }
         })
     }
 
