@@ -38,11 +38,16 @@ mod common {
     use tritter::{MaskSpec, TritterConfig, TritterModel};
     use tritter_kernels_cuda::Gpu;
 
-    /// The 2-layer GQA test config (untied head, so the head bucket is exercised).
+    /// A 2-layer GQA config of D = 64 (a head dim of the engine), untied head so the head
+    /// bucket is exercised.
     pub fn config() -> TritterConfig {
         let mut c = TritterConfig::preset("test").unwrap();
         c.num_layers = 2;
+        c.hidden_size = 128;
+        c.num_heads = 2;
         c.num_kv_heads = 1;
+        c.intermediate_size = 256;
+        c.vocab_size = tritter::config::MIN_VOCAB_SIZE + 40;
         c.tie_embeddings = false;
         c.validate().unwrap();
         c

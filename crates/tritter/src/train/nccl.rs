@@ -74,7 +74,10 @@ struct Api {
 
 fn open() -> std::result::Result<Api, String> {
     let mut names: Vec<String> = Vec::new();
-    if let Ok(p) = std::env::var("TRITTER_NCCL_LIB") {
+    if let Some(p) = std::env::var("TRITTER_NCCL_LIB")
+        .ok()
+        .filter(|p| !p.is_empty())
+    {
         names.push(p);
     }
     names.extend(["libnccl.so.2".to_string(), "libnccl.so".to_string()]);
