@@ -139,6 +139,12 @@ struct InfoArgs {
     /// ternary elsewhere).
     #[arg(long, value_enum, default_value_t = LinearArg::Ternary)]
     linear: LinearArg,
+    /// Plan one rank of data-parallel training over this many GPUs (with --train).
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
+    /// With --gpus: the AdamW moments sharded across the GPUs (ZeRO-1).
+    #[arg(long)]
+    zero1: bool,
 }
 
 #[derive(Args, Debug)]
@@ -1070,6 +1076,7 @@ fn info(a: &InfoArgs) -> Result<()> {
             "{}",
             tritter::train::TrainPlan::new(&cfg, a.batch, a.seq_len, a.recompute)?
                 .with_linear_path(&cfg, a.linear.path())
+                .with_data_parallel(a.gpus.max(1), a.zero1)
         );
         return Ok(());
     }

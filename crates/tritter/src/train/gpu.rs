@@ -523,7 +523,12 @@ impl GpuTrainModel {
             }
         }
         self.acts = None;
-        let base = TrainPlan::new(&self.cfg, batch, seq_len, recompute)?;
+        let (world, zero1) = self
+            .dp
+            .as_ref()
+            .map_or((1, false), |d| (d.dp.world_size(), d.dp.zero1));
+        let base =
+            TrainPlan::new(&self.cfg, batch, seq_len, recompute)?.with_data_parallel(world, zero1);
         let plan = base.clone().with_linear_path(&self.cfg, self.linear);
         let free = free_bytes(&self.gpu)?;
         // Already allocated: weights, optimizer state, packed and bf16 copies.

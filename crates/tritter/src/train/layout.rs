@@ -471,6 +471,25 @@ impl TrainPlan {
         self
     }
 
+    /// The plan of one rank of a data-parallel group of `world` GPUs: with `zero1` the flat
+    /// buffers are padded to a multiple of `world` and the AdamW moments hold one
+    /// `ceil(N / world)` shard (8 bytes per parameter become 8 / world); plain data
+    /// parallelism keeps every class as it is (each rank holds the whole state).
+    pub fn with_data_parallel(mut self, world: usize, zero1: bool) -> Self {
+        if zero1 && world > 1 {
+            let chunk = self.params.div_ceil(world) as u64;
+            let padded = chunk * world as u64;
+            for c in self.classes.iter_mut() {
+                match c.0 {
+                    "shadow weights f32" | "gradients f32" => c.1 = 4 * padded,
+                    "AdamW moments f32" => *c = ("AdamW moments f32 (ZeRO-1 shard)", 8 * chunk),
+                    _ => {}
+                }
+            }
+        }
+        self
+    }
+
     /// Bytes of the model's training state (everything but activations and scratch): what
     /// the engine allocates when it is created, before any micro-batch shape is known.
     pub fn state_bytes(&self) -> u64 {
@@ -596,6 +615,32 @@ mod tests {
         assert_eq!(acts(&p) - acts(&r), (cfg.num_layers as u64 - 1) * per_layer);
         assert!(p.to_string().contains("total"));
         assert!(TrainPlan::new(&cfg, 0, l, false).is_err());
+    }
+
+    /// ZeRO-1 divides the moments by the world size (rounded up per rank) and pads the
+    /// weight and gradient buffers by less than one parameter per rank; plain data
+    /// parallelism and a world of one change nothing.
+    #[test]
+    fn plan_under_zero1_shards_the_moments() {
+        let cfg = TritterConfig::preset("500m").unwrap();
+        let p = TrainPlan::new(&cfg, 4, 2048, false).unwrap();
+        assert_eq!(p.clone().with_data_parallel(2, false), p);
+        assert_eq!(p.clone().with_data_parallel(1, true), p);
+        let n = cfg.param_count() as u64;
+        for world in [2u64, 3, 8] {
+            let z = p.clone().with_data_parallel(world as usize, true);
+            let class = |name: &str| z.classes.iter().find(|c| c.0 == name).unwrap().1;
+            assert_eq!(
+                class("AdamW moments f32 (ZeRO-1 shard)"),
+                8 * n.div_ceil(world)
+            );
+            let w = class("shadow weights f32");
+            assert!(w >= 4 * n && w < 4 * (n + world), "{w}");
+            assert_eq!(
+                z.total_bytes() + 8 * n - 8 * n.div_ceil(world) - 2 * (w - 4 * n),
+                p.total_bytes()
+            );
+        }
     }
 
     /// The cuBLAS paths add exactly 2 bytes per BitLinear weight, counted as training state;
