@@ -626,7 +626,7 @@ mod tests {
         let p = TrainPlan::new(&cfg, 4, 2048, false).unwrap();
         assert_eq!(p.clone().with_data_parallel(2, false), p);
         assert_eq!(p.clone().with_data_parallel(1, true), p);
-        let n = cfg.param_count() as u64;
+        let n = cfg.param_count();
         for world in [2u64, 3, 8] {
             let z = p.clone().with_data_parallel(world as usize, true);
             let class = |name: &str| z.classes.iter().find(|c| c.0 == name).unwrap().1;
