@@ -15,7 +15,7 @@ gpu_test!(
     /// A data-parallel group of one rank (DDP and ZeRO-1) gives the losses, weights and
     /// AdamW moments of the plain engine (within its run-to-run tolerance) over steps with
     /// gradient accumulation.
-    gpu_dp_single_rank_is_exact => single
+    gpu_dp_single_rank_matches_plain_engine => single
 );
 
 /// Two ranks on two GPUs match one GPU with the doubled batch for 50 steps; ZeRO-1 matches
@@ -173,7 +173,7 @@ mod single {
     use tritter_kernels_cuda::Gpu;
 
     pub fn run(gpu: &Arc<Gpu>) {
-        if !nccl_or_skip("gpu_dp_single_rank_is_exact") {
+        if !nccl_or_skip("gpu_dp_single_rank_matches_plain_engine") {
             return;
         }
         let cfg = config();
