@@ -268,9 +268,7 @@ mod single {
                     "zero1 {zero1}: AdamW moments of {n} differ by {em:.2e} / {ev:.2e}"
                 );
             }
-            if let Some(dp) = e.take_data_parallel() {
-                dp.finish().unwrap();
-            }
+            e.finish_data_parallel().unwrap();
         }
     }
 
@@ -384,7 +382,7 @@ mod two {
                             losses.push(e.read_metrics().unwrap().loss);
                         }
                         let params = e.download_params().unwrap();
-                        e.take_data_parallel().unwrap().finish().unwrap();
+                        e.finish_data_parallel().unwrap();
                         (losses, params)
                     })
                 })

@@ -216,31 +216,37 @@ impl DistEnv {
     }
 }
 
-/// What the watch threads saw on the liveness connections: the first failure, and how many
-/// "go" messages came from rank 0.
+/// What the watch threads saw on the liveness connections: the first failure, how many
+/// "go" messages came from rank 0, and whether rank 0 said goodbye.
 #[derive(Debug, Default)]
 struct PeerWatch {
-    state: Mutex<(Option<String>, u64)>,
+    state: Mutex<WatchState>,
     changed: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct WatchState {
+    failure: Option<String>,
+    go: u64,
+    rank0_finished: bool,
+}
+
 impl PeerWatch {
-    fn fail(&self, why: String) {
+    fn update(&self, f: impl FnOnce(&mut WatchState)) {
         if let Ok(mut s) = self.state.lock() {
-            s.0.get_or_insert(why);
+            f(&mut s);
         }
         self.changed.notify_all();
     }
 
-    fn go(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.1 += 1;
-        }
-        self.changed.notify_all();
+    fn fail(&self, why: String) {
+        self.update(|s| {
+            s.failure.get_or_insert(why);
+        });
     }
 
     fn failure(&self) -> Option<String> {
-        self.state.lock().ok().and_then(|s| s.0.clone())
+        self.state.lock().ok().and_then(|s| s.failure.clone())
     }
 }
 
@@ -304,33 +310,36 @@ impl Group {
             return Ok(());
         }
         let want = self.consumed.fetch_add(1, Ordering::AcqRel) + 1;
-        let mut s = self
-            .watch
-            .state
-            .lock()
-            .map_err(|_| dist_err(self.rank, "a poisoned liveness lock"))?;
+        let poisoned = |_| dist_err(self.rank, "a poisoned liveness lock");
+        let mut s = self.watch.state.lock().map_err(poisoned)?;
         loop {
-            if s.1 >= want {
+            if s.go >= want {
                 return Ok(());
             }
-            if let Some(why) = &s.0 {
+            if let Some(why) = &s.failure {
                 return Err(dist_err(self.rank, why.clone()));
             }
-            s = self
-                .changed_wait(s)
-                .map_err(|_| dist_err(self.rank, "a poisoned liveness lock"))?;
+            if s.rank0_finished {
+                return Err(dist_err(
+                    self.rank,
+                    format!(
+                        "rank 0 finished after {} release(s) but this rank waits for release \
+                         {want}: the ranks disagree on evaluations or checkpoints (different \
+                         options or data)",
+                        s.go
+                    ),
+                ));
+            }
+            s = self.watch.changed.wait(s).map_err(poisoned)?;
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn changed_wait<'a>(
-        &self,
-        s: std::sync::MutexGuard<'a, (Option<String>, u64)>,
-    ) -> std::result::Result<
-        std::sync::MutexGuard<'a, (Option<String>, u64)>,
-        std::sync::PoisonError<std::sync::MutexGuard<'a, (Option<String>, u64)>>,
-    > {
-        self.watch.changed.wait(s)
+    /// Shuts the liveness links down now (what dropping the group does), so the peers learn
+    /// of this rank's failure before a possibly slow NCCL abort.
+    pub fn close(&self) {
+        for (_, s) in &self.links {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 
     /// Tells the peers that this rank ended normally and closes the connections.
@@ -357,8 +366,13 @@ impl Group {
                     let mut b = [0u8; 1];
                     loop {
                         match r.read(&mut b) {
-                            Ok(1) if b[0] == BYE => break,
-                            Ok(1) if b[0] == GO => watch.go(),
+                            Ok(1) if b[0] == BYE => {
+                                if peer == 0 {
+                                    watch.update(|s| s.rank0_finished = true);
+                                }
+                                break;
+                            }
+                            Ok(1) if b[0] == GO => watch.update(|s| s.go += 1),
                             Ok(1) => {
                                 watch.fail(format!("rank {peer} sent {} on its link", b[0]));
                                 break;
@@ -386,9 +400,7 @@ impl Group {
 
 impl Drop for Group {
     fn drop(&mut self) {
-        for (_, s) in &self.links {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        self.close();
     }
 }
 
@@ -488,6 +500,7 @@ fn serve(
                     s.read_exact(&mut h)?;
                     Ok(parse_hello(&h))
                 })();
+                let _ = s.set_nodelay(true);
                 let (rank, their_world, their_fp) = match check {
                     Ok(Some(v)) => v,
                     // Not one of ours (a port scan, a stale client): ignore it.
@@ -895,6 +908,15 @@ mod tests {
         drop(g0);
         let err = waiter.join().unwrap().unwrap_err().to_string();
         assert!(err.contains("rank 0 stopped"), "{err}");
+
+        // Rank 0 that finishes normally without the release this rank waits for: an error
+        // naming the disagreement, not a wait forever.
+        let mut out = run_group(group_env(2, 20_000), vec![4, 4]);
+        let (g1, _) = out.pop().unwrap().unwrap();
+        let (g0, _) = out.pop().unwrap().unwrap();
+        g0.finish();
+        let err = g1.wait_for_rank0().unwrap_err().to_string();
+        assert!(err.contains("finished after 0 release"), "{err}");
     }
 
     /// The launcher gives each child its rank's environment, succeeds when all succeed and

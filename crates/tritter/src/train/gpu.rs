@@ -2340,9 +2340,7 @@ pub fn bench_train(
             .collect();
         model.set_profiling(false)?;
     }
-    if let Some(dp) = model.take_data_parallel() {
-        dp.finish()?;
-    }
+    model.finish_data_parallel()?;
     let tokens_per_s = (t * world) as f64 / (ms / 1e3);
     let params = model.layout().len();
     let peak = peak_tflops.or_else(|| dense_bf16_peak_tflops(&gpu.info().name));

@@ -55,10 +55,12 @@ pub(super) enum Bucket {
 }
 
 impl GpuTrainModel {
-    /// Makes this engine rank `dp.rank()` of a data-parallel group: rank 0's weights and
-    /// AdamW state are broadcast to every rank (so ranks agree even if they were loaded
-    /// differently), and with ZeRO-1 the moments are cut down to this rank's shard. Call it
-    /// on every rank, after `load_optimizer` and before the first step.
+    /// Makes this engine rank `dp.rank()` of a data-parallel group: rank 0's weights are
+    /// broadcast to every rank (so ranks agree even if they were initialized differently),
+    /// and with ZeRO-1 the moments are cut down to this rank's shard. Call it on every rank
+    /// before the first step; `load_optimizer` afterwards loads each rank's part of the
+    /// moments (every rank loads the same checkpoint: the rendezvous compared the step and
+    /// data cursor).
     pub fn enable_data_parallel(&mut self, dp: DataParallel) -> Result<()> {
         if self.dp.is_some() {
             return Err(TritterError::InvalidArgument {
@@ -72,9 +74,7 @@ impl GpuTrainModel {
         let n = self.layout.len();
         let (rank, world) = (dp.rank(), dp.world_size());
         let (layer_buckets, head_bucket, tail_bucket) = self.buckets()?;
-        for buf in [&mut self.params, &mut self.m, &mut self.v] {
-            dp.comm.broadcast_from_rank0(buf, 0..n, s)?;
-        }
+        dp.comm.broadcast_from_rank0(&mut self.params, 0..n, s)?;
         let chunk = if dp.zero1 { n.div_ceil(world) } else { 0 };
         if dp.zero1 {
             let padded = chunk * world;
@@ -96,12 +96,21 @@ impl GpuTrainModel {
             self.v = shard(&self.v, "the AdamW second-moment shard")?;
             self.opt_range = own;
         }
-        let comm_stream = g
-            .context()
-            .new_stream()
-            .map_err(KernelError::driver("creating the all-reduce stream"))?;
+        // The overlapped all-reduces of DDP run here (ZeRO-1 communicates on the compute
+        // stream).
+        let comm_stream = if dp.zero1 {
+            s.clone()
+        } else {
+            g.context()
+                .new_stream()
+                .map_err(KernelError::driver("creating the all-reduce stream"))?
+        };
         dp.comm
             .wait(s, &dp.group, "broadcasting rank 0's weights")?;
+        // Known complete, so this cannot hang; it returns the replaced buffers' memory to
+        // the device before `prepare` measures what is free.
+        s.synchronize()
+            .map_err(KernelError::driver("releasing the replaced buffers"))?;
         self.dp = Some(DpState {
             dp,
             comm_stream,
@@ -270,7 +279,24 @@ impl GpuTrainModel {
     /// neither block the teardown nor touch freed memory.
     pub(super) fn abort_group(&self) {
         if let Some(d) = &self.dp {
+            // Links first: the peers must learn of this rank's end even if the abort waits.
+            d.dp.group.close();
             d.dp.comm.abort();
+        }
+    }
+
+    /// Ends this engine's part in its group normally: waits for the queued work (watching
+    /// the peers), then destroys the communicator and says goodbye on the links. Call it on
+    /// every rank at the same point (after the same last collective). An engine that used
+    /// ZeRO-1 keeps refusing steps afterwards (it holds one shard of the moments).
+    pub fn finish_data_parallel(&mut self) -> Result<()> {
+        if self.dp.is_none() {
+            return Ok(());
+        }
+        self.settle("the last step before leaving the group")?;
+        match self.dp.take() {
+            Some(d) => d.dp.finish(),
+            None => Ok(()),
         }
     }
 

@@ -479,14 +479,10 @@ impl Trainer {
     /// again; a ZeRO-1 engine refuses further steps (it holds one shard of the moments).
     pub fn finish_data_parallel(&mut self) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if let Some(dp) = self
-            .gpu
-            .as_mut()
-            .and_then(GpuTrainModel::take_data_parallel)
-        {
+        if let Some(g) = self.gpu.as_mut().filter(|g| g.data_parallel().is_some()) {
+            g.finish_data_parallel()?;
             self.loader.set_batch_size(self.options.batch_size)?;
             (self.rank, self.world) = (0, 1);
-            dp.finish()?;
         }
         Ok(())
     }
@@ -523,6 +519,7 @@ impl Trainer {
             "config": self.model.config(),
             "options": self.options,
             "cursor": self.loader.cursor(),
+            "validation": self.validation.as_ref().map(PackedDataset::fingerprint),
             "step": self.step,
         });
         dist::fingerprint(json.to_string().as_bytes())
@@ -718,15 +715,19 @@ impl Trainer {
     /// GPU engine the weights are first copied to the host model, which evaluates on the
     /// CPU. In a data-parallel group only rank 0 evaluates (the others get `None`).
     pub fn evaluate(&mut self) -> Result<Option<EvalMetrics>> {
-        if self.validation.is_none() {
+        if self.validation.is_none() && self.world == 1 {
             return Ok(None);
         }
+        // In a group every rank passes the barrier, validation set or not (the fingerprint
+        // makes the sets agree; a disagreement must not unpair the barriers).
         if self.rank != 0 {
             // Waits (without the device timeout) while rank 0 evaluates on the CPU.
             self.rank0_barrier(false)?;
             return Ok(None);
         }
-        self.sync_host_params()?;
+        if self.validation.is_some() {
+            self.sync_host_params()?;
+        }
         let out = match &self.validation {
             None => None,
             Some(val) => evaluate(

@@ -446,6 +446,9 @@ impl NcclComm {
                 None
             };
             if let Some(why) = failure {
+                // Close the links first: NCCL's abort may wait for the peers' proxies, and
+                // they learn of this failure from the closed links.
+                group.close();
                 self.abort();
                 return Err(TritterError::Distributed {
                     rank: self.rank,
