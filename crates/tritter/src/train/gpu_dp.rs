@@ -128,12 +128,7 @@ impl GpuTrainModel {
         self.dp.as_ref().map(|d| &d.dp)
     }
 
-    /// Leaves the group (call [`DataParallel::finish`] on it at the normal end of a run).
-    /// The engine goes on as a single-GPU engine only without ZeRO-1: a sharded engine holds
-    /// one shard of the moments and refuses steps and moment read-backs from then on.
-    pub fn take_data_parallel(&mut self) -> Option<DataParallel> {
-        self.dp.take().map(|d| d.dp)
-    }
+    
 
     /// Refuses `what` on an engine that left its ZeRO-1 group (it holds one moment shard).
     pub(super) fn check_unsharded(&self, what: &'static str) -> Result<()> {
