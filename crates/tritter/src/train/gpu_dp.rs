@@ -128,8 +128,6 @@ impl GpuTrainModel {
         self.dp.as_ref().map(|d| &d.dp)
     }
 
-    
-
     /// Refuses `what` on an engine that left its ZeRO-1 group (it holds one moment shard).
     pub(super) fn check_unsharded(&self, what: &'static str) -> Result<()> {
         if self.dp.is_none() && self.opt_range != (0..self.layout.len()) {
