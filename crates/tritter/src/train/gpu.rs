@@ -291,7 +291,12 @@ pub struct MicroBatch<'a> {
     pub denominator: usize,
 }
 
-/// The GPU training engine ([module docs](self)).
+/// The GPU training engine (DESIGN.md section 5, llm.c style): f32 shadow weights,
+/// gradients and AdamW moments in flat device buffers laid out by [`ParamLayout`], BitLinear
+/// products on ternary-gemm or cuBLAS ([`LinearPath`]), FlashAttention with fused QK-Norm +
+/// RoPE, a chunked fused cross-entropy; one host synchronisation per step (the metrics
+/// read-back). Data-parallel over NCCL after
+/// [`enable_data_parallel`](Self::enable_data_parallel).
 pub struct GpuTrainModel {
     gpu: Arc<Gpu>,
     cfg: TritterConfig,
