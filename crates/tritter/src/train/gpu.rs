@@ -896,8 +896,8 @@ impl GpuTrainModel {
     /// collective, so every rank of the group calls it.
     pub fn store_into(&self, model: &TritterModel, opt: &mut super::AdamW) -> Result<()> {
         self.store_params_into(model)?;
-        let m = self.by_name(self.full_moments(true)?);
-        let v = self.by_name(self.full_moments(false)?);
+        let m = self.by_name(self.full_moments(&self.m)?);
+        let v = self.by_name(self.full_moments(&self.v)?);
         let dev = model.device().clone();
         let mut moments = Vec::with_capacity(m.len());
         for ((name, mv), (_, vv)) in m.into_iter().zip(v) {

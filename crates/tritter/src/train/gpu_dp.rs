@@ -239,8 +239,8 @@ impl GpuTrainModel {
         }
     }
 
-    /// ZeRO-1, after the shard's update: every rank gets every chunk's new weights. Also
-    /// sums the shards' squared-gradient partial sums first (`before_clip`).
+    /// ZeRO-1, before clipping: sums the shards' squared-gradient partial sums into the
+    /// global one.
     pub(super) fn zero1_norm_sum(&mut self) -> Result<()> {
         if let Some(d) = self.dp.as_ref().filter(|d| d.dp.zero1) {
             d.dp.comm
@@ -283,14 +283,8 @@ impl GpuTrainModel {
     /// every rank at the same point (after the same last collective). An engine that used
     /// ZeRO-1 keeps refusing steps afterwards (it holds one shard of the moments).
     pub fn finish_data_parallel(&mut self) -> Result<()> {
-        if self.dp.is_none() {
-            return Ok(());
-        }
         self.settle("the last step before leaving the group")?;
-        match self.dp.take() {
-            Some(d) => d.dp.finish(),
-            None => Ok(()),
-        }
+        self.dp.take().map_or(Ok(()), |d| d.dp.finish())
     }
 
     /// Waits for the work queued so far when in a data-parallel group, watching the peers: a
@@ -303,11 +297,10 @@ impl GpuTrainModel {
         }
     }
 
-    /// The full AdamW moment buffer `which` (`m` or `v`) on the host, gathered from every
-    /// rank's shard under ZeRO-1 (a collective: every rank must call it).
-    pub(super) fn full_moments(&self, first: bool) -> Result<Vec<f32>> {
+    /// The full AdamW moment buffer `buf` (`self.m` or `self.v`) on the host, gathered from
+    /// every rank's shard under ZeRO-1 (a collective: every rank must call it).
+    pub(super) fn full_moments(&self, buf: &CudaSlice<f32>) -> Result<Vec<f32>> {
         let n = self.layout.len();
-        let buf = if first { &self.m } else { &self.v };
         let s = self.gpu.stream();
         let Some(d) = self.dp.as_ref().filter(|d| d.dp.zero1) else {
             self.check_unsharded("reading the AdamW moments")?;

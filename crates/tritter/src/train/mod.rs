@@ -598,24 +598,19 @@ impl Trainer {
         let mut batches = Vec::with_capacity(self.options.grad_accum);
         let mut total = 0;
         for _ in 0..self.options.grad_accum {
+            // The global batch (all of it alone); this rank's rows, the global count.
             let idx = self.loader.next_indices();
             let data = self.loader.dataset();
-            if self.world > 1 {
-                for &i in &idx {
-                    total += data.num_targets_of(i).ok_or_else(|| {
-                        TritterError::option(
-                            "sequence index",
-                            i,
-                            format!("expected < {} sequences", data.len()),
-                        )
-                    })?;
-                }
-                batches.push(data.batch(&idx[rank * b..(rank + 1) * b], device)?);
-            } else {
-                let batch = data.batch(&idx, device)?;
-                total += batch.num_targets;
-                batches.push(batch);
+            for &i in &idx {
+                total += data.num_targets_of(i).ok_or_else(|| {
+                    TritterError::option(
+                        "sequence index",
+                        i,
+                        format!("expected < {} sequences", data.len()),
+                    )
+                })?;
             }
+            batches.push(data.batch(&idx[rank * b..(rank + 1) * b], device)?);
         }
         Ok((batches, total))
     }
