@@ -85,6 +85,22 @@ impl<'a> KernelArgs<'a> {
     pub fn i32(&mut self, v: i32) -> &mut Self {
         self.push(u64::from(v as u32), None)
     }
+
+    /// A `float` argument.
+    pub fn f32(&mut self, v: f32) -> &mut Self {
+        self.push(u64::from(v.to_bits()), None)
+    }
+
+    /// A `long long` argument.
+    pub fn i64(&mut self, v: i64) -> &mut Self {
+        self.push(v as u64, None)
+    }
+
+    /// A raw device address (e.g. 0 for an optional pointer the kernel checks), without
+    /// cudarc's read/write guards: the caller keeps the buffer alive and ordered.
+    pub fn addr(&mut self, v: u64) -> &mut Self {
+        self.push(v, None)
+    }
 }
 
 impl Gpu {
@@ -106,6 +122,22 @@ impl Gpu {
         cfg: LaunchConfig,
         args: KernelArgs<'_>,
     ) -> Result<(), KernelError> {
+        self.launch_args(func, name, cfg, args, true)
+    }
+
+    /// [`Gpu::launch_pdl`] with programmatic dependent launch chosen per call: `pdl = false`
+    /// is a plain launch, ordered after all earlier work on the stream.
+    ///
+    /// # Safety
+    /// As [`Gpu::launch_pdl`] (with `pdl = false`, only the argument contract).
+    pub unsafe fn launch_args(
+        &self,
+        func: &CudaFunction,
+        name: &str,
+        cfg: LaunchConfig,
+        args: KernelArgs<'_>,
+        pdl: bool,
+    ) -> Result<(), KernelError> {
         let mut args = args;
         let mut params: [*mut c_void; MAX_KERNEL_ARGS] = [std::ptr::null_mut(); MAX_KERNEL_ARGS];
         for (p, slot) in params.iter_mut().zip(args.slots.iter_mut()).take(args.len) {
@@ -113,7 +145,7 @@ impl Gpu {
         }
         let len = args.len;
         // SAFETY: forwarded from this function's contract; params point at args' slots.
-        self.launch_pdl_raw(func, name, cfg, &mut params[..len])
+        self.launch_ex(func, name, cfg, &mut params[..len], pdl)
     }
 
     /// [`Gpu::launch_pdl`] with the kernel parameter array given directly: `params[i]` points
@@ -129,6 +161,21 @@ impl Gpu {
         name: &str,
         cfg: LaunchConfig,
         params: &mut [*mut c_void],
+    ) -> Result<(), KernelError> {
+        self.launch_ex(func, name, cfg, params, true)
+    }
+
+    /// `cuLaunchKernelEx` with the programmatic-serialization attribute when `pdl`.
+    ///
+    /// # Safety
+    /// As [`Gpu::launch_pdl_raw`].
+    unsafe fn launch_ex(
+        &self,
+        func: &CudaFunction,
+        name: &str,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+        pdl: bool,
     ) -> Result<(), KernelError> {
         // SAFETY: a plain C union of integers and structs of integers; all zeros is valid.
         let mut value: CUlaunchAttributeValue = std::mem::zeroed();
@@ -148,7 +195,7 @@ impl Gpu {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream().cu_stream(),
             attrs: &mut attr,
-            numAttrs: 1,
+            numAttrs: u32::from(pdl),
         };
         self.context()
             .bind_to_thread()
@@ -163,7 +210,12 @@ impl Gpu {
         )
         .result()
         .map_err(|e| {
-            KernelError::driver(format!("launching {name} (programmatic dependent launch)"))(e)
+            let how = if pdl {
+                " (programmatic dependent launch)"
+            } else {
+                ""
+            };
+            KernelError::driver(format!("launching {name}{how}"))(e)
         })
     }
 }
