@@ -204,6 +204,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                           float eps, int8_t* __restrict__ codes, int* __restrict__ sums, float* __restrict__ scales,
                           unsigned* __restrict__ nonfinite, int kp) {
     constexpr int kRowMax = 4 * kThreads * kMaxVecs;
+    tritter::pdl_wait();  // launched early after the o / down GEMV when the engine asks (PDL)
     const long long r = blockIdx.x;
     float* xr = x + r * h;
     if (!row_fits(h)) {
@@ -292,6 +293,7 @@ __device__ __forceinline__ void qkv_store(const float* __restrict__ qkv, const i
                                           long long page_bytes, int layer, unsigned* __restrict__ nonfinite) {
     constexpr int kMaxD = 256;
     __shared__ __half staged[kQkvHeadsPerCta][kMaxD];  // this warp's K or V head as stored
+    tritter::pdl_wait();  // launched early after the q/k/v GEMV when the engine asks (PDL)
     const int r = blockIdx.x;
     const int warp = threadIdx.x / 32;
     const int head = blockIdx.y * kQkvHeadsPerCta + warp;
