@@ -22,8 +22,6 @@ mod gpu;
 mod pdl;
 #[cfg(feature = "cuda")]
 mod per_stream;
-#[cfg(feature = "cuda")]
-mod prefetch;
 pub mod testing;
 
 pub use error::KernelError;
@@ -33,8 +31,6 @@ pub use gpu::{driver_available, DeviceInfo, Gpu};
 pub use pdl::{KernelArgs, MAX_KERNEL_ARGS};
 #[cfg(feature = "cuda")]
 pub use per_stream::PerStream;
-#[cfg(feature = "cuda")]
-pub use prefetch::PrefetchMode;
 
 /// Uninhabited stand-in for the GPU handle when feature `cuda` is off, so that GPU test
 /// entry points compile (and report skipped or failed) in every build.

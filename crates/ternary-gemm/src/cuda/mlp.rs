@@ -90,17 +90,6 @@ impl TernaryMlpGpu {
         self.inter
     }
 
-    /// The interleaved gate/up projection: 16-row tiles of gate and up alternate,
-    /// `(2 * 16 * ceil(inter / 16), hidden)`, e.g. for [`Gpu::prefetch_l2`] before the MLP.
-    pub fn gate_up(&self) -> &TernaryMatrixGpu {
-        &self.gate_up
-    }
-
-    /// The down projection `(hidden, inter)`.
-    pub fn down(&self) -> &TernaryMatrixGpu {
-        &self.down
-    }
-
     /// Packed weight bytes read per call (gate, up and down, including tile padding).
     pub fn weight_bytes(&self) -> usize {
         4 * (self.gate_up.n_out() * self.hidden.div_ceil(16)

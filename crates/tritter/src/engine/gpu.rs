@@ -23,14 +23,6 @@
 //!   (`engine_top_candidates`, the host's order and filters) and only those pairs cross to
 //!   the host instead of `V` logits.
 //!
-//! With the L2 prefetch on, decode steps of up to 64 rows prefetch weights into L2 on a second stream
-//! (`Gpu::prefetch_l2`): after the q/k/v GEMV, the o and gate/up weights (HBM streams them
-//! while QK-Norm, RoPE, the KV write and attention run); after the o GEMV, the down weights
-//! and the next layer's q/k/v (streamed beside the residual norm and the gate/up GEMV, which
-//! reads L2). Prefetches write nothing (results are the same bit for bit). Off by default
-//! until measured on the H100; `TRITTER_L2_PREFETCH=bulk` (or `lines`) or
-//! [`GpuEngine::set_l2_prefetch`] turns them on.
-//!
 //! Decode steps (every sequence of the step appends one token) are replayed from a CUDA graph:
 //! their inputs (ids, positions, pool slots, block tables, lengths) live in device buffers
 //! refilled in place, so the second step of a shape is captured and later steps launch the
@@ -59,8 +51,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PinnedHostSlice, PushKernelArg,
+    CudaEvent, CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
 };
 use flash_attn_sm120::cuda::{flash_attn_fwd_cuda, ProblemGpu};
 use flash_attn_sm120::{Heads, Mask, MaskInputs, Positions, Problem, Seqs};
@@ -75,7 +67,7 @@ use ternary_gemm::cuda::{
     TernaryMatrixGpu, TernaryMlpGpu,
 };
 use ternary_gemm::{TernaryMatrix, TernaryScales};
-use tritter_kernels_cuda::{images, Gpu, KernelArgs, KernelError, PrefetchMode};
+use tritter_kernels_cuda::{images, Gpu, KernelArgs, KernelError};
 
 use super::checkpoint::{InferenceCheckpoint, LayerNorms};
 use super::cpu::{check_step_inputs, run_rounds, wanted_rows, Chunk, RowsWanted, StepInput};
@@ -95,27 +87,6 @@ const QKV_HEADS_PER_CTA: usize = 4;
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 /// Step sizes whose buffers are kept (decode batch sizes recur; prompt sizes mostly not).
 const KEPT_ROW_BUFFERS: usize = 8;
-/// Largest decode step (rows) whose weights are prefetched into L2 ([`L2Prefetch`]): decode
-/// batches stream every weight once between latency-bound kernels. Steps with prompt rows
-/// are compute-bound and never prefetch.
-const PREFETCH_MAX_ROWS: usize = 64;
-
-/// The L2 weight prefetch of decode steps: a second stream on which
-/// [`Gpu::prefetch_l2`] moves the next GEMVs' packed weights into L2 while the main stream
-/// runs the latency-bound kernels before them (after the q/k/v GEMV: o and gate/up; after
-/// the o GEMV: down and the next layer's q/k/v), joined back at the end of the step on
-/// every path, so a captured decode graph holds it as side branches. Prefetches write
-/// nothing: results are the same bit for bit with it on or off. `TRITTER_L2_PREFETCH` =
-/// `off` (default) | `bulk` | `lines` sets the starting state and the mode
-/// ([`PrefetchMode`]).
-struct L2Prefetch {
-    stream: Arc<CudaStream>,
-    /// Reused fork event (recorded on the main stream, waited on by `stream`).
-    fork: CudaEvent,
-    /// Reused join event (recorded on `stream`, waited on by the main stream).
-    join: CudaEvent,
-    mode: PrefetchMode,
-}
 
 fn alloc_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> TritterError + '_ {
     move |e| KernelError::driver(format!("allocating {what}"))(e).into()
@@ -175,8 +146,6 @@ struct GraphKey {
     tps: usize,
     stride: usize,
     workspace: u64,
-    /// Captured with the L2 prefetch branches ([`StepInputs::prefetch`]).
-    prefetch: bool,
 }
 
 /// Device inputs of decode steps of one size, refilled in place every step.
@@ -255,28 +224,6 @@ impl DecodeWs {
     }
 }
 
-/// `TRITTER_L2_PREFETCH`: (on, mode) for `off` (the default), `bulk` or `lines`.
-fn prefetch_mode_from_env() -> Result<(bool, PrefetchMode)> {
-    match std::env::var("TRITTER_L2_PREFETCH") {
-        Err(std::env::VarError::NotPresent) => Ok((false, PrefetchMode::Bulk)),
-        Ok(v) => match v.as_str() {
-            "off" | "0" => Ok((false, PrefetchMode::Bulk)),
-            "bulk" | "1" => Ok((true, PrefetchMode::Bulk)),
-            "lines" => Ok((true, PrefetchMode::Lines)),
-            _ => Err(TritterError::config(
-                "TRITTER_L2_PREFETCH",
-                v,
-                "off, bulk or lines",
-            )),
-        },
-        Err(e) => Err(TritterError::config(
-            "TRITTER_L2_PREFETCH",
-            e.to_string(),
-            "off, bulk or lines",
-        )),
-    }
-}
-
 /// Per-step device inputs of [`GpuEngine::launch_step`].
 struct StepInputs<'a> {
     n: usize,
@@ -288,9 +235,6 @@ struct StepInputs<'a> {
     problem: Option<&'a ProblemGpu>,
     wanted: &'a CudaSlice<i32>,
     r: usize,
-    /// Prefetch weights into L2 on the side stream (decided once per step, so a captured
-    /// graph matches its [`GraphKey`]).
-    prefetch: bool,
 }
 
 /// The model on a GPU (module docs). `&self` everywhere: the step buffers sit behind a mutex,
@@ -317,13 +261,10 @@ pub struct GpuEngine {
     /// Time per phase (ms, launches) while profiling ([`GpuEngine::set_profiling`]).
     profile: Mutex<BTreeMap<&'static str, (f64, u64)>>,
     profiling: std::sync::atomic::AtomicBool,
-    /// L2 weight prefetch of decode steps.
-    prefetch: L2Prefetch,
-    /// [`GpuEngine::set_l2_prefetch`].
-    prefetching: std::sync::atomic::AtomicBool,
     /// Launch `engine_qkv_store_*` and `engine_add_rmsnorm_a8` with programmatic dependent
-    /// launch (`TRITTER_PDL_SMALL=1`), so they are resident and waiting when the GEMV before
-    /// them ends. Off by default until measured.
+    /// launch (`TRITTER_PDL_SMALL=1`), so each is resident and waiting when the GEMV before
+    /// it ends. Opt-in: 7B batch-1 decode 2.072-2.073 ms against 2.088-2.104 ms without
+    /// (H100, `tritter bench`), checked so far by the graph == eager test only.
     pdl_small: bool,
 }
 
@@ -448,21 +389,6 @@ impl GpuEngine {
                 });
             }
         }
-        let (prefetch_on, mode) = prefetch_mode_from_env()?;
-        let event = || {
-            gpu.context()
-                .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
-                .map_err(KernelError::driver("creating a prefetch event"))
-        };
-        let prefetch = L2Prefetch {
-            stream: gpu
-                .stream()
-                .fork()
-                .map_err(KernelError::driver("creating the prefetch stream"))?,
-            fork: event()?,
-            join: event()?,
-            mode,
-        };
         Ok(GpuEngine {
             embed: upload(g, "the embedding table", &ckpt.embed_tokens)?,
             lm_head: match &ckpt.lm_head {
@@ -490,8 +416,6 @@ impl GpuEngine {
             graphs: std::sync::atomic::AtomicBool::new(true),
             profile: Mutex::new(BTreeMap::new()),
             profiling: std::sync::atomic::AtomicBool::new(false),
-            prefetching: std::sync::atomic::AtomicBool::new(prefetch_on),
-            prefetch,
             pdl_small: std::env::var("TRITTER_PDL_SMALL").is_ok_and(|v| v == "1"),
         })
     }
@@ -523,35 +447,6 @@ impl GpuEngine {
 
     fn profiling(&self) -> bool {
         self.profiling.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Turns the L2 weight prefetch of decode steps on or off (the default comes from
-    /// `TRITTER_L2_PREFETCH`; see the module docs). The results are the same bit for
-    /// bit; only the step time changes.
-    pub fn set_l2_prefetch(&self, on: bool) {
-        self.prefetching
-            .store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether a decode step of `n` rows prefetches weights (read once per step).
-    fn decode_prefetch(&self, n: usize) -> bool {
-        self.prefetching.load(std::sync::atomic::Ordering::Relaxed) && n <= PREFETCH_MAX_ROWS
-    }
-
-    /// Queues L2 prefetches of `mats`' packed weights on the prefetch stream, after the work
-    /// queued so far on the main stream.
-    fn prefetch_weights(&self, mats: &[&TernaryMatrixGpu]) -> Result<()> {
-        let (g, pf) = (self.gpu.as_ref(), &self.prefetch);
-        pf.fork
-            .record(g.stream())
-            .map_err(KernelError::driver("recording the prefetch fork"))?;
-        pf.stream
-            .wait(&pf.fork)
-            .map_err(KernelError::driver("ordering the prefetch stream"))?;
-        for m in mats {
-            g.prefetch_l2(&pf.stream, m.tiles(), pf.mode)?;
-        }
-        Ok(())
     }
 
     /// The profile gathered since the last call, sorted by phase name: `(phase, total ms,
@@ -758,7 +653,6 @@ impl GpuEngine {
                 tps,
                 stride: batch.stride(),
                 workspace: shared.decode.generation,
-                prefetch: self.decode_prefetch(n),
             };
             if st.bufs.is_none() {
                 st.bufs = Some(DecodeBufs::alloc(g, n, cfg)?);
@@ -807,7 +701,6 @@ impl GpuEngine {
                             problem: None,
                             wanted: &bufs.wanted,
                             r: n,
-                            prefetch: key.prefetch,
                         },
                         &mut bufs.hidden,
                         &mut bufs.logits,
@@ -924,8 +817,6 @@ impl GpuEngine {
                     problem: Some(&problem),
                     wanted: &wanted_d,
                     r,
-                    // Steps with prompt rows are compute-bound: no prefetch.
-                    prefetch: false,
                 },
                 &mut hidden,
                 &mut logits,
@@ -996,41 +887,9 @@ impl GpuEngine {
 
     /// Every kernel of a step, in stream order: embedding, the layers, the final norm of the
     /// wanted rows and the LM head into `hidden` `(r, H)` and `logits` `(r, V)`. No host
-    /// synchronization and no allocation (so it can be captured into a graph). With
-    /// `inp.prefetch`, the prefetch stream is joined back into the main stream on every
-    /// path, a failed launch included (a capture must end joined; eagerly, nothing may still
-    /// read the weights once the step has returned).
+    /// synchronization and no allocation (so it can be captured into a graph).
     #[allow(clippy::too_many_arguments)]
     fn launch_step(
-        &self,
-        cache: &mut GpuCache,
-        gemv: &mut GemvWorkspace,
-        decode_ws: &mut DecodeWorkspace,
-        rows: &mut Rows,
-        inp: StepInputs<'_>,
-        hidden: &mut CudaSlice<bf16>,
-        logits: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let prefetch = inp.prefetch;
-        let res = self.launch_step_kernels(cache, gemv, decode_ws, rows, inp, hidden, logits);
-        if prefetch {
-            let pf = &self.prefetch;
-            let stream = self.gpu.stream();
-            let joined = pf
-                .join
-                .record(&pf.stream)
-                .and_then(|()| stream.wait(&pf.join))
-                .map_err(KernelError::driver("joining the prefetch stream"));
-            res?;
-            joined?;
-            return Ok(());
-        }
-        res
-    }
-
-    /// The kernels of [`launch_step`](Self::launch_step), prefetches forked but not joined.
-    #[allow(clippy::too_many_arguments)]
-    fn launch_step_kernels(
         &self,
         cache: &mut GpuCache,
         gemv: &mut GemvWorkspace,
@@ -1063,7 +922,6 @@ impl GpuEngine {
         mark("embedding")?;
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         let (qd, kvd) = (hq * d, hkv * d);
-        let prefetch = inp.prefetch;
         for (l, layer) in self.layers.iter().enumerate() {
             ternary_matmul_a8_cuda(
                 g,
@@ -1072,10 +930,6 @@ impl GpuEngine {
                 &mut rows.qkv.as_view_mut(),
                 gemv,
             )?;
-            if prefetch {
-                // For the kernels after QK-Norm, RoPE, the KV write and attention.
-                self.prefetch_weights(&[&layer.o, layer.mlp.gate_up()])?;
-            }
             mark("q/k/v projection")?;
             self.launch_qkv_store(layer, l, inp.pos, n, rows, cache, inp.slots)?;
             mark("QK-Norm + RoPE + KV write")?;
@@ -1135,14 +989,6 @@ impl GpuEngine {
             mark("attention")?;
             rows.o_acts.quantize_from(g, &rows.att.as_view())?;
             ternary_matmul_a8_cuda(g, &layer.o, &rows.o_acts, &mut rows.a.as_view_mut(), gemv)?;
-            if prefetch {
-                // The next layer's q/k/v; none after the last layer, whose LM head streams
-                // the whole (V, H) table through L2 and would evict it.
-                match self.layers.get(l + 1) {
-                    Some(next) => self.prefetch_weights(&[layer.mlp.down(), &next.qkv])?,
-                    None => self.prefetch_weights(&[layer.mlp.down()])?,
-                }
-            }
             mark("A8 + o projection")?;
             self.launch_add_rmsnorm_a8(rows, &layer.attn_norm, n)?;
             mark("residual norms + A8")?;
