@@ -35,7 +35,7 @@ gpu_test!(
     /// Decode steps replayed from CUDA graphs give bit-identical logits to the same steps
     /// launched kernel by kernel (every kernel sums in a fixed order), across graph captures,
     /// replays, a batch that shrinks and the split plan changing as the context grows (INT4
-    /// and f16 caches).
+    /// and f16 caches); the graphs launch the small kernels with PDL, the eager steps without.
     gpu_engine_graphs_equal_eager => graphs
 );
 
@@ -455,6 +455,8 @@ mod graphs {
             let (_, graphed) = engines(g, &cfg, 11);
             let (_, eager) = engines(g, &cfg, 11);
             eager.set_decode_graphs(false);
+            graphed.set_small_kernel_pdl(true);
+            eager.set_small_kernel_pdl(false);
             let opts = options(&cfg, format, 3);
             let (mut cg, mut ce) = (
                 graphed.new_cache(&opts).unwrap(),

@@ -146,6 +146,8 @@ struct GraphKey {
     tps: usize,
     stride: usize,
     workspace: u64,
+    /// Captured with the small kernels launched with PDL ([`StepInputs::pdl`]).
+    pdl: bool,
 }
 
 /// Device inputs of decode steps of one size, refilled in place every step.
@@ -235,6 +237,9 @@ struct StepInputs<'a> {
     problem: Option<&'a ProblemGpu>,
     wanted: &'a CudaSlice<i32>,
     r: usize,
+    /// Launch the small kernels with PDL ([`GpuEngine::set_small_kernel_pdl`]); read once
+    /// per step, so a captured graph matches its [`GraphKey`].
+    pdl: bool,
 }
 
 /// The model on a GPU (module docs). `&self` everywhere: the step buffers sit behind a mutex,
@@ -261,11 +266,8 @@ pub struct GpuEngine {
     /// Time per phase (ms, launches) while profiling ([`GpuEngine::set_profiling`]).
     profile: Mutex<BTreeMap<&'static str, (f64, u64)>>,
     profiling: std::sync::atomic::AtomicBool,
-    /// Launch `engine_qkv_store_*` and `engine_add_rmsnorm_a8` with programmatic dependent
-    /// launch (`TRITTER_PDL_SMALL=1`), so each is resident and waiting when the GEMV before
-    /// it ends. Opt-in: 7B batch-1 decode 2.072-2.073 ms against 2.088-2.104 ms without
-    /// (H100, `tritter bench`), checked so far by the graph == eager test only.
-    pdl_small: bool,
+    /// [`GpuEngine::set_small_kernel_pdl`].
+    pdl_small: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GpuEngine {
@@ -416,7 +418,9 @@ impl GpuEngine {
             graphs: std::sync::atomic::AtomicBool::new(true),
             profile: Mutex::new(BTreeMap::new()),
             profiling: std::sync::atomic::AtomicBool::new(false),
-            pdl_small: std::env::var("TRITTER_PDL_SMALL").is_ok_and(|v| v == "1"),
+            pdl_small: std::sync::atomic::AtomicBool::new(
+                std::env::var("TRITTER_PDL_SMALL").is_ok_and(|v| v == "1"),
+            ),
         })
     }
 
@@ -435,6 +439,17 @@ impl GpuEngine {
     /// results are the same bit for bit.
     pub fn set_decode_graphs(&self, on: bool) {
         self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Launches `engine_qkv_store_*` and `engine_add_rmsnorm_a8` with programmatic dependent
+    /// launch while on, so each is resident and waiting when the GEMV before it ends (both
+    /// wait before their first read and never release the next kernel early). Off by default
+    /// unless `TRITTER_PDL_SMALL=1`: 7B batch-1 decode 2.072-2.073 ms against 2.088-2.104 ms
+    /// without (H100, `tritter bench`); the default changes once the whole GPU engine suite
+    /// has run with it. The results are the same bit for bit.
+    pub fn set_small_kernel_pdl(&self, on: bool) {
+        self.pdl_small
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Times every phase of each step with CUDA events while on (steps then run without
@@ -653,6 +668,7 @@ impl GpuEngine {
                 tps,
                 stride: batch.stride(),
                 workspace: shared.decode.generation,
+                pdl: self.pdl_small.load(std::sync::atomic::Ordering::Relaxed),
             };
             if st.bufs.is_none() {
                 st.bufs = Some(DecodeBufs::alloc(g, n, cfg)?);
@@ -701,6 +717,7 @@ impl GpuEngine {
                             problem: None,
                             wanted: &bufs.wanted,
                             r: n,
+                            pdl: key.pdl,
                         },
                         &mut bufs.hidden,
                         &mut bufs.logits,
@@ -817,6 +834,7 @@ impl GpuEngine {
                     problem: Some(&problem),
                     wanted: &wanted_d,
                     r,
+                    pdl: self.pdl_small.load(std::sync::atomic::Ordering::Relaxed),
                 },
                 &mut hidden,
                 &mut logits,
@@ -931,7 +949,7 @@ impl GpuEngine {
                 gemv,
             )?;
             mark("q/k/v projection")?;
-            self.launch_qkv_store(layer, l, inp.pos, n, rows, cache, inp.slots)?;
+            self.launch_qkv_store(layer, l, inp.pos, n, rows, cache, inp.slots, inp.pdl)?;
             mark("QK-Norm + RoPE + KV write")?;
             if let Some(pb) = inp.problem {
                 if cache.kv.config().format == KvFormat::Int4 {
@@ -990,7 +1008,7 @@ impl GpuEngine {
             rows.o_acts.quantize_from(g, &rows.att.as_view())?;
             ternary_matmul_a8_cuda(g, &layer.o, &rows.o_acts, &mut rows.a.as_view_mut(), gemv)?;
             mark("A8 + o projection")?;
-            self.launch_add_rmsnorm_a8(rows, &layer.attn_norm, n)?;
+            self.launch_add_rmsnorm_a8(rows, &layer.attn_norm, n, inp.pdl)?;
             mark("residual norms + A8")?;
             ternary_mlp_a8_cuda(
                 g,
@@ -1000,7 +1018,7 @@ impl GpuEngine {
                 &mut rows.mlp,
             )?;
             mark("MLP")?;
-            self.launch_add_rmsnorm_a8(rows, &layer.mlp_norm, n)?;
+            self.launch_add_rmsnorm_a8(rows, &layer.mlp_norm, n, inp.pdl)?;
             mark("residual norms + A8")?;
         }
         if inp.r > 0 {
@@ -1096,6 +1114,7 @@ impl GpuEngine {
         rows: &mut Rows,
         cache: &mut GpuCache,
         slots: &SlotBatch,
+        pdl: bool,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let (hq, hkv, d) = (
@@ -1176,14 +1195,20 @@ impl GpuEngine {
             // every store stays inside its token's slot), the n slots (checked above) and the
             // counter from write_layer_slots_with, which checked the tickets and the layer.
             // With PDL the kernel reads and writes nothing before its griddepcontrol.wait.
-            unsafe { g.launch_args(&func, name, lc, args, self.pdl_small) }?;
+            unsafe { g.launch_args(&func, name, lc, args, pdl) }?;
             Ok(())
         })?;
         Ok(())
     }
 
     /// `x += rmsnorm(a) * w` per row, then `x_acts = A8(x)` (GEMV layout), in one launch.
-    fn launch_add_rmsnorm_a8(&self, rows: &mut Rows, w: &CudaSlice<f32>, n: usize) -> Result<()> {
+    fn launch_add_rmsnorm_a8(
+        &self,
+        rows: &mut Rows,
+        w: &CudaSlice<f32>,
+        n: usize,
+        pdl: bool,
+    ) -> Result<()> {
         let g = self.gpu.as_ref();
         let func = g.function(&images::ENGINE, "engine_add_rmsnorm_a8")?;
         let h = self.cfg.hidden_size;
@@ -1215,7 +1240,7 @@ impl GpuEngine {
                 "engine_add_rmsnorm_a8",
                 Self::row_launch(n),
                 args,
-                self.pdl_small,
+                pdl,
             )
         }?;
         Ok(())
