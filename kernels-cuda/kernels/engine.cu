@@ -205,6 +205,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                           unsigned* __restrict__ nonfinite, int kp) {
     constexpr int kRowMax = 4 * kThreads * kMaxVecs;
     tritter::pdl_wait();  // launched early after the o / down GEMV when the engine asks (PDL)
+    tritter::pdl_launch_dependents();  // the next GEMV may issue its weight loads now
     const long long r = blockIdx.x;
     float* xr = x + r * h;
     if (!row_fits(h)) {
@@ -294,6 +295,7 @@ __device__ __forceinline__ void qkv_store(const float* __restrict__ qkv, const i
     constexpr int kMaxD = 256;
     __shared__ __half staged[kQkvHeadsPerCta][kMaxD];  // this warp's K or V head as stored
     tritter::pdl_wait();  // launched early after the q/k/v GEMV when the engine asks (PDL)
+    tritter::pdl_launch_dependents();  // decode attention may become resident (it waits first)
     const int r = blockIdx.x;
     const int warp = threadIdx.x / 32;
     const int head = blockIdx.y * kQkvHeadsPerCta + warp;

@@ -1316,6 +1316,8 @@ extern "C" __global__ void __launch_bounds__(kWriteThreads) kv_round_trip_int4(_
         const int* __restrict__ seq_lens, int bt_stride, int heads_kv, int page_shift, int num_pages,               \
         long long page_bytes, int sinks, int window, int tiles_per_split, int num_splits, float scale_log2,         \
         float* __restrict__ o_part, float2* __restrict__ ml_part) {                                                 \
+        tritter::pdl_wait(); /* q and the new token's K/V come from the previous kernel (PDL) */                   \
+        tritter::pdl_launch_dependents();                                                                           \
         decode_split<D, G, INT4>(q, pool, block_tables, seq_lens, bt_stride, heads_kv, page_shift, num_pages,       \
                                  page_bytes, sinks, window, tiles_per_split, num_splits, scale_log2, o_part,        \
                                  ml_part);                                                                           \
@@ -1339,6 +1341,8 @@ KV_DECODE_G(f16, false, 128)
         long long page_bytes, int sinks, int window, int tiles_per_split, int num_splits, float scale_log2,         \
         float* __restrict__ o_part, float2* __restrict__ ml_part, __half* __restrict__ out,                         \
         unsigned* __restrict__ tickets) {                                                                           \
+        tritter::pdl_wait(); /* q and the new token's K/V come from the previous kernel (PDL) */                   \
+        tritter::pdl_launch_dependents();                                                                           \
         tc::decode_split_tc<D, G, S>(q, pool, block_tables, seq_lens, bt_stride, heads_kv, page_shift,        \
                                            num_pages, page_bytes, sinks, window, tiles_per_split, num_splits,       \
                                            scale_log2, o_part, ml_part, out, tickets);                               \
@@ -1398,6 +1402,8 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads) kv_decode_reduce(co
     __shared__ float w_s[kReduceChunk];
     __shared__ float acc_s[kReduceThreads];
     __shared__ float scratch[kReduceThreads / 32];
+    tritter::pdl_wait();  // the partials come from the split kernel (PDL launch)
+    tritter::pdl_launch_dependents();
     const int tid = threadIdx.x;
     const long long bh = blockIdx.x;
     const float2* ml = ml_part + bh * num_splits;

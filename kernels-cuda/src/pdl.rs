@@ -10,6 +10,10 @@
 //!
 //! cudarc's launch builder has no launch attributes, so this goes through `cuLaunchKernelEx`
 //! directly, with the arguments collected in [`KernelArgs`].
+//!
+//! `TRITTER_PDL=0` in the environment turns the attribute off for the whole process (read
+//! once, see [`pdl_enabled`]): every launch is then plain, to rule PDL out when chasing a bug
+//! or to measure what it gains. Results do not change, only the overlap.
 
 use std::ffi::c_void;
 
@@ -103,6 +107,14 @@ impl<'a> KernelArgs<'a> {
     }
 }
 
+/// Whether launches asking for programmatic dependent launch get it: true unless the
+/// environment sets `TRITTER_PDL=0` (read once per process, so a captured CUDA graph and the
+/// eager launches of one run always agree).
+pub fn pdl_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TRITTER_PDL").map_or(true, |v| v.trim() != "0"))
+}
+
 impl Gpu {
     /// Launches `func` on [`Gpu::stream`] with programmatic dependent launch allowed (see the
     /// module docs).
@@ -177,6 +189,7 @@ impl Gpu {
         params: &mut [*mut c_void],
         pdl: bool,
     ) -> Result<(), KernelError> {
+        let pdl = pdl && pdl_enabled();
         // SAFETY: a plain C union of integers and structs of integers; all zeros is valid.
         let mut value: CUlaunchAttributeValue = std::mem::zeroed();
         value.programmaticStreamSerializationAllowed = 1;

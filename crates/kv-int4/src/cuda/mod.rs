@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::f16;
-use tritter_kernels_cuda::{images, Gpu, KernelError};
+use tritter_kernels_cuda::{images, Gpu, KernelArgs, KernelError};
 
 use crate::blocks::{AppendTicket, SeqId};
 use crate::cache::{check_kv_lens, check_len, CpuKvCache, PageStore, PagedKvCache};
@@ -1209,7 +1209,6 @@ pub fn decode_attention_cuda(
     );
     let rows = b * heads_q;
     ws.ensure(gpu, rows, d, splits)?;
-    let stream = gpu.stream();
     let pb = cfg.layout().page_bytes();
     let plane = cfg.num_pages * pb;
     let pool = cache.pool().slice(layer * plane..(layer + 1) * plane);
@@ -1248,26 +1247,25 @@ pub fn decode_attention_cuda(
     } else {
         0
     };
-    let mut launch = stream.launch_builder(&func);
-    launch
-        .arg(q)
-        .arg(&pool)
-        .arg(&batch.block_tables)
-        .arg(&batch.seq_lens)
-        .arg(&stride)
-        .arg(&hkv_i)
-        .arg(&shift)
-        .arg(&np)
-        .arg(&page_bytes)
-        .arg(&sinks)
-        .arg(&window)
-        .arg(&tps_i)
-        .arg(&splits_i)
-        .arg(&scale_log2)
-        .arg(&mut ws.o_part)
-        .arg(&mut ws.ml_part);
+    let mut args = KernelArgs::new();
+    args.ptr(gpu, q)
+        .ptr(gpu, &pool)
+        .ptr(gpu, &batch.block_tables)
+        .ptr(gpu, &batch.seq_lens)
+        .i32(stride)
+        .i32(hkv_i)
+        .i32(shift)
+        .i32(np)
+        .i64(page_bytes)
+        .i32(sinks)
+        .i32(window)
+        .i32(tps_i)
+        .i32(splits_i)
+        .f32(scale_log2)
+        .ptr_mut(gpu, &mut ws.o_part)
+        .ptr_mut(gpu, &mut ws.ml_part);
     if tc {
-        launch.arg(&mut *out).arg(&mut ws.tickets);
+        args.ptr_mut(gpu, &mut *out).ptr_mut(gpu, &mut ws.tickets);
     }
     let cfg_split = LaunchConfig {
         grid_dim: (splits as u32, hkv as u32, b as u32),
@@ -1282,30 +1280,29 @@ pub fn decode_attention_cuda(
     // stride * page_size); the workspace holds rows * splits * D and rows * splits * 2 floats
     // and rows >= B * Hkv tickets (zeroed at allocation; the kernel's last CTA per head puts
     // its counter back to 0). The tensor-core kernels take `(__half* out, unsigned*
-    // tickets)` after those: out holds B * Hq * D halves (checked).
-    unsafe { launch.launch(cfg_split) }
-        .map_err(KernelError::driver(format!("launching {name}")))?;
+    // tickets)` after those: out holds B * Hq * D halves (checked). PDL: the kernel's first
+    // statement is its griddepcontrol.wait (q and the new token's K/V come from the kernel
+    // before it), so it may be launched before that kernel ends.
+    unsafe { gpu.launch_pdl(&func, name, cfg_split, args) }?;
     if tc {
         return Ok(());
     }
 
     let reduce = gpu.function(&images::KV_INT4, "kv_decode_reduce")?;
-    let (splits_r, d_i) = (i(splits), i(d));
-    let mut launch = stream.launch_builder(&reduce);
-    launch
-        .arg(&ws.o_part)
-        .arg(&ws.ml_part)
-        .arg(out)
-        .arg(&splits_r)
-        .arg(&d_i);
+    let mut args = KernelArgs::new();
+    args.ptr(gpu, &ws.o_part)
+        .ptr(gpu, &ws.ml_part)
+        .ptr_mut(gpu, out)
+        .i32(i(splits))
+        .i32(i(d));
     let cfg_reduce = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (REDUCE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: matches `kv_decode_reduce(const float*, const float2*, __half*, int, int)`;
-    // reads rows * splits partials written above, writes rows * D outputs (out checked).
-    unsafe { launch.launch(cfg_reduce) }
-        .map_err(KernelError::driver("launching kv_decode_reduce"))?;
+    // reads rows * splits partials written above, writes rows * D outputs (out checked); it
+    // waits (griddepcontrol.wait) before its first read, so PDL is allowed.
+    unsafe { gpu.launch_pdl(&reduce, "kv_decode_reduce", cfg_reduce, args) }?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
-use tritter_kernels_cuda::{images, Gpu, KernelError};
+use tritter_kernels_cuda::{images, Gpu, KernelArgs, KernelError};
 
 use crate::act_quant::check_shape;
 use crate::gemv_padded_cols;
@@ -234,24 +234,23 @@ impl GemvActivations {
             return Ok(());
         }
         let (rows_i, cols_i, kp_i) = self.fill_args();
-        let stream = gpu.stream();
         let func = gpu.function(&images::ACT_QUANT, T::ACT_QUANT_MMA_KERNEL)?;
-        let mut launch = stream.launch_builder(&func);
-        launch
-            .arg(x)
-            .arg(&mut self.codes_mma)
-            .arg(&mut self.sums)
-            .arg(&mut self.scales)
-            .arg(&mut self.nonfinite_rows)
-            .arg(&rows_i)
-            .arg(&cols_i)
-            .arg(&kp_i);
+        let mut args = KernelArgs::new();
+        args.ptr(gpu, x)
+            .ptr_mut(gpu, &mut self.codes_mma)
+            .ptr_mut(gpu, &mut self.sums)
+            .ptr_mut(gpu, &mut self.scales)
+            .ptr_mut(gpu, &mut self.nonfinite_rows)
+            .i32(rows_i)
+            .i32(cols_i)
+            .i32(kp_i);
         // SAFETY: matches `act_quant_mma_*(const T*, int8_t*, int*, float*, unsigned*, int,
         // int, int)`; x holds rows * cols elements (checked), codes_mma rows * kp, sums and
         // scales rows (allocated by `new` for this shape); one CTA per row, bounds-checked.
-        unsafe { launch.launch(row_launch(self.rows)) }.map_err(|e| {
-            KernelError::driver(format!("launching {}", T::ACT_QUANT_MMA_KERNEL))(e)
-        })?;
+        // PDL: the kernel's first statement is its griddepcontrol.wait (x is usually the
+        // previous kernel's output), so it may be resident before that kernel ends; it then
+        // releases the GEMV that consumes it at once (whose weight loads precede its own wait).
+        unsafe { gpu.launch_pdl(&func, T::ACT_QUANT_MMA_KERNEL, row_launch(self.rows), args) }?;
         Ok(())
     }
 
