@@ -1155,7 +1155,9 @@ fn decode_kernel_default(format: KvFormat, tc: bool, d: usize, g: usize) -> Resu
 /// of `cache` (INT4 or f16 pages), with the cache's window and sinks, `softmax(q·kᵀ *
 /// softmax_scale)·v`. Split-KV over [`split_plan`] CTAs; the splits are merged by the last
 /// CTA of each (sequence, KV head) (INT4 tensor-core kernel) or by a reduction kernel (f16
-/// and SIMT INT4 kernels); asynchronous.
+/// and SIMT INT4 kernels); asynchronous. Launched with programmatic dependent launch: the
+/// kernels wait for the previous kernel on the stream before their first read, so they can
+/// be resident before it ends (`TRITTER_PDL=0` turns that off).
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention_cuda(
     cache: &GpuKvCache,

@@ -223,7 +223,9 @@ impl GemvActivations {
 
     /// Quantizes `x` `(rows, cols)` (per-token absmax, same codes and scales as
     /// [`absmax_quantize_rows`](crate::absmax_quantize_rows)) straight into the GEMV layout;
-    /// asynchronous; writes every row's non-finite flag.
+    /// asynchronous; writes every row's non-finite flag. Launched with programmatic dependent
+    /// launch: the kernel waits for the previous kernel on the stream before reading `x`, and
+    /// lets the GEMV that consumes the codes start its weight loads right away.
     pub fn quantize_from<T: DeviceActivation>(
         &mut self,
         gpu: &Gpu,
