@@ -58,7 +58,9 @@ def main(folder):
         xq = cp.asarray(xq_h)
         xsum = cp.asarray(xq_h.astype(np.int32).sum(axis=1).astype(np.int32))
         xs = cp.asarray(rng.uniform(1.0, 100.0, size=m).astype(np.float32))
-        args = lambda y: (W, gamma, np.int32(0), xq, xsum, xs, y, np.int32(m), np.int32(n), np.int32(k))
+        # No split-K (grid.z = 1): qps = every quad, no workspace.
+        args = lambda y: (W, gamma, np.int32(0), xq, xsum, xs, y, np.int32(m), np.int32(n), np.int32(k),
+                          np.int32(kp // 128), np.uint64(0), np.uint64(0))
 
         ref = ref_mod.get_function("gemm_w2a8")
         ref.max_dynamic_shared_size_bytes = smem_bytes(128, 128, 3, 1)

@@ -34,6 +34,13 @@
 // the same run: 755 / 763 / 798 TFLOP/s). Larger K runs closer to the mainloop's rate:
 // pipeline fill and the f32 epilogue (M x N x 4 bytes) weigh on K = 4096.
 //
+// Split-K for small grids (decode batches of 9..32 tokens: o / down projections of 4096
+// rows are 64 small tiles for 132 SMs): grid.z splits of `qps` quads each; every split
+// atomically adds its int32 partial sums into a zeroed (M, n_out) workspace and the last
+// split of a tile (a per-tile arrival counter) reads the totals back with atomicExch (leaving
+// the workspace and counter zeroed) and runs the usual epilogue, so results stay bit-exact.
+// One launch, no memset. qps = quads and acc = counters = null without a split.
+//
 // Bound: compute (int8 tensor cores) for large M.
 
 #include "common.cuh"
@@ -69,7 +76,8 @@ template <class T>
 __device__ __forceinline__ void gemm_w2a8_body(const uint32_t* __restrict__ W, const float* __restrict__ gamma,
                                                int gamma_per_row, const int8_t* __restrict__ xq,
                                                const int* __restrict__ xsum, const float* __restrict__ xs,
-                                               float* __restrict__ y, int M, int n_out, int K) {
+                                               float* __restrict__ y, int M, int n_out, int K, int qps,
+                                               int* __restrict__ acc, unsigned* __restrict__ counters) {
     constexpr int kStages = T::kStages, kQPS = T::kQPS, kMT = T::kMT, kNT = T::kNT;
     constexpr int kBN = T::kBN, kBM = T::kBM, kThreads = T::kThreads;
     constexpr int kXStride = T::kXStride;
@@ -81,7 +89,9 @@ __device__ __forceinline__ void gemm_w2a8_body(const uint32_t* __restrict__ W, c
     const int quads = (wpr + 7) / 8;
     const int kp = quads * 128;
     const int n_tiles = (n_out + 15) / 16;
-    const int steps = (quads + kQPS - 1) / kQPS;
+    // Split-K (gridDim.z > 1): this CTA's quads [q0, q1).
+    const int q0 = blockIdx.z * qps, q1 = min(quads, q0 + qps);
+    const int steps = (max(q1 - q0, 0) + kQPS - 1) / kQPS;
     const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -98,8 +108,8 @@ __device__ __forceinline__ void gemm_w2a8_body(const uint32_t* __restrict__ W, c
             const int idx = tid + kThreads * i;
             if (kWChunks % kThreads != 0 && idx >= kWChunks) break;
             const int blk = idx / 32, l = idx % 32;  // block (tile blk / kQPS, quad blk % kQPS)
-            const int tile = n0 / 16 + blk / kQPS, q = kQPS * step + blk % kQPS;
-            const bool ok = tile < n_tiles && q < quads;
+            const int tile = n0 / 16 + blk / kQPS, q = q0 + kQPS * step + blk % kQPS;
+            const bool ok = tile < n_tiles && q < q1;
             cp_async_zfill<16>(wsm + stage * T::kWStageWords + 128 * blk + 4 * l,
                                ok ? W + (static_cast<size_t>(tile) * quads + q) * 128 + 4 * l : W, ok ? 16 : 0);
         }
@@ -109,8 +119,8 @@ __device__ __forceinline__ void gemm_w2a8_body(const uint32_t* __restrict__ W, c
             if (kXChunks % kThreads != 0 && idx >= kXChunks) break;
             const int r = idx / (8 * kQPS), c = idx % (8 * kQPS);
             const int m = m0 + r;
-            const int col = 128 * kQPS * step + 16 * c;
-            const bool ok = m < M && col < kp;
+            const int col = 128 * (q0 + kQPS * step) + 16 * c;
+            const bool ok = m < M && col < min(kp, 128 * q1);
             cp_async_zfill<16>(xsm + stage * T::kXStageBytes + r * kXStride + 16 * c,
                                ok ? xq + static_cast<size_t>(m) * kp + col : xq, ok ? 16 : 0);
         }
@@ -173,6 +183,49 @@ __device__ __forceinline__ void gemm_w2a8_body(const uint32_t* __restrict__ W, c
     }
     tritter::cp_async_wait<0>();
 
+    if (gridDim.z > 1) {
+        // Split-K: every split adds its integer partial sums into acc (M, n_out) (exact, so
+        // the order of arrival does not matter); the last split of the tile to arrive takes
+        // the totals, leaves acc and its counter zeroed for the next launch, and runs the
+        // epilogue.
+        __shared__ unsigned s_last;
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int n = n0 + wn + 16 * mt + 8 * h + g;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int m = m0 + wm + 8 * nt + 2 * t + e;
+                        if (n < n_out && m < M) atomicAdd(acc + static_cast<size_t>(m) * n_out + n, c[mt][nt][2 * h + e]);
+                    }
+            }
+        __threadfence();
+        __syncthreads();
+        const unsigned tile_id = blockIdx.y * gridDim.x + blockIdx.x;
+        if (tid == 0) s_last = atomicAdd(counters + tile_id, 1u) == gridDim.z - 1;
+        __syncthreads();
+        if (!s_last) return;
+        __threadfence();
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int n = n0 + wn + 16 * mt + 8 * h + g;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int m = m0 + wm + 8 * nt + 2 * t + e;
+                        if (n < n_out && m < M)
+                            c[mt][nt][2 * h + e] = atomicExch(acc + static_cast<size_t>(m) * n_out + n, 0);
+                    }
+            }
+        if (tid == 0) counters[tile_id] = 0;
+    }
+
     // Epilogue: c[mt][nt] = (rows wn + 16 mt + g (+8), tokens wm + 8 nt + 2t (+1)); the
     // same f32 operations as the CPU reference (a8_epilogue), so results are bit-exact.
     float scale[kNT][2];
@@ -215,8 +268,9 @@ using Small = GemmTile<64, 64, 2, 2, 4, 1>;
 #define TRITTER_GEMM_ARGS                                                                                      \
     const uint32_t *__restrict__ W, const float *__restrict__ gamma, int gamma_per_row,                      \
         const int8_t *__restrict__ xq, const int *__restrict__ xsum, const float *__restrict__ xs,           \
-        float *__restrict__ y, int M, int n_out, int K
-#define TRITTER_GEMM_PASS W, gamma, gamma_per_row, xq, xsum, xs, y, M, n_out, K
+        float *__restrict__ y, int M, int n_out, int K, int qps, int *__restrict__ acc,                       \
+        unsigned *__restrict__ counters
+#define TRITTER_GEMM_PASS W, gamma, gamma_per_row, xq, xsum, xs, y, M, n_out, K, qps, acc, counters
 
 extern "C" __global__ void __launch_bounds__(Large::kThreads) gemm_w2a8(TRITTER_GEMM_ARGS) {
     gemm_w2a8_body<Large>(TRITTER_GEMM_PASS);

@@ -304,8 +304,9 @@ fn safetensors_file_and_corruption() {
 
 /// GPU conformance cases (n_out, k_in, M): degenerate ends, k_in not a multiple of 16 / 64
 /// (word-load kernel), one partial 16-row tile, split-K shapes, M in the 8-row and 32-row
-/// kernels, the tiled GEMM (M > 32, K % 64 == 0, partial 64 x 64 tiles) and the word path
-/// above one 32-row chunk, and the 3B/7B projection shapes.
+/// kernels, the tiled GEMM (M > 32, K % 64 == 0, partial 64 x 64 tiles), its split-K for
+/// small grids of 9..32 rows, and the word path above one 32-row chunk, and the 3B/7B
+/// projection shapes.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const GEMV_CASES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
@@ -330,6 +331,12 @@ const GEMV_CASES: &[(usize, usize, usize)] = &[
     (256, 1024, 130),
     (70, 4096, 257),
     (30, 1000, 45),
+    // Split-K GEMM (9..32 rows, fewer small tiles than SMs, >= 16 quads): the 7B o and down
+    // projections at a decode batch of 32 (4 and 5 splits on 132 SMs), and a ragged one
+    // (K = 5000 ends inside a quad, n_out inside a tile) in 5 splits.
+    (4096, 4096, 32),
+    (4096, 13824, 32),
+    (1000, 5000, 27),
     // Grid of 17 x 17 large (128 x 128) tiles, above the small-tile threshold of two CTAs
     // per SM on any GPU with <= 144 SMs: the large GEMM configuration, ragged in n_out and
     // M, and K = 1088 ends in half a 128-weight quad.
@@ -631,6 +638,9 @@ const MLP_CASES: &[(usize, usize, usize)] = &[
     (256, 1000, 8),
     (130, 64, 20),
     (512, 1024, 40),
+    // A decode batch of 24 whose down projection (512 x 4096, 8 small tiles) runs the
+    // split-K GEMM (4 splits).
+    (512, 4096, 24),
     // The GEMM path over several MLP_GEMM_ROWS chunks, inter not a multiple of 16.
     (96, 300, 600),
     (4096, 16384, 2),

@@ -179,7 +179,7 @@ pub fn ternary_matmul_a8_cuda(
     }
     crate::act_quant::check_shape("y", y.len(), x.rows(), w.n_out)?;
     if x.rows() >= GEMM_MIN_M {
-        return launch_gemm(gpu, w, x, 0..x.rows(), y);
+        return launch_gemm(gpu, w, x, 0..x.rows(), y, Some(ws));
     }
     launch_gemv(gpu, w, x, y, ws, None)
 }
@@ -320,6 +320,21 @@ struct GemmConfig {
     smem: usize,
 }
 
+/// Split-K of the GEMM `(quads per split, splits)` for a grid of `ctas` CTAs over `quads`
+/// 128-weight quads of K on `sms` SMs: none when the grid fills the SMs, else about two
+/// CTAs per SM (as the GEMV's split; more splits mean more int32 atomics, M x n_out per
+/// split), each split keeping at least 8 quads (a pipeline of 4 stages amortized). H100,
+/// 7B decode at batch 32: the o projection (4096 x 4096, 64 small tiles) splits 4 ways,
+/// the down projection (4096 x 13824) 5 ways, q/k/v (6144 rows) 3 ways.
+fn gemm_split(sms: usize, ctas: usize, quads: usize) -> (usize, usize) {
+    if ctas >= sms || quads < 16 {
+        return (quads.max(1), 1);
+    }
+    let ksplit = (2 * sms).div_ceil(ctas.max(1)).min(quads / 8).max(1);
+    let qps = quads.div_ceil(ksplit);
+    (qps, quads.div_ceil(qps))
+}
+
 /// 128 x 128 tiles, 3 stages (66 KB: above the 48 KB default, so the launch opts in).
 const GEMM_LARGE: GemmConfig = GemmConfig {
     name: "gemm_w2a8",
@@ -339,12 +354,17 @@ const GEMM_SMALL: GemmConfig = GemmConfig {
 /// 128 tokens instead of once per 32). The large tile unless its grid would fill fewer than
 /// two waves of one CTA per SM, where the small tile's 4x more CTAs finish sooner.
 /// The tiled GEMM over activation rows `rows` of `x` into `y` `(rows.len(), n_out)`.
+///
+/// With a workspace (`split`, made for at least `w.n_out()` rows) and at most
+/// [`GEMV_MAX_M`] rows, a grid of fewer CTAs than SMs is split along K ([`gemm_split`]):
+/// decode batches of 9..32 tokens through 4096-row projections are 64 CTAs otherwise.
 pub(super) fn launch_gemm(
     gpu: &Gpu,
     w: &TernaryMatrixGpu,
     x: &GemvActivations,
     rows: std::ops::Range<usize>,
     y: &mut CudaViewMut<'_, f32>,
+    split: Option<&mut GemvWorkspace>,
 ) -> Result<()> {
     let (n_out, k, m) = (w.n_out, w.k_in, rows.len());
     let kp = gemv_padded_cols(k);
@@ -379,17 +399,25 @@ pub(super) fn launch_gemm(
         conf.smem as i32,
     )
     .map_err(|e| KernelError::driver(format!("raising {}'s shared memory limit", conf.name))(e))?;
+    let ctas = n_out.div_ceil(conf.tile.0) * m.div_ceil(conf.tile.1);
+    let quads = kp / 128;
+    let split = split.filter(|ws| m <= GEMV_MAX_M && ws.max_n_out >= n_out);
+    let (qps, ksplit) = match split {
+        Some(_) => gemm_split(gpu.info().sm_count as usize, ctas, quads),
+        None => (quads, 1),
+    };
     let cfg = LaunchConfig {
         grid_dim: (
             n_out.div_ceil(conf.tile.0) as u32,
             m.div_ceil(conf.tile.1) as u32,
-            1,
+            ksplit as u32,
         ),
         block_dim: (conf.threads, 1, 1),
         shared_mem_bytes: conf.smem as u32,
     };
     let per_row = i32::from(w.per_row);
-    let (m_i, n_i, k_i) = (m as i32, n_out as i32, k as i32);
+    let (m_i, n_i, k_i, qps_i) = (m as i32, n_out as i32, k as i32, qps as i32);
+    let null = 0u64;
     let mut launch = gpu.stream().launch_builder(&func);
     launch
         .arg(&w.tiles)
@@ -401,12 +429,24 @@ pub(super) fn launch_gemm(
         .arg(y)
         .arg(&m_i)
         .arg(&n_i)
-        .arg(&k_i);
+        .arg(&k_i)
+        .arg(&qps_i);
+    match split {
+        Some(ws) if ksplit > 1 => {
+            launch.arg(&mut ws.acc).arg(&mut ws.tiles);
+        }
+        _ => {
+            launch.arg(&null).arg(&null);
+        }
+    }
     // SAFETY: matches `gemm_w2a8[_small](const u32*, const float*, int, const i8*, const int*,
-    // const float*, float*, int, int, int)`; the views hold m rows of ceil(k/128)*128 codes
-    // with m sums and scales (rows of a GemvActivations), y holds m x n_out (checked by the
-    // caller), the
-    // weights tiled_len(n_out, k) words; the kernel bounds-checks n and m.
+    // const float*, float*, int, int, int, int, int*, unsigned*)`; the views hold m rows of
+    // ceil(k/128)*128 codes with m sums and scales (rows of a GemvActivations), y holds
+    // m x n_out (checked by the caller), the weights tiled_len(n_out, k) words; the kernel
+    // bounds-checks n and m. With ksplit > 1 the workspace holds GEMV_MAX_M x max_n_out >=
+    // m x n_out zeroed i32 and max_n_out / 16 >= ctas zeroed counters (GemvWorkspace::new;
+    // the last CTA of each tile re-zeroes what it used); the pointers are only read when
+    // gridDim.z > 1.
     unsafe { launch.launch(cfg) }
         .map_err(|e| KernelError::driver(format!("launching {}", conf.name))(e))?;
     Ok(())

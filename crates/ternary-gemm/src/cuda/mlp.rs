@@ -260,7 +260,14 @@ fn mlp_from_codes(
         for r0 in (0..m).step_by(MLP_GEMM_ROWS) {
             let rows = r0..(r0 + MLP_GEMM_ROWS).min(m);
             let n = rows.len();
-            launch_gemm(gpu, &mlp.gate_up, xa, rows, &mut gu.slice_mut(..n * cols))?;
+            launch_gemm(
+                gpu,
+                &mlp.gate_up,
+                xa,
+                rows,
+                &mut gu.slice_mut(..n * cols),
+                None,
+            )?;
             let cfg = LaunchConfig {
                 grid_dim: (mlp.inter.div_ceil(256) as u32, n as u32, 1),
                 block_dim: (256, 1, 1),
