@@ -146,8 +146,18 @@ impl GemvWorkspace {
 /// Launch geometry `(quads per split, ksplit)` for CTAs of `rows_per_cta` output rows:
 /// no split while the row tiles fill every SM (H100: splitting K of a 4096 x 16384 GEMV
 /// 4 ways costs 20%: the atomics and the last CTA's epilogue outweigh the shorter CTAs);
-/// below that, K is split so the grid has about two CTAs per SM.
+/// below that, K is split so the grid has about two CTAs per SM. Tuning only:
+/// `TRITTER_GEMV_MIN_KSPLIT=n` (read once per process) splits K at least `n` ways, to
+/// measure the trade-off inside a whole decode step.
 fn plan(gpu: &Gpu, n_out: usize, k_in: usize, rows_per_cta: usize) -> (usize, usize) {
+    static MIN_KSPLIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let min_ksplit = *MIN_KSPLIT.get_or_init(|| {
+        std::env::var("TRITTER_GEMV_MIN_KSPLIT")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(1)
+            .clamp(1, 32)
+    });
     let quads = k_in.div_ceil(16).div_ceil(TILE_ROW_WORDS).max(1);
     let ctas = n_out.div_ceil(rows_per_cta).max(1);
     let sms = gpu.info().sm_count as usize;
@@ -156,6 +166,7 @@ fn plan(gpu: &Gpu, n_out: usize, k_in: usize, rows_per_cta: usize) -> (usize, us
     } else {
         (2 * sms).div_ceil(ctas).min(quads)
     };
+    let ksplit = ksplit.max(min_ksplit).min(quads);
     let qps = quads.div_ceil(ksplit);
     (qps, quads.div_ceil(qps))
 }
