@@ -56,7 +56,6 @@
 //   Launch: every decode kernel (and kv_decode_reduce) is launched with programmatic
 //   dependent launch; griddepcontrol.wait is its first statement (q and the newest K/V are
 //   the previous kernel's output), then it releases the next kernel at once.
-
 //
 // ---- kv_decode_int4tc_d{64,128}_g{1,2,4,8}: INT4 on tensor cores (the default for INT4) ----
 //   Same grid, tile enumeration, visibility rule and (o, m, l) partials as above, but no

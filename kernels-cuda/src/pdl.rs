@@ -123,7 +123,11 @@ impl Gpu {
     /// `args` must match the kernel's parameter list in number, order and size (pointers as
     /// device addresses of buffers large enough for everything the kernel touches under
     /// `cfg`), and the kernel must not read data written by the previous kernel on the
-    /// stream, nor write data that kernel reads, before its `griddepcontrol.wait`.
+    /// stream, nor write data that kernel reads, before its `griddepcontrol.wait`. The rule
+    /// is transitive: a kernel that releases its successor before its own wait (the GEMV)
+    /// lets that successor's pre-wait part overlap every earlier kernel back to the last one
+    /// that waited before releasing (or was launched plainly), so such pre-wait parts may
+    /// touch only data that none of those kernels writes (constant weights).
     ///
     /// `name` (the kernel's name) only enters the error message; nothing is allocated on
     /// success (this is the decode hot path).

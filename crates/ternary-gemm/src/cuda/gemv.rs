@@ -115,8 +115,9 @@ impl TernaryMatrixGpu {
     }
 }
 
-/// Split-K scratch of the GEMV: `(32, n_out)` int32 accumulators and one arrival counter per
-/// 16-row tile, zero between calls (the kernel's last CTA per tile resets what it used).
+/// Split-K scratch of the GEMV and of the tiled GEMM's small-grid split: `(32, n_out)` int32
+/// accumulators and `ceil(n_out / 16)` arrival counters (one per 16-row GEMV tile, or per
+/// GEMM CTA tile), zero between calls (the last CTA of each tile resets what it used).
 ///
 /// Allocate one per stream, sized for the largest `n_out` it will serve (llm.c style: no
 /// allocation per call). Two launches sharing a workspace must be ordered on one stream.
@@ -148,7 +149,8 @@ impl GemvWorkspace {
 /// 4 ways costs 20%: the atomics and the last CTA's epilogue outweigh the shorter CTAs);
 /// below that, K is split so the grid has about two CTAs per SM. Tuning only:
 /// `TRITTER_GEMV_MIN_KSPLIT=n` (read once per process) splits K at least `n` ways, to
-/// measure the trade-off inside a whole decode step.
+/// measure the trade-off inside a whole decode step (values that do not parse are ignored,
+/// the rest clamped to 1..=32).
 fn plan(gpu: &Gpu, n_out: usize, k_in: usize, rows_per_cta: usize) -> (usize, usize) {
     static MIN_KSPLIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let min_ksplit = *MIN_KSPLIT.get_or_init(|| {
@@ -361,7 +363,7 @@ const GEMM_SMALL: GemmConfig = GemmConfig {
     smem: 4 * (4 * 64 * 8 + 64 * 144),
 };
 
-/// M > 32: one launch of the tiled GEMM (weights read once per
+/// M >= [`GEMM_MIN_M`]: one launch of the tiled GEMM (weights read once per
 /// 128 tokens instead of once per 32). The large tile unless its grid would fill fewer than
 /// two waves of one CTA per SM, where the small tile's 4x more CTAs finish sooner.
 /// The tiled GEMM over activation rows `rows` of `x` into `y` `(rows.len(), n_out)`.
@@ -455,7 +457,7 @@ pub(super) fn launch_gemm(
     // ceil(k/128)*128 codes with m sums and scales (rows of a GemvActivations), y holds
     // m x n_out (checked by the caller), the weights tiled_len(n_out, k) words; the kernel
     // bounds-checks n and m. With ksplit > 1 the workspace holds GEMV_MAX_M x max_n_out >=
-    // m x n_out zeroed i32 and max_n_out / 16 >= ctas zeroed counters (GemvWorkspace::new;
+    // m x n_out zeroed i32 and max_n_out.div_ceil(16) >= ctas zeroed counters (GemvWorkspace::new;
     // the last CTA of each tile re-zeroes what it used); the pointers are only read when
     // gridDim.z > 1.
     unsafe { launch.launch(cfg) }

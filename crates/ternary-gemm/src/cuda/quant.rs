@@ -76,8 +76,10 @@ impl AbsmeanWorkspace {
 /// Asynchronous on `gpu.stream()`, two launches, no host synchronisation: a training step
 /// re-quantizes every weight this way. A non-finite weight makes gamma NaN (never an error
 /// here: the caller's loss check reports it). The GEMV reads weights before it waits on the
-/// previous kernel (programmatic dependent launch), so order at least one other kernel
-/// between this call and a GEMV of `out` (the activation quantization always is).
+/// previous kernel (programmatic dependent launch), and a GEMV releases its successor before
+/// its own wait, so between this call and a GEMV of `out` order a kernel that waits before it
+/// releases (the activation quantization always is) or a plain launch; another GEMV alone is
+/// not enough.
 pub fn absmean_quantize_cuda(
     gpu: &Gpu,
     w: &CudaView<'_, f32>,

@@ -445,8 +445,10 @@ impl GpuEngine {
     /// launch while on, so each is resident and waiting when the GEMV before it ends (both
     /// wait before their first read, then release the next kernel: decode attention, or the
     /// next GEMV's weight loads). On by default; `TRITTER_PDL_SMALL=0` sets the default off
-    /// (`TRITTER_PDL=0` turns every PDL launch of the process off). The results are the same
-    /// bit for bit; the measured gain is in the crate README.
+    /// (any other value, or none, leaves it on). Off only makes the two launches plain: the
+    /// kernels still release their successor after their wait, so the next PDL kernel can
+    /// still start early; `TRITTER_PDL=0` turns every PDL launch of the process off. The
+    /// results are the same bit for bit; the measured gain is in the crate README.
     pub fn set_small_kernel_pdl(&self, on: bool) {
         self.pdl_small
             .store(on, std::sync::atomic::Ordering::Relaxed);
