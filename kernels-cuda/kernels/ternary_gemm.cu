@@ -189,19 +189,23 @@ __device__ __forceinline__ void gemm_w2a8_body(const uint32_t* __restrict__ W, c
         // the totals, leaves acc and its counter zeroed for the next launch, and runs the
         // epilogue.
         __shared__ unsigned s_last;
+        // f(slot of acc, accumulator) for every output this thread holds.
+        auto each_output = [&](auto&& f) {
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
+            for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int n = n0 + wn + 16 * mt + 8 * h + g;
+                for (int h = 0; h < 2; ++h) {
+                    const int n = n0 + wn + 16 * mt + 8 * h + g;
 #pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
+                    for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int m = m0 + wm + 8 * nt + 2 * t + e;
-                        if (n < n_out && m < M) atomicAdd(acc + static_cast<size_t>(m) * n_out + n, c[mt][nt][2 * h + e]);
-                    }
-            }
+                        for (int e = 0; e < 2; ++e) {
+                            const int m = m0 + wm + 8 * nt + 2 * t + e;
+                            if (n < n_out && m < M) f(acc + static_cast<size_t>(m) * n_out + n, c[mt][nt][2 * h + e]);
+                        }
+                }
+        };
+        each_output([](int* slot, int& v) { atomicAdd(slot, v); });
         __threadfence();
         __syncthreads();
         const unsigned tile_id = blockIdx.y * gridDim.x + blockIdx.x;
@@ -209,20 +213,7 @@ __device__ __forceinline__ void gemm_w2a8_body(const uint32_t* __restrict__ W, c
         __syncthreads();
         if (!s_last) return;
         __threadfence();
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int n = n0 + wn + 16 * mt + 8 * h + g;
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int m = m0 + wm + 8 * nt + 2 * t + e;
-                        if (n < n_out && m < M)
-                            c[mt][nt][2 * h + e] = atomicExch(acc + static_cast<size_t>(m) * n_out + n, 0);
-                    }
-            }
+        each_output([](int* slot, int& v) { v = atomicExch(slot, 0); });
         if (tid == 0) counters[tile_id] = 0;
     }
 
