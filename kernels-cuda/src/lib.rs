@@ -28,7 +28,7 @@ pub use error::KernelError;
 #[cfg(feature = "cuda")]
 pub use gpu::{driver_available, DeviceInfo, Gpu};
 #[cfg(feature = "cuda")]
-pub use pdl::{pdl_enabled, KernelArgs, MAX_KERNEL_ARGS};
+pub use pdl::{pdl_enabled, set_pdl_enabled, KernelArgs, MAX_KERNEL_ARGS};
 #[cfg(feature = "cuda")]
 pub use per_stream::PerStream;
 

@@ -11,9 +11,10 @@
 //! cudarc's launch builder has no launch attributes, so this goes through `cuLaunchKernelEx`
 //! directly, with the arguments collected in [`KernelArgs`].
 //!
-//! `TRITTER_PDL=0` in the environment turns the attribute off for the whole process (read
-//! once, see [`pdl_enabled`]): every launch is then plain, to rule PDL out when chasing a bug
-//! or to measure what it gains. Results do not change, only the overlap.
+//! `TRITTER_PDL=0` in the environment turns the attribute off for the whole process (see
+//! [`pdl_enabled`]; [`set_pdl_enabled`] overrides it): every launch is then plain, to rule
+//! PDL out when chasing a bug or to measure what it gains. Results do not change, only the
+//! overlap.
 
 use std::ffi::c_void;
 
@@ -107,12 +108,45 @@ impl<'a> KernelArgs<'a> {
     }
 }
 
+/// [`PDL`] before its first use.
+const PDL_UNSET: u8 = 0;
+const PDL_ON: u8 = 1;
+const PDL_OFF: u8 = 2;
+/// The process-wide PDL switch: [`PDL_UNSET`] until the environment is read or
+/// [`set_pdl_enabled`] is called.
+static PDL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(PDL_UNSET);
+
 /// Whether launches asking for programmatic dependent launch get it: true unless the
-/// environment sets `TRITTER_PDL=0` (read once per process, so a captured CUDA graph and the
-/// eager launches of one run always agree).
+/// environment sets `TRITTER_PDL=0` (read at the first launch) or [`set_pdl_enabled`] said
+/// otherwise. One relaxed atomic load per launch.
 pub fn pdl_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TRITTER_PDL").map_or(true, |v| v.trim() != "0"))
+    use std::sync::atomic::Ordering::Relaxed;
+    match PDL.load(Relaxed) {
+        PDL_ON => true,
+        PDL_OFF => false,
+        _ => {
+            let on = std::env::var("TRITTER_PDL").map_or(true, |v| v.trim() != "0");
+            // A concurrent set_pdl_enabled wins over the environment.
+            let _ = PDL.compare_exchange(
+                PDL_UNSET,
+                if on { PDL_ON } else { PDL_OFF },
+                Relaxed,
+                Relaxed,
+            );
+            PDL.load(Relaxed) == PDL_ON
+        }
+    }
+}
+
+/// Turns programmatic dependent launch on or off for every later launch of the process,
+/// over `TRITTER_PDL` (tests compare steps with PDL against steps without; results never
+/// depend on it, only the overlap of neighbouring kernels does). A CUDA graph keeps the
+/// launch attributes it was captured with.
+pub fn set_pdl_enabled(on: bool) {
+    PDL.store(
+        if on { PDL_ON } else { PDL_OFF },
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 impl Gpu {
