@@ -3,7 +3,7 @@
 //! The workspace's root package (never published): cross-crate benches in `benches/`,
 //! integration and GPU conformance tests in `tests/`, and the helpers they share —
 //! [`build_info`] for the header every benchmark report prints, and (feature `cuda`)
-//! [`gpu_bench`], CUDA-event timing with warm-up, medians and L2-defeating buffer rotation.
+//! `gpu_bench`, CUDA-event timing with warm-up, medians and L2-defeating buffer rotation.
 
 #[cfg(feature = "cuda")]
 pub mod gpu_bench;
@@ -25,7 +25,7 @@ pub mod build_info {
 }
 
 /// Median wall time of `f` over `reps` runs after `warmup` untimed runs: the host-side timer
-/// of the CPU benches' RESULT lines (GPU benches use CUDA events, [`gpu_bench`]).
+/// of the CPU benches' RESULT lines (GPU benches use CUDA events, `gpu_bench`).
 pub fn median_wall(warmup: usize, reps: usize, mut f: impl FnMut()) -> std::time::Duration {
     for _ in 0..warmup {
         f();

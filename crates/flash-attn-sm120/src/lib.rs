@@ -18,7 +18,7 @@
 //! * feature `candle`: `candle_ops::FlashAttn`, a `CustomOp3` with autograd (CPU forward
 //!   and backward through the reference; with `candle-cuda`, CUDA forward and backward
 //!   through the kernels on the candle device's stream);
-//! * feature `cuda`: [`cuda`], the FlashAttention-2 forward kernel (every mask, varlen, GQA,
+//! * feature `cuda`: module `cuda`, the FlashAttention-2 forward kernel (every mask, varlen, GQA,
 //!   the fused QK-Norm + RoPE prologue) and the standalone QK-Norm + RoPE kernel, and the FlashAttention-2 backward
 //!   (`cuda::flash_attn_bwd_cuda`: atomic or deterministic dq, prologue gradients).
 

@@ -330,7 +330,7 @@ impl BlockManager {
     }
 
     /// Fails unless `ticket` is the pending append of its sequence and `layer` of it is not
-    /// written yet. Call before writing; [`finish_layer`](Self::finish_layer) after.
+    /// written yet. Call before writing; the cache's write marks the layer written after.
     pub fn check_ticket(&self, ticket: &AppendTicket, layer: usize) -> Result<()> {
         self.check_layer(layer)?;
         let s = self.seq(ticket.seq)?;

@@ -2,7 +2,7 @@
 //! `kv_write_{int4,f16}` (quantizing straight into the pages) and read by the split-KV decode
 //! kernels `kv_decode_*` (`kernels-cuda/kernels/kv_int4.cu`; the INT4 tensor-core kernel
 //! merges its splits in the last CTA of each head, the f16 and SIMT kernels through
-//! `kv_decode_reduce`). The host bookkeeping is the same [`BlockManager`](crate::BlockManager)
+//! `kv_decode_reduce`). The host bookkeeping is the same [`BlockManager`]
 //! as on the CPU, so a GPU cache downloads bit for bit into a [`CpuKvCache`]
 //! ([`GpuKvCache::to_cpu`]) for checking.
 
