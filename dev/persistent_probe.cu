@@ -21,17 +21,13 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace {
 
-constexpr int kU = 4;  // vectors in flight per thread and loop iteration
+using tritter::ldg_stream;
 
-__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
+constexpr int kU = 4;  // vectors in flight per thread and loop iteration
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;

@@ -13,7 +13,7 @@ nothing stays in L2). Printed per layer, median of CUDA-event timed steps:
   empty        barriers only (zero-byte phases): the barrier's own latency
 
 Build here, run there (the cubin travels in .gpu, which the device run carries):
-    nvcc -cubin -arch=sm_90 -O3 -o .gpu/probe/persistent_probe.cubin dev/persistent_probe.cu
+    nvcc -cubin -arch=sm_90 -O3 -Ikernels-cuda/kernels -o .gpu/probe/persistent_probe.cubin dev/persistent_probe.cu
     cp dev/persistent_probe.py dev/cuda_timing.py .gpu/probe/
     python3 .gpu/probe/persistent_probe.py .gpu/probe/persistent_probe.cubin   # on the device
 """

@@ -28,6 +28,16 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// One 16-byte load that bypasses L1 (`ld.global.nc.L1::no_allocate`): for data read once per
+// kernel, e.g. streamed weights, so it does not evict what the CTA reuses from L1.
+__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
 // Sum over the 32 lanes of a warp (xor butterfly); every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

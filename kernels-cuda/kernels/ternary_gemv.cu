@@ -92,14 +92,6 @@ __device__ __forceinline__ void glu_epilogue(const float (&v)[kOut], float* __re
     if (tid < M && tid < kMT) atomicMax(&amax_bits[tid], row_max[tid]);
 }
 
-__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
 // kRT: 16-row tiles per CTA (1, 2 or 4; even for the GLU pass, whose CTAs pair gate and up tiles).
 // kU: blocks in flight per warp and row tile. kNT: MMA n-tiles of 8 activation rows (1: M
 // <= 8, 4: M <= 32); every decoded A fragment feeds kNT MMAs, so a batch of up to 32 rows
@@ -152,7 +144,7 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
             for (int r = 0; r < kRT; ++r) {
                 const int tile = T0 + r;
                 wv[u][r] = (q < q_end && tile < n_tiles)
-                               ? ldg_stream(W + (static_cast<size_t>(tile) * quads + q) * 32 + lane)
+                               ? tritter::ldg_stream(W + (static_cast<size_t>(tile) * quads + q) * 32 + lane)
                                : make_uint4(0u, 0u, 0u, 0u);
             }
         }
