@@ -8,14 +8,17 @@
 //   off      [phases + 1] int64            phase p reads uint4 [off[p], off[p+1]) of a layer
 //   bar      [1] u32                       barrier counter, monotonic across launches: the
 //                                          launch passes `bar_base` = its value at entry
+//                                          (wrapping u32 arithmetic)
 //   prefetch 0/1                           before arriving at a barrier, each thread issues the
 //                                          loads of its first kU vectors of the next phase (as
 //                                          the GEMV does before griddepcontrol.wait)
 //
-// Grid barrier: __syncthreads, then thread 0 adds 1 with release semantics and spins on an
-// acquire load until every CTA of this and all earlier barriers has arrived. The grid must be
-// co-resident: dev/persistent_probe.py launches it cooperatively, which fails instead of
-// hanging when it is not. Bound: HBM (bytes) plus barrier latency.
+// Grid barrier: __syncthreads, then thread 0 adds 1 with release semantics (grid_arrive),
+// the next phase's prefetch, then thread 0 spins on an acquire load until every CTA of this
+// and all earlier barriers has arrived (grid_wait). The grid must be co-resident:
+// dev/persistent_probe.py launches it cooperatively and first asserts that the occupancy
+// allows the grid (cupy would otherwise shrink it with a warning). Bound: HBM (bytes) plus
+// barrier latency.
 //
 // Build here, run there (cupy): see dev/persistent_probe.py.
 
@@ -35,10 +38,15 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     return v;
 }
 
-__device__ __forceinline__ void grid_barrier(unsigned* bar, unsigned target) {
-    __syncthreads();
+// The grid barrier in two halves, so the next phase's prefetch can sit between them: a
+// prefetch issued before the release would have to complete first (the release orders thread
+// 0's earlier loads), putting an HBM round trip on every barrier's critical path.
+__device__ __forceinline__ void grid_arrive(unsigned* bar) {
+    __syncthreads();  // every thread of the CTA is done with the phase
+    if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(bar) : "memory");
+}
+__device__ __forceinline__ void grid_wait(const unsigned* bar, unsigned target) {
     if (threadIdx.x == 0) {
-        asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(bar) : "memory");
         while (static_cast<int>(ld_acquire(bar) - target) < 0) {
         }
     }
@@ -80,7 +88,9 @@ extern "C" __global__ void __launch_bounds__(256)
                 acc ^= v.x ^ v.w;
             }
             const bool last = l + 1 == layers && p + 1 == phases;
-            if (prefetch && !last) {
+            const bool sync = barriers && !last;
+            if (sync) grid_arrive(bar);
+            if (prefetch && !last) {  // read-only weights: no ordering against the barrier needed
                 const int np = p + 1 == phases ? 0 : p + 1;
                 const uint4* nbase = p + 1 == phases ? base + layer_vecs : base;
                 const long long nb = off[np] + tid, ne = off[np + 1];
@@ -89,9 +99,9 @@ extern "C" __global__ void __launch_bounds__(256)
                     pre[u] = nb + u * stride < ne ? ldg_stream(nbase + nb + u * stride) : make_uint4(0, 0, 0, 0);
                 have_pre = true;
             }
-            if (barriers && !last) {
+            if (sync) {
                 target += gridDim.x;
-                grid_barrier(bar, target);
+                grid_wait(bar, target);
             }
         }
     }
