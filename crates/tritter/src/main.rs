@@ -778,6 +778,23 @@ impl AnyEngine {
         }
     }
 
+    /// The launch settings a GPU bench figure depends on (PDL, small-kernel PDL), for the
+    /// report header; empty on the CPU.
+    fn launch_notes(&self) -> String {
+        match self {
+            AnyEngine::Cpu(_) => String::new(),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Gpu(e) => {
+                let on = |b: bool| if b { "on" } else { "off" };
+                format!(
+                    ", PDL {} (small kernels {})",
+                    on(tritter_kernels_cuda::pdl_enabled()),
+                    on(e.small_kernel_pdl())
+                )
+            }
+        }
+    }
+
     /// Device memory in use (total - free), for the GPU engine.
     fn memory_in_use(&self) -> Option<u64> {
         match self {
@@ -836,7 +853,8 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
         options.pool_tokens = Some(a.pool_tokens.unwrap_or(max_b * per_seq));
     }
     eprintln!(
-        "bench: {source} on {device}: {:.3}B parameters, {} layers, {:.3} GB of weights, KV cache {:?}{}, loaded in {:.1} s",
+        "bench: {source} on {device}{}: {:.3}B parameters, {} layers, {:.3} GB of weights, KV cache {:?}{}, loaded in {:.1} s",
+        engine.launch_notes(),
         cfg.param_count() as f64 / 1e9,
         cfg.num_layers,
         weight_bytes as f64 / 1e9,

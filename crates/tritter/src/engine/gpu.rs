@@ -454,6 +454,12 @@ impl GpuEngine {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether [`set_small_kernel_pdl`](Self::set_small_kernel_pdl) is on (what the next step
+    /// reads).
+    pub fn small_kernel_pdl(&self) -> bool {
+        self.pdl_small.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Times every phase of each step with CUDA events while on (steps then run without
     /// graphs and synchronize once more): what [`take_profile`](Self::take_profile) reports
     /// and `tritter bench --profile` prints.
