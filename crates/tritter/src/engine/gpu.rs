@@ -676,7 +676,7 @@ impl GpuEngine {
                 tps,
                 stride: batch.stride(),
                 workspace: shared.decode.generation,
-                pdl: self.pdl_small.load(std::sync::atomic::Ordering::Relaxed),
+                pdl: self.small_kernel_pdl(),
             };
             if st.bufs.is_none() {
                 st.bufs = Some(DecodeBufs::alloc(g, n, cfg)?);
@@ -842,7 +842,7 @@ impl GpuEngine {
                     problem: Some(&problem),
                     wanted: &wanted_d,
                     r,
-                    pdl: self.pdl_small.load(std::sync::atomic::Ordering::Relaxed),
+                    pdl: self.small_kernel_pdl(),
                 },
                 &mut hidden,
                 &mut logits,
