@@ -66,15 +66,16 @@ bar_base = [0]  # the counter's value between launches (monotonic, wrapping u32)
 
 def coop(grid, off, barriers, prefetch, phases):
     # cupy shrinks a cooperative grid that cannot be co-resident (with a warning): refuse.
-    per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(probe.ptr, 256, 0)
+    per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(probe.kernel.ptr, 256, 0)
     assert per_sm * sms >= grid, f"{grid} CTAs cannot be co-resident ({per_sm} per SM)"
     off_d = cp.asarray(off)
     arrivals = (LAYERS * phases - 1) * grid if barriers else 0
 
     def run():
-        probe((grid,), (256,), (w, off_d, np.int32(phases), np.int32(LAYERS), np.int64(layer_vecs), bar,
-                                np.uint32(bar_base[0]), np.int32(barriers), np.int32(prefetch), sink),
-              enable_cooperative_groups=True)
+        # RawKernel fixes the flag at construction; its Function takes it per launch.
+        probe.kernel((grid,), (256,), (w, off_d, np.int32(phases), np.int32(LAYERS), np.int64(layer_vecs), bar,
+                                       np.uint32(bar_base[0]), np.int32(barriers), np.int32(prefetch), sink),
+                     enable_cooperative_groups=True)
         bar_base[0] = (bar_base[0] + arrivals) % (1 << 32)
     return timed(run, reps=5, samples=7)
 

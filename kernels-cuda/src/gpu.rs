@@ -59,18 +59,28 @@ pub struct DeviceInfo {
     pub total_mem: usize,
 }
 
+/// Loaded modules of one context, by image name.
+type ModuleCache = Mutex<HashMap<&'static str, Arc<CudaModule>>>;
+/// Kernel handles of one context, by (image name, function name).
+type FunctionCache = Mutex<HashMap<(&'static str, &'static str), CudaFunction>>;
+
 /// A CUDA device ready to run this workspace's kernels: context, one owned stream and the
 /// module/function cache. Create it once (`Gpu::shared(0)`) and pass `&Gpu` to the ops.
 ///
 /// All ops launch on [`Gpu::stream`], in order. cudarc's automatic cross-stream event
 /// tracking is off for this context (it costs an event record per kernel argument), so work
 /// you put on other streams of [`Gpu::context`] must be ordered with events by hand.
+///
+/// Threads may share one `Gpu` (its ops then interleave on one stream), except around a CUDA
+/// graph capture: every launch on a capturing stream joins the graph, whichever thread
+/// issues it. Code that captures (the tritter decode engine does) runs on its own stream
+/// from [`Gpu::fork`].
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    modules: Arc<ModuleCache>,
+    functions: Arc<FunctionCache>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -111,8 +121,30 @@ impl Gpu {
             ctx,
             stream,
             info,
-            modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
+            modules: Default::default(),
+            functions: Default::default(),
+        }))
+    }
+
+    /// A handle on the same context whose ops launch on a new stream of their own; it shares
+    /// this handle's loaded modules (nothing is loaded twice). Work on the two streams is not
+    /// ordered: synchronize this handle's stream before the fork reads what it wrote.
+    ///
+    /// Why: a CUDA graph capture takes in every launch on the capturing stream, from any
+    /// thread, so an engine that captures decode steps on a stream other threads also use
+    /// would record their kernels and host copies into its graph (and replay them later,
+    /// into buffers they may have freed). One stream per capturing user avoids that.
+    pub fn fork(&self) -> Result<Arc<Self>, KernelError> {
+        let stream = self
+            .ctx
+            .new_stream()
+            .map_err(KernelError::driver("creating a stream"))?;
+        Ok(Arc::new(Gpu {
+            ctx: self.ctx.clone(),
+            stream,
+            info: self.info.clone(),
+            modules: self.modules.clone(),
+            functions: self.functions.clone(),
         }))
     }
 
@@ -127,8 +159,8 @@ impl Gpu {
             ctx,
             stream,
             info,
-            modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
+            modules: Default::default(),
+            functions: Default::default(),
         }))
     }
 

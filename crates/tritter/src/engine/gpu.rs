@@ -244,6 +244,11 @@ struct StepInputs<'a> {
 
 /// The model on a GPU (module docs). `&self` everywhere: the step buffers sit behind a mutex,
 /// so one engine serves one step at a time.
+///
+/// Threads: the engine launches on a stream of its own ([`GpuEngine::new`]), so other users
+/// of the same [`Gpu`] never end up inside its decode graphs. Its caches allocate and free on
+/// that stream, so create and drop them between the engine's steps (on the thread that steps
+/// it, say), not while another thread is inside a step, which may be capturing a graph.
 pub struct GpuEngine {
     gpu: Arc<Gpu>,
     cfg: TritterConfig,
@@ -303,8 +308,13 @@ impl GpuEngine {
     /// Uploads a validated checkpoint to `gpu`. The config must decode causally, with a head
     /// dim and GQA group the kernels take (D in {64, 128}, Hq / Hkv in {1, 2, 4, 8}); Chameleon
     /// norm placement (Tritter checkpoints).
+    ///
+    /// The engine works on a stream of its own ([`Gpu::fork`] of `gpu`, returned by
+    /// [`GpuEngine::gpu`]): it captures decode steps into CUDA graphs, and a capture would take
+    /// in whatever other threads launched on a shared stream meanwhile.
     pub fn new(gpu: &Arc<Gpu>, ckpt: &InferenceCheckpoint) -> Result<Self> {
         ckpt.validate()?;
+        let gpu = &gpu.fork()?;
         let cfg = ckpt.config.clone();
         if cfg.attention_mode != AttentionMode::Causal {
             return Err(TritterError::config(
@@ -429,7 +439,8 @@ impl GpuEngine {
         &self.cfg
     }
 
-    /// The device.
+    /// The device handle the engine launches on: its own stream (see [`GpuEngine::new`]);
+    /// caches and buffers used with the engine belong on it.
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
     }
