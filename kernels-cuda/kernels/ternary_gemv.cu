@@ -330,14 +330,11 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
 GEMV_ENTRY(gemv_w2a8, 1, 4, 1, false)
 GEMV_ENTRY(gemv_w2a8_r2, 2, 2, 1, false)
 GEMV_ENTRY(gemv_w2a8_r4, 4, 1, 1, false)
-// The 16-row CTAs with the activations requested a batch ahead (kBPre) in batches of 2
-// blocks instead of 4: the same 80 registers (sm_90) and 3 CTAs per SM as `gemv_w2a8`.
-// H100, M = 1, dev/gemv_profile.py (cupy, plain launches): 6144 x 4096 4.57 us (gemv_w2a8:
-// 5.29), 4096 x 4096 4.10 (4.66), 4096 x 13824 7.88 (9.06). With batches of 4 (128
-// registers, 2 CTAs per SM) 6144 x 4096 needed a second wave (6.67 us) and the 7B decode step
-// lost its PDL overlap (2.00 ms against 1.97). The host takes it at M = 1 when its grid is
-// resident in one wave.
-GEMV_ENTRY(gemv_w2a8_bpre, 1, 2, 1, true)
+// `gemv_w2a8` with the activations requested a batch ahead (kBPre): 128 registers instead of
+// 80 (sm_90), so 2 CTAs per SM instead of 3; the host takes it when its grid is resident in
+// one wave (H100, M = 1: 4096 x 13824 in 8.07 us instead of 9.24, 4096 x 4096 4.41 instead
+// of 4.63; at 6144 x 4096, 384 CTAs, a second wave made it 6.86 us instead of 5.30).
+GEMV_ENTRY(gemv_w2a8_bpre, 1, 4, 1, true)
 
 // The fused MLP's relu^2 * up step on the GEMM path (M >= 9, prefill): gu (m, gu_cols) f32 is
 // the interleaved gate/up GEMM output of activation rows row0 .. row0 + m (16-row tiles: gate

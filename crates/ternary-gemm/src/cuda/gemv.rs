@@ -173,14 +173,6 @@ fn plan(gpu: &Gpu, n_out: usize, k_in: usize, rows_per_cta: usize) -> (usize, us
     (qps, quads.div_ceil(qps))
 }
 
-/// False when `TRITTER_GEMV_BPRE=0` (read once per process): M = 1 GEMVs of 16-row CTAs
-/// then run `gemv_w2a8` instead of `gemv_w2a8_bpre`, to measure the difference inside a
-/// whole decode step. Tuning only.
-fn bpre_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TRITTER_GEMV_BPRE").map_or(true, |v| v.trim() != "0"))
-}
-
 /// `y = (Wq · q) * gamma / s` for GEMV-ready int8 activations `x` (M = `x.rows()`,
 /// K = `w.k_in()`), `y` `(M, n_out)` f32. Integer accumulation is exact and the epilogue is
 /// [`a8_epilogue`](crate::a8_epilogue), so results equal the CPU reference bit for bit.
@@ -258,19 +250,18 @@ pub(super) fn launch_gemv(
         // (kernel, output rows per CTA): see the variants in ternary_gemv.cu. 64-row CTAs
         // whenever they alone fill every SM; the GLU pass pairs gate and up tiles per CTA.
         // At M = 1 the 16-row CTAs request activations a batch ahead (`_bpre`) when its grid
-        // is resident in one wave (tuning: `TRITTER_GEMV_BPRE=0` keeps `gemv_w2a8`).
+        // (more registers, fewer CTAs per SM) is resident in one wave.
         let wide = n_out.div_ceil(4 * TILE_ROWS) >= gpu.info().sm_count as usize;
         let (name, rows_per_cta) = match (glu.is_some(), mc, wide) {
             (false, 1..=N_TILE, true) => ("gemv_w2a8_r4", 4 * TILE_ROWS),
             (false, 1, false)
-                if bpre_enabled()
-                    && n_out.div_ceil(TILE_ROWS) * plan(gpu, n_out, k, TILE_ROWS).1
-                        <= gpu.resident_ctas(
-                            &images::TERNARY_GEMV,
-                            "gemv_w2a8_bpre",
-                            THREADS,
-                            0,
-                        )? =>
+                if n_out.div_ceil(TILE_ROWS) * plan(gpu, n_out, k, TILE_ROWS).1
+                    <= gpu.resident_ctas(
+                        &images::TERNARY_GEMV,
+                        "gemv_w2a8_bpre",
+                        THREADS,
+                        0,
+                    )? =>
             {
                 ("gemv_w2a8_bpre", TILE_ROWS)
             }
