@@ -96,11 +96,8 @@ __device__ __forceinline__ void glu_epilogue(const float (&v)[kOut], float* __re
 // kU: blocks in flight per warp and row tile. kNT: MMA n-tiles of 8 activation rows (1: M
 // <= 8, 4: M <= 32); every decoded A fragment feeds kNT MMAs, so a batch of up to 32 rows
 // streams the weights once. kGlu: the fused MLP's gate/up pass (glu_epilogue); y is then h
-// [M, inter]. kBPre: a batch's B fragments (activations, from L2) are requested together
-// with its weights, one batch before they are used, instead of when the batch is decoded;
-// this hides the L2 latency that a CTA of one row tile (no activation reuse across tiles)
-// otherwise pays per batch, at 8 kU kNT more registers per buffer.
-template <int kRT, int kU, int kNT, bool kGlu, bool kBPre = false>
+// [M, inter].
+template <int kRT, int kU, int kNT, bool kGlu>
 __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
                                const int8_t* __restrict__ xq, const int* __restrict__ xsum,
                                const float* __restrict__ xs, float* __restrict__ y, int* __restrict__ ws,
@@ -139,21 +136,6 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
     // blocks apart. Double-buffered in registers: batch i + 1 is requested before batch i is
     // decoded, so a warp always has a batch in flight while it computes.
     constexpr int kStride = kWarps * kU;
-    constexpr int kBU = kBPre ? kU : 1;  // B buffer depth (unused without kBPre)
-    auto b_frag = [&](unsigned(&bq)[kNT][8], int q) {
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-            const int8_t* xb = xg[nt] + 128 * q;
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-                bq[nt][j] = has_b[nt] ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
-        }
-    };
-    auto load_b = [&](unsigned(&bv)[kBU][kNT][8], int q0) {
-#pragma unroll
-        for (int u = 0; u < kBU; ++u)
-            if (q0 + kWarps * u < q_end) b_frag(bv[u], q0 + kWarps * u);  // compute stops there too
-    };
     auto load = [&](uint4(&wv)[kU][kRT], int q0) {
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
@@ -167,19 +149,18 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
             }
         }
     };
-    auto compute = [&](const uint4(&wv)[kU][kRT], const unsigned(&bv)[kBU][kNT][8], int q0) {
+    auto compute = [&](const uint4(&wv)[kU][kRT], int q0) {
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
             const int q = q0 + kWarps * u;
             if (q >= q_end) break;
             unsigned bq[kNT][8];
-            if constexpr (kBPre) {
 #pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
+            for (int nt = 0; nt < kNT; ++nt) {
+                const int8_t* xb = xg[nt] + 128 * q;
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) bq[nt][j] = bv[u][nt][j];
-            } else {
-                b_frag(bq, q);
+                for (int j = 0; j < 8; ++j)
+                    bq[nt][j] = has_b[nt] ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
             }
 #pragma unroll
             for (int r = 0; r < kRT; ++r) {
@@ -190,7 +171,6 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
         }
     };
     uint4 wa[kU][kRT], wb[kU][kRT];
-    unsigned ba[kBU][kNT][8], bb[kBU][kNT][8];
     int q0 = q_begin + warp;
     // The first batch is requested before the PDL wait: the weights are constant, so the
     // loads may overlap the previous kernel's tail (Gpu::launch_pdl). Activations, scales,
@@ -198,16 +178,13 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
     load(wa, q0);
     tritter::pdl_launch_dependents();
     tritter::pdl_wait();
-    if constexpr (kBPre) load_b(ba, q0);
     while (q0 < q_end) {
         load(wb, q0 + kStride);
-        if constexpr (kBPre) load_b(bb, q0 + kStride);
-        compute(wa, ba, q0);
+        compute(wa, q0);
         q0 += kStride;
         if (q0 >= q_end) break;
         load(wa, q0 + kStride);
-        if constexpr (kBPre) load_b(ba, q0 + kStride);
-        compute(wb, bb, q0);
+        compute(wb, q0);
         q0 += kStride;
     }
     if (kGlu && blockIdx.x == 0 && blockIdx.y == 0) {
@@ -296,14 +273,14 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
 
 }  // namespace
 
-#define GEMV_ENTRY(NAME, RT, U, NT, BPRE)                                                                      \
+#define GEMV_ENTRY(NAME, RT, U, NT)                                                                            \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                          \
         const uint4* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,                  \
         const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,         \
         float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, \
         int quads_per_split) {                                                                            \
-        gemv_w2a8_impl<RT, U, NT, false, BPRE>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, \
-                                               K, quads_per_split);                                               \
+        gemv_w2a8_impl<RT, U, NT, false>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K, \
+                                         quads_per_split);                                               \
     }
 
 // Gate/up pass of the fused MLP: y is h [M, inter]; the trailing arguments are the row
@@ -327,14 +304,9 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
 // where only lanes g = 0 load activations) and `_r2` (2 tiles, M = 2..8) keep 4x / 2x more
 // CTAs for narrower matrices (4096 x 16384: 256 CTAs instead of a 5-way K split). The GLU pass
 // at M = 9..32: 2 tiles x 4 n-tiles (4 tiles would need 64 KB for the reduction).
-GEMV_ENTRY(gemv_w2a8, 1, 4, 1, false)
-GEMV_ENTRY(gemv_w2a8_r2, 2, 2, 1, false)
-GEMV_ENTRY(gemv_w2a8_r4, 4, 1, 1, false)
-// `gemv_w2a8` with the activations requested a batch ahead (kBPre): 128 registers instead of
-// 80 (sm_90), so 2 CTAs per SM instead of 3; the host takes it when its grid is resident in
-// one wave (H100, M = 1: 4096 x 13824 in 8.07 us instead of 9.24, 4096 x 4096 4.41 instead
-// of 4.63; at 6144 x 4096, 384 CTAs, a second wave made it 6.86 us instead of 5.30).
-GEMV_ENTRY(gemv_w2a8_bpre, 1, 4, 1, true)
+GEMV_ENTRY(gemv_w2a8, 1, 4, 1)
+GEMV_ENTRY(gemv_w2a8_r2, 2, 2, 1)
+GEMV_ENTRY(gemv_w2a8_r4, 4, 1, 1)
 
 // The fused MLP's relu^2 * up step on the GEMM path (M >= 9, prefill): gu (m, gu_cols) f32 is
 // the interleaved gate/up GEMM output of activation rows row0 .. row0 + m (16-row tiles: gate

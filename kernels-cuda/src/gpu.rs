@@ -63,9 +63,6 @@ pub struct DeviceInfo {
 type ModuleCache = Mutex<HashMap<&'static str, Arc<CudaModule>>>;
 /// Kernel handles of one context, by (image name, function name).
 type FunctionCache = Mutex<HashMap<(&'static str, &'static str), CudaFunction>>;
-/// CTAs of a kernel resident at once on the device, by (image, function, threads, dynamic
-/// shared memory bytes).
-type ResidencyCache = Mutex<HashMap<(&'static str, &'static str, u32, u32), usize>>;
 
 /// A CUDA device ready to run this workspace's kernels: context, one owned stream and the
 /// module/function cache. Create it once (`Gpu::shared(0)`) and pass `&Gpu` to the ops.
@@ -84,7 +81,6 @@ pub struct Gpu {
     info: DeviceInfo,
     modules: Arc<ModuleCache>,
     functions: Arc<FunctionCache>,
-    residency: Arc<ResidencyCache>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -127,7 +123,6 @@ impl Gpu {
             info,
             modules: Default::default(),
             functions: Default::default(),
-            residency: Default::default(),
         }))
     }
 
@@ -150,7 +145,6 @@ impl Gpu {
             info: self.info.clone(),
             modules: self.modules.clone(),
             functions: self.functions.clone(),
-            residency: self.residency.clone(),
         }))
     }
 
@@ -167,7 +161,6 @@ impl Gpu {
             info,
             modules: Default::default(),
             functions: Default::default(),
-            residency: Default::default(),
         }))
     }
 
@@ -256,35 +249,6 @@ impl Gpu {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, f.clone());
         Ok(f)
-    }
-
-    /// How many CTAs of `threads` threads and `dynamic_smem` bytes of dynamic shared memory
-    /// of kernel `function` fit on the whole device at once (the driver's occupancy for one SM
-    /// times the SM count), cached after the first call.
-    ///
-    /// Launch plans use it to keep a grid within one wave: the answer depends on the
-    /// kernel's register and shared-memory use, which differ between sm_90 and sm_120 builds.
-    pub fn resident_ctas(
-        &self,
-        image: &KernelImage,
-        function: &'static str,
-        threads: u32,
-        dynamic_smem: u32,
-    ) -> Result<usize, KernelError> {
-        let key = (image.name, function, threads, dynamic_smem);
-        let cache = || self.residency.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(&n) = cache().get(&key) {
-            return Ok(n);
-        }
-        let per_sm = self
-            .function(image, function)?
-            .occupancy_max_active_blocks_per_multiprocessor(threads, dynamic_smem as usize, None)
-            .map_err(KernelError::driver(format!(
-                "reading the occupancy of `{function}` ({threads} threads)"
-            )))?;
-        let n = per_sm as usize * self.info.sm_count as usize;
-        cache().insert(key, n);
-        Ok(n)
     }
 }
 

@@ -321,11 +321,6 @@ const GEMV_CASES: &[(usize, usize, usize)] = &[
     (4096, 4096, 8),
     (1024, 16384, 8),
     (4096, 16384, 1),
-    // M = 1 on 16-row CTAs: split 12 ways, ragged (K = 3000 ends inside a quad), within one
-    // wave of `gemv_w2a8_bpre`; and 384 CTAs, more than one wave of it on an H100 (2 per SM),
-    // so the plain `gemv_w2a8` runs.
-    (300, 3000, 1),
-    (6144, 1000, 1),
     (16384, 4096, 2),
     // >= 64 x 132 rows: the 64-row-CTA variant at M = 1 (ragged n_out, K % 128 != 0).
     (8500, 1000, 1),

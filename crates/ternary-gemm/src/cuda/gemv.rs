@@ -249,22 +249,9 @@ pub(super) fn launch_gemv(
         let mc = GEMV_MAX_M.min(m - m0);
         // (kernel, output rows per CTA): see the variants in ternary_gemv.cu. 64-row CTAs
         // whenever they alone fill every SM; the GLU pass pairs gate and up tiles per CTA.
-        // At M = 1 the 16-row CTAs request activations a batch ahead (`_bpre`) when its grid
-        // (more registers, fewer CTAs per SM) is resident in one wave.
         let wide = n_out.div_ceil(4 * TILE_ROWS) >= gpu.info().sm_count as usize;
         let (name, rows_per_cta) = match (glu.is_some(), mc, wide) {
             (false, 1..=N_TILE, true) => ("gemv_w2a8_r4", 4 * TILE_ROWS),
-            (false, 1, false)
-                if n_out.div_ceil(TILE_ROWS) * plan(gpu, n_out, k, TILE_ROWS).1
-                    <= gpu.resident_ctas(
-                        &images::TERNARY_GEMV,
-                        "gemv_w2a8_bpre",
-                        THREADS,
-                        0,
-                    )? =>
-            {
-                ("gemv_w2a8_bpre", TILE_ROWS)
-            }
             (false, 1, false) => ("gemv_w2a8", TILE_ROWS),
             (false, 2..=N_TILE, false) => ("gemv_w2a8_r2", 2 * TILE_ROWS),
             (false, _, _) => {
@@ -316,7 +303,7 @@ pub(super) fn launch_gemv(
                 .i32(y_cols as i32)
                 .ptr_mut(gpu, sums_c);
         }
-        // SAFETY: arguments match `gemv_w2a8[_bpre|_r2|_r4](const uint4*, const float*, int, const i8*,
+        // SAFETY: arguments match `gemv_w2a8[_r2|_r4](const uint4*, const float*, int, const i8*,
         // const int*, const float*, float*, int*, unsigned*, int, int, int, int)` (plus the
         // trailing `unsigned* amax_bits, int inter, int* sums` of gemv_w2a8_glu[_r4|_m32], whose
         // float* is h: mc rows of inter, and whose interleaved tiles put every h index
