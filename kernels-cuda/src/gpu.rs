@@ -73,8 +73,9 @@ type FunctionCache = Mutex<HashMap<(&'static str, &'static str), CudaFunction>>;
 ///
 /// Threads may share one `Gpu` (its ops then interleave on one stream), except around a CUDA
 /// graph capture: every launch on a capturing stream joins the graph, whichever thread
-/// issues it. Code that captures (the tritter decode engine does) runs on its own stream
-/// from [`Gpu::fork`].
+/// issues it. Code that captures while other threads may use the same handle runs on its
+/// own stream from [`Gpu::fork`] (the tritter decode engine does; the single-threaded
+/// benches capture on the shared one).
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -111,11 +112,14 @@ impl Gpu {
         let stream = ctx
             .new_stream()
             .map_err(KernelError::driver("creating a stream"))?;
-        // SAFETY: every op of this workspace runs on `stream`, one stream per `Gpu`, so slices
-        // are never used across streams without ordering; cudarc's per-launch event records
-        // (one per argument, enabled because a second stream now exists) would only add CPU
-        // cost on the decode hot path. Users who add streams on `context()` synchronize
-        // them explicitly (documented on `Gpu`).
+        // SAFETY: every op of this workspace runs on the stream of the `Gpu` it is given, and
+        // a buffer stays with the handle (stream) that made it: the users of several handles
+        // of one context (forks, `from_stream`) keep each buffer on one of them or order the
+        // streams themselves (the engine refuses a cache of another engine), so slices are
+        // never used across streams without ordering; cudarc's per-launch event records (one
+        // per argument, enabled because a second stream now exists) would only add CPU cost
+        // on the decode hot path. Users who add streams on `context()` synchronize them
+        // explicitly (documented on `Gpu`).
         unsafe { ctx.disable_event_tracking() };
         Ok(Arc::new(Gpu {
             ctx,
@@ -128,7 +132,9 @@ impl Gpu {
 
     /// A handle on the same context whose ops launch on a new stream of their own; it shares
     /// this handle's loaded modules (nothing is loaded twice). Work on the two streams is not
-    /// ordered: synchronize this handle's stream before the fork reads what it wrote.
+    /// ordered, in either direction (cudarc's event tracking is off, see [`Gpu`]): a buffer
+    /// written, read or freed through one handle and used through the other needs the first
+    /// stream synchronized in between; simplest is to keep each buffer on one handle.
     ///
     /// Why: a CUDA graph capture takes in every launch on the capturing stream, from any
     /// thread, so an engine that captures decode steps on a stream other threads also use

@@ -27,7 +27,8 @@ gpu_test!(
 
 gpu_test!(
     /// Bad steps on the GPU engine are typed errors and leave every sequence's length as it
-    /// was: unknown sequence, token id >= vocab, the f32 cache format, unsupported head dims.
+    /// was: unknown sequence, token id >= vocab, a cache of another engine, the f32 cache
+    /// format, unsupported head dims.
     gpu_engine_bad_input_is_refused => bad_input
 );
 
@@ -355,6 +356,20 @@ mod bad_input {
             )
             .unwrap_err();
         assert!(matches!(err, TritterError::KvCache(_)), "{err}");
+        // A second engine on the same device runs on its own stream: the first engine's
+        // cache is refused there instead of racing between the two streams.
+        let (_, second) = engines(g, &cfg, 3);
+        let err = second
+            .step(
+                &mut cache,
+                &[StepInput {
+                    seq: s,
+                    tokens: &p[..1],
+                    logits: LogitsFor::Last,
+                }],
+            )
+            .unwrap_err();
+        assert!(matches!(err, TritterError::InvalidArgument { .. }), "{err}");
         assert_eq!(
             cache.len(s).unwrap(),
             p.len(),

@@ -246,9 +246,11 @@ struct StepInputs<'a> {
 /// so one engine serves one step at a time.
 ///
 /// Threads: the engine launches on a stream of its own ([`GpuEngine::new`]), so other users
-/// of the same [`Gpu`] never end up inside its decode graphs. Its caches allocate and free on
-/// that stream, so create and drop them between the engine's steps (on the thread that steps
-/// it, say), not while another thread is inside a step, which may be capturing a graph.
+/// of the same [`Gpu`] never end up inside its decode graphs; a cache steps only with the
+/// engine that made it. [`GpuEngine::new_cache`] takes the step lock; dropping a cache frees
+/// its pool on the engine's stream, so drop caches between the engine's steps (on the
+/// thread that steps it, say), not while another thread is inside a step, which may be
+/// capturing a graph.
 pub struct GpuEngine {
     gpu: Arc<Gpu>,
     cfg: TritterConfig,
@@ -509,6 +511,9 @@ impl GpuEngine {
         }
         self.cfg.validate()?;
         let cfg = paged_config(&self.cfg, options)?.expect("paged format checked above");
+        // Under the step lock: the pool's allocation and zeroing go on the engine's stream,
+        // which must not happen while another thread captures a decode graph on it.
+        let _step = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         static NEXT_CACHE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(GpuCache {
             id: NEXT_CACHE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -560,6 +565,15 @@ impl GpuEngine {
         inputs: &[StepInput<'_>],
         tops: &[Option<TopSpec>],
     ) -> Result<Vec<StepOutput>> {
+        // The cache's kernels run on its own handle's stream and the engine's on the
+        // engine's; they are ordered only when both are the engine's fork.
+        if !Arc::ptr_eq(cache.kv.gpu(), &self.gpu) {
+            return Err(TritterError::argument(
+                "cache",
+                "a cache made by another engine",
+                "a cache from this engine's new_cache (each engine runs on its own stream)",
+            ));
+        }
         check_step_inputs(&self.cfg, inputs, |s| cache.len(s))?;
         run_rounds(
             inputs,
