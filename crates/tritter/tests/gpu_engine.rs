@@ -57,6 +57,18 @@ gpu_test!(
     gpu_engine_top_candidates => top
 );
 
+/// The tests of this file run one at a time, even under cargo's parallel test threads.
+/// Each engine has its own stream, so one test's launches never enter another's decode
+/// graph, but a capture is still invalidated by context-wide synchronizing calls that
+/// another thread makes meanwhile (freeing pinned host memory, destroying a cuBLAS handle,
+/// both part of dropping an engine): the step then fails with
+/// `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED` (H100, 1 of 12 parallel runs).
+#[cfg(feature = "cuda")]
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[cfg(feature = "cuda")]
 mod setup {
     use std::sync::Arc;
@@ -289,6 +301,7 @@ mod conformance {
     }
 
     pub fn run(g: &Arc<Gpu>) {
+        let _serial = super::serial();
         for cfg in [windowed_d64(), gqa4_d128()] {
             scenario(g, &cfg, KvCacheFormat::F16, REL_TOL);
             scenario(g, &cfg, KvCacheFormat::Int4, REL_TOL_INT4);
@@ -311,6 +324,7 @@ mod bad_input {
     use super::setup::{engines, options, windowed_d64};
 
     pub fn run(g: &Arc<Gpu>) {
+        let _serial = super::serial();
         let cfg = windowed_d64();
         let (_, gpu) = engines(g, &cfg, 3);
         let err = gpu
@@ -401,6 +415,7 @@ mod generation {
     use super::setup::{engines, gqa4_d128, options};
 
     pub fn run(g: &Arc<Gpu>) {
+        let _serial = super::serial();
         let cfg = gqa4_d128();
         let (cpu, gpu) = engines(g, &cfg, 5);
         let prompts: Vec<Vec<u32>> = (0..3)
@@ -473,6 +488,7 @@ mod graphs {
     }
 
     pub fn run(g: &Arc<Gpu>) {
+        let _serial = super::serial();
         for (cfg, format) in [
             (windowed_d64(), KvCacheFormat::Int4),
             (gqa4_d128(), KvCacheFormat::F16),
@@ -811,6 +827,7 @@ mod top {
     }
 
     pub fn run(g: &Arc<Gpu>) {
+        let _serial = super::serial();
         kernel(g);
         engine_paths(g);
     }

@@ -250,7 +250,11 @@ struct StepInputs<'a> {
 /// engine that made it. [`GpuEngine::new_cache`] takes the step lock; dropping a cache frees
 /// its pool on the engine's stream, so drop caches between the engine's steps (on the
 /// thread that steps it, say), not while another thread is inside a step, which may be
-/// capturing a graph.
+/// capturing a graph. A capture also fails, as a `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`
+/// error from the step, when another thread makes a context-wide synchronizing call
+/// meanwhile (freeing page-locked host memory or destroying a cuBLAS handle, as dropping
+/// another engine does); the sequences of that step are then partly appended, as after any
+/// failed step.
 pub struct GpuEngine {
     gpu: Arc<Gpu>,
     cfg: TritterConfig,
