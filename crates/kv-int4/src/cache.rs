@@ -47,6 +47,12 @@ pub struct PagedKvCache<S> {
 /// The CPU cache (reference and CPU inference).
 pub type CpuKvCache = PagedKvCache<CpuPages>;
 
+/// A copy of a cache's host bookkeeping ([`PagedKvCache::bookkeeping_snapshot`]).
+#[derive(Debug, Clone)]
+pub struct BookkeepingSnapshot {
+    blocks: BlockManager,
+}
+
 impl<S: PageStore> PagedKvCache<S> {
     /// The bookkeeping (block tables, allocator), read-only.
     pub fn blocks(&self) -> &BlockManager {
@@ -61,6 +67,43 @@ impl<S: PageStore> PagedKvCache<S> {
     /// The page store, read-only.
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// A copy of the host bookkeeping (block tables, allocator, pending appends and which of
+    /// their layers are written) for [`restore_bookkeeping`](Self::restore_bookkeeping).
+    ///
+    /// Why: work recorded but not run, such as a step captured into a CUDA graph whose
+    /// capture then fails, marks layers written whose writes never happened; the step can
+    /// only run again from the bookkeeping as it was before.
+    pub fn bookkeeping_snapshot(&self) -> BookkeepingSnapshot {
+        BookkeepingSnapshot {
+            blocks: self.blocks.clone(),
+        }
+    }
+
+    /// Puts back `snapshot`, which must come from this cache with no block table changed
+    /// since (no append, fork or free: the same [`BlockManager::epoch`] and configuration),
+    /// so the two differ at most in which layers of the pending appends are marked
+    /// written and no page changes hands. Otherwise a [`KvError::StaleBatch`] (epochs) or
+    /// [`KvError::Unsupported`] (configurations), and the cache is unchanged.
+    pub fn restore_bookkeeping(&mut self, snapshot: BookkeepingSnapshot) -> Result<()> {
+        let (was, now) = (snapshot.blocks.epoch(), self.blocks.epoch());
+        if was != now {
+            return Err(KvError::StaleBatch {
+                batch: was,
+                cache: now,
+            });
+        }
+        if snapshot.blocks.config() != self.blocks.config() {
+            return Err(KvError::Unsupported(format!(
+                "restoring the bookkeeping of another cache: the snapshot's configuration is \
+                 {:?} but this cache's is {:?}",
+                snapshot.blocks.config(),
+                self.blocks.config()
+            )));
+        }
+        self.blocks = snapshot.blocks;
+        Ok(())
     }
 
     /// Starts a new empty sequence.

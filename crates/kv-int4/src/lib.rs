@@ -42,7 +42,7 @@ pub mod quant;
 
 pub use attention::{attention_dense, decode_attention_ref, gqa_group};
 pub use blocks::{is_visible, visible_ranges, AppendTicket, BlockManager, SeqId};
-pub use cache::{CpuKvCache, CpuPages, KvInput, PageStore, PagedKvCache};
+pub use cache::{BookkeepingSnapshot, CpuKvCache, CpuPages, KvInput, PageStore, PagedKvCache};
 pub use config::{CacheConfig, KvFormat, PageLayout, Window, DEFAULT_PAGE_SIZE, PAGE_SIZES};
 pub use error::KvError;
 pub use memory::{bytes_per_token_per_layer, memory_report, KvShape, MemoryRow};

@@ -547,3 +547,47 @@ fn pool_exhaustion_is_clean() {
         .append(b, 0, 16, &x[..16 * GROUP], &x[..16 * GROUP])
         .unwrap();
 }
+
+/// A bookkeeping snapshot taken after an append began puts back its unwritten layers, so
+/// the writes run again and store the same bytes; it is refused, leaving the cache as it
+/// was, once a block table changed or when it comes from a cache of another configuration.
+#[test]
+fn bookkeeping_snapshot_restores_pending_writes() {
+    let layers = 2;
+    let cfg = CacheConfig::new(layers, 1, GROUP, 4).with_page_size(8);
+    let mut cache = CpuKvCache::new(cfg.clone()).unwrap();
+    let s = cache.add_sequence();
+    let n = 5;
+    let x = random_f32(n * GROUP, 9);
+    let t = cache.begin_append(s, 0, n).unwrap();
+    let snap = cache.bookkeeping_snapshot();
+    for l in 0..layers {
+        cache.write_layer(&t, l, &x, &x).unwrap();
+    }
+    let written = snapshot(&cache);
+    let err = cache.write_layer(&t, 0, &x, &x).unwrap_err();
+    assert!(matches!(err, KvError::StaleTicket { .. }), "{err}");
+    cache.restore_bookkeeping(snap).unwrap();
+    for l in 0..layers {
+        cache.write_layer(&t, l, &x, &x).unwrap();
+    }
+    assert!(snapshot(&cache) == written, "the writes run again differ");
+
+    let snap = cache.bookkeeping_snapshot();
+    let other = cache.add_sequence();
+    cache.free(other).unwrap();
+    let before = snapshot(&cache);
+    let err = cache.restore_bookkeeping(snap).unwrap_err();
+    assert!(matches!(err, KvError::StaleBatch { .. }), "{err}");
+    assert!(
+        snapshot(&cache) == before,
+        "a refused restore changed the cache"
+    );
+
+    let mut fresh = CpuKvCache::new(cfg.clone()).unwrap();
+    let foreign = CpuKvCache::new(cfg.with_page_size(16))
+        .unwrap()
+        .bookkeeping_snapshot();
+    let err = fresh.restore_bookkeeping(foreign).unwrap_err();
+    assert!(matches!(err, KvError::Unsupported(_)), "{err}");
+}

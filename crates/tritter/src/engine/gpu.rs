@@ -250,11 +250,10 @@ struct StepInputs<'a> {
 /// engine that made it. [`GpuEngine::new_cache`] takes the step lock; dropping a cache frees
 /// its pool on the engine's stream, so drop caches between the engine's steps (on the
 /// thread that steps it, say), not while another thread is inside a step, which may be
-/// capturing a graph. A capture also fails, as a `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`
-/// error from the step, when another thread makes a context-wide synchronizing call
-/// meanwhile (freeing page-locked host memory or destroying a cuBLAS handle, as dropping
-/// another engine does); the sequences of that step are then partly appended, as after any
-/// failed step.
+/// capturing a graph. A capture is also invalidated when another thread makes a
+/// context-wide synchronizing call meanwhile (freeing page-locked host memory or destroying a
+/// cuBLAS handle, as dropping another engine does): the step then runs from eager launches,
+/// with the same results, and counts in [`GpuEngine::failed_captures`].
 pub struct GpuEngine {
     gpu: Arc<Gpu>,
     cfg: TritterConfig,
@@ -279,6 +278,8 @@ pub struct GpuEngine {
     profiling: std::sync::atomic::AtomicBool,
     /// [`GpuEngine::set_small_kernel_pdl`].
     pdl_small: std::sync::atomic::AtomicBool,
+    /// [`GpuEngine::failed_captures`].
+    failed_captures: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for GpuEngine {
@@ -437,6 +438,7 @@ impl GpuEngine {
             pdl_small: std::sync::atomic::AtomicBool::new(
                 std::env::var("TRITTER_PDL_SMALL").map_or(true, |v| v.trim() != "0"),
             ),
+            failed_captures: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -497,6 +499,14 @@ impl GpuEngine {
             .into_iter()
             .map(|(k, (ms, n))| (k.to_string(), ms, n))
             .collect()
+    }
+
+    /// Decode-graph captures that failed and whose step ran from eager launches instead
+    /// (see the thread notes on [`GpuEngine`]): a count that keeps growing means the graphs
+    /// are not in use, e.g. because another thread keeps synchronizing the device.
+    pub fn failed_captures(&self) -> u64 {
+        self.failed_captures
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bytes of weights on the device (packed ternary, bf16 tables).
@@ -732,48 +742,65 @@ impl GpuEngine {
                     let capture = st.seen == Some(key)
                         && self.graphs.load(std::sync::atomic::Ordering::Relaxed)
                         && !self.profiling();
+                    let mut launch = |cache: &mut GpuCache| {
+                        self.launch_step(
+                            cache,
+                            &mut shared.gemv,
+                            &mut shared.decode.ws,
+                            &mut rows.work,
+                            // Every row's logits (one token per sequence; rows nobody wants
+                            // are dropped on the host), so the graph does not depend on which.
+                            StepInputs {
+                                n,
+                                n_prompt: 0,
+                                ids: &bufs.ids,
+                                pos: &bufs.pos,
+                                slots,
+                                decode: Some(batch),
+                                problem: None,
+                                wanted: &bufs.wanted,
+                                r: n,
+                                pdl: key.pdl,
+                            },
+                            &mut bufs.hidden,
+                            &mut bufs.logits,
+                        )
+                    };
+                    let mut graph = None;
                     if capture {
+                        // A capture marks the cache's layers written while nothing runs.
+                        let before = cache.kv.bookkeeping_snapshot();
                         stream
                             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                             .map_err(KernelError::driver("starting the decode graph capture"))?;
-                    }
-                    let res = self.launch_step(
-                        cache,
-                        &mut shared.gemv,
-                        &mut shared.decode.ws,
-                        &mut rows.work,
-                        // Every row's logits (one token per sequence; rows nobody wants are
-                        // dropped on the host), so the graph does not depend on which.
-                        StepInputs {
-                            n,
-                            n_prompt: 0,
-                            ids: &bufs.ids,
-                            pos: &bufs.pos,
-                            slots,
-                            decode: Some(batch),
-                            problem: None,
-                            wanted: &bufs.wanted,
-                            r: n,
-                            pdl: key.pdl,
-                        },
-                        &mut bufs.hidden,
-                        &mut bufs.logits,
-                    );
-                    if capture {
-                        // End the capture before reporting a failed step (its error first).
+                        let res = launch(cache);
+                        // End the capture before anything else, even after a failed launch.
                         let ended = stream.end_capture(CUgraphInstantiate_flags(0));
-                        res?;
-                        let graph =
-                            ended.map_err(KernelError::driver("instantiating the decode graph"))?;
-                        if let Some(graph) = graph {
+                        match (res, ended) {
+                            (Ok(()), Ok(Some(captured))) => graph = Some(captured),
+                            // The capture failed, most likely invalidated by another
+                            // thread's context-wide synchronizing call (see GpuEngine's
+                            // thread notes): nothing ran, so put the bookkeeping back and
+                            // run the step eagerly below, where a launch error of its own
+                            // would show again. The next step of this shape captures anew.
+                            _ => {
+                                self.failed_captures
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                cache.kv.restore_bookkeeping(before)?;
+                            }
+                        }
+                    }
+                    match graph {
+                        Some(graph) => {
                             graph
                                 .launch()
                                 .map_err(KernelError::driver("launching the decode graph"))?;
                             st.graph = Some((key, graph));
                         }
-                    } else {
-                        res?;
-                        st.seen = Some(key);
+                        None => {
+                            launch(cache)?;
+                            st.seen = Some(key);
+                        }
                     }
                 }
             }
