@@ -458,8 +458,14 @@ mod churn {
                     run_seq(&other, 3);
                     drop(other);
                     n += 1;
-                    if stop.load(Ordering::Relaxed) {
-                        return n;
+                    // Between engines, the same kind of call alone, often: page-locked
+                    // buffers allocated and freed (each free synchronizes the device).
+                    for _ in 0..64 {
+                        if stop.load(Ordering::Relaxed) {
+                            return n;
+                        }
+                        // SAFETY: never read; dropped (freed) right away.
+                        drop(unsafe { g.context().alloc_pinned::<u8>(4096) }.unwrap());
                     }
                 }
             });
