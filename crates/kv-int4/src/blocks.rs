@@ -350,6 +350,42 @@ impl BlockManager {
         }
     }
 
+    /// What, if anything, distinguishes `self` from `earlier` beyond layers of pending
+    /// appends marked written since (an append completed by its last layer included): the
+    /// condition for putting `earlier` back (`PagedKvCache::restore_bookkeeping`), under
+    /// which no page, sequence or id changes hands.
+    pub(crate) fn differs_beyond_written(&self, earlier: &BlockManager) -> Option<&'static str> {
+        if self.cfg != earlier.cfg {
+            return Some("the configuration");
+        }
+        if self.epoch != earlier.epoch {
+            return Some("the epoch (an append, fork or free happened since)");
+        }
+        if self.free != earlier.free || self.refs != earlier.refs {
+            return Some("the page allocator");
+        }
+        if self.next_id != earlier.next_id {
+            return Some("the sequence ids (a sequence was added since)");
+        }
+        if self.seqs.len() != earlier.seqs.len() {
+            return Some("the set of sequences");
+        }
+        for ((id, now), (id0, was)) in self.seqs.iter().zip(&earlier.seqs) {
+            if id != id0 || now.len != was.len || now.pages != was.pages {
+                return Some("a sequence's length or block table");
+            }
+            let same_append = match (&now.pending, &was.pending) {
+                (Some(p), Some(q)) => p.start == q.start && p.end == q.end,
+                (None, Some(_)) | (None, None) => true,
+                (Some(_), None) => false,
+            };
+            if !same_append {
+                return Some("a sequence's pending append");
+            }
+        }
+        None
+    }
+
     /// Marks `layer` of the pending append written; the append completes with its last
     /// layer. `ticket` must have passed [`check_ticket`](Self::check_ticket).
     pub(crate) fn finish_layer(&mut self, ticket: &AppendTicket, layer: usize) {

@@ -81,25 +81,15 @@ impl<S: PageStore> PagedKvCache<S> {
         }
     }
 
-    /// Puts back `snapshot`, which must come from this cache with no block table changed
-    /// since (no append, fork or free: the same [`BlockManager::epoch`] and configuration),
-    /// so the two differ at most in which layers of the pending appends are marked
-    /// written and no page changes hands. Otherwise a [`KvError::StaleBatch`] (epochs) or
-    /// [`KvError::Unsupported`] (configurations), and the cache is unchanged.
+    /// Puts back `snapshot`, which must differ from the cache's bookkeeping only in layers of
+    /// pending appends marked written since (no sequence added, no append begun, no fork or
+    /// free, same configuration), so no page, sequence or id changes hands. Otherwise a
+    /// [`KvError::Unsupported`] naming what changed, and the cache is unchanged.
     pub fn restore_bookkeeping(&mut self, snapshot: BookkeepingSnapshot) -> Result<()> {
-        let (was, now) = (snapshot.blocks.epoch(), self.blocks.epoch());
-        if was != now {
-            return Err(KvError::StaleBatch {
-                batch: was,
-                cache: now,
-            });
-        }
-        if snapshot.blocks.config() != self.blocks.config() {
+        if let Some(what) = self.blocks.differs_beyond_written(&snapshot.blocks) {
             return Err(KvError::Unsupported(format!(
-                "restoring the bookkeeping of another cache: the snapshot's configuration is \
-                 {:?} but this cache's is {:?}",
-                snapshot.blocks.config(),
-                self.blocks.config()
+                "restoring a bookkeeping snapshot: {what} differs from the snapshot's; only \
+                 layers marked written since may differ"
             )));
         }
         self.blocks = snapshot.blocks;

@@ -573,21 +573,28 @@ fn bookkeeping_snapshot_restores_pending_writes() {
     }
     assert!(snapshot(&cache) == written, "the writes run again differ");
 
+    // Refused, the cache unchanged: a sequence added, a sequence freed, another config.
     let snap = cache.bookkeeping_snapshot();
     let other = cache.add_sequence();
-    cache.free(other).unwrap();
     let before = snapshot(&cache);
-    let err = cache.restore_bookkeeping(snap).unwrap_err();
-    assert!(matches!(err, KvError::StaleBatch { .. }), "{err}");
+    let err = cache.restore_bookkeeping(snap.clone()).unwrap_err();
+    assert!(err.to_string().contains("sequence ids"), "{err}");
     assert!(
         snapshot(&cache) == before,
         "a refused restore changed the cache"
     );
-
+    cache.free(other).unwrap();
+    let before = snapshot(&cache);
+    let err = cache.restore_bookkeeping(snap).unwrap_err();
+    assert!(matches!(err, KvError::Unsupported(_)), "{err}");
+    assert!(
+        snapshot(&cache) == before,
+        "a refused restore changed the cache"
+    );
     let mut fresh = CpuKvCache::new(cfg.clone()).unwrap();
     let foreign = CpuKvCache::new(cfg.with_page_size(16))
         .unwrap()
         .bookkeeping_snapshot();
     let err = fresh.restore_bookkeeping(foreign).unwrap_err();
-    assert!(matches!(err, KvError::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("configuration"), "{err}");
 }

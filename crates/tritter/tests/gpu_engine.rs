@@ -43,9 +43,10 @@ gpu_test!(
 
 gpu_test!(
     /// An engine's decode steps give bit-identical logits whether its graphs are captured
-    /// while another thread builds, steps and drops engines on the same device (whose
-    /// page-locked frees and cuBLAS teardown invalidate captures in flight: those steps run
-    /// eagerly) or run from eager launches alone afterwards.
+    /// while another thread builds, steps and drops engines and destroys cuBLAS handles on
+    /// the same device (handle teardown invalidates captures in flight; those steps, and one
+    /// capture discarded on purpose, run eagerly from restored bookkeeping) or run from
+    /// eager launches alone afterwards.
     gpu_engine_survives_concurrent_engines => churn
 );
 
@@ -410,6 +411,7 @@ mod churn {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
+    use cudarc::cublas::CudaBlas;
     use tritter::engine::{
         EngineCache, GpuEngine, InferenceCheckpoint, KvCacheFormat, LogitsFor, SourceInfo,
         StepInput,
@@ -446,37 +448,52 @@ mod churn {
             out.extend((0..decode).map(|t| step(&toks[t..t + 1])));
             out
         };
+        /// Sets the flag when dropped, so the churn thread also stops when the main thread
+        /// panics (the scope would otherwise wait for it forever).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
         let (started, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+        // The first capture is discarded on purpose: its step must take the recovery path
+        // (bookkeeping put back, eager launches) whatever the other thread manages to hit.
+        engine.fail_next_capture();
         let (graphed, churned) = std::thread::scope(|sc| {
             let churn = sc.spawn(|| {
                 let mut n = 0u32;
                 loop {
-                    // Decode steps allocate the page-locked logits buffer; the drop frees
-                    // it and destroys the engine's cuBLAS handle.
+                    // An engine's drop destroys its cuBLAS handle.
                     let other = GpuEngine::new(g, &ckpt).unwrap();
                     started.store(true, Ordering::Relaxed);
                     run_seq(&other, 3);
                     drop(other);
                     n += 1;
-                    // Between engines, the same kind of call alone, often: page-locked
-                    // buffers allocated and freed (each free synchronizes the device).
+                    // Between engines, handle teardown alone, often.
+                    let s = g.fork().unwrap();
                     for _ in 0..64 {
                         if stop.load(Ordering::Relaxed) {
                             return n;
                         }
-                        // SAFETY: never read; dropped (freed) right away.
-                        drop(unsafe { g.context().alloc_pinned::<u8>(4096) }.unwrap());
+                        drop(CudaBlas::new(s.stream().clone()).unwrap());
                     }
                 }
             });
+            let _stop = StopOnDrop(&stop);
             while !started.load(Ordering::Relaxed) {
+                assert!(
+                    !churn.is_finished(),
+                    "the churn thread failed before starting"
+                );
                 std::thread::yield_now();
             }
             let out = run_seq(&engine, steps);
-            stop.store(true, Ordering::Relaxed);
+            drop(_stop);
             (out, churn.join().unwrap())
         });
         let failed = engine.failed_captures();
+        assert!(failed >= 1, "the discarded capture was not counted");
         engine.set_decode_graphs(false);
         let eager = run_seq(&engine, steps);
         for (t, (a, b)) in graphed.iter().zip(&eager).enumerate() {
@@ -485,7 +502,7 @@ mod churn {
                 "step {t}: logits under churn differ from eager launches"
             );
         }
-        assert!(churned > 0, "the churn thread never completed an engine");
+
         println!(
             "{} steps under churn ({churned} engines built, stepped and dropped meanwhile, \
              {failed} decode captures failed and ran eagerly) == eager launches, bit for bit",

@@ -49,7 +49,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
-use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::result::{self as driver_result, DriverError};
+use cudarc::driver::sys::{
+    CUevent_flags, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode, CUstreamCaptureStatus,
+};
 use cudarc::driver::{
     CudaEvent, CudaGraph, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PinnedHostSlice,
     PushKernelArg,
@@ -251,9 +254,11 @@ struct StepInputs<'a> {
 /// its pool on the engine's stream, so drop caches between the engine's steps (on the
 /// thread that steps it, say), not while another thread is inside a step, which may be
 /// capturing a graph. A capture is also invalidated when another thread makes a
-/// context-wide synchronizing call meanwhile (freeing page-locked host memory or destroying a
-/// cuBLAS handle, as dropping another engine does): the step then runs from eager launches,
-/// with the same results, and counts in [`GpuEngine::failed_captures`].
+/// context-wide synchronizing call meanwhile (destroying a cuBLAS handle, as dropping
+/// another engine does, or synchronizing the context, a call that itself fails with
+/// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` while the capture is open): the step then runs
+/// from eager launches, with the same results, and counts in
+/// [`GpuEngine::failed_captures`].
 pub struct GpuEngine {
     gpu: Arc<Gpu>,
     cfg: TritterConfig,
@@ -280,6 +285,8 @@ pub struct GpuEngine {
     pdl_small: std::sync::atomic::AtomicBool,
     /// [`GpuEngine::failed_captures`].
     failed_captures: std::sync::atomic::AtomicU64,
+    /// [`GpuEngine::fail_next_capture`].
+    fail_next_capture: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for GpuEngine {
@@ -289,6 +296,32 @@ impl std::fmt::Debug for GpuEngine {
             .field("weight_bytes", &self.weight_bytes)
             .finish()
     }
+}
+
+/// Ends the capture open on `stream`: the graph, `Ok(None)` for an empty one, or the error.
+/// cudarc's `end_capture` can fail before it reaches `cuStreamEndCapture` (an error another
+/// thread recorded on the context); the capture is then ended here, so the stream never
+/// stays in capture mode and later launches run.
+fn end_capture(
+    stream: &Arc<cudarc::driver::CudaStream>,
+) -> std::result::Result<Option<CudaGraph>, DriverError> {
+    let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+    if ended.is_err() {
+        // SAFETY: our own stream, its context current on this thread (the step just launched
+        // on it); a graph returned here was never instantiated and is destroyed at once.
+        unsafe {
+            if let Ok(status) = driver_result::stream::is_capturing(stream.cu_stream()) {
+                if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                    if let Ok(g) = driver_result::stream::end_capture(stream.cu_stream()) {
+                        if !g.is_null() {
+                            let _ = driver_result::graph::destroy(g);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    ended
 }
 
 /// q, k and v of a layer as one matrix `((Hq + 2 Hkv) * D, H)` with per-row scales, so the
@@ -439,6 +472,7 @@ impl GpuEngine {
                 std::env::var("TRITTER_PDL_SMALL").map_or(true, |v| v.trim() != "0"),
             ),
             failed_captures: std::sync::atomic::AtomicU64::new(0),
+            fail_next_capture: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -499,6 +533,31 @@ impl GpuEngine {
             .into_iter()
             .map(|(k, (ms, n))| (k.to_string(), ms, n))
             .collect()
+    }
+
+    /// Test hook: the next decode-graph capture is discarded as if it had been invalidated,
+    /// so its step takes the recovery path of [`GpuEngine::failed_captures`].
+    #[doc(hidden)]
+    pub fn fail_next_capture(&self) {
+        self.fail_next_capture
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// After a decode-graph capture that recorded nothing runnable (`cause`): counts it and
+    /// puts back the cache's bookkeeping from `before`, so the caller can run the step
+    /// eagerly. If the bookkeeping cannot be restored the step fails with `cause`.
+    fn recover_capture(
+        &self,
+        cache: &mut GpuCache,
+        before: kv_int4::BookkeepingSnapshot,
+        cause: DriverError,
+    ) -> Result<()> {
+        self.failed_captures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        cache
+            .kv
+            .restore_bookkeeping(before)
+            .map_err(|_| KernelError::driver("capturing the decode graph")(cause).into())
     }
 
     /// Decode-graph captures that failed and whose step ran from eager launches instead
@@ -775,18 +834,33 @@ impl GpuEngine {
                             .map_err(KernelError::driver("starting the decode graph capture"))?;
                         let res = launch(cache);
                         // End the capture before anything else, even after a failed launch.
-                        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+                        let ended = end_capture(stream);
+                        let forced = self
+                            .fail_next_capture
+                            .swap(false, std::sync::atomic::Ordering::Relaxed);
                         match (res, ended) {
-                            (Ok(()), Ok(Some(captured))) => graph = Some(captured),
-                            // The capture failed, most likely invalidated by another
-                            // thread's context-wide synchronizing call (see GpuEngine's
-                            // thread notes): nothing ran, so put the bookkeeping back and
-                            // run the step eagerly below, where a launch error of its own
-                            // would show again. The next step of this shape captures anew.
-                            _ => {
-                                self.failed_captures
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                cache.kv.restore_bookkeeping(before)?;
+                            (Ok(()), Ok(Some(captured))) if !forced => graph = Some(captured),
+                            // Invalidated, most likely by another thread's context-wide
+                            // synchronizing call (GpuEngine's thread notes), or empty:
+                            // nothing ran, so put the bookkeeping back and run the step
+                            // eagerly below. The next step of this shape captures anew.
+                            (_, Err(e))
+                                if e.0 == CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED =>
+                            {
+                                self.recover_capture(cache, before, e)?
+                            }
+                            (Ok(()), Ok(_)) => self.recover_capture(
+                                cache,
+                                before,
+                                DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED),
+                            )?,
+                            // Anything else (a launch error, instantiation out of memory)
+                            // is the step's error, as for an eager step.
+                            (res, ended) => {
+                                res?;
+                                ended.map_err(KernelError::driver(
+                                    "instantiating the decode graph",
+                                ))?;
                             }
                         }
                     }
