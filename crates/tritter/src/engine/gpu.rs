@@ -46,6 +46,7 @@
 //! does not have; they run on the CPU engine.
 
 use std::collections::{BTreeMap, HashMap};
+use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
@@ -248,12 +249,13 @@ struct StepInputs<'a> {
 /// The model on a GPU (module docs). `&self` everywhere: the step buffers sit behind a mutex,
 /// so one engine serves one step at a time.
 ///
-/// Threads: the engine launches on a stream of its own ([`GpuEngine::new`]), so other users
-/// of the same [`Gpu`] never end up inside its decode graphs; a cache steps only with the
-/// engine that made it. [`GpuEngine::new_cache`] takes the step lock; dropping a cache frees
-/// its pool on the engine's stream, so drop caches between the engine's steps (on the
-/// thread that steps it, say), not while another thread is inside a step, which may be
-/// capturing a graph. A capture is also invalidated when another thread makes a
+/// Threads: the engine is neither `Send` nor `Sync` (its CUDA graphs hold driver handles),
+/// so its steps run on the thread that made it; several engines may run on as many
+/// threads. It launches on a stream of its own ([`GpuEngine::new`]), so other users of the
+/// same [`Gpu`] never end up inside its decode graphs, and a cache steps only with the
+/// engine that made it. Caches are `Send`; one dropped on another thread frees its pool
+/// under the engine's capture lock, so the free never lands inside a decode graph being
+/// captured. A capture is also invalidated when another thread makes a
 /// context-wide synchronizing call meanwhile (destroying a cuBLAS handle, as dropping
 /// another engine does, or synchronizing the context, a call that itself fails with
 /// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` while the capture is open): the step then runs
@@ -275,6 +277,9 @@ pub struct GpuEngine {
     /// cuBLAS's workspace (set on the handle).
     _blas_ws: CudaSlice<u8>,
     shared: Mutex<Shared>,
+    /// Held from the start to the end of a decode-graph capture; caches hold it too and
+    /// free their pools under it ([`GpuCache`]'s drop).
+    capture_lock: Arc<Mutex<()>>,
     weight_bytes: usize,
     /// Replay decode steps from CUDA graphs (default on).
     graphs: std::sync::atomic::AtomicBool,
@@ -449,6 +454,7 @@ impl GpuEngine {
             },
             final_norm: upload(g, "the final norm", &f32s(&ckpt.final_norm))?,
             inv_freq: upload(g, "RoPE frequencies", &inv_freq)?,
+            capture_lock: Arc::new(Mutex::new(())),
             shared: Mutex::new(Shared {
                 rows: HashMap::new(),
                 gemv: GemvWorkspace::new(g, max_n_out)?,
@@ -584,20 +590,20 @@ impl GpuEngine {
         }
         self.cfg.validate()?;
         let cfg = paged_config(&self.cfg, options)?.expect("paged format checked above");
-        // Under the step lock: the pool's allocation and zeroing go on the engine's stream,
-        // which must not happen while another thread captures a decode graph on it.
-        let _step = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let kv = GpuKvCache::new(&self.gpu, cfg)?;
+        let nonfinite = self
+            .gpu
+            .stream()
+            .alloc_zeros(1)
+            .map_err(alloc_err("the non-finite counter"))?;
         static NEXT_CACHE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(GpuCache {
             id: NEXT_CACHE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            kv: GpuKvCache::new(&self.gpu, cfg)?,
+            kv: ManuallyDrop::new(kv),
             seqs: BTreeMap::new(),
             next_id: 0,
-            nonfinite: self
-                .gpu
-                .stream()
-                .alloc_zeros(1)
-                .map_err(alloc_err("the non-finite counter"))?,
+            nonfinite: ManuallyDrop::new(nonfinite),
+            capture_lock: self.capture_lock.clone(),
         })
     }
 
@@ -829,6 +835,8 @@ impl GpuEngine {
                     if capture {
                         // A capture marks the cache's layers written while nothing runs.
                         let before = cache.kv.bookkeeping_snapshot();
+                        let capture_lock = self.capture_lock.clone();
+                        let _capture = capture_lock.lock().unwrap_or_else(|p| p.into_inner());
                         stream
                             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                             .map_err(KernelError::driver("starting the decode graph capture"))?;
@@ -997,11 +1005,11 @@ impl GpuEngine {
         }
 
         let bad = stream
-            .clone_dtoh(&cache.nonfinite)
+            .clone_dtoh(&*cache.nonfinite)
             .map_err(KernelError::driver("reading the non-finite counter"))?;
         if bad[0] > 0 {
             stream
-                .memset_zeros(&mut cache.nonfinite)
+                .memset_zeros(&mut *cache.nonfinite)
                 .map_err(KernelError::driver("clearing the non-finite counter"))?;
             return Err(TritterError::NonFinite {
                 what: format!(
@@ -1464,10 +1472,34 @@ impl GpuEngine {
 pub struct GpuCache {
     /// Unique per cache (keys the decode graphs, which write into this cache's pool).
     id: u64,
-    kv: GpuKvCache,
+    /// Freed in `drop`, under `capture_lock`.
+    kv: ManuallyDrop<GpuKvCache>,
     seqs: BTreeMap<u64, kv_int4::SeqId>,
     next_id: u64,
-    nonfinite: CudaSlice<u32>,
+    /// Freed in `drop`, under `capture_lock`.
+    nonfinite: ManuallyDrop<CudaSlice<u32>>,
+    /// The engine's capture lock.
+    capture_lock: Arc<Mutex<()>>,
+}
+
+// Caches may move between threads (the engine may not): keep them `Send`.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<GpuCache>();
+};
+
+impl Drop for GpuCache {
+    /// Frees the pool and counter on the engine's stream under its capture lock: a cache
+    /// may move to another thread (the engine cannot), and a free on that stream during a
+    /// capture would land inside the decode graph.
+    fn drop(&mut self) {
+        let _capture = self.capture_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: each field is dropped once, here, and `self` is never used afterwards.
+        unsafe {
+            ManuallyDrop::drop(&mut self.kv);
+            ManuallyDrop::drop(&mut self.nonfinite);
+        }
+    }
 }
 
 impl std::fmt::Debug for GpuCache {
