@@ -292,6 +292,10 @@ pub struct GpuEngine {
     failed_captures: std::sync::atomic::AtomicU64,
     /// [`GpuEngine::fail_next_capture`].
     fail_next_capture: std::sync::atomic::AtomicBool,
+    /// Neither `Send` nor `Sync` on purpose, whatever the fields become: only the thread
+    /// that made the engine steps it, so its captures race no other step or cache creation
+    /// (the thread notes above).
+    _one_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl std::fmt::Debug for GpuEngine {
@@ -327,6 +331,25 @@ fn end_capture(
         }
     }
     ended
+}
+
+/// A capture open on a stream; ends it if dropped before [`OpenCapture::end`] (a panic
+/// between the begin and the end of a capture), so the stream never stays capturing.
+struct OpenCapture<'a>(Option<&'a Arc<cudarc::driver::CudaStream>>);
+
+impl OpenCapture<'_> {
+    /// [`end_capture`] of the stream.
+    fn end(mut self) -> std::result::Result<Option<CudaGraph>, DriverError> {
+        end_capture(self.0.take().expect("ended once"))
+    }
+}
+
+impl Drop for OpenCapture<'_> {
+    fn drop(&mut self) {
+        if let Some(stream) = self.0.take() {
+            let _ = end_capture(stream);
+        }
+    }
 }
 
 /// q, k and v of a layer as one matrix `((Hq + 2 Hkv) * D, H)` with per-row scales, so the
@@ -479,6 +502,7 @@ impl GpuEngine {
             ),
             failed_captures: std::sync::atomic::AtomicU64::new(0),
             fail_next_capture: std::sync::atomic::AtomicBool::new(false),
+            _one_thread: std::marker::PhantomData,
         })
     }
 
@@ -488,7 +512,10 @@ impl GpuEngine {
     }
 
     /// The device handle the engine launches on: its own stream (see [`GpuEngine::new`]);
-    /// caches and buffers used with the engine belong on it.
+    /// caches and buffers used with the engine belong on it. Launches, allocations or frees
+    /// on it from another thread could land inside a decode graph the engine is capturing:
+    /// use it from the engine's thread, or only for context-level queries (device info,
+    /// free memory).
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
     }
@@ -840,9 +867,12 @@ impl GpuEngine {
                         stream
                             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                             .map_err(KernelError::driver("starting the decode graph capture"))?;
+                        // Dropped before `_capture`: a panic in the launches still ends the
+                        // capture before the lock is released.
+                        let open = OpenCapture(Some(stream));
                         let res = launch(cache);
                         // End the capture before anything else, even after a failed launch.
-                        let ended = end_capture(stream);
+                        let ended = open.end();
                         let forced = self
                             .fail_next_capture
                             .swap(false, std::sync::atomic::Ordering::Relaxed);
@@ -1489,13 +1519,17 @@ const _: fn() = || {
 };
 
 impl Drop for GpuCache {
-    /// Frees the pool and counter on the engine's stream under its capture lock: a cache
-    /// may move to another thread (the engine cannot), and a free on that stream during a
-    /// capture would land inside the decode graph.
+    /// Frees the pool and counter on the engine's stream under its capture lock, with the
+    /// engine's context current: a cache may move to another thread (the engine cannot), and
+    /// a free on that stream during a capture would land inside the decode graph.
     fn drop(&mut self) {
         let _capture = self.capture_lock.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: each field is dropped once, here, and `self` is never used afterwards.
+        // SAFETY: the context outlives this call (the pool's handle holds it); the frees below
+        // (cuMemFreeAsync, unbound by cudarc) need it current on this thread, which may be
+        // one the cache moved to. Each field is then dropped once, here, and `self` is never
+        // used afterwards.
         unsafe {
+            let _ = driver_result::ctx::set_current(self.kv.gpu().context().cu_ctx());
             ManuallyDrop::drop(&mut self.kv);
             ManuallyDrop::drop(&mut self.nonfinite);
         }
