@@ -862,8 +862,7 @@ impl GpuEngine {
                     if capture {
                         // A capture marks the cache's layers written while nothing runs.
                         let before = cache.kv.bookkeeping_snapshot();
-                        let capture_lock = self.capture_lock.clone();
-                        let _capture = capture_lock.lock().unwrap_or_else(|p| p.into_inner());
+                        let _capture = self.capture_lock.lock().unwrap_or_else(|p| p.into_inner());
                         stream
                             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                             .map_err(KernelError::driver("starting the decode graph capture"))?;
