@@ -15,14 +15,8 @@ import sys
 import cupy as cp
 import numpy as np
 
-gemv_mod = cp.RawModule(path=sys.argv[1])
-read = cp.RawModule(path=sys.argv[2]).get_function("stream_read")
-dims = [int(v) for v in sys.argv[3:]]
-shapes = list(zip(dims[::2], dims[1::2])) or [(2560, 2560), (4096, 4096), (16384, 4096), (4096, 16384),
-                                               (32768, 16384)]
-sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+SMS = cp.cuda.Device().attributes["MultiProcessorCount"]
 rng = np.random.default_rng(0)
-
 
 def repack(w, n, wpr):  # canonical (n, wpr) u32 -> tiled blocks (ternary_gemm::repack_tiles)
     quads, nt = (wpr + 7) // 8, (n + 15) // 16
@@ -50,11 +44,13 @@ def graph_time(launch, copies, reps=64, samples=15):
     return float(np.median(ts))
 
 
-for n, k in shapes:
+def make_gemv(gemv_mod, n, k, copies=None):
+    """Random tiled weights (`copies` of them, enough to rotate past L2 by default), GEMV-ready
+    activations and the launch of `launch_gemv`'s M = 1 kernel; returns (run(i), check(), nbytes, Wt)."""
     wpr = (k + 15) // 16
     quads = (wpr + 7) // 8
     nbytes = 4 * n * wpr
-    copies = max(1, -(-200_000_000 // nbytes))
+    copies = copies or max(1, -(-200_000_000 // nbytes))
     codes = rng.integers(0, 3, size=(n, wpr * 16), dtype=np.uint32)
     codes[:, k:] = 1
     w = (codes.reshape(n, wpr, 16) << (2 * np.arange(16, dtype=np.uint32))).sum(axis=2, dtype=np.uint64).astype(np.uint32)
@@ -69,14 +65,14 @@ for n, k in shapes:
     gamma, xs = cp.ones(1, dtype=cp.float32), cp.ones(1, dtype=cp.float32)
     y = cp.zeros(n, dtype=cp.float32)
     ws, tiles = cp.zeros(32 * n, dtype=cp.int32), cp.zeros(n, dtype=cp.uint32)
-    wide = -(-n // 64) >= sms  # launch_gemv's choice for M = 1
+    wide = -(-n // 64) >= SMS  # launch_gemv's choice for M = 1
     name, rows = ("gemv_w2a8_r4", 64) if wide else ("gemv_w2a8", 16)
     if "GEMV_VARIANT" in os.environ:  # tuning: e.g. GEMV_VARIANT=gemv_w2a8_r2:32 GEMV_KSPLIT=2
         name, rows = os.environ["GEMV_VARIANT"].split(":")
         rows = int(rows)
     gemv = gemv_mod.get_function(name)
     ctas = -(-n // rows)
-    ksplit = 1 if ctas >= sms else min(-(-2 * sms // ctas), quads)
+    ksplit = 1 if ctas >= SMS else min(-(-2 * SMS // ctas), quads)
     ksplit = int(os.environ.get("GEMV_KSPLIT", ksplit))
     qps = -(-quads // ksplit)
     ksplit = -(-quads // qps)
@@ -85,12 +81,27 @@ for n, k in shapes:
         gemv((ctas, ksplit), (256,), (Wt[i], gamma, np.int32(0), xq, xsum, xs, y, ws, tiles, np.int32(1),
                                       np.int32(n), np.int32(k), np.int32(qps)))
 
-    run(0)
-    ref = (codes.astype(np.int64)[:, :k] - 1) @ x[:k].astype(np.int64)
-    ok = np.array_equal(y.get(), ref.astype(np.float32))
-    t = graph_time(run, copies)
-    out = cp.zeros(8 * sms, dtype=cp.uint32)
-    t_read = graph_time(lambda i: read((8 * sms,), (256,), (Wt[i], out, np.uint64(Wt[i].size // 4))), copies)
-    print(f"{name} M=1 {n}x{k} ({nbytes / 1e6:.1f} MB) grid {ctas}x{ksplit}: {t:.2f} us "
-          f"{nbytes / t / 1e3:.0f} GB/s | read-only {t_read:.2f} us {nbytes / t_read / 1e3:.0f} GB/s | "
-          f"{'exact' if ok else 'MISMATCH'}")
+    def check():
+        run(0)
+        ref = (codes.astype(np.int64)[:, :k] - 1) @ x[:k].astype(np.int64)
+        return np.array_equal(y.get(), ref.astype(np.float32))
+
+    return run, check, nbytes, Wt, (name, ctas, ksplit)
+
+
+if __name__ == "__main__":
+    gemv_mod = cp.RawModule(path=sys.argv[1])
+    read = cp.RawModule(path=sys.argv[2]).get_function("stream_read")
+    dims = [int(v) for v in sys.argv[3:]]
+    shapes = list(zip(dims[::2], dims[1::2])) or [(2560, 2560), (4096, 4096), (16384, 4096), (4096, 16384),
+                                                   (32768, 16384)]
+    for n, k in shapes:
+        run, check, nbytes, Wt, (name, ctas, ksplit) = make_gemv(gemv_mod, n, k)
+        ok = check()
+        copies = len(Wt)
+        t = graph_time(run, copies)
+        out = cp.zeros(8 * SMS, dtype=cp.uint32)
+        t_read = graph_time(lambda i: read((8 * SMS,), (256,), (Wt[i], out, np.uint64(Wt[i].size // 4))), copies)
+        print(f"{name} M=1 {n}x{k} ({nbytes / 1e6:.1f} MB) grid {ctas}x{ksplit}: {t:.2f} us "
+              f"{nbytes / t / 1e3:.0f} GB/s | read-only {t_read:.2f} us {nbytes / t_read / 1e3:.0f} GB/s | "
+              f"{'exact' if ok else 'MISMATCH'}")
