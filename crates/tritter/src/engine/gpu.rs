@@ -167,6 +167,27 @@ struct DecodeBufs {
     host: PinnedHostSlice<f32>,
 }
 
+/// Waits for `stream` through the driver directly. cudarc's `synchronize` first returns any
+/// error another thread recorded on the shared context (its `check_err`), without waiting:
+/// after an asynchronous copy into page-locked memory that would let the host read, or
+/// free, memory the copy is still writing.
+fn wait_for(stream: &cudarc::driver::CudaStream) -> std::result::Result<(), DriverError> {
+    // SAFETY: plain driver calls on a live stream of a live context (the caller holds both).
+    unsafe {
+        driver_result::ctx::set_current(stream.context().cu_ctx())?;
+        driver_result::stream::synchronize(stream.cu_stream())
+    }
+}
+
+impl Drop for DecodeBufs {
+    /// A step that failed between its copy into `host` and the wait for it (or was unwound
+    /// there) leaves the copy in flight: wait for it before the page-locked memory is freed.
+    /// (With event tracking off, `PinnedHostSlice`'s own drop does not wait.)
+    fn drop(&mut self) {
+        let _ = wait_for(self.logits.stream());
+    }
+}
+
 impl DecodeBufs {
     fn alloc(g: &Gpu, n: usize, cfg: &TritterConfig) -> std::result::Result<Self, KernelError> {
         let s = g.stream();
@@ -923,9 +944,7 @@ impl GpuEngine {
                     .map_err(KernelError::driver("copying logits to the host"))?;
                 // The copy into page-locked memory is asynchronous, and this context does not
                 // track events (Gpu::new), so the pinned slice does not wait by itself.
-                stream
-                    .synchronize()
-                    .map_err(KernelError::driver("waiting for the logits"))?;
+                wait_for(stream).map_err(KernelError::driver("waiting for the logits"))?;
                 let all = bufs
                     .host
                     .as_slice()
