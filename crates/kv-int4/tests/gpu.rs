@@ -31,7 +31,8 @@ gpu_test!(
 
 gpu_test!(
     /// Bad input on the GPU is a typed error and leaves the cache unchanged: NaN in K/V,
-    /// stale decode batches, head-count and length mismatches, unwritten layers.
+    /// stale decode batches, head-count and length mismatches, unwritten layers, a decode
+    /// workspace that would have to grow inside a CUDA-graph capture.
     gpu_bad_input_is_refused => bad_input
 );
 
@@ -390,6 +391,7 @@ mod decode_conformance {
 #[cfg(feature = "cuda")]
 mod bad_input {
     use super::common::{random_f16, Pair};
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use half::f16;
     use kv_int4::cuda::{decode_attention_cuda, DecodeWorkspace};
     use kv_int4::{CacheConfig, KvError};
@@ -527,6 +529,55 @@ mod bad_input {
             matches!(err, KvError::PendingWrite { layer: 1, .. }),
             "{err}"
         );
+
+        // A workspace too small for the plan is not grown inside a CUDA-graph capture (the
+        // allocation would become a node of the graph): a typed error, capture left usable.
+        // On a fork, so the capture takes in no other test's launches.
+        let gf = g.fork().unwrap();
+        let mut pf = Pair::new(&gf, CacheConfig::new(layers, hkv, d, 16).with_page_size(8));
+        let sf = pf.add();
+        pf.append(sf, 13, 12);
+        let batch = pf.gpu.decode_batch(&[sf]).unwrap();
+        let (qf, mut outf) = (
+            gf.stream().clone_htod(&random_f16(4 * d, 13)).unwrap(),
+            gf.stream().alloc_zeros::<f16>(4 * d).unwrap(),
+        );
+        let mut small = DecodeWorkspace::new(&gf, 1, d, 1).unwrap();
+        gf.stream()
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .unwrap();
+        let err = decode_attention_cuda(
+            &pf.gpu,
+            0,
+            &batch,
+            &qf.as_view(),
+            4,
+            1.0,
+            &mut outf.as_view_mut(),
+            &mut small,
+        );
+        let graph = gf
+            .stream()
+            .end_capture(CUgraphInstantiate_flags(0))
+            .unwrap();
+        let err = err.unwrap_err();
+        assert!(
+            matches!(&err, KvError::Unsupported(m) if m.contains("capturing")),
+            "{err}"
+        );
+        drop(graph); // empty: the refusal came before any launch
+                     // Outside a capture the same call grows the workspace and runs.
+        decode_attention_cuda(
+            &pf.gpu,
+            0,
+            &batch,
+            &qf.as_view(),
+            4,
+            1.0,
+            &mut outf.as_view_mut(),
+            &mut small,
+        )
+        .unwrap();
 
         // Head dims the kernel does not take are a clear error, not a launch.
         let mut odd = Pair::new(g, CacheConfig::new(1, 1, 96, 4).with_page_size(8));

@@ -760,10 +760,13 @@ pub fn split_plan(
     } else {
         TC_VARIANTS[0]
     };
+    // The same arguments as decode_attention_cuda's plan (a forced split count applies to
+    // the tensor-core kernel only), so a workspace reserved for this plan is never grown
+    // inside a graph capture.
     plan(
         tc,
         v.ctas_per_sm,
-        forced_splits(),
+        if tc { forced_splits() } else { None },
         sm_count,
         batch,
         heads_kv,
@@ -1092,11 +1095,28 @@ impl DecodeWorkspace {
         })
     }
 
+    /// Grows the workspace to `rows` x `splits` if it is smaller. Refused while the stream
+    /// captures a CUDA graph: the allocation would become a node of the graph and the freed
+    /// buffers would still be written by its replays; reserve for [`split_plan`]'s splits
+    /// before capturing (as the Tritter engine does).
     fn ensure(&mut self, gpu: &Gpu, rows: usize, head_dim: usize, splits: usize) -> Result<()> {
         if self.o_part.len() < rows * head_dim * splits
             || self.ml_part.len() < rows * 2 * splits
             || self.tickets.len() < rows
         {
+            // SAFETY: a query on a live stream of the workspace's own handle.
+            let status =
+                unsafe { cudarc::driver::result::stream::is_capturing(gpu.stream().cu_stream()) };
+            if !matches!(
+                status,
+                Ok(cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+            ) {
+                return Err(KvError::Unsupported(format!(
+                    "growing the decode workspace to {rows} rows x {splits} splits while the \
+                     stream is capturing a CUDA graph (capture status {status:?}): reserve it \
+                     for split_plan's splits before the capture"
+                )));
+            }
             *self = DecodeWorkspace::new(gpu, rows, head_dim, splits)?;
         }
         Ok(())
