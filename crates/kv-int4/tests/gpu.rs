@@ -543,19 +543,22 @@ mod bad_input {
             gf.stream().alloc_zeros::<f16>(4 * d).unwrap(),
         );
         let mut small = DecodeWorkspace::new(&gf, 1, d, 1).unwrap();
+        let mut attend = |ws: &mut DecodeWorkspace| {
+            decode_attention_cuda(
+                &pf.gpu,
+                0,
+                &batch,
+                &qf.as_view(),
+                4,
+                1.0,
+                &mut outf.as_view_mut(),
+                ws,
+            )
+        };
         gf.stream()
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .unwrap();
-        let err = decode_attention_cuda(
-            &pf.gpu,
-            0,
-            &batch,
-            &qf.as_view(),
-            4,
-            1.0,
-            &mut outf.as_view_mut(),
-            &mut small,
-        );
+        let err = attend(&mut small);
         let graph = gf
             .stream()
             .end_capture(CUgraphInstantiate_flags(0))
@@ -567,17 +570,7 @@ mod bad_input {
         );
         drop(graph); // empty: the refusal came before any launch
                      // Outside a capture the same call grows the workspace and runs.
-        decode_attention_cuda(
-            &pf.gpu,
-            0,
-            &batch,
-            &qf.as_view(),
-            4,
-            1.0,
-            &mut outf.as_view_mut(),
-            &mut small,
-        )
-        .unwrap();
+        attend(&mut small).unwrap();
 
         // Head dims the kernel does not take are a clear error, not a launch.
         let mut odd = Pair::new(g, CacheConfig::new(1, 1, 96, 4).with_page_size(8));
