@@ -281,7 +281,9 @@ struct StepInputs<'a> {
 /// another engine does, or synchronizing the context, a call that itself fails with
 /// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` while the capture is open): the step then runs
 /// from eager launches, with the same results, and counts in
-/// [`GpuEngine::failed_captures`].
+/// [`GpuEngine::failed_captures`]. So does a step whose launch was refused during the
+/// capture (a launch that must not be captured); a genuine error recurs in the eager run and
+/// is returned from there.
 pub struct GpuEngine {
     gpu: Arc<Gpu>,
     cfg: TritterConfig,
@@ -912,8 +914,18 @@ impl GpuEngine {
                                 before,
                                 DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED),
                             )?,
-                            // Anything else (a launch error, instantiation out of memory)
-                            // is the step's error, as for an eager step.
+                            // A launch refused inside the capture (say a kv-int4 decode
+                            // workspace that would have to grow, which it refuses while
+                            // capturing): the launches were only recorded, so put the
+                            // bookkeeping back and run the step eagerly; a genuine error
+                            // recurs there and is the step's.
+                            (Err(_), Ok(_)) => self.recover_capture(
+                                cache,
+                                before,
+                                DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED),
+                            )?,
+                            // Anything else (instantiation out of memory, a failed end of
+                            // the capture) is the step's error, as for an eager step.
                             (res, ended) => {
                                 res?;
                                 ended.map_err(KernelError::driver(
