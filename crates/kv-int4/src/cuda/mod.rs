@@ -760,13 +760,10 @@ pub fn split_plan(
     } else {
         TC_VARIANTS[0]
     };
-    // The same arguments as decode_attention_cuda's plan (a forced split count applies to
-    // the tensor-core kernel only), so a workspace reserved for this plan is never grown
-    // inside a graph capture.
     plan(
         tc,
         v.ctas_per_sm,
-        if tc { forced_splits() } else { None },
+        forced_splits(),
         sm_count,
         batch,
         heads_kv,

@@ -901,25 +901,20 @@ impl GpuEngine {
                         match (res, ended) {
                             (Ok(()), Ok(Some(captured))) if !forced => graph = Some(captured),
                             // Invalidated, most likely by another thread's context-wide
-                            // synchronizing call (GpuEngine's thread notes), or empty:
-                            // nothing ran, so put the bookkeeping back and run the step
+                            // synchronizing call (GpuEngine's thread notes): nothing ran,
+                            // so put the bookkeeping back and run the step
                             // eagerly below. The next step of this shape captures anew.
                             (_, Err(e))
                                 if e.0 == CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED =>
                             {
                                 self.recover_capture(cache, before, e)?
                             }
-                            (Ok(()), Ok(_)) => self.recover_capture(
-                                cache,
-                                before,
-                                DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED),
-                            )?,
-                            // A launch refused inside the capture (say a kv-int4 decode
-                            // workspace that would have to grow, which it refuses while
-                            // capturing): the launches were only recorded, so put the
-                            // bookkeeping back and run the step eagerly; a genuine error
-                            // recurs there and is the step's.
-                            (Err(_), Ok(_)) => self.recover_capture(
+                            // Also an empty or discarded capture, and a launch refused inside
+                            // the capture (say a kv-int4 decode workspace that would have to
+                            // grow, which it refuses while capturing): the launches were only
+                            // recorded, so the same recovery; a genuine error recurs in the
+                            // eager run and is the step's.
+                            (_, Ok(_)) => self.recover_capture(
                                 cache,
                                 before,
                                 DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED),
