@@ -6,6 +6,16 @@
 
 namespace tritter {
 
+// BitNet A8 (DESIGN.md section 4), the operations every A8 kernel shares to stay bit-exact
+// with the CPU reference: the scale s = 127 / max(|x|, eps) of a row whose absolute maximum
+// is `amax`, and a value's code, rounded half away from zero and clamped to [-128, 127]
+// (as a float, for kernels that also dequantize it, or as int8).
+__device__ __forceinline__ float a8_scale(float amax) { return __fdiv_rn(127.0f, fmaxf(amax, 1e-5f)); }
+__device__ __forceinline__ float a8_round(float v, float s) {
+    return fminf(fmaxf(roundf(__fmul_rn(v, s)), -128.0f), 127.0f);
+}
+__device__ __forceinline__ int8_t a8_code(float v, float s) { return static_cast<int8_t>(a8_round(v, s)); }
+
 // Writes row `row` of codes_mma / sums from codes produced by `code_of(k)` (k < cols).
 template <int kThreads, typename CodeOf>
 __device__ __forceinline__ void store_mma_row(int8_t* __restrict__ codes_mma, int* __restrict__ sums, int row,

@@ -31,19 +31,13 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kRegVecs = 4;  // 16-byte vectors per thread kept in registers
-constexpr float kQMax = 127.0f;
-constexpr float kEps = 1e-5f;
 
 template <typename T> struct Vec16;
 template <> struct Vec16<float> { static constexpr int N = 4; };
 template <> struct Vec16<__nv_bfloat16> { static constexpr int N = 8; };
 template <> struct Vec16<__half> { static constexpr int N = 8; };
 
-__device__ __forceinline__ int8_t quantize_one(float v, float s) {
-    float q = roundf(__fmul_rn(v, s));
-    q = fminf(fmaxf(q, -128.0f), 127.0f);
-    return static_cast<int8_t>(q);
-}
+__device__ __forceinline__ int8_t quantize_one(float v, float s) { return tritter::a8_code(v, s); }
 
 // Folds |v| into the running row maximum; `bad` is set for NaN or +-Inf, since
 // !(a <= FLT_MAX) catches both (fmaxf alone would silently drop a NaN).
@@ -145,7 +139,7 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
         for (int i = threadIdx.x; i < cols; i += kThreads) qr[i] = 0;
         return;
     }
-    const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
+    const float s = tritter::a8_scale(amax);
     if (threadIdx.x == 0) scales[row] = s;
 
     // Quantizes one 16-byte vector of inputs and stores its VEC codes with one store.
@@ -211,7 +205,7 @@ __device__ __forceinline__ void act_quant_mma_row_regs(const uint4* __restrict__
     load_row_regs<T>(xv, nvec, held, amax, bad);
     amax = tritter::block_max(amax, scratch_f);
     bad = __syncthreads_or(bad);
-    const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
+    const float s = tritter::a8_scale(amax);
     if (threadIdx.x == 0) {
         nonfinite_flags[row] = bad ? 1u : 0u;
         scales[row] = bad ? __int_as_float(0x7fc00000) : s;
@@ -269,7 +263,7 @@ __device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_
         tritter::store_mma_row<kThreads>(codes_mma, sums, row, cols, cols_pad, [](int) { return 0; });
         return;
     }
-    const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
+    const float s = tritter::a8_scale(amax);
     if (threadIdx.x == 0) scales[row] = s;
     tritter::store_mma_row<kThreads>(codes_mma, sums, row, cols, cols_pad,
                   [&](int k) { return static_cast<int>(quantize_one(tritter::to_float(xr[k]), s)); });
@@ -336,7 +330,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const int row = blockIdx.y;  // the grid has exactly `rows` rows of CTAs
     const float amax = __uint_as_float(amax_bits[row]);
     const bool bad = !(amax <= 3.402823466e38f);
-    const float s = __fdiv_rn(kQMax, fmaxf(amax, kEps));
+    const float s = tritter::a8_scale(amax);
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         nonfinite_flags[row] = bad ? 1u : 0u;
         scales[row] = bad ? __int_as_float(0x7fc00000) : s;

@@ -183,13 +183,13 @@ __device__ __forceinline__ void add_rmsnorm_a8_slow(int row, float* __restrict__
     __shared__ float red[32];
     amax = tritter::block_max(amax, red);
     bad = __syncthreads_or(bad) != 0;
-    const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+    const float s = tritter::a8_scale(amax);
     if (threadIdx.x == 0) {
         scales[row] = bad ? __int_as_float(0x7fc00000) : s;
         nonfinite[row] = bad;
     }
     tritter::store_mma_row<kThreads>(codes, sums, row, h, kp, [&](int k) {
-        return bad ? 0 : static_cast<int>(fminf(fmaxf(roundf(__fmul_rn(xr[k], s)), -128.0f), 127.0f));
+        return bad ? 0 : static_cast<int>(tritter::a8_round(xr[k], s));
     });
 }
 
@@ -238,7 +238,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     }
     amax = tritter::block_max(amax, red);
     bad = __syncthreads_or(bad) != 0;
-    const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+    const float s = tritter::a8_scale(amax);
     // Codes in natural k order (zeros past h, and for a non-finite row), then read back as
     // words of the MMA k order (a8_mma.cuh's store_mma_row).
     __shared__ uint32_t q_nat[kRowMax / 4];
@@ -250,8 +250,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         for (int e = 0; e < 4; ++e) {
             int q = 0;
             if (i + e < h && !bad) {
-                const float f = roundf(__fmul_rn(rx.v[4 * j + e], s));
-                q = (int)fminf(fmaxf(f, -128.0f), 127.0f);
+                q = (int)tritter::a8_round(rx.v[4 * j + e], s);
             }
             word |= ((unsigned)q & 0xffu) << (8 * e);
         }

@@ -109,9 +109,9 @@ __device__ __forceinline__ void a8_deq_values(ValueOf value_of, __nv_bfloat16* _
     }
     amax = block_max(amax);
     bad = __syncthreads_or(bad);
-    const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+    const float s = tritter::a8_scale(amax);
     for (int c = threadIdx.x; c < cols; c += kThreads) {
-        const float q = fminf(fmaxf(roundf(__fmul_rn(value_of(c), s)), -128.0f), 127.0f);
+        const float q = tritter::a8_round(value_of(c), s);
         y[c] = __float2bfloat16_rn(bad ? __int_as_float(0x7fc00000) : __fdiv_rn(q, s));
     }
 }
@@ -278,14 +278,14 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     bad = any_bad;
     if (threadIdx.x == 0) {
         nonfinite_flags[r] = bad ? 1u : 0u;
-        scales[r] = bad ? __int_as_float(0x7fc00000) : __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+        scales[r] = bad ? __int_as_float(0x7fc00000) : tritter::a8_scale(amax);
     }
-    const float s = __fdiv_rn(127.0f, fmaxf(amax, 1e-5f));
+    const float s = tritter::a8_scale(amax);
     __nv_bfloat16* dq = deq + r * inter;
     tritter::store_mma_row<kThreads>(codes_mma, sums, (int)r, inter, cols_pad, [&](int k) {
         const float rg = fmaxf(row[k], 0.0f);
         const float h = rg * rg * row[inter + k];
-        const float q = bad ? 0.0f : fminf(fmaxf(roundf(__fmul_rn(h, s)), -128.0f), 127.0f);
+        const float q = bad ? 0.0f : tritter::a8_round(h, s);
         dq[k] = __float2bfloat16_rn(bad ? __int_as_float(0x7fc00000) : __fdiv_rn(q, s));
         return (int)q;
     });
