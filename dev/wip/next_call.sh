@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call for dev/wip/next_call.patch (= glu_a8_tail + decode_probes + l2_prefetch).
-# Here: git apply dev/wip/next_call.patch && scripts/gpu-bundle.sh (then drop .gpu/tests and
+# One device call for the dev/wip patches, applied in order (README there):
+# here: for p in glu_a8_tail l2_prefetch decode_probes; do git apply dev/wip/$p.patch; done
+# && scripts/gpu-bundle.sh (then drop .gpu/tests and
 # .gpu/benches entries not used below if the carry is over 64 MiB). On the device, from the
 # repository root: bash dev/wip/next_call.sh   (writes $OUT/log.txt)
 set -u
