@@ -133,7 +133,8 @@ __device__ __forceinline__ bool visible_nodoc(const Params& p, const Seq& s, int
 }
 
 // The same rule reduced to bounds once per query row i, so that the per-element test is four
-// compares and no branches (the forward's masked tiles at D = 128): key j is visible iff
+// compares and no branches (mask_tile: the forward at D = 128, the backward at D = 64): key j
+// is visible iff
 //   j < lk  and  the mode allows it (causal: j <= i; prefix-LM: j <= i or j < prefix)
 //   and, with a window W, |i - j| < W or j < sinks.
 struct RowVis {
@@ -153,6 +154,31 @@ __device__ __forceinline__ RowVis row_vis(const Params& p, const Seq& s, int i) 
         r.sinks = p.sinks;
     }
     return r;
+}
+
+// Sets the masked scores of one m16 row tile to -inf (the kernels' partially visible tiles):
+// the thread's rows are tile rows r0 and r0 + 8 (accumulator halves; aligned positions
+// r0 + s.shift, ...), its keys n0 + j_lo + nt * 8 + 2 * t4 + e (nt < kNT, e < 2), `sDoc` the
+// key tile's doc ids, `q_doc` its two rows' doc ids (read only when p.doc_ids is set).
+// kRowBounds picks RowVis over visible_nodoc: the same rule; which form lets ptxas allocate
+// a kernel's registers better depends on the kernel and head dim (measured per kernel).
+template <bool kRowBounds, int kNT>
+__device__ __forceinline__ void mask_tile(float (&sc)[kNT][4], const Params& p, const Seq& s, int r0, int n0, int j_lo,
+                                          int t4, const int* sDoc, const int (&q_doc)[2]) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int i = r0 + 8 * hf + s.shift;
+        const RowVis vis_row = row_vis(p, s, i);
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int jl = j_lo + nt * 8 + 2 * t4 + e;
+                bool vis = kRowBounds ? vis_row(n0 + jl) : visible_nodoc(p, s, i, n0 + jl);
+                if (p.doc_ids != nullptr) vis = vis && sDoc[jl] == q_doc[hf];
+                if (!vis) sc[nt][2 * hf + e] = -INFINITY;
+            }
+    }
 }
 
 // First key index whose document id is >= `doc` (doc ids non-decreasing in the sequence).

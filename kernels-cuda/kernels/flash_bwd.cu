@@ -279,21 +279,10 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, con
             }
         }
 
-        if (!tile_all_visible(p, s, a0, a1, n0, n0 + kBN)) {
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const int i = m0 + wm * 16 + g + 8 * hf + s.shift;
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int jl = wn * 32 + nt * 8 + 2 * t4 + e;
-                        bool vis = visible_nodoc(p, s, i, n0 + jl);
-                        if (p.doc_ids != nullptr) vis = vis && sDoc[jl] == q_doc[hf];
-                        if (!vis) sc[nt][2 * hf + e] = -INFINITY;
-                    }
-            }
-        }
+        // Row bounds at D = 64 (causal L = 8K 0.97x the time, H200), the per-element rule at
+        // D = 128 (1.06x with bounds).
+        if (!tile_all_visible(p, s, a0, a1, n0, n0 + kBN))
+            mask_tile<kD == 64>(sc, p, s, m0 + wm * 16 + g, n0, wn * 32, t4, sDoc, q_doc);
 
         // P = exp2(S scale log2e - lse log2e), dS = P (dP - delta); both to shared memory as T.
 #pragma unroll
@@ -520,21 +509,8 @@ __device__ __forceinline__ void flash_bwd_dq(const Params& p, int out_f32, const
             }
         }
 
-        if (!tile_all_visible(p, s, a0, a1, n0, n0 + kBN)) {
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const int i = m0 + warp * 16 + g + 8 * hf + s.shift;
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int jl = nt * 8 + 2 * t4 + e;
-                        bool vis = visible_nodoc(p, s, i, n0 + jl);
-                        if (p.doc_ids != nullptr) vis = vis && sDoc[jl] == q_doc[hf];
-                        if (!vis) sc[nt][2 * hf + e] = -INFINITY;
-                    }
-            }
-        }
+        if (!tile_all_visible(p, s, a0, a1, n0, n0 + kBN))  // bounds at D = 64, as flash_bwd_kv
+            mask_tile<kD == 64>(sc, p, s, m0 + warp * 16 + g, n0, 0, t4, sDoc, q_doc);
 
         // dS = P (dP - delta) in place of dP.
 #pragma unroll
