@@ -10,6 +10,8 @@
 //   j <= i || j < prefix; bidirectional) and window (|i - j| < W || j < sinks) and
 //   documents (doc[i] == doc[j]).
 #pragma once
+#include <climits>
+
 #include "common.cuh"
 #include "warp_mma.cuh"
 

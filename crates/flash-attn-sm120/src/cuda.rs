@@ -512,6 +512,7 @@ fn base_params(gpu: &Gpu, pb: &ProblemGpu) -> FlashParams {
         Seqs::Fixed { lq, lk, .. } => (lq as i32, lk as i32),
         Seqs::Varlen { .. } => (0, 0),
     };
+    let (window, sinks) = p.kernel_window_sinks();
     FlashParams {
         cu_q: opt_ptr(gpu, &pb.cu_q),
         cu_k: opt_ptr(gpu, &pb.cu_k),
@@ -530,8 +531,8 @@ fn base_params(gpu: &Gpu, pb: &ProblemGpu) -> FlashParams {
             MaskMode::Bidirectional => 1,
             MaskMode::PrefixLm => 2,
         },
-        window: p.mask.window.unwrap_or(0) as i32,
-        sinks: p.mask.sinks as i32,
+        window,
+        sinks,
         scale: p.heads.softmax_scale,
         scale_log2: p.heads.softmax_scale * std::f32::consts::LOG2_E,
         ..FlashParams::default()

@@ -398,6 +398,26 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// The window and sink count as the kernels take them (i32; window 0 = none). A window at
+    /// least as long as the longest key sequence already sees every pair of it (aligned query
+    /// positions and keys both lie in `0..Lk`), and so do that many sinks, so both are clamped
+    /// there: any `usize` the user passes (`usize::MAX` as "unbounded") reaches the kernels
+    /// unchanged in meaning, and their position arithmetic (`i + window`) cannot overflow.
+    /// Call after [`Problem::validate`] (which bounds every length by `i32::MAX`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA launches' parameters
+    pub(crate) fn kernel_window_sinks(&self) -> (i32, i32) {
+        let Some(window) = self.mask.window else {
+            return (0, 0);
+        };
+        let max_lk = (0..self.seqs.batch())
+            .map(|b| self.seqs.seq(b).3)
+            .max()
+            .unwrap_or(1)
+            .clamp(1, i32::MAX as usize);
+        let clamp = |v: usize| v.min(max_lk) as i32;
+        (clamp(window), clamp(self.mask.sinks))
+    }
+
     /// A fixed-length problem with no prefix lengths or document ids.
     pub fn fixed(heads: Heads, batch: usize, lq: usize, lk: usize, mask: Mask) -> Problem {
         Problem {
@@ -665,6 +685,49 @@ mod tests {
             let fwd = auto(l / FWD_ROWS, b * hq, None);
             let bwd = auto(l / BWD_KEYS, b * hkv, Some(per_sm));
             assert_eq!((fwd, bwd), want, "B={b} Hq={hq} Hkv={hkv} L={l}");
+        }
+    }
+
+    /// Windows and sinks reach the kernels clamped to the longest key sequence (same mask,
+    /// no i32 wrap), unchanged below it, and as zeros without a window.
+    #[test]
+    fn kernel_window_is_clamped_to_the_longest_sequence() {
+        let heads = Heads::new(2, 2, 64);
+        let (batch, lq, lk) = (2, 48, 96);
+        let mut p = Problem::fixed(heads, batch, lq, lk, Mask::sliding(usize::MAX, usize::MAX));
+        assert_eq!(p.kernel_window_sinks(), (lk as i32, lk as i32));
+        p.mask = Mask::sliding(lk / 4, 2);
+        assert_eq!(p.kernel_window_sinks(), (lk as i32 / 4, 2));
+        p.mask = Mask::CAUSAL;
+        assert_eq!(p.kernel_window_sinks(), (0, 0));
+        // varlen: the longest key sequence bounds it
+        let (short, long) = (lk / 2, lk);
+        p.seqs = Seqs::Varlen {
+            cu_q: vec![0, lq as i32, 2 * lq as i32],
+            cu_k: vec![0, short as i32, (short + long) as i32],
+        };
+        p.mask = Mask {
+            mode: MaskMode::Bidirectional,
+            window: Some(1 << 40),
+            sinks: 0,
+        };
+        assert_eq!(p.kernel_window_sinks(), (long as i32, 0));
+        // the clamped window gives the reference the same mask as the unbounded one
+        let (w, _) = p.kernel_window_sinks();
+        let wide = p.clone();
+        let mut clamped = p.clone();
+        clamped.mask.window = Some(w as usize);
+        for b in 0..2 {
+            let (_, lq_b, _, lk_b) = p.seqs.seq(b);
+            for i in 0..lq_b {
+                for j in 0..lk_b {
+                    assert_eq!(
+                        wide.visible(b, i, j),
+                        clamped.visible(b, i, j),
+                        "b={b} i={i} j={j}"
+                    );
+                }
+            }
         }
     }
 
