@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device script for dev/wip/flash_fwd_pipe.patch. Here, on a clean tree at the commit the
+# Device script for dev/wip/flash_fwd_pipe.patch; build its inputs with
+# dev/wip/build_pipe_probe.sh (what that does, by hand: on a clean tree at the commit the
 # patch was made on:
 #   1. build the baseline:  cargo bench --features cuda --bench flash_attn --no-run and xz the
 #      executable to .gpu/probe/flash_bench_base.xz;
@@ -7,7 +8,7 @@
 #      cargo bench ... --no-run -> .gpu/probe/flash_bench_pipe.xz; cargo test -p flash-attn-sm120
 #      --release --features cuda --test gpu --test gpu_bwd --no-run -> .gpu/probe/flash_gpu_pipe.xz,
 #      .gpu/probe/flash_gpu_bwd_pipe.xz;
-#   3. run with carry [".gpu/tune", ".gpu/probe"]:  bash dev/wip/flash_pipe_call.sh
+#   3. run with carry [".gpu/tune", ".gpu/probe"]:  bash dev/wip/flash_pipe_call.sh).
 set -u
 export TRITTER_REQUIRE_GPU=1
 d=$(python3 -c 'import os, nvidia; [print(os.path.join(p, "cu13", "lib")) for p in nvidia.__path__]' | head -1)
