@@ -45,7 +45,7 @@ namespace flash {
 
 // Tiles per head dim (measured on the H100, dev/flash_tune.sh): D = 128 takes 8 warps of 16
 // rows and 128-key blocks (~10% faster than 4 warps x 32 rows x 64 keys, which spills ~320
-// bytes on sm_90; this one spills ~70 bytes on sm_90, none on sm_120), D = 64 takes 4 warps of
+// bytes on sm_90; this one has no spill since the mask row bounds, mask_tile), D = 64 takes 4 warps of
 // 32 rows and 64-key blocks (20 bytes of spill on sm_90 since the for_tiles loop, none on
 // sm_120; 8 warps were 25% slower there). FLASH_FWD_BN /
 // FLASH_FWD_WARPS / FLASH_FWD_MIN_BLOCKS override them for tuning builds only; the Rust side
