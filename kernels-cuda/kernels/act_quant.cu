@@ -37,8 +37,6 @@ template <> struct Vec16<float> { static constexpr int N = 4; };
 template <> struct Vec16<__nv_bfloat16> { static constexpr int N = 8; };
 template <> struct Vec16<__half> { static constexpr int N = 8; };
 
-__device__ __forceinline__ int8_t quantize_one(float v, float s) { return tritter::a8_code(v, s); }
-
 // Folds |v| into the running row maximum; `bad` is set for NaN or +-Inf, since
 // !(a <= FLT_MAX) catches both (fmaxf alone would silently drop a NaN).
 __device__ __forceinline__ void absorb_absmax(float v, float& amax, unsigned& bad) {
@@ -150,7 +148,7 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
             uint32_t w[VEC / 4];
         } out;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) out.q[j] = quantize_one(tritter::to_float(e[j]), s);
+        for (int j = 0; j < VEC; ++j) out.q[j] = tritter::a8_code(tritter::to_float(e[j]), s);
         if constexpr (VEC == 8) {
             reinterpret_cast<uint2*>(qr)[i] = make_uint2(out.w[0], out.w[1]);
         } else {
@@ -167,7 +165,7 @@ __device__ __forceinline__ void act_quant_row(const T* __restrict__ x, int8_t* _
         // Second read of the row: L1/L2 resident right after pass 1.
         for (int i = threadIdx.x; i < nvec; i += kThreads) store_vec(xv[i], i);
     } else {
-        for (int i = threadIdx.x; i < cols; i += kThreads) qr[i] = quantize_one(tritter::to_float(xr[i]), s);
+        for (int i = threadIdx.x; i < cols; i += kThreads) qr[i] = tritter::a8_code(tritter::to_float(xr[i]), s);
     }
 }
 
@@ -221,7 +219,7 @@ __device__ __forceinline__ void act_quant_mma_row_regs(const uint4* __restrict__
         } out;
         const T* e = reinterpret_cast<const T*>(&held[it]);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) out.q[j] = (i < nvec && !bad) ? quantize_one(tritter::to_float(e[j]), s) : 0;
+        for (int j = 0; j < VEC; ++j) out.q[j] = (i < nvec && !bad) ? tritter::a8_code(tritter::to_float(e[j]), s) : 0;
 #pragma unroll
         for (int w = 0; w < VEC / 4; ++w) q_nat[(VEC / 4) * i + w] = out.w[w];
     }
@@ -266,7 +264,7 @@ __device__ __forceinline__ void act_quant_mma_row(const T* __restrict__ x, int8_
     const float s = tritter::a8_scale(amax);
     if (threadIdx.x == 0) scales[row] = s;
     tritter::store_mma_row<kThreads>(codes_mma, sums, row, cols, cols_pad,
-                  [&](int k) { return static_cast<int>(quantize_one(tritter::to_float(xr[k]), s)); });
+                  [&](int k) { return static_cast<int>(tritter::a8_code(tritter::to_float(xr[k]), s)); });
 }
 
 #define ACT_QUANT_ENTRY(NAME, T)                                                              \
@@ -345,7 +343,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int k = kb + 4 * e;
-            const int q = (k < cols && !bad) ? static_cast<int>(quantize_one(xr[k], s)) : 0;
+            const int q = (k < cols && !bad) ? static_cast<int>(tritter::a8_code(xr[k], s)) : 0;
             word |= (static_cast<unsigned>(q) & 0xffu) << (8 * e);
         }
         local = __dp4a(static_cast<int>(word), 0x01010101, 0);
