@@ -45,8 +45,8 @@
 //
 // Shared memory and registers (nvcc 13.0 --resource-usage, sm_90 / sm_120; README has the table):
 // * main kernel: Q, dO, K, V (64 x D each), P, dS (64 x 64 each), doc ids = 82,176 B at
-//   D = 128, 49,408 B at D = 64. D = 128: 218-225 / 240-246 registers (_pair: 222-229 /
-//   240-244), no spills, 1 CTA of
+//   D = 128, 49,408 B at D = 64; the D = 128 kernel without dQ has a second Q tile (98,560 B,
+//   kKvWide). D = 128: 225-230 / 244-246 registers, no spills, 1 CTA of
 //   8 warps per SM (dK + dV alone hold 64 f32 registers per thread; a 128-register cap for
 //   2 CTAs spills ~96 B). D = 64: __launch_bounds__(256, 2), 128 registers, no spills, 2 CTAs.
 // * dq kernel: Q, dO (64 x D), K, V double-buffered (2 x 2 x 64 x D), doc ids = 98,816 B at
@@ -71,15 +71,28 @@ constexpr int kDqBM = 64;        // dq kernel: query rows per CTA
 constexpr int kDqThreads = 128;  // dq kernel: 4 warps of 16 rows
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int kD>
+// The D = 128 main kernel without dQ (the deterministic mode's) differs from the others in
+// two ways, each measured (H100, flash_attn bench, deterministic causal L = 8K 8.22 -> 7.92
+// ms, bidirectional 16.11 -> 15.50 ms): (1) two Q tiles, so the Q of query block it + 2 is
+// fetched into the tile block it leaves right after its dV/dK products (with block it + 1's
+// dO), and that load has a whole block to land instead of none; (2) 32 x 32 warp tiles in the
+// dV/dK product (FlashAttention-2's 64 x 64 layout), which cuts its shared-memory fragment
+// reads from 160 to 128 KB per tile. In the atomic dQ kernel the same two changes made the
+// causal L = 8K backward slower (7.81 -> 8.15 ms; the Q tiles alone 8.73), and at D = 64 the
+// 16 x 32 tiles already read the least and two CTAs per SM must fit sm_120's ~100 KB.
+template <int kD, bool kDq>
+constexpr bool kKvWide = kD == 128 && !kDq;
+template <int kD, bool kDq>
 constexpr int kv_smem_bytes() {
-    return (2 * kBM + 2 * kBN) * kD * 2 + 2 * kBM * kBN * 2 + kBN * 4;
+    return ((kKvWide<kD, kDq> ? 3 : 2) * kBM + 2 * kBN) * kD * 2 + 2 * kBM * kBN * 2 + kBN * 4;
 }
 template <int kD>
 constexpr int dq_smem_bytes() {
     return (2 * kDqBM + 4 * kBN) * kD * 2 + 2 * kBN * 4;
 }
-static_assert(kv_smem_bytes<128>() == 82176, "main kernel shared memory (README)");
+static_assert(kv_smem_bytes<128, true>() == 82176, "main kernel shared memory (README)");
+static_assert(kv_smem_bytes<128, false>() == 98560, "main kernel shared memory (README)");
+static_assert(kv_smem_bytes<128, false>() <= 101376, "sm_120 allows 99 KB per block");
 static_assert(dq_smem_bytes<128>() == 98816, "dq kernel shared memory (README)");
 static_assert(dq_smem_bytes<128>() <= 101376, "sm_120 allows 99 KB per block");
 
@@ -176,11 +189,17 @@ __device__ __forceinline__ void preprocess(const Params& p, int zero_dq) {
 // Main kernel: dK, dV of one key block (and, with kDq, atomic dQ contributions).
 template <typename T, int kD, bool kDq>
 __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, const int n_block) {
-    constexpr int kDH = kD / 2;   // d columns per warp for dK, dV, dQ
-    constexpr int kDT = kDH / 8;  // their n8 tiles
+    // Warp tiles of the dV/dK and dQ products (rows x d columns, 8 warps): 16 x D/2, or 32 x 32
+    // where kKvWide (above).
+    constexpr int kWR = kKvWide<kD, kDq> ? 32 : 16;  // rows (keys for dK/dV, queries for dQ)
+    constexpr int kDH = kBN * kD / (8 * kWR);         // d columns per warp
+    constexpr int kMT2 = kWR / 16;                    // m16 tiles per warp
+    constexpr int kDT = kDH / 8;                      // n8 tiles per warp
+    static_assert(kDH * kWR * 8 == kBN * kD, "8 warps cover the 64 x D tile");
+    constexpr int kQB = kKvWide<kD, kDq> ? 2 : 1;     // Q tiles
     extern __shared__ __align__(128) unsigned char smem[];
-    T* sQ = reinterpret_cast<T*>(smem);
-    T* sdO = sQ + kBM * kD;
+    T* sQ0 = reinterpret_cast<T*>(smem);  // kQB buffers
+    T* sdO = sQ0 + kQB * kBM * kD;
     T* sK = sdO + kBM * kD;
     T* sV = sK + kBN * kD;
     T* sP = sV + kBN * kD;    // (kBM, kBN)
@@ -195,7 +214,9 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, con
     const int group = p.hq / p.hkv;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
-    const int wm = warp & 3, wn = warp >> 2;
+    const int wm = warp & 3, wn = warp >> 2;                                    // S, dP
+    static_assert(kWR == 16 || kWR == 32, "warp tile rows");
+    const int wr = kWR == 16 ? wm : warp & 1, wc = kWR == 16 ? wn : warp >> 1;  // dV, dK, dQ
 
     const size_t q_stride = static_cast<size_t>(p.hq) * kD * sizeof(T);
     const size_t kv_stride = static_cast<size_t>(p.hkv) * kD * sizeof(T);
@@ -205,34 +226,43 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, con
     const int m_lo = rr.lo / kBM;
     const int n_m = rr.hi > rr.lo ? (rr.hi + kBM - 1) / kBM - m_lo : 0;
     const int n_it = n_m * group;
-    auto load_qdo = [&](int it) {
+    // Q (into tile it % kQB) and / or dO of iteration it.
+    auto load_qdo = [&](int it, bool q, bool dout) {
         const int h = hk * group + it / n_m;
         const int m0 = (m_lo + it % n_m) * kBM;
         const size_t off = (static_cast<size_t>(s.q0 + m0) * p.hq + h) * kD;
-        load_rows<kBM, kD, kThreads>(sQ, static_cast<const T*>(p.q) + off, q_stride, s.lq - m0);
-        load_rows<kBM, kD, kThreads>(sdO, static_cast<const T*>(p.dout) + off, q_stride, s.lq - m0);
+        const int valid = s.lq - m0;
+        if (q) load_rows<kBM, kD, kThreads>(sQ0 + (it % kQB) * kBM * kD, static_cast<const T*>(p.q) + off, q_stride, valid);
+        if (dout) load_rows<kBM, kD, kThreads>(sdO, static_cast<const T*>(p.dout) + off, q_stride, valid);
     };
 
     load_rows<kBN, kD, kThreads>(sK, static_cast<const T*>(p.k) + kv_off, kv_stride, keys);
     load_rows<kBN, kD, kThreads>(sV, static_cast<const T*>(p.v) + kv_off, kv_stride, keys);
-    if (n_it > 0) load_qdo(0);
+    if (n_it > 0) load_qdo(0, true, true);
     cp_async_commit();
+    if constexpr (kQB == 2) {  // the Q of iteration 1 in a group of its own (waited for a block later)
+        if (n_it > 1) load_qdo(1, true, false);
+        cp_async_commit();
+    }
     if (p.doc_ids != nullptr && tid < kBN) sDoc[tid] = p.doc_ids[s.k0 + min(n0 + tid, s.lk - 1)];
 
-    float dk[kDT][4], dv[kDT][4];
+    float dk[kMT2][kDT][4], dv[kMT2][kDT][4];
 #pragma unroll
-    for (int dt = 0; dt < kDT; ++dt)
+    for (int mt = 0; mt < kMT2; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            dk[dt][e] = 0.f;
-            dv[dt][e] = 0.f;
-        }
+        for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                dk[mt][dt][e] = 0.f;
+                dv[mt][dt][e] = 0.f;
+            }
 
     for (int it = 0; it < n_it; ++it) {
         const int h = hk * group + it / n_m;
         const int m0 = (m_lo + it % n_m) * kBM;
         const int rows = min(kBM, s.lq - m0);
         const int a0 = m0 + s.shift, a1 = m0 + rows - 1 + s.shift;
+        const T* sQ = sQ0 + (it % kQB) * kBM * kD;
 
         // Row statistics of this thread's two S rows (wm * 16 + g + 8 hf).
         float lse2[2], dlt[2];
@@ -247,7 +277,7 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, con
             if (p.doc_ids != nullptr) q_doc[hf] = p.doc_ids[s.k0 + min(max(m0 + r + s.shift, 0), s.lk - 1)];
         }
 
-        cp_async_wait<0>();
+        cp_async_wait<kQB - 1>();  // with two Q tiles the newest group (the Q of it + 1) may fly
         __syncthreads();  // Q, dO (and at it = 0 K, V, doc ids) landed
 
         // S = Q K^T, dP = dO V^T: 16 rows x 32 keys per warp.
@@ -301,84 +331,106 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, con
             }
         __syncthreads();  // P, dS complete
 
-        // dV += P^T dO, dK += dS^T Q: keys 16 wm.., d columns kDH wn.. per warp.
+        // dV += P^T dO, dK += dS^T Q: keys kWR wr.., d columns kDH wc.. per warp.
 #pragma unroll
         for (int kk = 0; kk < kBM / 16; ++kk) {
-            unsigned pa[4], sa[4];
-            const int qr = kk * 16 + ((lane >> 4) << 3) + (lane & 7);
-            const int kc = wm * 16 + ((lane >> 3) & 1) * 8;
-            ldmatrix_x4_trans(pa, sP + swz<kBN>(qr, kc));
-            ldmatrix_x4_trans(sa, sdS + swz<kBN>(qr, kc));
+            unsigned pa[kMT2][4], sa[kMT2][4];
+#pragma unroll
+            for (int mt = 0; mt < kMT2; ++mt) {
+                const int qr = kk * 16 + ((lane >> 4) << 3) + (lane & 7);
+                const int kc = wr * kWR + mt * 16 + ((lane >> 3) & 1) * 8;
+                ldmatrix_x4_trans(pa[mt], sP + swz<kBN>(qr, kc));
+                ldmatrix_x4_trans(sa[mt], sdS + swz<kBN>(qr, kc));
+            }
 #pragma unroll
             for (int dpi = 0; dpi < kDT / 2; ++dpi) {
                 unsigned bo[4], bq[4];
                 const int r = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                const int c = wn * kDH + dpi * 16 + (lane >> 4) * 8;
+                const int c = wc * kDH + dpi * 16 + (lane >> 4) * 8;
                 ldmatrix_x4_trans(bo, sdO + swz<kD>(r, c));
                 ldmatrix_x4_trans(bq, sQ + swz<kD>(r, c));
-                mma_16816<T>(dv[2 * dpi], pa, bo[0], bo[1]);
-                mma_16816<T>(dv[2 * dpi + 1], pa, bo[2], bo[3]);
-                mma_16816<T>(dk[2 * dpi], sa, bq[0], bq[1]);
-                mma_16816<T>(dk[2 * dpi + 1], sa, bq[2], bq[3]);
+#pragma unroll
+                for (int mt = 0; mt < kMT2; ++mt) {
+                    mma_16816<T>(dv[mt][2 * dpi], pa[mt], bo[0], bo[1]);
+                    mma_16816<T>(dv[mt][2 * dpi + 1], pa[mt], bo[2], bo[3]);
+                    mma_16816<T>(dk[mt][2 * dpi], sa[mt], bq[0], bq[1]);
+                    mma_16816<T>(dk[mt][2 * dpi + 1], sa[mt], bq[2], bq[3]);
+                }
             }
         }
         __syncthreads();  // every warp is done with Q and dO: fetch the next block's
-        if (it + 1 < n_it) load_qdo(it + 1);
+        if (it + 1 < n_it) load_qdo(it + 1, kQB == 1, true);
         cp_async_commit();
+        if constexpr (kQB == 2) {  // into the buffer this block's Q leaves
+            if (it + 2 < n_it) load_qdo(it + 2, true, false);
+            cp_async_commit();
+        }
 
         if constexpr (kDq) {
-            // dQ = dS K: rows 16 wm.., d columns kDH wn.. per warp; added to dq_accum (f32).
-            float dq[kDT][4];
+            // dQ = dS K: rows kWR wr.., d columns kDH wc.. per warp; added to dq_accum (f32).
+            float dq[kMT2][kDT][4];
 #pragma unroll
-            for (int dt = 0; dt < kDT; ++dt)
+            for (int mt = 0; mt < kMT2; ++mt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) dq[dt][e] = 0.f;
+                for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) dq[mt][dt][e] = 0.f;
 #pragma unroll
             for (int ks = 0; ks < kBN / 16; ++ks) {
-                unsigned a[4];
-                ldmatrix_x4(a, sdS + swz<kBN>(wm * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8));
+                unsigned a[kMT2][4];
+#pragma unroll
+                for (int mt = 0; mt < kMT2; ++mt)
+                    ldmatrix_x4(a[mt], sdS + swz<kBN>(wr * kWR + mt * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8));
 #pragma unroll
                 for (int dpi = 0; dpi < kDT / 2; ++dpi) {
                     unsigned bk[4];
                     ldmatrix_x4_trans(bk, sK + swz<kD>(ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                       wn * kDH + dpi * 16 + (lane >> 4) * 8));
-                    mma_16816<T>(dq[2 * dpi], a, bk[0], bk[1]);
-                    mma_16816<T>(dq[2 * dpi + 1], a, bk[2], bk[3]);
+                                                       wc * kDH + dpi * 16 + (lane >> 4) * 8));
+#pragma unroll
+                    for (int mt = 0; mt < kMT2; ++mt) {
+                        mma_16816<T>(dq[mt][2 * dpi], a[mt], bk[0], bk[1]);
+                        mma_16816<T>(dq[mt][2 * dpi + 1], a[mt], bk[2], bk[3]);
+                    }
                 }
             }
 #pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const int r = wm * 16 + g + 8 * hf;
-                if (r < rows) {
-                    float* dst = p.dq_accum + (static_cast<size_t>(s.q0 + m0 + r) * p.hq + h) * kD + wn * kDH + 2 * t4;
+            for (int mt = 0; mt < kMT2; ++mt)
 #pragma unroll
-                    for (int dt = 0; dt < kDT; ++dt)
-                        atomicAdd(reinterpret_cast<float2*>(dst + dt * 8),
-                                  make_float2(dq[dt][2 * hf] * p.scale, dq[dt][2 * hf + 1] * p.scale));
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int r = wr * kWR + mt * 16 + g + 8 * hf;
+                    if (r < rows) {
+                        float* dst =
+                            p.dq_accum + (static_cast<size_t>(s.q0 + m0 + r) * p.hq + h) * kD + wc * kDH + 2 * t4;
+#pragma unroll
+                        for (int dt = 0; dt < kDT; ++dt)
+                            atomicAdd(reinterpret_cast<float2*>(dst + dt * 8),
+                                      make_float2(dq[mt][dt][2 * hf] * p.scale, dq[mt][dt][2 * hf + 1] * p.scale));
+                    }
                 }
-            }
         }
     }
     cp_async_wait<0>();
 
     // Epilogue: dK (scaled) and dV of the block's valid keys; keys no query sees get zeros.
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int r = wm * 16 + g + 8 * hf;
-        if (r >= keys) continue;
-        const size_t off = kv_off + static_cast<size_t>(r) * p.hkv * kD + wn * kDH + 2 * t4;
+    for (int mt = 0; mt < kMT2; ++mt)
 #pragma unroll
-        for (int dt = 0; dt < kDT; ++dt) {
-            const float k0v = dk[dt][2 * hf] * p.scale, k1v = dk[dt][2 * hf + 1] * p.scale;
-            if (dk_f32 != nullptr) {
-                *reinterpret_cast<float2*>(dk_f32 + off + dt * 8) = make_float2(k0v, k1v);
-            } else {
-                *reinterpret_cast<unsigned*>(static_cast<T*>(p.dk) + off + dt * 8) = pack2<T>(k0v, k1v);
+        for (int hf = 0; hf < 2; ++hf) {
+            const int r = wr * kWR + mt * 16 + g + 8 * hf;
+            if (r >= keys) continue;
+            const size_t off = kv_off + static_cast<size_t>(r) * p.hkv * kD + wc * kDH + 2 * t4;
+#pragma unroll
+            for (int dt = 0; dt < kDT; ++dt) {
+                const float k0v = dk[mt][dt][2 * hf] * p.scale, k1v = dk[mt][dt][2 * hf + 1] * p.scale;
+                if (dk_f32 != nullptr) {
+                    *reinterpret_cast<float2*>(dk_f32 + off + dt * 8) = make_float2(k0v, k1v);
+                } else {
+                    *reinterpret_cast<unsigned*>(static_cast<T*>(p.dk) + off + dt * 8) = pack2<T>(k0v, k1v);
+                }
+                *reinterpret_cast<unsigned*>(static_cast<T*>(p.dv) + off + dt * 8) =
+                    pack2<T>(dv[mt][dt][2 * hf], dv[mt][dt][2 * hf + 1]);
             }
-            *reinterpret_cast<unsigned*>(static_cast<T*>(p.dv) + off + dt * 8) =
-                pack2<T>(dv[dt][2 * hf], dv[dt][2 * hf + 1]);
         }
-    }
 }
 
 // The key blocks of this CTA: block blockIdx.x, or with kPair (the _pair kernels) blocks j =

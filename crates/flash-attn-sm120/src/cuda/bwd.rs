@@ -32,10 +32,17 @@ const ROW_WARPS: usize = 8;
 /// Upper bound on the blocks of the norm backward (each leaves one partial weight gradient).
 const NORM_MAX_BLOCKS: usize = 1024;
 
-/// Shared memory of the main backward kernel at head dim `d`: Q, dO, K, V tiles, P and dS,
-/// doc ids (82,176 bytes at D = 128).
-pub fn bwd_kv_smem_bytes(d: usize) -> usize {
-    (2 * BWD_BLOCK_M + 2 * BWD_BLOCK_N) * d * 2
+/// Shared memory of the main backward kernel at head dim `d` in `mode`: Q, dO, K, V tiles, P
+/// and dS, doc ids (82,176 bytes at D = 128, 49,408 at D = 64). The deterministic mode's D =
+/// 128 kernel (no dq) keeps a second Q tile, so the next query block's Q loads while this one
+/// is computed (98,560 bytes, under sm_120's 99 KB per block; `kKvWide` in flash_bwd.cu).
+pub fn bwd_kv_smem_bytes(d: usize, mode: BwdMode) -> usize {
+    let q_tiles = if d == 128 && mode == BwdMode::Deterministic {
+        2
+    } else {
+        1
+    };
+    ((1 + q_tiles) * BWD_BLOCK_M + 2 * BWD_BLOCK_N) * d * 2
         + 2 * BWD_BLOCK_M * BWD_BLOCK_N * 2
         + BWD_BLOCK_N * 4
 }
@@ -383,7 +390,7 @@ pub fn flash_attn_bwd_cuda<T: AttnDtype>(
         )));
     }
     let optin = gpu.info().max_shared_per_block_optin as usize;
-    let smem_kv = bwd_kv_smem_bytes(d);
+    let smem_kv = bwd_kv_smem_bytes(d, mode);
     let smem_dq = bwd_dq_smem_bytes(d);
     let needed = if mode == BwdMode::Deterministic {
         smem_kv.max(smem_dq)
