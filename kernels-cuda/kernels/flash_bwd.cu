@@ -189,9 +189,9 @@ __device__ __forceinline__ void preprocess(const Params& p, int zero_dq) {
 // Main kernel: dK, dV of one key block (and, with kDq, atomic dQ contributions).
 template <typename T, int kD, bool kDq>
 __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, const int n_block) {
-    // Warp tiles of the dV/dK and dQ products (rows x d columns, 8 warps): 16 x D/2, or 32 x 32
-    // where kKvWide (above).
-    constexpr int kWR = kKvWide<kD, kDq> ? 32 : 16;  // rows (keys for dK/dV, queries for dQ)
+    // Warp tiles of the dV/dK product (keys x d columns, 8 warps): 16 x D/2, or 32 x 32 where
+    // kKvWide (above); the dQ product (only with kDq, so never wide) keeps 16 x D/2.
+    constexpr int kWR = kKvWide<kD, kDq> ? 32 : 16;  // keys per warp
     constexpr int kDH = kBN * kD / (8 * kWR);         // d columns per warp
     constexpr int kMT2 = kWR / 16;                    // m16 tiles per warp
     constexpr int kDT = kDH / 8;                      // n8 tiles per warp
@@ -216,7 +216,7 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, con
     const int g = lane >> 2, t4 = lane & 3;
     const int wm = warp & 3, wn = warp >> 2;                                    // S, dP
     static_assert(kWR == 16 || kWR == 32, "warp tile rows");
-    const int wr = kWR == 16 ? wm : warp & 1, wc = kWR == 16 ? wn : warp >> 1;  // dV, dK, dQ
+    const int wr = kWR == 16 ? wm : warp & 1, wc = kWR == 16 ? wn : warp >> 1;  // dV, dK
 
     const size_t q_stride = static_cast<size_t>(p.hq) * kD * sizeof(T);
     const size_t kv_stride = static_cast<size_t>(p.hkv) * kD * sizeof(T);
@@ -367,46 +367,37 @@ __device__ __forceinline__ void flash_bwd_kv(const Params& p, float* dk_f32, con
         }
 
         if constexpr (kDq) {
-            // dQ = dS K: rows kWR wr.., d columns kDH wc.. per warp; added to dq_accum (f32).
-            float dq[kMT2][kDT][4];
+            // dQ = dS K: rows 16 wm.., d columns kDH wn.. per warp; added to dq_accum (f32).
+            static_assert(kWR == 16, "the dQ product keeps the 16 x D/2 warp tiles");
+            float dq[kDT][4];
 #pragma unroll
-            for (int mt = 0; mt < kMT2; ++mt)
+            for (int dt = 0; dt < kDT; ++dt)
 #pragma unroll
-                for (int dt = 0; dt < kDT; ++dt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) dq[mt][dt][e] = 0.f;
+                for (int e = 0; e < 4; ++e) dq[dt][e] = 0.f;
 #pragma unroll
             for (int ks = 0; ks < kBN / 16; ++ks) {
-                unsigned a[kMT2][4];
-#pragma unroll
-                for (int mt = 0; mt < kMT2; ++mt)
-                    ldmatrix_x4(a[mt], sdS + swz<kBN>(wr * kWR + mt * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8));
+                unsigned a[4];
+                ldmatrix_x4(a, sdS + swz<kBN>(wm * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8));
 #pragma unroll
                 for (int dpi = 0; dpi < kDT / 2; ++dpi) {
                     unsigned bk[4];
                     ldmatrix_x4_trans(bk, sK + swz<kD>(ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                       wc * kDH + dpi * 16 + (lane >> 4) * 8));
-#pragma unroll
-                    for (int mt = 0; mt < kMT2; ++mt) {
-                        mma_16816<T>(dq[mt][2 * dpi], a[mt], bk[0], bk[1]);
-                        mma_16816<T>(dq[mt][2 * dpi + 1], a[mt], bk[2], bk[3]);
-                    }
+                                                       wn * kDH + dpi * 16 + (lane >> 4) * 8));
+                    mma_16816<T>(dq[2 * dpi], a, bk[0], bk[1]);
+                    mma_16816<T>(dq[2 * dpi + 1], a, bk[2], bk[3]);
                 }
             }
 #pragma unroll
-            for (int mt = 0; mt < kMT2; ++mt)
+            for (int hf = 0; hf < 2; ++hf) {
+                const int r = wm * 16 + g + 8 * hf;
+                if (r < rows) {
+                    float* dst = p.dq_accum + (static_cast<size_t>(s.q0 + m0 + r) * p.hq + h) * kD + wn * kDH + 2 * t4;
 #pragma unroll
-                for (int hf = 0; hf < 2; ++hf) {
-                    const int r = wr * kWR + mt * 16 + g + 8 * hf;
-                    if (r < rows) {
-                        float* dst =
-                            p.dq_accum + (static_cast<size_t>(s.q0 + m0 + r) * p.hq + h) * kD + wc * kDH + 2 * t4;
-#pragma unroll
-                        for (int dt = 0; dt < kDT; ++dt)
-                            atomicAdd(reinterpret_cast<float2*>(dst + dt * 8),
-                                      make_float2(dq[mt][dt][2 * hf] * p.scale, dq[mt][dt][2 * hf + 1] * p.scale));
-                    }
+                    for (int dt = 0; dt < kDT; ++dt)
+                        atomicAdd(reinterpret_cast<float2*>(dst + dt * 8),
+                                  make_float2(dq[dt][2 * hf] * p.scale, dq[dt][2 * hf + 1] * p.scale));
                 }
+            }
         }
     }
     cp_async_wait<0>();
