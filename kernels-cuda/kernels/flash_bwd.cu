@@ -21,11 +21,13 @@
 //   K/V, no dK/dV atomics and no reduction pass. Per query block:
 //     S = Q K^T and dP = dO V^T     warp (wm, wn) owns rows 16 wm.., keys 32 wn.. (4 n8 tiles)
 //     P, dS -> shared memory (T)    masked through tile_all_visible / visible_nodoc
-//     dV += P^T dO, dK += dS^T Q    warp owns keys 16 wm.., d columns D/2 wn..; the transposed
+//     dV += P^T dO, dK += dS^T Q    warp owns keys 16 wm.., d columns D/2 wn.. (32 x 32 tiles in
+//                                   the D = 128 kernel without dQ, kKvWide); the transposed
 //                                   A operands come from ldmatrix.trans of the row-major P, dS
 //     dQ = dS K (the _dq variant)   warp owns rows 16 wm.., d columns D/2 wn..; added with
 //                                   f32x2 atomics into dq_accum (total_q, Hq, D), pre-scaled.
-//   The next block's Q and dO are fetched (cp.async) while dQ is computed and added.
+//   The next block's Q and dO are fetched (cp.async) while dQ is computed and added (kKvWide:
+//   the next block's dO, and the Q of the block after it into a second Q tile).
 // * flash_bwd_dq_*: the deterministic mode's dQ, parallel over query blocks like the forward:
 //   one CTA per (64 query rows or a pair of such blocks, query head, sequence), 4 warps of 16
 //   rows, walking the forward's key blocks (key_range) with K/V double-buffered, recomputing
@@ -72,8 +74,8 @@ constexpr int kDqThreads = 128;  // dq kernel: 4 warps of 16 rows
 constexpr float kLog2e = 1.4426950408889634f;
 
 // The D = 128 main kernel without dQ (the deterministic mode's) differs from the others in
-// two ways, each measured (H100, flash_attn bench, deterministic causal L = 8K 8.22 -> 7.92
-// ms, bidirectional 16.11 -> 15.50 ms): (1) two Q tiles, so the Q of query block it + 2 is
+// two ways, each measured (H100, flash_attn bench, deterministic causal L = 8K 8.24 -> 7.92
+// ms, bidirectional 16.12 -> 15.53 ms): (1) two Q tiles, so the Q of query block it + 2 is
 // fetched into the tile block it leaves right after its dV/dK products (with block it + 1's
 // dO), and that load has a whole block to land instead of none; (2) 32 x 32 warp tiles in the
 // dV/dK product (FlashAttention-2's 64 x 64 layout), which cuts its shared-memory fragment
