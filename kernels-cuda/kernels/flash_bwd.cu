@@ -20,7 +20,7 @@
 //   window costs O(L W)), keeping dK and dV of its 64 keys in registers: GQA needs no expanded
 //   K/V, no dK/dV atomics and no reduction pass. Per query block:
 //     S = Q K^T and dP = dO V^T     warp (wm, wn) owns rows 16 wm.., keys 32 wn.. (4 n8 tiles)
-//     P, dS -> shared memory (T)    masked through tile_all_visible / visible_nodoc
+//     P, dS -> shared memory (T)    masked through tile_all_visible / mask_tile
 //     dV += P^T dO, dK += dS^T Q    warp owns keys 16 wm.., d columns D/2 wn.. (32 x 32 tiles in
 //                                   the D = 128 kernel without dQ, kKvWide); the transposed
 //                                   A operands come from ldmatrix.trans of the row-major P, dS
