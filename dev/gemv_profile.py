@@ -76,6 +76,9 @@ def make_gemv(gemv_mod, n, k, copies=None):
     ksplit = int(os.environ.get("GEMV_KSPLIT", ksplit))
     qps = -(-quads // ksplit)
     ksplit = -(-quads // qps)
+    if name == "gemv_w2a8" and qps > 8 * 4 and ctas * ksplit <= 2 * SMS and "GEMV_VARIANT" not in os.environ:
+        name = "gemv_w2a8_kl"  # launch_gemv's long-K choice
+        gemv = gemv_mod.get_function(name)
 
     def run(i, gemv=gemv):
         gemv((ctas, ksplit), (256,), (Wt[i], gamma, np.int32(0), xq, xsum, xs, y, ws, tiles, np.int32(1),

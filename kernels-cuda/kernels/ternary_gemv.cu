@@ -96,8 +96,12 @@ __device__ __forceinline__ void glu_epilogue(const float (&v)[kOut], float* __re
 // kU: blocks in flight per warp and row tile. kNT: MMA n-tiles of 8 activation rows (1: M
 // <= 8, 4: M <= 32); every decoded A fragment feeds kNT MMAs, so a batch of up to 32 rows
 // streams the weights once. kGlu: the fused MLP's gate/up pass (glu_epilogue); y is then h
-// [M, inter].
-template <int kRT, int kU, int kNT, bool kGlu>
+// [M, inter]. kPreB: a batch's activation (B) registers are requested with its weights, a
+// batch ahead, instead of when it is decoded. Their first touch is an L2 round trip that
+// otherwise stalls every batch after its weights arrived; it pays when a warp streams >= 2
+// batches (H100, 4096 x 16384 at M = 1: 9.9 -> 9.0 us) and costs kU x kNT x 16 registers
+// (gemv_w2a8: 80 -> 128, 3 -> 2 CTAs per SM, so 6144 x 4096, one batch per warp, 5.3 -> 6.9 us).
+template <int kRT, int kU, int kNT, bool kGlu, bool kPreB>
 __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,
                                const int8_t* __restrict__ xq, const int* __restrict__ xsum,
                                const float* __restrict__ xs, float* __restrict__ y, int* __restrict__ ws,
@@ -149,18 +153,34 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
             }
         }
     };
-    auto compute = [&](const uint4(&wv)[kU][kRT], int q0) {
+    // B registers of block q for this lane (rows >= M and blocks past the range: zeros).
+    auto load_b1 = [&](unsigned(&bq)[kNT][8], int q) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+            const int8_t* xb = xg[nt] + 128 * q;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                bq[nt][j] = has_b[nt] && q < q_end ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
+        }
+    };
+    auto load_b = [&](unsigned(&bq)[kU][kNT][8], int q0) {
+#pragma unroll
+        for (int u = 0; u < kU; ++u) load_b1(bq[u], q0 + kWarps * u);
+    };
+    // `pre`: the batch's B registers when kPreB; otherwise unused and loaded here per block.
+    auto compute = [&](const uint4(&wv)[kU][kRT], const unsigned(&pre)[kU][kNT][8], int q0) {
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
             const int q = q0 + kWarps * u;
             if (q >= q_end) break;
             unsigned bq[kNT][8];
+            if constexpr (kPreB) {
 #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) {
-                const int8_t* xb = xg[nt] + 128 * q;
+                for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    bq[nt][j] = has_b[nt] ? __ldg(reinterpret_cast<const unsigned*>(xb + 16 * j)) : 0u;
+                    for (int j = 0; j < 8; ++j) bq[nt][j] = pre[u][nt][j];
+            } else {
+                load_b1(bq, q);
             }
 #pragma unroll
             for (int r = 0; r < kRT; ++r) {
@@ -171,6 +191,7 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
         }
     };
     uint4 wa[kU][kRT], wb[kU][kRT];
+    unsigned ba[kU][kNT][8], bb[kU][kNT][8];
     int q0 = q_begin + warp;
     // The first batch is requested before the PDL wait: the weights are constant, so the
     // loads may overlap the previous kernel's tail (Gpu::launch_pdl). Activations, scales,
@@ -178,13 +199,16 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
     load(wa, q0);
     tritter::pdl_launch_dependents();
     tritter::pdl_wait();
+    if constexpr (kPreB) load_b(ba, q0);
     while (q0 < q_end) {
         load(wb, q0 + kStride);
-        compute(wa, q0);
+        if constexpr (kPreB) load_b(bb, q0 + kStride);
+        compute(wa, ba, q0);
         q0 += kStride;
         if (q0 >= q_end) break;
         load(wa, q0 + kStride);
-        compute(wb, q0);
+        if constexpr (kPreB) load_b(ba, q0 + kStride);
+        compute(wb, bb, q0);
         q0 += kStride;
     }
     if (kGlu && blockIdx.x == 0 && blockIdx.y == 0) {
@@ -273,26 +297,26 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
 
 }  // namespace
 
-#define GEMV_ENTRY(NAME, RT, U, NT)                                                                            \
+#define GEMV_ENTRY(NAME, RT, U, NT, PB)                                                                        \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                          \
         const uint4* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,                  \
         const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,         \
         float* __restrict__ y, int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, \
         int quads_per_split) {                                                                            \
-        gemv_w2a8_impl<RT, U, NT, false>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K, \
+        gemv_w2a8_impl<RT, U, NT, false, PB>(W, gamma, gamma_per_row, xq, xsum, xs, y, ws, tiles, M, n_out, K, \
                                          quads_per_split);                                               \
     }
 
 // Gate/up pass of the fused MLP: y is h [M, inter]; the trailing arguments are the row
 // maxima (zero on entry; act_quant_mma_absmax_f32 resets them), inter, and the row sums of
 // h's GEMV-ready codes, which this kernel zeroes for the A8 pass.
-#define GEMV_GLU_ENTRY(NAME, RT, U, NT)                                                                     \
+#define GEMV_GLU_ENTRY(NAME, RT, U, NT, PB)                                                                 \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                          \
         const uint4* __restrict__ W, const float* __restrict__ gamma, int gamma_per_row,                  \
         const int8_t* __restrict__ xq, const int* __restrict__ xsum, const float* __restrict__ xs,         \
         float* __restrict__ h, int* __restrict__ ws, unsigned* __restrict__ tiles, int M, int n_out, int K, \
         int quads_per_split, unsigned* __restrict__ amax_bits, int inter, int* __restrict__ glu_sums) {   \
-        gemv_w2a8_impl<RT, U, NT, true>(W, gamma, gamma_per_row, xq, xsum, xs, h, ws, tiles, M, n_out, K, \
+        gemv_w2a8_impl<RT, U, NT, true, PB>(W, gamma, gamma_per_row, xq, xsum, xs, h, ws, tiles, M, n_out, K, \
                                         quads_per_split, amax_bits, inter, glu_sums);                    \
     }
 
@@ -302,11 +326,13 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
 // tiles; the choice whenever n_out / 64 CTAs fill the GPU (H100, M = 1..8: 16384 x 4096 in
 // 7.4 us, 75% of a d2d copy's bandwidth; 32768 x 16384 at 94%). `gemv_w2a8` (1 tile, M = 1,
 // where only lanes g = 0 load activations) and `_r2` (2 tiles, M = 2..8) keep 4x / 2x more
-// CTAs for narrower matrices (4096 x 16384: 256 CTAs instead of a 5-way K split). The GLU pass
-// at M = 9..32: 2 tiles x 4 n-tiles (4 tiles would need 64 KB for the reduction).
-GEMV_ENTRY(gemv_w2a8, 1, 4, 1)
-GEMV_ENTRY(gemv_w2a8_r2, 2, 2, 1)
-GEMV_ENTRY(gemv_w2a8_r4, 4, 1, 1)
+// CTAs for narrower matrices (4096 x 16384: 256 CTAs instead of a 5-way K split). `_kl` is
+// `gemv_w2a8` with kPreB, for M = 1 where a warp streams >= 2 batches and 2 CTAs per SM still
+// hold the grid (the 7B down projection: 9.66 -> 7.37 us in the PDL-chained bench graph).
+GEMV_ENTRY(gemv_w2a8, 1, 4, 1, false)
+GEMV_ENTRY(gemv_w2a8_kl, 1, 4, 1, true)
+GEMV_ENTRY(gemv_w2a8_r2, 2, 2, 1, false)
+GEMV_ENTRY(gemv_w2a8_r4, 4, 1, 1, false)
 
 // The fused MLP's relu^2 * up step on the GEMM path (M >= 9, prefill): gu (m, gu_cols) f32 is
 // the interleaved gate/up GEMM output of activation rows row0 .. row0 + m (16-row tiles: gate
@@ -332,5 +358,5 @@ extern "C" __global__ void __launch_bounds__(256)
     if ((threadIdx.x & 31) == 0 && bits != 0u) atomicMax(&amax_bits[row0 + r], bits);
 }
 
-GEMV_GLU_ENTRY(gemv_w2a8_glu, 2, 2, 1)
-GEMV_GLU_ENTRY(gemv_w2a8_glu_r4, 4, 1, 1)
+GEMV_GLU_ENTRY(gemv_w2a8_glu, 2, 2, 1, false)
+GEMV_GLU_ENTRY(gemv_w2a8_glu_r4, 4, 1, 1, false)

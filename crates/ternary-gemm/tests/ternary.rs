@@ -321,6 +321,9 @@ const GEMV_CASES: &[(usize, usize, usize)] = &[
     (4096, 4096, 8),
     (1024, 16384, 8),
     (4096, 16384, 1),
+    // M = 1, >= 2 batches of 4 blocks per warp, one wave of 16-row CTAs: the `_kl`
+    // variant (activations a batch ahead), ragged in n_out and K.
+    (2500, 5000, 1),
     (16384, 4096, 2),
     // >= 64 x 132 rows: the 64-row-CTA variant at M = 1 (ragged n_out, K % 128 != 0).
     (8500, 1000, 1),
@@ -646,6 +649,8 @@ const MLP_CASES: &[(usize, usize, usize)] = &[
     (4096, 16384, 2),
     // gate/up of 8608 rows: the 64-row-CTA GLU variant at M = 1; the down GEMV splits K.
     (64, 4300, 1),
+    // The 3B decode shape: the 64-row GLU variant, then the down GEMV's `_kl` variant.
+    (2560, 6912, 1),
 ];
 
 gpu_test!(

@@ -26,6 +26,8 @@ pub const GEMM_MIN_M: usize = 9;
 const N_TILE: usize = 8;
 const WARPS: usize = 8;
 const THREADS: u32 = 32 * WARPS as u32;
+/// Weight blocks (128 weights of 16 rows) a warp of `gemv_w2a8` streams per batch (its kU).
+const GEMV_BATCH: usize = 4;
 
 /// A ternary matrix resident on the GPU: the codes in the tiled device layout
 /// ([`repack_tiles`](crate::repack_tiles): 16-row x 128-weight blocks of 512 bytes, one
@@ -249,7 +251,8 @@ pub(super) fn launch_gemv(
         let mc = GEMV_MAX_M.min(m - m0);
         // (kernel, output rows per CTA): see the variants in ternary_gemv.cu. 64-row CTAs
         // whenever they alone fill every SM; the GLU pass pairs gate and up tiles per CTA.
-        let wide = n_out.div_ceil(4 * TILE_ROWS) >= gpu.info().sm_count as usize;
+        let sms = gpu.info().sm_count as usize;
+        let wide = n_out.div_ceil(4 * TILE_ROWS) >= sms;
         let (name, rows_per_cta) = match (glu.is_some(), mc, wide) {
             (false, 1..=N_TILE, true) => ("gemv_w2a8_r4", 4 * TILE_ROWS),
             (false, 1, false) => ("gemv_w2a8", TILE_ROWS),
@@ -268,6 +271,19 @@ pub(super) fn launch_gemv(
             }
         };
         let (qps, ksplit) = plan(gpu, n_out, k, rows_per_cta);
+        // `_kl` (long K): gemv_w2a8 with its activation registers requested a batch ahead.
+        // It pays once a warp streams >= 2 batches and costs a third of the CTAs an SM holds
+        // (128 registers instead of 80), so only where the grid still fits in one wave of 2
+        // CTAs per SM (H100, M = 1: 4096 x 16384 in 9.0 us instead of 9.9; one-batch shapes
+        // such as 6144 x 4096 lose 30% with it).
+        let name = if name == "gemv_w2a8"
+            && qps > WARPS * GEMV_BATCH
+            && n_out.div_ceil(rows_per_cta) * ksplit <= 2 * sms
+        {
+            "gemv_w2a8_kl"
+        } else {
+            name
+        };
         let cfg = LaunchConfig {
             grid_dim: (n_out.div_ceil(rows_per_cta) as u32, ksplit as u32, 1),
             block_dim: (THREADS, 1, 1),
