@@ -15,6 +15,7 @@
 //! report) and one place to find the pinned toolchain, while the Rust crates that launch
 //! the kernels stay independently versioned (the way `candle-kernels` serves `candle-core`).
 
+pub mod capture_gate;
 mod error;
 #[cfg(feature = "cuda")]
 mod gpu;

@@ -43,10 +43,10 @@ gpu_test!(
 
 gpu_test!(
     /// An engine's decode steps give bit-identical logits whether its graphs are captured
-    /// while another thread builds, steps and drops engines and destroys cuBLAS handles on
-    /// the same device (handle teardown invalidates captures in flight; those steps, and one
-    /// capture discarded on purpose, run eagerly from restored bookkeeping) or run from
-    /// eager launches alone afterwards.
+    /// while another thread builds, steps and drops engines and creates and destroys cuBLAS
+    /// handles on the same device (all under the capture gate's teardown side, so no capture
+    /// is open meanwhile; one capture discarded on purpose runs eagerly from restored
+    /// bookkeeping) or run from eager launches alone afterwards.
     gpu_engine_survives_concurrent_engines => churn
 );
 
@@ -416,7 +416,7 @@ mod churn {
         EngineCache, GpuEngine, InferenceCheckpoint, KvCacheFormat, LogitsFor, SourceInfo,
         StepInput,
     };
-    use tritter_kernels_cuda::Gpu;
+    use tritter_kernels_cuda::{capture_gate, Gpu};
 
     use super::common::engine::{bf16_reference, random_tokens};
     use super::setup::{gqa4_d128, options};
@@ -476,6 +476,8 @@ mod churn {
                         if stop.load(Ordering::Relaxed) {
                             return n;
                         }
+                        // As code outside the engine should: under the capture gate.
+                        let _gate = capture_gate::teardown_section();
                         drop(CudaBlas::new(s.stream().clone()).unwrap());
                     }
                 }

@@ -71,7 +71,7 @@ use ternary_gemm::cuda::{
     TernaryMatrixGpu, TernaryMlpGpu,
 };
 use ternary_gemm::{TernaryMatrix, TernaryScales};
-use tritter_kernels_cuda::{images, Gpu, KernelArgs, KernelError};
+use tritter_kernels_cuda::{capture_gate, images, Gpu, KernelArgs, KernelError};
 
 use super::checkpoint::{InferenceCheckpoint, LayerNorms};
 use super::cpu::{check_step_inputs, run_rounds, wanted_rows, Chunk, RowsWanted, StepInput};
@@ -296,7 +296,8 @@ pub struct GpuEngine {
     final_norm: CudaSlice<f32>,
     /// RoPE `inv_freq` `(D/2,)` in f64 (the reference's values).
     inv_freq: CudaSlice<f64>,
-    blas: CudaBlas,
+    /// Destroyed in [`GpuEngine`]'s drop, under the capture gate's teardown side.
+    blas: ManuallyDrop<CudaBlas>,
     /// cuBLAS's workspace (set on the handle).
     _blas_ws: CudaSlice<u8>,
     shared: Mutex<Shared>,
@@ -319,6 +320,23 @@ pub struct GpuEngine {
     /// that made the engine steps it, so its captures race no other step or cache creation
     /// (the thread notes above).
     _one_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for GpuEngine {
+    /// Tears down under the capture gate's exclusive side, so no capture of another engine
+    /// of this process is open meanwhile (`tritter_kernels_cuda::capture_gate`): waits for
+    /// the engine's stream, drops the decode graphs and buffers, then destroys the cuBLAS
+    /// handle whose GEMM those graphs hold; the handle's workspace and the other buffers are
+    /// freed afterwards with the fields (stream-ordered frees).
+    fn drop(&mut self) {
+        let _gate = capture_gate::teardown_section();
+        let _ = wait_for(self.gpu.stream());
+        let shared = self.shared.get_mut().unwrap_or_else(|p| p.into_inner());
+        shared.rows.clear();
+        // SAFETY: dropped once, here; `self.blas` is not used afterwards (this is the
+        // engine's drop and no field's drop touches it).
+        unsafe { ManuallyDrop::drop(&mut self.blas) };
+    }
 }
 
 impl std::fmt::Debug for GpuEngine {
@@ -464,7 +482,12 @@ impl GpuEngine {
         let max_n_out = layers
             .first()
             .map_or(1, |l| l.qkv.n_out().max(cfg.hidden_size));
-        let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| TritterError::Cublas {
+        // Handle creation too runs outside any capture of this process (capture_gate).
+        let blas = {
+            let _gate = capture_gate::teardown_section();
+            CudaBlas::new(gpu.stream().clone())
+        }
+        .map_err(|e| TritterError::Cublas {
             context: "creating the handle".into(),
             detail: e.to_string(),
         })?;
@@ -512,7 +535,7 @@ impl GpuEngine {
             }),
             zero_pad: ckpt.architecture.zero_pad_embedding,
             gpu: gpu.clone(),
-            blas,
+            blas: ManuallyDrop::new(blas),
             _blas_ws: blas_ws,
             layers,
             cfg,
@@ -885,6 +908,9 @@ impl GpuEngine {
                     if capture {
                         // A capture marks the cache's layers written while nothing runs.
                         let before = cache.kv.bookkeeping_snapshot();
+                        // No engine or cuBLAS handle of this process is torn down while the
+                        // capture is open (tritter_kernels_cuda::capture_gate).
+                        let _gate = capture_gate::capture_section();
                         let _capture = self.capture_lock.lock().unwrap_or_else(|p| p.into_inner());
                         stream
                             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
