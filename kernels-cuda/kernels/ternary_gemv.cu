@@ -329,6 +329,9 @@ __device__ void gemv_w2a8_impl(const uint4* __restrict__ W, const float* __restr
 // CTAs for narrower matrices (4096 x 16384: 256 CTAs instead of a 5-way K split). `_kl` is
 // `gemv_w2a8` with kPreB, for M = 1 where a warp streams >= 2 batches and 2 CTAs per SM still
 // hold the grid (the 7B down projection: 9.66 -> 7.37 us in the PDL-chained bench graph).
+// That rule assumes `_kl` fits 2 CTAs per SM: <= 128 registers (128 with nvcc 13.0 on sm_90
+// and sm_120; see the build log's resource usage). `__launch_bounds__(kThreads, 2)` would
+// pin it but changes the measured SASS, so it waits for a measurement.
 GEMV_ENTRY(gemv_w2a8, 1, 4, 1, false)
 GEMV_ENTRY(gemv_w2a8_kl, 1, 4, 1, true)
 GEMV_ENTRY(gemv_w2a8_r2, 2, 2, 1, false)

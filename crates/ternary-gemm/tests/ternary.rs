@@ -322,8 +322,10 @@ const GEMV_CASES: &[(usize, usize, usize)] = &[
     (1024, 16384, 8),
     (4096, 16384, 1),
     // M = 1, >= 2 batches of 4 blocks per warp, one wave of 16-row CTAs: the `_kl`
-    // variant (activations a batch ahead), ragged in n_out and K.
+    // variant (activations a batch ahead), ragged in n_out and K, and with K split 3 ways
+    // (88 CTAs on 132 SMs).
     (2500, 5000, 1),
+    (1400, 16384, 1),
     (16384, 4096, 2),
     // >= 64 x 132 rows: the 64-row-CTA variant at M = 1 (ragged n_out, K % 128 != 0).
     (8500, 1000, 1),

@@ -44,9 +44,10 @@ gpu_test!(
 gpu_test!(
     /// An engine's decode steps give bit-identical logits whether its graphs are captured
     /// while another thread builds, steps and drops engines and creates and destroys cuBLAS
-    /// handles on the same device (all under the capture gate's teardown side, so no capture
-    /// is open meanwhile; one capture discarded on purpose runs eagerly from restored
-    /// bookkeeping) or run from eager launches alone afterwards.
+    /// handles on the same device (through the capture gate, so no capture is open while a
+    /// handle is made or destroyed; one capture discarded on purpose takes the recovery
+    /// path: bookkeeping restored, the step run eagerly) or run from eager launches alone
+    /// afterwards.
     gpu_engine_survives_concurrent_engines => churn
 );
 
@@ -411,12 +412,12 @@ mod churn {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    use cudarc::cublas::CudaBlas;
     use tritter::engine::{
         EngineCache, GpuEngine, InferenceCheckpoint, KvCacheFormat, LogitsFor, SourceInfo,
         StepInput,
     };
-    use tritter_kernels_cuda::{capture_gate, Gpu};
+    use tritter_kernels_cuda::capture_gate::GatedBlas;
+    use tritter_kernels_cuda::Gpu;
 
     use super::common::engine::{bf16_reference, random_tokens};
     use super::setup::{gqa4_d128, options};
@@ -476,9 +477,8 @@ mod churn {
                         if stop.load(Ordering::Relaxed) {
                             return n;
                         }
-                        // As code outside the engine should: under the capture gate.
-                        let _gate = capture_gate::teardown_section();
-                        drop(CudaBlas::new(s.stream().clone()).unwrap());
+                        // As code outside the engine should: through the capture gate.
+                        drop(GatedBlas::new(s.stream().clone()).unwrap());
                     }
                 }
             });

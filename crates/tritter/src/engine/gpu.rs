@@ -49,7 +49,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::cublas::{result as blas_result, sys as blas_sys};
 use cudarc::driver::result::{self as driver_result, DriverError};
 use cudarc::driver::sys::{
     CUevent_flags, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode, CUstreamCaptureStatus,
@@ -71,7 +71,8 @@ use ternary_gemm::cuda::{
     TernaryMatrixGpu, TernaryMlpGpu,
 };
 use ternary_gemm::{TernaryMatrix, TernaryScales};
-use tritter_kernels_cuda::{capture_gate, images, Gpu, KernelArgs, KernelError};
+use tritter_kernels_cuda::capture_gate::{self, GatedBlas};
+use tritter_kernels_cuda::{images, Gpu, KernelArgs, KernelError};
 
 use super::checkpoint::{InferenceCheckpoint, LayerNorms};
 use super::cpu::{check_step_inputs, run_rounds, wanted_rows, Chunk, RowsWanted, StepInput};
@@ -276,9 +277,10 @@ struct StepInputs<'a> {
 /// same [`Gpu`] never end up inside its decode graphs, and a cache steps only with the
 /// engine that made it. Caches are `Send`; one dropped on another thread frees its pool
 /// under the engine's capture lock, so the free never lands inside a decode graph being
-/// captured. A capture is also invalidated when another thread makes a
-/// context-wide synchronizing call meanwhile (destroying a cuBLAS handle, as dropping
-/// another engine does, or synchronizing the context, a call that itself fails with
+/// captured. Engines of one process create and destroy their cuBLAS handles and drop their
+/// decode graphs outside each other's captures (`tritter_kernels_cuda::capture_gate`). A
+/// capture is still invalidated when other code makes a context-wide synchronizing call
+/// meanwhile (destroying a cuBLAS handle outside the gate, or synchronizing the context, a call that itself fails with
 /// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` while the capture is open): the step then runs
 /// from eager launches, with the same results, and counts in
 /// [`GpuEngine::failed_captures`]. So does a step whose launch was refused during the
@@ -296,8 +298,9 @@ pub struct GpuEngine {
     final_norm: CudaSlice<f32>,
     /// RoPE `inv_freq` `(D/2,)` in f64 (the reference's values).
     inv_freq: CudaSlice<f64>,
-    /// Destroyed in [`GpuEngine`]'s drop, under the capture gate's teardown side.
-    blas: ManuallyDrop<CudaBlas>,
+    /// Made and destroyed under the capture gate's teardown side; dropped after the decode
+    /// graphs that hold its GEMM ([`GpuEngine`]'s drop clears them first).
+    blas: GatedBlas,
     /// cuBLAS's workspace (set on the handle).
     _blas_ws: CudaSlice<u8>,
     shared: Mutex<Shared>,
@@ -323,19 +326,16 @@ pub struct GpuEngine {
 }
 
 impl Drop for GpuEngine {
-    /// Tears down under the capture gate's exclusive side, so no capture of another engine
-    /// of this process is open meanwhile (`tritter_kernels_cuda::capture_gate`): waits for
-    /// the engine's stream, drops the decode graphs and buffers, then destroys the cuBLAS
-    /// handle whose GEMM those graphs hold; the handle's workspace and the other buffers are
-    /// freed afterwards with the fields (stream-ordered frees).
+    /// Waits for the engine's stream and drops the decode graphs and their buffers under the
+    /// capture gate's exclusive side, so no capture of another engine of this process is open
+    /// meanwhile (`tritter_kernels_cuda::capture_gate`); then the fields drop: the cuBLAS
+    /// handle whose GEMM those graphs held (under the gate again, [`GatedBlas`]), its
+    /// workspace and the other buffers (stream-ordered frees).
     fn drop(&mut self) {
         let _gate = capture_gate::teardown_section();
         let _ = wait_for(self.gpu.stream());
         let shared = self.shared.get_mut().unwrap_or_else(|p| p.into_inner());
         shared.rows.clear();
-        // SAFETY: dropped once, here; `self.blas` is not used afterwards (this is the
-        // engine's drop and no field's drop touches it).
-        unsafe { ManuallyDrop::drop(&mut self.blas) };
     }
 }
 
@@ -482,12 +482,8 @@ impl GpuEngine {
         let max_n_out = layers
             .first()
             .map_or(1, |l| l.qkv.n_out().max(cfg.hidden_size));
-        // Handle creation too runs outside any capture of this process (capture_gate).
-        let blas = {
-            let _gate = capture_gate::teardown_section();
-            CudaBlas::new(gpu.stream().clone())
-        }
-        .map_err(|e| TritterError::Cublas {
+        // Made (and, on any error below, destroyed) outside every capture of the process.
+        let blas = GatedBlas::new(gpu.stream().clone()).map_err(|e| TritterError::Cublas {
             context: "creating the handle".into(),
             detail: e.to_string(),
         })?;
@@ -535,7 +531,7 @@ impl GpuEngine {
             }),
             zero_pad: ckpt.architecture.zero_pad_embedding,
             gpu: gpu.clone(),
-            blas: ManuallyDrop::new(blas),
+            blas,
             _blas_ws: blas_ws,
             layers,
             cfg,

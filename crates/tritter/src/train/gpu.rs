@@ -59,7 +59,8 @@ use ternary_gemm::cuda::{
     ternary_matmul_a8_cuda, ternary_matmul_t_cuda, AbsmeanWorkspace, GemvActivations,
     GemvWorkspace, TernaryMatrixGpu,
 };
-use tritter_kernels_cuda::{capture_gate, images, Gpu, KernelError};
+use tritter_kernels_cuda::capture_gate::GatedBlas;
+use tritter_kernels_cuda::{images, Gpu, KernelError};
 
 use super::layout::{check_trainable, logits_chunk_rows, LinearPath, ParamLayout, TrainPlan};
 use super::AdamWConfig;
@@ -302,8 +303,8 @@ pub struct GpuTrainModel {
     cfg: TritterConfig,
     layout: ParamLayout,
     adam: AdamWConfig,
-    /// Destroyed in the model's drop, under the capture gate's teardown side.
-    blas: std::mem::ManuallyDrop<CudaBlas>,
+    /// Made and destroyed outside every decode-graph capture of the process.
+    blas: GatedBlas,
     params: CudaSlice<f32>,
     grads: CudaSlice<f32>,
     m: CudaSlice<f32>,
@@ -349,15 +350,8 @@ fn mark(
 }
 
 impl Drop for GpuTrainModel {
-    /// Aborts the data-parallel group, then destroys the cuBLAS handle under the capture
-    /// gate's teardown side (`tritter_kernels_cuda::capture_gate`), so it cannot invalidate
-    /// an inference engine's decode-graph capture on another thread.
     fn drop(&mut self) {
         self.abort_group();
-        let _gate = capture_gate::teardown_section();
-        // SAFETY: dropped once, here; `self.blas` is not used afterwards (this is the
-        // model's drop and no field's drop touches it).
-        unsafe { std::mem::ManuallyDrop::drop(&mut self.blas) };
     }
 }
 
@@ -466,12 +460,7 @@ impl GpuTrainModel {
         } else {
             "lm_head.weight"
         };
-        // Outside any decode-graph capture of this process (capture_gate).
-        let blas = {
-            let _gate = capture_gate::teardown_section();
-            CudaBlas::new(g.stream().clone())
-        }
-        .map_err(|e| TritterError::Cublas {
+        let blas = GatedBlas::new(g.stream().clone()).map_err(|e| TritterError::Cublas {
             context: "creating the handle".into(),
             detail: e.to_string(),
         })?;
@@ -489,7 +478,7 @@ impl GpuTrainModel {
             loss: alloc(g, 1, "the loss sum")?,
             params,
             layers,
-            blas: std::mem::ManuallyDrop::new(blas),
+            blas,
             gpu: gpu.clone(),
             cfg,
             layout,
