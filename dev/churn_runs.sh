@@ -7,11 +7,7 @@
 # 40 lines and exit status (139 = SIGSEGV) are kept. Ends with "N of M passed". At ~4% per
 # run, ~75 clean runs rule that rate out at 95%.
 set -uo pipefail
-.gpu/run.sh unpack >/dev/null 2>&1
-export TRITTER_REQUIRE_GPU=1
-libs="$(python3 -c 'import os, nvidia; [print(os.path.join(p, "cu13", "lib")) for p in nvidia.__path__]' 2>/dev/null | head -1)"
-export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-[[ -n "${OUT:-}" ]] && exec > >(tee "$OUT/log.txt") 2>&1
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 bin=.gpu/tests/tritter.gpu_engine
 [[ -x "$bin" ]] || { echo "no $bin: build the bundle with scripts/gpu-bundle.sh" >&2; exit 2; }
 budget="${1:-300}"

@@ -11,11 +11,7 @@
 # BATCH (default 1) picks the batch; PROFILE=1 adds a `--profile` run (graphs off, CUDA
 # events per phase).
 set -uo pipefail
-.gpu/run.sh unpack >/dev/null 2>&1
-export TRITTER_REQUIRE_GPU=1
-libs="$(python3 -c 'import os, nvidia; [print(os.path.join(p, "cu13", "lib")) for p in nvidia.__path__]' 2>/dev/null | head -1)"
-export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-[[ -n "${OUT:-}" ]] && exec > >(tee "$OUT/log.txt") 2>&1
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 sweep=(${SWEEP:-TRITTER_GEMV_MIN_KSPLIT=2 TRITTER_GEMV_MIN_KSPLIT=4 TRITTER_KV_SPLITS=3 TRITTER_KV_SPLITS=8 TRITTER_KV_SPLITS=16})
 batch="${BATCH:-1}"
 echo "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), bundle $(cat .gpu/GIT_REV), batch $batch"
