@@ -280,9 +280,9 @@ struct StepInputs<'a> {
 /// captured. Engines of one process create and destroy their cuBLAS handles and drop their
 /// decode graphs outside each other's captures (`tritter_kernels_cuda::capture_gate`). A
 /// capture is still invalidated when other code makes a context-wide synchronizing call
-/// meanwhile (destroying a cuBLAS handle outside the gate, or synchronizing the context, a call that itself fails with
-/// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` while the capture is open): the step then runs
-/// from eager launches, with the same results, and counts in
+/// meanwhile (destroying a cuBLAS handle outside the gate, or synchronizing the context, a
+/// call that itself fails with `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` while the capture is
+/// open): the step then runs from eager launches, with the same results, and counts in
 /// [`GpuEngine::failed_captures`]. So does a step whose launch was refused during the
 /// capture (a launch that must not be captured); a genuine error recurs in the eager run and
 /// is returned from there.
