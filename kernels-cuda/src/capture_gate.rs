@@ -7,7 +7,7 @@
 //! `ggml_cuda_lock`, PR #14288, serializes the same two things for the same reason). So the
 //! decode-graph captures of `tritter`'s inference engine hold [`capture_section`] from
 //! `begin_capture` to the end of the capture, and every cuBLAS handle of the engines is a
-//! [`GatedBlas`], created and destroyed under [`teardown_section`]; the inference engine also
+//! `GatedBlas`, created and destroyed under [`teardown_section`]; the inference engine also
 //! drops its decode graphs under it. Captures on several threads still run concurrently
 //! (shared side); a teardown waits for the captures in flight (milliseconds), and new captures
 //! wait behind a queued teardown (std's `RwLock` does not starve writers on Linux).
@@ -16,11 +16,11 @@
 //! allocates or frees, and single-threaded bench captures. Code outside these crates that
 //! creates or destroys cuBLAS handles (or otherwise synchronizes the context) on one thread
 //! while an engine decodes on another can take [`teardown_section`] around it, or use
-//! [`GatedBlas`]; without it, a capture it invalidates is recovered by running that step
+//! `GatedBlas`; without it, a capture it invalidates is recovered by running that step
 //! eagerly.
 //!
 //! The gate is not re-entrant: a thread inside either section that asks for a section again
-//! (creating or dropping an engine or a [`GatedBlas`], or stepping an engine, while holding
+//! (creating or dropping an engine or a `GatedBlas`, or stepping an engine, while holding
 //! one) would wait for itself, so that panics instead, naming the mistake.
 
 use std::cell::Cell;
