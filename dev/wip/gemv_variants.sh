@@ -28,11 +28,8 @@ for line in sys.stdin:
   xz -T2 -c target/release/tritter > .gpu/probe/tritter.xz
   ls -la .gpu/probe ;;
 run)
-  set +e
-  export TRITTER_REQUIRE_GPU=1
-  d=$(python3 -c 'import os, nvidia; [print(os.path.join(p, "cu13", "lib")) for p in nvidia.__path__]' | head -1)
-  export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-  exec > >(tee "$OUT/log.txt") 2>&1
+  set +eu
+  source dev/device_env.sh  # (its bundle unpack is a no-op without .gpu/run.sh)
   P=.gpu/probe
   nvidia-smi --query-gpu=name --format=csv,noheader
   for x in $P/*.xz; do f=${x%.xz}; xz -dc "$x" > "$f"; chmod +x "$f"; done
